@@ -1,0 +1,540 @@
+//! The broker's metadata store: one SQLite file (`broker.db`) in WAL mode with
+//! `synchronous=FULL`, so a committed write survives a crash.
+//!
+//! It holds actors, patients and their public keys, envelope versions (pointing at blob
+//! names), the searchable index (apart from envelopes), studies, grants and releases.
+//! No secret key, record plaintext, name or address is ever written here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use cohort_query::{CodedEvent, PatientIndex, Person};
+use pre_kms::Category;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::role::{Actor, Role};
+use crate::study::{Study, StudyProposal, StudyStatus};
+
+pub type DbResult<T> = Result<T, rusqlite::Error>;
+
+pub struct Db {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=FULL;
+PRAGMA foreign_keys=ON;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS actors (
+    actor_id TEXT PRIMARY KEY, role TEXT NOT NULL, name TEXT NOT NULL,
+    organisation TEXT NOT NULL, verifying_key BLOB NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS proxies (
+    idx INTEGER PRIMARY KEY, proxy_id TEXT NOT NULL, encryption_key BLOB NOT NULL,
+    verifying_key BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    pseudonym TEXT PRIMARY KEY, verifying_key BLOB NOT NULL, enrolled_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS patient_keys (
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), category TEXT NOT NULL,
+    public_key BLOB NOT NULL, PRIMARY KEY (pseudonym, category));
+CREATE TABLE IF NOT EXISTS envelopes (
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), category TEXT NOT NULL,
+    version INTEGER NOT NULL, blob TEXT NOT NULL, content_tag BLOB NOT NULL,
+    size INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (pseudonym, category, version));
+CREATE TABLE IF NOT EXISTS index_person (
+    pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), birth_year INTEGER, sex TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS index_event (
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), kind TEXT NOT NULL,
+    system TEXT NOT NULL, code TEXT NOT NULL, date TEXT NOT NULL, value REAL, unit TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS index_event_patient ON index_event (pseudonym);
+CREATE INDEX IF NOT EXISTS index_event_code ON index_event (kind, code);
+CREATE TABLE IF NOT EXISTS studies (
+    study_id TEXT PRIMARY KEY, sponsor_id TEXT NOT NULL, proposal TEXT NOT NULL,
+    status TEXT NOT NULL, board_id TEXT NOT NULL DEFAULT '', board_signature BLOB NOT NULL DEFAULT x'',
+    reason TEXT NOT NULL DEFAULT '', proposed_at INTEGER NOT NULL, decided_at INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY, study_id TEXT NOT NULL REFERENCES studies(study_id),
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), threshold INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, signature BLOB NOT NULL, created_at INTEGER NOT NULL,
+    UNIQUE (study_id, pseudonym));
+CREATE TABLE IF NOT EXISTS grant_categories (
+    grant_id TEXT NOT NULL REFERENCES grants(grant_id) ON DELETE CASCADE, category TEXT NOT NULL,
+    PRIMARY KEY (grant_id, category));
+CREATE TABLE IF NOT EXISTS releases (
+    release_id TEXT PRIMARY KEY, study_id TEXT NOT NULL REFERENCES studies(study_id),
+    researcher_id TEXT NOT NULL, subjects INTEGER NOT NULL, envelopes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS release_items (
+    release_id TEXT NOT NULL REFERENCES releases(release_id), seq INTEGER NOT NULL,
+    pseudonym TEXT NOT NULL, category TEXT NOT NULL, version INTEGER NOT NULL, blob TEXT NOT NULL,
+    PRIMARY KEY (release_id, seq));
+";
+
+/// A patient as enrolled.
+#[derive(Debug, Clone)]
+pub struct PatientRow {
+    pub pseudonym: String,
+    pub verifying_key: Vec<u8>,
+    pub enrolled_by: String,
+    pub category_keys: BTreeMap<Category, Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEnvelope {
+    pub pseudonym: String,
+    pub category: Category,
+    pub blob: String,
+    pub content_tag: Vec<u8>,
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub pseudonym: String,
+    pub category: Category,
+    pub version: u32,
+    pub blob: String,
+    pub unchanged: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyRow {
+    pub proxy_id: String,
+    pub encryption_key: Vec<u8>,
+    pub verifying_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantRow {
+    pub grant_id: String,
+    pub study_id: String,
+    pub pseudonym: String,
+    pub threshold: u32,
+    pub expires_at: i64,
+    pub signature: Vec<u8>,
+    pub categories: Vec<Category>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseRow {
+    pub release_id: String,
+    pub study_id: String,
+    pub researcher_id: String,
+    pub subjects: u32,
+    pub envelopes: u32,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseItemRow {
+    pub seq: i64,
+    pub pseudonym: String,
+    pub category: Category,
+    pub version: u32,
+    pub blob: String,
+}
+
+fn category_col(s: String) -> DbResult<Category> {
+    s.parse().map_err(|e: pre_kms::category::UnknownCategory| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl Db {
+    pub fn open(path: &Path) -> DbResult<Db> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db { conn })
+    }
+
+    /// A 32-byte secret of the broker's own, made on first use (per-study pseudonyms).
+    pub fn secret(&self, key: &str) -> DbResult<[u8; 32]> {
+        let existing: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = existing.filter(|v| v.len() == 32) {
+            return Ok(v.try_into().expect("checked length"));
+        }
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, secret.as_slice()])?;
+        Ok(secret)
+    }
+
+    // ------------------------------------------------------------ actors
+
+    pub fn insert_actor(&self, actor: &Actor, now: i64) -> DbResult<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO actors (actor_id, role, name, organisation, verifying_key, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![actor.actor_id, actor.role.as_str(), actor.name, actor.organisation, actor.verifying_key, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn actor(&self, actor_id: &str) -> DbResult<Option<Actor>> {
+        self.conn
+            .query_row(
+                "SELECT actor_id, role, name, organisation, verifying_key FROM actors WHERE actor_id = ?1",
+                [actor_id],
+                actor_row,
+            )
+            .optional()
+    }
+
+    pub fn actors(&self) -> DbResult<Vec<Actor>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT actor_id, role, name, organisation, verifying_key FROM actors ORDER BY created_at, actor_id")?;
+        let rows = stmt.query_map([], actor_row)?.collect();
+        rows
+    }
+
+    // ------------------------------------------------------------ proxies
+
+    pub fn proxies(&self) -> DbResult<Vec<ProxyRow>> {
+        let mut stmt = self.conn.prepare("SELECT proxy_id, encryption_key, verifying_key FROM proxies ORDER BY idx")?;
+        let rows = stmt
+            .query_map([], |r| Ok(ProxyRow { proxy_id: r.get(0)?, encryption_key: r.get(1)?, verifying_key: r.get(2)? }))?
+            .collect();
+        rows
+    }
+
+    pub fn set_proxies(&mut self, proxies: &[ProxyRow]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM proxies", [])?;
+        for (i, p) in proxies.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO proxies (idx, proxy_id, encryption_key, verifying_key) VALUES (?1, ?2, ?3, ?4)",
+                params![i as i64, p.proxy_id, p.encryption_key, p.verifying_key],
+            )?;
+        }
+        tx.commit()
+    }
+
+    // ------------------------------------------------------------ patients and records
+
+    /// Enrolls a patient; returns false if the pseudonym was already enrolled with the
+    /// same keys (idempotent).
+    pub fn enroll(&mut self, p: &PatientRow, now: i64) -> DbResult<bool> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO patients (pseudonym, verifying_key, enrolled_by, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![p.pseudonym, p.verifying_key, p.enrolled_by, now],
+        )?;
+        for (c, key) in &p.category_keys {
+            tx.execute(
+                "INSERT OR IGNORE INTO patient_keys (pseudonym, category, public_key) VALUES (?1, ?2, ?3)",
+                params![p.pseudonym, c.label(), key],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    pub fn patient(&self, pseudonym: &str) -> DbResult<Option<PatientRow>> {
+        let row: Option<(Vec<u8>, String)> = self
+            .conn
+            .query_row(
+                "SELECT verifying_key, enrolled_by FROM patients WHERE pseudonym = ?1",
+                [pseudonym],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((verifying_key, enrolled_by)) = row else { return Ok(None) };
+        let mut stmt = self.conn.prepare_cached("SELECT category, public_key FROM patient_keys WHERE pseudonym = ?1")?;
+        let category_keys = stmt
+            .query_map([pseudonym], |r| Ok((category_col(r.get(0)?)?, r.get(1)?)))?
+            .collect::<DbResult<BTreeMap<_, _>>>()?;
+        Ok(Some(PatientRow { pseudonym: pseudonym.to_owned(), verifying_key, enrolled_by, category_keys }))
+    }
+
+    /// Records envelope versions in one transaction. An envelope whose content tag equals
+    /// the latest version's is not stored again.
+    pub fn add_envelopes(&mut self, envelopes: &[NewEnvelope], now: i64) -> DbResult<Vec<Receipt>> {
+        let tx = self.conn.transaction()?;
+        let mut receipts = Vec::with_capacity(envelopes.len());
+        {
+            let mut latest = tx.prepare_cached(
+                "SELECT version, blob, content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2
+                 ORDER BY version DESC LIMIT 1",
+            )?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO envelopes (pseudonym, category, version, blob, content_tag, size, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in envelopes {
+                let prev: Option<(u32, String, Vec<u8>)> = latest
+                    .query_row(params![e.pseudonym, e.category.label()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let receipt = match prev {
+                    Some((version, blob, tag)) if tag == e.content_tag => Receipt {
+                        pseudonym: e.pseudonym.clone(),
+                        category: e.category,
+                        version,
+                        blob,
+                        unchanged: true,
+                    },
+                    prev => {
+                        let version = prev.map_or(1, |p| p.0 + 1);
+                        insert.execute(params![
+                            e.pseudonym,
+                            e.category.label(),
+                            version,
+                            e.blob,
+                            e.content_tag,
+                            e.size as i64,
+                            now
+                        ])?;
+                        Receipt { pseudonym: e.pseudonym.clone(), category: e.category, version, blob: e.blob.clone(), unchanged: false }
+                    }
+                };
+                receipts.push(receipt);
+            }
+        }
+        tx.commit()?;
+        Ok(receipts)
+    }
+
+    /// Replaces the index rows of each patient with the given snapshot.
+    pub fn put_index(&mut self, rows: &[(String, PatientIndex)]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
+            let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
+            let mut person = tx.prepare_cached("INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)")?;
+            let mut event = tx.prepare_cached(
+                "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (pseudonym, index) in rows {
+                del_person.execute([pseudonym])?;
+                del_events.execute([pseudonym])?;
+                person.execute(params![pseudonym, index.person.birth_year, index.person.sex])?;
+                for (kind, events) in [
+                    ("condition", &index.conditions),
+                    ("measurement", &index.measurements),
+                    ("drug", &index.drugs),
+                    ("procedure", &index.procedures),
+                ] {
+                    for e in events {
+                        event.execute(params![pseudonym, kind, e.system, e.code, e.date, e.value, e.unit])?;
+                    }
+                }
+            }
+        }
+        tx.commit()
+    }
+
+    pub fn index(&self, pseudonym: &str) -> DbResult<PatientIndex> {
+        let person = self
+            .conn
+            .prepare_cached("SELECT birth_year, sex FROM index_person WHERE pseudonym = ?1")?
+            .query_row([pseudonym], |r| Ok(Person { birth_year: r.get(0)?, sex: r.get(1)? }))
+            .optional()?
+            .unwrap_or_default();
+        let mut index = PatientIndex { person, ..Default::default() };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, system, code, date, value, unit FROM index_event WHERE pseudonym = ?1 ORDER BY rowid")?;
+        let mut rows = stmt.query([pseudonym])?;
+        while let Some(r) = rows.next()? {
+            let kind: String = r.get(0)?;
+            let e = CodedEvent { system: r.get(1)?, code: r.get(2)?, date: r.get(3)?, value: r.get(4)?, unit: r.get(5)? };
+            match kind.as_str() {
+                "condition" => index.conditions.push(e),
+                "measurement" => index.measurements.push(e),
+                "drug" => index.drugs.push(e),
+                _ => index.procedures.push(e),
+            }
+        }
+        Ok(index)
+    }
+
+    /// The latest version of each of a patient's envelopes in the given categories.
+    pub fn latest_envelopes(&self, pseudonym: &str, categories: &[Category]) -> DbResult<Vec<(Category, u32, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT version, blob FROM envelopes WHERE pseudonym = ?1 AND category = ?2 ORDER BY version DESC LIMIT 1",
+        )?;
+        let mut out = Vec::new();
+        for c in categories {
+            if let Some((v, b)) = stmt.query_row(params![pseudonym, c.label()], |r| Ok((r.get(0)?, r.get(1)?))).optional()? {
+                out.push((*c, v, b));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self, table: &str) -> DbResult<i64> {
+        debug_assert!(table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        self.conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+    }
+
+    // ------------------------------------------------------------ studies
+
+    pub fn insert_study(&self, s: &Study) -> DbResult<()> {
+        self.conn.execute(
+            "INSERT INTO studies (study_id, sponsor_id, proposal, status, proposed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                s.study_id,
+                s.sponsor_id,
+                serde_json::to_string(&s.proposal).expect("proposal serializes"),
+                s.status.as_str(),
+                s.proposed_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn decide_study(&self, s: &Study) -> DbResult<()> {
+        self.conn.execute(
+            "UPDATE studies SET status = ?2, board_id = ?3, board_signature = ?4, reason = ?5, decided_at = ?6
+             WHERE study_id = ?1",
+            params![s.study_id, s.status.as_str(), s.board_id, s.board_signature, s.reason, s.decided_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn study(&self, study_id: &str) -> DbResult<Option<Study>> {
+        self.conn
+            .query_row(&format!("{STUDY_SELECT} WHERE study_id = ?1"), [study_id], study_row)
+            .optional()
+    }
+
+    pub fn studies(&self) -> DbResult<Vec<Study>> {
+        let mut stmt = self.conn.prepare(&format!("{STUDY_SELECT} ORDER BY proposed_at, study_id"))?;
+        let rows = stmt.query_map([], study_row)?.collect();
+        rows
+    }
+
+    // ------------------------------------------------------------ grants
+
+    /// Stores a grant, replacing an earlier grant of the same patient to the same study.
+    pub fn put_grant(&mut self, g: &GrantRow, now: i64) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2", params![g.study_id, g.pseudonym])?;
+        tx.execute(
+            "INSERT INTO grants (grant_id, study_id, pseudonym, threshold, expires_at, signature, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![g.grant_id, g.study_id, g.pseudonym, g.threshold, g.expires_at, g.signature, now],
+        )?;
+        for c in &g.categories {
+            tx.execute("INSERT INTO grant_categories (grant_id, category) VALUES (?1, ?2)", params![g.grant_id, c.label()])?;
+        }
+        tx.commit()
+    }
+
+    /// Patients with an unexpired grant to the study, with the granted categories.
+    pub fn active_grants(&self, study_id: &str, now: i64) -> DbResult<Vec<(String, Vec<Category>)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT g.pseudonym, c.category FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
+             WHERE g.study_id = ?1 AND g.expires_at > ?2 ORDER BY g.pseudonym, c.category",
+        )?;
+        let mut out: Vec<(String, Vec<Category>)> = Vec::new();
+        let mut rows = stmt.query(params![study_id, now])?;
+        while let Some(r) = rows.next()? {
+            let p: String = r.get(0)?;
+            let c = category_col(r.get(1)?)?;
+            match out.last_mut() {
+                Some((last, cats)) if *last == p => cats.push(c),
+                _ => out.push((p, vec![c])),
+            }
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ releases
+
+    pub fn insert_release(&mut self, r: &ReleaseRow, items: &[ReleaseItemRow]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO releases (release_id, study_id, researcher_id, subjects, envelopes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![r.release_id, r.study_id, r.researcher_id, r.subjects, r.envelopes, r.created_at],
+        )?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO release_items (release_id, seq, pseudonym, category, version, blob) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for i in items {
+                stmt.execute(params![r.release_id, i.seq, i.pseudonym, i.category.label(), i.version, i.blob])?;
+            }
+        }
+        tx.commit()
+    }
+
+    pub fn release(&self, release_id: &str) -> DbResult<Option<ReleaseRow>> {
+        self.conn
+            .query_row(
+                "SELECT release_id, study_id, researcher_id, subjects, envelopes, created_at FROM releases WHERE release_id = ?1",
+                [release_id],
+                |r| {
+                    Ok(ReleaseRow {
+                        release_id: r.get(0)?,
+                        study_id: r.get(1)?,
+                        researcher_id: r.get(2)?,
+                        subjects: r.get(3)?,
+                        envelopes: r.get(4)?,
+                        created_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// A page of a release's items after `after_seq`.
+    pub fn release_items(&self, release_id: &str, after_seq: i64, limit: usize) -> DbResult<Vec<ReleaseItemRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, pseudonym, category, version, blob FROM release_items
+             WHERE release_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(params![release_id, after_seq, limit as i64], |r| {
+                Ok(ReleaseItemRow {
+                    seq: r.get(0)?,
+                    pseudonym: r.get(1)?,
+                    category: category_col(r.get(2)?)?,
+                    version: r.get(3)?,
+                    blob: r.get(4)?,
+                })
+            })?
+            .collect();
+        rows
+    }
+}
+
+const STUDY_SELECT: &str = "SELECT study_id, sponsor_id, proposal, status, board_id, board_signature, reason, proposed_at, decided_at FROM studies";
+
+fn study_row(r: &rusqlite::Row<'_>) -> DbResult<Study> {
+    let proposal: String = r.get(2)?;
+    let proposal: StudyProposal = serde_json::from_str(&proposal)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+    let status: String = r.get(3)?;
+    Ok(Study {
+        study_id: r.get(0)?,
+        sponsor_id: r.get(1)?,
+        proposal,
+        status: StudyStatus::parse(&status).unwrap_or(StudyStatus::Proposed),
+        board_id: r.get(4)?,
+        board_signature: r.get(5)?,
+        reason: r.get(6)?,
+        proposed_at: r.get(7)?,
+        decided_at: r.get(8)?,
+    })
+}
+
+fn actor_row(r: &rusqlite::Row<'_>) -> DbResult<Actor> {
+    let role: String = r.get(1)?;
+    Ok(Actor {
+        actor_id: r.get(0)?,
+        role: role.parse::<Role>().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+        })?,
+        name: r.get(2)?,
+        organisation: r.get(3)?,
+        verifying_key: r.get(4)?,
+    })
+}

@@ -1,0 +1,86 @@
+//! Studies: proposed by a sponsor, approved or rejected by the board's signature.
+
+use cohort_query::Cohort;
+use pre_kms::Category;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyProposal {
+    pub title: String,
+    pub purpose: String,
+    pub categories: Vec<Category>,
+    pub researcher_id: String,
+    /// Compressed umbral public key the records are re-encrypted to.
+    pub receiving_key: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub cohort: Cohort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudyStatus {
+    Proposed,
+    Approved,
+    Rejected,
+}
+
+impl StudyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StudyStatus::Proposed => "proposed",
+            StudyStatus::Approved => "approved",
+            StudyStatus::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StudyStatus> {
+        [StudyStatus::Proposed, StudyStatus::Approved, StudyStatus::Rejected]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Study {
+    pub study_id: String,
+    pub proposal: StudyProposal,
+    pub sponsor_id: String,
+    pub status: StudyStatus,
+    pub board_id: String,
+    pub board_signature: Vec<u8>,
+    pub reason: String,
+    pub proposed_at: i64,
+    pub decided_at: i64,
+}
+
+impl Study {
+    /// Approved, and `now` inside the approval period.
+    pub fn is_open(&self, now: i64) -> bool {
+        self.status == StudyStatus::Approved
+            && self.proposal.not_before <= now
+            && now < self.proposal.not_after
+    }
+}
+
+/// The study id: a hash of the proposal and the sponsor, so it names exactly what was proposed.
+pub fn study_id(proposal: &StudyProposal, sponsor_id: &str, proposed_at: i64) -> String {
+    let json = serde_json::to_vec(proposal).expect("proposal serializes");
+    let mut h = blake3::Hasher::new_derive_key("broker study id v1");
+    h.update(sponsor_id.as_bytes());
+    h.update(&[0]);
+    h.update(&proposed_at.to_be_bytes());
+    h.update(&json);
+    format!("st-{}", &h.finalize().to_hex()[..16])
+}
+
+/// What a board member signs to approve or reject: the study id, the full proposal and
+/// the decision.
+pub fn decision_digest(study_id: &str, proposal: &StudyProposal, approve: bool) -> [u8; 32] {
+    let json = serde_json::to_vec(proposal).expect("proposal serializes");
+    let mut h = blake3::Hasher::new_derive_key("broker study decision v1");
+    h.update(study_id.as_bytes());
+    h.update(&[0, approve as u8]);
+    h.update(&json);
+    *h.finalize().as_bytes()
+}

@@ -1,0 +1,82 @@
+//! Record envelopes: one per patient × category × version.
+//!
+//! The plaintext is the category's research copy as canonical FHIR JSON, compressed
+//! with zstd, then sealed to the patient's category key (see [`crate::sealed`] for the
+//! framing, magic `PKE1`). A blob is named by the BLAKE3 hash of its bytes.
+
+use rand_core::{CryptoRng, RngCore};
+use umbral_pre::{PublicKey, SecretKey};
+
+use crate::error::{Error, Result};
+use crate::sealed::Sealed;
+
+pub const MAGIC: &[u8; 4] = b"PKE1";
+const ZSTD_LEVEL: i32 = 3;
+/// Decompressed research copies larger than this are refused (a zip-bomb guard).
+pub const MAX_PLAINTEXT: usize = 256 << 20;
+
+/// Compresses and seals a research copy to a category public key.
+pub fn seal_with_rng(
+    rng: &mut (impl CryptoRng + RngCore),
+    category_key: &PublicKey,
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL)?;
+    Ok(Sealed::seal_with_rng(rng, category_key, &compressed)?.to_bytes(MAGIC))
+}
+
+pub fn seal(category_key: &PublicKey, plaintext: &[u8]) -> Result<Vec<u8>> {
+    seal_with_rng(&mut rand::rngs::OsRng, category_key, plaintext)
+}
+
+pub fn parse(bytes: &[u8]) -> Result<Sealed> {
+    Sealed::from_bytes(MAGIC, "envelope", bytes)
+}
+
+/// Opens an envelope with the patient's own category secret key.
+pub fn open_original(category_secret: &SecretKey, bytes: &[u8]) -> Result<Vec<u8>> {
+    decompress(&parse(bytes)?.open(category_secret)?)
+}
+
+pub(crate) fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut decoder = zstd::stream::read::Decoder::new(compressed)
+        .map_err(|e| Error::malformed("envelope plaintext", e))?;
+    use std::io::Read;
+    (&mut decoder)
+        .take(MAX_PLAINTEXT as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::malformed("envelope plaintext", e))?;
+    if out.len() > MAX_PLAINTEXT {
+        return Err(Error::malformed("envelope plaintext", "larger than 256 MiB"));
+    }
+    Ok(out)
+}
+
+/// BLAKE3 content address of a blob, in hex.
+pub fn blob_name(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Category, Identity};
+
+    #[test]
+    fn seal_open_round_trip_and_wrong_key_fails() {
+        let patient = Identity::generate();
+        let pk = patient.category_public_key(Category::Conditions);
+        let plain = br#"{"resourceType":"Bundle","type":"collection"}"#;
+        let bytes = seal(&pk, plain).unwrap();
+        assert_eq!(&bytes[..4], MAGIC);
+        assert_eq!(open_original(&patient.category_key(Category::Conditions), &bytes).unwrap(), plain);
+        assert!(open_original(&patient.category_key(Category::Observations), &bytes).is_err());
+        // Any flipped ciphertext byte is caught by the AEAD.
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(open_original(&patient.category_key(Category::Conditions), &bad).is_err());
+        assert!(parse(&bytes[..6]).is_err());
+        assert!(parse(b"XXXX\0\0\0\x01a").is_err());
+    }
+}

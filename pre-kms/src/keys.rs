@@ -1,0 +1,360 @@
+//! Identities and key files.
+//!
+//! Every actor (patient, custodian-kept patient, researcher, board member, proxy, the
+//! broker itself) is one 32-byte seed. Everything else is derived from it with umbral's
+//! `SecretKeyFactory`, under fixed labels:
+//!
+//! | label | key |
+//! |---|---|
+//! | `signing` | request and grant signatures; the kfrag signer |
+//! | `encryption` | the receiving key of a researcher, the sealing key of a proxy |
+//! | `category:<label>` | a patient's per-category envelope key |
+//! | `SECRET_DERIVATION/content-tag` (via `make_secret`) | the keyed hash of plaintexts |
+//!
+//! Secret key files are one line, `PREKMS-SECRET-1 <role> <hex seed>`; public key files
+//! are `PREKMS-PUBLIC-1 <role> <hex verifying key> <hex encryption key>`. Lines starting
+//! with `#` are comments.
+
+use std::fmt;
+use std::path::Path;
+
+use rand_core::{CryptoRng, RngCore};
+use umbral_pre::{PublicKey, SecretKey, SecretKeyFactory, Signature, Signer};
+use zeroize::Zeroizing;
+
+use crate::category::Category;
+use crate::error::{Error, Result};
+
+const SECRET_PREFIX: &str = "PREKMS-SECRET-1";
+const PUBLIC_PREFIX: &str = "PREKMS-PUBLIC-1";
+
+/// Length of an identity seed.
+pub const SEED_LEN: usize = 32;
+
+/// A secret identity: the seed all of an actor's keys derive from.
+pub struct Identity {
+    seed: Zeroizing<[u8; SEED_LEN]>,
+    factory: SecretKeyFactory,
+    signing: SecretKey,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({})", self.actor_id())
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity::from_seed(*self.seed)
+    }
+}
+
+impl Identity {
+    /// A fresh identity from the operating system's RNG.
+    pub fn generate() -> Self {
+        Self::generate_with_rng(&mut rand::rngs::OsRng)
+    }
+
+    /// A fresh identity from the given RNG (seeded RNGs make golden vectors).
+    pub fn generate_with_rng(rng: &mut (impl CryptoRng + RngCore)) -> Self {
+        let mut seed = [0u8; SEED_LEN];
+        rng.fill_bytes(&mut seed);
+        let id = Self::from_seed(seed);
+        zeroize::Zeroize::zeroize(&mut seed);
+        id
+    }
+
+    pub fn from_seed(seed: [u8; SEED_LEN]) -> Self {
+        let seed = Zeroizing::new(seed);
+        let factory = SecretKeyFactory::from_secure_randomness(seed.as_slice())
+            .expect("SEED_LEN matches umbral's factory seed size");
+        let signing = factory.make_key(b"signing");
+        Identity { seed, factory, signing }
+    }
+
+    /// The seed bytes, for writing a key file or a keystore row.
+    pub fn seed(&self) -> &[u8; SEED_LEN] {
+        &self.seed
+    }
+
+    pub fn signer(&self) -> Signer {
+        Signer::new(self.signing.clone())
+    }
+
+    pub fn verifying_key(&self) -> PublicKey {
+        self.signing.public_key()
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.signer().sign(message).to_be_bytes().to_vec()
+    }
+
+    /// The key records are re-encrypted to (researcher) or kfrags are sealed to (proxy).
+    pub fn encryption_key(&self) -> SecretKey {
+        self.factory.make_key(b"encryption")
+    }
+
+    pub fn encryption_public_key(&self) -> PublicKey {
+        self.encryption_key().public_key()
+    }
+
+    /// The secret key of one record category (a patient's delegating key).
+    pub fn category_key(&self, category: Category) -> SecretKey {
+        self.factory.make_key(format!("category:{}", category.label()).as_bytes())
+    }
+
+    pub fn category_public_key(&self, category: Category) -> PublicKey {
+        self.category_key(category).public_key()
+    }
+
+    /// Keyed BLAKE3 of a category plaintext: equal plaintexts give equal tags for this
+    /// patient only, so the broker can recognise a re-upload without learning content.
+    pub fn content_tag(&self, category: Category, plaintext: &[u8]) -> [u8; 32] {
+        let secret = self.factory.make_secret(b"content-tag");
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&secret.as_secret()[..32]);
+        let mut hasher = blake3::Hasher::new_keyed(&key);
+        zeroize::Zeroize::zeroize(&mut key);
+        hasher.update(category.label().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(plaintext);
+        *hasher.finalize().as_bytes()
+    }
+
+    /// The actor id other parties know this identity by.
+    pub fn actor_id(&self) -> String {
+        actor_id(&self.verifying_key())
+    }
+
+    /// The broker pseudonym of a patient identity.
+    pub fn pseudonym(&self) -> String {
+        pseudonym(&self.verifying_key())
+    }
+
+    pub fn public(&self, role: &str) -> PublicIdentity {
+        PublicIdentity {
+            role: role.to_owned(),
+            verifying_key: self.verifying_key(),
+            encryption_key: self.encryption_public_key(),
+        }
+    }
+
+    /// Writes `PREKMS-SECRET-1 <role> <hex seed>` with owner-only permissions.
+    pub fn write_key_file(&self, path: &Path, role: &str) -> Result<()> {
+        check_role_word(role)?;
+        let body = Zeroizing::new(format!(
+            "# pre-kms secret key: keep it private. actor {}\n{SECRET_PREFIX} {role} {}\n",
+            self.actor_id(),
+            hex::encode(self.seed.as_slice())
+        ));
+        write_private(path, body.as_bytes())
+    }
+
+    /// Reads a secret key file; returns the identity and its role.
+    pub fn read_key_file(path: &Path) -> Result<(Identity, String)> {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            Error::KeyFile(format!("cannot read {}: {e}", path.display()))
+        })?);
+        Self::parse_key_file(&text)
+            .map_err(|e| Error::KeyFile(format!("{}: {e}", path.display())))
+    }
+
+    fn parse_key_file(text: &str) -> std::result::Result<(Identity, String), String> {
+        let line = significant_line(text)?;
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(SECRET_PREFIX) => {}
+            Some(PUBLIC_PREFIX) => {
+                return Err("this is a public key file; a secret key file is needed".into());
+            }
+            _ => return Err(format!("not a pre-kms secret key file (expected {SECRET_PREFIX})")),
+        }
+        let role = words.next().ok_or("missing role")?.to_owned();
+        let seed_hex = Zeroizing::new(words.next().ok_or("missing seed")?.to_owned());
+        if words.next().is_some() {
+            return Err("unexpected text after the seed".into());
+        }
+        let mut seed = Zeroizing::new([0u8; SEED_LEN]);
+        hex::decode_to_slice(seed_hex.as_bytes(), seed.as_mut_slice())
+            .map_err(|_| format!("the seed must be {} hex digits", SEED_LEN * 2))?;
+        Ok((Identity::from_seed(*seed), role))
+    }
+}
+
+/// The public half of an identity, as shared with the operator and other parties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicIdentity {
+    pub role: String,
+    pub verifying_key: PublicKey,
+    pub encryption_key: PublicKey,
+}
+
+impl PublicIdentity {
+    pub fn actor_id(&self) -> String {
+        actor_id(&self.verifying_key)
+    }
+
+    pub fn to_line(&self) -> String {
+        format!(
+            "{PUBLIC_PREFIX} {} {} {}\n",
+            self.role,
+            hex::encode(self.verifying_key.to_compressed_bytes()),
+            hex::encode(self.encryption_key.to_compressed_bytes())
+        )
+    }
+
+    pub fn write_file(&self, path: &Path) -> Result<()> {
+        check_role_word(&self.role)?;
+        std::fs::write(path, self.to_line())
+            .map_err(|e| Error::KeyFile(format!("cannot write {}: {e}", path.display())))
+    }
+
+    pub fn read_file(path: &Path) -> Result<PublicIdentity> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::KeyFile(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::KeyFile(format!("{}: {e}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<PublicIdentity, String> {
+        let line = significant_line(text)?;
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(PUBLIC_PREFIX) => {}
+            Some(SECRET_PREFIX) => {
+                return Err("this is a secret key file; share the .pub file instead".into());
+            }
+            _ => return Err(format!("not a pre-kms public key file (expected {PUBLIC_PREFIX})")),
+        }
+        let role = words.next().ok_or("missing role")?.to_owned();
+        let verifying_key = words
+            .next()
+            .ok_or("missing verifying key")
+            .and_then(|h| public_key_from_hex(h).map_err(|_| "bad verifying key"))?;
+        let encryption_key = words
+            .next()
+            .ok_or("missing encryption key")
+            .and_then(|h| public_key_from_hex(h).map_err(|_| "bad encryption key"))?;
+        Ok(PublicIdentity { role, verifying_key, encryption_key })
+    }
+}
+
+fn significant_line(text: &str) -> std::result::Result<&str, String> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let line = lines.next().ok_or("the file is empty")?;
+    if lines.next().is_some() {
+        return Err("more than one key line".into());
+    }
+    Ok(line)
+}
+
+fn check_role_word(role: &str) -> Result<()> {
+    if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(Error::KeyFile(format!("role {role:?} must be one word")));
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        Error::KeyFile(format!("cannot create {} (it must not exist yet): {e}", path.display()))
+    })?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Actor id: the first 16 bytes of BLAKE3 over the compressed verifying key, in hex.
+pub fn actor_id(verifying_key: &PublicKey) -> String {
+    let hash = blake3::derive_key("pre-kms actor id v1", &verifying_key.to_compressed_bytes());
+    hex::encode(&hash[..16])
+}
+
+/// Broker pseudonym of a patient: like the actor id, under its own domain.
+pub fn pseudonym(verifying_key: &PublicKey) -> String {
+    let hash = blake3::derive_key("pre-kms patient pseudonym v1", &verifying_key.to_compressed_bytes());
+    hex::encode(&hash[..16])
+}
+
+pub fn public_key_from_bytes(bytes: &[u8]) -> Result<PublicKey> {
+    PublicKey::try_from_compressed_bytes(bytes).map_err(|_| {
+        Error::malformed("public key", format!("expected 33 compressed bytes, got {}", bytes.len()))
+    })
+}
+
+pub fn public_key_from_hex(text: &str) -> Result<PublicKey> {
+    let bytes = hex::decode(text).map_err(|_| Error::malformed("public key", "not hex"))?;
+    public_key_from_bytes(&bytes)
+}
+
+pub fn public_key_bytes(key: &PublicKey) -> Vec<u8> {
+    key.to_compressed_bytes().to_vec()
+}
+
+/// Verifies a 64-byte big-endian ECDSA signature made by [`Identity::sign`].
+pub fn verify_signature(key: &PublicKey, message: &[u8], signature: &[u8]) -> bool {
+    Signature::try_from_be_bytes(signature).is_ok_and(|s| s.verify(key, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn key_files_round_trip_and_reject_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::generate_with_rng(&mut rand_chacha::ChaCha20Rng::seed_from_u64(1));
+        let path = dir.path().join("r.key");
+        id.write_key_file(&path, "researcher").unwrap();
+        let (back, role) = Identity::read_key_file(&path).unwrap();
+        assert_eq!(role, "researcher");
+        assert_eq!(back.verifying_key(), id.verifying_key());
+        assert!(id.write_key_file(&path, "researcher").is_err(), "never overwrites a key");
+
+        let public = id.public("researcher");
+        let ppath = dir.path().join("r.pub");
+        public.write_file(&ppath).unwrap();
+        assert_eq!(PublicIdentity::read_file(&ppath).unwrap(), public);
+
+        for bad in ["", "PREKMS-SECRET-1 x zz", "hello", "PREKMS-SECRET-1 x 00"] {
+            let err = Identity::parse_key_file(bad).unwrap_err();
+            assert!(!err.is_empty());
+        }
+        let err = Identity::parse_key_file(&public.to_line()).unwrap_err();
+        assert!(err.contains("public key file"), "{err}");
+        let seed_hex = hex::encode(id.seed());
+        let read = std::fs::read_to_string(&path).unwrap();
+        assert!(read.contains(&seed_hex));
+        // Debug never shows the seed.
+        assert!(!format!("{id:?}").contains(&seed_hex));
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_key_and_message() {
+        let a = Identity::generate();
+        let b = Identity::generate();
+        let sig = a.sign(b"msg");
+        assert!(verify_signature(&a.verifying_key(), b"msg", &sig));
+        assert!(!verify_signature(&a.verifying_key(), b"msh", &sig));
+        assert!(!verify_signature(&b.verifying_key(), b"msg", &sig));
+        assert!(!verify_signature(&a.verifying_key(), b"msg", &sig[..10]));
+    }
+
+    #[test]
+    fn category_keys_differ() {
+        let id = Identity::generate();
+        let a = id.category_public_key(Category::Conditions);
+        let b = id.category_public_key(Category::Observations);
+        assert_ne!(a, b);
+        assert_ne!(id.content_tag(Category::Conditions, b"x"), id.content_tag(Category::Observations, b"x"));
+    }
+}
