@@ -33,6 +33,11 @@ pub fn parse(bytes: &[u8]) -> Result<Sealed> {
     Sealed::from_bytes(MAGIC, "envelope", bytes)
 }
 
+/// The capsule bytes of an envelope, without parsing them.
+pub fn split_capsule(bytes: &[u8]) -> Result<&[u8]> {
+    Ok(crate::sealed::split(MAGIC, "envelope", bytes)?.0)
+}
+
 /// Opens an envelope with the patient's own category secret key.
 pub fn open_original(category_secret: &SecretKey, bytes: &[u8]) -> Result<Vec<u8>> {
     decompress(&parse(bytes)?.open(category_secret)?)

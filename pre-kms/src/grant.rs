@@ -162,7 +162,7 @@ pub fn issue_with_rng(
                 expires_at: plan.expires_at,
                 proxy_index: i as u32,
                 kfrag: hex::encode(&kfrag_bytes),
-                signature: hex::encode(patient.sign(&digest)),
+                signature: hex::encode(patient.sign_with_rng(rng, &digest)),
             };
             let json = serde_json::to_vec(&payload).expect("payload serializes");
             sealed_kfrags.push(Sealed::seal_with_rng(rng, proxy_key, &json)?.to_bytes(KFRAG_MAGIC));
@@ -177,7 +177,7 @@ pub fn issue_with_rng(
         categories,
         signature: Vec::new(),
     };
-    grant.signature = patient.sign(&grant_digest(&grant));
+    grant.signature = patient.sign_with_rng(rng, &grant_digest(&grant));
     Ok(grant)
 }
 

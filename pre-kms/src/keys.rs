@@ -87,7 +87,11 @@ impl Identity {
     }
 
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
-        self.signer().sign(message).to_be_bytes().to_vec()
+        self.sign_with_rng(&mut rand::rngs::OsRng, message)
+    }
+
+    pub fn sign_with_rng(&self, rng: &mut (impl CryptoRng + RngCore), message: &[u8]) -> Vec<u8> {
+        self.signer().sign_with_rng(rng, message).to_be_bytes().to_vec()
     }
 
     /// The key records are re-encrypted to (researcher) or kfrags are sealed to (proxy).
