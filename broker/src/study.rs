@@ -63,13 +63,17 @@ impl Study {
     }
 }
 
-/// The study id: a hash of the proposal and the sponsor, so it names exactly what was proposed.
+/// A fresh study id: a hash of the sponsor, the proposal and a random nonce, so that
+/// the same proposal made twice is two studies.
 pub fn study_id(proposal: &StudyProposal, sponsor_id: &str, proposed_at: i64) -> String {
     let json = serde_json::to_vec(proposal).expect("proposal serializes");
+    let mut nonce = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
     let mut h = blake3::Hasher::new_derive_key("broker study id v1");
     h.update(sponsor_id.as_bytes());
     h.update(&[0]);
     h.update(&proposed_at.to_be_bytes());
+    h.update(&nonce);
     h.update(&json);
     format!("st-{}", &h.finalize().to_hex()[..16])
 }

@@ -1,1 +1,438 @@
-fn main(){}
+//! `brokerctl`: the broker's client, a subcommand per role.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use broker::agent;
+use broker::client::BrokerClient;
+use broker::convert::study_from_pb;
+use broker::role::Role;
+use broker::study::StudyProposal;
+use clap::{Args, Parser, Subcommand};
+use cohort_query::Cohort;
+use datasets::DeidConfig;
+use pre_kms::keystore::Keystore;
+use pre_kms::{Category, Identity, PublicIdentity};
+
+#[derive(Parser)]
+#[command(name = "brokerctl", version, about = "Client of the research data broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Broker address.
+    #[arg(long, env = "BROKER_URL", default_value = "http://127.0.0.1:50051", global = true)]
+    broker: String,
+    /// Your secret key file (from `brokerctl keygen`).
+    #[arg(long, env = "BROKER_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a key pair: FILE (secret, owner-only) and FILE.pub (to give the operator).
+    Keygen {
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Who the broker thinks you are.
+    Whoami(#[command(flatten)] Conn),
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    #[command(subcommand)]
+    Patient(PatientCmd),
+    #[command(subcommand)]
+    Import(ImportCmd),
+    #[command(subcommand)]
+    Custodian(CustodianCmd),
+    #[command(subcommand)]
+    Sponsor(SponsorCmd),
+    #[command(subcommand)]
+    Board(BoardCmd),
+    #[command(subcommand)]
+    Researcher(ResearcherCmd),
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Register an actor's public key file under a role.
+    Register {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        public_key: PathBuf,
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        organisation: String,
+    },
+    /// List registered actors.
+    Actors(#[command(flatten)] Conn),
+}
+
+#[derive(Subcommand)]
+enum PatientCmd {
+    /// Enroll yourself (your key must be registered as a patient).
+    Enroll(#[command(flatten)] Conn),
+    /// Upload your own records from a FHIR R4 Bundle or NDJSON file.
+    Upload {
+        #[command(flatten)]
+        conn: Conn,
+        path: PathBuf,
+    },
+    /// Grant an approved study the categories it requests.
+    Grant {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        study: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Import FHIR R4 Bundles or bulk NDJSON as a custodian (keys kept in the keystore).
+    Fhir {
+        #[command(flatten)]
+        conn: Conn,
+        path: PathBuf,
+        /// The custodian keystore (made if missing; keep it private).
+        #[arg(long, default_value = "keystore.db")]
+        keystore: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustodianCmd {
+    /// Grant an approved study for every patient in the keystore.
+    Grant {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        study: String,
+        #[arg(long, default_value = "keystore.db")]
+        keystore: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SponsorCmd {
+    #[command(subcommand)]
+    Study(SponsorStudyCmd),
+}
+
+#[derive(Subcommand)]
+enum SponsorStudyCmd {
+    /// Propose a study for the board to approve.
+    Propose {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        title: String,
+        /// Research purpose (a GA4GH DUO term such as HMB or GRU).
+        #[arg(long, default_value = "HMB")]
+        purpose: String,
+        /// Categories to release, comma-separated (e.g. conditions,observations).
+        #[arg(long, value_delimiter = ',', required = true)]
+        categories: Vec<Category>,
+        /// The receiving researcher's public key file.
+        #[arg(long)]
+        researcher_key: PathBuf,
+        /// Length of the approval period in days, from now.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Cohort: any of these condition codes (repeat the flag).
+        #[arg(long = "condition")]
+        conditions: Vec<String>,
+        #[arg(long)]
+        born_from: Option<i32>,
+        #[arg(long)]
+        born_to: Option<i32>,
+        #[arg(long)]
+        sex: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BoardCmd {
+    #[command(subcommand)]
+    Study(BoardStudyCmd),
+}
+
+#[derive(Subcommand)]
+enum BoardStudyCmd {
+    /// Every study and its status.
+    List(#[command(flatten)] Conn),
+    /// Approve a proposed study, signing it.
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        study: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a proposed study, signing the rejection.
+    Reject {
+        #[command(flatten)]
+        conn: Conn,
+        study: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResearcherCmd {
+    /// Request the release of an approved study, verify and decrypt it into DIR.
+    Fetch {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        study: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
+    let path = conn.key.as_ref().context("give your key file with --key FILE (or BROKER_KEY)")?;
+    Ok(Identity::read_key_file(path)?.0)
+}
+
+async fn connect(conn: &Conn) -> anyhow::Result<BrokerClient> {
+    Ok(BrokerClient::connect(&conn.broker, load_key(conn)?).await?)
+}
+
+fn print<T: serde::Serialize>(conn: &Conn, value: &T, human: impl FnOnce() -> String) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+    } else {
+        println!("{}", human());
+    }
+}
+
+fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_owned());
+    pb
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { role, out } => {
+            let id = Identity::generate();
+            id.write_key_file(&out, role.as_str())?;
+            let public = pub_path(&out);
+            id.public(role.as_str()).write_file(&public)?;
+            println!("secret key {} (keep it private)\npublic key {}\nactor id   {}", out.display(), public.display(), id.actor_id());
+        }
+        Command::Whoami(conn) => {
+            let a = connect(&conn).await?.whoami().await?;
+            print(&conn, &serde_json::json!({"actor_id": a.actor_id, "role": a.role, "name": a.name}), || {
+                format!("{} ({}), actor {}", a.name, role_name(a.role), a.actor_id)
+            });
+        }
+        Command::Operator(OperatorCmd::Register { conn, public_key, role, name, organisation }) => {
+            let public = PublicIdentity::read_file(&public_key)?;
+            let key = pre_kms::keys::public_key_bytes(&public.verifying_key);
+            let a = connect(&conn).await?.register_actor(role, &name, &organisation, key).await?;
+            print(&conn, &serde_json::json!({"actor_id": a.actor_id}), || format!("registered {name} as {role}: actor {}", a.actor_id));
+        }
+        Command::Operator(OperatorCmd::Actors(conn)) => {
+            let actors = connect(&conn).await?.list_actors().await?;
+            let rows: Vec<_> = actors
+                .iter()
+                .map(|a| serde_json::json!({"actor_id": a.actor_id, "role": role_name(a.role), "name": a.name, "organisation": a.organisation}))
+                .collect();
+            print(&conn, &rows, || {
+                actors.iter().map(|a| format!("{}  {:<10} {} ({})", a.actor_id, role_name(a.role), a.name, a.organisation)).collect::<Vec<_>>().join("\n")
+            });
+        }
+        Command::Patient(PatientCmd::Enroll(conn)) => {
+            let client = connect(&conn).await?;
+            let me = client.identity().clone();
+            let created = client.enroll(&me).await?;
+            println!("{} as pseudonym {}", if created { "enrolled" } else { "already enrolled" }, me.pseudonym());
+        }
+        Command::Patient(PatientCmd::Upload { conn, path }) => {
+            let client = connect(&conn).await?;
+            let me = client.identity().clone();
+            let report = datasets::import_path(&path, &DeidConfig::default());
+            report_errors(&report.errors);
+            let [record] = <[_; 1]>::try_from(report.patients).map_err(|v| anyhow::anyhow!("{} holds {} patients; a patient uploads only their own record", path.display(), v.len()))?;
+            client.enroll(&me).await?;
+            let r = agent::ingest_batch(&client, vec![(me, record)]).await?;
+            println!("{} envelopes stored, {} unchanged", r.envelopes_stored, r.envelopes_unchanged);
+        }
+        Command::Patient(PatientCmd::Grant { conn, study }) => {
+            let client = connect(&conn).await?;
+            let me = client.identity().clone();
+            let plan = agent::grant_plan(&client, &client.get_study(&study).await?).await?;
+            let cats = plan.categories.clone();
+            let n = agent::grant_batch(&client, &plan, vec![(me, cats)]).await?;
+            println!("{n} grant issued to {study}");
+        }
+        Command::Import(ImportCmd::Fhir { conn, path, keystore, batch }) => import_fhir(&conn, &path, &keystore, batch.max(1)).await?,
+        Command::Custodian(CustodianCmd::Grant { conn, study, keystore, batch }) => {
+            let client = connect(&conn).await?;
+            let plan = agent::grant_plan(&client, &client.get_study(&study).await?).await?;
+            let patients = Keystore::open(&keystore)?.all()?;
+            let pb = progress(patients.len(), "grants");
+            let mut n = 0;
+            for chunk in patients.chunks(batch.max(1)) {
+                let list = chunk.iter().map(|(_, id)| (id.clone(), plan.categories.clone())).collect();
+                n += agent::grant_batch(&client, &plan, list).await?;
+                pb.inc(chunk.len() as u64);
+            }
+            pb.finish_and_clear();
+            print(&conn, &serde_json::json!({"grants": n, "study": study}), || format!("{n} grants issued to {study}"));
+        }
+        Command::Sponsor(SponsorCmd::Study(SponsorStudyCmd::Propose {
+            conn, title, purpose, categories, researcher_key, days, conditions, born_from, born_to, sex,
+        })) => {
+            let client = connect(&conn).await?;
+            let researcher = PublicIdentity::read_file(&researcher_key)?;
+            let now = pre_kms::request_auth::now_ms() / 1000;
+            let proposal = StudyProposal {
+                title,
+                purpose,
+                categories,
+                researcher_id: researcher.actor_id(),
+                receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_key),
+                not_before: now - 60,
+                not_after: now + days * 24 * 3600,
+                cohort: Cohort { condition_codes: conditions, min_birth_year: born_from, max_birth_year: born_to, sex },
+            };
+            let s = client.propose_study(&proposal).await?;
+            print(&conn, &serde_json::json!({"study_id": s.study_id}), || format!("proposed study {}", s.study_id));
+        }
+        Command::Board(BoardCmd::Study(BoardStudyCmd::List(conn))) => {
+            let studies = connect(&conn).await?.list_studies().await?;
+            let studies = studies.into_iter().map(study_from_pb).collect::<Result<Vec<_>, _>>()?;
+            let rows: Vec<_> = studies
+                .iter()
+                .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
+                    "purpose": s.proposal.purpose, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
+                .collect();
+            print(&conn, &rows, || {
+                studies.iter().map(|s| format!("{}  {:<9} {} [{}]", s.study_id, s.status.as_str(), s.proposal.title,
+                    s.proposal.categories.iter().map(|c| c.label()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("\n")
+            });
+        }
+        Command::Board(BoardCmd::Study(BoardStudyCmd::Approve { conn, study, reason })) => {
+            connect(&conn).await?.decide_study(&study, true, &reason).await?;
+            println!("approved {study}");
+        }
+        Command::Board(BoardCmd::Study(BoardStudyCmd::Reject { conn, study, reason })) => {
+            connect(&conn).await?.decide_study(&study, false, &reason).await?;
+            println!("rejected {study}");
+        }
+        Command::Researcher(ResearcherCmd::Fetch { conn, study, out }) => {
+            let client = connect(&conn).await?;
+            let me = client.identity().clone();
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let mut manifest = Vec::new();
+            let report = agent::fetch_and_decrypt(&client, &me, &study, |r| {
+                let dir = out.join(&r.subject);
+                std::fs::create_dir_all(&dir)?;
+                let name = format!("{}.v{}.json", r.category.label(), r.version);
+                std::fs::write(dir.join(&name), &r.plaintext)?;
+                manifest.push(serde_json::json!({"subject": r.subject, "category": r.category, "version": r.version,
+                    "file": format!("{}/{}", r.subject, name), "blake3": blake3::hash(&r.plaintext).to_hex().to_string()}));
+                Ok(())
+            })
+            .await?;
+            let summary = serde_json::json!({"release_id": report.release.release_id, "study_id": study,
+                "subjects": report.release.subjects, "records": report.records, "files": manifest});
+            std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&summary)?)?;
+            print(&conn, &summary, || format!("release {}: {} subjects, {} records verified and decrypted into {}",
+                report.release.release_id, report.release.subjects, report.records, out.display()));
+        }
+    }
+    Ok(())
+}
+
+fn pub_path(secret: &Path) -> PathBuf {
+    let mut p = secret.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+fn role_name(r: i32) -> &'static str {
+    match broker_proto::v1::Role::try_from(r).ok() {
+        Some(broker_proto::v1::Role::Patient) => "patient",
+        Some(broker_proto::v1::Role::Custodian) => "custodian",
+        Some(broker_proto::v1::Role::Sponsor) => "sponsor",
+        Some(broker_proto::v1::Role::Researcher) => "researcher",
+        Some(broker_proto::v1::Role::Board) => "board",
+        Some(broker_proto::v1::Role::Clinician) => "clinician",
+        Some(broker_proto::v1::Role::Operator) => "operator",
+        _ => "unknown",
+    }
+}
+
+fn report_errors(errors: &[datasets::ImportError]) {
+    for e in errors {
+        eprintln!("skipped: {e}");
+    }
+}
+
+async fn import_fhir(conn: &Conn, path: &Path, keystore: &Path, batch: usize) -> anyhow::Result<()> {
+    let client = connect(conn).await?;
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    let report = datasets::import_path(path, &DeidConfig::default());
+    report_errors(&report.errors);
+    let keystore = Keystore::open(keystore)?;
+    let pb = progress(report.patients.len(), "import");
+    let mut total = agent::IngestReport::default();
+    let mut created = 0;
+    let mut records = report.patients.into_iter().peekable();
+    while records.peek().is_some() {
+        let mut chunk = Vec::new();
+        for record in records.by_ref().take(batch) {
+            let (id, new) = keystore.get_or_create(&record.source_id)?;
+            created += new as usize;
+            chunk.push((id, record));
+        }
+        let n = chunk.len();
+        total.add(&agent::ingest_batch(&client, chunk).await?);
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
+        "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
+        "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
+    print(conn, &summary, || format!(
+        "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
+        total.patients, report.files, total.envelopes_stored, total.envelopes_unchanged, report.errors.len(), keystore.path().display()));
+    Ok(())
+}

@@ -300,6 +300,16 @@ impl Db {
         Ok(receipts)
     }
 
+    /// The content tag of the latest version of a patient's category, if any.
+    pub fn latest_tag(&self, pseudonym: &str, category: Category) -> DbResult<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached(
+                "SELECT content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2 ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row(params![pseudonym, category.label()], |r| r.get(0))
+            .optional()
+    }
+
     /// Replaces the index rows of each patient with the given snapshot.
     pub fn put_index(&mut self, rows: &[(String, PatientIndex)]) -> DbResult<()> {
         let tx = self.conn.transaction()?;

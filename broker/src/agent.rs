@@ -1,0 +1,200 @@
+//! The client-side flows of each role, on top of [`crate::client`]: a custodian
+//! sealing and uploading records, a patient agent issuing grants, a researcher
+//! verifying and decrypting a release. All cryptography here runs on the caller's side.
+
+use broker_proto::v1 as pb;
+use datasets::PatientRecord;
+use pre_kms::grant::{self, GrantPlan};
+use pre_kms::keys::public_key_from_bytes;
+use pre_kms::reencrypt::{decrypt_released, ReleasedEnvelope};
+use pre_kms::{envelope, Category, Identity};
+use rayon::prelude::*;
+use tokio_stream::StreamExt;
+
+use crate::client::{BrokerClient, ClientError, ClientResult};
+use crate::convert::index_to_pb;
+
+/// Seals each category of a record to the patient's category key, with its content tag,
+/// and converts its index rows.
+pub fn seal_record(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<(Vec<pb::Envelope>, pb::IndexRows)> {
+    let pseudonym = patient.pseudonym();
+    let envelopes = record
+        .categories
+        .iter()
+        .map(|(category, plaintext)| {
+            Ok(pb::Envelope {
+                pseudonym: pseudonym.clone(),
+                category: category.label().to_owned(),
+                sealed: envelope::seal(&patient.category_public_key(*category), plaintext)?,
+                content_tag: patient.content_tag(*category, plaintext).to_vec(),
+            })
+        })
+        .collect::<pre_kms::Result<Vec<_>>>()?;
+    Ok((envelopes, index_to_pb(pseudonym, record.index.clone())))
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IngestReport {
+    pub patients: usize,
+    pub newly_enrolled: usize,
+    pub envelopes_stored: usize,
+    pub envelopes_unchanged: usize,
+    pub bytes: usize,
+}
+
+/// Enrolls and uploads one batch of patients (the caller acts for all of them).
+pub async fn ingest_batch(client: &BrokerClient, batch: Vec<(Identity, PatientRecord)>) -> ClientResult<IngestReport> {
+    let mut report = IngestReport { patients: batch.len(), ..Default::default() };
+    for (patient, _) in &batch {
+        if client.enroll(patient).await? {
+            report.newly_enrolled += 1;
+        }
+    }
+    let sealed = tokio::task::spawn_blocking(move || {
+        batch.par_iter().map(|(p, r)| seal_record(p, r)).collect::<pre_kms::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    let mut envelopes = Vec::new();
+    let mut index = Vec::new();
+    for (e, i) in sealed {
+        report.bytes += e.iter().map(|e| e.sealed.len()).sum::<usize>();
+        envelopes.extend(e);
+        index.push(i);
+    }
+    let reply = client.upload(envelopes, index).await?;
+    for r in reply.receipts {
+        if r.unchanged {
+            report.envelopes_unchanged += 1;
+        } else {
+            report.envelopes_stored += 1;
+        }
+    }
+    Ok(report)
+}
+
+impl IngestReport {
+    pub fn add(&mut self, other: &IngestReport) {
+        self.patients += other.patients;
+        self.newly_enrolled += other.newly_enrolled;
+        self.envelopes_stored += other.envelopes_stored;
+        self.envelopes_unchanged += other.envelopes_unchanged;
+        self.bytes += other.bytes;
+    }
+}
+
+/// The plan for a patient's grant to a study: the requested categories the patient
+/// has (intersected with `allowed`), expiring with the study.
+pub async fn grant_plan(client: &BrokerClient, study: &pb::Study) -> ClientResult<GrantPlan> {
+    let proxies = client.list_proxies().await?;
+    let proposal = study.proposal.clone().ok_or_else(|| ClientError::Invalid("study without proposal".into()))?;
+    Ok(GrantPlan {
+        study_id: study.study_id.clone(),
+        receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
+        categories: proposal
+            .categories
+            .iter()
+            .map(|c| c.parse::<Category>().map_err(|e| ClientError::Invalid(e.to_string())))
+            .collect::<ClientResult<_>>()?,
+        threshold: proxies.threshold as usize,
+        expires_at: proposal.not_after,
+        proxy_keys: proxies
+            .proxies
+            .iter()
+            .map(|p| public_key_from_bytes(&p.encryption_key))
+            .collect::<pre_kms::Result<_>>()?,
+    })
+}
+
+/// Issues grants for a batch of patients: each grants the plan's categories it has data in.
+pub async fn grant_batch(client: &BrokerClient, plan: &GrantPlan, patients: Vec<(Identity, Vec<Category>)>) -> ClientResult<usize> {
+    let plan = plan.clone();
+    let grants = tokio::task::spawn_blocking(move || {
+        patients
+            .par_iter()
+            .filter_map(|(patient, has)| {
+                let categories: Vec<Category> = plan.categories.iter().copied().filter(|c| has.contains(c)).collect();
+                (!categories.is_empty()).then(|| grant::issue(patient, &GrantPlan { categories, ..plan.clone() }))
+            })
+            .collect::<pre_kms::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    let n = grants.len();
+    if n > 0 {
+        client.issue_grants(grants).await?;
+    }
+    Ok(n)
+}
+
+/// One decrypted research copy.
+#[derive(Debug, Clone)]
+pub struct DecryptedRecord {
+    pub subject: String,
+    pub category: Category,
+    pub version: u32,
+    pub plaintext: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FetchReport {
+    pub release: pb::Release,
+    pub records: usize,
+    pub bytes: usize,
+}
+
+/// Requests a release of `study_id`, streams it, verifies every cfrag and decrypts,
+/// handing each record to `sink` in release order. Fails on the first envelope that
+/// does not verify: a lying broker or proxy is reported, never skipped.
+pub async fn fetch_and_decrypt(
+    client: &BrokerClient,
+    researcher: &Identity,
+    study_id: &str,
+    mut sink: impl FnMut(DecryptedRecord) -> std::io::Result<()>,
+) -> ClientResult<FetchReport> {
+    let release = client.request_release(study_id).await?;
+    let threshold = release.threshold as usize;
+    let mut stream = client.fetch_release(&release.release_id).await?;
+    let mut report = FetchReport { release: release.clone(), ..Default::default() };
+    let mut pending = Vec::with_capacity(64);
+    loop {
+        let next = stream.next().await;
+        let done = next.is_none();
+        if let Some(item) = next {
+            pending.push(item?);
+        }
+        if pending.len() >= 64 || (done && !pending.is_empty()) {
+            let batch = std::mem::take(&mut pending);
+            let researcher = researcher.clone();
+            let decrypted = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_par_iter()
+                    .map(|item| {
+                        let category: Category = item.category.parse().map_err(|e: pre_kms::category::UnknownCategory| {
+                            ClientError::Invalid(e.to_string())
+                        })?;
+                        let released = ReleasedEnvelope {
+                            sealed: item.sealed,
+                            delegating_key: public_key_from_bytes(&item.delegating_key)?,
+                            verifying_key: public_key_from_bytes(&item.verifying_key)?,
+                            cfrags: item.cfrags,
+                        };
+                        let plaintext = decrypt_released(&researcher, &released, threshold)?;
+                        Ok(DecryptedRecord { subject: item.subject, category, version: item.version, plaintext })
+                    })
+                    .collect::<ClientResult<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| ClientError::Invalid(e.to_string()))??;
+            for record in decrypted {
+                report.records += 1;
+                report.bytes += record.plaintext.len();
+                sink(record).map_err(|e| ClientError::Invalid(format!("cannot write a decrypted record: {e}")))?;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,176 @@
+//! The client: every call signed with the caller's identity (see
+//! [`pre_kms::request_auth`]). Used by `brokerctl`, the demo, benches and tests.
+
+use broker_proto::v1 as pb;
+use pre_kms::grant::Grant;
+use pre_kms::request_auth::signed;
+use pre_kms::Identity;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{grant_to_pb, proposal_to_pb, role_to_pb};
+use crate::methods as m;
+use crate::role::Role;
+use crate::service::Enrollment;
+use crate::study::{decision_digest, StudyProposal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Crypto(#[from] pre_kms::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unauthenticated => "not authenticated",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Internal => "internal error",
+        _ => "error",
+    }
+}
+
+pub type ClientResult<T> = Result<T, ClientError>;
+
+const LIMIT: usize = 64 << 20;
+
+#[derive(Clone)]
+pub struct BrokerClient {
+    identity: Identity,
+    registry: pb::registry_client::RegistryClient<Channel>,
+    records: pb::records_client::RecordsClient<Channel>,
+    studies: pb::studies_client::StudiesClient<Channel>,
+    grants: pb::grants_client::GrantsClient<Channel>,
+    releases: pb::releases_client::ReleasesClient<Channel>,
+}
+
+impl BrokerClient {
+    pub async fn connect(url: &str, identity: Identity) -> ClientResult<BrokerClient> {
+        let connect_err = |reason: String| ClientError::Connect { url: url.to_owned(), reason };
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| connect_err(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| connect_err(format!("{e} (is `broker serve` running there?)")))?;
+        Ok(Self::from_channel(channel, identity))
+    }
+
+    pub fn from_channel(channel: Channel, identity: Identity) -> BrokerClient {
+        BrokerClient {
+            identity,
+            registry: pb::registry_client::RegistryClient::new(channel.clone()),
+            records: pb::records_client::RecordsClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            studies: pb::studies_client::StudiesClient::new(channel.clone()),
+            grants: pb::grants_client::GrantsClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            releases: pb::releases_client::ReleasesClient::new(channel)
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The same connection, signing as another identity (a custodian's patients).
+    pub fn with_identity(&self, identity: Identity) -> BrokerClient {
+        BrokerClient { identity, ..self.clone() }
+    }
+
+    fn sign<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
+        signed(&self.identity, method, message)
+    }
+
+    pub async fn register_actor(&self, role: Role, name: &str, organisation: &str, verifying_key: Vec<u8>) -> ClientResult<pb::Actor> {
+        let req = pb::RegisterActorRequest {
+            role: role_to_pb(role) as i32,
+            name: name.to_owned(),
+            organisation: organisation.to_owned(),
+            verifying_key,
+        };
+        Ok(self.registry.clone().register_actor(self.sign(m::REGISTER_ACTOR, req)).await?.into_inner())
+    }
+
+    pub async fn list_actors(&self) -> ClientResult<Vec<pb::Actor>> {
+        Ok(self.registry.clone().list_actors(self.sign(m::LIST_ACTORS, pb::ListActorsRequest {})).await?.into_inner().actors)
+    }
+
+    pub async fn whoami(&self) -> ClientResult<pb::Actor> {
+        Ok(self.registry.clone().whoami(self.sign(m::WHOAMI, pb::WhoamiRequest {})).await?.into_inner())
+    }
+
+    pub async fn list_proxies(&self) -> ClientResult<pb::ListProxiesResponse> {
+        Ok(self.registry.clone().list_proxies(self.sign(m::LIST_PROXIES, pb::ListProxiesRequest {})).await?.into_inner())
+    }
+
+    /// Enrolls `patient` (signed by the patient; the call by this client's identity).
+    pub async fn enroll(&self, patient: &Identity) -> ClientResult<bool> {
+        let e = Enrollment::of(patient);
+        let req = pb::EnrollRequest {
+            pseudonym: e.pseudonym,
+            verifying_key: e.verifying_key,
+            category_keys: e
+                .category_keys
+                .into_iter()
+                .map(|(c, k)| pb::CategoryKey { category: c.label().to_owned(), public_key: k })
+                .collect(),
+            signature: e.signature,
+        };
+        Ok(self.records.clone().enroll(self.sign(m::ENROLL, req)).await?.into_inner().created)
+    }
+
+    pub async fn upload(&self, envelopes: Vec<pb::Envelope>, index: Vec<pb::IndexRows>) -> ClientResult<pb::UploadResponse> {
+        let req = pb::UploadRequest { envelopes, index };
+        Ok(self.records.clone().upload(self.sign(m::UPLOAD, req)).await?.into_inner())
+    }
+
+    pub async fn propose_study(&self, proposal: &StudyProposal) -> ClientResult<pb::Study> {
+        Ok(self.studies.clone().propose(self.sign(m::PROPOSE, proposal_to_pb(proposal))).await?.into_inner())
+    }
+
+    /// Approves or rejects, signing the study's full proposal and the decision.
+    pub async fn decide_study(&self, study_id: &str, approve: bool, reason: &str) -> ClientResult<pb::Study> {
+        let study = crate::convert::study_from_pb(self.get_study(study_id).await?)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let signature = self.identity.sign(&decision_digest(study_id, &study.proposal, approve));
+        let req = pb::DecideStudyRequest { study_id: study_id.to_owned(), approve, reason: reason.to_owned(), signature };
+        Ok(self.studies.clone().decide(self.sign(m::DECIDE, req)).await?.into_inner())
+    }
+
+    pub async fn list_studies(&self) -> ClientResult<Vec<pb::Study>> {
+        Ok(self.studies.clone().list(self.sign(m::LIST_STUDIES, pb::ListStudiesRequest {})).await?.into_inner().studies)
+    }
+
+    pub async fn get_study(&self, study_id: &str) -> ClientResult<pb::Study> {
+        let req = pb::GetStudyRequest { study_id: study_id.to_owned() };
+        Ok(self.studies.clone().get(self.sign(m::GET_STUDY, req)).await?.into_inner())
+    }
+
+    pub async fn issue_grants(&self, grants: Vec<Grant>) -> ClientResult<Vec<String>> {
+        let req = pb::IssueGrantsRequest { grants: grants.into_iter().map(grant_to_pb).collect() };
+        Ok(self.grants.clone().issue(self.sign(m::ISSUE_GRANTS, req)).await?.into_inner().grant_ids)
+    }
+
+    pub async fn request_release(&self, study_id: &str) -> ClientResult<pb::Release> {
+        let req = pb::RequestReleaseRequest { study_id: study_id.to_owned() };
+        Ok(self.releases.clone().request(self.sign(m::REQUEST_RELEASE, req)).await?.into_inner())
+    }
+
+    pub async fn fetch_release(&self, release_id: &str) -> ClientResult<tonic::Streaming<pb::ReleaseItem>> {
+        let req = pb::FetchReleaseRequest { release_id: release_id.to_owned() };
+        Ok(self.releases.clone().fetch(self.sign(m::FETCH_RELEASE, req)).await?.into_inner())
+    }
+}

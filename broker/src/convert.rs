@@ -1,0 +1,211 @@
+//! Conversions between broker.v1 messages and domain types, in one place.
+
+use broker_proto::v1 as pb;
+use cohort_query::{CodedEvent, Cohort, PatientIndex, Person};
+use pre_kms::grant::{Grant, GrantCategory};
+use pre_kms::Category;
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::role::{Actor, Role};
+use crate::study::{Study, StudyProposal, StudyStatus};
+
+fn category(label: &str) -> ServiceResult<Category> {
+    label.parse().map_err(|e: pre_kms::category::UnknownCategory| ServiceError::InvalidArgument(e.to_string()))
+}
+
+pub fn role_to_pb(r: Role) -> pb::Role {
+    match r {
+        Role::Patient => pb::Role::Patient,
+        Role::Custodian => pb::Role::Custodian,
+        Role::Sponsor => pb::Role::Sponsor,
+        Role::Researcher => pb::Role::Researcher,
+        Role::Board => pb::Role::Board,
+        Role::Clinician => pb::Role::Clinician,
+        Role::Operator => pb::Role::Operator,
+    }
+}
+
+pub fn role_from_pb(r: i32) -> ServiceResult<Role> {
+    Ok(match pb::Role::try_from(r).unwrap_or(pb::Role::Unspecified) {
+        pb::Role::Patient => Role::Patient,
+        pb::Role::Custodian => Role::Custodian,
+        pb::Role::Sponsor => Role::Sponsor,
+        pb::Role::Researcher => Role::Researcher,
+        pb::Role::Board => Role::Board,
+        pb::Role::Clinician => Role::Clinician,
+        pb::Role::Operator => Role::Operator,
+        pb::Role::Unspecified => return Err(ServiceError::InvalidArgument("a role is required".into())),
+    })
+}
+
+pub fn actor_to_pb(a: Actor) -> pb::Actor {
+    pb::Actor {
+        actor_id: a.actor_id,
+        role: role_to_pb(a.role) as i32,
+        name: a.name,
+        organisation: a.organisation,
+        verifying_key: a.verifying_key,
+    }
+}
+
+pub fn actor_from_pb(a: pb::Actor) -> ServiceResult<Actor> {
+    Ok(Actor {
+        actor_id: a.actor_id,
+        role: role_from_pb(a.role)?,
+        name: a.name,
+        organisation: a.organisation,
+        verifying_key: a.verifying_key,
+    })
+}
+
+fn event_to_pb(e: CodedEvent) -> pb::CodedEvent {
+    pb::CodedEvent { system: e.system, code: e.code, date: e.date, value: e.value, unit: e.unit }
+}
+
+fn event_from_pb(e: pb::CodedEvent) -> CodedEvent {
+    CodedEvent { system: e.system, code: e.code, date: e.date, value: e.value, unit: e.unit }
+}
+
+pub fn index_to_pb(pseudonym: String, i: PatientIndex) -> pb::IndexRows {
+    pb::IndexRows {
+        pseudonym,
+        person: Some(pb::Person { birth_year: i.person.birth_year.unwrap_or(0), sex: i.person.sex }),
+        conditions: i.conditions.into_iter().map(event_to_pb).collect(),
+        measurements: i.measurements.into_iter().map(event_to_pb).collect(),
+        drugs: i.drugs.into_iter().map(event_to_pb).collect(),
+        procedures: i.procedures.into_iter().map(event_to_pb).collect(),
+    }
+}
+
+pub fn index_from_pb(r: pb::IndexRows) -> (String, PatientIndex) {
+    let person = r.person.unwrap_or_default();
+    (
+        r.pseudonym,
+        PatientIndex {
+            person: Person { birth_year: (person.birth_year != 0).then_some(person.birth_year), sex: person.sex },
+            conditions: r.conditions.into_iter().map(event_from_pb).collect(),
+            measurements: r.measurements.into_iter().map(event_from_pb).collect(),
+            drugs: r.drugs.into_iter().map(event_from_pb).collect(),
+            procedures: r.procedures.into_iter().map(event_from_pb).collect(),
+        },
+    )
+}
+
+pub fn cohort_to_pb(c: &Cohort) -> pb::Cohort {
+    pb::Cohort {
+        condition_codes: c.condition_codes.clone(),
+        min_birth_year: c.min_birth_year.unwrap_or(0),
+        max_birth_year: c.max_birth_year.unwrap_or(0),
+        sex: c.sex.clone().unwrap_or_default(),
+    }
+}
+
+pub fn cohort_from_pb(c: pb::Cohort) -> Cohort {
+    Cohort {
+        condition_codes: c.condition_codes,
+        min_birth_year: (c.min_birth_year != 0).then_some(c.min_birth_year),
+        max_birth_year: (c.max_birth_year != 0).then_some(c.max_birth_year),
+        sex: (!c.sex.is_empty()).then_some(c.sex),
+    }
+}
+
+pub fn proposal_to_pb(p: &StudyProposal) -> pb::StudyProposal {
+    pb::StudyProposal {
+        title: p.title.clone(),
+        purpose: p.purpose.clone(),
+        categories: p.categories.iter().map(|c| c.label().to_owned()).collect(),
+        researcher_id: p.researcher_id.clone(),
+        receiving_key: p.receiving_key.clone(),
+        not_before: p.not_before,
+        not_after: p.not_after,
+        cohort: Some(cohort_to_pb(&p.cohort)),
+    }
+}
+
+pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
+    Ok(StudyProposal {
+        title: p.title,
+        purpose: p.purpose,
+        categories: p.categories.iter().map(|c| category(c)).collect::<ServiceResult<_>>()?,
+        researcher_id: p.researcher_id,
+        receiving_key: p.receiving_key,
+        not_before: p.not_before,
+        not_after: p.not_after,
+        cohort: cohort_from_pb(p.cohort.unwrap_or_default()),
+    })
+}
+
+pub fn status_to_pb(s: StudyStatus) -> pb::StudyStatus {
+    match s {
+        StudyStatus::Proposed => pb::StudyStatus::Proposed,
+        StudyStatus::Approved => pb::StudyStatus::Approved,
+        StudyStatus::Rejected => pb::StudyStatus::Rejected,
+    }
+}
+
+pub fn study_to_pb(s: Study) -> pb::Study {
+    pb::Study {
+        study_id: s.study_id,
+        proposal: Some(proposal_to_pb(&s.proposal)),
+        sponsor_id: s.sponsor_id,
+        status: status_to_pb(s.status) as i32,
+        board_id: s.board_id,
+        board_signature: s.board_signature,
+        reason: s.reason,
+        proposed_at: s.proposed_at,
+        decided_at: s.decided_at,
+    }
+}
+
+pub fn study_from_pb(s: pb::Study) -> ServiceResult<Study> {
+    let status = match pb::StudyStatus::try_from(s.status).unwrap_or(pb::StudyStatus::Unspecified) {
+        pb::StudyStatus::Approved => StudyStatus::Approved,
+        pb::StudyStatus::Rejected => StudyStatus::Rejected,
+        _ => StudyStatus::Proposed,
+    };
+    Ok(Study {
+        study_id: s.study_id,
+        proposal: proposal_from_pb(s.proposal.ok_or_else(|| ServiceError::InvalidArgument("study without proposal".into()))?)?,
+        sponsor_id: s.sponsor_id,
+        status,
+        board_id: s.board_id,
+        board_signature: s.board_signature,
+        reason: s.reason,
+        proposed_at: s.proposed_at,
+        decided_at: s.decided_at,
+    })
+}
+
+pub fn grant_to_pb(g: Grant) -> pb::Grant {
+    pb::Grant {
+        study_id: g.study_id,
+        pseudonym: g.pseudonym,
+        threshold: g.threshold,
+        expires_at: g.expires_at,
+        categories: g
+            .categories
+            .into_iter()
+            .map(|c| pb::GrantCategory { category: c.category.label().to_owned(), sealed_kfrags: c.sealed_kfrags })
+            .collect(),
+        signature: g.signature,
+    }
+}
+
+pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
+    Ok(Grant {
+        study_id: g.study_id,
+        pseudonym: g.pseudonym,
+        threshold: g.threshold,
+        expires_at: g.expires_at,
+        categories: g
+            .categories
+            .into_iter()
+            .map(|c| Ok(GrantCategory { category: category(&c.category)?, sealed_kfrags: c.sealed_kfrags }))
+            .collect::<ServiceResult<_>>()?,
+        signature: g.signature,
+    })
+}
+
+pub fn category_from_pb(label: &str) -> ServiceResult<Category> {
+    category(label)
+}

@@ -1,0 +1,246 @@
+//! Running a broker: its data directory, its proxies, its gRPC server.
+//!
+//! ```text
+//! DATA_DIR/
+//!   broker.key        the broker's own signing identity (calls to proxies)
+//!   broker.db         SQLite metadata, index, studies, grants, releases
+//!   blobs/            content-addressed envelope blobs
+//!   proxies/N/        embedded proxy nodes: proxy.key and proxy.db each
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use broker_proto::v1 as pb;
+use pre_kms::proxy::ProxyNode;
+use pre_kms::{Identity, PublicIdentity};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::grpc::Grpc;
+use crate::role::{Actor, Role};
+use crate::service::Broker;
+use crate::storage::db::ProxyRow;
+use crate::storage::{BlobStore, Db};
+
+/// How to run a broker.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    /// Proxies to start in this process, each on its own loopback port (ignored when
+    /// `proxy_urls` is set).
+    pub embedded_proxies: usize,
+    /// External proxy nodes (`http://host:port`), in order.
+    pub proxy_urls: Vec<String>,
+    pub threshold: usize,
+    /// Registered as the operator at start (needed on first start).
+    pub operator: Option<PublicIdentity>,
+}
+
+impl ServeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            data_dir: data_dir.into(),
+            embedded_proxies: pre_kms::grant::DEFAULT_SHARES,
+            proxy_urls: Vec::new(),
+            threshold: pre_kms::grant::DEFAULT_THRESHOLD,
+            operator: None,
+        }
+    }
+}
+
+/// Errors that stop a broker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {0}: {1}")]
+    DataDir(PathBuf, String),
+    #[error("{0}")]
+    Keys(#[from] pre_kms::Error),
+    #[error("proxies: {0}")]
+    Proxies(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+}
+
+/// Loads the identity at `path`, or makes and saves one.
+pub fn load_or_create_identity(path: &Path, role: &str) -> Result<Identity, pre_kms::Error> {
+    if path.exists() {
+        Ok(Identity::read_key_file(path)?.0)
+    } else {
+        let id = Identity::generate();
+        id.write_key_file(path, role)?;
+        Ok(id)
+    }
+}
+
+/// A proxy node serving on a loopback port in this process.
+pub struct EmbeddedProxy {
+    pub url: String,
+    pub node: Arc<ProxyNode>,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: JoinHandle<()>,
+}
+
+impl EmbeddedProxy {
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        let _ = self.join.await;
+    }
+}
+
+/// Starts a proxy node from `dir` on `127.0.0.1:0`, callable only by `broker_key`.
+pub async fn start_proxy(dir: &Path, index: u32, broker: &PublicIdentity) -> Result<EmbeddedProxy, StartError> {
+    std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(dir.to_owned(), e.to_string()))?;
+    let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
+    let node = Arc::new(ProxyNode::open(dir, identity, index)?);
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(StartError::Listen)?;
+    let url = format!("http://{}", listener.local_addr().map_err(StartError::Listen)?);
+    let (tx, rx) = oneshot::channel();
+    let serving = node.clone();
+    let key = broker.verifying_key;
+    let join = tokio::spawn(async move {
+        if let Err(e) = pre_kms::proxy_grpc::serve(listener, serving, key, async { let _ = rx.await; }).await {
+            tracing::error!(error = %e, "proxy stopped");
+        }
+    });
+    Ok(EmbeddedProxy { url, node, shutdown: Some(tx), join })
+}
+
+/// A running broker and its embedded proxies.
+pub struct RunningBroker {
+    pub addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    pub proxies: Vec<EmbeddedProxy>,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningBroker {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting calls, waits for the server, then stops the proxies.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        let _ = self.join.await;
+        for p in self.proxies {
+            p.stop().await;
+        }
+    }
+
+    /// Waits until the server ends (e.g. after a shutdown signal passed to `start`).
+    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
+        let result = self.join.await.unwrap_or(Ok(()));
+        for p in self.proxies {
+            p.stop().await;
+        }
+        result
+    }
+}
+
+/// Opens the data directory, starts (or connects to) the proxies and serves on the
+/// already bound `listener` until `shutdown` resolves or [`RunningBroker::stop`].
+pub async fn start(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunningBroker, StartError> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let identity = load_or_create_identity(&dir.join("broker.key"), "broker")?;
+    let public = identity.public("broker");
+    let mut db = Db::open(&dir.join("broker.db")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let blobs = BlobStore::open(&dir.join("blobs")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+
+    let mut embedded = Vec::new();
+    let urls = if config.proxy_urls.is_empty() {
+        for i in 0..config.embedded_proxies {
+            embedded.push(start_proxy(&dir.join("proxies").join(i.to_string()), i as u32, &public).await?);
+        }
+        embedded.iter().map(|p| p.url.clone()).collect()
+    } else {
+        config.proxy_urls.clone()
+    };
+    if config.threshold == 0 || config.threshold > urls.len() {
+        return Err(StartError::Config(format!(
+            "threshold {} needs between 1 and {} proxies",
+            config.threshold,
+            urls.len()
+        )));
+    }
+    let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls).await.map_err(StartError::Proxies)?;
+    // Grants seal kfrags to particular proxy keys in a particular order: the set must
+    // not change under existing grants.
+    let current: Vec<ProxyRow> = pool.handles().iter().map(|h| h.info.clone()).collect();
+    let known = db.proxies().map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    if known.is_empty() {
+        db.set_proxies(&current).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    } else if known.iter().map(|p| &p.proxy_id).ne(current.iter().map(|p| &p.proxy_id)) {
+        return Err(StartError::Proxies(
+            "the proxies are not the ones this data directory's grants were sealed to (same keys, same order)".into(),
+        ));
+    }
+
+    let broker = Broker::new(db, blobs, pool, config.threshold).map_err(|e| StartError::Config(e.to_string()))?;
+    if let Some(op) = &config.operator {
+        broker
+            .register_actor(Actor {
+                actor_id: String::new(),
+                role: Role::Operator,
+                name: "operator".into(),
+                organisation: String::new(),
+                verifying_key: pre_kms::keys::public_key_bytes(&op.verifying_key),
+            })
+            .map_err(|e| StartError::Config(e.to_string()))?;
+    }
+    if !broker.list_actors().iter().any(|a| a.role == Role::Operator) {
+        return Err(StartError::Config(
+            "no operator is registered: start once with --operator FILE.pub (from `brokerctl keygen --role operator`)".into(),
+        ));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::registry_server::RegistryServer<Grpc>>().await;
+    let grpc = Grpc(broker.clone());
+    let limit = 64 << 20;
+    let addr = listener.local_addr().map_err(StartError::Listen)?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(pb::registry_server::RegistryServer::new(grpc.clone()))
+        .add_service(
+            pb::records_server::RecordsServer::new(grpc.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(pb::studies_server::StudiesServer::new(grpc.clone()))
+        .add_service(
+            pb::grants_server::GrantsServer::new(grpc.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            pb::releases_server::ReleasesServer::new(grpc)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        );
+    let join = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = rx => {}
+        }
+    }));
+    tracing::info!(%addr, proxies = urls.len(), threshold = config.threshold, "broker serving");
+    Ok(RunningBroker { addr, broker, proxies: embedded, shutdown: Some(tx), join })
+}

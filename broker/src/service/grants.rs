@@ -1,0 +1,157 @@
+//! Grants: checked against the study and the patient's signature, kfrags passed on to
+//! the proxies (which verify them), then recorded.
+
+use std::sync::Arc;
+
+use broker_proto::v1 as pb;
+use pre_kms::grant::{grant_digest, Grant};
+use pre_kms::keys::public_key_from_bytes;
+use rayon::prelude::*;
+
+use super::{now_secs, Broker};
+use crate::error::{ServiceError, ServiceResult};
+use crate::role::Caller;
+use crate::storage::db::GrantRow;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantOutcome {
+    pub grant_ids: Vec<String>,
+}
+
+pub fn grant_id(grant: &Grant) -> String {
+    format!("gr-{}", &blake3::hash(&grant_digest(grant)).to_hex()[..24])
+}
+
+impl Broker {
+    pub async fn issue_grants(self: &Arc<Self>, caller: Caller, grants: Vec<Grant>) -> ServiceResult<GrantOutcome> {
+        let this = self.clone();
+        let checked = tokio::task::spawn_blocking(move || this.check_grants(&caller, &grants))
+            .await
+            .map_err(ServiceError::internal)??;
+        // One deposit call per proxy, all proxies at once.
+        let n = self.proxies.len();
+        let mut per_proxy: Vec<Vec<pb::KfragDeposit>> = vec![Vec::new(); n];
+        for (_, deposits) in &checked {
+            for (i, d) in deposits.iter().enumerate() {
+                per_proxy[i].extend(d.iter().cloned());
+            }
+        }
+        let calls = per_proxy.into_iter().enumerate().map(|(i, deposits)| {
+            let pool = self.proxies.clone();
+            tokio::spawn(async move { pool.deposit(i, deposits).await })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            call.await.map_err(ServiceError::internal)??;
+        }
+        let rows: Vec<GrantRow> = checked.into_iter().map(|(row, _)| row).collect();
+        let ids = rows.iter().map(|r| r.grant_id.clone()).collect();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = this.db();
+            let now = now_secs();
+            rows.iter().try_for_each(|r| db.put_grant(r, now))
+        })
+        .await
+        .map_err(ServiceError::internal)??;
+        Ok(GrantOutcome { grant_ids: ids })
+    }
+
+    /// Validates each grant; returns its row and, per proxy, the deposits to make.
+    #[allow(clippy::type_complexity)]
+    fn check_grants(&self, caller: &Caller, grants: &[Grant]) -> ServiceResult<Vec<(GrantRow, Vec<Vec<pb::KfragDeposit>>)>> {
+        if grants.is_empty() {
+            return Err(ServiceError::InvalidArgument("no grants given".into()));
+        }
+        self.check_acts_for(caller, grants.iter().map(|g| &g.pseudonym))?;
+        let now = now_secs();
+        let mut studies = std::collections::HashMap::new();
+        let mut patients = std::collections::HashMap::new();
+        for g in grants {
+            if !studies.contains_key(&g.study_id) {
+                studies.insert(g.study_id.clone(), self.study(&g.study_id)?);
+            }
+            if !patients.contains_key(&g.pseudonym) {
+                let p = self.db().patient(&g.pseudonym)?.ok_or_else(|| ServiceError::internal("patient vanished"))?;
+                patients.insert(g.pseudonym.clone(), p);
+            }
+        }
+        grants
+            .par_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let study = &studies[&g.study_id];
+                let patient = &patients[&g.pseudonym];
+                if !study.is_open(now) {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "study {} is not approved and open; grants can be issued only for an open study",
+                        g.study_id
+                    )));
+                }
+                if g.threshold as usize != self.threshold {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "grant {i}: threshold must be {} (this broker's)",
+                        self.threshold
+                    )));
+                }
+                if g.expires_at > study.proposal.not_after || g.expires_at <= now {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "grant {i}: expiry must be in the future and no later than the study's end"
+                    )));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for c in &g.categories {
+                    if !study.proposal.categories.contains(&c.category) {
+                        return Err(ServiceError::InvalidArgument(format!(
+                            "grant {i}: category {} was not requested by the study",
+                            c.category
+                        )));
+                    }
+                    if !seen.insert(c.category) {
+                        return Err(ServiceError::InvalidArgument(format!("grant {i}: category {} twice", c.category)));
+                    }
+                    if c.sealed_kfrags.len() != self.proxies.len() {
+                        return Err(ServiceError::InvalidArgument(format!(
+                            "grant {i}: {} kfrags for {} proxies",
+                            c.sealed_kfrags.len(),
+                            self.proxies.len()
+                        )));
+                    }
+                }
+                let vk = public_key_from_bytes(&patient.verifying_key).map_err(ServiceError::internal)?;
+                g.verify_signature(&vk)
+                    .map_err(|_| ServiceError::InvalidArgument(format!("grant {i}: the patient's signature does not verify")))?;
+                let grant_id = grant_id(g);
+                let mut deposits = vec![Vec::new(); self.proxies.len()];
+                for c in &g.categories {
+                    let delegating = patient
+                        .category_keys
+                        .get(&c.category)
+                        .ok_or_else(|| ServiceError::internal("enrolled patient lacks a category key"))?;
+                    for (p, sealed) in c.sealed_kfrags.iter().enumerate() {
+                        deposits[p].push(pb::KfragDeposit {
+                            grant_id: grant_id.clone(),
+                            study_id: g.study_id.clone(),
+                            pseudonym: g.pseudonym.clone(),
+                            category: c.category.label().to_owned(),
+                            expires_at: g.expires_at,
+                            patient_verifying_key: patient.verifying_key.clone(),
+                            delegating_key: delegating.clone(),
+                            receiving_key: study.proposal.receiving_key.clone(),
+                            sealed_kfrag: sealed.clone(),
+                        });
+                    }
+                }
+                let row = GrantRow {
+                    grant_id,
+                    study_id: g.study_id.clone(),
+                    pseudonym: g.pseudonym.clone(),
+                    threshold: g.threshold,
+                    expires_at: g.expires_at,
+                    signature: g.signature.clone(),
+                    categories: g.categories.iter().map(|c| c.category).collect(),
+                };
+                Ok((row, deposits))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,88 @@
+//! Studies: the sponsor proposes, the board decides with its signature.
+
+use pre_kms::keys::{public_key_from_bytes, verify_signature};
+
+use super::{now_secs, Broker};
+use crate::error::{ServiceError, ServiceResult};
+use crate::role::{Caller, Role};
+use crate::study::{decision_digest, study_id, Study, StudyProposal, StudyStatus};
+
+impl Broker {
+    pub fn propose_study(&self, caller: &Caller, proposal: StudyProposal) -> ServiceResult<Study> {
+        if proposal.title.trim().is_empty() {
+            return Err(ServiceError::InvalidArgument("a study needs a title".into()));
+        }
+        if proposal.categories.is_empty() {
+            return Err(ServiceError::InvalidArgument("a study must request at least one category".into()));
+        }
+        if proposal.not_after <= proposal.not_before {
+            return Err(ServiceError::InvalidArgument("the study period ends before it starts".into()));
+        }
+        public_key_from_bytes(&proposal.receiving_key)
+            .map_err(|_| ServiceError::InvalidArgument("receiving_key is not a public key".into()))?;
+        match self.actor(&proposal.researcher_id) {
+            Some(a) if a.role == Role::Researcher => {}
+            _ => {
+                return Err(ServiceError::InvalidArgument(
+                    "researcher_id must name a registered researcher".into(),
+                ));
+            }
+        }
+        let now = now_secs();
+        let study = Study {
+            study_id: study_id(&proposal, &caller.actor_id, now),
+            proposal,
+            sponsor_id: caller.actor_id.clone(),
+            status: StudyStatus::Proposed,
+            board_id: String::new(),
+            board_signature: Vec::new(),
+            reason: String::new(),
+            proposed_at: now,
+            decided_at: 0,
+        };
+        self.db().insert_study(&study)?;
+        Ok(study)
+    }
+
+    pub fn study(&self, study_id: &str) -> ServiceResult<Study> {
+        self.db()
+            .study(study_id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no study {study_id}")))
+    }
+
+    pub fn studies(&self) -> ServiceResult<Vec<Study>> {
+        Ok(self.db().studies()?)
+    }
+
+    /// A board member approves or rejects a proposed study, signing the decision.
+    pub fn decide_study(
+        &self,
+        caller: &Caller,
+        study_id: &str,
+        approve: bool,
+        reason: String,
+        signature: Vec<u8>,
+    ) -> ServiceResult<Study> {
+        let mut study = self.study(study_id)?;
+        if study.status != StudyStatus::Proposed {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "study {study_id} is already {}",
+                study.status.as_str()
+            )));
+        }
+        let board = self.actor(&caller.actor_id).ok_or_else(|| ServiceError::internal("caller vanished"))?;
+        let key = public_key_from_bytes(&board.verifying_key).map_err(ServiceError::internal)?;
+        if !verify_signature(&key, &decision_digest(study_id, &study.proposal, approve), &signature) {
+            return Err(ServiceError::InvalidArgument(
+                "the board signature does not cover this study and decision".into(),
+            ));
+        }
+        study.status = if approve { StudyStatus::Approved } else { StudyStatus::Rejected };
+        study.board_id = caller.actor_id.clone();
+        study.board_signature = signature;
+        study.reason = reason;
+        study.decided_at = now_secs();
+        self.db().decide_study(&study)?;
+        Ok(study)
+    }
+}

@@ -1,0 +1,114 @@
+//! Every service refuses a call without credentials, with a forged signature, replayed,
+//! or from the wrong role.
+
+use broker::methods as m;
+use broker::role::Role;
+use broker_proto::v1 as pb;
+use integration_tests::Sandbox;
+use pre_kms::request_auth::{signed, ACTOR};
+use pre_kms::Identity;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Call {
+    name: &'static str,
+    method: &'static str,
+    /// A role that is registered but may not call this method.
+    wrong_role: Role,
+}
+
+const CALLS: &[Call] = &[
+    Call { name: "Registry.ListActors", method: m::LIST_ACTORS, wrong_role: Role::Sponsor },
+    Call { name: "Registry.RegisterActor", method: m::REGISTER_ACTOR, wrong_role: Role::Board },
+    Call { name: "Records.Enroll", method: m::ENROLL, wrong_role: Role::Researcher },
+    Call { name: "Records.Upload", method: m::UPLOAD, wrong_role: Role::Sponsor },
+    Call { name: "Studies.Propose", method: m::PROPOSE, wrong_role: Role::Researcher },
+    Call { name: "Studies.Decide", method: m::DECIDE, wrong_role: Role::Sponsor },
+    Call { name: "Grants.Issue", method: m::ISSUE_GRANTS, wrong_role: Role::Researcher },
+    Call { name: "Releases.Request", method: m::REQUEST_RELEASE, wrong_role: Role::Sponsor },
+    Call { name: "Releases.Fetch", method: m::FETCH_RELEASE, wrong_role: Role::Custodian },
+];
+
+/// Sends one call of `method` as `identity` (None: unsigned), with `tamper` applied to
+/// the signed request; returns the status code.
+async fn call(channel: Channel, method: &str, identity: Option<&Identity>, tamper: impl Fn(&mut tonic::metadata::MetadataMap)) -> Code {
+    macro_rules! go {
+        ($client:path, $rpc:ident, $msg:expr) => {{
+            let msg = $msg;
+            let mut req = match identity {
+                Some(id) => signed(id, method, msg),
+                None => tonic::Request::new(msg),
+            };
+            tamper(req.metadata_mut());
+            match <$client>::new(channel).$rpc(req).await {
+                Ok(_) => Code::Ok,
+                Err(s) => s.code(),
+            }
+        }};
+    }
+    match method {
+        m::WHOAMI => go!(pb::registry_client::RegistryClient<Channel>, whoami, pb::WhoamiRequest {}),
+        m::LIST_ACTORS => go!(pb::registry_client::RegistryClient<Channel>, list_actors, pb::ListActorsRequest {}),
+        m::REGISTER_ACTOR => go!(pb::registry_client::RegistryClient<Channel>, register_actor, pb::RegisterActorRequest::default()),
+        m::ENROLL => go!(pb::records_client::RecordsClient<Channel>, enroll, pb::EnrollRequest::default()),
+        m::UPLOAD => go!(pb::records_client::RecordsClient<Channel>, upload, pb::UploadRequest::default()),
+        m::PROPOSE => go!(pb::studies_client::StudiesClient<Channel>, propose, pb::StudyProposal::default()),
+        m::DECIDE => go!(pb::studies_client::StudiesClient<Channel>, decide, pb::DecideStudyRequest::default()),
+        m::ISSUE_GRANTS => go!(pb::grants_client::GrantsClient<Channel>, issue, pb::IssueGrantsRequest::default()),
+        m::REQUEST_RELEASE => go!(pb::releases_client::ReleasesClient<Channel>, request, pb::RequestReleaseRequest::default()),
+        m::FETCH_RELEASE => go!(pb::releases_client::ReleasesClient<Channel>, fetch, pb::FetchReleaseRequest::default()),
+        other => panic!("no call for {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
+    let sandbox = Sandbox::start().await;
+    let channel = Channel::from_shared(sandbox.url.clone()).unwrap().connect().await.unwrap();
+    let stranger = Identity::generate();
+    for c in CALLS {
+        let wrong = sandbox.actor(c.wrong_role).await;
+        let registered_id = wrong.identity().actor_id();
+
+        let code = call(channel.clone(), c.method, None, |_| {}).await;
+        assert_eq!(code, Code::Unauthenticated, "{}: unsigned call", c.name);
+
+        // Signed by an unregistered key, claiming a registered actor's id.
+        let claimed = registered_id.clone();
+        let code = call(channel.clone(), c.method, Some(&stranger), move |md| {
+            md.insert(ACTOR, claimed.parse().unwrap());
+        })
+        .await;
+        assert_eq!(code, Code::Unauthenticated, "{}: forged signature", c.name);
+
+        // Signed for another method.
+        let code = call(channel.clone(), m::WHOAMI, Some(wrong.identity()), |_| {}).await;
+        assert_eq!(code, Code::Ok, "whoami works for any role");
+        let other_method = if c.method == m::LIST_ACTORS { m::WHOAMI } else { m::LIST_ACTORS };
+        let id = wrong.identity().clone();
+        let code = {
+            let msg_for_other = signed(&id, other_method, pb::WhoamiRequest {});
+            let md = msg_for_other.metadata().clone();
+            call(channel.clone(), c.method, None, move |m| *m = md.clone()).await
+        };
+        assert_eq!(code, Code::Unauthenticated, "{}: signature for another method and body", c.name);
+
+        let code = call(channel.clone(), c.method, Some(wrong.identity()), |_| {}).await;
+        assert_eq!(code, Code::PermissionDenied, "{}: wrong role {}", c.name, c.wrong_role);
+    }
+
+    // A captured request cannot be replayed.
+    let board = sandbox.actor(Role::Board).await;
+    let req = signed(board.identity(), m::LIST_STUDIES, pb::ListStudiesRequest {});
+    let md = req.metadata().clone();
+    let mut client = pb::studies_client::StudiesClient::new(channel.clone());
+    let mut first = tonic::Request::new(pb::ListStudiesRequest {});
+    *first.metadata_mut() = md.clone();
+    client.list(first).await.expect("first use succeeds");
+    let mut again = tonic::Request::new(pb::ListStudiesRequest {});
+    *again.metadata_mut() = md;
+    let err = client.list(again).await.expect_err("replay refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("replayed"), "{}", err.message());
+    sandbox.stop().await;
+}

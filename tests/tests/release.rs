@@ -1,0 +1,267 @@
+//! The release path through real servers: only consenting patients' granted categories
+//! reach the researcher, decrypted byte for byte; proxies that lie or are down are
+//! detected; an acknowledged upload survives a restart; the data directory holds no
+//! identifier or plaintext.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use broker::agent;
+use broker::client::{BrokerClient, ClientError};
+use broker::role::Role;
+use broker::server::{load_or_create_identity, start_proxy};
+use broker::study::StudyProposal;
+use broker_proto::v1 as pb;
+use cohort_query::Cohort;
+use datasets::{PatientRecord, Population};
+use integration_tests::{scan_for, Sandbox};
+use pre_kms::proxy::ProxyNode;
+use pre_kms::proxy_grpc::ProxyService;
+use pre_kms::{Category, Identity};
+use tokio::net::TcpListener;
+use tonic::{Code, Request, Response, Status};
+
+const CATS: [Category; 3] = [Category::Demographics, Category::Conditions, Category::Observations];
+
+struct World {
+    custodian: BrokerClient,
+    sponsor: BrokerClient,
+    board: BrokerClient,
+    researcher: BrokerClient,
+    patients: Vec<(Identity, PatientRecord)>,
+}
+
+async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
+    let custodian = sandbox.actor(Role::Custodian).await;
+    let population = Population::new(seed, n);
+    let patients: Vec<(Identity, PatientRecord)> = (0..n).map(|i| (Identity::generate(), population.patient(i))).collect();
+    let report = agent::ingest_batch(&custodian, patients.clone()).await.expect("ingest");
+    assert_eq!(report.newly_enrolled, n);
+    World {
+        custodian,
+        sponsor: sandbox.actor(Role::Sponsor).await,
+        board: sandbox.actor(Role::Board).await,
+        researcher: sandbox.actor(Role::Researcher).await,
+        patients,
+    }
+}
+
+fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
+    let now = broker::service::now_secs();
+    StudyProposal {
+        title: "test study".into(),
+        purpose: "HMB".into(),
+        categories: CATS.to_vec(),
+        researcher_id: w.researcher.identity().actor_id(),
+        receiving_key: pre_kms::keys::public_key_bytes(&w.researcher.identity().encryption_public_key()),
+        not_before: now - 60,
+        not_after: now + 3600,
+        cohort,
+    }
+}
+
+async fn approved_study(w: &World, cohort: Cohort) -> pb::Study {
+    let s = w.sponsor.propose_study(&proposal(w, cohort)).await.expect("propose");
+    w.board.decide_study(&s.study_id, true, "ok").await.expect("approve")
+}
+
+/// Grants `categories` of each listed patient.
+async fn grant(w: &World, study: &pb::Study, who: &[usize], categories: &[Category]) {
+    let plan = agent::grant_plan(&w.custodian, study).await.expect("plan");
+    let list = who.iter().map(|&i| (w.patients[i].0.clone(), categories.to_vec())).collect();
+    agent::grant_batch(&w.custodian, &plan, list).await.expect("grant");
+}
+
+async fn fetch(w: &World, study: &pb::Study) -> Result<BTreeMap<[u8; 32], usize>, ClientError> {
+    let mut got = BTreeMap::new();
+    agent::fetch_and_decrypt(&w.researcher, w.researcher.identity(), &study.study_id, |r| {
+        *got.entry(*blake3::hash(&r.plaintext).as_bytes()).or_default() += 1;
+        Ok(())
+    })
+    .await?;
+    Ok(got)
+}
+
+/// What the researcher must receive: these patients' records in these categories.
+fn expected(w: &World, who: &[usize], categories: &[Category], cohort: &Cohort) -> BTreeMap<[u8; 32], usize> {
+    let mut want = BTreeMap::new();
+    for &i in who {
+        let record = &w.patients[i].1;
+        if !cohort.matches(&record.index) {
+            continue;
+        }
+        for (c, plaintext) in &record.categories {
+            if categories.contains(c) && CATS.contains(c) {
+                *want.entry(*blake3::hash(plaintext).as_bytes()).or_default() += 1;
+            }
+        }
+    }
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_granted_categories_of_granting_patients_are_released() {
+    let sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 24, 5).await;
+    let cohort = Cohort::default();
+    let study = approved_study(&w, cohort.clone()).await;
+    // Patients 0..8 grant everything, 8..16 only conditions, 16..24 nothing.
+    let all: Vec<usize> = (0..8).collect();
+    let cond: Vec<usize> = (8..16).collect();
+    grant(&w, &study, &all, &CATS).await;
+    grant(&w, &study, &cond, &[Category::Conditions]).await;
+    let mut want = expected(&w, &all, &CATS, &cohort);
+    for (k, v) in expected(&w, &cond, &[Category::Conditions], &cohort) {
+        *want.entry(k).or_default() += v;
+    }
+    assert!(!want.is_empty());
+    let got = fetch(&w, &study).await.expect("fetch");
+    assert_eq!(got, want, "exactly the granted categories of granting patients");
+
+    // A cohort criterion narrows the release to matching patients only.
+    let narrow = Cohort { sex: Some("female".into()), ..Default::default() };
+    let study2 = approved_study(&w, narrow.clone()).await;
+    grant(&w, &study2, &all, &CATS).await;
+    let got = fetch(&w, &study2).await.expect("fetch");
+    assert_eq!(got, expected(&w, &all, &CATS, &narrow));
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved() {
+    let sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 4, 6).await;
+    let study = w.sponsor.propose_study(&proposal(&w, Cohort::default())).await.unwrap();
+    let plan = agent::grant_plan(&w.custodian, &study).await.unwrap();
+    let err = agent::grant_batch(&w.custodian, &plan, vec![(w.patients[0].0.clone(), CATS.to_vec())]).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
+    let err = w.researcher.request_release(&study.study_id).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
+
+    let rejected = w.board.decide_study(&study.study_id, false, "not justified").await.unwrap();
+    assert_eq!(rejected.status, pb::StudyStatus::Rejected as i32);
+    let err = w.researcher.request_release(&study.study_id).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
+
+    // Another researcher cannot take an approved study's release.
+    let study = approved_study(&w, Cohort::default()).await;
+    let other = sandbox.actor(Role::Researcher).await;
+    let err = other.request_release(&study.study_id).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_uploads_and_grants_survive_a_restart() {
+    let mut sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 10, 7).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    let who: Vec<usize> = (0..10).collect();
+    grant(&w, &study, &who, &CATS).await;
+    let before = fetch(&w, &study).await.unwrap();
+
+    sandbox.restart_with(|_| {}).await;
+    let researcher = sandbox.client(w.researcher.identity().clone()).await;
+    let w = World { researcher, ..w };
+    let after = fetch(&w, &study).await.expect("release after restart");
+    assert_eq!(before, after);
+    assert_eq!(after, expected(&w, &who, &CATS, &Cohort::default()));
+
+    // Re-uploading the same records stores nothing new.
+    let custodian = sandbox.client(w.custodian.identity().clone()).await;
+    let again = agent::ingest_batch(&custodian, w.patients.clone()).await.unwrap();
+    assert_eq!(again.envelopes_stored, 0);
+    assert!(again.envelopes_unchanged > 0);
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
+    let sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 30, 8).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    grant(&w, &study, &(0..30).collect::<Vec<_>>(), &CATS).await;
+    fetch(&w, &study).await.unwrap();
+    let mut needles: Vec<String> = w.patients.iter().flat_map(|(_, r)| r.identifiers.clone()).collect();
+    assert!(needles.len() >= 30, "the generator gives every patient identifiers");
+    // Distinctive 40-byte windows of every plaintext research copy.
+    for (_, r) in &w.patients {
+        for plaintext in r.categories.values() {
+            let text = String::from_utf8_lossy(plaintext);
+            let mid = text.len() / 2;
+            if let Some(window) = text.get(mid.saturating_sub(20)..(mid + 20).min(text.len())) {
+                needles.push(window.to_owned());
+            }
+        }
+    }
+    let hits = scan_for(&sandbox.data_dir(), &needles);
+    assert!(hits.is_empty(), "found in the data directory: {:?}", &hits[..hits.len().min(5)]);
+    sandbox.stop().await;
+}
+
+// ------------------------------------------------------------------ lying proxies
+
+/// A proxy that verifies and stores kfrags honestly but returns corrupted cfrags.
+struct Liar(ProxyService);
+
+#[tonic::async_trait]
+impl pb::proxy_server::Proxy for Liar {
+    async fn info(&self, r: Request<pb::ProxyInfoRequest>) -> Result<Response<pb::ProxyInfo>, Status> {
+        self.0.info(r).await
+    }
+    async fn deposit(&self, r: Request<pb::DepositRequest>) -> Result<Response<pb::DepositResponse>, Status> {
+        self.0.deposit(r).await
+    }
+    async fn reencrypt(&self, r: Request<pb::ReencryptRequest>) -> Result<Response<pb::ReencryptResponse>, Status> {
+        let mut reply = self.0.reencrypt(r).await?;
+        for c in &mut reply.get_mut().cfrags {
+            if let Some(b) = c.get_mut(40) {
+                *b ^= 0x5a;
+            }
+        }
+        Ok(reply)
+    }
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothing() {
+    let mut sandbox = Sandbox::start().await;
+    // Replace the embedded proxies with two honest nodes and one liar, all on loopback.
+    let dir = sandbox.dir.path().join("ext");
+    std::fs::remove_dir_all(sandbox.data_dir()).ok();
+    std::fs::create_dir_all(sandbox.data_dir()).unwrap();
+    let broker_id = load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
+    let public = broker_id.public("broker");
+    let honest0 = start_proxy(&dir.join("0"), 0, &public).await.unwrap();
+    let liar_node = Arc::new(ProxyNode::open(&dir.join("1"), Identity::generate(), 1).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = Liar(ProxyService::new(liar_node.clone(), public.verifying_key));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(pb::proxy_server::ProxyServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let honest2 = start_proxy(&dir.join("2"), 2, &public).await.unwrap();
+    let urls = vec![honest0.url.clone(), liar_url.clone(), honest2.url.clone()];
+    sandbox.restart_with(|c| c.proxy_urls = urls).await;
+
+    let w = world(&sandbox, 12, 9).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    let who: Vec<usize> = (0..12).collect();
+    grant(&w, &study, &who, &CATS).await;
+    assert!(liar_node.kfrag_count().unwrap() > 0, "the liar holds kfrags like the others");
+    // The broker discards the liar's fragments and uses the two honest proxies.
+    let got = fetch(&w, &study).await.expect("release despite a lying proxy");
+    assert_eq!(got, expected(&w, &who, &CATS, &Cohort::default()));
+
+    // With one honest proxy down, only one honest fragment per envelope exists: below
+    // the threshold, nothing is released.
+    honest2.stop().await;
+    let got = fetch(&w, &study).await.expect("release completes");
+    assert!(got.is_empty(), "fewer than t honest proxies must release nothing, got {}", got.len());
+    honest0.stop().await;
+    sandbox.stop().await;
+}
