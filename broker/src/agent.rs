@@ -45,11 +45,8 @@ pub struct IngestReport {
 /// Enrolls and uploads one batch of patients (the caller acts for all of them).
 pub async fn ingest_batch(client: &BrokerClient, batch: Vec<(Identity, PatientRecord)>) -> ClientResult<IngestReport> {
     let mut report = IngestReport { patients: batch.len(), ..Default::default() };
-    for (patient, _) in &batch {
-        if client.enroll(patient).await? {
-            report.newly_enrolled += 1;
-        }
-    }
+    let ids: Vec<&Identity> = batch.iter().map(|(p, _)| p).collect();
+    report.newly_enrolled = client.enroll(&ids).await?.into_iter().filter(|c| *c).count();
     let sealed = tokio::task::spawn_blocking(move || {
         batch.par_iter().map(|(p, r)| seal_record(p, r)).collect::<pre_kms::Result<Vec<_>>>()
     })

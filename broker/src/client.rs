@@ -116,19 +116,26 @@ impl BrokerClient {
         Ok(self.registry.clone().list_proxies(self.sign(m::LIST_PROXIES, pb::ListProxiesRequest {})).await?.into_inner())
     }
 
-    /// Enrolls `patient` (signed by the patient; the call by this client's identity).
-    pub async fn enroll(&self, patient: &Identity) -> ClientResult<bool> {
-        let e = Enrollment::of(patient);
-        let req = pb::EnrollRequest {
-            pseudonym: e.pseudonym,
-            verifying_key: e.verifying_key,
-            category_keys: e
-                .category_keys
-                .into_iter()
-                .map(|(c, k)| pb::CategoryKey { category: c.label().to_owned(), public_key: k })
-                .collect(),
-            signature: e.signature,
-        };
+    /// Enrolls patients (each signs its own enrollment; the call is by this client's
+    /// identity). Returns, per patient, whether it was enrolled now.
+    pub async fn enroll(&self, patients: &[&Identity]) -> ClientResult<Vec<bool>> {
+        let patients = patients
+            .iter()
+            .map(|p| {
+                let e = Enrollment::of(p);
+                pb::Enrollment {
+                    pseudonym: e.pseudonym,
+                    verifying_key: e.verifying_key,
+                    category_keys: e
+                        .category_keys
+                        .into_iter()
+                        .map(|(c, k)| pb::CategoryKey { category: c.label().to_owned(), public_key: k })
+                        .collect(),
+                    signature: e.signature,
+                }
+            })
+            .collect();
+        let req = pb::EnrollRequest { patients };
         Ok(self.records.clone().enroll(self.sign(m::ENROLL, req)).await?.into_inner().created)
     }
 

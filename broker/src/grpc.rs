@@ -71,19 +71,25 @@ impl pb::registry_server::Registry for Grpc {
 impl pb::records_server::Records for Grpc {
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = self.0.authorize(&req, m::ENROLL, PATIENT_SIDE)?;
-        let r = req.into_inner();
-        let enrollment = Enrollment {
-            pseudonym: r.pseudonym,
-            verifying_key: r.verifying_key,
-            category_keys: r
-                .category_keys
-                .into_iter()
-                .map(|k| Ok((category_from_pb(&k.category)?, k.public_key)))
-                .collect::<ServiceResult<_>>()?,
-            signature: r.signature,
-        };
+        let enrollments = req
+            .into_inner()
+            .patients
+            .into_iter()
+            .map(|r| {
+                Ok(Enrollment {
+                    pseudonym: r.pseudonym,
+                    verifying_key: r.verifying_key,
+                    category_keys: r
+                        .category_keys
+                        .into_iter()
+                        .map(|k| Ok((category_from_pb(&k.category)?, k.public_key)))
+                        .collect::<ServiceResult<_>>()?,
+                    signature: r.signature,
+                })
+            })
+            .collect::<ServiceResult<Vec<_>>>()?;
         let b = self.0.clone();
-        let created = blocking(move || b.enroll(&caller, enrollment)).await?;
+        let created = blocking(move || b.enroll(&caller, enrollments)).await?;
         Ok(Response::new(pb::EnrollResponse { created }))
     }
 

@@ -1,7 +1,7 @@
 //! Test sandbox: a temporary data directory, a real broker and real proxies on
 //! loopback, and registered clients for each role.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use broker::client::BrokerClient;
 use broker::role::Role;
@@ -67,39 +67,5 @@ impl Sandbox {
     }
 }
 
-/// Every regular file under `dir`, recursively.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("readable dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
-/// The (file, needle) pairs where a needle occurs in a file under `dir`, as raw bytes
-/// and case-insensitively for ASCII.
-pub fn scan_for(dir: &Path, needles: &[String]) -> Vec<(PathBuf, String)> {
-    let needles: Vec<(String, Vec<u8>)> = needles
-        .iter()
-        .filter(|n| n.len() >= 4)
-        .map(|n| (n.clone(), n.to_ascii_lowercase().into_bytes()))
-        .collect();
-    let mut hits = Vec::new();
-    for file in files_under(dir) {
-        let bytes = std::fs::read(&file).expect("readable file").to_ascii_lowercase();
-        for (n, lower) in &needles {
-            if bytes.windows(lower.len()).any(|w| w == lower.as_slice()) {
-                hits.push((file.clone(), n.clone()));
-            }
-        }
-    }
-    hits
-}
+pub mod scan;
+pub use scan::{files_under, scan_for};

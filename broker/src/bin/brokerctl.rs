@@ -278,7 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patient(PatientCmd::Enroll(conn)) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
-            let created = client.enroll(&me).await?;
+            let created = client.enroll(&[&me]).await?.first().copied().unwrap_or(false);
             println!("{} as pseudonym {}", if created { "enrolled" } else { "already enrolled" }, me.pseudonym());
         }
         Command::Patient(PatientCmd::Upload { conn, path }) => {
@@ -287,7 +287,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = datasets::import_path(&path, &DeidConfig::default());
             report_errors(&report.errors);
             let [record] = <[_; 1]>::try_from(report.patients).map_err(|v| anyhow::anyhow!("{} holds {} patients; a patient uploads only their own record", path.display(), v.len()))?;
-            client.enroll(&me).await?;
             let r = agent::ingest_batch(&client, vec![(me, record)]).await?;
             println!("{} envelopes stored, {} unchanged", r.envelopes_stored, r.envelopes_unchanged);
         }

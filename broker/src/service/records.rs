@@ -36,6 +36,16 @@ pub fn enrollment_digest(pseudonym: &str, verifying_key: &[u8], category_keys: &
 }
 
 impl Enrollment {
+    fn check_signature(&self) -> Result<(), &'static str> {
+        let vk = public_key_from_bytes(&self.verifying_key).map_err(|_| "verifying_key is not a public key")?;
+        let digest = enrollment_digest(&self.pseudonym, &self.verifying_key, &self.category_keys);
+        if verify_signature(&vk, &digest, &self.signature) {
+            Ok(())
+        } else {
+            Err("the patient's enrollment signature does not verify")
+        }
+    }
+
     /// Builds and signs the enrollment of a patient identity.
     pub fn of(patient: &pre_kms::Identity) -> Enrollment {
         let verifying_key = pre_kms::keys::public_key_bytes(&patient.verifying_key());
@@ -57,7 +67,50 @@ pub struct Upload {
 }
 
 impl Broker {
-    pub fn enroll(&self, caller: &Caller, e: Enrollment) -> ServiceResult<bool> {
+    /// Enrolls patients in one transaction. Every enrollment is checked first (keys,
+    /// pseudonym, the patient's signature, who may enroll whom); the first refusal names
+    /// its position and nothing is stored. Re-enrolling is idempotent.
+    pub fn enroll(&self, caller: &Caller, enrollments: Vec<Enrollment>) -> ServiceResult<Vec<bool>> {
+        if enrollments.is_empty() {
+            return Err(ServiceError::InvalidArgument("no patients to enroll".into()));
+        }
+        let rows = enrollments
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                self.check_enrollment(caller, e).map_err(|err| match err {
+                    ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("patient {i}: {m}")),
+                    other => other,
+                })
+            })
+            .collect::<ServiceResult<Vec<PatientRow>>>()?;
+        let mut db = self.db();
+        let mut fresh = Vec::with_capacity(rows.len());
+        let mut created = Vec::with_capacity(rows.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            match db.patient(&row.pseudonym)? {
+                Some(existing) if existing.enrolled_by != caller.actor_id => {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "patient {i} was enrolled by another actor"
+                    )));
+                }
+                Some(existing) if existing.category_keys != row.category_keys => {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "patient {i} is enrolled with other keys"
+                    )));
+                }
+                Some(_) => created.push(false),
+                None => {
+                    created.push(true);
+                    fresh.push(row);
+                }
+            }
+        }
+        db.enroll_all(&fresh, now_secs())?;
+        Ok(created)
+    }
+
+    fn check_enrollment(&self, caller: &Caller, e: Enrollment) -> ServiceResult<PatientRow> {
         let vk = public_key_from_bytes(&e.verifying_key)
             .map_err(|_| ServiceError::InvalidArgument("verifying_key is not a public key".into()))?;
         if pseudonym(&vk) != e.pseudonym {
@@ -74,29 +127,16 @@ impl Broker {
         if let Some(missing) = Category::ALL.iter().find(|c| !keys.contains_key(c)) {
             return Err(ServiceError::InvalidArgument(format!("the {missing} key is missing")));
         }
-        if !verify_signature(&vk, &enrollment_digest(&e.pseudonym, &e.verifying_key, &e.category_keys), &e.signature) {
-            return Err(ServiceError::InvalidArgument("the patient's enrollment signature does not verify".into()));
-        }
+        e.check_signature().map_err(|m| ServiceError::InvalidArgument(m.into()))?;
         if caller.role == Role::Patient && caller.actor_id != pre_kms::keys::actor_id(&vk) {
             return Err(ServiceError::PermissionDenied("a patient may enroll only their own key".into()));
         }
-        let mut db = self.db();
-        if let Some(existing) = db.patient(&e.pseudonym)? {
-            if existing.enrolled_by != caller.actor_id {
-                return Err(ServiceError::PermissionDenied("this patient was enrolled by another actor".into()));
-            }
-            if existing.category_keys != keys {
-                return Err(ServiceError::FailedPrecondition("this patient is enrolled with other keys".into()));
-            }
-            return Ok(false);
-        }
-        let row = PatientRow {
+        Ok(PatientRow {
             pseudonym: e.pseudonym,
             verifying_key: e.verifying_key,
             enrolled_by: caller.actor_id.clone(),
             category_keys: keys,
-        };
-        Ok(db.enroll(&row, now_secs())?)
+        })
     }
 
     /// Checks that the caller may act for every patient named.

@@ -218,22 +218,24 @@ impl Db {
 
     // ------------------------------------------------------------ patients and records
 
-    /// Enrolls a patient; returns false if the pseudonym was already enrolled with the
-    /// same keys (idempotent).
-    pub fn enroll(&mut self, p: &PatientRow, now: i64) -> DbResult<bool> {
+    /// Enrolls new patients in one transaction.
+    pub fn enroll_all(&mut self, patients: &[PatientRow], now: i64) -> DbResult<()> {
         let tx = self.conn.transaction()?;
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO patients (pseudonym, verifying_key, enrolled_by, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![p.pseudonym, p.verifying_key, p.enrolled_by, now],
-        )?;
-        for (c, key) in &p.category_keys {
-            tx.execute(
-                "INSERT OR IGNORE INTO patient_keys (pseudonym, category, public_key) VALUES (?1, ?2, ?3)",
-                params![p.pseudonym, c.label(), key],
+        {
+            let mut patient = tx.prepare_cached(
+                "INSERT OR IGNORE INTO patients (pseudonym, verifying_key, enrolled_by, created_at) VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut key = tx.prepare_cached(
+                "INSERT OR IGNORE INTO patient_keys (pseudonym, category, public_key) VALUES (?1, ?2, ?3)",
+            )?;
+            for p in patients {
+                patient.execute(params![p.pseudonym, p.verifying_key, p.enrolled_by, now])?;
+                for (c, k) in &p.category_keys {
+                    key.execute(params![p.pseudonym, c.label(), k])?;
+                }
+            }
         }
-        tx.commit()?;
-        Ok(n == 1)
+        tx.commit()
     }
 
     pub fn patient(&self, pseudonym: &str) -> DbResult<Option<PatientRow>> {

@@ -1,0 +1,207 @@
+//! The whole flow as a user runs it: `broker serve` as a process, every role through
+//! `brokerctl`, on the Synthea FHIR bundles in ../shared/data. Also: a re-import is
+//! idempotent, the data directory holds no identifier, a killed server restarts with
+//! nothing lost, and bad input and wrong roles get clear errors.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[path = "../../tests/src/scan.rs"]
+mod scan;
+
+const BROKER: &str = env!("CARGO_BIN_EXE_broker");
+const BROKERCTL: &str = env!("CARGO_BIN_EXE_brokerctl");
+
+fn synthea() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/synthea-ma-11/fhir")
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `broker serve` on a free loopback port and waits until it says where it listens.
+fn serve(data: &Path, operator_pub: &Path) -> Server {
+    let mut child = Command::new(BROKER)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--operator")
+        .arg(operator_pub)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("broker starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("broker listening on ") {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(60)).expect("broker announces its address");
+    Server { child, url }
+}
+
+struct Ctl<'a> {
+    url: &'a str,
+}
+
+impl Ctl<'_> {
+    fn run(&self, key: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(BROKERCTL)
+            .args(args)
+            .args(["--broker", self.url, "--key"])
+            .arg(key)
+            .output()
+            .expect("brokerctl runs")
+    }
+
+    fn ok(&self, key: &Path, args: &[&str]) -> String {
+        let out = self.run(key, args);
+        assert!(out.status.success(), "brokerctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, key: &Path, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(key, &a)).expect("json output")
+    }
+
+    fn fails(&self, key: &Path, args: &[&str]) -> String {
+        let out = self.run(key, args);
+        assert!(!out.status.success(), "brokerctl {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+fn keygen(dir: &Path, role: &str) -> PathBuf {
+    let key = dir.join(format!("{role}.key"));
+    let out = Command::new(BROKERCTL).args(["keygen", "--role", role, "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    key
+}
+
+fn public(key: &Path) -> String {
+    format!("{}.pub", key.display())
+}
+
+fn fetched_hashes(out: &Path) -> BTreeSet<String> {
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(out.join(f["file"].as_str().unwrap())).unwrap();
+            let bundle: serde_json::Value = serde_json::from_slice(&bytes).expect("decrypted records are JSON");
+            assert_eq!(bundle["resourceType"], "Bundle");
+            blake3::hash(&bytes).to_hex().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn every_role_through_brokerctl_on_synthea_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let operator = keygen(d, "operator");
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    let keystore = d.join("custodian-keystore.db");
+    let keystore = keystore.to_str().unwrap();
+
+    let server = serve(&data, Path::new(&public(&operator)));
+    let ctl = Ctl { url: &server.url };
+    for (key, role) in [(&custodian, "custodian"), (&sponsor, "sponsor"), (&board, "board"), (&researcher, "researcher")] {
+        ctl.ok(&operator, &["operator", "register", "--public-key", &public(key), "--role", role, "--name", role]);
+    }
+    let who = ctl.json(&researcher, &["whoami"]);
+    assert_eq!(who["name"], "researcher");
+
+    // Import as the custodian; a second import stores nothing new.
+    let src = synthea();
+    let src = src.to_str().unwrap();
+    let first = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    assert_eq!(first["patients"], 10, "{first}");
+    assert_eq!(first["errors"], 0, "{first}");
+    assert!(first["envelopes_stored"].as_u64().unwrap() >= 40, "{first}");
+    let second = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    assert_eq!(second["envelopes_stored"], 0, "re-import is idempotent: {second}");
+    assert_eq!(second["envelopes_unchanged"], first["envelopes_stored"]);
+    assert_eq!(second["new_keys"], 0);
+
+    // Study: proposed, approved, granted, fetched and decrypted.
+    let categories = "demographics,conditions,observations,medications";
+    let study = ctl.json(&sponsor, &["sponsor", "study", "propose", "--title", "Synthea cohort", "--categories", categories,
+        "--researcher-key", &public(&researcher)]);
+    let study_id = study["study_id"].as_str().unwrap().to_owned();
+    let denied = ctl.fails(&sponsor, &["board", "study", "approve", &study_id]);
+    assert!(denied.contains("permission denied"), "{denied}");
+    ctl.ok(&board, &["board", "study", "approve", &study_id, "--reason", "IRB-42"]);
+    let listed = ctl.json(&board, &["board", "study", "list"]);
+    assert_eq!(listed[0]["status"], "approved");
+    let granted = ctl.json(&custodian, &["custodian", "grant", "--study", &study_id, "--keystore", keystore]);
+    assert_eq!(granted["grants"], 10);
+    let out = d.join("release");
+    let fetched = ctl.json(&researcher, &["researcher", "fetch", "--study", &study_id, "--out", out.to_str().unwrap()]);
+    assert_eq!(fetched["subjects"], 10, "{fetched}");
+
+    // What was decrypted is exactly the research copy the importer made.
+    let report = datasets::import_path(&synthea(), &datasets::DeidConfig::default());
+    let want: BTreeSet<String> = report
+        .patients
+        .iter()
+        .flat_map(|p| p.categories.iter())
+        .filter(|(c, _)| categories.split(',').any(|x| x == c.label()))
+        .map(|(_, bytes)| blake3::hash(bytes).to_hex().to_string())
+        .collect();
+    let got = fetched_hashes(&out);
+    assert_eq!(got, want);
+
+    // No name, street address or identifier anywhere in the broker's data directory.
+    let needles: Vec<String> = report.patients.iter().flat_map(|p| p.identifiers.clone()).filter(|s| s.len() >= 4).collect();
+    assert!(needles.len() >= 30, "identifiers to look for: {}", needles.len());
+    let hits = scan::scan_for(&data, &needles);
+    assert!(hits.is_empty(), "found in the data directory: {hits:?}");
+
+    // Crash (SIGKILL) and restart on the same data directory: the release still works.
+    drop(server);
+    let server = serve(&data, Path::new(&public(&operator)));
+    let ctl = Ctl { url: &server.url };
+    let out2 = d.join("release-after-restart");
+    let again = ctl.json(&researcher, &["researcher", "fetch", "--study", &study_id, "--out", out2.to_str().unwrap()]);
+    assert_eq!(again["subjects"], 10);
+    assert_eq!(fetched_hashes(&out2), want);
+
+    // Bad input gets a clear error.
+    let garbage = d.join("garbage.key");
+    std::fs::write(&garbage, "not a key").unwrap();
+    let err = ctl.fails(&garbage, &["whoami"]);
+    assert!(err.contains("not a pre-kms secret key file"), "{err}");
+    let err = ctl.fails(Path::new(&public(&researcher)), &["whoami"]);
+    assert!(err.contains("public key file"), "{err}");
+    let stranger = keygen(d, "patient");
+    let err = ctl.fails(&stranger, &["whoami"]);
+    assert!(err.contains("not registered"), "{err}");
+    let err = ctl.fails(&researcher, &["researcher", "fetch", "--study", "st-nope", "--out", d.join("x").to_str().unwrap()]);
+    assert!(err.contains("not found"), "{err}");
+}
