@@ -6,8 +6,8 @@ use broker_proto::v1 as pb;
 use datasets::PatientRecord;
 use pre_kms::grant::{self, GrantPlan};
 use pre_kms::keys::public_key_from_bytes;
-use pre_kms::reencrypt::{decrypt_released, ReleasedEnvelope};
-use pre_kms::{envelope, Category, Identity};
+use pre_kms::reencrypt::{ReleasedEnvelope, decrypt_released};
+use pre_kms::{Category, Identity, envelope};
 use rayon::prelude::*;
 use tokio_stream::StreamExt;
 
@@ -16,7 +16,10 @@ use crate::convert::index_to_pb;
 
 /// Seals each category of a record to the patient's category key, with its content tag,
 /// and converts its index rows.
-pub fn seal_record(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<(Vec<pb::Envelope>, pb::IndexRows)> {
+pub fn seal_record(
+    patient: &Identity,
+    record: &PatientRecord,
+) -> pre_kms::Result<(Vec<pb::Envelope>, pb::IndexRows)> {
     let pseudonym = patient.pseudonym();
     let envelopes = record
         .categories
@@ -43,12 +46,26 @@ pub struct IngestReport {
 }
 
 /// Enrolls and uploads one batch of patients (the caller acts for all of them).
-pub async fn ingest_batch(client: &BrokerClient, batch: Vec<(Identity, PatientRecord)>) -> ClientResult<IngestReport> {
-    let mut report = IngestReport { patients: batch.len(), ..Default::default() };
+pub async fn ingest_batch(
+    client: &BrokerClient,
+    batch: Vec<(Identity, PatientRecord)>,
+) -> ClientResult<IngestReport> {
+    let mut report = IngestReport {
+        patients: batch.len(),
+        ..Default::default()
+    };
     let ids: Vec<&Identity> = batch.iter().map(|(p, _)| p).collect();
-    report.newly_enrolled = client.enroll(&ids).await?.into_iter().filter(|c| *c).count();
+    report.newly_enrolled = client
+        .enroll(&ids)
+        .await?
+        .into_iter()
+        .filter(|c| *c)
+        .count();
     let sealed = tokio::task::spawn_blocking(move || {
-        batch.par_iter().map(|(p, r)| seal_record(p, r)).collect::<pre_kms::Result<Vec<_>>>()
+        batch
+            .par_iter()
+            .map(|(p, r)| seal_record(p, r))
+            .collect::<pre_kms::Result<Vec<_>>>()
     })
     .await
     .map_err(|e| ClientError::Invalid(e.to_string()))??;
@@ -84,14 +101,20 @@ impl IngestReport {
 /// has (intersected with `allowed`), expiring with the study.
 pub async fn grant_plan(client: &BrokerClient, study: &pb::Study) -> ClientResult<GrantPlan> {
     let proxies = client.list_proxies().await?;
-    let proposal = study.proposal.clone().ok_or_else(|| ClientError::Invalid("study without proposal".into()))?;
+    let proposal = study
+        .proposal
+        .clone()
+        .ok_or_else(|| ClientError::Invalid("study without proposal".into()))?;
     Ok(GrantPlan {
         study_id: study.study_id.clone(),
         receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
         categories: proposal
             .categories
             .iter()
-            .map(|c| c.parse::<Category>().map_err(|e| ClientError::Invalid(e.to_string())))
+            .map(|c| {
+                c.parse::<Category>()
+                    .map_err(|e| ClientError::Invalid(e.to_string()))
+            })
             .collect::<ClientResult<_>>()?,
         threshold: proxies.threshold as usize,
         expires_at: proposal.not_after,
@@ -104,14 +127,31 @@ pub async fn grant_plan(client: &BrokerClient, study: &pb::Study) -> ClientResul
 }
 
 /// Issues grants for a batch of patients: each grants the plan's categories it has data in.
-pub async fn grant_batch(client: &BrokerClient, plan: &GrantPlan, patients: Vec<(Identity, Vec<Category>)>) -> ClientResult<usize> {
+pub async fn grant_batch(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    patients: Vec<(Identity, Vec<Category>)>,
+) -> ClientResult<usize> {
     let plan = plan.clone();
     let grants = tokio::task::spawn_blocking(move || {
         patients
             .par_iter()
             .filter_map(|(patient, has)| {
-                let categories: Vec<Category> = plan.categories.iter().copied().filter(|c| has.contains(c)).collect();
-                (!categories.is_empty()).then(|| grant::issue(patient, &GrantPlan { categories, ..plan.clone() }))
+                let categories: Vec<Category> = plan
+                    .categories
+                    .iter()
+                    .copied()
+                    .filter(|c| has.contains(c))
+                    .collect();
+                (!categories.is_empty()).then(|| {
+                    grant::issue(
+                        patient,
+                        &GrantPlan {
+                            categories,
+                            ..plan.clone()
+                        },
+                    )
+                })
             })
             .collect::<pre_kms::Result<Vec<_>>>()
     })
@@ -152,7 +192,10 @@ pub async fn fetch_and_decrypt(
     let release = client.request_release(study_id).await?;
     let threshold = release.threshold as usize;
     let mut stream = client.fetch_release(&release.release_id).await?;
-    let mut report = FetchReport { release: release.clone(), ..Default::default() };
+    let mut report = FetchReport {
+        release: release.clone(),
+        ..Default::default()
+    };
     let mut pending = Vec::with_capacity(64);
     loop {
         let next = stream.next().await;
@@ -167,9 +210,11 @@ pub async fn fetch_and_decrypt(
                 batch
                     .into_par_iter()
                     .map(|item| {
-                        let category: Category = item.category.parse().map_err(|e: pre_kms::category::UnknownCategory| {
-                            ClientError::Invalid(e.to_string())
-                        })?;
+                        let category: Category = item.category.parse().map_err(
+                            |e: pre_kms::category::UnknownCategory| {
+                                ClientError::Invalid(e.to_string())
+                            },
+                        )?;
                         let released = ReleasedEnvelope {
                             sealed: item.sealed,
                             delegating_key: public_key_from_bytes(&item.delegating_key)?,
@@ -177,7 +222,12 @@ pub async fn fetch_and_decrypt(
                             cfrags: item.cfrags,
                         };
                         let plaintext = decrypt_released(&researcher, &released, threshold)?;
-                        Ok(DecryptedRecord { subject: item.subject, category, version: item.version, plaintext })
+                        Ok(DecryptedRecord {
+                            subject: item.subject,
+                            category,
+                            version: item.version,
+                            plaintext,
+                        })
                     })
                     .collect::<ClientResult<Vec<_>>>()
             })
@@ -186,7 +236,9 @@ pub async fn fetch_and_decrypt(
             for record in decrypted {
                 report.records += 1;
                 report.bytes += record.plaintext.len();
-                sink(record).map_err(|e| ClientError::Invalid(format!("cannot write a decrypted record: {e}")))?;
+                sink(record).map_err(|e| {
+                    ClientError::Invalid(format!("cannot write a decrypted record: {e}"))
+                })?;
             }
         }
         if done {

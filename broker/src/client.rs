@@ -2,16 +2,16 @@
 //! [`pre_kms::request_auth`]). Used by `brokerctl`, the demo, benches and tests.
 
 use broker_proto::v1 as pb;
+use pre_kms::Identity;
 use pre_kms::grant::Grant;
 use pre_kms::request_auth::signed;
-use pre_kms::Identity;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::convert::{grant_to_pb, proposal_to_pb, role_to_pb};
 use crate::methods as m;
 use crate::role::Role;
 use crate::service::Enrollment;
-use crate::study::{decision_digest, StudyProposal};
+use crate::study::{StudyProposal, decision_digest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,7 +54,10 @@ pub struct BrokerClient {
 
 impl BrokerClient {
     pub async fn connect(url: &str, identity: Identity) -> ClientResult<BrokerClient> {
-        let connect_err = |reason: String| ClientError::Connect { url: url.to_owned(), reason };
+        let connect_err = |reason: String| ClientError::Connect {
+            url: url.to_owned(),
+            reason,
+        };
         let channel = Endpoint::from_shared(url.to_owned())
             .map_err(|e| connect_err(e.to_string()))?
             .connect_timeout(std::time::Duration::from_secs(10))
@@ -87,33 +90,63 @@ impl BrokerClient {
 
     /// The same connection, signing as another identity (a custodian's patients).
     pub fn with_identity(&self, identity: Identity) -> BrokerClient {
-        BrokerClient { identity, ..self.clone() }
+        BrokerClient {
+            identity,
+            ..self.clone()
+        }
     }
 
     fn sign<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
         signed(&self.identity, method, message)
     }
 
-    pub async fn register_actor(&self, role: Role, name: &str, organisation: &str, verifying_key: Vec<u8>) -> ClientResult<pb::Actor> {
+    pub async fn register_actor(
+        &self,
+        role: Role,
+        name: &str,
+        organisation: &str,
+        verifying_key: Vec<u8>,
+    ) -> ClientResult<pb::Actor> {
         let req = pb::RegisterActorRequest {
             role: role_to_pb(role) as i32,
             name: name.to_owned(),
             organisation: organisation.to_owned(),
             verifying_key,
         };
-        Ok(self.registry.clone().register_actor(self.sign(m::REGISTER_ACTOR, req)).await?.into_inner())
+        Ok(self
+            .registry
+            .clone()
+            .register_actor(self.sign(m::REGISTER_ACTOR, req))
+            .await?
+            .into_inner())
     }
 
     pub async fn list_actors(&self) -> ClientResult<Vec<pb::Actor>> {
-        Ok(self.registry.clone().list_actors(self.sign(m::LIST_ACTORS, pb::ListActorsRequest {})).await?.into_inner().actors)
+        Ok(self
+            .registry
+            .clone()
+            .list_actors(self.sign(m::LIST_ACTORS, pb::ListActorsRequest {}))
+            .await?
+            .into_inner()
+            .actors)
     }
 
     pub async fn whoami(&self) -> ClientResult<pb::Actor> {
-        Ok(self.registry.clone().whoami(self.sign(m::WHOAMI, pb::WhoamiRequest {})).await?.into_inner())
+        Ok(self
+            .registry
+            .clone()
+            .whoami(self.sign(m::WHOAMI, pb::WhoamiRequest {}))
+            .await?
+            .into_inner())
     }
 
     pub async fn list_proxies(&self) -> ClientResult<pb::ListProxiesResponse> {
-        Ok(self.registry.clone().list_proxies(self.sign(m::LIST_PROXIES, pb::ListProxiesRequest {})).await?.into_inner())
+        Ok(self
+            .registry
+            .clone()
+            .list_proxies(self.sign(m::LIST_PROXIES, pb::ListProxiesRequest {}))
+            .await?
+            .into_inner())
     }
 
     /// Enrolls patients (each signs its own enrollment; the call is by this client's
@@ -129,55 +162,133 @@ impl BrokerClient {
                     category_keys: e
                         .category_keys
                         .into_iter()
-                        .map(|(c, k)| pb::CategoryKey { category: c.label().to_owned(), public_key: k })
+                        .map(|(c, k)| pb::CategoryKey {
+                            category: c.label().to_owned(),
+                            public_key: k,
+                        })
                         .collect(),
                     signature: e.signature,
                 }
             })
             .collect();
         let req = pb::EnrollRequest { patients };
-        Ok(self.records.clone().enroll(self.sign(m::ENROLL, req)).await?.into_inner().created)
+        Ok(self
+            .records
+            .clone()
+            .enroll(self.sign(m::ENROLL, req))
+            .await?
+            .into_inner()
+            .created)
     }
 
-    pub async fn upload(&self, envelopes: Vec<pb::Envelope>, index: Vec<pb::IndexRows>) -> ClientResult<pb::UploadResponse> {
+    pub async fn upload(
+        &self,
+        envelopes: Vec<pb::Envelope>,
+        index: Vec<pb::IndexRows>,
+    ) -> ClientResult<pb::UploadResponse> {
         let req = pb::UploadRequest { envelopes, index };
-        Ok(self.records.clone().upload(self.sign(m::UPLOAD, req)).await?.into_inner())
+        Ok(self
+            .records
+            .clone()
+            .upload(self.sign(m::UPLOAD, req))
+            .await?
+            .into_inner())
     }
 
     pub async fn propose_study(&self, proposal: &StudyProposal) -> ClientResult<pb::Study> {
-        Ok(self.studies.clone().propose(self.sign(m::PROPOSE, proposal_to_pb(proposal))).await?.into_inner())
+        Ok(self
+            .studies
+            .clone()
+            .propose(self.sign(m::PROPOSE, proposal_to_pb(proposal)))
+            .await?
+            .into_inner())
     }
 
     /// Approves or rejects, signing the study's full proposal and the decision.
-    pub async fn decide_study(&self, study_id: &str, approve: bool, reason: &str) -> ClientResult<pb::Study> {
+    pub async fn decide_study(
+        &self,
+        study_id: &str,
+        approve: bool,
+        reason: &str,
+    ) -> ClientResult<pb::Study> {
         let study = crate::convert::study_from_pb(self.get_study(study_id).await?)
             .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let signature = self.identity.sign(&decision_digest(study_id, &study.proposal, approve));
-        let req = pb::DecideStudyRequest { study_id: study_id.to_owned(), approve, reason: reason.to_owned(), signature };
-        Ok(self.studies.clone().decide(self.sign(m::DECIDE, req)).await?.into_inner())
+        let signature = self
+            .identity
+            .sign(&decision_digest(study_id, &study.proposal, approve));
+        let req = pb::DecideStudyRequest {
+            study_id: study_id.to_owned(),
+            approve,
+            reason: reason.to_owned(),
+            signature,
+        };
+        Ok(self
+            .studies
+            .clone()
+            .decide(self.sign(m::DECIDE, req))
+            .await?
+            .into_inner())
     }
 
     pub async fn list_studies(&self) -> ClientResult<Vec<pb::Study>> {
-        Ok(self.studies.clone().list(self.sign(m::LIST_STUDIES, pb::ListStudiesRequest {})).await?.into_inner().studies)
+        Ok(self
+            .studies
+            .clone()
+            .list(self.sign(m::LIST_STUDIES, pb::ListStudiesRequest {}))
+            .await?
+            .into_inner()
+            .studies)
     }
 
     pub async fn get_study(&self, study_id: &str) -> ClientResult<pb::Study> {
-        let req = pb::GetStudyRequest { study_id: study_id.to_owned() };
-        Ok(self.studies.clone().get(self.sign(m::GET_STUDY, req)).await?.into_inner())
+        let req = pb::GetStudyRequest {
+            study_id: study_id.to_owned(),
+        };
+        Ok(self
+            .studies
+            .clone()
+            .get(self.sign(m::GET_STUDY, req))
+            .await?
+            .into_inner())
     }
 
     pub async fn issue_grants(&self, grants: Vec<Grant>) -> ClientResult<Vec<String>> {
-        let req = pb::IssueGrantsRequest { grants: grants.into_iter().map(grant_to_pb).collect() };
-        Ok(self.grants.clone().issue(self.sign(m::ISSUE_GRANTS, req)).await?.into_inner().grant_ids)
+        let req = pb::IssueGrantsRequest {
+            grants: grants.into_iter().map(grant_to_pb).collect(),
+        };
+        Ok(self
+            .grants
+            .clone()
+            .issue(self.sign(m::ISSUE_GRANTS, req))
+            .await?
+            .into_inner()
+            .grant_ids)
     }
 
     pub async fn request_release(&self, study_id: &str) -> ClientResult<pb::Release> {
-        let req = pb::RequestReleaseRequest { study_id: study_id.to_owned() };
-        Ok(self.releases.clone().request(self.sign(m::REQUEST_RELEASE, req)).await?.into_inner())
+        let req = pb::RequestReleaseRequest {
+            study_id: study_id.to_owned(),
+        };
+        Ok(self
+            .releases
+            .clone()
+            .request(self.sign(m::REQUEST_RELEASE, req))
+            .await?
+            .into_inner())
     }
 
-    pub async fn fetch_release(&self, release_id: &str) -> ClientResult<tonic::Streaming<pb::ReleaseItem>> {
-        let req = pb::FetchReleaseRequest { release_id: release_id.to_owned() };
-        Ok(self.releases.clone().fetch(self.sign(m::FETCH_RELEASE, req)).await?.into_inner())
+    pub async fn fetch_release(
+        &self,
+        release_id: &str,
+    ) -> ClientResult<tonic::Streaming<pb::ReleaseItem>> {
+        let req = pb::FetchReleaseRequest {
+            release_id: release_id.to_owned(),
+        };
+        Ok(self
+            .releases
+            .clone()
+            .fetch(self.sign(m::FETCH_RELEASE, req))
+            .await?
+            .into_inner())
     }
 }

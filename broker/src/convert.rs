@@ -2,15 +2,19 @@
 
 use broker_proto::v1 as pb;
 use cohort_query::{CodedEvent, Cohort, PatientIndex, Person};
-use pre_kms::grant::{Grant, GrantCategory};
 use pre_kms::Category;
+use pre_kms::grant::{Grant, GrantCategory};
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::{Actor, Role};
 use crate::study::{Study, StudyProposal, StudyStatus};
 
 fn category(label: &str) -> ServiceResult<Category> {
-    label.parse().map_err(|e: pre_kms::category::UnknownCategory| ServiceError::InvalidArgument(e.to_string()))
+    label
+        .parse()
+        .map_err(|e: pre_kms::category::UnknownCategory| {
+            ServiceError::InvalidArgument(e.to_string())
+        })
 }
 
 pub fn role_to_pb(r: Role) -> pb::Role {
@@ -26,16 +30,20 @@ pub fn role_to_pb(r: Role) -> pb::Role {
 }
 
 pub fn role_from_pb(r: i32) -> ServiceResult<Role> {
-    Ok(match pb::Role::try_from(r).unwrap_or(pb::Role::Unspecified) {
-        pb::Role::Patient => Role::Patient,
-        pb::Role::Custodian => Role::Custodian,
-        pb::Role::Sponsor => Role::Sponsor,
-        pb::Role::Researcher => Role::Researcher,
-        pb::Role::Board => Role::Board,
-        pb::Role::Clinician => Role::Clinician,
-        pb::Role::Operator => Role::Operator,
-        pb::Role::Unspecified => return Err(ServiceError::InvalidArgument("a role is required".into())),
-    })
+    Ok(
+        match pb::Role::try_from(r).unwrap_or(pb::Role::Unspecified) {
+            pb::Role::Patient => Role::Patient,
+            pb::Role::Custodian => Role::Custodian,
+            pb::Role::Sponsor => Role::Sponsor,
+            pb::Role::Researcher => Role::Researcher,
+            pb::Role::Board => Role::Board,
+            pb::Role::Clinician => Role::Clinician,
+            pb::Role::Operator => Role::Operator,
+            pb::Role::Unspecified => {
+                return Err(ServiceError::InvalidArgument("a role is required".into()));
+            }
+        },
+    )
 }
 
 pub fn actor_to_pb(a: Actor) -> pb::Actor {
@@ -59,17 +67,32 @@ pub fn actor_from_pb(a: pb::Actor) -> ServiceResult<Actor> {
 }
 
 fn event_to_pb(e: CodedEvent) -> pb::CodedEvent {
-    pb::CodedEvent { system: e.system, code: e.code, date: e.date, value: e.value, unit: e.unit }
+    pb::CodedEvent {
+        system: e.system,
+        code: e.code,
+        date: e.date,
+        value: e.value,
+        unit: e.unit,
+    }
 }
 
 fn event_from_pb(e: pb::CodedEvent) -> CodedEvent {
-    CodedEvent { system: e.system, code: e.code, date: e.date, value: e.value, unit: e.unit }
+    CodedEvent {
+        system: e.system,
+        code: e.code,
+        date: e.date,
+        value: e.value,
+        unit: e.unit,
+    }
 }
 
 pub fn index_to_pb(pseudonym: String, i: PatientIndex) -> pb::IndexRows {
     pb::IndexRows {
         pseudonym,
-        person: Some(pb::Person { birth_year: i.person.birth_year.unwrap_or(0), sex: i.person.sex }),
+        person: Some(pb::Person {
+            birth_year: i.person.birth_year.unwrap_or(0),
+            sex: i.person.sex,
+        }),
         conditions: i.conditions.into_iter().map(event_to_pb).collect(),
         measurements: i.measurements.into_iter().map(event_to_pb).collect(),
         drugs: i.drugs.into_iter().map(event_to_pb).collect(),
@@ -82,7 +105,10 @@ pub fn index_from_pb(r: pb::IndexRows) -> (String, PatientIndex) {
     (
         r.pseudonym,
         PatientIndex {
-            person: Person { birth_year: (person.birth_year != 0).then_some(person.birth_year), sex: person.sex },
+            person: Person {
+                birth_year: (person.birth_year != 0).then_some(person.birth_year),
+                sex: person.sex,
+            },
             conditions: r.conditions.into_iter().map(event_from_pb).collect(),
             measurements: r.measurements.into_iter().map(event_from_pb).collect(),
             drugs: r.drugs.into_iter().map(event_from_pb).collect(),
@@ -126,7 +152,11 @@ pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
     Ok(StudyProposal {
         title: p.title,
         purpose: p.purpose,
-        categories: p.categories.iter().map(|c| category(c)).collect::<ServiceResult<_>>()?,
+        categories: p
+            .categories
+            .iter()
+            .map(|c| category(c))
+            .collect::<ServiceResult<_>>()?,
         researcher_id: p.researcher_id,
         receiving_key: p.receiving_key,
         not_before: p.not_before,
@@ -165,7 +195,10 @@ pub fn study_from_pb(s: pb::Study) -> ServiceResult<Study> {
     };
     Ok(Study {
         study_id: s.study_id,
-        proposal: proposal_from_pb(s.proposal.ok_or_else(|| ServiceError::InvalidArgument("study without proposal".into()))?)?,
+        proposal: proposal_from_pb(
+            s.proposal
+                .ok_or_else(|| ServiceError::InvalidArgument("study without proposal".into()))?,
+        )?,
         sponsor_id: s.sponsor_id,
         status,
         board_id: s.board_id,
@@ -185,7 +218,10 @@ pub fn grant_to_pb(g: Grant) -> pb::Grant {
         categories: g
             .categories
             .into_iter()
-            .map(|c| pb::GrantCategory { category: c.category.label().to_owned(), sealed_kfrags: c.sealed_kfrags })
+            .map(|c| pb::GrantCategory {
+                category: c.category.label().to_owned(),
+                sealed_kfrags: c.sealed_kfrags,
+            })
             .collect(),
         signature: g.signature,
     }
@@ -200,7 +236,12 @@ pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
         categories: g
             .categories
             .into_iter()
-            .map(|c| Ok(GrantCategory { category: category(&c.category)?, sealed_kfrags: c.sealed_kfrags }))
+            .map(|c| {
+                Ok(GrantCategory {
+                    category: category(&c.category)?,
+                    sealed_kfrags: c.sealed_kfrags,
+                })
+            })
             .collect::<ServiceResult<_>>()?,
         signature: g.signature,
     })

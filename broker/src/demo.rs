@@ -32,8 +32,12 @@ pub struct DemoConfig {
 }
 
 /// The demo study: adults born 1930–1975 with hypertension, four categories.
-pub const DEMO_CATEGORIES: [Category; 4] =
-    [Category::Demographics, Category::Conditions, Category::Observations, Category::Medications];
+pub const DEMO_CATEGORIES: [Category; 4] = [
+    Category::Demographics,
+    Category::Conditions,
+    Category::Observations,
+    Category::Medications,
+];
 
 pub fn demo_cohort() -> Cohort {
     Cohort {
@@ -62,16 +66,46 @@ pub struct DemoSummary {
 impl std::fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
-        writeln!(f, "patients ingested    {:>8}  ({} envelopes, {:.1} MiB sealed)", self.patients, self.envelopes, self.envelope_bytes as f64 / (1 << 20) as f64)?;
-        writeln!(f, "ingest               {:>8.2} s  {:>9.0} envelopes/s  {:>8.0} patients/s", self.ingest.as_secs_f64(), rate(self.envelopes, self.ingest), rate(self.patients, self.ingest))?;
-        writeln!(f, "grants issued        {:>8}  in {:.2} s  ({:.0} grants/s)", self.grants, self.grant_time.as_secs_f64(), rate(self.grants, self.grant_time))?;
-        writeln!(f, "release              {:>8} subjects, {} envelopes re-encrypted, verified and decrypted", self.subjects, self.released)?;
-        writeln!(f, "release throughput   {:>8.2} s  {:>9.0} envelopes/s", self.release_time.as_secs_f64(), rate(self.released, self.release_time))?;
+        writeln!(
+            f,
+            "patients ingested    {:>8}  ({} envelopes, {:.1} MiB sealed)",
+            self.patients,
+            self.envelopes,
+            self.envelope_bytes as f64 / (1 << 20) as f64
+        )?;
+        writeln!(
+            f,
+            "ingest               {:>8.2} s  {:>9.0} envelopes/s  {:>8.0} patients/s",
+            self.ingest.as_secs_f64(),
+            rate(self.envelopes, self.ingest),
+            rate(self.patients, self.ingest)
+        )?;
+        writeln!(
+            f,
+            "grants issued        {:>8}  in {:.2} s  ({:.0} grants/s)",
+            self.grants,
+            self.grant_time.as_secs_f64(),
+            rate(self.grants, self.grant_time)
+        )?;
+        writeln!(
+            f,
+            "release              {:>8} subjects, {} envelopes re-encrypted, verified and decrypted",
+            self.subjects, self.released
+        )?;
+        writeln!(
+            f,
+            "release throughput   {:>8.2} s  {:>9.0} envelopes/s",
+            self.release_time.as_secs_f64(),
+            rate(self.released, self.release_time)
+        )?;
         write!(
             f,
             "check                {}",
             if self.verified {
-                format!("OK: all {} decrypted records equal the originals, none missing, none extra", self.expected)
+                format!(
+                    "OK: all {} decrypted records equal the originals, none missing, none extra",
+                    self.expected
+                )
             } else {
                 "FAILED".to_owned()
             }
@@ -96,7 +130,10 @@ fn bar(show: bool, len: usize, what: &str) -> ProgressBar {
 pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     anyhow::ensure!(cfg.patients > 0, "--patients must be at least 1");
     if cfg.data_dir.exists() && std::fs::read_dir(&cfg.data_dir)?.next().is_some() {
-        anyhow::bail!("{} is not empty; the demo needs a new or empty data directory", cfg.data_dir.display());
+        anyhow::bail!(
+            "{} is not empty; the demo needs a new or empty data directory",
+            cfg.data_dir.display()
+        );
     }
     let broker_dir = cfg.data_dir.join("broker");
     let custodian_dir = cfg.data_dir.join("custodian");
@@ -108,7 +145,11 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let running = server::start(listener, config, std::future::pending()).await?;
     let url = running.url();
-    eprintln!("broker on {url} with {} proxies on loopback; data in {}", running.proxies.len(), cfg.data_dir.display());
+    eprintln!(
+        "broker on {url} with {} proxies on loopback; data in {}",
+        running.proxies.len(),
+        cfg.data_dir.display()
+    );
 
     let op = BrokerClient::connect(&url, operator).await?;
     let custodian = Identity::generate();
@@ -116,29 +157,52 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     let board = Identity::generate();
     let researcher = Identity::generate();
     let vk = |i: &Identity| pre_kms::keys::public_key_bytes(&i.verifying_key());
-    op.register_actor(Role::Custodian, "Demo Hospital", "Demo Health", vk(&custodian)).await?;
-    op.register_actor(Role::Sponsor, "Demo Sponsor", "Demo Pharma", vk(&sponsor)).await?;
-    op.register_actor(Role::Board, "Demo Ethics Board", "Demo IRB", vk(&board)).await?;
-    let researcher_actor = op.register_actor(Role::Researcher, "Demo Researcher", "Demo University", vk(&researcher)).await?;
+    op.register_actor(
+        Role::Custodian,
+        "Demo Hospital",
+        "Demo Health",
+        vk(&custodian),
+    )
+    .await?;
+    op.register_actor(Role::Sponsor, "Demo Sponsor", "Demo Pharma", vk(&sponsor))
+        .await?;
+    op.register_actor(Role::Board, "Demo Ethics Board", "Demo IRB", vk(&board))
+        .await?;
+    let researcher_actor = op
+        .register_actor(
+            Role::Researcher,
+            "Demo Researcher",
+            "Demo University",
+            vk(&researcher),
+        )
+        .await?;
 
     // Ingest, as the custodian.
     let population = Population::new(cfg.seed, cfg.patients);
-    let keystore = Keystore::open(&custodian_dir.join("keystore.db"))?;
+    let mut keystore = Keystore::open(&custodian_dir.join("keystore.db"))?;
     let cust = op.with_identity(custodian);
-    let mut summary = DemoSummary { patients: cfg.patients, ..Default::default() };
+    let mut summary = DemoSummary {
+        patients: cfg.patients,
+        ..Default::default()
+    };
     let progress = bar(cfg.progress, cfg.patients, "ingest");
     let started = Instant::now();
     let mut patients = Vec::with_capacity(cfg.patients);
     let mut report = agent::IngestReport::default();
     for start in (0..cfg.patients).step_by(cfg.batch) {
         let end = (start + cfg.batch).min(cfg.patients);
-        let mut batch = Vec::with_capacity(end - start);
-        for i in start..end {
-            let record = population.patient(i);
-            let (identity, _) = keystore.get_or_create(&record.source_id)?;
-            patients.push((identity.clone(), record.categories.keys().copied().collect::<Vec<_>>()));
-            batch.push((identity, record));
-        }
+        let records: Vec<_> = (start..end).map(|i| population.patient(i)).collect();
+        let batch = keystore.transaction(|ks| {
+            records
+                .into_iter()
+                .map(|r| Ok((ks.get_or_create(&r.source_id)?.0, r)))
+                .collect::<pre_kms::Result<Vec<_>>>()
+        })?;
+        patients.extend(
+            batch
+                .iter()
+                .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect::<Vec<_>>())),
+        );
         report.add(&agent::ingest_batch(&cust, batch).await?);
         progress.set_position(end as u64);
     }
@@ -160,7 +224,10 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         cohort: demo_cohort(),
     };
     let study = op.with_identity(sponsor).propose_study(&proposal).await?;
-    let study = op.with_identity(board).decide_study(&study.study_id, true, "demo approval").await?;
+    let study = op
+        .with_identity(board)
+        .decide_study(&study.study_id, true, "demo approval")
+        .await?;
 
     // Grants, issued by the custodian's agent for every patient.
     let plan = agent::grant_plan(&cust, &study).await?;
@@ -178,7 +245,8 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
     let mut got: BTreeMap<[u8; 32], usize> = BTreeMap::new();
     let fetched = agent::fetch_and_decrypt(&res, &researcher, &study.study_id, |r| {
-        *got.entry(*blake3::hash(&r.plaintext).as_bytes()).or_default() += 1;
+        *got.entry(*blake3::hash(&r.plaintext).as_bytes())
+            .or_default() += 1;
         Ok(())
     })
     .await?;

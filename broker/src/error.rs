@@ -55,9 +55,14 @@ impl From<ServiceError> for Status {
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::Unavailable(m) => Status::unavailable(m),
             ServiceError::Internal(detail) => {
-                let id = hex::encode(&blake3::hash(format!("{detail}{:?}", std::time::SystemTime::now()).as_bytes()).as_bytes()[..6]);
+                let id = hex::encode(
+                    &blake3::hash(format!("{detail}{:?}", std::time::SystemTime::now()).as_bytes())
+                        .as_bytes()[..6],
+                );
                 tracing::error!(error_id = %id, %detail, "internal error");
-                Status::internal(format!("internal error {id}; the operator can find it in the server log"))
+                Status::internal(format!(
+                    "internal error {id}; the operator can find it in the server log"
+                ))
             }
         }
     }

@@ -19,14 +19,22 @@ const PATIENT_SIDE: &[Role] = &[Role::Patient, Role::Custodian];
 #[derive(Clone)]
 pub struct Grpc(pub Arc<Broker>);
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ServiceResult<T> + Send + 'static) -> Result<T, Status> {
-    Ok(tokio::task::spawn_blocking(f).await.map_err(ServiceError::internal)??)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ServiceResult<T> + Send + 'static,
+) -> Result<T, Status> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ServiceError::internal)??)
 }
 
 #[tonic::async_trait]
 impl pb::registry_server::Registry for Grpc {
-    async fn register_actor(&self, req: Request<pb::RegisterActorRequest>) -> Result<Response<pb::Actor>, Status> {
-        self.0.authorize(&req, m::REGISTER_ACTOR, &[Role::Operator])?;
+    async fn register_actor(
+        &self,
+        req: Request<pb::RegisterActorRequest>,
+    ) -> Result<Response<pb::Actor>, Status> {
+        self.0
+            .authorize(&req, m::REGISTER_ACTOR, &[Role::Operator])?;
         let r = req.into_inner();
         let actor = Actor {
             actor_id: String::new(),
@@ -36,21 +44,34 @@ impl pb::registry_server::Registry for Grpc {
             verifying_key: r.verifying_key,
         };
         let b = self.0.clone();
-        Ok(Response::new(actor_to_pb(blocking(move || b.register_actor(actor)).await?)))
+        Ok(Response::new(actor_to_pb(
+            blocking(move || b.register_actor(actor)).await?,
+        )))
     }
 
-    async fn list_actors(&self, req: Request<pb::ListActorsRequest>) -> Result<Response<pb::ListActorsResponse>, Status> {
+    async fn list_actors(
+        &self,
+        req: Request<pb::ListActorsRequest>,
+    ) -> Result<Response<pb::ListActorsResponse>, Status> {
         self.0.authorize(&req, m::LIST_ACTORS, &[Role::Operator])?;
-        Ok(Response::new(pb::ListActorsResponse { actors: self.0.list_actors().into_iter().map(actor_to_pb).collect() }))
+        Ok(Response::new(pb::ListActorsResponse {
+            actors: self.0.list_actors().into_iter().map(actor_to_pb).collect(),
+        }))
     }
 
     async fn whoami(&self, req: Request<pb::WhoamiRequest>) -> Result<Response<pb::Actor>, Status> {
         let caller = self.0.authorize(&req, m::WHOAMI, ANY)?;
-        let actor = self.0.actor(&caller.actor_id).ok_or_else(|| Status::not_found("caller not found"))?;
+        let actor = self
+            .0
+            .actor(&caller.actor_id)
+            .ok_or_else(|| Status::not_found("caller not found"))?;
         Ok(Response::new(actor_to_pb(actor)))
     }
 
-    async fn list_proxies(&self, req: Request<pb::ListProxiesRequest>) -> Result<Response<pb::ListProxiesResponse>, Status> {
+    async fn list_proxies(
+        &self,
+        req: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
         self.0.authorize(&req, m::LIST_PROXIES, ANY)?;
         let proxies = self
             .0
@@ -63,13 +84,19 @@ impl pb::registry_server::Registry for Grpc {
                 verifying_key: h.info.verifying_key.clone(),
             })
             .collect();
-        Ok(Response::new(pb::ListProxiesResponse { proxies, threshold: self.0.threshold() as u32 }))
+        Ok(Response::new(pb::ListProxiesResponse {
+            proxies,
+            threshold: self.0.threshold() as u32,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl pb::records_server::Records for Grpc {
-    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = self.0.authorize(&req, m::ENROLL, PATIENT_SIDE)?;
         let enrollments = req
             .into_inner()
@@ -93,14 +120,24 @@ impl pb::records_server::Records for Grpc {
         Ok(Response::new(pb::EnrollResponse { created }))
     }
 
-    async fn upload(&self, req: Request<pb::UploadRequest>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        req: Request<pb::UploadRequest>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         let caller = self.0.authorize(&req, m::UPLOAD, PATIENT_SIDE)?;
         let r = req.into_inner();
         let upload = Upload {
             envelopes: r
                 .envelopes
                 .into_iter()
-                .map(|e| Ok((e.pseudonym, category_from_pb(&e.category)?, e.sealed, e.content_tag)))
+                .map(|e| {
+                    Ok((
+                        e.pseudonym,
+                        category_from_pb(&e.category)?,
+                        e.sealed,
+                        e.content_tag,
+                    ))
+                })
                 .collect::<ServiceResult<_>>()?,
             index: r.index.into_iter().map(index_from_pb).collect(),
         };
@@ -124,43 +161,71 @@ impl pb::records_server::Records for Grpc {
 
 #[tonic::async_trait]
 impl pb::studies_server::Studies for Grpc {
-    async fn propose(&self, req: Request<pb::StudyProposal>) -> Result<Response<pb::Study>, Status> {
+    async fn propose(
+        &self,
+        req: Request<pb::StudyProposal>,
+    ) -> Result<Response<pb::Study>, Status> {
         let caller = self.0.authorize(&req, m::PROPOSE, &[Role::Sponsor])?;
         let proposal = proposal_from_pb(req.into_inner())?;
         let b = self.0.clone();
-        Ok(Response::new(study_to_pb(blocking(move || b.propose_study(&caller, proposal)).await?)))
+        Ok(Response::new(study_to_pb(
+            blocking(move || b.propose_study(&caller, proposal)).await?,
+        )))
     }
 
-    async fn decide(&self, req: Request<pb::DecideStudyRequest>) -> Result<Response<pb::Study>, Status> {
+    async fn decide(
+        &self,
+        req: Request<pb::DecideStudyRequest>,
+    ) -> Result<Response<pb::Study>, Status> {
         let caller = self.0.authorize(&req, m::DECIDE, &[Role::Board])?;
         let r = req.into_inner();
         let b = self.0.clone();
-        let study = blocking(move || b.decide_study(&caller, &r.study_id, r.approve, r.reason, r.signature)).await?;
+        let study = blocking(move || {
+            b.decide_study(&caller, &r.study_id, r.approve, r.reason, r.signature)
+        })
+        .await?;
         Ok(Response::new(study_to_pb(study)))
     }
 
-    async fn list(&self, req: Request<pb::ListStudiesRequest>) -> Result<Response<pb::ListStudiesResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListStudiesRequest>,
+    ) -> Result<Response<pb::ListStudiesResponse>, Status> {
         self.0.authorize(&req, m::LIST_STUDIES, ANY)?;
         let b = self.0.clone();
         let studies = blocking(move || b.studies()).await?;
-        Ok(Response::new(pb::ListStudiesResponse { studies: studies.into_iter().map(study_to_pb).collect() }))
+        Ok(Response::new(pb::ListStudiesResponse {
+            studies: studies.into_iter().map(study_to_pb).collect(),
+        }))
     }
 
     async fn get(&self, req: Request<pb::GetStudyRequest>) -> Result<Response<pb::Study>, Status> {
         self.0.authorize(&req, m::GET_STUDY, ANY)?;
         let id = req.into_inner().study_id;
         let b = self.0.clone();
-        Ok(Response::new(study_to_pb(blocking(move || b.study(&id)).await?)))
+        Ok(Response::new(study_to_pb(
+            blocking(move || b.study(&id)).await?,
+        )))
     }
 }
 
 #[tonic::async_trait]
 impl pb::grants_server::Grants for Grpc {
-    async fn issue(&self, req: Request<pb::IssueGrantsRequest>) -> Result<Response<pb::IssueGrantsResponse>, Status> {
+    async fn issue(
+        &self,
+        req: Request<pb::IssueGrantsRequest>,
+    ) -> Result<Response<pb::IssueGrantsResponse>, Status> {
         let caller = self.0.authorize(&req, m::ISSUE_GRANTS, PATIENT_SIDE)?;
-        let grants = req.into_inner().grants.into_iter().map(grant_from_pb).collect::<ServiceResult<Vec<_>>>()?;
+        let grants = req
+            .into_inner()
+            .grants
+            .into_iter()
+            .map(grant_from_pb)
+            .collect::<ServiceResult<Vec<_>>>()?;
         let outcome = self.0.issue_grants(caller, grants).await?;
-        Ok(Response::new(pb::IssueGrantsResponse { grant_ids: outcome.grant_ids }))
+        Ok(Response::new(pb::IssueGrantsResponse {
+            grant_ids: outcome.grant_ids,
+        }))
     }
 }
 
@@ -168,8 +233,13 @@ type ItemStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseItem, Status>> + S
 
 #[tonic::async_trait]
 impl pb::releases_server::Releases for Grpc {
-    async fn request(&self, req: Request<pb::RequestReleaseRequest>) -> Result<Response<pb::Release>, Status> {
-        let caller = self.0.authorize(&req, m::REQUEST_RELEASE, &[Role::Researcher])?;
+    async fn request(
+        &self,
+        req: Request<pb::RequestReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let caller = self
+            .0
+            .authorize(&req, m::REQUEST_RELEASE, &[Role::Researcher])?;
         let study_id = req.into_inner().study_id;
         let b = self.0.clone();
         let r = blocking(move || b.request_release(&caller, &study_id)).await?;
@@ -185,9 +255,16 @@ impl pb::releases_server::Releases for Grpc {
 
     type FetchStream = ItemStream;
 
-    async fn fetch(&self, req: Request<pb::FetchReleaseRequest>) -> Result<Response<ItemStream>, Status> {
-        let caller = self.0.authorize(&req, m::FETCH_RELEASE, &[Role::Researcher])?;
-        let (_, rx) = self.0.fetch_release(&caller, &req.into_inner().release_id)?;
+    async fn fetch(
+        &self,
+        req: Request<pb::FetchReleaseRequest>,
+    ) -> Result<Response<ItemStream>, Status> {
+        let caller = self
+            .0
+            .authorize(&req, m::FETCH_RELEASE, &[Role::Researcher])?;
+        let (_, rx) = self
+            .0
+            .fetch_release(&caller, &req.into_inner().release_id)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let stream = tokio_stream::StreamExt::map(stream, |item| {
             item.map(|i| pb::ReleaseItem {

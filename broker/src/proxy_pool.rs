@@ -2,9 +2,9 @@
 //! seal kfrags in. Calls are signed with the broker's own key.
 
 use broker_proto::v1 as pb;
+use pre_kms::Identity;
 use pre_kms::proxy_grpc::{DEPOSIT, INFO, REENCRYPT};
 use pre_kms::request_auth::signed;
-use pre_kms::Identity;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ServiceError, ServiceResult};
@@ -67,26 +67,50 @@ impl ProxyPool {
         &self.proxies
     }
 
-    pub async fn deposit(&self, index: usize, deposits: Vec<pb::KfragDeposit>) -> ServiceResult<u32> {
+    pub async fn deposit(
+        &self,
+        index: usize,
+        deposits: Vec<pb::KfragDeposit>,
+    ) -> ServiceResult<u32> {
         let p = &self.proxies[index];
         let mut client = p.client.clone();
         let reply = client
-            .deposit(signed(&self.identity, DEPOSIT, pb::DepositRequest { deposits }))
+            .deposit(signed(
+                &self.identity,
+                DEPOSIT,
+                pb::DepositRequest { deposits },
+            ))
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::InvalidArgument => {
-                    ServiceError::InvalidArgument(format!("proxy {index} rejected a kfrag: {}", s.message()))
-                }
-                _ => ServiceError::Unavailable(format!("proxy {index} did not accept the deposit: {}", s.message())),
+                tonic::Code::InvalidArgument => ServiceError::InvalidArgument(format!(
+                    "proxy {index} rejected a kfrag: {}",
+                    s.message()
+                )),
+                _ => ServiceError::Unavailable(format!(
+                    "proxy {index} did not accept the deposit: {}",
+                    s.message()
+                )),
             })?;
         Ok(reply.into_inner().accepted)
     }
 
-    pub async fn reencrypt(&self, index: usize, release_id: &str, items: Vec<pb::ReencryptItem>) -> Result<Vec<Vec<u8>>, String> {
+    pub async fn reencrypt(
+        &self,
+        index: usize,
+        release_id: &str,
+        items: Vec<pb::ReencryptItem>,
+    ) -> Result<Vec<Vec<u8>>, String> {
         let p = &self.proxies[index];
         let mut client = p.client.clone();
         let reply = client
-            .reencrypt(signed(&self.identity, REENCRYPT, pb::ReencryptRequest { release_id: release_id.to_owned(), items }))
+            .reencrypt(signed(
+                &self.identity,
+                REENCRYPT,
+                pb::ReencryptRequest {
+                    release_id: release_id.to_owned(),
+                    items,
+                },
+            ))
             .await
             .map_err(|s| format!("proxy {index}: {}", s.message()))?;
         Ok(reply.into_inner().cfrags)

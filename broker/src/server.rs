@@ -97,21 +97,39 @@ impl EmbeddedProxy {
 }
 
 /// Starts a proxy node from `dir` on `127.0.0.1:0`, callable only by `broker_key`.
-pub async fn start_proxy(dir: &Path, index: u32, broker: &PublicIdentity) -> Result<EmbeddedProxy, StartError> {
+pub async fn start_proxy(
+    dir: &Path,
+    index: u32,
+    broker: &PublicIdentity,
+) -> Result<EmbeddedProxy, StartError> {
     std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(dir.to_owned(), e.to_string()))?;
     let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
     let node = Arc::new(ProxyNode::open(dir, identity, index)?);
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(StartError::Listen)?;
-    let url = format!("http://{}", listener.local_addr().map_err(StartError::Listen)?);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(StartError::Listen)?;
+    let url = format!(
+        "http://{}",
+        listener.local_addr().map_err(StartError::Listen)?
+    );
     let (tx, rx) = oneshot::channel();
     let serving = node.clone();
     let key = broker.verifying_key;
     let join = tokio::spawn(async move {
-        if let Err(e) = pre_kms::proxy_grpc::serve(listener, serving, key, async { let _ = rx.await; }).await {
+        if let Err(e) = pre_kms::proxy_grpc::serve(listener, serving, key, async {
+            let _ = rx.await;
+        })
+        .await
+        {
             tracing::error!(error = %e, "proxy stopped");
         }
     });
-    Ok(EmbeddedProxy { url, node, shutdown: Some(tx), join })
+    Ok(EmbeddedProxy {
+        url,
+        node,
+        shutdown: Some(tx),
+        join,
+    })
 }
 
 /// A running broker and its embedded proxies.
@@ -160,13 +178,17 @@ pub async fn start(
     std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
     let identity = load_or_create_identity(&dir.join("broker.key"), "broker")?;
     let public = identity.public("broker");
-    let mut db = Db::open(&dir.join("broker.db")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
-    let blobs = BlobStore::open(&dir.join("blobs")).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let mut db = Db::open(&dir.join("broker.db"))
+        .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let blobs = BlobStore::open(&dir.join("blobs"))
+        .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
 
     let mut embedded = Vec::new();
     let urls = if config.proxy_urls.is_empty() {
         for i in 0..config.embedded_proxies {
-            embedded.push(start_proxy(&dir.join("proxies").join(i.to_string()), i as u32, &public).await?);
+            embedded.push(
+                start_proxy(&dir.join("proxies").join(i.to_string()), i as u32, &public).await?,
+            );
         }
         embedded.iter().map(|p| p.url.clone()).collect()
     } else {
@@ -179,20 +201,30 @@ pub async fn start(
             urls.len()
         )));
     }
-    let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls).await.map_err(StartError::Proxies)?;
+    let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls)
+        .await
+        .map_err(StartError::Proxies)?;
     // Grants seal kfrags to particular proxy keys in a particular order: the set must
     // not change under existing grants.
     let current: Vec<ProxyRow> = pool.handles().iter().map(|h| h.info.clone()).collect();
-    let known = db.proxies().map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let known = db
+        .proxies()
+        .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
     if known.is_empty() {
-        db.set_proxies(&current).map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
-    } else if known.iter().map(|p| &p.proxy_id).ne(current.iter().map(|p| &p.proxy_id)) {
+        db.set_proxies(&current)
+            .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    } else if known
+        .iter()
+        .map(|p| &p.proxy_id)
+        .ne(current.iter().map(|p| &p.proxy_id))
+    {
         return Err(StartError::Proxies(
             "the proxies are not the ones this data directory's grants were sealed to (same keys, same order)".into(),
         ));
     }
 
-    let broker = Broker::new(db, blobs, pool, config.threshold).map_err(|e| StartError::Config(e.to_string()))?;
+    let broker = Broker::new(db, blobs, pool, config.threshold)
+        .map_err(|e| StartError::Config(e.to_string()))?;
     if let Some(op) = &config.operator {
         broker
             .register_actor(Actor {
@@ -204,14 +236,20 @@ pub async fn start(
             })
             .map_err(|e| StartError::Config(e.to_string()))?;
     }
-    if !broker.list_actors().iter().any(|a| a.role == Role::Operator) {
+    if !broker
+        .list_actors()
+        .iter()
+        .any(|a| a.role == Role::Operator)
+    {
         return Err(StartError::Config(
             "no operator is registered: start once with --operator FILE.pub (from `brokerctl keygen --role operator`)".into(),
         ));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<pb::registry_server::RegistryServer<Grpc>>().await;
+    health
+        .set_serving::<pb::registry_server::RegistryServer<Grpc>>()
+        .await;
     let grpc = Grpc(broker.clone());
     let limit = 64 << 20;
     let addr = listener.local_addr().map_err(StartError::Listen)?;
@@ -235,12 +273,21 @@ pub async fn start(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         );
-    let join = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = rx => {}
-        }
-    }));
+    let join = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = rx => {}
+            }
+        },
+    ));
     tracing::info!(%addr, proxies = urls.len(), threshold = config.threshold, "broker serving");
-    Ok(RunningBroker { addr, broker, proxies: embedded, shutdown: Some(tx), join })
+    Ok(RunningBroker {
+        addr,
+        broker,
+        proxies: embedded,
+        shutdown: Some(tx),
+        join,
+    })
 }

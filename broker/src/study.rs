@@ -35,9 +35,13 @@ impl StudyStatus {
     }
 
     pub fn parse(s: &str) -> Option<StudyStatus> {
-        [StudyStatus::Proposed, StudyStatus::Approved, StudyStatus::Rejected]
-            .into_iter()
-            .find(|x| x.as_str() == s)
+        [
+            StudyStatus::Proposed,
+            StudyStatus::Approved,
+            StudyStatus::Rejected,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
     }
 }
 

@@ -49,11 +49,18 @@ fn serve(data: &Path, operator_pub: &Path) -> Server {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("broker listening on ") {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(60)).expect("broker announces its address");
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("broker announces its address");
     Server { child, url }
 }
 
@@ -73,7 +80,11 @@ impl Ctl<'_> {
 
     fn ok(&self, key: &Path, args: &[&str]) -> String {
         let out = self.run(key, args);
-        assert!(out.status.success(), "brokerctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "brokerctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -92,8 +103,16 @@ impl Ctl<'_> {
 
 fn keygen(dir: &Path, role: &str) -> PathBuf {
     let key = dir.join(format!("{role}.key"));
-    let out = Command::new(BROKERCTL).args(["keygen", "--role", role, "--out"]).arg(&key).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BROKERCTL)
+        .args(["keygen", "--role", role, "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     key
 }
 
@@ -102,14 +121,16 @@ fn public(key: &Path) -> String {
 }
 
 fn fetched_hashes(out: &Path) -> BTreeSet<String> {
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     manifest["files"]
         .as_array()
         .unwrap()
         .iter()
         .map(|f| {
             let bytes = std::fs::read(out.join(f["file"].as_str().unwrap())).unwrap();
-            let bundle: serde_json::Value = serde_json::from_slice(&bytes).expect("decrypted records are JSON");
+            let bundle: serde_json::Value =
+                serde_json::from_slice(&bytes).expect("decrypted records are JSON");
             assert_eq!(bundle["resourceType"], "Bundle");
             blake3::hash(&bytes).to_hex().to_string()
         })
@@ -131,8 +152,25 @@ fn every_role_through_brokerctl_on_synthea_data() {
 
     let server = serve(&data, Path::new(&public(&operator)));
     let ctl = Ctl { url: &server.url };
-    for (key, role) in [(&custodian, "custodian"), (&sponsor, "sponsor"), (&board, "board"), (&researcher, "researcher")] {
-        ctl.ok(&operator, &["operator", "register", "--public-key", &public(key), "--role", role, "--name", role]);
+    for (key, role) in [
+        (&custodian, "custodian"),
+        (&sponsor, "sponsor"),
+        (&board, "board"),
+        (&researcher, "researcher"),
+    ] {
+        ctl.ok(
+            &operator,
+            &[
+                "operator",
+                "register",
+                "--public-key",
+                &public(key),
+                "--role",
+                role,
+                "--name",
+                role,
+            ],
+        );
     }
     let who = ctl.json(&researcher, &["whoami"]);
     assert_eq!(who["name"], "researcher");
@@ -145,24 +183,62 @@ fn every_role_through_brokerctl_on_synthea_data() {
     assert_eq!(first["errors"], 0, "{first}");
     assert!(first["envelopes_stored"].as_u64().unwrap() >= 40, "{first}");
     let second = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
-    assert_eq!(second["envelopes_stored"], 0, "re-import is idempotent: {second}");
+    assert_eq!(
+        second["envelopes_stored"], 0,
+        "re-import is idempotent: {second}"
+    );
     assert_eq!(second["envelopes_unchanged"], first["envelopes_stored"]);
     assert_eq!(second["new_keys"], 0);
 
     // Study: proposed, approved, granted, fetched and decrypted.
     let categories = "demographics,conditions,observations,medications";
-    let study = ctl.json(&sponsor, &["sponsor", "study", "propose", "--title", "Synthea cohort", "--categories", categories,
-        "--researcher-key", &public(&researcher)]);
+    let study = ctl.json(
+        &sponsor,
+        &[
+            "sponsor",
+            "study",
+            "propose",
+            "--title",
+            "Synthea cohort",
+            "--categories",
+            categories,
+            "--researcher-key",
+            &public(&researcher),
+        ],
+    );
     let study_id = study["study_id"].as_str().unwrap().to_owned();
     let denied = ctl.fails(&sponsor, &["board", "study", "approve", &study_id]);
     assert!(denied.contains("permission denied"), "{denied}");
-    ctl.ok(&board, &["board", "study", "approve", &study_id, "--reason", "IRB-42"]);
+    ctl.ok(
+        &board,
+        &["board", "study", "approve", &study_id, "--reason", "IRB-42"],
+    );
     let listed = ctl.json(&board, &["board", "study", "list"]);
     assert_eq!(listed[0]["status"], "approved");
-    let granted = ctl.json(&custodian, &["custodian", "grant", "--study", &study_id, "--keystore", keystore]);
+    let granted = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
     assert_eq!(granted["grants"], 10);
     let out = d.join("release");
-    let fetched = ctl.json(&researcher, &["researcher", "fetch", "--study", &study_id, "--out", out.to_str().unwrap()]);
+    let fetched = ctl.json(
+        &researcher,
+        &[
+            "researcher",
+            "fetch",
+            "--study",
+            &study_id,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_eq!(fetched["subjects"], 10, "{fetched}");
 
     // What was decrypted is exactly the research copy the importer made.
@@ -178,8 +254,17 @@ fn every_role_through_brokerctl_on_synthea_data() {
     assert_eq!(got, want);
 
     // No name, street address or identifier anywhere in the broker's data directory.
-    let needles: Vec<String> = report.patients.iter().flat_map(|p| p.identifiers.clone()).filter(|s| s.len() >= 4).collect();
-    assert!(needles.len() >= 30, "identifiers to look for: {}", needles.len());
+    let needles: Vec<String> = report
+        .patients
+        .iter()
+        .flat_map(|p| p.identifiers.clone())
+        .filter(|s| s.len() >= 4)
+        .collect();
+    assert!(
+        needles.len() >= 30,
+        "identifiers to look for: {}",
+        needles.len()
+    );
     let hits = scan::scan_for(&data, &needles);
     assert!(hits.is_empty(), "found in the data directory: {hits:?}");
 
@@ -188,7 +273,17 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let server = serve(&data, Path::new(&public(&operator)));
     let ctl = Ctl { url: &server.url };
     let out2 = d.join("release-after-restart");
-    let again = ctl.json(&researcher, &["researcher", "fetch", "--study", &study_id, "--out", out2.to_str().unwrap()]);
+    let again = ctl.json(
+        &researcher,
+        &[
+            "researcher",
+            "fetch",
+            "--study",
+            &study_id,
+            "--out",
+            out2.to_str().unwrap(),
+        ],
+    );
     assert_eq!(again["subjects"], 10);
     assert_eq!(fetched_hashes(&out2), want);
 
@@ -202,6 +297,16 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let stranger = keygen(d, "patient");
     let err = ctl.fails(&stranger, &["whoami"]);
     assert!(err.contains("not registered"), "{err}");
-    let err = ctl.fails(&researcher, &["researcher", "fetch", "--study", "st-nope", "--out", d.join("x").to_str().unwrap()]);
+    let err = ctl.fails(
+        &researcher,
+        &[
+            "researcher",
+            "fetch",
+            "--study",
+            "st-nope",
+            "--out",
+            d.join("x").to_str().unwrap(),
+        ],
+    );
     assert!(err.contains("not found"), "{err}");
 }

@@ -83,7 +83,9 @@ impl fmt::Display for Category {
 
 /// A category name that is not one of [`Category::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown category {0:?}; expected one of: demographics, conditions, observations, medications, procedures, immunizations, allergies, encounters, mental_health, substance_use, sexual_health, genomics, critical")]
+#[error(
+    "unknown category {0:?}; expected one of: demographics, conditions, observations, medications, procedures, immunizations, allergies, encounters, mental_health, substance_use, sexual_health, genomics, critical"
+)]
 pub struct UnknownCategory(pub String);
 
 impl FromStr for Category {
@@ -105,7 +107,10 @@ mod tests {
     fn labels_round_trip() {
         for c in Category::ALL {
             assert_eq!(c.label().parse::<Category>().unwrap(), c);
-            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{}\"", c.label()));
+            assert_eq!(
+                serde_json::to_string(&c).unwrap(),
+                format!("\"{}\"", c.label())
+            );
         }
         assert!("names".parse::<Category>().is_err());
     }

@@ -53,7 +53,10 @@ pub(crate) fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
         .read_to_end(&mut out)
         .map_err(|e| Error::malformed("envelope plaintext", e))?;
     if out.len() > MAX_PLAINTEXT {
-        return Err(Error::malformed("envelope plaintext", "larger than 256 MiB"));
+        return Err(Error::malformed(
+            "envelope plaintext",
+            "larger than 256 MiB",
+        ));
     }
     Ok(out)
 }
@@ -75,7 +78,10 @@ mod tests {
         let plain = br#"{"resourceType":"Bundle","type":"collection"}"#;
         let bytes = seal(&pk, plain).unwrap();
         assert_eq!(&bytes[..4], MAGIC);
-        assert_eq!(open_original(&patient.category_key(Category::Conditions), &bytes).unwrap(), plain);
+        assert_eq!(
+            open_original(&patient.category_key(Category::Conditions), &bytes).unwrap(),
+            plain
+        );
         assert!(open_original(&patient.category_key(Category::Observations), &bytes).is_err());
         // Any flipped ciphertext byte is caught by the AEAD.
         let mut bad = bytes.clone();

@@ -31,7 +31,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn malformed(what: &'static str, reason: impl std::fmt::Display) -> Self {
-        Error::Malformed { what, reason: reason.to_string() }
+        Error::Malformed {
+            what,
+            reason: reason.to_string(),
+        }
     }
 }
 

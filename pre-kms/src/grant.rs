@@ -13,7 +13,7 @@ use umbral_pre::{DefaultDeserialize, DefaultSerialize, KeyFrag, PublicKey, Verif
 
 use crate::category::Category;
 use crate::error::{Error, Result};
-use crate::keys::{verify_signature, Identity};
+use crate::keys::{Identity, verify_signature};
 use crate::sealed::Sealed;
 
 pub const KFRAG_MAGIC: &[u8; 4] = b"PKK1";
@@ -75,7 +75,11 @@ fn payload_digest(
     kfrag: &[u8],
 ) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("pre-kms kfrag payload v1");
-    for part in [study_id.as_bytes(), pseudonym.as_bytes(), category.label().as_bytes()] {
+    for part in [
+        study_id.as_bytes(),
+        pseudonym.as_bytes(),
+        category.label().as_bytes(),
+    ] {
         h.update(&(part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -167,7 +171,10 @@ pub fn issue_with_rng(
             let json = serde_json::to_vec(&payload).expect("payload serializes");
             sealed_kfrags.push(Sealed::seal_with_rng(rng, proxy_key, &json)?.to_bytes(KFRAG_MAGIC));
         }
-        categories.push(GrantCategory { category, sealed_kfrags });
+        categories.push(GrantCategory {
+            category,
+            sealed_kfrags,
+        });
     }
     let mut grant = Grant {
         study_id: plan.study_id.clone(),
@@ -220,10 +227,12 @@ pub fn open_deposit(proxy: &Identity, claim: &DepositClaim, sealed: &[u8]) -> Re
         || payload.expires_at != claim.expires_at
         || payload.proxy_index != claim.proxy_index
     {
-        return Err(Error::KfragRejected("payload does not match the deposit".into()));
+        return Err(Error::KfragRejected(
+            "payload does not match the deposit".into(),
+        ));
     }
-    let kfrag_bytes = hex::decode(&payload.kfrag)
-        .map_err(|_| Error::KfragRejected("kfrag is not hex".into()))?;
+    let kfrag_bytes =
+        hex::decode(&payload.kfrag).map_err(|_| Error::KfragRejected("kfrag is not hex".into()))?;
     let signature = hex::decode(&payload.signature)
         .map_err(|_| Error::KfragRejected("signature is not hex".into()))?;
     let digest = payload_digest(
@@ -235,18 +244,27 @@ pub fn open_deposit(proxy: &Identity, claim: &DepositClaim, sealed: &[u8]) -> Re
         &kfrag_bytes,
     );
     if !verify_signature(&claim.patient_verifying_key, &digest, &signature) {
-        return Err(Error::KfragRejected("the patient's payload signature does not verify".into()));
+        return Err(Error::KfragRejected(
+            "the patient's payload signature does not verify".into(),
+        ));
     }
     let kfrag = KeyFrag::from_bytes(&kfrag_bytes)
         .map_err(|e| Error::KfragRejected(format!("kfrag does not parse: {e}")))?;
     let kfrag = kfrag
-        .verify(&claim.patient_verifying_key, Some(&claim.delegating_key), Some(&claim.receiving_key))
+        .verify(
+            &claim.patient_verifying_key,
+            Some(&claim.delegating_key),
+            Some(&claim.receiving_key),
+        )
         .map_err(|(e, _)| Error::KfragRejected(e.to_string()))?;
     Ok(CheckedKfrag { kfrag })
 }
 
 pub fn kfrag_bytes(kfrag: &VerifiedKeyFrag) -> Vec<u8> {
-    kfrag.to_bytes().expect("kfrag serialization cannot fail").to_vec()
+    kfrag
+        .to_bytes()
+        .expect("kfrag serialization cannot fail")
+        .to_vec()
 }
 
 /// Reloads a kfrag this proxy itself verified and stored.

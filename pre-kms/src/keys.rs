@@ -70,7 +70,11 @@ impl Identity {
         let factory = SecretKeyFactory::from_secure_randomness(seed.as_slice())
             .expect("SEED_LEN matches umbral's factory seed size");
         let signing = factory.make_key(b"signing");
-        Identity { seed, factory, signing }
+        Identity {
+            seed,
+            factory,
+            signing,
+        }
     }
 
     /// The seed bytes, for writing a key file or a keystore row.
@@ -91,7 +95,10 @@ impl Identity {
     }
 
     pub fn sign_with_rng(&self, rng: &mut (impl CryptoRng + RngCore), message: &[u8]) -> Vec<u8> {
-        self.signer().sign_with_rng(rng, message).to_be_bytes().to_vec()
+        self.signer()
+            .sign_with_rng(rng, message)
+            .to_be_bytes()
+            .to_vec()
     }
 
     /// The key records are re-encrypted to (researcher) or kfrags are sealed to (proxy).
@@ -105,7 +112,8 @@ impl Identity {
 
     /// The secret key of one record category (a patient's delegating key).
     pub fn category_key(&self, category: Category) -> SecretKey {
-        self.factory.make_key(format!("category:{}", category.label()).as_bytes())
+        self.factory
+            .make_key(format!("category:{}", category.label()).as_bytes())
     }
 
     pub fn category_public_key(&self, category: Category) -> PublicKey {
@@ -157,11 +165,11 @@ impl Identity {
 
     /// Reads a secret key file; returns the identity and its role.
     pub fn read_key_file(path: &Path) -> Result<(Identity, String)> {
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-            Error::KeyFile(format!("cannot read {}: {e}", path.display()))
-        })?);
-        Self::parse_key_file(&text)
-            .map_err(|e| Error::KeyFile(format!("{}: {e}", path.display())))
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::KeyFile(format!("cannot read {}: {e}", path.display())))?,
+        );
+        Self::parse_key_file(&text).map_err(|e| Error::KeyFile(format!("{}: {e}", path.display())))
     }
 
     fn parse_key_file(text: &str) -> std::result::Result<(Identity, String), String> {
@@ -172,7 +180,11 @@ impl Identity {
             Some(PUBLIC_PREFIX) => {
                 return Err("this is a public key file; a secret key file is needed".into());
             }
-            _ => return Err(format!("not a pre-kms secret key file (expected {SECRET_PREFIX})")),
+            _ => {
+                return Err(format!(
+                    "not a pre-kms secret key file (expected {SECRET_PREFIX})"
+                ));
+            }
         }
         let role = words.next().ok_or("missing role")?.to_owned();
         let seed_hex = Zeroizing::new(words.next().ok_or("missing seed")?.to_owned());
@@ -228,7 +240,11 @@ impl PublicIdentity {
             Some(SECRET_PREFIX) => {
                 return Err("this is a secret key file; share the .pub file instead".into());
             }
-            _ => return Err(format!("not a pre-kms public key file (expected {PUBLIC_PREFIX})")),
+            _ => {
+                return Err(format!(
+                    "not a pre-kms public key file (expected {PUBLIC_PREFIX})"
+                ));
+            }
         }
         let role = words.next().ok_or("missing role")?.to_owned();
         let verifying_key = words
@@ -239,12 +255,19 @@ impl PublicIdentity {
             .next()
             .ok_or("missing encryption key")
             .and_then(|h| public_key_from_hex(h).map_err(|_| "bad encryption key"))?;
-        Ok(PublicIdentity { role, verifying_key, encryption_key })
+        Ok(PublicIdentity {
+            role,
+            verifying_key,
+            encryption_key,
+        })
     }
 }
 
 fn significant_line(text: &str) -> std::result::Result<&str, String> {
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
     let line = lines.next().ok_or("the file is empty")?;
     if lines.next().is_some() {
         return Err("more than one key line".into());
@@ -253,7 +276,11 @@ fn significant_line(text: &str) -> std::result::Result<&str, String> {
 }
 
 fn check_role_word(role: &str) -> Result<()> {
-    if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if role.is_empty()
+        || !role
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(Error::KeyFile(format!("role {role:?} must be one word")));
     }
     Ok(())
@@ -269,7 +296,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         options.mode(0o600);
     }
     let mut file = options.open(path).map_err(|e| {
-        Error::KeyFile(format!("cannot create {} (it must not exist yet): {e}", path.display()))
+        Error::KeyFile(format!(
+            "cannot create {} (it must not exist yet): {e}",
+            path.display()
+        ))
     })?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -284,13 +314,19 @@ pub fn actor_id(verifying_key: &PublicKey) -> String {
 
 /// Broker pseudonym of a patient: like the actor id, under its own domain.
 pub fn pseudonym(verifying_key: &PublicKey) -> String {
-    let hash = blake3::derive_key("pre-kms patient pseudonym v1", &verifying_key.to_compressed_bytes());
+    let hash = blake3::derive_key(
+        "pre-kms patient pseudonym v1",
+        &verifying_key.to_compressed_bytes(),
+    );
     hex::encode(&hash[..16])
 }
 
 pub fn public_key_from_bytes(bytes: &[u8]) -> Result<PublicKey> {
     PublicKey::try_from_compressed_bytes(bytes).map_err(|_| {
-        Error::malformed("public key", format!("expected 33 compressed bytes, got {}", bytes.len()))
+        Error::malformed(
+            "public key",
+            format!("expected 33 compressed bytes, got {}", bytes.len()),
+        )
     })
 }
 
@@ -322,7 +358,10 @@ mod tests {
         let (back, role) = Identity::read_key_file(&path).unwrap();
         assert_eq!(role, "researcher");
         assert_eq!(back.verifying_key(), id.verifying_key());
-        assert!(id.write_key_file(&path, "researcher").is_err(), "never overwrites a key");
+        assert!(
+            id.write_key_file(&path, "researcher").is_err(),
+            "never overwrites a key"
+        );
 
         let public = id.public("researcher");
         let ppath = dir.path().join("r.pub");
@@ -359,6 +398,9 @@ mod tests {
         let a = id.category_public_key(Category::Conditions);
         let b = id.category_public_key(Category::Observations);
         assert_ne!(a, b);
-        assert_ne!(id.content_tag(Category::Conditions, b"x"), id.content_tag(Category::Observations, b"x"));
+        assert_ne!(
+            id.content_tag(Category::Conditions, b"x"),
+            id.content_tag(Category::Observations, b"x")
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -39,7 +39,10 @@ impl Keystore {
                  created_at INTEGER NOT NULL);",
         )
         .map_err(|e| Error::KeyFile(format!("{} is not a keystore: {e}", path.display())))?;
-        Ok(Keystore { db, path: path.to_owned() })
+        Ok(Keystore {
+            db,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -63,15 +66,19 @@ impl Keystore {
     pub fn get(&self, source_id: &str) -> Result<Option<Identity>> {
         let seed: Option<Zeroizing<Vec<u8>>> = self
             .db
-            .query_row("SELECT seed FROM patients WHERE source_id = ?1", [source_id], |r| {
-                r.get::<_, Vec<u8>>(0).map(Zeroizing::new)
-            })
+            .query_row(
+                "SELECT seed FROM patients WHERE source_id = ?1",
+                [source_id],
+                |r| r.get::<_, Vec<u8>>(0).map(Zeroizing::new),
+            )
             .optional()?;
         seed.map(|s| {
-            let seed: [u8; SEED_LEN] = s
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::KeyFile(format!("{}: a seed has the wrong length", self.path.display())))?;
+            let seed: [u8; SEED_LEN] = s.as_slice().try_into().map_err(|_| {
+                Error::KeyFile(format!(
+                    "{}: a seed has the wrong length",
+                    self.path.display()
+                ))
+            })?;
             Ok(Identity::from_seed(seed))
         })
         .transpose()
@@ -79,11 +86,17 @@ impl Keystore {
 
     /// Every patient as (source id, identity), in source-id order.
     pub fn all(&self) -> Result<Vec<(String, Identity)>> {
-        let mut stmt = self.db.prepare("SELECT source_id FROM patients ORDER BY source_id")?;
-        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self
+            .db
+            .prepare("SELECT source_id FROM patients ORDER BY source_id")?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
         ids.into_iter()
             .map(|s| {
-                let id = self.get(&s)?.ok_or_else(|| Error::Storage("keystore row vanished".into()))?;
+                let id = self
+                    .get(&s)?
+                    .ok_or_else(|| Error::Storage("keystore row vanished".into()))?;
                 Ok((s, id))
             })
             .collect()

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::category::Category;
 use crate::error::{Error, Result};
@@ -53,7 +53,11 @@ impl ProxyNode {
                  grant_id TEXT NOT NULL, expires_at INTEGER NOT NULL, kfrag BLOB NOT NULL,
                  PRIMARY KEY (study_id, pseudonym, category));",
         )?;
-        Ok(ProxyNode { identity, index, db: Mutex::new(db) })
+        Ok(ProxyNode {
+            identity,
+            index,
+            db: Mutex::new(db),
+        })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -76,7 +80,10 @@ impl ProxyNode {
             .enumerate()
             .map(|(i, d)| {
                 if d.claim.proxy_index != self.index {
-                    return Err(Error::KfragRejected(format!("deposit {i}: meant for proxy {}", d.claim.proxy_index)));
+                    return Err(Error::KfragRejected(format!(
+                        "deposit {i}: meant for proxy {}",
+                        d.claim.proxy_index
+                    )));
                 }
                 grant::open_deposit(&self.identity, &d.claim, &d.sealed_kfrag)
                     .map(|k| grant::kfrag_bytes(&k.kfrag))
@@ -117,9 +124,10 @@ impl ProxyNode {
             )?;
             for (i, item) in items.iter().enumerate() {
                 let row: Option<(Vec<u8>, i64)> = stmt
-                    .query_row(params![item.study_id, item.pseudonym, item.category.label()], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
+                    .query_row(
+                        params![item.study_id, item.pseudonym, item.category.label()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
                     .optional()?;
                 match row {
                     Some((kfrag, expires_at)) if expires_at > now => {
@@ -132,12 +140,20 @@ impl ProxyNode {
                 }
             }
         }
-        let mut cfrags = reencrypt_batch(&work).into_iter().map(Some).collect::<Vec<_>>();
-        Ok(slots.into_iter().map(|s| s.and_then(|j| cfrags[j].take())).collect())
+        let mut cfrags = reencrypt_batch(&work)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>();
+        Ok(slots
+            .into_iter()
+            .map(|s| s.and_then(|j| cfrags[j].take()))
+            .collect())
     }
 
     /// Number of kfrags held (for operators and tests).
     pub fn kfrag_count(&self) -> Result<i64> {
-        Ok(self.db().query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))?)
+        Ok(self
+            .db()
+            .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))?)
     }
 }

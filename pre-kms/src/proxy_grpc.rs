@@ -9,11 +9,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use umbral_pre::PublicKey;
 
+use crate::Error;
 use crate::grant::DepositClaim;
 use crate::keys::{actor_id, public_key_bytes, public_key_from_bytes};
 use crate::proxy::{Deposit, ProxyNode, ReencryptRequest};
-use crate::request_auth::{now_ms, ReplayGuard};
-use crate::Error;
+use crate::request_auth::{ReplayGuard, now_ms};
 
 pub const DEPOSIT: &str = "/broker.v1.Proxy/Deposit";
 pub const REENCRYPT: &str = "/broker.v1.Proxy/Reencrypt";
@@ -28,12 +28,22 @@ pub struct ProxyService {
 
 impl ProxyService {
     pub fn new(node: Arc<ProxyNode>, broker_key: PublicKey) -> Self {
-        ProxyService { node, broker_id: actor_id(&broker_key), broker_key, guard: ReplayGuard::default() }
+        ProxyService {
+            node,
+            broker_id: actor_id(&broker_key),
+            broker_key,
+            guard: ReplayGuard::default(),
+        }
     }
 
-    fn authorize<T: prost::Message>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
-        self.guard
-            .verify(request, method, |actor| (actor == self.broker_id).then_some(self.broker_key))?;
+    fn authorize<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<(), Status> {
+        self.guard.verify(request, method, |actor| {
+            (actor == self.broker_id).then_some(self.broker_key)
+        })?;
         Ok(())
     }
 }
@@ -43,16 +53,22 @@ fn invalid(e: Error) -> Status {
 }
 
 fn category(label: &str) -> Result<crate::Category, Status> {
-    label.parse().map_err(|e: crate::category::UnknownCategory| Status::invalid_argument(e.to_string()))
+    label
+        .parse()
+        .map_err(|e: crate::category::UnknownCategory| Status::invalid_argument(e.to_string()))
 }
 
 fn key(bytes: &[u8], what: &str) -> Result<PublicKey, Status> {
-    public_key_from_bytes(bytes).map_err(|_| Status::invalid_argument(format!("{what} is not a public key")))
+    public_key_from_bytes(bytes)
+        .map_err(|_| Status::invalid_argument(format!("{what} is not a public key")))
 }
 
 #[tonic::async_trait]
 impl pb::proxy_server::Proxy for ProxyService {
-    async fn info(&self, request: Request<pb::ProxyInfoRequest>) -> Result<Response<pb::ProxyInfo>, Status> {
+    async fn info(
+        &self,
+        request: Request<pb::ProxyInfoRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
         self.authorize(&request, INFO)?;
         let id = self.node.identity();
         Ok(Response::new(pb::ProxyInfo {
@@ -62,7 +78,10 @@ impl pb::proxy_server::Proxy for ProxyService {
         }))
     }
 
-    async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::DepositResponse>, Status> {
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
         self.authorize(&request, DEPOSIT)?;
         let index = self.node.index();
         let deposits = request
@@ -78,7 +97,10 @@ impl pb::proxy_server::Proxy for ProxyService {
                         category: category(&d.category)?,
                         expires_at: d.expires_at,
                         proxy_index: index,
-                        patient_verifying_key: key(&d.patient_verifying_key, "patient verifying key")?,
+                        patient_verifying_key: key(
+                            &d.patient_verifying_key,
+                            "patient verifying key",
+                        )?,
                         delegating_key: key(&d.delegating_key, "delegating key")?,
                         receiving_key: key(&d.receiving_key, "receiving key")?,
                     },
@@ -94,10 +116,15 @@ impl pb::proxy_server::Proxy for ProxyService {
                 Error::KfragRejected(_) => Status::invalid_argument(e.to_string()),
                 other => Status::internal(other.to_string()),
             })?;
-        Ok(Response::new(pb::DepositResponse { accepted: accepted as u32 }))
+        Ok(Response::new(pb::DepositResponse {
+            accepted: accepted as u32,
+        }))
     }
 
-    async fn reencrypt(&self, request: Request<pb::ReencryptRequest>) -> Result<Response<pb::ReencryptResponse>, Status> {
+    async fn reencrypt(
+        &self,
+        request: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptResponse>, Status> {
         self.authorize(&request, REENCRYPT)?;
         let items = request
             .into_inner()

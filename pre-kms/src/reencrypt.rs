@@ -18,7 +18,10 @@ pub fn reencrypt_batch(items: &[(Capsule, VerifiedKeyFrag)]) -> Vec<Vec<u8>> {
         .par_iter()
         .map(|(capsule, kfrag)| {
             let cfrag = umbral_pre::reencrypt(capsule, kfrag.clone());
-            cfrag.to_bytes().expect("cfrag serialization cannot fail").to_vec()
+            cfrag
+                .to_bytes()
+                .expect("cfrag serialization cannot fail")
+                .to_vec()
         })
         .collect()
 }
@@ -37,7 +40,12 @@ pub fn verify_cfrag(ctx: &CfragContext<'_>, bytes: &[u8]) -> Result<VerifiedCaps
     let cfrag = CapsuleFrag::from_bytes(bytes)
         .map_err(|e| Error::CfragRejected(format!("does not parse: {e}")))?;
     cfrag
-        .verify(ctx.capsule, ctx.patient_verifying_key, ctx.delegating_key, ctx.receiving_key)
+        .verify(
+            ctx.capsule,
+            ctx.patient_verifying_key,
+            ctx.delegating_key,
+            ctx.receiving_key,
+        )
         .map_err(|(e, _)| Error::CfragRejected(e.to_string()))
 }
 
@@ -72,7 +80,10 @@ pub fn decrypt_released(
         .map(|c| verify_cfrag(&ctx, c))
         .collect::<Result<Vec<_>>>()?;
     if verified.len() < threshold {
-        return Err(Error::NotEnoughCfrags { have: verified.len(), need: threshold });
+        return Err(Error::NotEnoughCfrags {
+            have: verified.len(),
+            need: threshold,
+        });
     }
     let compressed = umbral_pre::decrypt_reencrypted(
         &researcher.encryption_key(),

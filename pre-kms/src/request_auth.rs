@@ -19,7 +19,7 @@ use rand::RngCore;
 use tonic::metadata::MetadataMap;
 use umbral_pre::PublicKey;
 
-use crate::keys::{verify_signature, Identity};
+use crate::keys::{Identity, verify_signature};
 
 pub const ACTOR: &str = "x-actor";
 pub const TIMESTAMP: &str = "x-timestamp";
@@ -47,7 +47,10 @@ pub enum AuthError {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn digest(method: &str, actor: &str, timestamp: i64, nonce: &str, body: &[u8]) -> [u8; 32] {
@@ -65,7 +68,11 @@ fn digest(method: &str, actor: &str, timestamp: i64, nonce: &str, body: &[u8]) -
 
 /// Wraps a message in a request signed by `identity` for `method`
 /// (the full gRPC path, e.g. `/broker.v1.Records/Upload`).
-pub fn signed<T: prost::Message>(identity: &Identity, method: &str, message: T) -> tonic::Request<T> {
+pub fn signed<T: prost::Message>(
+    identity: &Identity,
+    method: &str,
+    message: T,
+) -> tonic::Request<T> {
     let actor = identity.actor_id();
     let timestamp = now_ms();
     let mut nonce = [0u8; 16];
@@ -76,9 +83,15 @@ pub fn signed<T: prost::Message>(identity: &Identity, method: &str, message: T) 
     let mut request = tonic::Request::new(message);
     let md = request.metadata_mut();
     md.insert(ACTOR, actor.parse().expect("hex is ascii"));
-    md.insert(TIMESTAMP, timestamp.to_string().parse().expect("digits are ascii"));
+    md.insert(
+        TIMESTAMP,
+        timestamp.to_string().parse().expect("digits are ascii"),
+    );
     md.insert(NONCE, nonce.parse().expect("hex is ascii"));
-    md.insert(SIGNATURE, hex::encode(signature).parse().expect("hex is ascii"));
+    md.insert(
+        SIGNATURE,
+        hex::encode(signature).parse().expect("hex is ascii"),
+    );
     request
 }
 
@@ -104,7 +117,10 @@ impl Default for ReplayGuard {
 
 impl ReplayGuard {
     pub fn new(window_ms: i64) -> Self {
-        ReplayGuard { window_ms, seen: Mutex::new(HashMap::new()) }
+        ReplayGuard {
+            window_ms,
+            seen: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Checks a request's credentials. `lookup` maps an actor id to its registered
@@ -117,19 +133,26 @@ impl ReplayGuard {
     ) -> Result<String, AuthError> {
         let md = request.metadata();
         let actor = header(md, ACTOR)?;
-        let timestamp: i64 = header(md, TIMESTAMP)?.parse().map_err(|_| AuthError::Malformed(TIMESTAMP))?;
+        let timestamp: i64 = header(md, TIMESTAMP)?
+            .parse()
+            .map_err(|_| AuthError::Malformed(TIMESTAMP))?;
         let nonce = header(md, NONCE)?;
         if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(AuthError::Malformed(NONCE));
         }
-        let signature = hex::decode(header(md, SIGNATURE)?).map_err(|_| AuthError::Malformed(SIGNATURE))?;
+        let signature =
+            hex::decode(header(md, SIGNATURE)?).map_err(|_| AuthError::Malformed(SIGNATURE))?;
         let now = now_ms();
         if (now - timestamp).abs() > self.window_ms {
             return Err(AuthError::Stale);
         }
         let key = lookup(actor).ok_or(AuthError::UnknownActor)?;
         let body = request.get_ref().encode_to_vec();
-        if !verify_signature(&key, &digest(method, actor, timestamp, nonce, &body), &signature) {
+        if !verify_signature(
+            &key,
+            &digest(method, actor, timestamp, nonce, &body),
+            &signature,
+        ) {
             return Err(AuthError::BadSignature);
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,26 +184,46 @@ mod tests {
         let guard = ReplayGuard::default();
         let key = id.verifying_key();
         let lookup = |a: &str| (a == id.actor_id()).then_some(key);
-        let msg = broker_proto::v1::GetStudyRequest { study_id: "s1".into() };
+        let msg = broker_proto::v1::GetStudyRequest {
+            study_id: "s1".into(),
+        };
         let req = signed(&id, "/m", msg.clone());
         assert_eq!(guard.verify(&req, "/m", lookup).unwrap(), id.actor_id());
         assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::Replayed));
 
         let req = signed(&id, "/m", msg.clone());
-        assert_eq!(guard.verify(&req, "/other", lookup), Err(AuthError::BadSignature));
+        assert_eq!(
+            guard.verify(&req, "/other", lookup),
+            Err(AuthError::BadSignature)
+        );
 
         let mut req = signed(&id, "/m", msg.clone());
         req.get_mut().study_id = "s2".into();
-        assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::BadSignature));
+        assert_eq!(
+            guard.verify(&req, "/m", lookup),
+            Err(AuthError::BadSignature)
+        );
 
         let req = signed(&other, "/m", msg.clone());
-        assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::UnknownActor));
+        assert_eq!(
+            guard.verify(&req, "/m", lookup),
+            Err(AuthError::UnknownActor)
+        );
 
         let req = tonic::Request::new(msg.clone());
-        assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::Missing(ACTOR)));
+        assert_eq!(
+            guard.verify(&req, "/m", lookup),
+            Err(AuthError::Missing(ACTOR))
+        );
 
         let mut req = signed(&id, "/m", msg);
-        req.metadata_mut().insert(TIMESTAMP, (now_ms() - DEFAULT_WINDOW_MS - 1000).to_string().parse().unwrap());
+        req.metadata_mut().insert(
+            TIMESTAMP,
+            (now_ms() - DEFAULT_WINDOW_MS - 1000)
+                .to_string()
+                .parse()
+                .unwrap(),
+        );
         assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::Stale));
     }
 }

@@ -29,7 +29,10 @@ impl Sealed {
     ) -> Result<Sealed> {
         let (capsule, ciphertext) = umbral_pre::encrypt_with_rng(rng, recipient, plaintext)
             .map_err(|e| Error::Encrypt(e.to_string()))?;
-        Ok(Sealed { capsule, ciphertext })
+        Ok(Sealed {
+            capsule,
+            ciphertext,
+        })
     }
 
     /// Opens with the recipient's own secret key.
@@ -50,12 +53,19 @@ impl Sealed {
 
     pub fn from_bytes(magic: &[u8; 4], what: &'static str, bytes: &[u8]) -> Result<Sealed> {
         let (capsule, ciphertext) = split(magic, what, bytes)?;
-        Ok(Sealed { capsule: parse_capsule(capsule)?, ciphertext: ciphertext.into() })
+        Ok(Sealed {
+            capsule: parse_capsule(capsule)?,
+            ciphertext: ciphertext.into(),
+        })
     }
 }
 
 /// Splits framed bytes into (capsule bytes, ciphertext) without parsing the capsule.
-pub fn split<'a>(magic: &[u8; 4], what: &'static str, bytes: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {
+pub fn split<'a>(
+    magic: &[u8; 4],
+    what: &'static str,
+    bytes: &'a [u8],
+) -> Result<(&'a [u8], &'a [u8])> {
     if bytes.len() < 8 || &bytes[..4] != magic {
         return Err(Error::malformed(what, "missing or wrong magic tag"));
     }
@@ -67,7 +77,10 @@ pub fn split<'a>(magic: &[u8; 4], what: &'static str, bytes: &'a [u8]) -> Result
 }
 
 pub fn capsule_bytes(capsule: &Capsule) -> Vec<u8> {
-    capsule.to_bytes().expect("capsule serialization cannot fail").to_vec()
+    capsule
+        .to_bytes()
+        .expect("capsule serialization cannot fail")
+        .to_vec()
 }
 
 pub fn parse_capsule(bytes: &[u8]) -> Result<Capsule> {

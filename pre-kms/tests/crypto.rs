@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use pre_kms::grant::{self, DepositClaim, GrantPlan};
-use pre_kms::reencrypt::{decrypt_released, reencrypt_batch, ReleasedEnvelope};
-use pre_kms::{envelope, Category, Error, Identity};
+use pre_kms::reencrypt::{ReleasedEnvelope, decrypt_released, reencrypt_batch};
+use pre_kms::{Category, Error, Identity, envelope};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -21,7 +21,9 @@ fn setup(n: usize, seed: u64) -> Setup {
     Setup {
         patient: Identity::generate_with_rng(&mut rng),
         researcher: Identity::generate_with_rng(&mut rng),
-        proxies: (0..n).map(|_| Identity::generate_with_rng(&mut rng)).collect(),
+        proxies: (0..n)
+            .map(|_| Identity::generate_with_rng(&mut rng))
+            .collect(),
     }
 }
 
@@ -32,7 +34,11 @@ fn plan(s: &Setup, categories: Vec<Category>, t: usize) -> GrantPlan {
         categories,
         threshold: t,
         expires_at: 4_000_000_000,
-        proxy_keys: s.proxies.iter().map(|p| p.encryption_public_key()).collect(),
+        proxy_keys: s
+            .proxies
+            .iter()
+            .map(|p| p.encryption_public_key())
+            .collect(),
     }
 }
 
@@ -50,19 +56,36 @@ fn claim(s: &Setup, category: Category, i: usize) -> DepositClaim {
 }
 
 /// cfrags from the given proxies for one envelope.
-fn cfrags(s: &Setup, g: &grant::Grant, category: Category, sealed: &[u8], which: &[usize]) -> Vec<Vec<u8>> {
-    let gc = g.categories.iter().find(|c| c.category == category).unwrap();
+fn cfrags(
+    s: &Setup,
+    g: &grant::Grant,
+    category: Category,
+    sealed: &[u8],
+    which: &[usize],
+) -> Vec<Vec<u8>> {
+    let gc = g
+        .categories
+        .iter()
+        .find(|c| c.category == category)
+        .unwrap();
     let capsule = envelope::parse(sealed).unwrap().capsule;
     which
         .iter()
         .flat_map(|&i| {
-            let k = grant::open_deposit(&s.proxies[i], &claim(s, category, i), &gc.sealed_kfrags[i]).unwrap();
+            let k =
+                grant::open_deposit(&s.proxies[i], &claim(s, category, i), &gc.sealed_kfrags[i])
+                    .unwrap();
             reencrypt_batch(&[(capsule.clone(), k.kfrag)])
         })
         .collect()
 }
 
-fn released(s: &Setup, category: Category, sealed: Vec<u8>, cfrags: Vec<Vec<u8>>) -> ReleasedEnvelope {
+fn released(
+    s: &Setup,
+    category: Category,
+    sealed: Vec<u8>,
+    cfrags: Vec<Vec<u8>>,
+) -> ReleasedEnvelope {
     ReleasedEnvelope {
         sealed,
         delegating_key: s.patient.category_public_key(category),
@@ -100,25 +123,42 @@ proptest! {
 #[test]
 fn a_grant_for_one_category_cannot_open_another() {
     let s = setup(3, 7);
-    let obs = envelope::seal(&s.patient.category_public_key(Category::Observations), b"observations").unwrap();
+    let obs = envelope::seal(
+        &s.patient.category_public_key(Category::Observations),
+        b"observations",
+    )
+    .unwrap();
     let g = grant::issue(&s.patient, &plan(&s, vec![Category::Conditions], 2)).unwrap();
     // Re-encrypt the observations capsule with the conditions kfrags: what a broker
     // holding the study's kfrags could try.
     let frags = cfrags(&s, &g, Category::Conditions, &obs, &[0, 1]);
     let as_obs = released(&s, Category::Observations, obs.clone(), frags.clone());
-    assert!(matches!(decrypt_released(&s.researcher, &as_obs, 2), Err(Error::CfragRejected(_))));
-    let as_cond = ReleasedEnvelope { delegating_key: s.patient.category_public_key(Category::Conditions), ..as_obs };
+    assert!(matches!(
+        decrypt_released(&s.researcher, &as_obs, 2),
+        Err(Error::CfragRejected(_))
+    ));
+    let as_cond = ReleasedEnvelope {
+        delegating_key: s.patient.category_public_key(Category::Conditions),
+        ..as_obs
+    };
     assert!(decrypt_released(&s.researcher, &as_cond, 2).is_err());
 }
 
 #[test]
 fn tampered_cfrags_and_foreign_researchers_are_refused() {
     let s = setup(3, 9);
-    let sealed = envelope::seal(&s.patient.category_public_key(Category::Conditions), b"conditions").unwrap();
+    let sealed = envelope::seal(
+        &s.patient.category_public_key(Category::Conditions),
+        b"conditions",
+    )
+    .unwrap();
     let g = grant::issue(&s.patient, &plan(&s, vec![Category::Conditions], 2)).unwrap();
     let mut frags = cfrags(&s, &g, Category::Conditions, &sealed, &[0, 2]);
     let good = released(&s, Category::Conditions, sealed.clone(), frags.clone());
-    assert_eq!(decrypt_released(&s.researcher, &good, 2).unwrap(), b"conditions");
+    assert_eq!(
+        decrypt_released(&s.researcher, &good, 2).unwrap(),
+        b"conditions"
+    );
     // Another researcher cannot use them.
     let other = Identity::generate();
     assert!(decrypt_released(&other, &good, 2).is_err());
@@ -134,9 +174,13 @@ fn proxies_refuse_kfrags_that_do_not_match_their_claim() {
     let s = setup(3, 11);
     let g = grant::issue(&s.patient, &plan(&s, vec![Category::Conditions], 2)).unwrap();
     let sealed = &g.categories[0].sealed_kfrags[0];
-    assert!(grant::open_deposit(&s.proxies[0], &claim(&s, Category::Conditions, 0), sealed).is_ok());
+    assert!(
+        grant::open_deposit(&s.proxies[0], &claim(&s, Category::Conditions, 0), sealed).is_ok()
+    );
     // Sealed to proxy 0, offered to proxy 1.
-    assert!(grant::open_deposit(&s.proxies[1], &claim(&s, Category::Conditions, 1), sealed).is_err());
+    assert!(
+        grant::open_deposit(&s.proxies[1], &claim(&s, Category::Conditions, 1), sealed).is_err()
+    );
     // The broker lies about the category, the study, the expiry or the receiving key.
     let mut c = claim(&s, Category::Conditions, 0);
     c.category = Category::Observations;
@@ -170,14 +214,26 @@ fn compute_vectors() -> serde_json::Value {
     let mut rng = ChaCha20Rng::seed_from_u64(2026);
     let patient = Identity::generate_with_rng(&mut rng);
     let researcher = Identity::generate_with_rng(&mut rng);
-    let proxies: Vec<Identity> = (0..3).map(|_| Identity::generate_with_rng(&mut rng)).collect();
+    let proxies: Vec<Identity> = (0..3)
+        .map(|_| Identity::generate_with_rng(&mut rng))
+        .collect();
     let hex_pk = |k: &umbral_pre::PublicKey| hex::encode(k.to_compressed_bytes());
     let categories: serde_json::Map<String, serde_json::Value> = Category::ALL
         .iter()
-        .map(|c| (c.label().to_owned(), hex_pk(&patient.category_public_key(*c)).into()))
+        .map(|c| {
+            (
+                c.label().to_owned(),
+                hex_pk(&patient.category_public_key(*c)).into(),
+            )
+        })
         .collect();
     let plaintext = br#"{"resourceType":"Bundle","type":"collection"}"#;
-    let sealed = envelope::seal_with_rng(&mut rng, &patient.category_public_key(Category::Conditions), plaintext).unwrap();
+    let sealed = envelope::seal_with_rng(
+        &mut rng,
+        &patient.category_public_key(Category::Conditions),
+        plaintext,
+    )
+    .unwrap();
     let g = grant::issue_with_rng(
         &mut rng,
         &patient,
@@ -219,12 +275,25 @@ fn golden_vectors_match() {
     let computed = compute_vectors();
     let path = golden_path();
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, serde_json::to_string_pretty(&computed).unwrap() + "\n").unwrap();
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&computed).unwrap() + "\n",
+        )
+        .unwrap();
     }
-    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("golden vectors committed (UPDATE_GOLDEN=1 to write)")).unwrap();
-    assert_eq!(computed, stored, "key derivation, envelope or grant format changed: if intended, regenerate with UPDATE_GOLDEN=1");
+    let stored: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).expect("golden vectors committed (UPDATE_GOLDEN=1 to write)"),
+    )
+    .unwrap();
+    assert_eq!(
+        computed, stored,
+        "key derivation, envelope or grant format changed: if intended, regenerate with UPDATE_GOLDEN=1"
+    );
     // The stored envelope still opens with the stored seed's key.
-    let seed: [u8; 32] = hex::decode(stored["keys"]["patient_seed"].as_str().unwrap()).unwrap().try_into().unwrap();
+    let seed: [u8; 32] = hex::decode(stored["keys"]["patient_seed"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
     let patient = Identity::from_seed(seed);
     let bytes = hex::decode(stored["envelope"]["bytes"].as_str().unwrap()).unwrap();
     assert_eq!(

@@ -19,20 +19,18 @@ impl Cohort {
     /// Whether a patient's index rows meet every criterion.
     pub fn matches(&self, patient: &PatientIndex) -> bool {
         let year = patient.person.birth_year;
-        if let Some(min) = self.min_birth_year {
-            if year.is_none_or(|y| y < min) {
-                return false;
-            }
-        }
-        if let Some(max) = self.max_birth_year {
-            if year.is_none_or(|y| y > max) {
-                return false;
-            }
-        }
-        if let Some(sex) = &self.sex {
-            if &patient.person.sex != sex {
-                return false;
-            }
+        let below = self
+            .min_birth_year
+            .is_some_and(|min| year.is_none_or(|y| y < min));
+        let above = self
+            .max_birth_year
+            .is_some_and(|max| year.is_none_or(|y| y > max));
+        let other_sex = self
+            .sex
+            .as_ref()
+            .is_some_and(|sex| &patient.person.sex != sex);
+        if below || above || other_sex {
+            return false;
         }
         self.condition_codes.is_empty()
             || patient
@@ -49,7 +47,10 @@ mod tests {
 
     fn patient(year: i32, sex: &str, codes: &[&str]) -> PatientIndex {
         PatientIndex {
-            person: Person { birth_year: Some(year), sex: sex.into() },
+            person: Person {
+                birth_year: Some(year),
+                sex: sex.into(),
+            },
             conditions: codes
                 .iter()
                 .map(|c| CodedEvent {

@@ -25,7 +25,12 @@ impl Sandbox {
     pub async fn start() -> Sandbox {
         let dir = tempfile::tempdir().expect("temp dir");
         let operator = Identity::generate();
-        let mut sandbox = Sandbox { dir, running: None, operator, url: String::new() };
+        let mut sandbox = Sandbox {
+            dir,
+            running: None,
+            operator,
+            url: String::new(),
+        };
         sandbox.restart_with(|_| {}).await;
         sandbox
     }
@@ -38,14 +43,20 @@ impl Sandbox {
         let mut config = ServeConfig::new(self.data_dir());
         config.operator = Some(self.operator.public("operator"));
         configure(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-        let running = server::start(listener, config, std::future::pending()).await.expect("broker starts");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let running = server::start(listener, config, std::future::pending())
+            .await
+            .expect("broker starts");
         self.url = running.url();
         self.running = Some(running);
     }
 
     pub async fn client(&self, identity: Identity) -> BrokerClient {
-        BrokerClient::connect(&self.url, identity).await.expect("connect")
+        BrokerClient::connect(&self.url, identity)
+            .await
+            .expect("connect")
     }
 
     pub async fn operator(&self) -> BrokerClient {
@@ -56,7 +67,11 @@ impl Sandbox {
     pub async fn actor(&self, role: Role) -> BrokerClient {
         let id = Identity::generate();
         let key = pre_kms::keys::public_key_bytes(&id.verifying_key());
-        self.operator().await.register_actor(role, &format!("test {role}"), "Test Org", key).await.expect("register");
+        self.operator()
+            .await
+            .register_actor(role, &format!("test {role}"), "Test Org", key)
+            .await
+            .expect("register");
         self.client(id).await
     }
 

@@ -30,7 +30,9 @@ pub fn scan_for(dir: &Path, needles: &[String]) -> Vec<(PathBuf, String)> {
         .collect();
     let mut hits = Vec::new();
     for file in files_under(dir) {
-        let bytes = std::fs::read(&file).expect("readable file").to_ascii_lowercase();
+        let bytes = std::fs::read(&file)
+            .expect("readable file")
+            .to_ascii_lowercase();
         for (n, lower) in &needles {
             if bytes.windows(lower.len()).any(|w| w == lower.as_slice()) {
                 hits.push((file.clone(), n.clone()));

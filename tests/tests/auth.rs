@@ -5,10 +5,10 @@ use broker::methods as m;
 use broker::role::Role;
 use broker_proto::v1 as pb;
 use integration_tests::Sandbox;
-use pre_kms::request_auth::{signed, ACTOR};
 use pre_kms::Identity;
-use tonic::transport::Channel;
+use pre_kms::request_auth::{ACTOR, signed};
 use tonic::Code;
+use tonic::transport::Channel;
 
 struct Call {
     name: &'static str,
@@ -18,20 +18,61 @@ struct Call {
 }
 
 const CALLS: &[Call] = &[
-    Call { name: "Registry.ListActors", method: m::LIST_ACTORS, wrong_role: Role::Sponsor },
-    Call { name: "Registry.RegisterActor", method: m::REGISTER_ACTOR, wrong_role: Role::Board },
-    Call { name: "Records.Enroll", method: m::ENROLL, wrong_role: Role::Researcher },
-    Call { name: "Records.Upload", method: m::UPLOAD, wrong_role: Role::Sponsor },
-    Call { name: "Studies.Propose", method: m::PROPOSE, wrong_role: Role::Researcher },
-    Call { name: "Studies.Decide", method: m::DECIDE, wrong_role: Role::Sponsor },
-    Call { name: "Grants.Issue", method: m::ISSUE_GRANTS, wrong_role: Role::Researcher },
-    Call { name: "Releases.Request", method: m::REQUEST_RELEASE, wrong_role: Role::Sponsor },
-    Call { name: "Releases.Fetch", method: m::FETCH_RELEASE, wrong_role: Role::Custodian },
+    Call {
+        name: "Registry.ListActors",
+        method: m::LIST_ACTORS,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Registry.RegisterActor",
+        method: m::REGISTER_ACTOR,
+        wrong_role: Role::Board,
+    },
+    Call {
+        name: "Records.Enroll",
+        method: m::ENROLL,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Records.Upload",
+        method: m::UPLOAD,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Studies.Propose",
+        method: m::PROPOSE,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Studies.Decide",
+        method: m::DECIDE,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Grants.Issue",
+        method: m::ISSUE_GRANTS,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Releases.Request",
+        method: m::REQUEST_RELEASE,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Releases.Fetch",
+        method: m::FETCH_RELEASE,
+        wrong_role: Role::Custodian,
+    },
 ];
 
 /// Sends one call of `method` as `identity` (None: unsigned), with `tamper` applied to
 /// the signed request; returns the status code.
-async fn call(channel: Channel, method: &str, identity: Option<&Identity>, tamper: impl Fn(&mut tonic::metadata::MetadataMap)) -> Code {
+async fn call(
+    channel: Channel,
+    method: &str,
+    identity: Option<&Identity>,
+    tamper: impl Fn(&mut tonic::metadata::MetadataMap),
+) -> Code {
     macro_rules! go {
         ($client:path, $rpc:ident, $msg:expr) => {{
             let msg = $msg;
@@ -47,16 +88,56 @@ async fn call(channel: Channel, method: &str, identity: Option<&Identity>, tampe
         }};
     }
     match method {
-        m::WHOAMI => go!(pb::registry_client::RegistryClient<Channel>, whoami, pb::WhoamiRequest {}),
-        m::LIST_ACTORS => go!(pb::registry_client::RegistryClient<Channel>, list_actors, pb::ListActorsRequest {}),
-        m::REGISTER_ACTOR => go!(pb::registry_client::RegistryClient<Channel>, register_actor, pb::RegisterActorRequest::default()),
-        m::ENROLL => go!(pb::records_client::RecordsClient<Channel>, enroll, pb::EnrollRequest::default()),
-        m::UPLOAD => go!(pb::records_client::RecordsClient<Channel>, upload, pb::UploadRequest::default()),
-        m::PROPOSE => go!(pb::studies_client::StudiesClient<Channel>, propose, pb::StudyProposal::default()),
-        m::DECIDE => go!(pb::studies_client::StudiesClient<Channel>, decide, pb::DecideStudyRequest::default()),
-        m::ISSUE_GRANTS => go!(pb::grants_client::GrantsClient<Channel>, issue, pb::IssueGrantsRequest::default()),
-        m::REQUEST_RELEASE => go!(pb::releases_client::ReleasesClient<Channel>, request, pb::RequestReleaseRequest::default()),
-        m::FETCH_RELEASE => go!(pb::releases_client::ReleasesClient<Channel>, fetch, pb::FetchReleaseRequest::default()),
+        m::WHOAMI => go!(
+            pb::registry_client::RegistryClient<Channel>,
+            whoami,
+            pb::WhoamiRequest {}
+        ),
+        m::LIST_ACTORS => go!(
+            pb::registry_client::RegistryClient<Channel>,
+            list_actors,
+            pb::ListActorsRequest {}
+        ),
+        m::REGISTER_ACTOR => go!(
+            pb::registry_client::RegistryClient<Channel>,
+            register_actor,
+            pb::RegisterActorRequest::default()
+        ),
+        m::ENROLL => go!(
+            pb::records_client::RecordsClient<Channel>,
+            enroll,
+            pb::EnrollRequest::default()
+        ),
+        m::UPLOAD => go!(
+            pb::records_client::RecordsClient<Channel>,
+            upload,
+            pb::UploadRequest::default()
+        ),
+        m::PROPOSE => go!(
+            pb::studies_client::StudiesClient<Channel>,
+            propose,
+            pb::StudyProposal::default()
+        ),
+        m::DECIDE => go!(
+            pb::studies_client::StudiesClient<Channel>,
+            decide,
+            pb::DecideStudyRequest::default()
+        ),
+        m::ISSUE_GRANTS => go!(
+            pb::grants_client::GrantsClient<Channel>,
+            issue,
+            pb::IssueGrantsRequest::default()
+        ),
+        m::REQUEST_RELEASE => go!(
+            pb::releases_client::ReleasesClient<Channel>,
+            request,
+            pb::RequestReleaseRequest::default()
+        ),
+        m::FETCH_RELEASE => go!(
+            pb::releases_client::ReleasesClient<Channel>,
+            fetch,
+            pb::FetchReleaseRequest::default()
+        ),
         other => panic!("no call for {other}"),
     }
 }
@@ -64,7 +145,11 @@ async fn call(channel: Channel, method: &str, identity: Option<&Identity>, tampe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
     let sandbox = Sandbox::start().await;
-    let channel = Channel::from_shared(sandbox.url.clone()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(sandbox.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let stranger = Identity::generate();
     for c in CALLS {
         let wrong = sandbox.actor(c.wrong_role).await;
@@ -84,17 +169,32 @@ async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
         // Signed for another method.
         let code = call(channel.clone(), m::WHOAMI, Some(wrong.identity()), |_| {}).await;
         assert_eq!(code, Code::Ok, "whoami works for any role");
-        let other_method = if c.method == m::LIST_ACTORS { m::WHOAMI } else { m::LIST_ACTORS };
+        let other_method = if c.method == m::LIST_ACTORS {
+            m::WHOAMI
+        } else {
+            m::LIST_ACTORS
+        };
         let id = wrong.identity().clone();
         let code = {
             let msg_for_other = signed(&id, other_method, pb::WhoamiRequest {});
             let md = msg_for_other.metadata().clone();
             call(channel.clone(), c.method, None, move |m| *m = md.clone()).await
         };
-        assert_eq!(code, Code::Unauthenticated, "{}: signature for another method and body", c.name);
+        assert_eq!(
+            code,
+            Code::Unauthenticated,
+            "{}: signature for another method and body",
+            c.name
+        );
 
         let code = call(channel.clone(), c.method, Some(wrong.identity()), |_| {}).await;
-        assert_eq!(code, Code::PermissionDenied, "{}: wrong role {}", c.name, c.wrong_role);
+        assert_eq!(
+            code,
+            Code::PermissionDenied,
+            "{}: wrong role {}",
+            c.name,
+            c.wrong_role
+        );
     }
 
     // A captured request cannot be replayed.

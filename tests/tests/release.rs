@@ -14,14 +14,18 @@ use broker::study::StudyProposal;
 use broker_proto::v1 as pb;
 use cohort_query::Cohort;
 use datasets::{PatientRecord, Population};
-use integration_tests::{scan_for, Sandbox};
+use integration_tests::{Sandbox, scan_for};
 use pre_kms::proxy::ProxyNode;
 use pre_kms::proxy_grpc::ProxyService;
 use pre_kms::{Category, Identity};
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
 
-const CATS: [Category; 3] = [Category::Demographics, Category::Conditions, Category::Observations];
+const CATS: [Category; 3] = [
+    Category::Demographics,
+    Category::Conditions,
+    Category::Observations,
+];
 
 struct World {
     custodian: BrokerClient,
@@ -34,8 +38,12 @@ struct World {
 async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
     let custodian = sandbox.actor(Role::Custodian).await;
     let population = Population::new(seed, n);
-    let patients: Vec<(Identity, PatientRecord)> = (0..n).map(|i| (Identity::generate(), population.patient(i))).collect();
-    let report = agent::ingest_batch(&custodian, patients.clone()).await.expect("ingest");
+    let patients: Vec<(Identity, PatientRecord)> = (0..n)
+        .map(|i| (Identity::generate(), population.patient(i)))
+        .collect();
+    let report = agent::ingest_batch(&custodian, patients.clone())
+        .await
+        .expect("ingest");
     assert_eq!(report.newly_enrolled, n);
     World {
         custodian,
@@ -53,7 +61,9 @@ fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
         purpose: "HMB".into(),
         categories: CATS.to_vec(),
         researcher_id: w.researcher.identity().actor_id(),
-        receiving_key: pre_kms::keys::public_key_bytes(&w.researcher.identity().encryption_public_key()),
+        receiving_key: pre_kms::keys::public_key_bytes(
+            &w.researcher.identity().encryption_public_key(),
+        ),
         not_before: now - 60,
         not_after: now + 3600,
         cohort,
@@ -61,29 +71,52 @@ fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
 }
 
 async fn approved_study(w: &World, cohort: Cohort) -> pb::Study {
-    let s = w.sponsor.propose_study(&proposal(w, cohort)).await.expect("propose");
-    w.board.decide_study(&s.study_id, true, "ok").await.expect("approve")
+    let s = w
+        .sponsor
+        .propose_study(&proposal(w, cohort))
+        .await
+        .expect("propose");
+    w.board
+        .decide_study(&s.study_id, true, "ok")
+        .await
+        .expect("approve")
 }
 
 /// Grants `categories` of each listed patient.
 async fn grant(w: &World, study: &pb::Study, who: &[usize], categories: &[Category]) {
     let plan = agent::grant_plan(&w.custodian, study).await.expect("plan");
-    let list = who.iter().map(|&i| (w.patients[i].0.clone(), categories.to_vec())).collect();
-    agent::grant_batch(&w.custodian, &plan, list).await.expect("grant");
+    let list = who
+        .iter()
+        .map(|&i| (w.patients[i].0.clone(), categories.to_vec()))
+        .collect();
+    agent::grant_batch(&w.custodian, &plan, list)
+        .await
+        .expect("grant");
 }
 
 async fn fetch(w: &World, study: &pb::Study) -> Result<BTreeMap<[u8; 32], usize>, ClientError> {
     let mut got = BTreeMap::new();
-    agent::fetch_and_decrypt(&w.researcher, w.researcher.identity(), &study.study_id, |r| {
-        *got.entry(*blake3::hash(&r.plaintext).as_bytes()).or_default() += 1;
-        Ok(())
-    })
+    agent::fetch_and_decrypt(
+        &w.researcher,
+        w.researcher.identity(),
+        &study.study_id,
+        |r| {
+            *got.entry(*blake3::hash(&r.plaintext).as_bytes())
+                .or_default() += 1;
+            Ok(())
+        },
+    )
     .await?;
     Ok(got)
 }
 
 /// What the researcher must receive: these patients' records in these categories.
-fn expected(w: &World, who: &[usize], categories: &[Category], cohort: &Cohort) -> BTreeMap<[u8; 32], usize> {
+fn expected(
+    w: &World,
+    who: &[usize],
+    categories: &[Category],
+    cohort: &Cohort,
+) -> BTreeMap<[u8; 32], usize> {
     let mut want = BTreeMap::new();
     for &i in who {
         let record = &w.patients[i].1;
@@ -116,10 +149,16 @@ async fn only_granted_categories_of_granting_patients_are_released() {
     }
     assert!(!want.is_empty());
     let got = fetch(&w, &study).await.expect("fetch");
-    assert_eq!(got, want, "exactly the granted categories of granting patients");
+    assert_eq!(
+        got, want,
+        "exactly the granted categories of granting patients"
+    );
 
     // A cohort criterion narrows the release to matching patients only.
-    let narrow = Cohort { sex: Some("female".into()), ..Default::default() };
+    let narrow = Cohort {
+        sex: Some("female".into()),
+        ..Default::default()
+    };
     let study2 = approved_study(&w, narrow.clone()).await;
     grant(&w, &study2, &all, &CATS).await;
     let got = fetch(&w, &study2).await.expect("fetch");
@@ -131,23 +170,57 @@ async fn only_granted_categories_of_granting_patients_are_released() {
 async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved() {
     let sandbox = Sandbox::start().await;
     let w = world(&sandbox, 4, 6).await;
-    let study = w.sponsor.propose_study(&proposal(&w, Cohort::default())).await.unwrap();
+    let study = w
+        .sponsor
+        .propose_study(&proposal(&w, Cohort::default()))
+        .await
+        .unwrap();
     let plan = agent::grant_plan(&w.custodian, &study).await.unwrap();
-    let err = agent::grant_batch(&w.custodian, &plan, vec![(w.patients[0].0.clone(), CATS.to_vec())]).await.unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
-    let err = w.researcher.request_release(&study.study_id).await.unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
+    let err = agent::grant_batch(
+        &w.custodian,
+        &plan,
+        vec![(w.patients[0].0.clone(), CATS.to_vec())],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition),
+        "{err}"
+    );
+    let err = w
+        .researcher
+        .request_release(&study.study_id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition),
+        "{err}"
+    );
 
-    let rejected = w.board.decide_study(&study.study_id, false, "not justified").await.unwrap();
+    let rejected = w
+        .board
+        .decide_study(&study.study_id, false, "not justified")
+        .await
+        .unwrap();
     assert_eq!(rejected.status, pb::StudyStatus::Rejected as i32);
-    let err = w.researcher.request_release(&study.study_id).await.unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition), "{err}");
+    let err = w
+        .researcher
+        .request_release(&study.study_id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::FailedPrecondition),
+        "{err}"
+    );
 
     // Another researcher cannot take an approved study's release.
     let study = approved_study(&w, Cohort::default()).await;
     let other = sandbox.actor(Role::Researcher).await;
     let err = other.request_release(&study.study_id).await.unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied),
+        "{err}"
+    );
     sandbox.stop().await;
 }
 
@@ -169,7 +242,9 @@ async fn acknowledged_uploads_and_grants_survive_a_restart() {
 
     // Re-uploading the same records stores nothing new.
     let custodian = sandbox.client(w.custodian.identity().clone()).await;
-    let again = agent::ingest_batch(&custodian, w.patients.clone()).await.unwrap();
+    let again = agent::ingest_batch(&custodian, w.patients.clone())
+        .await
+        .unwrap();
     assert_eq!(again.envelopes_stored, 0);
     assert!(again.envelopes_unchanged > 0);
     sandbox.stop().await;
@@ -182,8 +257,15 @@ async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
     let study = approved_study(&w, Cohort::default()).await;
     grant(&w, &study, &(0..30).collect::<Vec<_>>(), &CATS).await;
     fetch(&w, &study).await.unwrap();
-    let mut needles: Vec<String> = w.patients.iter().flat_map(|(_, r)| r.identifiers.clone()).collect();
-    assert!(needles.len() >= 30, "the generator gives every patient identifiers");
+    let mut needles: Vec<String> = w
+        .patients
+        .iter()
+        .flat_map(|(_, r)| r.identifiers.clone())
+        .collect();
+    assert!(
+        needles.len() >= 30,
+        "the generator gives every patient identifiers"
+    );
     // Distinctive 40-byte windows of every plaintext research copy.
     for (_, r) in &w.patients {
         for plaintext in r.categories.values() {
@@ -195,7 +277,11 @@ async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
         }
     }
     let hits = scan_for(&sandbox.data_dir(), &needles);
-    assert!(hits.is_empty(), "found in the data directory: {:?}", &hits[..hits.len().min(5)]);
+    assert!(
+        hits.is_empty(),
+        "found in the data directory: {:?}",
+        &hits[..hits.len().min(5)]
+    );
     sandbox.stop().await;
 }
 
@@ -206,13 +292,22 @@ struct Liar(ProxyService);
 
 #[tonic::async_trait]
 impl pb::proxy_server::Proxy for Liar {
-    async fn info(&self, r: Request<pb::ProxyInfoRequest>) -> Result<Response<pb::ProxyInfo>, Status> {
+    async fn info(
+        &self,
+        r: Request<pb::ProxyInfoRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
         self.0.info(r).await
     }
-    async fn deposit(&self, r: Request<pb::DepositRequest>) -> Result<Response<pb::DepositResponse>, Status> {
+    async fn deposit(
+        &self,
+        r: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
         self.0.deposit(r).await
     }
-    async fn reencrypt(&self, r: Request<pb::ReencryptRequest>) -> Result<Response<pb::ReencryptResponse>, Status> {
+    async fn reencrypt(
+        &self,
+        r: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptResponse>, Status> {
         let mut reply = self.0.reencrypt(r).await?;
         for c in &mut reply.get_mut().cfrags {
             if let Some(b) = c.get_mut(40) {
@@ -223,7 +318,6 @@ impl pb::proxy_server::Proxy for Liar {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothing() {
     let mut sandbox = Sandbox::start().await;
@@ -231,7 +325,8 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     let dir = sandbox.dir.path().join("ext");
     std::fs::remove_dir_all(sandbox.data_dir()).ok();
     std::fs::create_dir_all(sandbox.data_dir()).unwrap();
-    let broker_id = load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
+    let broker_id =
+        load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
     let public = broker_id.public("broker");
     let honest0 = start_proxy(&dir.join("0"), 0, &public).await.unwrap();
     let liar_node = Arc::new(ProxyNode::open(&dir.join("1"), Identity::generate(), 1).unwrap());
@@ -252,16 +347,25 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     let study = approved_study(&w, Cohort::default()).await;
     let who: Vec<usize> = (0..12).collect();
     grant(&w, &study, &who, &CATS).await;
-    assert!(liar_node.kfrag_count().unwrap() > 0, "the liar holds kfrags like the others");
+    assert!(
+        liar_node.kfrag_count().unwrap() > 0,
+        "the liar holds kfrags like the others"
+    );
     // The broker discards the liar's fragments and uses the two honest proxies.
-    let got = fetch(&w, &study).await.expect("release despite a lying proxy");
+    let got = fetch(&w, &study)
+        .await
+        .expect("release despite a lying proxy");
     assert_eq!(got, expected(&w, &who, &CATS, &Cohort::default()));
 
     // With one honest proxy down, only one honest fragment per envelope exists: below
     // the threshold, nothing is released.
     honest2.stop().await;
     let got = fetch(&w, &study).await.expect("release completes");
-    assert!(got.is_empty(), "fewer than t honest proxies must release nothing, got {}", got.len());
+    assert!(
+        got.is_empty(),
+        "fewer than t honest proxies must release nothing, got {}",
+        got.len()
+    );
     honest0.stop().await;
     sandbox.stop().await;
 }

@@ -6,13 +6,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use broker::demo::{self, DemoConfig};
-use broker::server::{self, load_or_create_identity, ServeConfig};
+use broker::server::{self, ServeConfig, load_or_create_identity};
 use clap::{Parser, Subcommand};
 use pre_kms::PublicIdentity;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "broker", version, about = "Proxy re-encryption research data broker")]
+#[command(
+    name = "broker",
+    version,
+    about = "Proxy re-encryption research data broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,34 +79,67 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,broker=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,broker=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { data_dir, listen, operator, proxies, proxy_urls, threshold } => {
+        Command::Serve {
+            data_dir,
+            listen,
+            operator,
+            proxies,
+            proxy_urls,
+            threshold,
+        } => {
             let mut config = ServeConfig::new(&data_dir);
             config.embedded_proxies = proxies;
             config.proxy_urls = proxy_urls;
             config.threshold = threshold;
-            config.operator = operator.map(|p| PublicIdentity::read_file(&p)).transpose()?;
-            std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+            config.operator = operator
+                .map(|p| PublicIdentity::read_file(&p))
+                .transpose()?;
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
             let identity = load_or_create_identity(&data_dir.join("broker.key"), "broker")?;
             let public_path = data_dir.join("broker.pub");
             identity.public("broker").write_file(&public_path)?;
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             let running = server::start(listener, config, shutdown_signal()).await?;
-            eprintln!("broker listening on {} (data {}, broker key {})", running.url(), data_dir.display(), public_path.display());
+            eprintln!(
+                "broker listening on {} (data {}, broker key {})",
+                running.url(),
+                data_dir.display(),
+                public_path.display()
+            );
             running.wait().await?;
         }
-        Command::Proxy { dir, listen, broker_key, index } => {
+        Command::Proxy {
+            dir,
+            listen,
+            broker_key,
+            index,
+        } => {
             let broker = PublicIdentity::read_file(&broker_key)?;
             let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
             let node = Arc::new(pre_kms::proxy::ProxyNode::open(&dir, identity, index)?);
-            let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             eprintln!("proxy {index} listening on http://{listen}");
-            pre_kms::proxy_grpc::serve(listener, node, broker.verifying_key, shutdown_signal()).await?;
+            pre_kms::proxy_grpc::serve(listener, node, broker.verifying_key, shutdown_signal())
+                .await?;
         }
-        Command::Demo { patients, data_dir, seed, batch } => {
+        Command::Demo {
+            patients,
+            data_dir,
+            seed,
+            batch,
+        } => {
             let data_dir = match data_dir {
                 Some(d) => d,
                 None => std::env::temp_dir().join(format!("broker-demo-{}", std::process::id())),

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use broker::agent;
 use broker::client::BrokerClient;
 use broker::convert::study_from_pb;
@@ -15,7 +15,11 @@ use pre_kms::keystore::Keystore;
 use pre_kms::{Category, Identity, PublicIdentity};
 
 #[derive(Parser)]
-#[command(name = "brokerctl", version, about = "Client of the research data broker")]
+#[command(
+    name = "brokerctl",
+    version,
+    about = "Client of the research data broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,12 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Conn {
     /// Broker address.
-    #[arg(long, env = "BROKER_URL", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     broker: String,
     /// Your secret key file (from `brokerctl keygen`).
     #[arg(long, env = "BROKER_KEY", global = true)]
@@ -209,7 +218,10 @@ enum ResearcherCmd {
 }
 
 fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
-    let path = conn.key.as_ref().context("give your key file with --key FILE (or BROKER_KEY)")?;
+    let path = conn
+        .key
+        .as_ref()
+        .context("give your key file with --key FILE (or BROKER_KEY)")?;
     Ok(Identity::read_key_file(path)?.0)
 }
 
@@ -219,7 +231,10 @@ async fn connect(conn: &Conn) -> anyhow::Result<BrokerClient> {
 
 fn print<T: serde::Serialize>(conn: &Conn, value: &T, human: impl FnOnce() -> String) {
     if conn.json {
-        println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("serializable")
+        );
     } else {
         println!("{}", human());
     }
@@ -251,19 +266,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id.write_key_file(&out, role.as_str())?;
             let public = pub_path(&out);
             id.public(role.as_str()).write_file(&public)?;
-            println!("secret key {} (keep it private)\npublic key {}\nactor id   {}", out.display(), public.display(), id.actor_id());
+            println!(
+                "secret key {} (keep it private)\npublic key {}\nactor id   {}",
+                out.display(),
+                public.display(),
+                id.actor_id()
+            );
         }
         Command::Whoami(conn) => {
             let a = connect(&conn).await?.whoami().await?;
-            print(&conn, &serde_json::json!({"actor_id": a.actor_id, "role": a.role, "name": a.name}), || {
-                format!("{} ({}), actor {}", a.name, role_name(a.role), a.actor_id)
-            });
+            print(
+                &conn,
+                &serde_json::json!({"actor_id": a.actor_id, "role": a.role, "name": a.name}),
+                || format!("{} ({}), actor {}", a.name, role_name(a.role), a.actor_id),
+            );
         }
-        Command::Operator(OperatorCmd::Register { conn, public_key, role, name, organisation }) => {
+        Command::Operator(OperatorCmd::Register {
+            conn,
+            public_key,
+            role,
+            name,
+            organisation,
+        }) => {
             let public = PublicIdentity::read_file(&public_key)?;
             let key = pre_kms::keys::public_key_bytes(&public.verifying_key);
-            let a = connect(&conn).await?.register_actor(role, &name, &organisation, key).await?;
-            print(&conn, &serde_json::json!({"actor_id": a.actor_id}), || format!("registered {name} as {role}: actor {}", a.actor_id));
+            let a = connect(&conn)
+                .await?
+                .register_actor(role, &name, &organisation, key)
+                .await?;
+            print(&conn, &serde_json::json!({"actor_id": a.actor_id}), || {
+                format!("registered {name} as {role}: actor {}", a.actor_id)
+            });
         }
         Command::Operator(OperatorCmd::Actors(conn)) => {
             let actors = connect(&conn).await?.list_actors().await?;
@@ -272,23 +305,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|a| serde_json::json!({"actor_id": a.actor_id, "role": role_name(a.role), "name": a.name, "organisation": a.organisation}))
                 .collect();
             print(&conn, &rows, || {
-                actors.iter().map(|a| format!("{}  {:<10} {} ({})", a.actor_id, role_name(a.role), a.name, a.organisation)).collect::<Vec<_>>().join("\n")
+                actors
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}  {:<10} {} ({})",
+                            a.actor_id,
+                            role_name(a.role),
+                            a.name,
+                            a.organisation
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         Command::Patient(PatientCmd::Enroll(conn)) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
-            let created = client.enroll(&[&me]).await?.first().copied().unwrap_or(false);
-            println!("{} as pseudonym {}", if created { "enrolled" } else { "already enrolled" }, me.pseudonym());
+            let created = client
+                .enroll(&[&me])
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(false);
+            println!(
+                "{} as pseudonym {}",
+                if created {
+                    "enrolled"
+                } else {
+                    "already enrolled"
+                },
+                me.pseudonym()
+            );
         }
         Command::Patient(PatientCmd::Upload { conn, path }) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
             let report = datasets::import_path(&path, &DeidConfig::default());
             report_errors(&report.errors);
-            let [record] = <[_; 1]>::try_from(report.patients).map_err(|v| anyhow::anyhow!("{} holds {} patients; a patient uploads only their own record", path.display(), v.len()))?;
+            let [record] = <[_; 1]>::try_from(report.patients).map_err(|v| {
+                anyhow::anyhow!(
+                    "{} holds {} patients; a patient uploads only their own record",
+                    path.display(),
+                    v.len()
+                )
+            })?;
             let r = agent::ingest_batch(&client, vec![(me, record)]).await?;
-            println!("{} envelopes stored, {} unchanged", r.envelopes_stored, r.envelopes_unchanged);
+            println!(
+                "{} envelopes stored, {} unchanged",
+                r.envelopes_stored, r.envelopes_unchanged
+            );
         }
         Command::Patient(PatientCmd::Grant { conn, study }) => {
             let client = connect(&conn).await?;
@@ -298,23 +365,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = agent::grant_batch(&client, &plan, vec![(me, cats)]).await?;
             println!("{n} grant issued to {study}");
         }
-        Command::Import(ImportCmd::Fhir { conn, path, keystore, batch }) => import_fhir(&conn, &path, &keystore, batch.max(1)).await?,
-        Command::Custodian(CustodianCmd::Grant { conn, study, keystore, batch }) => {
+        Command::Import(ImportCmd::Fhir {
+            conn,
+            path,
+            keystore,
+            batch,
+        }) => import_fhir(&conn, &path, &keystore, batch.max(1)).await?,
+        Command::Custodian(CustodianCmd::Grant {
+            conn,
+            study,
+            keystore,
+            batch,
+        }) => {
             let client = connect(&conn).await?;
             let plan = agent::grant_plan(&client, &client.get_study(&study).await?).await?;
             let patients = Keystore::open(&keystore)?.all()?;
             let pb = progress(patients.len(), "grants");
             let mut n = 0;
             for chunk in patients.chunks(batch.max(1)) {
-                let list = chunk.iter().map(|(_, id)| (id.clone(), plan.categories.clone())).collect();
+                let list = chunk
+                    .iter()
+                    .map(|(_, id)| (id.clone(), plan.categories.clone()))
+                    .collect();
                 n += agent::grant_batch(&client, &plan, list).await?;
                 pb.inc(chunk.len() as u64);
             }
             pb.finish_and_clear();
-            print(&conn, &serde_json::json!({"grants": n, "study": study}), || format!("{n} grants issued to {study}"));
+            print(
+                &conn,
+                &serde_json::json!({"grants": n, "study": study}),
+                || format!("{n} grants issued to {study}"),
+            );
         }
         Command::Sponsor(SponsorCmd::Study(SponsorStudyCmd::Propose {
-            conn, title, purpose, categories, researcher_key, days, conditions, born_from, born_to, sex,
+            conn,
+            title,
+            purpose,
+            categories,
+            researcher_key,
+            days,
+            conditions,
+            born_from,
+            born_to,
+            sex,
         })) => {
             let client = connect(&conn).await?;
             let researcher = PublicIdentity::read_file(&researcher_key)?;
@@ -327,30 +420,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_key),
                 not_before: now - 60,
                 not_after: now + days * 24 * 3600,
-                cohort: Cohort { condition_codes: conditions, min_birth_year: born_from, max_birth_year: born_to, sex },
+                cohort: Cohort {
+                    condition_codes: conditions,
+                    min_birth_year: born_from,
+                    max_birth_year: born_to,
+                    sex,
+                },
             };
             let s = client.propose_study(&proposal).await?;
-            print(&conn, &serde_json::json!({"study_id": s.study_id}), || format!("proposed study {}", s.study_id));
+            print(&conn, &serde_json::json!({"study_id": s.study_id}), || {
+                format!("proposed study {}", s.study_id)
+            });
         }
         Command::Board(BoardCmd::Study(BoardStudyCmd::List(conn))) => {
             let studies = connect(&conn).await?.list_studies().await?;
-            let studies = studies.into_iter().map(study_from_pb).collect::<Result<Vec<_>, _>>()?;
+            let studies = studies
+                .into_iter()
+                .map(study_from_pb)
+                .collect::<Result<Vec<_>, _>>()?;
             let rows: Vec<_> = studies
                 .iter()
                 .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
                     "purpose": s.proposal.purpose, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
                 .collect();
             print(&conn, &rows, || {
-                studies.iter().map(|s| format!("{}  {:<9} {} [{}]", s.study_id, s.status.as_str(), s.proposal.title,
-                    s.proposal.categories.iter().map(|c| c.label()).collect::<Vec<_>>().join(","))).collect::<Vec<_>>().join("\n")
+                studies
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}  {:<9} {} [{}]",
+                            s.study_id,
+                            s.status.as_str(),
+                            s.proposal.title,
+                            s.proposal
+                                .categories
+                                .iter()
+                                .map(|c| c.label())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
-        Command::Board(BoardCmd::Study(BoardStudyCmd::Approve { conn, study, reason })) => {
-            connect(&conn).await?.decide_study(&study, true, &reason).await?;
+        Command::Board(BoardCmd::Study(BoardStudyCmd::Approve {
+            conn,
+            study,
+            reason,
+        })) => {
+            connect(&conn)
+                .await?
+                .decide_study(&study, true, &reason)
+                .await?;
             println!("approved {study}");
         }
-        Command::Board(BoardCmd::Study(BoardStudyCmd::Reject { conn, study, reason })) => {
-            connect(&conn).await?.decide_study(&study, false, &reason).await?;
+        Command::Board(BoardCmd::Study(BoardStudyCmd::Reject {
+            conn,
+            study,
+            reason,
+        })) => {
+            connect(&conn)
+                .await?
+                .decide_study(&study, false, &reason)
+                .await?;
             println!("rejected {study}");
         }
         Command::Researcher(ResearcherCmd::Fetch { conn, study, out }) => {
@@ -370,9 +503,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             let summary = serde_json::json!({"release_id": report.release.release_id, "study_id": study,
                 "subjects": report.release.subjects, "records": report.records, "files": manifest});
-            std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&summary)?)?;
-            print(&conn, &summary, || format!("release {}: {} subjects, {} records verified and decrypted into {}",
-                report.release.release_id, report.release.subjects, report.records, out.display()));
+            std::fs::write(
+                out.join("manifest.json"),
+                serde_json::to_vec_pretty(&summary)?,
+            )?;
+            print(&conn, &summary, || {
+                format!(
+                    "release {}: {} subjects, {} records verified and decrypted into {}",
+                    report.release.release_id,
+                    report.release.subjects,
+                    report.records,
+                    out.display()
+                )
+            });
         }
     }
     Ok(())
@@ -403,25 +546,35 @@ fn report_errors(errors: &[datasets::ImportError]) {
     }
 }
 
-async fn import_fhir(conn: &Conn, path: &Path, keystore: &Path, batch: usize) -> anyhow::Result<()> {
+async fn import_fhir(
+    conn: &Conn,
+    path: &Path,
+    keystore: &Path,
+    batch: usize,
+) -> anyhow::Result<()> {
     let client = connect(conn).await?;
     if !path.exists() {
         bail!("{} does not exist", path.display());
     }
     let report = datasets::import_path(path, &DeidConfig::default());
     report_errors(&report.errors);
-    let keystore = Keystore::open(keystore)?;
+    let mut keystore = Keystore::open(keystore)?;
     let pb = progress(report.patients.len(), "import");
     let mut total = agent::IngestReport::default();
     let mut created = 0;
     let mut records = report.patients.into_iter().peekable();
     while records.peek().is_some() {
-        let mut chunk = Vec::new();
-        for record in records.by_ref().take(batch) {
-            let (id, new) = keystore.get_or_create(&record.source_id)?;
-            created += new as usize;
-            chunk.push((id, record));
-        }
+        let records: Vec<_> = records.by_ref().take(batch).collect();
+        let chunk = keystore.transaction(|ks| {
+            records
+                .into_iter()
+                .map(|record| {
+                    let (id, new) = ks.get_or_create(&record.source_id)?;
+                    created += new as usize;
+                    Ok((id, record))
+                })
+                .collect::<pre_kms::Result<Vec<_>>>()
+        })?;
         let n = chunk.len();
         total.add(&agent::ingest_batch(&client, chunk).await?);
         pb.inc(n as u64);
@@ -430,8 +583,16 @@ async fn import_fhir(conn: &Conn, path: &Path, keystore: &Path, batch: usize) ->
     let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
         "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
         "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
-    print(conn, &summary, || format!(
-        "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
-        total.patients, report.files, total.envelopes_stored, total.envelopes_unchanged, report.errors.len(), keystore.path().display()));
+    print(conn, &summary, || {
+        format!(
+            "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
+            total.patients,
+            report.files,
+            total.envelopes_stored,
+            total.envelopes_unchanged,
+            report.errors.len(),
+            keystore.path().display()
+        )
+    });
     Ok(())
 }

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use broker_proto::v1 as pb;
-use pre_kms::grant::{grant_digest, Grant};
+use pre_kms::grant::{Grant, grant_digest};
 use pre_kms::keys::public_key_from_bytes;
 use rayon::prelude::*;
 
-use super::{now_secs, Broker};
+use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::Caller;
 use crate::storage::db::GrantRow;
@@ -23,7 +23,11 @@ pub fn grant_id(grant: &Grant) -> String {
 }
 
 impl Broker {
-    pub async fn issue_grants(self: &Arc<Self>, caller: Caller, grants: Vec<Grant>) -> ServiceResult<GrantOutcome> {
+    pub async fn issue_grants(
+        self: &Arc<Self>,
+        caller: Caller,
+        grants: Vec<Grant>,
+    ) -> ServiceResult<GrantOutcome> {
         let this = self.clone();
         let checked = tokio::task::spawn_blocking(move || this.check_grants(&caller, &grants))
             .await
@@ -46,19 +50,19 @@ impl Broker {
         let rows: Vec<GrantRow> = checked.into_iter().map(|(row, _)| row).collect();
         let ids = rows.iter().map(|r| r.grant_id.clone()).collect();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut db = this.db();
-            let now = now_secs();
-            rows.iter().try_for_each(|r| db.put_grant(r, now))
-        })
-        .await
-        .map_err(ServiceError::internal)??;
+        tokio::task::spawn_blocking(move || this.db().put_grants(&rows, now_secs()))
+            .await
+            .map_err(ServiceError::internal)??;
         Ok(GrantOutcome { grant_ids: ids })
     }
 
     /// Validates each grant; returns its row and, per proxy, the deposits to make.
     #[allow(clippy::type_complexity)]
-    fn check_grants(&self, caller: &Caller, grants: &[Grant]) -> ServiceResult<Vec<(GrantRow, Vec<Vec<pb::KfragDeposit>>)>> {
+    fn check_grants(
+        &self,
+        caller: &Caller,
+        grants: &[Grant],
+    ) -> ServiceResult<Vec<(GrantRow, Vec<Vec<pb::KfragDeposit>>)>> {
         if grants.is_empty() {
             return Err(ServiceError::InvalidArgument("no grants given".into()));
         }
@@ -71,7 +75,10 @@ impl Broker {
                 studies.insert(g.study_id.clone(), self.study(&g.study_id)?);
             }
             if !patients.contains_key(&g.pseudonym) {
-                let p = self.db().patient(&g.pseudonym)?.ok_or_else(|| ServiceError::internal("patient vanished"))?;
+                let p = self
+                    .db()
+                    .patient(&g.pseudonym)?
+                    .ok_or_else(|| ServiceError::internal("patient vanished"))?;
                 patients.insert(g.pseudonym.clone(), p);
             }
         }

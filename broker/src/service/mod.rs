@@ -9,7 +9,7 @@ mod studies;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use pre_kms::request_auth::{now_ms, ReplayGuard};
+use pre_kms::request_auth::{ReplayGuard, now_ms};
 
 pub use grants::GrantOutcome;
 pub use records::{Enrollment, Upload};
@@ -35,8 +35,17 @@ pub fn now_secs() -> i64 {
 }
 
 impl Broker {
-    pub fn new(db: Db, blobs: BlobStore, proxies: ProxyPool, threshold: usize) -> ServiceResult<Arc<Broker>> {
-        let actors = db.actors()?.into_iter().map(|a| (a.actor_id.clone(), a)).collect();
+    pub fn new(
+        db: Db,
+        blobs: BlobStore,
+        proxies: ProxyPool,
+        threshold: usize,
+    ) -> ServiceResult<Arc<Broker>> {
+        let actors = db
+            .actors()?
+            .into_iter()
+            .map(|a| (a.actor_id.clone(), a))
+            .collect();
         let subject_secret = db.secret("subject-pseudonym-key")?;
         Ok(Arc::new(Broker {
             db: Mutex::new(db),
@@ -74,11 +83,18 @@ impl Broker {
                 .get(id)
                 .and_then(|a| pre_kms::keys::public_key_from_bytes(&a.verifying_key).ok())
         })?;
-        let role = self.actor(&actor_id).map(|a| a.role).ok_or(ServiceError::Unauthenticated(
-            pre_kms::request_auth::AuthError::UnknownActor,
-        ))?;
+        let role = self
+            .actor(&actor_id)
+            .map(|a| a.role)
+            .ok_or(ServiceError::Unauthenticated(
+                pre_kms::request_auth::AuthError::UnknownActor,
+            ))?;
         if !roles.contains(&role) {
-            let allowed = roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
+            let allowed = roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ");
             return Err(ServiceError::PermissionDenied(format!(
                 "the {role} role may not call {method}; it needs {allowed}"
             )));
@@ -87,13 +103,20 @@ impl Broker {
     }
 
     pub fn actor(&self, actor_id: &str) -> Option<Actor> {
-        self.actors.read().unwrap_or_else(|e| e.into_inner()).get(actor_id).cloned()
+        self.actors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(actor_id)
+            .cloned()
     }
 
     /// Registers an actor (operator only, or the bootstrap operator at first start).
     pub fn register_actor(&self, actor: Actor) -> ServiceResult<Actor> {
-        let key = pre_kms::keys::public_key_from_bytes(&actor.verifying_key)
-            .map_err(|_| ServiceError::InvalidArgument("verifying_key must be a 33-byte compressed public key".into()))?;
+        let key = pre_kms::keys::public_key_from_bytes(&actor.verifying_key).map_err(|_| {
+            ServiceError::InvalidArgument(
+                "verifying_key must be a 33-byte compressed public key".into(),
+            )
+        })?;
         let actor_id = pre_kms::keys::actor_id(&key);
         if let Some(existing) = self.actor(&actor_id) {
             if existing.role != actor.role {
@@ -105,16 +128,30 @@ impl Broker {
             return Ok(existing);
         }
         if actor.name.trim().is_empty() {
-            return Err(ServiceError::InvalidArgument("an actor needs a name".into()));
+            return Err(ServiceError::InvalidArgument(
+                "an actor needs a name".into(),
+            ));
         }
-        let actor = Actor { actor_id: actor_id.clone(), ..actor };
+        let actor = Actor {
+            actor_id: actor_id.clone(),
+            ..actor
+        };
         self.db().insert_actor(&actor, now_secs())?;
-        self.actors.write().unwrap_or_else(|e| e.into_inner()).insert(actor_id, actor.clone());
+        self.actors
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(actor_id, actor.clone());
         Ok(actor)
     }
 
     pub fn list_actors(&self) -> Vec<Actor> {
-        let mut actors: Vec<Actor> = self.actors.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut actors: Vec<Actor> = self
+            .actors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         actors.sort_by(|a, b| (a.role.as_str(), &a.name).cmp(&(b.role.as_str(), &b.name)));
         actors
     }
@@ -123,7 +160,14 @@ impl Broker {
     pub fn stats(&self) -> ServiceResult<HashMap<&'static str, i64>> {
         let db = self.db();
         let mut out = HashMap::new();
-        for t in ["patients", "envelopes", "index_event", "studies", "grants", "releases"] {
+        for t in [
+            "patients",
+            "envelopes",
+            "index_event",
+            "studies",
+            "grants",
+            "releases",
+        ] {
             out.insert(t, db.count(t)?);
         }
         Ok(out)

@@ -3,11 +3,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use cohort_query::PatientIndex;
-use pre_kms::keys::{public_key_from_bytes, pseudonym, verify_signature};
-use pre_kms::{envelope, Category};
+use pre_kms::keys::{pseudonym, public_key_from_bytes, verify_signature};
+use pre_kms::{Category, envelope};
 use rayon::prelude::*;
 
-use super::{now_secs, Broker};
+use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::{Caller, Role};
 use crate::storage::db::{NewEnvelope, PatientRow, Receipt};
@@ -22,7 +22,11 @@ pub struct Enrollment {
 
 /// What a patient signs to enroll: the pseudonym, the verifying key and every
 /// category key, in the order given.
-pub fn enrollment_digest(pseudonym: &str, verifying_key: &[u8], category_keys: &[(Category, Vec<u8>)]) -> [u8; 32] {
+pub fn enrollment_digest(
+    pseudonym: &str,
+    verifying_key: &[u8],
+    category_keys: &[(Category, Vec<u8>)],
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("broker enrollment v1");
     h.update(pseudonym.as_bytes());
     h.update(&[0]);
@@ -37,7 +41,8 @@ pub fn enrollment_digest(pseudonym: &str, verifying_key: &[u8], category_keys: &
 
 impl Enrollment {
     fn check_signature(&self) -> Result<(), &'static str> {
-        let vk = public_key_from_bytes(&self.verifying_key).map_err(|_| "verifying_key is not a public key")?;
+        let vk = public_key_from_bytes(&self.verifying_key)
+            .map_err(|_| "verifying_key is not a public key")?;
         let digest = enrollment_digest(&self.pseudonym, &self.verifying_key, &self.category_keys);
         if verify_signature(&vk, &digest, &self.signature) {
             Ok(())
@@ -51,11 +56,25 @@ impl Enrollment {
         let verifying_key = pre_kms::keys::public_key_bytes(&patient.verifying_key());
         let category_keys: Vec<_> = Category::ALL
             .iter()
-            .map(|c| (*c, pre_kms::keys::public_key_bytes(&patient.category_public_key(*c))))
+            .map(|c| {
+                (
+                    *c,
+                    pre_kms::keys::public_key_bytes(&patient.category_public_key(*c)),
+                )
+            })
             .collect();
         let pseudonym = patient.pseudonym();
-        let signature = patient.sign(&enrollment_digest(&pseudonym, &verifying_key, &category_keys));
-        Enrollment { pseudonym, verifying_key, category_keys, signature }
+        let signature = patient.sign(&enrollment_digest(
+            &pseudonym,
+            &verifying_key,
+            &category_keys,
+        ));
+        Enrollment {
+            pseudonym,
+            verifying_key,
+            category_keys,
+            signature,
+        }
     }
 }
 
@@ -70,16 +89,24 @@ impl Broker {
     /// Enrolls patients in one transaction. Every enrollment is checked first (keys,
     /// pseudonym, the patient's signature, who may enroll whom); the first refusal names
     /// its position and nothing is stored. Re-enrolling is idempotent.
-    pub fn enroll(&self, caller: &Caller, enrollments: Vec<Enrollment>) -> ServiceResult<Vec<bool>> {
+    pub fn enroll(
+        &self,
+        caller: &Caller,
+        enrollments: Vec<Enrollment>,
+    ) -> ServiceResult<Vec<bool>> {
         if enrollments.is_empty() {
-            return Err(ServiceError::InvalidArgument("no patients to enroll".into()));
+            return Err(ServiceError::InvalidArgument(
+                "no patients to enroll".into(),
+            ));
         }
         let rows = enrollments
             .into_par_iter()
             .enumerate()
             .map(|(i, e)| {
                 self.check_enrollment(caller, e).map_err(|err| match err {
-                    ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("patient {i}: {m}")),
+                    ServiceError::InvalidArgument(m) => {
+                        ServiceError::InvalidArgument(format!("patient {i}: {m}"))
+                    }
                     other => other,
                 })
             })
@@ -111,25 +138,36 @@ impl Broker {
     }
 
     fn check_enrollment(&self, caller: &Caller, e: Enrollment) -> ServiceResult<PatientRow> {
-        let vk = public_key_from_bytes(&e.verifying_key)
-            .map_err(|_| ServiceError::InvalidArgument("verifying_key is not a public key".into()))?;
+        let vk = public_key_from_bytes(&e.verifying_key).map_err(|_| {
+            ServiceError::InvalidArgument("verifying_key is not a public key".into())
+        })?;
         if pseudonym(&vk) != e.pseudonym {
-            return Err(ServiceError::InvalidArgument("pseudonym does not derive from the verifying key".into()));
+            return Err(ServiceError::InvalidArgument(
+                "pseudonym does not derive from the verifying key".into(),
+            ));
         }
         let mut keys = BTreeMap::new();
         for (c, k) in &e.category_keys {
-            public_key_from_bytes(k)
-                .map_err(|_| ServiceError::InvalidArgument(format!("the {c} key is not a public key")))?;
+            public_key_from_bytes(k).map_err(|_| {
+                ServiceError::InvalidArgument(format!("the {c} key is not a public key"))
+            })?;
             if keys.insert(*c, k.clone()).is_some() {
-                return Err(ServiceError::InvalidArgument(format!("the {c} key is given twice")));
+                return Err(ServiceError::InvalidArgument(format!(
+                    "the {c} key is given twice"
+                )));
             }
         }
         if let Some(missing) = Category::ALL.iter().find(|c| !keys.contains_key(c)) {
-            return Err(ServiceError::InvalidArgument(format!("the {missing} key is missing")));
+            return Err(ServiceError::InvalidArgument(format!(
+                "the {missing} key is missing"
+            )));
         }
-        e.check_signature().map_err(|m| ServiceError::InvalidArgument(m.into()))?;
+        e.check_signature()
+            .map_err(|m| ServiceError::InvalidArgument(m.into()))?;
         if caller.role == Role::Patient && caller.actor_id != pre_kms::keys::actor_id(&vk) {
-            return Err(ServiceError::PermissionDenied("a patient may enroll only their own key".into()));
+            return Err(ServiceError::PermissionDenied(
+                "a patient may enroll only their own key".into(),
+            ));
         }
         Ok(PatientRow {
             pseudonym: e.pseudonym,
@@ -140,18 +178,26 @@ impl Broker {
     }
 
     /// Checks that the caller may act for every patient named.
-    pub(super) fn check_acts_for<'a>(&self, caller: &Caller, pseudonyms: impl Iterator<Item = &'a String>) -> ServiceResult<()> {
+    pub(super) fn check_acts_for<'a>(
+        &self,
+        caller: &Caller,
+        pseudonyms: impl Iterator<Item = &'a String>,
+    ) -> ServiceResult<()> {
         let db = self.db();
         let mut seen = HashSet::new();
         for p in pseudonyms {
             if !seen.insert(p) {
                 continue;
             }
-            let row = db
-                .patient(p)?
-                .ok_or_else(|| ServiceError::FailedPrecondition(format!("patient {p} is not enrolled; enroll first")))?;
+            let row = db.patient(p)?.ok_or_else(|| {
+                ServiceError::FailedPrecondition(format!(
+                    "patient {p} is not enrolled; enroll first"
+                ))
+            })?;
             if row.enrolled_by != caller.actor_id {
-                return Err(ServiceError::PermissionDenied(format!("the caller does not act for patient {p}")));
+                return Err(ServiceError::PermissionDenied(format!(
+                    "the caller does not act for patient {p}"
+                )));
             }
         }
         Ok(())
@@ -160,12 +206,22 @@ impl Broker {
     /// Stores envelopes (blobs fsynced first) and index rows; returns one receipt per
     /// envelope once everything is durable.
     pub fn upload(&self, caller: &Caller, upload: Upload) -> ServiceResult<(Vec<Receipt>, usize)> {
-        self.check_acts_for(caller, upload.envelopes.iter().map(|e| &e.0).chain(upload.index.iter().map(|i| &i.0)))?;
+        self.check_acts_for(
+            caller,
+            upload
+                .envelopes
+                .iter()
+                .map(|e| &e.0)
+                .chain(upload.index.iter().map(|i| &i.0)),
+        )?;
         for (i, (_, _, bytes, tag)) in upload.envelopes.iter().enumerate() {
             if tag.len() != 32 {
-                return Err(ServiceError::InvalidArgument(format!("envelope {i}: content_tag must be 32 bytes")));
+                return Err(ServiceError::InvalidArgument(format!(
+                    "envelope {i}: content_tag must be 32 bytes"
+                )));
             }
-            envelope::parse(bytes).map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
+            envelope::parse(bytes)
+                .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
         // A re-upload of unchanged content writes no blob (encryption is randomized, so
         // the bytes differ even when the plaintext does not).
@@ -177,22 +233,23 @@ impl Broker {
                 .map(|(p, c, _, tag)| Ok(db.latest_tag(p, *c)?.as_deref() == Some(tag.as_slice())))
                 .collect::<ServiceResult<Vec<bool>>>()?
         };
-        let names = upload
+        let fresh: Vec<&[u8]> = upload
             .envelopes
-            .par_iter()
-            .zip(unchanged)
-            .map(|((_, _, bytes, _), same)| if same { Ok(String::new()) } else { self.blobs.put(bytes) })
-            .collect::<Result<Vec<_>, _>>()?;
+            .iter()
+            .zip(&unchanged)
+            .filter(|(_, same)| !**same)
+            .map(|((_, _, bytes, _), _)| bytes.as_slice())
+            .collect();
+        let mut written = self.blobs.put_all(&fresh)?.into_iter();
         let rows: Vec<NewEnvelope> = upload
             .envelopes
             .iter()
-            .zip(names)
-            .map(|((p, c, bytes, tag), blob)| NewEnvelope {
+            .zip(unchanged)
+            .map(|((p, c, _, tag), same)| NewEnvelope {
                 pseudonym: p.clone(),
                 category: *c,
-                blob,
+                at: if same { None } else { written.next() },
                 content_tag: tag.clone(),
-                size: bytes.len(),
             })
             .collect();
         let mut db = self.db();

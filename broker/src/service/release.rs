@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use broker_proto::v1 as pb;
 use pre_kms::keys::public_key_from_bytes;
-use pre_kms::reencrypt::{verify_cfrag, CfragContext};
-use pre_kms::{envelope, Category};
+use pre_kms::reencrypt::{CfragContext, verify_cfrag};
+use pre_kms::{Category, envelope};
 use rand::RngCore;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
-use super::{now_secs, Broker};
+use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::Caller;
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
@@ -34,6 +34,15 @@ pub struct ReleasedItem {
     pub cfrags: Vec<Vec<u8>>,
 }
 
+/// A release item with its blob and the patient's keys, loaded for re-encryption.
+struct Loaded {
+    row: ReleaseItemRow,
+    sealed: Vec<u8>,
+    capsule: Vec<u8>,
+    delegating: Vec<u8>,
+    vk: Vec<u8>,
+}
+
 pub type ReleaseStream = mpsc::Receiver<ServiceResult<ReleasedItem>>;
 
 impl Broker {
@@ -48,7 +57,11 @@ impl Broker {
             return Err(ServiceError::FailedPrecondition(format!(
                 "study {study_id} is {} and {}; nothing can be released",
                 study.status.as_str(),
-                if now_secs() < study.proposal.not_before { "not yet in its period" } else { "checked against its period" }
+                if now_secs() < study.proposal.not_before {
+                    "not yet in its period"
+                } else {
+                    "checked against its period"
+                }
             )));
         }
         Ok(study)
@@ -75,15 +88,23 @@ impl Broker {
             if !study.proposal.cohort.matches(&db.index(&pseudonym)?) {
                 continue;
             }
-            let categories: Vec<Category> =
-                granted.into_iter().filter(|c| study.proposal.categories.contains(c)).collect();
+            let categories: Vec<Category> = granted
+                .into_iter()
+                .filter(|c| study.proposal.categories.contains(c))
+                .collect();
             let envelopes = db.latest_envelopes(&pseudonym, &categories)?;
             if envelopes.is_empty() {
                 continue;
             }
             subjects += 1;
-            for (category, version, blob) in envelopes {
-                items.push(ReleaseItemRow { seq: items.len() as i64 + 1, pseudonym: pseudonym.clone(), category, version, blob });
+            for (category, version, at) in envelopes {
+                items.push(ReleaseItemRow {
+                    seq: items.len() as i64 + 1,
+                    pseudonym: pseudonym.clone(),
+                    category,
+                    version,
+                    at,
+                });
             }
         }
         let mut id = [0u8; 12];
@@ -102,13 +123,19 @@ impl Broker {
     }
 
     /// Streams a release. Memory is bounded by a few batches whatever the cohort size.
-    pub fn fetch_release(self: &Arc<Self>, caller: &Caller, release_id: &str) -> ServiceResult<(ReleaseRow, ReleaseStream)> {
+    pub fn fetch_release(
+        self: &Arc<Self>,
+        caller: &Caller,
+        release_id: &str,
+    ) -> ServiceResult<(ReleaseRow, ReleaseStream)> {
         let release = self
             .db()
             .release(release_id)?
             .ok_or_else(|| ServiceError::NotFound(format!("no release {release_id}")))?;
         if release.researcher_id != caller.actor_id {
-            return Err(ServiceError::PermissionDenied("only the researcher who requested a release may fetch it".into()));
+            return Err(ServiceError::PermissionDenied(
+                "only the researcher who requested a release may fetch it".into(),
+            ));
         }
         let study = self.open_study_for(caller, &release.study_id)?;
         let (tx, rx) = mpsc::channel(2 * BATCH);
@@ -121,7 +148,8 @@ impl Broker {
                 let page = {
                     let this = this.clone();
                     let id = rel.release_id.clone();
-                    tokio::task::spawn_blocking(move || this.db().release_items(&id, after, BATCH)).await
+                    tokio::task::spawn_blocking(move || this.db().release_items(&id, after, BATCH))
+                        .await
                 };
                 let page = match page {
                     Ok(Ok(p)) => p,
@@ -130,7 +158,10 @@ impl Broker {
                 };
                 let Some(last) = page.last() else { break };
                 after = last.seq;
-                match this.reencrypt_page(&study, &rel.release_id, page, round).await {
+                match this
+                    .reencrypt_page(&study, &rel.release_id, page, round)
+                    .await
+                {
                     Ok(items) => {
                         for item in items {
                             if tx.send(Ok(item)).await.is_err() {
@@ -155,21 +186,35 @@ impl Broker {
     ) -> ServiceResult<Vec<ReleasedItem>> {
         // Load blobs and keys off the async runtime.
         let this = self.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<(ReleaseItemRow, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)>> {
+        let loaded = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<Loaded>> {
             let db = this.db();
             let mut keys: HashMap<String, crate::storage::db::PatientRow> = HashMap::new();
             let mut out = Vec::with_capacity(page.len());
             for row in page {
                 if !keys.contains_key(&row.pseudonym) {
-                    let p = db.patient(&row.pseudonym)?.ok_or_else(|| ServiceError::internal("released patient vanished"))?;
+                    let p = db
+                        .patient(&row.pseudonym)?
+                        .ok_or_else(|| ServiceError::internal("released patient vanished"))?;
                     keys.insert(row.pseudonym.clone(), p);
                 }
                 let p = &keys[&row.pseudonym];
-                let sealed = this.blobs.get(&row.blob)?;
-                let capsule = envelope::split_capsule(&sealed).map_err(ServiceError::internal)?.to_vec();
-                let delegating = p.category_keys.get(&row.category).cloned().unwrap_or_default();
+                let sealed = this.blobs.get(&row.at)?;
+                let capsule = envelope::split_capsule(&sealed)
+                    .map_err(ServiceError::internal)?
+                    .to_vec();
+                let delegating = p
+                    .category_keys
+                    .get(&row.category)
+                    .cloned()
+                    .unwrap_or_default();
                 let vk = p.verifying_key.clone();
-                out.push((row, sealed, capsule, delegating, vk));
+                out.push(Loaded {
+                    row,
+                    sealed,
+                    capsule,
+                    delegating,
+                    vk,
+                });
             }
             Ok(out)
         })
@@ -179,18 +224,27 @@ impl Broker {
         let t = self.threshold;
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
-        let receiving = public_key_from_bytes(&study.proposal.receiving_key).map_err(ServiceError::internal)?;
+        let receiving =
+            public_key_from_bytes(&study.proposal.receiving_key).map_err(ServiceError::internal)?;
         // Parsed capsule and keys per item, shared with the verification workers.
         let keys = Arc::new(
             loaded
                 .iter()
-                .map(|(_, _, capsule, dk, vk)| {
-                    Ok((
-                        pre_kms::sealed::parse_capsule(capsule).map_err(ServiceError::internal)?,
-                        public_key_from_bytes(dk).map_err(ServiceError::internal)?,
-                        public_key_from_bytes(vk).map_err(ServiceError::internal)?,
-                    ))
-                })
+                .map(
+                    |Loaded {
+                         capsule,
+                         delegating: dk,
+                         vk,
+                         ..
+                     }| {
+                        Ok((
+                            pre_kms::sealed::parse_capsule(capsule)
+                                .map_err(ServiceError::internal)?,
+                            public_key_from_bytes(dk).map_err(ServiceError::internal)?,
+                            public_key_from_bytes(vk).map_err(ServiceError::internal)?,
+                        ))
+                    },
+                )
                 .collect::<ServiceResult<Vec<_>>>()?,
         );
         // Ask t proxies (rotating, to spread load); fall back to the others for items
@@ -216,9 +270,9 @@ impl Broker {
                         .iter()
                         .map(|&i| pb::ReencryptItem {
                             study_id: study.study_id.clone(),
-                            pseudonym: loaded[i].0.pseudonym.clone(),
-                            category: loaded[i].0.category.label().to_owned(),
-                            capsule: loaded[i].2.clone(),
+                            pseudonym: loaded[i].row.pseudonym.clone(),
+                            category: loaded[i].row.category.label().to_owned(),
+                            capsule: loaded[i].capsule.clone(),
                         })
                         .collect();
                     let release_id = release_id.to_owned();
@@ -230,8 +284,13 @@ impl Broker {
                 let (p, answer) = call.await.map_err(ServiceError::internal)?;
                 match answer {
                     Ok(c) if c.len() == wanted.len() => answers.push(c),
-                    Ok(_) => tracing::warn!(proxy = p, "proxy answered with the wrong number of fragments"),
-                    Err(e) => tracing::warn!(proxy = p, error = %e, "proxy unavailable for re-encryption"),
+                    Ok(_) => tracing::warn!(
+                        proxy = p,
+                        "proxy answered with the wrong number of fragments"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(proxy = p, error = %e, "proxy unavailable for re-encryption")
+                    }
                 }
             }
             let batch: Vec<(usize, Vec<u8>)> = answers
@@ -241,7 +300,6 @@ impl Broker {
                 .collect();
             let checks: Vec<(usize, Vec<u8>, bool)> = {
                 let keys = keys.clone();
-                let receiving = receiving.clone();
                 tokio::task::spawn_blocking(move || {
                     batch
                         .into_par_iter()
@@ -272,12 +330,26 @@ impl Broker {
                 }
             }
             if rejected > 0 {
-                tracing::warn!(release = release_id, rejected, "capsule fragments failed verification and were discarded");
+                tracing::warn!(
+                    release = release_id,
+                    rejected,
+                    "capsule fragments failed verification and were discarded"
+                );
             }
         }
         let mut out = Vec::with_capacity(loaded.len());
         let mut withheld = 0usize;
-        for ((row, sealed, _, delegating, vk), frags) in loaded.into_iter().zip(cfrags) {
+        for (
+            Loaded {
+                row,
+                sealed,
+                delegating,
+                vk,
+                ..
+            },
+            frags,
+        ) in loaded.into_iter().zip(cfrags)
+        {
             if frags.len() < t {
                 withheld += 1;
                 continue;
@@ -293,7 +365,11 @@ impl Broker {
             });
         }
         if withheld > 0 {
-            tracing::warn!(release = release_id, withheld, "envelopes withheld: fewer than threshold proxies re-encrypted them (grant revoked or expired, or proxies down)");
+            tracing::warn!(
+                release = release_id,
+                withheld,
+                "envelopes withheld: fewer than threshold proxies re-encrypted them (grant revoked or expired, or proxies down)"
+            );
         }
         Ok(out)
     }

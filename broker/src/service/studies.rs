@@ -2,24 +2,31 @@
 
 use pre_kms::keys::{public_key_from_bytes, verify_signature};
 
-use super::{now_secs, Broker};
+use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::{Caller, Role};
-use crate::study::{decision_digest, study_id, Study, StudyProposal, StudyStatus};
+use crate::study::{Study, StudyProposal, StudyStatus, decision_digest, study_id};
 
 impl Broker {
     pub fn propose_study(&self, caller: &Caller, proposal: StudyProposal) -> ServiceResult<Study> {
         if proposal.title.trim().is_empty() {
-            return Err(ServiceError::InvalidArgument("a study needs a title".into()));
+            return Err(ServiceError::InvalidArgument(
+                "a study needs a title".into(),
+            ));
         }
         if proposal.categories.is_empty() {
-            return Err(ServiceError::InvalidArgument("a study must request at least one category".into()));
+            return Err(ServiceError::InvalidArgument(
+                "a study must request at least one category".into(),
+            ));
         }
         if proposal.not_after <= proposal.not_before {
-            return Err(ServiceError::InvalidArgument("the study period ends before it starts".into()));
+            return Err(ServiceError::InvalidArgument(
+                "the study period ends before it starts".into(),
+            ));
         }
-        public_key_from_bytes(&proposal.receiving_key)
-            .map_err(|_| ServiceError::InvalidArgument("receiving_key is not a public key".into()))?;
+        public_key_from_bytes(&proposal.receiving_key).map_err(|_| {
+            ServiceError::InvalidArgument("receiving_key is not a public key".into())
+        })?;
         match self.actor(&proposal.researcher_id) {
             Some(a) if a.role == Role::Researcher => {}
             _ => {
@@ -70,14 +77,24 @@ impl Broker {
                 study.status.as_str()
             )));
         }
-        let board = self.actor(&caller.actor_id).ok_or_else(|| ServiceError::internal("caller vanished"))?;
+        let board = self
+            .actor(&caller.actor_id)
+            .ok_or_else(|| ServiceError::internal("caller vanished"))?;
         let key = public_key_from_bytes(&board.verifying_key).map_err(ServiceError::internal)?;
-        if !verify_signature(&key, &decision_digest(study_id, &study.proposal, approve), &signature) {
+        if !verify_signature(
+            &key,
+            &decision_digest(study_id, &study.proposal, approve),
+            &signature,
+        ) {
             return Err(ServiceError::InvalidArgument(
                 "the board signature does not cover this study and decision".into(),
             ));
         }
-        study.status = if approve { StudyStatus::Approved } else { StudyStatus::Rejected };
+        study.status = if approve {
+            StudyStatus::Approved
+        } else {
+            StudyStatus::Rejected
+        };
         study.board_id = caller.actor_id.clone();
         study.board_signature = signature;
         study.reason = reason;

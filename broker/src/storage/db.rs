@@ -10,9 +10,10 @@ use std::path::Path;
 
 use cohort_query::{CodedEvent, PatientIndex, Person};
 use pre_kms::Category;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::role::{Actor, Role};
+use crate::storage::blobs::BlobLocation;
 use crate::study::{Study, StudyProposal, StudyStatus};
 
 pub type DbResult<T> = Result<T, rusqlite::Error>;
@@ -40,8 +41,8 @@ CREATE TABLE IF NOT EXISTS patient_keys (
     public_key BLOB NOT NULL, PRIMARY KEY (pseudonym, category));
 CREATE TABLE IF NOT EXISTS envelopes (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), category TEXT NOT NULL,
-    version INTEGER NOT NULL, blob TEXT NOT NULL, content_tag BLOB NOT NULL,
-    size INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    version INTEGER NOT NULL, blob TEXT NOT NULL, pack TEXT NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, content_tag BLOB NOT NULL, created_at INTEGER NOT NULL,
     PRIMARY KEY (pseudonym, category, version));
 CREATE TABLE IF NOT EXISTS index_person (
     pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), birth_year INTEGER, sex TEXT NOT NULL);
@@ -69,6 +70,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS release_items (
     release_id TEXT NOT NULL REFERENCES releases(release_id), seq INTEGER NOT NULL,
     pseudonym TEXT NOT NULL, category TEXT NOT NULL, version INTEGER NOT NULL, blob TEXT NOT NULL,
+    pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY (release_id, seq));
 ";
 
@@ -85,9 +87,9 @@ pub struct PatientRow {
 pub struct NewEnvelope {
     pub pseudonym: String,
     pub category: Category,
-    pub blob: String,
+    /// Where the blob was stored; `None` when the content tag says it is unchanged.
+    pub at: Option<BlobLocation>,
     pub content_tag: Vec<u8>,
-    pub size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +135,7 @@ pub struct ReleaseItemRow {
     pub pseudonym: String,
     pub category: Category,
     pub version: u32,
-    pub blob: String,
+    pub at: BlobLocation,
 }
 
 fn category_col(s: String) -> DbResult<Category> {
@@ -161,7 +163,10 @@ impl Db {
         }
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, secret.as_slice()])?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, secret.as_slice()],
+        )?;
         Ok(secret)
     }
 
@@ -190,18 +195,23 @@ impl Db {
         let mut stmt = self
             .conn
             .prepare("SELECT actor_id, role, name, organisation, verifying_key FROM actors ORDER BY created_at, actor_id")?;
-        let rows = stmt.query_map([], actor_row)?.collect();
-        rows
+        stmt.query_map([], actor_row)?.collect()
     }
 
     // ------------------------------------------------------------ proxies
 
     pub fn proxies(&self) -> DbResult<Vec<ProxyRow>> {
-        let mut stmt = self.conn.prepare("SELECT proxy_id, encryption_key, verifying_key FROM proxies ORDER BY idx")?;
-        let rows = stmt
-            .query_map([], |r| Ok(ProxyRow { proxy_id: r.get(0)?, encryption_key: r.get(1)?, verifying_key: r.get(2)? }))?
-            .collect();
-        rows
+        let mut stmt = self
+            .conn
+            .prepare("SELECT proxy_id, encryption_key, verifying_key FROM proxies ORDER BY idx")?;
+        stmt.query_map([], |r| {
+            Ok(ProxyRow {
+                proxy_id: r.get(0)?,
+                encryption_key: r.get(1)?,
+                verifying_key: r.get(2)?,
+            })
+        })?
+        .collect()
     }
 
     pub fn set_proxies(&mut self, proxies: &[ProxyRow]) -> DbResult<()> {
@@ -247,12 +257,21 @@ impl Db {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some((verifying_key, enrolled_by)) = row else { return Ok(None) };
-        let mut stmt = self.conn.prepare_cached("SELECT category, public_key FROM patient_keys WHERE pseudonym = ?1")?;
+        let Some((verifying_key, enrolled_by)) = row else {
+            return Ok(None);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT category, public_key FROM patient_keys WHERE pseudonym = ?1")?;
         let category_keys = stmt
             .query_map([pseudonym], |r| Ok((category_col(r.get(0)?)?, r.get(1)?)))?
             .collect::<DbResult<BTreeMap<_, _>>>()?;
-        Ok(Some(PatientRow { pseudonym: pseudonym.to_owned(), verifying_key, enrolled_by, category_keys }))
+        Ok(Some(PatientRow {
+            pseudonym: pseudonym.to_owned(),
+            verifying_key,
+            enrolled_by,
+            category_keys,
+        }))
     }
 
     /// Records envelope versions in one transaction. An envelope whose content tag equals
@@ -266,34 +285,46 @@ impl Db {
                  ORDER BY version DESC LIMIT 1",
             )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO envelopes (pseudonym, category, version, blob, content_tag, size, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO envelopes (pseudonym, category, version, blob, pack, offset, length, content_tag, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for e in envelopes {
                 let prev: Option<(u32, String, Vec<u8>)> = latest
-                    .query_row(params![e.pseudonym, e.category.label()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .query_row(params![e.pseudonym, e.category.label()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
                     .optional()?;
-                let receipt = match prev {
-                    Some((version, blob, tag)) if tag == e.content_tag => Receipt {
+                let receipt = match (prev, &e.at) {
+                    (Some((version, blob, tag)), _) if tag == e.content_tag => Receipt {
                         pseudonym: e.pseudonym.clone(),
                         category: e.category,
                         version,
                         blob,
                         unchanged: true,
                     },
-                    prev => {
+                    (prev, Some(at)) => {
                         let version = prev.map_or(1, |p| p.0 + 1);
                         insert.execute(params![
                             e.pseudonym,
                             e.category.label(),
                             version,
-                            e.blob,
+                            at.name,
+                            at.pack,
+                            at.offset as i64,
+                            at.length as i64,
                             e.content_tag,
-                            e.size as i64,
                             now
                         ])?;
-                        Receipt { pseudonym: e.pseudonym.clone(), category: e.category, version, blob: e.blob.clone(), unchanged: false }
+                        Receipt {
+                            pseudonym: e.pseudonym.clone(),
+                            category: e.category,
+                            version,
+                            blob: at.name.clone(),
+                            unchanged: false,
+                        }
                     }
+                    // Changed since the caller looked, but no blob was written: store nothing.
+                    (_, None) => return Err(rusqlite::Error::QueryReturnedNoRows),
                 };
                 receipts.push(receipt);
             }
@@ -316,16 +347,24 @@ impl Db {
     pub fn put_index(&mut self, rows: &[(String, PatientIndex)]) -> DbResult<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
-            let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
-            let mut person = tx.prepare_cached("INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)")?;
+            let mut del_person =
+                tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
+            let mut del_events =
+                tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
+            let mut person = tx.prepare_cached(
+                "INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)",
+            )?;
             let mut event = tx.prepare_cached(
                 "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (pseudonym, index) in rows {
                 del_person.execute([pseudonym])?;
                 del_events.execute([pseudonym])?;
-                person.execute(params![pseudonym, index.person.birth_year, index.person.sex])?;
+                person.execute(params![
+                    pseudonym,
+                    index.person.birth_year,
+                    index.person.sex
+                ])?;
                 for (kind, events) in [
                     ("condition", &index.conditions),
                     ("measurement", &index.measurements),
@@ -333,7 +372,9 @@ impl Db {
                     ("procedure", &index.procedures),
                 ] {
                     for e in events {
-                        event.execute(params![pseudonym, kind, e.system, e.code, e.date, e.value, e.unit])?;
+                        event.execute(params![
+                            pseudonym, kind, e.system, e.code, e.date, e.value, e.unit
+                        ])?;
                     }
                 }
             }
@@ -345,17 +386,31 @@ impl Db {
         let person = self
             .conn
             .prepare_cached("SELECT birth_year, sex FROM index_person WHERE pseudonym = ?1")?
-            .query_row([pseudonym], |r| Ok(Person { birth_year: r.get(0)?, sex: r.get(1)? }))
+            .query_row([pseudonym], |r| {
+                Ok(Person {
+                    birth_year: r.get(0)?,
+                    sex: r.get(1)?,
+                })
+            })
             .optional()?
             .unwrap_or_default();
-        let mut index = PatientIndex { person, ..Default::default() };
+        let mut index = PatientIndex {
+            person,
+            ..Default::default()
+        };
         let mut stmt = self
             .conn
             .prepare_cached("SELECT kind, system, code, date, value, unit FROM index_event WHERE pseudonym = ?1 ORDER BY rowid")?;
         let mut rows = stmt.query([pseudonym])?;
         while let Some(r) = rows.next()? {
             let kind: String = r.get(0)?;
-            let e = CodedEvent { system: r.get(1)?, code: r.get(2)?, date: r.get(3)?, value: r.get(4)?, unit: r.get(5)? };
+            let e = CodedEvent {
+                system: r.get(1)?,
+                code: r.get(2)?,
+                date: r.get(3)?,
+                value: r.get(4)?,
+                unit: r.get(5)?,
+            };
             match kind.as_str() {
                 "condition" => index.conditions.push(e),
                 "measurement" => index.measurements.push(e),
@@ -367,14 +422,32 @@ impl Db {
     }
 
     /// The latest version of each of a patient's envelopes in the given categories.
-    pub fn latest_envelopes(&self, pseudonym: &str, categories: &[Category]) -> DbResult<Vec<(Category, u32, String)>> {
+    pub fn latest_envelopes(
+        &self,
+        pseudonym: &str,
+        categories: &[Category],
+    ) -> DbResult<Vec<(Category, u32, BlobLocation)>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT version, blob FROM envelopes WHERE pseudonym = ?1 AND category = ?2 ORDER BY version DESC LIMIT 1",
+            "SELECT version, blob, pack, offset, length FROM envelopes WHERE pseudonym = ?1 AND category = ?2
+             ORDER BY version DESC LIMIT 1",
         )?;
         let mut out = Vec::new();
         for c in categories {
-            if let Some((v, b)) = stmt.query_row(params![pseudonym, c.label()], |r| Ok((r.get(0)?, r.get(1)?))).optional()? {
-                out.push((*c, v, b));
+            let row = stmt
+                .query_row(params![pseudonym, c.label()], |r| {
+                    Ok((
+                        r.get(0)?,
+                        BlobLocation {
+                            name: r.get(1)?,
+                            pack: r.get(2)?,
+                            offset: r.get::<_, i64>(3)? as u64,
+                            length: r.get::<_, i64>(4)? as u64,
+                        },
+                    ))
+                })
+                .optional()?;
+            if let Some((v, at)) = row {
+                out.push((*c, v, at));
             }
         }
         Ok(out)
@@ -382,7 +455,8 @@ impl Db {
 
     pub fn count(&self, table: &str) -> DbResult<i64> {
         debug_assert!(table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-        self.conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+        self.conn
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
     }
 
     // ------------------------------------------------------------ studies
@@ -412,35 +486,62 @@ impl Db {
 
     pub fn study(&self, study_id: &str) -> DbResult<Option<Study>> {
         self.conn
-            .query_row(&format!("{STUDY_SELECT} WHERE study_id = ?1"), [study_id], study_row)
+            .query_row(
+                &format!("{STUDY_SELECT} WHERE study_id = ?1"),
+                [study_id],
+                study_row,
+            )
             .optional()
     }
 
     pub fn studies(&self) -> DbResult<Vec<Study>> {
-        let mut stmt = self.conn.prepare(&format!("{STUDY_SELECT} ORDER BY proposed_at, study_id"))?;
-        let rows = stmt.query_map([], study_row)?.collect();
-        rows
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{STUDY_SELECT} ORDER BY proposed_at, study_id"))?;
+        stmt.query_map([], study_row)?.collect()
     }
 
     // ------------------------------------------------------------ grants
 
-    /// Stores a grant, replacing an earlier grant of the same patient to the same study.
-    pub fn put_grant(&mut self, g: &GrantRow, now: i64) -> DbResult<()> {
+    /// Stores grants in one transaction, each replacing an earlier grant of the same
+    /// patient to the same study.
+    pub fn put_grants(&mut self, grants: &[GrantRow], now: i64) -> DbResult<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2", params![g.study_id, g.pseudonym])?;
-        tx.execute(
-            "INSERT INTO grants (grant_id, study_id, pseudonym, threshold, expires_at, signature, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![g.grant_id, g.study_id, g.pseudonym, g.threshold, g.expires_at, g.signature, now],
-        )?;
-        for c in &g.categories {
-            tx.execute("INSERT INTO grant_categories (grant_id, category) VALUES (?1, ?2)", params![g.grant_id, c.label()])?;
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2")?;
+            let mut grant = tx.prepare_cached(
+                "INSERT INTO grants (grant_id, study_id, pseudonym, threshold, expires_at, signature, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut cat = tx.prepare_cached(
+                "INSERT INTO grant_categories (grant_id, category) VALUES (?1, ?2)",
+            )?;
+            for g in grants {
+                del.execute(params![g.study_id, g.pseudonym])?;
+                grant.execute(params![
+                    g.grant_id,
+                    g.study_id,
+                    g.pseudonym,
+                    g.threshold,
+                    g.expires_at,
+                    g.signature,
+                    now
+                ])?;
+                for c in &g.categories {
+                    cat.execute(params![g.grant_id, c.label()])?;
+                }
+            }
         }
         tx.commit()
     }
 
     /// Patients with an unexpired grant to the study, with the granted categories.
-    pub fn active_grants(&self, study_id: &str, now: i64) -> DbResult<Vec<(String, Vec<Category>)>> {
+    pub fn active_grants(
+        &self,
+        study_id: &str,
+        now: i64,
+    ) -> DbResult<Vec<(String, Vec<Category>)>> {
         let mut stmt = self.conn.prepare(
             "SELECT g.pseudonym, c.category FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
              WHERE g.study_id = ?1 AND g.expires_at > ?2 ORDER BY g.pseudonym, c.category",
@@ -469,10 +570,21 @@ impl Db {
         )?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO release_items (release_id, seq, pseudonym, category, version, blob) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO release_items (release_id, seq, pseudonym, category, version, blob, pack, offset, length)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for i in items {
-                stmt.execute(params![r.release_id, i.seq, i.pseudonym, i.category.label(), i.version, i.blob])?;
+                stmt.execute(params![
+                    r.release_id,
+                    i.seq,
+                    i.pseudonym,
+                    i.category.label(),
+                    i.version,
+                    i.at.name,
+                    i.at.pack,
+                    i.at.offset as i64,
+                    i.at.length as i64
+                ])?;
             }
         }
         tx.commit()
@@ -498,23 +610,31 @@ impl Db {
     }
 
     /// A page of a release's items after `after_seq`.
-    pub fn release_items(&self, release_id: &str, after_seq: i64, limit: usize) -> DbResult<Vec<ReleaseItemRow>> {
+    pub fn release_items(
+        &self,
+        release_id: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> DbResult<Vec<ReleaseItemRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, pseudonym, category, version, blob FROM release_items
+            "SELECT seq, pseudonym, category, version, blob, pack, offset, length FROM release_items
              WHERE release_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let rows = stmt
-            .query_map(params![release_id, after_seq, limit as i64], |r| {
-                Ok(ReleaseItemRow {
-                    seq: r.get(0)?,
-                    pseudonym: r.get(1)?,
-                    category: category_col(r.get(2)?)?,
-                    version: r.get(3)?,
-                    blob: r.get(4)?,
-                })
-            })?
-            .collect();
-        rows
+        stmt.query_map(params![release_id, after_seq, limit as i64], |r| {
+            Ok(ReleaseItemRow {
+                seq: r.get(0)?,
+                pseudonym: r.get(1)?,
+                category: category_col(r.get(2)?)?,
+                version: r.get(3)?,
+                at: BlobLocation {
+                    name: r.get(4)?,
+                    pack: r.get(5)?,
+                    offset: r.get::<_, i64>(6)? as u64,
+                    length: r.get::<_, i64>(7)? as u64,
+                },
+            })
+        })?
+        .collect()
     }
 }
 
@@ -522,8 +642,9 @@ const STUDY_SELECT: &str = "SELECT study_id, sponsor_id, proposal, status, board
 
 fn study_row(r: &rusqlite::Row<'_>) -> DbResult<Study> {
     let proposal: String = r.get(2)?;
-    let proposal: StudyProposal = serde_json::from_str(&proposal)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+    let proposal: StudyProposal = serde_json::from_str(&proposal).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     let status: String = r.get(3)?;
     Ok(Study {
         study_id: r.get(0)?,

@@ -1,0 +1,753 @@
+//! HIPAA Safe Harbor de-identification of the research copy.
+//!
+//! Applied to every category except [`Category::Critical`](pre_kms::Category::Critical):
+//!
+//! * **Patient** is rebuilt from a whitelist: `gender`, birth year, `deceasedBoolean` or the
+//!   year of death, `maritalStatus` codes, `communication.language` codes, and the US Core
+//!   race, ethnicity and birth-sex extensions (codes only). Its id becomes `subject`. Names,
+//!   addresses, telecom, identifiers, photo, contacts, links, the narrative and every other
+//!   extension (mother's maiden name, birthplace, Synthea's DALY/QALY, …) are gone.
+//! * **Ages over 89** (reference year − birth year > 89): `birthDate` is removed and marked
+//!   twice: `_birthDate` carries the standard data-absent-reason extension with code
+//!   `masked`, and the Patient carries the extension [`AGE_90_PLUS_EXTENSION_URL`] with
+//!   `valueString` `"90+"`. `…Age` elements (e.g. `Condition.onsetAge`) are dropped for
+//!   those patients.
+//! * **Other resources** are cleaned by a generic walk:
+//!   - elements that identify people, places or things are dropped wherever they appear
+//!     ([`is_dropped_element`]: identifier, name, address, telecom, note, extensions,
+//!     performers and participants, locations, device serial and lot numbers,
+//!     `presentedForm`, contained resources, …);
+//!   - free text is dropped: narratives (`text.div`), `description`, `comment`,
+//!     `conclusion`, any `…String` value, and a CodeableConcept `text` unless it repeats the
+//!     display of one of its codings;
+//!   - every date, dateTime or instant with at least a month (`YYYY-MM…`) becomes its year
+//!     (`YYYY`), whatever element holds it;
+//!   - references: a reference to the patient becomes `{"reference": "Patient/subject"}`;
+//!     any other reference keeps only its target type (`{"type": "Encounter"}`) or is
+//!     dropped; reference `display`s and identifiers are always dropped;
+//!   - resource ids become the first 16 hex digits of a BLAKE3 hash of a per-patient salt
+//!     (itself derived from the custodian's patient id), the resource type and the original
+//!     id: stable across imports, not reversible without the custodian's ids;
+//!   - `meta` keeps only `profile`;
+//!   - observation components that ask for identifying data (PRAPARE's street address,
+//!     [`IDENTIFYING_COMPONENT_CODES`]) are
+//!     dropped;
+//!   - coded data (system, code, display of clinical codes), values, units and statuses are
+//!     kept.
+//! * Finally, as a safety net, any string anywhere in the research copy that contains one
+//!   of the patient's identifying strings (see
+//!   [`PatientRecord::identifiers`](crate::PatientRecord::identifiers)), compared
+//!   case-insensitively, is removed.
+
+use serde_json::{Map, Value, json};
+
+use crate::categorize::{IDENTIFYING_COMPONENT_CODES, Lookup};
+use crate::resolve::Resolver;
+use crate::util;
+
+/// Parameters of the de-identification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeidConfig {
+    /// The year ages are computed at: a patient born in year `y` is `reference_year - y`
+    /// years old for the 90+ rule. Passed in (never read from the clock) so that imports are
+    /// reproducible.
+    pub reference_year: i32,
+}
+
+impl DeidConfig {
+    /// The default reference year.
+    pub const DEFAULT_REFERENCE_YEAR: i32 = 2026;
+
+    /// A configuration with the given reference year.
+    pub fn new(reference_year: i32) -> Self {
+        DeidConfig { reference_year }
+    }
+
+    /// Whether someone born in `birth_year` is over 89 at the reference year.
+    pub fn is_over_89(&self, birth_year: i32) -> bool {
+        self.reference_year.saturating_sub(birth_year) > 89
+    }
+
+    /// The birth year the index reports: the year itself, or `reference_year - 90` for the
+    /// 90+ bucket.
+    pub fn index_birth_year(&self, birth_year: i32) -> i32 {
+        if self.is_over_89(birth_year) {
+            self.reference_year - 90
+        } else {
+            birth_year
+        }
+    }
+}
+
+impl Default for DeidConfig {
+    fn default() -> Self {
+        DeidConfig::new(Self::DEFAULT_REFERENCE_YEAR)
+    }
+}
+
+/// URL of the Patient extension that marks the 90+ age bucket (`valueString: "90+"`).
+pub const AGE_90_PLUS_EXTENSION_URL: &str = "urn:safe-harbor:age-90-plus";
+
+/// URL of the standard FHIR data-absent-reason extension.
+const DATA_ABSENT_REASON_URL: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+
+/// Whether an element is dropped wherever it appears in a non-Patient resource: identifiers,
+/// names, addresses, telecom, photos, contacts, notes, presented forms, contained resources,
+/// extensions, performers, participants, locations and other actors, device serial and lot
+/// numbers, encounter links, attachments, and element ids.
+pub fn is_dropped_element(key: &str) -> bool {
+    matches!(
+        key,
+        "identifier"
+            | "name"
+            | "address"
+            | "telecom"
+            | "photo"
+            | "contact"
+            | "note"
+            | "presentedForm"
+            | "contained"
+            | "extension"
+            | "modifierExtension"
+            | "performer"
+            | "participant"
+            | "location"
+            | "serviceProvider"
+            | "requester"
+            | "recorder"
+            | "asserter"
+            | "author"
+            | "custodian"
+            | "careTeam"
+            | "managingOrganization"
+            | "hospitalization"
+            | "udiCarrier"
+            | "distinctIdentifier"
+            | "lotNumber"
+            | "serialNumber"
+            | "deviceName"
+            | "modelNumber"
+            | "owner"
+            | "url"
+            | "encounter"
+            | "context"
+            | "supportingInfo"
+            | "insurance"
+            | "organization"
+            | "practitioner"
+            | "informationSource"
+            | "reportedReference"
+            | "sender"
+            | "recipient"
+            | "media"
+            | "imagingStudy"
+            | "content"
+            | "attachment"
+            | "implicitRules"
+            | "id"
+    )
+}
+
+/// Elements whose string value is free text.
+fn is_free_text_element(key: &str) -> bool {
+    matches!(
+        key,
+        "description"
+            | "comment"
+            | "conclusion"
+            | "patientInstruction"
+            | "summary"
+            | "div"
+            | "title"
+            | "instruction"
+    )
+}
+
+/// Elements whose string values are never dates, even when they look like one.
+fn is_non_date_element(key: &str) -> bool {
+    matches!(key, "code" | "system" | "version" | "unit" | "type")
+}
+
+/// The per-patient state of the de-identification.
+pub(crate) struct Deidentifier<'a> {
+    cfg: DeidConfig,
+    salt: [u8; 32],
+    over_89: bool,
+    resolver: &'a Resolver<'a>,
+}
+
+impl<'a> Deidentifier<'a> {
+    pub(crate) fn new(
+        cfg: DeidConfig,
+        source_id: &str,
+        over_89: bool,
+        resolver: &'a Resolver<'a>,
+    ) -> Self {
+        let salt = blake3::derive_key(
+            "datasets research-copy patient salt v1",
+            source_id.as_bytes(),
+        );
+        Deidentifier {
+            cfg,
+            salt,
+            over_89,
+            resolver,
+        }
+    }
+
+    /// The research-copy id of a resource.
+    pub(crate) fn pseudo_id(&self, resource_type: &str, id: &str) -> String {
+        let mut h = blake3::Hasher::new_derive_key("datasets research-copy resource id v1");
+        h.update(&self.salt);
+        h.update(resource_type.as_bytes());
+        h.update(&[0]);
+        h.update(id.as_bytes());
+        let hex = h.finalize().to_hex();
+        hex.as_str()[..16].to_string()
+    }
+
+    /// The de-identified Patient (demographics category).
+    pub(crate) fn patient(&self, patient: &Value) -> Value {
+        let mut out = Map::new();
+        out.insert("resourceType".into(), json!("Patient"));
+        out.insert("id".into(), json!("subject"));
+        if let Some(meta) = clean_meta(patient.get("meta")) {
+            out.insert("meta".into(), meta);
+        }
+        if let Some(g) = patient.get("gender").and_then(Value::as_str) {
+            out.insert("gender".into(), json!(g));
+        }
+        let birth_year = patient
+            .get("birthDate")
+            .and_then(Value::as_str)
+            .and_then(util::year_of);
+        match birth_year {
+            Some(y) if self.cfg.is_over_89(y) => {
+                out.insert(
+                    "_birthDate".into(),
+                    json!({"extension": [{"url": DATA_ABSENT_REASON_URL, "valueCode": "masked"}]}),
+                );
+            }
+            Some(y) => {
+                out.insert("birthDate".into(), json!(format!("{y:04}")));
+            }
+            None => {}
+        }
+        if let Some(b) = patient.get("deceasedBoolean").and_then(Value::as_bool) {
+            out.insert("deceasedBoolean".into(), json!(b));
+        }
+        if let Some(y) = patient
+            .get("deceasedDateTime")
+            .and_then(Value::as_str)
+            .and_then(util::year_of)
+        {
+            out.insert("deceasedDateTime".into(), json!(format!("{y:04}")));
+        }
+        let no_parent = Map::new();
+        if let Some(m) = patient
+            .get("maritalStatus")
+            .and_then(|m| self.clean(&no_parent, "maritalStatus", m))
+        {
+            out.insert("maritalStatus".into(), m);
+        }
+        let communication: Vec<Value> = patient
+            .get("communication")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                let mut m = Map::new();
+                if let Some(lang) = c
+                    .get("language")
+                    .and_then(|l| self.clean(&no_parent, "language", l))
+                {
+                    m.insert("language".into(), lang);
+                }
+                if let Some(p) = c.get("preferred").and_then(Value::as_bool) {
+                    m.insert("preferred".into(), json!(p));
+                }
+                (!m.is_empty()).then_some(Value::Object(m))
+            })
+            .collect();
+        if !communication.is_empty() {
+            out.insert("communication".into(), Value::Array(communication));
+        }
+        let mut extensions: Vec<Value> = patient
+            .get("extension")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(clean_demographic_extension)
+            .collect();
+        if birth_year.is_some_and(|y| self.cfg.is_over_89(y)) {
+            extensions.push(json!({"url": AGE_90_PLUS_EXTENSION_URL, "valueString": "90+"}));
+        }
+        if !extensions.is_empty() {
+            out.insert("extension".into(), Value::Array(extensions));
+        }
+        Value::Object(out)
+    }
+
+    /// The de-identified copy of a non-Patient resource, or `None` if nothing is left.
+    pub(crate) fn resource(&self, resource: &Value) -> Option<Value> {
+        let obj = resource.as_object()?;
+        let ty = obj.get("resourceType")?.as_str()?;
+        let mut out = Map::new();
+        out.insert("resourceType".into(), Value::from(ty));
+        if let Some(id) = obj.get("id").and_then(Value::as_str) {
+            out.insert("id".into(), Value::from(self.pseudo_id(ty, id)));
+        }
+        if let Some(meta) = clean_meta(obj.get("meta")) {
+            out.insert("meta".into(), meta);
+        }
+        for (k, v) in obj {
+            if matches!(k.as_str(), "resourceType" | "id" | "meta") {
+                continue;
+            }
+            if let Some(clean) = self.clean(obj, k, v) {
+                out.insert(k.clone(), clean);
+            }
+        }
+        // A medication given by reference (Synthea does this for some requests): inline
+        // the referenced Medication's code, since the reference itself is stripped.
+        if !out.contains_key("medicationCodeableConcept")
+            && let Some(med) = obj
+                .get("medicationReference")
+                .and_then(|m| m.get("reference"))
+                .and_then(Value::as_str)
+                .and_then(|r| self.resolver.resolve(r))
+            && let Some(code) = med
+                .get("code")
+                .and_then(|c| self.clean(&Map::new(), "medicationCodeableConcept", c))
+        {
+            out.insert("medicationCodeableConcept".into(), code);
+        }
+        Some(Value::Object(out))
+    }
+
+    /// Cleans the member `key: value` of the object `parent`.
+    fn clean(&self, parent: &Map<String, Value>, key: &str, value: &Value) -> Option<Value> {
+        if is_dropped_element(key) {
+            return None;
+        }
+        if self.over_89 && key.ends_with("Age") {
+            return None;
+        }
+        match value {
+            Value::String(s) => self.clean_string(parent, key, s),
+            Value::Object(o) => self.clean_object(key, o),
+            Value::Array(items) => {
+                let kept: Vec<Value> = items
+                    .iter()
+                    .filter(|item| key != "component" || !is_identifying_component(item))
+                    .filter_map(|item| self.clean(parent, key, item))
+                    .collect();
+                (!kept.is_empty()).then_some(Value::Array(kept))
+            }
+            other => Some(other.clone()),
+        }
+    }
+
+    fn clean_string(&self, parent: &Map<String, Value>, key: &str, s: &str) -> Option<Value> {
+        match key {
+            // CodeableConcept.text: kept only when it repeats one of its codings' displays.
+            "text" => {
+                let repeats_display = parent
+                    .get("coding")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.get("display").and_then(Value::as_str) == Some(s));
+                return repeats_display.then(|| Value::from(s));
+            }
+            // A display is kept on a Coding (which has a code), never on a Reference.
+            "display" => return parent.contains_key("code").then(|| Value::from(s)),
+            _ => {}
+        }
+        if is_free_text_element(key) || key.ends_with("String") || key.ends_with("Markdown") {
+            return None;
+        }
+        if util::looks_like_month_date(s) && !is_non_date_element(key) {
+            return Some(Value::from(&s[..4]));
+        }
+        Some(Value::from(s))
+    }
+
+    fn clean_object(&self, key: &str, o: &Map<String, Value>) -> Option<Value> {
+        if key == "text" {
+            // A Narrative.
+            return None;
+        }
+        if is_reference_like(o) {
+            return self.clean_reference(o);
+        }
+        let mut out = Map::new();
+        for (k, v) in o {
+            if let Some(clean) = self.clean(o, k, v) {
+                out.insert(k.clone(), clean);
+            }
+        }
+        (!out.is_empty()).then_some(Value::Object(out))
+    }
+
+    fn clean_reference(&self, o: &Map<String, Value>) -> Option<Value> {
+        if let Some(r) = o.get("reference").and_then(Value::as_str) {
+            if self.resolver.is_patient(r) {
+                return Some(single("reference", "Patient/subject"));
+            }
+            if let Some(ty) = self.resolver.target_type(r) {
+                return Some(single("type", ty));
+            }
+        }
+        o.get("type")
+            .and_then(Value::as_str)
+            .and_then(crate::categorize::known_type_name)
+            .map(|ty| single("type", ty))
+    }
+}
+
+/// Whether an object is a FHIR Reference: it has a `reference`, or it only has Reference
+/// elements and names something by identifier or display.
+fn is_reference_like(o: &Map<String, Value>) -> bool {
+    if o.get("reference").is_some_and(Value::is_string) {
+        return true;
+    }
+    let only_reference_keys = o.keys().all(|k| {
+        matches!(
+            k.as_str(),
+            "reference" | "display" | "identifier" | "type" | "extension" | "id"
+        )
+    });
+    only_reference_keys && (o.contains_key("display") || o.contains_key("identifier"))
+}
+
+fn is_identifying_component(component: &Value) -> bool {
+    util::codings(component.get("code")).any(|c| IDENTIFYING_COMPONENT_CODES.contains(&c.code))
+}
+
+/// `{key: value}`.
+fn single(key: &str, value: &str) -> Value {
+    let mut m = Map::new();
+    m.insert(key.into(), Value::from(value));
+    Value::Object(m)
+}
+
+fn clean_meta(meta: Option<&Value>) -> Option<Value> {
+    let profiles: Vec<Value> = meta?
+        .get("profile")?
+        .as_array()?
+        .iter()
+        .filter(|p| p.is_string())
+        .cloned()
+        .collect();
+    (!profiles.is_empty()).then(|| {
+        let mut m = Map::new();
+        m.insert("profile".into(), Value::Array(profiles));
+        Value::Object(m)
+    })
+}
+
+const US_CORE_RACE: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race";
+const US_CORE_ETHNICITY: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity";
+const US_CORE_BIRTHSEX: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex";
+
+/// Keeps the codes of the US Core race and ethnicity extensions and the birth-sex code.
+fn clean_demographic_extension(ext: &Value) -> Option<Value> {
+    let url = ext.get("url")?.as_str()?;
+    match url {
+        US_CORE_RACE | US_CORE_ETHNICITY => {
+            let parts: Vec<Value> = ext
+                .get("extension")?
+                .as_array()?
+                .iter()
+                .filter_map(|sub| {
+                    let sub_url = sub.get("url")?.as_str()?;
+                    if !matches!(sub_url, "ombCategory" | "detailed") {
+                        return None;
+                    }
+                    let coding = sub.get("valueCoding")?.as_object()?;
+                    let mut c = Map::new();
+                    for k in ["system", "code", "display"] {
+                        if let Some(v) = coding.get(k).and_then(Value::as_str) {
+                            c.insert(k.into(), json!(v));
+                        }
+                    }
+                    Some(json!({"url": sub_url, "valueCoding": c}))
+                })
+                .collect();
+            (!parts.is_empty()).then(|| json!({"url": url, "extension": parts}))
+        }
+        US_CORE_BIRTHSEX => {
+            let code = ext.get("valueCode")?.as_str()?;
+            matches!(code, "M" | "F" | "UNK" | "OTH")
+                .then(|| json!({"url": url, "valueCode": code}))
+        }
+        _ => None,
+    }
+}
+
+/// The strings of a raw Patient that identify the person: names, address lines and cities,
+/// telecom values, identifier values, contacts' names, mother's maiden name and birthplace
+/// city. Strings shorter than [`MIN_IDENTIFIER_LEN`] characters are left out (too short to
+/// scan for without false hits). Order of first appearance, no duplicates.
+pub(crate) fn identifiers_of(patient: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: &str| {
+        let s = s.trim();
+        if s.chars().count() >= MIN_IDENTIFIER_LEN && !out.iter().any(|o| o == s) {
+            out.push(s.to_string());
+        }
+    };
+    let arr = |v: Option<&Value>| -> Vec<Value> {
+        v.and_then(Value::as_array).cloned().unwrap_or_default()
+    };
+    let names = |v: &Value, push: &mut dyn FnMut(&str)| {
+        for name in arr(v.get("name"))
+            .iter()
+            .chain(v.get("name").filter(|n| n.is_object()))
+        {
+            for g in arr(name.get("given")) {
+                if let Some(s) = g.as_str() {
+                    push(s);
+                }
+            }
+            for k in ["family", "text"] {
+                if let Some(s) = name.get(k).and_then(Value::as_str) {
+                    push(s);
+                }
+            }
+        }
+    };
+    let addresses = |v: &Value, push: &mut dyn FnMut(&str)| {
+        for addr in arr(v.get("address"))
+            .iter()
+            .chain(v.get("address").filter(|a| a.is_object()))
+        {
+            for l in arr(addr.get("line")) {
+                if let Some(s) = l.as_str() {
+                    push(s);
+                }
+            }
+            for k in ["city", "district", "text"] {
+                if let Some(s) = addr.get(k).and_then(Value::as_str) {
+                    push(s);
+                }
+            }
+        }
+    };
+    names(patient, &mut push);
+    addresses(patient, &mut push);
+    for t in arr(patient.get("telecom")) {
+        if let Some(s) = t.get("value").and_then(Value::as_str) {
+            push(s);
+        }
+    }
+    for i in arr(patient.get("identifier")) {
+        if let Some(s) = i.get("value").and_then(Value::as_str) {
+            push(s);
+        }
+    }
+    for c in arr(patient.get("contact")) {
+        names(&c, &mut push);
+        addresses(&c, &mut push);
+        for t in arr(c.get("telecom")) {
+            if let Some(s) = t.get("value").and_then(Value::as_str) {
+                push(s);
+            }
+        }
+    }
+    for e in arr(patient.get("extension")) {
+        match e.get("url").and_then(Value::as_str) {
+            Some("http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName") => {
+                if let Some(s) = e.get("valueString").and_then(Value::as_str) {
+                    push(s);
+                }
+            }
+            Some("http://hl7.org/fhir/StructureDefinition/patient-birthPlace") => {
+                if let Some(s) = e
+                    .get("valueAddress")
+                    .and_then(|a| a.get("city"))
+                    .and_then(Value::as_str)
+                {
+                    push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Identifying strings shorter than this are not listed (nor scrubbed).
+pub const MIN_IDENTIFIER_LEN: usize = 4;
+
+/// Removes, recursively, every string that contains one of `needles` (lower-case),
+/// compared case-insensitively; objects and arrays left empty are removed too. The
+/// `resourceType` member is never removed.
+pub(crate) fn scrub(value: &Value, needles: &[String]) -> Option<Value> {
+    match value {
+        Value::String(s) => {
+            let lower = s.to_lowercase();
+            (!needles
+                .iter()
+                .any(|n| memchr::memmem::find(lower.as_bytes(), n.as_bytes()).is_some()))
+            .then(|| value.clone())
+        }
+        Value::Array(items) => {
+            let kept: Vec<Value> = items.iter().filter_map(|v| scrub(v, needles)).collect();
+            (!kept.is_empty()).then_some(Value::Array(kept))
+        }
+        Value::Object(o) => {
+            let mut out = Map::new();
+            for (k, v) in o {
+                if k == "resourceType" {
+                    out.insert(k.clone(), v.clone());
+                } else if let Some(clean) = scrub(v, needles) {
+                    out.insert(k.clone(), clean);
+                }
+            }
+            (!out.is_empty()).then_some(Value::Object(out))
+        }
+        other => Some(other.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthea_like_patient(birth: &str) -> Value {
+        json!({
+            "resourceType": "Patient",
+            "id": "p-1",
+            "text": {"status": "generated", "div": "<div>Jane</div>"},
+            "extension": [
+                {"url": US_CORE_RACE, "extension": [
+                    {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3", "display": "White"}},
+                    {"url": "text", "valueString": "White"}]},
+                {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": "Maiden Name42"},
+                {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace", "valueAddress": {"city": "Springfield", "state": "MA"}}
+            ],
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-12-3456"}],
+            "name": [{"use": "official", "family": "Doe123", "given": ["Jane456"]}],
+            "telecom": [{"system": "phone", "value": "555-123-4567"}],
+            "gender": "female",
+            "birthDate": birth,
+            "address": [{"line": ["12 Elm Street"], "city": "Worcester", "postalCode": "01601"}],
+            "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M", "display": "Married"}], "text": "Married"},
+        })
+    }
+
+    #[test]
+    fn patient_keeps_only_demographics() {
+        let patient = synthea_like_patient("1980-05-17");
+        let resolver = Resolver::new(&patient, &[], None);
+        let d = Deidentifier::new(DeidConfig::default(), "p-1", false, &resolver);
+        let out = d.patient(&patient);
+        let text = serde_json::to_string(&out).unwrap();
+        assert_eq!(out["birthDate"], "1980");
+        assert_eq!(out["gender"], "female");
+        assert_eq!(out["id"], "subject");
+        for bad in [
+            "Jane",
+            "Doe123",
+            "999-12-3456",
+            "555-123-4567",
+            "Elm",
+            "Worcester",
+            "01601",
+            "Maiden",
+            "Springfield",
+            "<div>",
+        ] {
+            assert!(!text.contains(bad), "{bad} in {text}");
+        }
+        assert!(text.contains("2106-3"));
+        let ids = identifiers_of(&patient);
+        for want in [
+            "Jane456",
+            "Doe123",
+            "999-12-3456",
+            "555-123-4567",
+            "12 Elm Street",
+            "Worcester",
+            "Maiden Name42",
+            "Springfield",
+        ] {
+            assert!(ids.iter().any(|i| i == want), "{want} missing from {ids:?}");
+        }
+    }
+
+    #[test]
+    fn ages_over_89_are_bucketed() {
+        let cfg = DeidConfig::new(2026);
+        assert!(cfg.is_over_89(1936));
+        assert!(!cfg.is_over_89(1937));
+        assert_eq!(cfg.index_birth_year(1920), 1936);
+        assert_eq!(cfg.index_birth_year(1950), 1950);
+        let patient = synthea_like_patient("1921-02-03");
+        let resolver = Resolver::new(&patient, &[], None);
+        let d = Deidentifier::new(cfg, "p-1", true, &resolver);
+        let out = d.patient(&patient);
+        assert!(out.get("birthDate").is_none());
+        assert_eq!(out["_birthDate"]["extension"][0]["valueCode"], "masked");
+        let ext = out["extension"].as_array().unwrap();
+        assert!(
+            ext.iter()
+                .any(|e| e["url"] == AGE_90_PLUS_EXTENSION_URL && e["valueString"] == "90+")
+        );
+        assert!(!serde_json::to_string(&out).unwrap().contains("1921"));
+    }
+
+    #[test]
+    fn resources_lose_identifying_elements_and_dates_shrink_to_years() {
+        let patient = json!({"resourceType": "Patient", "id": "p-1"});
+        let encounter = json!({"resourceType": "Encounter", "id": "e-1"});
+        let resources = vec![encounter];
+        let resolver = Resolver::new(&patient, &resources, None);
+        let d = Deidentifier::new(DeidConfig::default(), "p-1", false, &resolver);
+        let obs = json!({
+            "resourceType": "Observation",
+            "id": "o-1",
+            "meta": {"profile": ["http://x/p"], "lastUpdated": "2020-01-01T00:00:00Z"},
+            "text": {"div": "<div>free</div>"},
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3", "display": "Cholesterol"}], "text": "Cholesterol"},
+            "subject": {"reference": "urn:uuid:p-1", "display": "Mr. Jane Doe"},
+            "encounter": {"reference": "urn:uuid:e-1"},
+            "performer": [{"reference": "Practitioner?identifier=x|1", "display": "Dr. Who"}],
+            "effectiveDateTime": "2019-07-04T10:00:00-04:00",
+            "issued": "2019-07-04T10:00:00.123-04:00",
+            "valueQuantity": {"value": 180.5, "unit": "mg/dL"},
+            "note": [{"text": "called Jane at home"}],
+            "derivedFrom": [{"reference": "urn:uuid:e-1", "display": "visit"}],
+            "component": [
+                {"code": {"coding": [{"system": "http://loinc.org", "code": "56799-0"}]}, "valueString": "12 Elm Street"},
+                {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 120}}
+            ]
+        });
+        let out = d.resource(&obs).unwrap();
+        assert_eq!(out["subject"], json!({"reference": "Patient/subject"}));
+        assert_eq!(out["derivedFrom"], json!([{"type": "Encounter"}]));
+        assert_eq!(out["effectiveDateTime"], "2019");
+        assert_eq!(out["issued"], "2019");
+        assert_eq!(out["code"]["coding"][0]["code"], "2093-3");
+        assert_eq!(out["code"]["text"], "Cholesterol");
+        assert_eq!(out["meta"], json!({"profile": ["http://x/p"]}));
+        assert_eq!(out["component"].as_array().unwrap().len(), 1);
+        assert_ne!(out["id"], "o-1");
+        assert_eq!(out["id"].as_str().unwrap().len(), 16);
+        for gone in ["text", "encounter", "performer", "note"] {
+            assert!(out.get(gone).is_none(), "{gone}");
+        }
+        let s = serde_json::to_string(&out).unwrap();
+        assert!(!s.contains("Jane") && !s.contains("Dr. Who") && !s.contains("Elm"));
+    }
+
+    #[test]
+    fn scrub_removes_strings_containing_identifiers() {
+        let v = json!({"resourceType": "X", "a": "hello BOSTON", "b": ["ok", "boston!"], "c": {"d": "Boston"}});
+        let out = scrub(&v, &["boston".to_string()]).unwrap();
+        assert_eq!(out, json!({"resourceType": "X", "b": ["ok"]}));
+    }
+}

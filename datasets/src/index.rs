@@ -1,0 +1,256 @@
+//! Extraction of the searchable index rows ([`PatientIndex`]) from a patient's resources.
+//!
+//! * person: birth year (the 90+ bucket year, `reference_year - 90`, for patients over 89)
+//!   and `Patient.gender` (`unknown` when absent);
+//! * conditions: every Condition, sensitive or not (consent decides elsewhere what the
+//!   broker may search); date from `onsetDateTime`, `onsetPeriod.start` or `recordedDate`;
+//! * measurements: Observations with a `valueQuantity` (value and UCUM unit) or a
+//!   `valueCodeableConcept` (no value), dated by `effectiveDateTime`,
+//!   `effectivePeriod.start` or `issued`; each `component` (blood pressure, survey items)
+//!   gives its own row under the component's code;
+//! * drugs: MedicationRequest (`authoredOn`) and MedicationStatement (`effective[x]`,
+//!   `dateAsserted`), coded by `medicationCodeableConcept` or the referenced Medication;
+//! * procedures: Procedure, dated by `performedDateTime` or `performedPeriod.start`.
+//!
+//! Codes come from the first coding that has a code; systems are shortened by
+//! [`system_short_name`]. Dates are `YYYY-MM-DD` (partial dates padded with `01`); rows
+//! without a usable date or code are left out. Immunizations are not indexed.
+
+use cohort_query::{CodedEvent, PatientIndex, Person};
+use serde_json::Value;
+
+use crate::categorize::Lookup;
+use crate::deidentify::DeidConfig;
+use crate::resolve::Resolver;
+use crate::util;
+
+/// The index short name of a code system URL: `snomed`, `loinc`, `rxnorm`, `icd10`, `cvx`,
+/// or the URL itself for other systems.
+pub fn system_short_name(url: &str) -> &str {
+    match url {
+        "http://snomed.info/sct" | "urn:oid:2.16.840.1.113883.6.96" => "snomed",
+        "http://loinc.org" | "urn:oid:2.16.840.1.113883.6.1" => "loinc",
+        "http://www.nlm.nih.gov/research/umls/rxnorm" | "urn:oid:2.16.840.1.113883.6.88" => {
+            "rxnorm"
+        }
+        "http://hl7.org/fhir/sid/cvx" | "urn:oid:2.16.840.1.113883.12.292" => "cvx",
+        "urn:oid:2.16.840.1.113883.6.90" | "urn:oid:2.16.840.1.113883.6.3" => "icd10",
+        u if u.starts_with("http://hl7.org/fhir/sid/icd-10") => "icd10",
+        u => u,
+    }
+}
+
+/// The person row of a (raw) Patient.
+pub(crate) fn person(patient: &Value, cfg: &DeidConfig) -> Person {
+    Person {
+        birth_year: patient
+            .get("birthDate")
+            .and_then(Value::as_str)
+            .and_then(util::year_of)
+            .map(|y| cfg.index_birth_year(y)),
+        sex: patient
+            .get("gender")
+            .and_then(Value::as_str)
+            .filter(|g| matches!(*g, "male" | "female" | "other" | "unknown"))
+            .unwrap_or("unknown")
+            .to_string(),
+    }
+}
+
+fn first_date(resource: &Value, paths: &[&[&str]]) -> Option<String> {
+    paths.iter().find_map(|path| {
+        let mut v = resource;
+        for key in *path {
+            v = v.get(*key)?;
+        }
+        util::index_date(v.as_str()?)
+    })
+}
+
+fn event(
+    concept: Option<&Value>,
+    date: &str,
+    value: Option<f64>,
+    unit: &str,
+) -> Option<CodedEvent> {
+    let coding = util::first_coding(concept)?;
+    Some(CodedEvent {
+        system: system_short_name(coding.system).to_string(),
+        code: coding.code.to_string(),
+        date: date.to_string(),
+        value,
+        unit: unit.to_string(),
+    })
+}
+
+fn quantity(q: &Value) -> (Option<f64>, String) {
+    let value = q.get("value").and_then(Value::as_f64);
+    let unit = q
+        .get("code")
+        .and_then(Value::as_str)
+        .or_else(|| q.get("unit").and_then(Value::as_str))
+        .unwrap_or("");
+    (value, unit.to_string())
+}
+
+/// The measurement rows of one Observation.
+fn measurements(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
+    if let Some(q) = obs.get("valueQuantity") {
+        let (value, unit) = quantity(q);
+        out.extend(event(obs.get("code"), date, value, &unit));
+    } else if obs.get("valueCodeableConcept").is_some() {
+        out.extend(event(obs.get("code"), date, None, ""));
+    }
+    for component in obs
+        .get("component")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(q) = component.get("valueQuantity") {
+            let (value, unit) = quantity(q);
+            out.extend(event(component.get("code"), date, value, &unit));
+        } else if component.get("valueCodeableConcept").is_some() {
+            out.extend(event(component.get("code"), date, None, ""));
+        }
+    }
+}
+
+/// The index rows of one patient.
+pub(crate) fn extract(
+    patient: &Value,
+    resources: &[Value],
+    resolver: &Resolver<'_>,
+    cfg: &DeidConfig,
+) -> PatientIndex {
+    let mut index = PatientIndex {
+        person: person(patient, cfg),
+        ..PatientIndex::default()
+    };
+    for r in resources {
+        match util::resource_type(r) {
+            Some("Condition") => {
+                if let Some(date) = first_date(
+                    r,
+                    &[
+                        &["onsetDateTime"],
+                        &["onsetPeriod", "start"],
+                        &["recordedDate"],
+                    ],
+                ) {
+                    index
+                        .conditions
+                        .extend(event(r.get("code"), &date, None, ""));
+                }
+            }
+            Some("Observation") => {
+                if let Some(date) = first_date(
+                    r,
+                    &[
+                        &["effectiveDateTime"],
+                        &["effectivePeriod", "start"],
+                        &["issued"],
+                    ],
+                ) {
+                    measurements(r, &date, &mut index.measurements);
+                }
+            }
+            Some(ty @ ("MedicationRequest" | "MedicationStatement")) => {
+                let date = if ty == "MedicationRequest" {
+                    first_date(r, &[&["authoredOn"]])
+                } else {
+                    first_date(
+                        r,
+                        &[
+                            &["effectiveDateTime"],
+                            &["effectivePeriod", "start"],
+                            &["dateAsserted"],
+                        ],
+                    )
+                };
+                let concept = r.get("medicationCodeableConcept").or_else(|| {
+                    r.get("medicationReference")
+                        .and_then(|m| m.get("reference"))
+                        .and_then(Value::as_str)
+                        .and_then(|s| resolver.resolve(s))
+                        .and_then(|m| m.get("code"))
+                });
+                if let Some(date) = date {
+                    index.drugs.extend(event(concept, &date, None, ""));
+                }
+            }
+            Some("Procedure") => {
+                if let Some(date) =
+                    first_date(r, &[&["performedDateTime"], &["performedPeriod", "start"]])
+                {
+                    index
+                        .procedures
+                        .extend(event(r.get("code"), &date, None, ""));
+                }
+            }
+            _ => {}
+        }
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn short_names() {
+        assert_eq!(system_short_name("http://snomed.info/sct"), "snomed");
+        assert_eq!(
+            system_short_name("http://hl7.org/fhir/sid/icd-10-cm"),
+            "icd10"
+        );
+        assert_eq!(
+            system_short_name("http://example.org/x"),
+            "http://example.org/x"
+        );
+    }
+
+    #[test]
+    fn rows() {
+        let patient = json!({"resourceType": "Patient", "id": "p", "birthDate": "1930-01-01", "gender": "female"});
+        let resources = vec![
+            json!({"resourceType": "Condition", "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                   "onsetDateTime": "2001-02-03T04:05:06Z"}),
+            json!({"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+                   "effectiveDateTime": "2010-01-01",
+                   "component": [
+                     {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 130, "unit": "mm[Hg]"}},
+                     {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, "valueQuantity": {"value": 85, "unit": "mm[Hg]"}}]}),
+            json!({"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "72166-2"}]},
+                   "effectiveDateTime": "2010-01-01", "valueCodeableConcept": {"coding": [{"code": "266919005"}]}}),
+            json!({"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "630-4"}]},
+                   "effectiveDateTime": "2010-01-01", "valueString": "free text"}),
+            json!({"resourceType": "Medication", "id": "m1", "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]}}),
+            json!({"resourceType": "MedicationRequest", "medicationReference": {"reference": "urn:uuid:m1"}, "authoredOn": "2011-05"}),
+            json!({"resourceType": "Procedure", "code": {"coding": [{"system": "http://snomed.info/sct", "code": "73761001"}]},
+                   "performedPeriod": {"start": "2012-06-07T00:00:00Z"}}),
+        ];
+        let resolver = Resolver::new(&patient, &resources, None);
+        let idx = extract(&patient, &resources, &resolver, &DeidConfig::new(2026));
+        assert_eq!(
+            idx.person,
+            Person {
+                birth_year: Some(1936),
+                sex: "female".into()
+            }
+        );
+        assert_eq!(idx.conditions.len(), 1);
+        assert_eq!(idx.conditions[0].date, "2001-02-03");
+        assert_eq!(idx.measurements.len(), 3);
+        assert_eq!(idx.measurements[0].code, "8480-6");
+        assert_eq!(idx.measurements[0].value, Some(130.0));
+        assert_eq!(idx.measurements[0].unit, "mm[Hg]");
+        assert_eq!(idx.measurements[2].value, None);
+        assert_eq!(idx.drugs.len(), 1);
+        assert_eq!(idx.drugs[0].system, "rxnorm");
+        assert_eq!(idx.drugs[0].date, "2011-05-01");
+        assert_eq!(idx.procedures[0].date, "2012-06-07");
+    }
+}

@@ -1,0 +1,145 @@
+//! One patient as the custodian holds it before encryption, and the pipeline that builds it
+//! from FHIR resources: categorization, de-identification, index extraction.
+
+use std::collections::BTreeMap;
+
+use cohort_query::PatientIndex;
+use pre_kms::Category;
+use serde_json::{Map, Value};
+
+use crate::categorize::{self, research_category};
+use crate::deidentify::{self, DeidConfig, Deidentifier};
+use crate::resolve::{Resolver, ResourceIndex};
+use crate::{canonical, index, util};
+
+/// One patient, as a custodian holds it before encryption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatientRecord {
+    /// The custodian's own stable id of the patient (e.g. Synthea `Patient.id`, or
+    /// `synth-000042`). Custodian-side only.
+    pub source_id: String,
+    /// The research copy: per category, a FHIR R4 Bundle (type `collection`) of
+    /// de-identified resources, as canonical JSON bytes (keys sorted, compact). Only
+    /// categories with at least one resource are present. [`Category::Critical`] is the
+    /// exception: the full, *not* de-identified Patient plus allergies, active medication
+    /// requests, blood-type observations and devices, for break-glass access; it is present
+    /// whenever there is a Patient.
+    pub categories: BTreeMap<Category, Vec<u8>>,
+    /// Searchable index rows extracted from the same data.
+    pub index: PatientIndex,
+    /// Strings that identify the patient (names, street address lines, cities, phone,
+    /// email, identifier values such as MRN, SSN, driver's licence and passport numbers).
+    /// Never stored by the broker; leak tests scan the broker's data for them. Strings
+    /// shorter than [`MIN_IDENTIFIER_LEN`](crate::deidentify::MIN_IDENTIFIER_LEN) characters
+    /// are not listed.
+    pub identifiers: Vec<String>,
+}
+
+impl PatientRecord {
+    /// Builds the record of one patient from FHIR R4 JSON.
+    ///
+    /// `patient` is the Patient resource; `resources` are the patient's other resources,
+    /// plus any shared resources they reference (e.g. `Medication`). Resources whose type is
+    /// not part of the research copy are ignored; references are resolved among
+    /// `resources` by `urn:uuid:<id>` and `Type/<id>`. Input is expected to have passed the
+    /// importer's checks, but nothing here panics on malformed input: unusable elements are
+    /// skipped.
+    pub fn from_fhir(patient: &Value, resources: &[Value], cfg: &DeidConfig) -> PatientRecord {
+        Self::build(patient, resources, None, &[], cfg)
+    }
+
+    /// [`PatientRecord::from_fhir`] with shared resources (e.g. every Medication of a bulk
+    /// export) indexed once for all patients, and other `urn:uuid:` ids of the patient.
+    pub(crate) fn build(
+        patient: &Value,
+        resources: &[Value],
+        shared: Option<&ResourceIndex<'_>>,
+        patient_aliases: &[String],
+        cfg: &DeidConfig,
+    ) -> PatientRecord {
+        let source_id = util::resource_id(patient).unwrap_or_default().to_string();
+        let resolver =
+            Resolver::new(patient, resources, shared).with_patient_aliases(patient_aliases);
+        let over_89 = patient
+            .get("birthDate")
+            .and_then(Value::as_str)
+            .and_then(util::year_of)
+            .is_some_and(|y| cfg.is_over_89(y));
+        let deid = Deidentifier::new(*cfg, &source_id, over_89, &resolver);
+        let identifiers = deidentify::identifiers_of(patient);
+
+        let mut copies: BTreeMap<Category, Vec<Value>> = BTreeMap::new();
+        copies
+            .entry(Category::Demographics)
+            .or_default()
+            .push(deid.patient(patient));
+        let mut critical = vec![patient.clone()];
+        for r in resources {
+            if util::resource_type(r) == Some("Patient") {
+                continue;
+            }
+            if let Some(category) = research_category(r, &resolver)
+                && let Some(clean) = deid.resource(r)
+            {
+                copies.entry(category).or_default().push(clean);
+            }
+            if categorize::is_critical(r) {
+                critical.push(r.clone());
+            }
+        }
+
+        let needles: Vec<String> = identifiers.iter().map(|s| s.to_lowercase()).collect();
+        let mut categories = BTreeMap::new();
+        for (category, resources) in copies {
+            let bundle = collection(resources);
+            let mut bytes = canonical::to_vec(&bundle);
+            if contains_any(&bytes, &needles) {
+                // Safety net: drop every string that still carries an identifier.
+                let scrubbed =
+                    deidentify::scrub(&bundle, &needles).unwrap_or_else(|| collection(Vec::new()));
+                bytes = canonical::to_vec(&scrubbed);
+            }
+            categories.insert(category, bytes);
+        }
+        categories.insert(Category::Critical, canonical::to_vec(&collection(critical)));
+
+        PatientRecord {
+            index: index::extract(patient, resources, &resolver, cfg),
+            source_id,
+            categories,
+            identifiers,
+        }
+    }
+
+    /// The research-copy bundle of a category, parsed.
+    pub fn bundle(&self, category: Category) -> Option<Value> {
+        serde_json::from_slice(self.categories.get(&category)?).ok()
+    }
+}
+
+fn collection(resources: Vec<Value>) -> Value {
+    let entry: Vec<Value> = resources
+        .into_iter()
+        .map(|r| {
+            let mut m = Map::new();
+            m.insert("resource".into(), r);
+            Value::Object(m)
+        })
+        .collect();
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), Value::from("Bundle"));
+    bundle.insert("type".into(), Value::from("collection"));
+    bundle.insert("entry".into(), Value::Array(entry));
+    Value::Object(bundle)
+}
+
+/// Whether `haystack`, lower-cased, contains any of the (lower-case) `needles`.
+pub(crate) fn contains_any(haystack: &[u8], needles: &[String]) -> bool {
+    if needles.is_empty() {
+        return false;
+    }
+    let lower = String::from_utf8_lossy(haystack).to_lowercase();
+    needles
+        .iter()
+        .any(|n| memchr::memmem::find(lower.as_bytes(), n.as_bytes()).is_some())
+}
