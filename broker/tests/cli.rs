@@ -23,6 +23,8 @@ fn synthea() -> PathBuf {
 struct Server {
     child: Child,
     url: String,
+    /// Everything the server logged.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -39,43 +41,52 @@ fn serve(data: &Path, operator_pub: &Path) -> Server {
         .arg(data)
         .arg("--operator")
         .arg(operator_pub)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .expect("broker starts");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("broker listening on ") {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
+                let address = rest.split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(address.to_owned());
             }
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
         }
     });
     let url = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("broker announces its address");
-    Server { child, url }
+    Server { child, url, log }
 }
 
 struct Ctl<'a> {
     url: &'a str,
+    /// Everything brokerctl wrote to stderr (errors, warnings).
+    errors: std::cell::RefCell<String>,
 }
 
-impl Ctl<'_> {
+impl<'a> Ctl<'a> {
+    fn new(url: &'a str) -> Self {
+        Ctl { url, errors: Default::default() }
+    }
+
     fn run(&self, key: &Path, args: &[&str]) -> std::process::Output {
-        Command::new(BROKERCTL)
+        let out = Command::new(BROKERCTL)
             .args(args)
             .args(["--broker", self.url, "--key"])
             .arg(key)
             .output()
-            .expect("brokerctl runs")
+            .expect("brokerctl runs");
+        self.errors.borrow_mut().push_str(&String::from_utf8_lossy(&out.stderr));
+        out
     }
 
     fn ok(&self, key: &Path, args: &[&str]) -> String {
@@ -151,7 +162,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let keystore = keystore.to_str().unwrap();
 
     let server = serve(&data, Path::new(&public(&operator)));
-    let ctl = Ctl { url: &server.url };
+    let ctl = Ctl::new(&server.url);
     for (key, role) in [
         (&custodian, "custodian"),
         (&sponsor, "sponsor"),
@@ -269,9 +280,10 @@ fn every_role_through_brokerctl_on_synthea_data() {
     assert!(hits.is_empty(), "found in the data directory: {hits:?}");
 
     // Crash (SIGKILL) and restart on the same data directory: the release still works.
+    let first_log = server.log.lock().unwrap().clone();
     drop(server);
     let server = serve(&data, Path::new(&public(&operator)));
-    let ctl = Ctl { url: &server.url };
+    let ctl = Ctl::new(&server.url);
     let out2 = d.join("release-after-restart");
     let again = ctl.json(
         &researcher,
