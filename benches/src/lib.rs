@@ -1,1 +1,287 @@
+//! Shared fixtures for the criterion benches (`benches/crypto.rs`) and the end-to-end
+//! benchmark (`e2e-bench`): real research copies from the synthetic population, sealed
+//! and delegated the way the broker's pipeline does it, and the measurement of the
+//! per-envelope crypto floor.
+//!
+//! The floor is the umbral work that no implementation of the pipeline can avoid:
+//!
+//! - ingest: one `umbral_pre::encrypt` of the zstd-compressed research copy;
+//! - release: `t` × `umbral_pre::reencrypt` (the proxies), `t` × `CapsuleFrag::verify`
+//!   (the researcher) and one `umbral_pre::decrypt_reencrypted`.
+//!
+//! Everything else (compression, hashing, signatures on requests, gRPC, SQLite, blob
+//! files, the broker's own check of every capsule fragment) is overhead over that floor.
 
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use datasets::Population;
+use pre_kms::reencrypt::ReleasedEnvelope;
+use pre_kms::{Category, Identity, envelope};
+use umbral_pre::{
+    Capsule, CapsuleFrag, DefaultSerialize, PublicKey, SecretKey, VerifiedCapsuleFrag,
+    VerifiedKeyFrag,
+};
+
+/// The categories the benchmark study requests (the demo study's four).
+pub const STUDY_CATEGORIES: [Category; 4] = [
+    Category::Demographics,
+    Category::Conditions,
+    Category::Observations,
+    Category::Medications,
+];
+
+/// Threshold and share count of the embedded default (2-of-3 proxies).
+pub const THRESHOLD: usize = pre_kms::grant::DEFAULT_THRESHOLD;
+pub const SHARES: usize = pre_kms::grant::DEFAULT_SHARES;
+
+/// The zstd level `pre_kms::envelope` compresses research copies with.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Category plaintexts of patients `0, 1, 2, …` of `population`, in order, keeping the
+/// categories `keep` accepts, until at least `want` are collected (or the population
+/// runs out). Patients are independent draws, so the first ones are as representative
+/// as any, and they are also the first ones the pipeline ingests.
+pub fn sample_plaintexts(
+    population: &Population,
+    want: usize,
+    keep: impl Fn(Category) -> bool,
+) -> Vec<(Category, Vec<u8>)> {
+    let mut out = Vec::with_capacity(want);
+    for i in 0..population.len() {
+        if out.len() >= want {
+            break;
+        }
+        let record = population.patient(i);
+        out.extend(record.categories.into_iter().filter(|(c, _)| keep(*c)));
+    }
+    out
+}
+
+/// One research copy, sealed to a fresh patient's category key and delegated to a
+/// researcher with `SHARES` kfrags (threshold `THRESHOLD`), plus the `THRESHOLD`
+/// capsule fragments a release would carry.
+pub struct Fixture {
+    pub category: Category,
+    pub plaintext: Vec<u8>,
+    /// The plaintext compressed as the envelope compresses it: what umbral encrypts.
+    pub compressed: Vec<u8>,
+    /// The envelope bytes (`PKE1` framing).
+    pub sealed: Vec<u8>,
+    pub capsule: Capsule,
+    pub ciphertext: Box<[u8]>,
+    /// The patient's category public key.
+    pub delegating_key: PublicKey,
+    /// The patient's signing public key (the kfrag signer).
+    pub verifying_key: PublicKey,
+    pub receiving_key: PublicKey,
+    pub kfrags: Vec<VerifiedKeyFrag>,
+    /// Re-encrypted with `kfrags[..THRESHOLD]`.
+    pub cfrags: Vec<VerifiedCapsuleFrag>,
+}
+
+impl Fixture {
+    pub fn new(researcher: &Identity, category: Category, plaintext: Vec<u8>) -> Fixture {
+        let patient = Identity::generate();
+        let delegating_key = patient.category_public_key(category);
+        let receiving_key = researcher.encryption_public_key();
+        let compressed = zstd::bulk::compress(&plaintext, ZSTD_LEVEL).expect("zstd compresses");
+        let sealed = envelope::seal(&delegating_key, &plaintext).expect("envelope seals");
+        let parsed = envelope::parse(&sealed).expect("envelope parses");
+        let kfrags = umbral_pre::generate_kfrags(
+            &patient.category_key(category),
+            &receiving_key,
+            &patient.signer(),
+            THRESHOLD,
+            SHARES,
+            true,
+            true,
+        )
+        .into_vec();
+        let cfrags = kfrags[..THRESHOLD]
+            .iter()
+            .map(|k| umbral_pre::reencrypt(&parsed.capsule, k.clone()))
+            .collect();
+        Fixture {
+            category,
+            plaintext,
+            compressed,
+            sealed,
+            capsule: parsed.capsule,
+            ciphertext: parsed.ciphertext,
+            delegating_key,
+            verifying_key: patient.verifying_key(),
+            receiving_key,
+            kfrags,
+            cfrags,
+        }
+    }
+
+    /// The capsule fragments as they travel (unverified).
+    pub fn unverified_cfrags(&self) -> Vec<CapsuleFrag> {
+        self.cfrags.iter().map(|c| c.clone().unverify()).collect()
+    }
+
+    /// The envelope as a researcher receives it from the broker.
+    pub fn released(&self) -> ReleasedEnvelope {
+        ReleasedEnvelope {
+            sealed: self.sealed.clone(),
+            delegating_key: self.delegating_key,
+            verifying_key: self.verifying_key,
+            cfrags: self
+                .cfrags
+                .iter()
+                .map(|c| c.to_bytes().expect("cfrag serializes").to_vec())
+                .collect(),
+        }
+    }
+}
+
+/// Fixtures for many plaintexts, built across the rayon pool.
+pub fn fixtures(researcher: &Identity, plaintexts: Vec<(Category, Vec<u8>)>) -> Vec<Fixture> {
+    use rayon::prelude::*;
+    plaintexts
+        .into_par_iter()
+        .map(|(c, p)| Fixture::new(researcher, c, p))
+        .collect()
+}
+
+/// Single-threaded time of one call of each umbral operation on the floor, over real
+/// envelopes.
+#[derive(Debug, Clone, Copy)]
+pub struct OpTimes {
+    pub encrypt: Duration,
+    pub reencrypt: Duration,
+    pub verify: Duration,
+    /// `decrypt_reencrypted` with `THRESHOLD` capsule fragments.
+    pub decrypt: Duration,
+    pub ingest_envelopes: usize,
+    pub release_envelopes: usize,
+    pub passes: usize,
+}
+
+impl OpTimes {
+    /// Per-envelope ingest floor: one encrypt.
+    pub fn ingest_floor(&self) -> Duration {
+        self.encrypt
+    }
+
+    /// Per-envelope release floor: `t` re-encryptions, `t` verifications by the
+    /// researcher, one decryption.
+    pub fn release_floor(&self) -> Duration {
+        self.reencrypt * THRESHOLD as u32 + self.verify * THRESHOLD as u32 + self.decrypt
+    }
+
+    /// What the broker's own check of the `t` capsule fragments costs per envelope.
+    pub fn broker_verify(&self) -> Duration {
+        self.verify * THRESHOLD as u32
+    }
+}
+
+/// Median over `passes` of (time of one pass / operations in the pass).
+fn per_op(passes: usize, ops_per_pass: usize, mut pass: impl FnMut()) -> Duration {
+    pass(); // warm-up
+    let mut times: Vec<Duration> = (0..passes.max(1))
+        .map(|_| {
+            let started = Instant::now();
+            pass();
+            started.elapsed() / ops_per_pass.max(1) as u32
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Measures the floor operations on this thread, in tight loops: encrypt over the
+/// `ingest` fixtures (their compressed plaintexts), re-encrypt, verify and decrypt over
+/// the `release` fixtures.
+pub fn measure_ops(
+    researcher: &Identity,
+    ingest: &[Fixture],
+    release: &[Fixture],
+    passes: usize,
+) -> OpTimes {
+    let receiving_secret: SecretKey = researcher.encryption_key();
+    let encrypt = per_op(passes, ingest.len(), || {
+        for f in ingest {
+            black_box(umbral_pre::encrypt(&f.delegating_key, &f.compressed).expect("encrypts"));
+        }
+    });
+    let reencrypt = per_op(passes, release.len() * THRESHOLD, || {
+        for f in release {
+            for k in &f.kfrags[..THRESHOLD] {
+                black_box(umbral_pre::reencrypt(&f.capsule, k.clone()));
+            }
+        }
+    });
+    let unverified: Vec<Vec<CapsuleFrag>> =
+        release.iter().map(Fixture::unverified_cfrags).collect();
+    let verify = per_op(passes, release.len() * THRESHOLD, || {
+        for (f, cfrags) in release.iter().zip(&unverified) {
+            for c in cfrags {
+                let ok = c.clone().verify(
+                    &f.capsule,
+                    &f.verifying_key,
+                    &f.delegating_key,
+                    &f.receiving_key,
+                );
+                black_box(ok.expect("cfrag verifies"));
+            }
+        }
+    });
+    let decrypt = per_op(passes, release.len(), || {
+        for f in release {
+            let plain = umbral_pre::decrypt_reencrypted(
+                &receiving_secret,
+                &f.delegating_key,
+                &f.capsule,
+                f.cfrags.iter().cloned(),
+                &f.ciphertext,
+            );
+            black_box(plain.expect("decrypts"));
+        }
+    });
+    OpTimes {
+        encrypt,
+        reencrypt,
+        verify,
+        decrypt,
+        ingest_envelopes: ingest.len(),
+        release_envelopes: release.len(),
+        passes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixture_round_trips_through_decrypt_released() {
+        let researcher = Identity::generate();
+        let sample =
+            sample_plaintexts(&Population::new(1, 3), 2, |c| STUDY_CATEGORIES.contains(&c));
+        assert!(sample.len() >= 2);
+        for f in fixtures(&researcher, sample) {
+            let out = pre_kms::reencrypt::decrypt_released(&researcher, &f.released(), THRESHOLD)
+                .unwrap();
+            assert_eq!(out, f.plaintext);
+            assert!(STUDY_CATEGORIES.contains(&f.category));
+        }
+    }
+
+    #[test]
+    fn op_times_add_up() {
+        let researcher = Identity::generate();
+        let f = fixtures(
+            &researcher,
+            sample_plaintexts(&Population::new(2, 2), 1, |_| true),
+        );
+        let t = measure_ops(&researcher, &f, &f, 1);
+        assert_eq!(
+            t.release_floor(),
+            t.reencrypt * 2 + t.verify * 2 + t.decrypt
+        );
+        assert_eq!(t.broker_verify(), t.verify * 2);
+    }
+}

@@ -13,27 +13,46 @@ use tokio_stream::StreamExt;
 
 use crate::client::{BrokerClient, ClientError, ClientResult};
 use crate::convert::index_to_pb;
+use crate::service::Enrollment;
 
-/// Seals each category of a record to the patient's category key, with its content tag,
-/// and converts its index rows.
-pub fn seal_record(
-    patient: &Identity,
-    record: &PatientRecord,
-) -> pre_kms::Result<(Vec<pb::Envelope>, pb::IndexRows)> {
+/// A patient's enrollment and sealed upload, prepared together so that each category
+/// key is derived once.
+pub struct PreparedPatient {
+    pub enrollment: Enrollment,
+    pub envelopes: Vec<pb::Envelope>,
+    pub index: pb::IndexRows,
+}
+
+/// Derives the patient's category keys once, signs the enrollment, and seals each
+/// category of the record with its content tag.
+pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<PreparedPatient> {
+    let keys: Vec<(Category, umbral_pre::PublicKey)> = Category::ALL
+        .iter()
+        .map(|c| (*c, patient.category_public_key(*c)))
+        .collect();
     let pseudonym = patient.pseudonym();
     let envelopes = record
         .categories
         .iter()
         .map(|(category, plaintext)| {
+            let key = &keys
+                .iter()
+                .find(|(c, _)| c == category)
+                .expect("every category has a key")
+                .1;
             Ok(pb::Envelope {
                 pseudonym: pseudonym.clone(),
                 category: category.label().to_owned(),
-                sealed: envelope::seal(&patient.category_public_key(*category), plaintext)?,
+                sealed: envelope::seal(key, plaintext)?,
                 content_tag: patient.content_tag(*category, plaintext).to_vec(),
             })
         })
         .collect::<pre_kms::Result<Vec<_>>>()?;
-    Ok((envelopes, index_to_pb(pseudonym, record.index.clone())))
+    Ok(PreparedPatient {
+        enrollment: Enrollment::with_keys(patient, &keys),
+        envelopes,
+        index: index_to_pb(pseudonym, record.index.clone()),
+    })
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -54,28 +73,29 @@ pub async fn ingest_batch(
         patients: batch.len(),
         ..Default::default()
     };
-    let ids: Vec<&Identity> = batch.iter().map(|(p, _)| p).collect();
-    report.newly_enrolled = client
-        .enroll(&ids)
-        .await?
-        .into_iter()
-        .filter(|c| *c)
-        .count();
-    let sealed = tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || {
         batch
             .par_iter()
-            .map(|(p, r)| seal_record(p, r))
+            .map(|(p, r)| prepare(p, r))
             .collect::<pre_kms::Result<Vec<_>>>()
     })
     .await
     .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    let mut enrollments = Vec::with_capacity(prepared.len());
     let mut envelopes = Vec::new();
-    let mut index = Vec::new();
-    for (e, i) in sealed {
-        report.bytes += e.iter().map(|e| e.sealed.len()).sum::<usize>();
-        envelopes.extend(e);
-        index.push(i);
+    let mut index = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        report.bytes += p.envelopes.iter().map(|e| e.sealed.len()).sum::<usize>();
+        enrollments.push(p.enrollment);
+        envelopes.extend(p.envelopes);
+        index.push(p.index);
     }
+    report.newly_enrolled = client
+        .enroll_prepared(enrollments)
+        .await?
+        .into_iter()
+        .filter(|c| *c)
+        .count();
     let reply = client.upload(envelopes, index).await?;
     for r in reply.receipts {
         if r.unchanged {
@@ -85,6 +105,42 @@ pub async fn ingest_batch(
         }
     }
     Ok(report)
+}
+
+/// Ingests batches with two in flight, so that sealing one batch overlaps the upload
+/// of the previous. `progress` is told the number of patients done after each batch.
+pub async fn ingest_all(
+    client: &BrokerClient,
+    batches: impl IntoIterator<Item = pre_kms::Result<Vec<(Identity, PatientRecord)>>>,
+    mut progress: impl FnMut(usize),
+) -> ClientResult<IngestReport> {
+    let mut total = IngestReport::default();
+    let mut in_flight = std::collections::VecDeque::new();
+    for batch in batches {
+        let batch = batch?;
+        let client = client.clone();
+        in_flight.push_back(tokio::spawn(
+            async move { ingest_batch(&client, batch).await },
+        ));
+        if in_flight.len() >= 2 {
+            let done = in_flight.pop_front().expect("two in flight");
+            total.add(
+                &done
+                    .await
+                    .map_err(|e| ClientError::Invalid(e.to_string()))??,
+            );
+            progress(total.patients);
+        }
+    }
+    while let Some(done) = in_flight.pop_front() {
+        total.add(
+            &done
+                .await
+                .map_err(|e| ClientError::Invalid(e.to_string()))??,
+        );
+        progress(total.patients);
+    }
+    Ok(total)
 }
 
 impl IngestReport {

@@ -152,23 +152,25 @@ impl BrokerClient {
     /// Enrolls patients (each signs its own enrollment; the call is by this client's
     /// identity). Returns, per patient, whether it was enrolled now.
     pub async fn enroll(&self, patients: &[&Identity]) -> ClientResult<Vec<bool>> {
-        let patients = patients
-            .iter()
-            .map(|p| {
-                let e = Enrollment::of(p);
-                pb::Enrollment {
-                    pseudonym: e.pseudonym,
-                    verifying_key: e.verifying_key,
-                    category_keys: e
-                        .category_keys
-                        .into_iter()
-                        .map(|(c, k)| pb::CategoryKey {
-                            category: c.label().to_owned(),
-                            public_key: k,
-                        })
-                        .collect(),
-                    signature: e.signature,
-                }
+        self.enroll_prepared(patients.iter().map(|p| Enrollment::of(p)).collect())
+            .await
+    }
+
+    pub async fn enroll_prepared(&self, enrollments: Vec<Enrollment>) -> ClientResult<Vec<bool>> {
+        let patients = enrollments
+            .into_iter()
+            .map(|e| pb::Enrollment {
+                pseudonym: e.pseudonym,
+                verifying_key: e.verifying_key,
+                category_keys: e
+                    .category_keys
+                    .into_iter()
+                    .map(|(c, k)| pb::CategoryKey {
+                        category: c.label().to_owned(),
+                        public_key: k,
+                    })
+                    .collect(),
+                signature: e.signature,
             })
             .collect();
         let req = pb::EnrollRequest { patients };

@@ -188,8 +188,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     let progress = bar(cfg.progress, cfg.patients, "ingest");
     let started = Instant::now();
     let mut patients = Vec::with_capacity(cfg.patients);
-    let mut report = agent::IngestReport::default();
-    for start in (0..cfg.patients).step_by(cfg.batch) {
+    let batches = (0..cfg.patients).step_by(cfg.batch).map(|start| {
         let end = (start + cfg.batch).min(cfg.patients);
         let records: Vec<_> = (start..end).map(|i| population.patient(i)).collect();
         let batch = keystore.transaction(|ks| {
@@ -203,9 +202,10 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
                 .iter()
                 .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect::<Vec<_>>())),
         );
-        report.add(&agent::ingest_batch(&cust, batch).await?);
-        progress.set_position(end as u64);
-    }
+        Ok(batch)
+    });
+    let report =
+        agent::ingest_all(&cust, batches, |done| progress.set_position(done as u64)).await?;
     progress.finish_and_clear();
     summary.ingest = started.elapsed();
     summary.envelopes = report.envelopes_stored + report.envelopes_unchanged;

@@ -75,7 +75,10 @@ struct Ctl<'a> {
 
 impl<'a> Ctl<'a> {
     fn new(url: &'a str) -> Self {
-        Ctl { url, errors: Default::default() }
+        Ctl {
+            url,
+            errors: Default::default(),
+        }
     }
 
     fn run(&self, key: &Path, args: &[&str]) -> std::process::Output {
@@ -85,7 +88,9 @@ impl<'a> Ctl<'a> {
             .arg(key)
             .output()
             .expect("brokerctl runs");
-        self.errors.borrow_mut().push_str(&String::from_utf8_lossy(&out.stderr));
+        self.errors
+            .borrow_mut()
+            .push_str(&String::from_utf8_lossy(&out.stderr));
         out
     }
 

@@ -14,7 +14,7 @@ use crate::category::Category;
 use crate::error::{Error, Result};
 use crate::grant::{self, DepositClaim};
 use crate::keys::Identity;
-use crate::reencrypt::reencrypt_batch;
+use crate::reencrypt::reencrypt_one;
 use crate::sealed::parse_capsule;
 
 /// One kfrag to deposit.
@@ -113,40 +113,39 @@ impl ProxyNode {
     }
 
     /// Re-encrypts each capsule whose grant this node holds and is unexpired at `now`
-    /// (unix seconds). Items without a live kfrag come back as `None`.
+    /// (unix seconds). Items without a live kfrag, or whose capsule does not parse, come
+    /// back as `None`, so one bad item withholds only itself.
     pub fn reencrypt(&self, items: &[ReencryptRequest], now: i64) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut work = Vec::with_capacity(items.len());
-        let mut slots = Vec::with_capacity(items.len());
-        {
+        // Only the lookups hold the store's lock; parsing (umbral re-verifies a capsule
+        // when it deserializes one) and re-encryption run in parallel after it.
+        let kfrags: Vec<Option<Vec<u8>>> = {
             let db = self.db();
             let mut stmt = db.prepare_cached(
                 "SELECT kfrag, expires_at FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND category = ?3",
             )?;
-            for (i, item) in items.iter().enumerate() {
-                let row: Option<(Vec<u8>, i64)> = stmt
-                    .query_row(
-                        params![item.study_id, item.pseudonym, item.category.label()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                match row {
-                    Some((kfrag, expires_at)) if expires_at > now => {
-                        let capsule = parse_capsule(&item.capsule)
-                            .map_err(|e| Error::malformed("capsule", format!("item {i}: {e}")))?;
-                        work.push((capsule, grant::reload_checked_kfrag(&kfrag)?));
-                        slots.push(Some(work.len() - 1));
-                    }
-                    _ => slots.push(None),
-                }
-            }
-        }
-        let mut cfrags = reencrypt_batch(&work)
-            .into_iter()
-            .map(Some)
-            .collect::<Vec<_>>();
-        Ok(slots
-            .into_iter()
-            .map(|s| s.and_then(|j| cfrags[j].take()))
+            items
+                .iter()
+                .map(|item| {
+                    let row: Option<(Vec<u8>, i64)> = stmt
+                        .query_row(
+                            params![item.study_id, item.pseudonym, item.category.label()],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    Ok(row
+                        .filter(|(_, expires_at)| *expires_at > now)
+                        .map(|(k, _)| k))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(items
+            .par_iter()
+            .zip(kfrags)
+            .map(|(item, kfrag)| {
+                let kfrag = grant::reload_checked_kfrag(&kfrag?).ok()?;
+                let capsule = parse_capsule(&item.capsule).ok()?;
+                Some(reencrypt_one(&capsule, kfrag))
+            })
             .collect())
     }
 

@@ -48,10 +48,6 @@ impl ProxyService {
     }
 }
 
-fn invalid(e: Error) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
 fn category(label: &str) -> Result<crate::Category, Status> {
     label
         .parse()
@@ -144,10 +140,7 @@ impl pb::proxy_server::Proxy for ProxyService {
         let cfrags = tokio::task::spawn_blocking(move || node.reencrypt(&items, now))
             .await
             .map_err(|_| Status::internal("re-encryption task failed"))?
-            .map_err(|e| match e {
-                Error::Malformed { .. } => invalid(e),
-                other => Status::internal(other.to_string()),
-            })?;
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ReencryptResponse {
             cfrags: cfrags.into_iter().map(Option::unwrap_or_default).collect(),
         }))

@@ -16,14 +16,17 @@ use crate::keys::Identity;
 pub fn reencrypt_batch(items: &[(Capsule, VerifiedKeyFrag)]) -> Vec<Vec<u8>> {
     items
         .par_iter()
-        .map(|(capsule, kfrag)| {
-            let cfrag = umbral_pre::reencrypt(capsule, kfrag.clone());
-            cfrag
-                .to_bytes()
-                .expect("cfrag serialization cannot fail")
-                .to_vec()
-        })
+        .map(|(capsule, kfrag)| reencrypt_one(capsule, kfrag.clone()))
         .collect()
+}
+
+/// Re-encrypts one capsule; returns the serialized cfrag.
+pub fn reencrypt_one(capsule: &Capsule, kfrag: VerifiedKeyFrag) -> Vec<u8> {
+    let cfrag = umbral_pre::reencrypt(capsule, kfrag);
+    cfrag
+        .to_bytes()
+        .expect("cfrag serialization cannot fail")
+        .to_vec()
 }
 
 /// The public keys a cfrag is checked against.

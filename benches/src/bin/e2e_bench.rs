@@ -1,1 +1,523 @@
-fn main(){}
+//! `e2e-bench`: the whole pipeline through a real broker and its proxies on loopback,
+//! against the crypto floor measured in the same run on the same machine.
+//!
+//! 1. The floor: single-threaded per-operation times of the umbral operations the
+//!    pipeline cannot avoid, over a few hundred real envelopes of the same population;
+//!    floor throughput = cores / per-envelope floor time.
+//! 2. The pipeline: a broker with three embedded proxies (2-of-3) in a temporary
+//!    directory; a custodian ingests the population, a sponsor proposes a study of four
+//!    categories with an empty cohort, the board approves it, every patient grants it, and
+//!    the researcher fetches, verifies and decrypts the release, checked byte for byte.
+//! 3. The report: measured and floor envelopes/s per stage, and the overhead.
+//!
+//! `cargo run --release -p benches --bin e2e-bench -- --patients 2000 --markdown`
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use benches::{OpTimes, STUDY_CATEGORIES, THRESHOLD, fixtures, measure_ops, sample_plaintexts};
+use broker::agent;
+use broker::client::BrokerClient;
+use broker::role::Role;
+use broker::server::{self, ServeConfig};
+use broker::study::StudyProposal;
+use clap::Parser;
+use cohort_query::Cohort;
+use datasets::{PatientRecord, Population};
+use pre_kms::{Category, Identity};
+use rayon::prelude::*;
+use tokio::net::TcpListener;
+
+/// The target: at most this much overhead over the floor.
+const TARGET_OVERHEAD: f64 = 0.15;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "e2e-bench",
+    about = "End-to-end throughput of ingest and release against the crypto floor"
+)]
+struct Args {
+    /// Patients in the synthetic population.
+    #[arg(long, default_value_t = 2000)]
+    patients: usize,
+    /// Patients per upload and per grant call.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+    /// Population seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Worker threads for rayon and tokio (default: all available cores). The floor
+    /// throughput is computed for this many cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Envelopes the floor is measured over (per stage).
+    #[arg(long, default_value_t = 300)]
+    floor_envelopes: usize,
+    /// Timed passes over those envelopes per operation (the median is kept).
+    #[arg(long, default_value_t = 5)]
+    floor_passes: usize,
+    /// Also print a markdown table for benches/RESULTS.md.
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Debug, Default)]
+struct Pipeline {
+    patients: usize,
+    envelopes: usize,
+    envelope_bytes: usize,
+    ingest: Duration,
+    grants: usize,
+    grant_time: Duration,
+    subjects: u32,
+    released: usize,
+    released_bytes: usize,
+    release: Duration,
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The argument vector, quoted for a POSIX shell where needed.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn measure_floor(args: &Args) -> OpTimes {
+    let population = Population::new(args.seed, args.patients);
+    let researcher = Identity::generate();
+    let ingest = fixtures(
+        &researcher,
+        sample_plaintexts(&population, args.floor_envelopes, |_| true),
+    );
+    let release = fixtures(
+        &researcher,
+        sample_plaintexts(&population, args.floor_envelopes, |c| {
+            STUDY_CATEGORIES.contains(&c)
+        }),
+    );
+    measure_ops(&researcher, &ingest, &release, args.floor_passes)
+}
+
+async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let operator = Identity::generate();
+    let mut config = ServeConfig::new(dir.path().join("broker"));
+    config.operator = Some(operator.public("operator"));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let running = server::start(listener, config, std::future::pending()).await?;
+    let url = running.url();
+    eprintln!(
+        "broker on {url} with {} embedded proxies, data in {}",
+        running.proxies.len(),
+        dir.path().display()
+    );
+
+    let op = BrokerClient::connect(&url, operator).await?;
+    let custodian = Identity::generate();
+    let sponsor = Identity::generate();
+    let board = Identity::generate();
+    let researcher = Identity::generate();
+    let vk = |i: &Identity| pre_kms::keys::public_key_bytes(&i.verifying_key());
+    op.register_actor(
+        Role::Custodian,
+        "Bench Hospital",
+        "Bench Health",
+        vk(&custodian),
+    )
+    .await?;
+    op.register_actor(Role::Sponsor, "Bench Sponsor", "Bench Pharma", vk(&sponsor))
+        .await?;
+    op.register_actor(Role::Board, "Bench Ethics Board", "Bench IRB", vk(&board))
+        .await?;
+    let researcher_actor = op
+        .register_actor(
+            Role::Researcher,
+            "Bench Researcher",
+            "Bench University",
+            vk(&researcher),
+        )
+        .await?;
+
+    // Ingest, as the custodian. Generating the synthetic records is not timed.
+    let population = Population::new(args.seed, args.patients);
+    let cust = op.with_identity(custodian);
+    let mut out = Pipeline {
+        patients: args.patients,
+        ..Default::default()
+    };
+    let mut granting: Vec<(Identity, Vec<Category>)> = Vec::with_capacity(args.patients);
+    let mut want: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    let mut report = agent::IngestReport::default();
+    for start in (0..args.patients).step_by(args.batch) {
+        let end = (start + args.batch).min(args.patients);
+        let population = population.clone();
+        let batch: Vec<(Identity, PatientRecord)> = tokio::task::spawn_blocking(move || {
+            (start..end)
+                .into_par_iter()
+                .map(|i| (Identity::generate(), population.patient(i)))
+                .collect()
+        })
+        .await?;
+        for (identity, record) in &batch {
+            granting.push((
+                identity.clone(),
+                record.categories.keys().copied().collect(),
+            ));
+            for (c, plaintext) in &record.categories {
+                if STUDY_CATEGORIES.contains(c) {
+                    *want.entry(*blake3::hash(plaintext).as_bytes()).or_default() += 1;
+                }
+            }
+        }
+        let started = Instant::now();
+        report.add(&agent::ingest_batch(&cust, batch).await?);
+        out.ingest += started.elapsed();
+    }
+    out.envelopes = report.envelopes_stored + report.envelopes_unchanged;
+    out.envelope_bytes = report.bytes;
+    ensure!(
+        report.newly_enrolled == args.patients,
+        "enrolled {} of {} patients",
+        report.newly_enrolled,
+        args.patients
+    );
+
+    // The study: every granting patient (empty cohort), four categories.
+    let now = broker::service::now_secs();
+    let proposal = StudyProposal {
+        title: "End-to-end benchmark".into(),
+        purpose: "HMB".into(),
+        categories: STUDY_CATEGORIES.to_vec(),
+        researcher_id: researcher_actor.actor_id.clone(),
+        receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
+        not_before: now - 60,
+        not_after: now + 24 * 3600,
+        cohort: Cohort::default(),
+    };
+    let study = op.with_identity(sponsor).propose_study(&proposal).await?;
+    let study = op
+        .with_identity(board)
+        .decide_study(&study.study_id, true, "benchmark")
+        .await?;
+
+    // Grants, issued by the custodian's agent for every patient.
+    let plan = agent::grant_plan(&cust, &study).await?;
+    let started = Instant::now();
+    for chunk in granting.chunks(args.batch) {
+        out.grants += agent::grant_batch(&cust, &plan, chunk.to_vec()).await?;
+    }
+    out.grant_time = started.elapsed();
+
+    // Release: request, stream, verify, decrypt; hash every record to check it.
+    let res = op.with_identity(researcher.clone());
+    let mut got: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    let started = Instant::now();
+    let fetched = agent::fetch_and_decrypt(&res, &researcher, &study.study_id, |r| {
+        *got.entry(*blake3::hash(&r.plaintext).as_bytes())
+            .or_default() += 1;
+        Ok(())
+    })
+    .await?;
+    out.release = started.elapsed();
+    out.subjects = fetched.release.subjects;
+    out.released = fetched.records;
+    out.released_bytes = fetched.bytes;
+    running.stop().await;
+
+    let expected: usize = want.values().sum();
+    if got != want {
+        let missing: usize = want
+            .iter()
+            .map(|(h, n)| n.saturating_sub(got.get(h).copied().unwrap_or(0)))
+            .sum();
+        let extra: usize = got
+            .iter()
+            .map(|(h, n)| n.saturating_sub(want.get(h).copied().unwrap_or(0)))
+            .sum();
+        bail!(
+            "release check FAILED: {} records decrypted, {expected} expected; {missing} originals missing, {extra} records that are not originals",
+            out.released
+        );
+    }
+    ensure!(
+        out.released == expected && expected > 0,
+        "released {} records, expected {expected}",
+        out.released
+    );
+    Ok(out)
+}
+
+struct Stage {
+    name: &'static str,
+    envelopes: usize,
+    time: Duration,
+    floor_per_envelope: Duration,
+}
+
+impl Stage {
+    fn measured(&self) -> f64 {
+        rate(self.envelopes, self.time)
+    }
+    fn floor(&self, cores: usize) -> f64 {
+        cores as f64 / self.floor_per_envelope.as_secs_f64().max(1e-12)
+    }
+    /// floor rate / measured rate − 1.
+    fn overhead(&self, cores: usize) -> f64 {
+        self.floor(cores) / self.measured().max(1e-9) - 1.0
+    }
+    fn verdict(&self, cores: usize) -> &'static str {
+        if self.overhead(cores) <= TARGET_OVERHEAD {
+            "met"
+        } else {
+            "missed"
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.patients > 0, "--patients must be at least 1");
+    ensure!(args.batch > 0, "--batch must be at least 1");
+    ensure!(
+        args.floor_envelopes > 0,
+        "--floor-envelopes must be at least 1"
+    );
+    let available = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if let Some(n) = args.threads {
+        ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("rayon pool")?;
+    }
+    let cores = args.threads.map_or(available, |n| n.min(available));
+    let profile = if cfg!(debug_assertions) {
+        "dev build (debug assertions on: these numbers mean nothing)"
+    } else {
+        "release build"
+    };
+
+    eprintln!(
+        "measuring the crypto floor (single-threaded, {} envelopes per stage)...",
+        args.floor_envelopes
+    );
+    let ops = measure_floor(&args);
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = args.threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.build().context("tokio runtime")?;
+    eprintln!(
+        "running the pipeline ({} patients, batches of {})...",
+        args.patients, args.batch
+    );
+    let p = runtime.block_on(run_pipeline(&args))?;
+    drop(runtime);
+
+    let ingest = Stage {
+        name: "ingest",
+        envelopes: p.envelopes,
+        time: p.ingest,
+        floor_per_envelope: ops.ingest_floor(),
+    };
+    let release = Stage {
+        name: "release",
+        envelopes: p.released,
+        time: p.release,
+        floor_per_envelope: ops.release_floor(),
+    };
+    let t = THRESHOLD;
+
+    println!("e2e-bench");
+    println!("command      {}", command_line());
+    println!(
+        "setup        {} patients, seed {}, batch {}, {cores} core(s) used of {available} available, {}",
+        args.patients, args.seed, args.batch, profile
+    );
+    println!();
+    println!(
+        "crypto floor (one thread, median of {} passes over {} ingest / {} release envelopes of this population)",
+        ops.passes, ops.ingest_envelopes, ops.release_envelopes
+    );
+    println!(
+        "  umbral encrypt (compressed copy)   {:>9.1} µs",
+        us(ops.encrypt)
+    );
+    println!(
+        "  umbral reencrypt                   {:>9.1} µs",
+        us(ops.reencrypt)
+    );
+    println!(
+        "  CapsuleFrag::verify                {:>9.1} µs",
+        us(ops.verify)
+    );
+    println!(
+        "  decrypt_reencrypted (t={t})         {:>9.1} µs",
+        us(ops.decrypt)
+    );
+    println!(
+        "  ingest floor  = 1 encrypt                               {:>9.1} µs/envelope = {:>8.0} envelopes/s on {cores} core(s)",
+        us(ops.ingest_floor()),
+        ingest.floor(cores)
+    );
+    println!(
+        "  release floor = {t} reencrypt + {t} verify + 1 decrypt      {:>9.1} µs/envelope = {:>8.0} envelopes/s on {cores} core(s)",
+        us(ops.release_floor()),
+        release.floor(cores)
+    );
+    println!();
+    println!(
+        "pipeline (real broker, 3 embedded proxies, {t}-of-3, gRPC on loopback, all in this process)"
+    );
+    println!(
+        "  ingest    {:>8} envelopes ({:.1} MiB sealed) of {} patients in {:>7.2} s",
+        p.envelopes,
+        p.envelope_bytes as f64 / (1 << 20) as f64,
+        p.patients,
+        p.ingest.as_secs_f64()
+    );
+    println!(
+        "  grants    {:>8} grants in {:>7.2} s = {:.0} grants/s",
+        p.grants,
+        p.grant_time.as_secs_f64(),
+        rate(p.grants, p.grant_time)
+    );
+    println!(
+        "  release   {:>8} envelopes ({:.1} MiB decrypted) of {} subjects in {:>7.2} s",
+        p.released,
+        p.released_bytes as f64 / (1 << 20) as f64,
+        p.subjects,
+        p.release.as_secs_f64()
+    );
+    println!(
+        "  check     OK: all {} decrypted records equal the originals, none missing, none extra",
+        p.released
+    );
+    println!();
+    println!(
+        "{:<8} {:>14} {:>14} {:>15} {:>10}   target ≤{:.0}%",
+        "stage",
+        "measured env/s",
+        "floor env/s",
+        "measured/floor",
+        "overhead",
+        TARGET_OVERHEAD * 100.0
+    );
+    for s in [&ingest, &release] {
+        println!(
+            "{:<8} {:>14.0} {:>14.0} {:>15.3} {:>9.1}%   {}",
+            s.name,
+            s.measured(),
+            s.floor(cores),
+            s.measured() / s.floor(cores),
+            s.overhead(cores) * 100.0,
+            s.verdict(cores)
+        );
+    }
+    println!(
+        "grants   {:>14.0} grants/s (no floor)",
+        rate(p.grants, p.grant_time)
+    );
+    let bv = ops.broker_verify();
+    let with_bv = ops.release_floor() + bv;
+    println!(
+        "broker-side cfrag verification ({t} × verify = {:.1} µs/envelope) alone adds {:.1}% to the release floor: \
+         with it the floor is {:.1} µs/envelope = {:.0} envelopes/s, and the release overhead over that is {:.1}%",
+        us(bv),
+        100.0 * bv.as_secs_f64() / ops.release_floor().as_secs_f64(),
+        us(with_bv),
+        cores as f64 / with_bv.as_secs_f64(),
+        100.0 * ((cores as f64 / with_bv.as_secs_f64()) / release.measured() - 1.0)
+    );
+
+    if args.markdown {
+        println!();
+        println!(
+            "Command: `{}` ({}; {cores} of {available} cores; seed {})",
+            command_line(),
+            profile,
+            args.seed
+        );
+        println!();
+        println!(
+            "| stage | envelopes | time (s) | measured env/s | floor env/s | measured/floor | overhead (target ≤ {:.0}%) |",
+            TARGET_OVERHEAD * 100.0
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for s in [&ingest, &release] {
+            println!(
+                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.3} | {:.1}% ({}) |",
+                s.name,
+                s.envelopes,
+                s.time.as_secs_f64(),
+                s.measured(),
+                s.floor(cores),
+                s.measured() / s.floor(cores),
+                s.overhead(cores) * 100.0,
+                s.verdict(cores)
+            );
+        }
+        println!(
+            "| grants | {} grants | {:.2} | {:.0} grants/s | – | – | – |",
+            p.grants,
+            p.grant_time.as_secs_f64(),
+            rate(p.grants, p.grant_time)
+        );
+        println!();
+        println!("| floor operation (one thread) | µs |");
+        println!("|---|---:|");
+        println!(
+            "| `umbral_pre::encrypt` (compressed copy) | {:.1} |",
+            us(ops.encrypt)
+        );
+        println!("| `umbral_pre::reencrypt` | {:.1} |", us(ops.reencrypt));
+        println!("| `CapsuleFrag::verify` | {:.1} |", us(ops.verify));
+        println!(
+            "| `umbral_pre::decrypt_reencrypted` (t={t}) | {:.1} |",
+            us(ops.decrypt)
+        );
+        println!(
+            "| ingest floor per envelope (1 encrypt) | {:.1} |",
+            us(ops.ingest_floor())
+        );
+        println!(
+            "| release floor per envelope ({t} reencrypt + {t} verify + 1 decrypt) | {:.1} |",
+            us(ops.release_floor())
+        );
+        println!(
+            "| broker-side verification per envelope ({t} verify, not in the floor) | {:.1} |",
+            us(bv)
+        );
+        println!();
+        println!(
+            "Broker-side cfrag verification alone adds {:.1}% to the release floor ({:.0} instead of {:.0} envelopes/s).",
+            100.0 * bv.as_secs_f64() / ops.release_floor().as_secs_f64(),
+            cores as f64 / with_bv.as_secs_f64(),
+            release.floor(cores)
+        );
+    }
+    Ok(())
+}

@@ -560,13 +560,13 @@ async fn import_fhir(
     report_errors(&report.errors);
     let mut keystore = Keystore::open(keystore)?;
     let pb = progress(report.patients.len(), "import");
-    let mut total = agent::IngestReport::default();
     let mut created = 0;
     let mut records = report.patients.into_iter().peekable();
-    while records.peek().is_some() {
-        let records: Vec<_> = records.by_ref().take(batch).collect();
-        let chunk = keystore.transaction(|ks| {
-            records
+    let batches = std::iter::from_fn(|| {
+        records.peek()?;
+        let chunk: Vec<_> = records.by_ref().take(batch).collect();
+        Some(keystore.transaction(|ks| {
+            chunk
                 .into_iter()
                 .map(|record| {
                     let (id, new) = ks.get_or_create(&record.source_id)?;
@@ -574,11 +574,9 @@ async fn import_fhir(
                     Ok((id, record))
                 })
                 .collect::<pre_kms::Result<Vec<_>>>()
-        })?;
-        let n = chunk.len();
-        total.add(&agent::ingest_batch(&client, chunk).await?);
-        pb.inc(n as u64);
-    }
+        }))
+    });
+    let total = agent::ingest_all(&client, batches, |done| pb.set_position(done as u64)).await?;
     pb.finish_and_clear();
     let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
         "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,

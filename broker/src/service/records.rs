@@ -53,15 +53,22 @@ impl Enrollment {
 
     /// Builds and signs the enrollment of a patient identity.
     pub fn of(patient: &pre_kms::Identity) -> Enrollment {
-        let verifying_key = pre_kms::keys::public_key_bytes(&patient.verifying_key());
-        let category_keys: Vec<_> = Category::ALL
+        let keys: Vec<_> = Category::ALL
             .iter()
-            .map(|c| {
-                (
-                    *c,
-                    pre_kms::keys::public_key_bytes(&patient.category_public_key(*c)),
-                )
-            })
+            .map(|c| (*c, patient.category_public_key(*c)))
+            .collect();
+        Self::with_keys(patient, &keys)
+    }
+
+    /// The same, with the category public keys already derived.
+    pub fn with_keys(
+        patient: &pre_kms::Identity,
+        keys: &[(Category, umbral_pre::PublicKey)],
+    ) -> Enrollment {
+        let verifying_key = pre_kms::keys::public_key_bytes(&patient.verifying_key());
+        let category_keys: Vec<_> = keys
+            .iter()
+            .map(|(c, k)| (*c, pre_kms::keys::public_key_bytes(k)))
             .collect();
         let pseudonym = patient.pseudonym();
         let signature = patient.sign(&enrollment_digest(
@@ -220,7 +227,10 @@ impl Broker {
                     "envelope {i}: content_tag must be 32 bytes"
                 )));
             }
-            envelope::parse(bytes)
+            // The framing only: umbral re-verifies a capsule whenever it is deserialized,
+            // which costs most of an encryption. The proxies parse it at re-encryption
+            // (a bad capsule withholds only its own envelope) and the researcher again.
+            envelope::split_capsule(bytes)
                 .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
         // A re-upload of unchanged content writes no blob (encryption is randomized, so

@@ -12,6 +12,7 @@ use pre_kms::{Category, envelope};
 use rand::RngCore;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
+use umbral_pre::{Capsule, PublicKey};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
@@ -122,7 +123,8 @@ impl Broker {
         Ok(release)
     }
 
-    /// Streams a release. Memory is bounded by a few batches whatever the cohort size.
+    /// Streams a release. One batch is re-encrypted while the previous one is sent, so
+    /// memory is bounded by a few batches whatever the cohort size.
     pub fn fetch_release(
         self: &Arc<Self>,
         caller: &Caller,
@@ -137,17 +139,18 @@ impl Broker {
                 "only the researcher who requested a release may fetch it".into(),
             ));
         }
-        let study = self.open_study_for(caller, &release.study_id)?;
+        let study = Arc::new(self.open_study_for(caller, &release.study_id)?);
         let (tx, rx) = mpsc::channel(2 * BATCH);
         let this = self.clone();
-        let rel = release.clone();
+        let release_id = release.release_id.clone();
         tokio::spawn(async move {
             let mut after = 0i64;
-            let mut round = 0usize;
-            loop {
+            let mut in_flight: Option<tokio::task::JoinHandle<ServiceResult<Vec<ReleasedItem>>>> =
+                None;
+            for round in 0.. {
                 let page = {
                     let this = this.clone();
-                    let id = rel.release_id.clone();
+                    let id = release_id.clone();
                     tokio::task::spawn_blocking(move || this.db().release_items(&id, after, BATCH))
                         .await
                 };
@@ -156,27 +159,40 @@ impl Broker {
                     Ok(Err(e)) => return drop(tx.send(Err(e.into())).await),
                     Err(e) => return drop(tx.send(Err(ServiceError::internal(e))).await),
                 };
-                let Some(last) = page.last() else { break };
-                after = last.seq;
-                match this
-                    .reencrypt_page(&study, &rel.release_id, page, round)
-                    .await
-                {
-                    Ok(items) => {
-                        for item in items {
-                            if tx.send(Ok(item)).await.is_err() {
-                                return; // the researcher went away
+                let next = page.last().map(|last| last.seq).map(|last| {
+                    after = last;
+                    let (this, study, id) = (this.clone(), study.clone(), release_id.clone());
+                    tokio::spawn(async move { this.reencrypt_page(&study, &id, page, round).await })
+                });
+                if let Some(previous) = in_flight.take() {
+                    match previous
+                        .await
+                        .map_err(ServiceError::internal)
+                        .and_then(|r| r)
+                    {
+                        Ok(items) => {
+                            for item in items {
+                                if tx.send(Ok(item)).await.is_err() {
+                                    return; // the researcher went away
+                                }
                             }
                         }
+                        Err(e) => return drop(tx.send(Err(e)).await),
                     }
-                    Err(e) => return drop(tx.send(Err(e)).await),
                 }
-                round += 1;
+                match next {
+                    Some(handle) => in_flight = Some(handle),
+                    None => break,
+                }
             }
         });
         Ok((release, rx))
     }
 
+    /// Re-encrypts one batch: loads the envelopes, asks `t` proxies (rotating, to spread
+    /// load), verifies every fragment, and asks the other proxies for items that still
+    /// lack `t` verified fragments (a proxy down, or lying). Items that cannot get `t`
+    /// are withheld.
     async fn reencrypt_page(
         self: &Arc<Self>,
         study: &Study,
@@ -184,74 +200,20 @@ impl Broker {
         page: Vec<ReleaseItemRow>,
         round: usize,
     ) -> ServiceResult<Vec<ReleasedItem>> {
-        // Load blobs and keys off the async runtime.
         let this = self.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<Loaded>> {
-            let db = this.db();
-            let mut keys: HashMap<String, crate::storage::db::PatientRow> = HashMap::new();
-            let mut out = Vec::with_capacity(page.len());
-            for row in page {
-                if !keys.contains_key(&row.pseudonym) {
-                    let p = db
-                        .patient(&row.pseudonym)?
-                        .ok_or_else(|| ServiceError::internal("released patient vanished"))?;
-                    keys.insert(row.pseudonym.clone(), p);
-                }
-                let p = &keys[&row.pseudonym];
-                let sealed = this.blobs.get(&row.at)?;
-                let capsule = envelope::split_capsule(&sealed)
-                    .map_err(ServiceError::internal)?
-                    .to_vec();
-                let delegating = p
-                    .category_keys
-                    .get(&row.category)
-                    .cloned()
-                    .unwrap_or_default();
-                let vk = p.verifying_key.clone();
-                out.push(Loaded {
-                    row,
-                    sealed,
-                    capsule,
-                    delegating,
-                    vk,
-                });
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(ServiceError::internal)??;
-
+        let receiving_key = study.proposal.receiving_key.clone();
+        let (loaded, keys, receiving) =
+            tokio::task::spawn_blocking(move || this.load_page(page, &receiving_key))
+                .await
+                .map_err(ServiceError::internal)??;
         let t = self.threshold;
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
-        let receiving =
-            public_key_from_bytes(&study.proposal.receiving_key).map_err(ServiceError::internal)?;
-        // Parsed capsule and keys per item, shared with the verification workers.
-        let keys = Arc::new(
-            loaded
-                .iter()
-                .map(
-                    |Loaded {
-                         capsule,
-                         delegating: dk,
-                         vk,
-                         ..
-                     }| {
-                        Ok((
-                            pre_kms::sealed::parse_capsule(capsule)
-                                .map_err(ServiceError::internal)?,
-                            public_key_from_bytes(dk).map_err(ServiceError::internal)?,
-                            public_key_from_bytes(vk).map_err(ServiceError::internal)?,
-                        ))
-                    },
-                )
-                .collect::<ServiceResult<Vec<_>>>()?,
-        );
-        // Ask t proxies (rotating, to spread load); fall back to the others for items
-        // that still lack t verified fragments (a proxy down, or lying).
         for attempt in 0..n {
-            let wanted: Vec<usize> = (0..loaded.len()).filter(|&i| cfrags[i].len() < t).collect();
-            if wanted.is_empty() {
+            let wanted: Vec<usize> = (0..loaded.len())
+                .filter(|&i| keys[i].is_some() && cfrags[i].len() < t)
+                .collect();
+            if wanted.is_empty() || (attempt > 0 && attempt + t > n) {
                 break;
             }
             let proxies: Vec<usize> = if attempt == 0 {
@@ -259,31 +221,30 @@ impl Broker {
             } else {
                 vec![(round + t + attempt - 1) % n]
             };
-            if attempt > 0 && attempt + t > n {
-                break;
-            }
+            let items: Vec<pb::ReencryptItem> = wanted
+                .iter()
+                .map(|&i| pb::ReencryptItem {
+                    study_id: study.study_id.clone(),
+                    pseudonym: loaded[i].row.pseudonym.clone(),
+                    category: loaded[i].row.category.label().to_owned(),
+                    capsule: loaded[i].capsule.clone(),
+                })
+                .collect();
             let calls: Vec<_> = proxies
                 .iter()
                 .map(|&p| {
-                    let pool = self.proxies.clone();
-                    let items: Vec<pb::ReencryptItem> = wanted
-                        .iter()
-                        .map(|&i| pb::ReencryptItem {
-                            study_id: study.study_id.clone(),
-                            pseudonym: loaded[i].row.pseudonym.clone(),
-                            category: loaded[i].row.category.label().to_owned(),
-                            capsule: loaded[i].capsule.clone(),
-                        })
-                        .collect();
-                    let release_id = release_id.to_owned();
+                    let (pool, items, release_id) =
+                        (self.proxies.clone(), items.clone(), release_id.to_owned());
                     tokio::spawn(async move { (p, pool.reencrypt(p, &release_id, items).await) })
                 })
                 .collect();
-            let mut answers = Vec::new();
+            let mut batch: Vec<(usize, Vec<u8>)> = Vec::new();
             for call in calls {
                 let (p, answer) = call.await.map_err(ServiceError::internal)?;
                 match answer {
-                    Ok(c) if c.len() == wanted.len() => answers.push(c),
+                    Ok(c) if c.len() == wanted.len() => {
+                        batch.extend(wanted.iter().copied().zip(c).filter(|(_, c)| !c.is_empty()))
+                    }
                     Ok(_) => tracing::warn!(
                         proxy = p,
                         "proxy answered with the wrong number of fragments"
@@ -293,40 +254,33 @@ impl Broker {
                     }
                 }
             }
-            let batch: Vec<(usize, Vec<u8>)> = answers
-                .into_iter()
-                .flat_map(|c| wanted.iter().copied().zip(c).collect::<Vec<_>>())
-                .filter(|(_, c)| !c.is_empty())
-                .collect();
-            let checks: Vec<(usize, Vec<u8>, bool)> = {
-                let keys = keys.clone();
-                tokio::task::spawn_blocking(move || {
-                    batch
-                        .into_par_iter()
-                        .map(|(i, c)| {
-                            let (capsule, dk, vk) = &keys[i];
-                            let ctx = CfragContext {
-                                capsule,
-                                patient_verifying_key: vk,
-                                delegating_key: dk,
-                                receiving_key: &receiving,
-                            };
-                            let ok = verify_cfrag(&ctx, &c).is_ok();
-                            (i, c, ok)
-                        })
-                        .collect()
-                })
-                .await
-                .map_err(ServiceError::internal)?
-            };
+            let keys = keys.clone();
+            let checks: Vec<(usize, Vec<u8>, bool)> = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_par_iter()
+                    .map(|(i, c)| {
+                        let Some((capsule, dk, vk)) = &keys[i] else {
+                            return (i, c, false);
+                        };
+                        let ctx = CfragContext {
+                            capsule,
+                            patient_verifying_key: vk,
+                            delegating_key: dk,
+                            receiving_key: &receiving,
+                        };
+                        let ok = verify_cfrag(&ctx, &c).is_ok();
+                        (i, c, ok)
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(ServiceError::internal)?;
             let mut rejected = 0usize;
             for (i, c, ok) in checks {
-                if ok {
-                    if cfrags[i].len() < t {
-                        cfrags[i].push(c);
-                    }
-                } else {
+                if !ok {
                     rejected += 1;
+                } else if cfrags[i].len() < t {
+                    cfrags[i].push(c);
                 }
             }
             if rejected > 0 {
@@ -368,9 +322,73 @@ impl Broker {
             tracing::warn!(
                 release = release_id,
                 withheld,
-                "envelopes withheld: fewer than threshold proxies re-encrypted them (grant revoked or expired, or proxies down)"
+                "envelopes withheld: fewer than threshold proxies re-encrypted them (grant revoked or expired, proxies down, or a bad capsule)"
             );
         }
         Ok(out)
+    }
+
+    /// Loads a batch's envelopes and patient keys and parses them (umbral re-verifies a
+    /// capsule as it deserializes it) in parallel. An envelope whose capsule or keys do
+    /// not parse gets `None` and is withheld.
+    #[allow(clippy::type_complexity)]
+    fn load_page(
+        &self,
+        page: Vec<ReleaseItemRow>,
+        receiving_key: &[u8],
+    ) -> ServiceResult<(
+        Vec<Loaded>,
+        Arc<Vec<Option<(Capsule, PublicKey, PublicKey)>>>,
+        PublicKey,
+    )> {
+        let rows: Vec<(ReleaseItemRow, Vec<u8>, Vec<u8>)> = {
+            let db = self.db();
+            let mut patients: HashMap<String, crate::storage::db::PatientRow> = HashMap::new();
+            let mut out = Vec::with_capacity(page.len());
+            for row in page {
+                if !patients.contains_key(&row.pseudonym) {
+                    let p = db
+                        .patient(&row.pseudonym)?
+                        .ok_or_else(|| ServiceError::internal("released patient vanished"))?;
+                    patients.insert(row.pseudonym.clone(), p);
+                }
+                let p = &patients[&row.pseudonym];
+                let delegating = p
+                    .category_keys
+                    .get(&row.category)
+                    .cloned()
+                    .unwrap_or_default();
+                out.push((row, delegating, p.verifying_key.clone()));
+            }
+            out
+        };
+        let loaded = rows
+            .into_par_iter()
+            .map(|(row, delegating, vk)| {
+                let sealed = self.blobs.get(&row.at)?;
+                let capsule = envelope::split_capsule(&sealed)
+                    .map_err(ServiceError::internal)?
+                    .to_vec();
+                Ok(Loaded {
+                    row,
+                    sealed,
+                    capsule,
+                    delegating,
+                    vk,
+                })
+            })
+            .collect::<ServiceResult<Vec<_>>>()?;
+        let keys = loaded
+            .par_iter()
+            .map(|l| {
+                Some((
+                    pre_kms::sealed::parse_capsule(&l.capsule).ok()?,
+                    public_key_from_bytes(&l.delegating).ok()?,
+                    public_key_from_bytes(&l.vk).ok()?,
+                ))
+            })
+            .collect();
+        let receiving = public_key_from_bytes(receiving_key).map_err(ServiceError::internal)?;
+        Ok((loaded, Arc::new(keys), receiving))
     }
 }
