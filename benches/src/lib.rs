@@ -19,8 +19,8 @@ use datasets::Population;
 use pre_kms::reencrypt::ReleasedEnvelope;
 use pre_kms::{Category, Identity, envelope};
 use umbral_pre::{
-    Capsule, CapsuleFrag, DefaultSerialize, PublicKey, SecretKey, VerifiedCapsuleFrag,
-    VerifiedKeyFrag,
+    Capsule, CapsuleFrag, DefaultDeserialize, DefaultSerialize, PublicKey, SecretKey,
+    VerifiedCapsuleFrag, VerifiedKeyFrag,
 };
 
 /// The categories the benchmark study requests (the demo study's four).
@@ -155,6 +155,11 @@ pub struct OpTimes {
     pub verify: Duration,
     /// `decrypt_reencrypted` with `THRESHOLD` capsule fragments.
     pub decrypt: Duration,
+    /// `Capsule::from_bytes`: umbral recomputes its parameters and re-verifies the
+    /// capsule whenever it deserializes one.
+    pub capsule_parse: Duration,
+    /// `CapsuleFrag::from_bytes`.
+    pub cfrag_parse: Duration,
     pub ingest_envelopes: usize,
     pub release_envelopes: usize,
     pub passes: usize,
@@ -170,6 +175,15 @@ impl OpTimes {
     /// researcher, one decryption.
     pub fn release_floor(&self) -> Duration {
         self.reencrypt * THRESHOLD as u32 + self.verify * THRESHOLD as u32 + self.decrypt
+    }
+
+    /// The release floor when each party receives its inputs as bytes, as they do:
+    /// the `t` proxies and the researcher each deserialize the capsule, and the
+    /// researcher the `t` fragments. The least umbral-pre 0.11 allows across a wire.
+    pub fn release_wire_floor(&self) -> Duration {
+        self.release_floor()
+            + self.capsule_parse * (THRESHOLD as u32 + 1)
+            + self.cfrag_parse * THRESHOLD as u32
     }
 
     /// What the broker's own check of the `t` capsule fragments costs per envelope.
@@ -241,11 +255,28 @@ pub fn measure_ops(
             black_box(plain.expect("decrypts"));
         }
     });
+    let capsule_bytes: Vec<Vec<u8>> = release
+        .iter()
+        .map(|f| pre_kms::sealed::capsule_bytes(&f.capsule))
+        .collect();
+    let capsule_parse = per_op(passes, release.len(), || {
+        for b in &capsule_bytes {
+            black_box(Capsule::from_bytes(b).expect("capsule parses"));
+        }
+    });
+    let cfrag_bytes: Vec<Vec<u8>> = release.iter().flat_map(|f| f.released().cfrags).collect();
+    let cfrag_parse = per_op(passes, cfrag_bytes.len(), || {
+        for b in &cfrag_bytes {
+            black_box(CapsuleFrag::from_bytes(b).expect("cfrag parses"));
+        }
+    });
     OpTimes {
         encrypt,
         reencrypt,
         verify,
         decrypt,
+        capsule_parse,
+        cfrag_parse,
         ingest_envelopes: ingest.len(),
         release_envelopes: release.len(),
         passes,

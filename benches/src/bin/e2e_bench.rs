@@ -453,6 +453,21 @@ fn main() -> anyhow::Result<()> {
         100.0 * ((cores as f64 / with_bv.as_secs_f64()) / release.measured() - 1.0)
     );
 
+    let wire = ops.release_wire_floor();
+    let wire_rate = cores as f64 / wire.as_secs_f64();
+    println!(
+        "deserialization umbral-pre 0.11 requires between parties ({} capsule parses at {:.1} µs, {t} cfrag parses at {:.1} µs) \
+         makes the release floor {:.1} µs/envelope = {:.0} envelopes/s; the release overhead over that is {:.1}%, \
+         and {:.1}% over that plus broker-side verification",
+        t + 1,
+        us(ops.capsule_parse),
+        us(ops.cfrag_parse),
+        us(wire),
+        wire_rate,
+        100.0 * (wire_rate / release.measured() - 1.0),
+        100.0 * ((cores as f64 / (wire + bv).as_secs_f64()) / release.measured() - 1.0)
+    );
+
     if args.markdown {
         println!();
         println!(
@@ -510,6 +525,13 @@ fn main() -> anyhow::Result<()> {
         println!(
             "| broker-side verification per envelope ({t} verify, not in the floor) | {:.1} |",
             us(bv)
+        );
+        println!("| `Capsule::from_bytes` | {:.1} |", us(ops.capsule_parse));
+        println!("| `CapsuleFrag::from_bytes` | {:.1} |", us(ops.cfrag_parse));
+        println!(
+            "| release floor across the wire (+ {} capsule parses + {t} cfrag parses) | {:.1} |",
+            t + 1,
+            us(wire)
         );
         println!();
         println!(
