@@ -212,3 +212,75 @@ async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
     assert!(err.message().contains("replayed"), "{}", err.message());
     sandbox.stop().await;
 }
+
+/// The proxies' service accepts only the broker's key: no credentials, an unknown key,
+/// a registered actor that is not the broker, or a forged broker signature are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_refuse_everyone_but_the_broker() {
+    use pre_kms::proxy_grpc::{DEPOSIT, REENCRYPT};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Identity::generate();
+    let proxy = broker::server::start_proxy(&dir.path().join("p0"), 0, &broker.public("broker"))
+        .await
+        .unwrap();
+    let channel = Channel::from_shared(proxy.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::proxy_client::ProxyClient::new(channel);
+    let deposit = || pb::DepositRequest { deposits: vec![] };
+    let reencrypt = || pb::ReencryptRequest {
+        release_id: "r".into(),
+        items: vec![],
+    };
+
+    fn code<T>(r: Result<T, tonic::Status>) -> Code {
+        r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
+    }
+    assert_eq!(
+        code(client.deposit(tonic::Request::new(deposit())).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(client.reencrypt(tonic::Request::new(reencrypt())).await),
+        Code::Unauthenticated
+    );
+
+    let sandbox_actor = Identity::generate();
+    assert_eq!(
+        code(
+            client
+                .deposit(signed(&sandbox_actor, DEPOSIT, deposit()))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+
+    let mut forged = signed(&sandbox_actor, REENCRYPT, reencrypt());
+    forged
+        .metadata_mut()
+        .insert(ACTOR, broker.actor_id().parse().unwrap());
+    assert_eq!(code(client.reencrypt(forged).await), Code::Unauthenticated);
+
+    let mut wrong_method = signed(&broker, DEPOSIT, reencrypt());
+    *wrong_method.get_mut() = reencrypt();
+    assert_eq!(
+        code(client.reencrypt(wrong_method).await),
+        Code::Unauthenticated
+    );
+
+    assert_eq!(
+        code(
+            client
+                .reencrypt(signed(&broker, REENCRYPT, reencrypt()))
+                .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(client.deposit(signed(&broker, DEPOSIT, deposit())).await),
+        Code::Ok
+    );
+    proxy.stop().await;
+}

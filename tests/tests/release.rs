@@ -369,3 +369,71 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     honest0.stop().await;
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
+    let sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 6, 10).await;
+    // A new version of a patient's conditions whose capsule is damaged but whose framing
+    // is intact: accepted at upload (the broker checks framing only).
+    let (patient, record) = w
+        .patients
+        .iter()
+        .find(|(_, r)| r.categories.contains_key(&Category::Conditions))
+        .expect("someone has conditions");
+    let plaintext = &record.categories[&Category::Conditions];
+    let mut sealed = pre_kms::envelope::seal(
+        &patient.category_public_key(Category::Conditions),
+        plaintext,
+    )
+    .unwrap();
+    sealed[8 + 12] ^= 0xff;
+    let reply = w
+        .custodian
+        .upload(
+            vec![pb::Envelope {
+                pseudonym: patient.pseudonym(),
+                category: Category::Conditions.label().into(),
+                sealed,
+                content_tag: vec![7; 32],
+            }],
+            vec![],
+        )
+        .await
+        .expect("framing is valid");
+    assert_eq!(reply.receipts[0].version, 2);
+
+    let study = approved_study(&w, Cohort::default()).await;
+    let who: Vec<usize> = (0..6).collect();
+    grant(&w, &study, &who, &CATS).await;
+    let got = fetch(&w, &study).await.expect("the release goes on");
+    let mut want = expected(&w, &who, &CATS, &Cohort::default());
+    let damaged = *blake3::hash(plaintext).as_bytes();
+    match want.get_mut(&damaged) {
+        Some(n) if *n > 1 => *n -= 1,
+        _ => {
+            want.remove(&damaged);
+        }
+    }
+    assert_eq!(got, want, "everything but the damaged envelope");
+
+    // Bad framing is refused at upload with a clear error, and nothing is stored.
+    let err = w
+        .custodian
+        .upload(
+            vec![pb::Envelope {
+                pseudonym: patient.pseudonym(),
+                category: Category::Conditions.label().into(),
+                sealed: b"not an envelope".to_vec(),
+                content_tag: vec![8; 32],
+            }],
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::InvalidArgument && s.message().contains("envelope 0")),
+        "{err}"
+    );
+    sandbox.stop().await;
+}
