@@ -286,6 +286,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
 
     // Crash (SIGKILL) and restart on the same data directory: the release still works.
     let first_log = server.log.lock().unwrap().clone();
+    let first_errors = ctl.errors.borrow().clone();
     drop(server);
     let server = serve(&data, Path::new(&public(&operator)));
     let ctl = Ctl::new(&server.url);
@@ -326,4 +327,29 @@ fn every_role_through_brokerctl_on_synthea_data() {
         ],
     );
     assert!(err.contains("not found"), "{err}");
+    let missing = d.join("missing");
+    let err = ctl.fails(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            missing.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert!(err.contains("does not exist"), "{err}");
+
+    // Neither the server's debug log nor any error brokerctl printed names a patient.
+    let log = format!("{first_log}{}", server.log.lock().unwrap());
+    assert!(log.contains("release fixed"), "the server log was captured");
+    let said = format!("{log}{first_errors}{}", ctl.errors.borrow()).to_lowercase();
+    let leaked: Vec<&String> = needles
+        .iter()
+        .filter(|n| said.contains(&n.to_lowercase()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "identifiers in logs or error messages: {leaked:?}"
+    );
 }
