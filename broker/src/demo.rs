@@ -4,22 +4,26 @@
 //! custodian enroll and ingest it, a sponsor propose a study, the board approve it, the
 //! patients' agent issue grants, and the researcher fetch, verify and decrypt the
 //! release; then checks every decrypted record against the original research copy.
+//!
+//! The pieces ([`Scenario`], [`Cast`], [`Tally`]) are shared with the end-to-end
+//! benchmark, so that both measure the same path.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use broker_proto::v1 as pb;
 use cohort_query::Cohort;
-use datasets::Population;
+use datasets::{PatientRecord, Population};
 use indicatif::{ProgressBar, ProgressStyle};
 use pre_kms::keystore::Keystore;
 use pre_kms::{Category, Identity};
 use tokio::net::TcpListener;
 
 use crate::agent;
-use crate::client::BrokerClient;
+use crate::client::{BrokerClient, ClientResult};
 use crate::role::Role;
-use crate::server::{self, ServeConfig};
+use crate::server::{self, RunningBroker, ServeConfig};
 use crate::study::StudyProposal;
 
 #[derive(Debug, Clone)]
@@ -48,6 +52,173 @@ pub fn demo_cohort() -> Cohort {
     }
 }
 
+/// A broker with its embedded proxies on loopback, and its operator.
+pub struct Scenario {
+    pub running: RunningBroker,
+    pub operator: BrokerClient,
+}
+
+impl Scenario {
+    /// Starts a broker on `127.0.0.1:0` over `data_dir` with a fresh operator.
+    pub async fn start(data_dir: &Path) -> anyhow::Result<Scenario> {
+        let operator = Identity::generate();
+        let mut config = ServeConfig::new(data_dir);
+        config.operator = Some(operator.public("operator"));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let running = server::start(listener, config, std::future::pending()).await?;
+        let operator = BrokerClient::connect(&running.url(), operator).await?;
+        Ok(Scenario { running, operator })
+    }
+
+    /// Registers a custodian, a sponsor, a board member and a researcher of `org`.
+    pub async fn cast(&self, org: &str) -> ClientResult<Cast> {
+        let op = &self.operator;
+        let mut clients = Vec::new();
+        for (role, name) in [
+            (Role::Custodian, "Hospital"),
+            (Role::Sponsor, "Sponsor"),
+            (Role::Board, "Ethics Board"),
+            (Role::Researcher, "Researcher"),
+        ] {
+            let id = Identity::generate();
+            let key = pre_kms::keys::public_key_bytes(&id.verifying_key());
+            op.register_actor(role, &format!("{org} {name}"), org, key)
+                .await?;
+            clients.push(op.with_identity(id));
+        }
+        let [custodian, sponsor, board, researcher] =
+            <[BrokerClient; 4]>::try_from(clients).unwrap_or_else(|_| unreachable!("four roles"));
+        Ok(Cast {
+            custodian,
+            sponsor,
+            board,
+            researcher,
+        })
+    }
+}
+
+/// The actors of a scenario, each with its own signing identity.
+#[derive(Clone)]
+pub struct Cast {
+    pub custodian: BrokerClient,
+    pub sponsor: BrokerClient,
+    pub board: BrokerClient,
+    pub researcher: BrokerClient,
+}
+
+impl Cast {
+    /// The sponsor proposes a study for the cast's researcher, open for 90 days; the
+    /// board approves it.
+    pub async fn approved_study(
+        &self,
+        title: &str,
+        categories: &[Category],
+        cohort: Cohort,
+    ) -> ClientResult<pb::Study> {
+        let now = crate::service::now_secs();
+        let researcher = self.researcher.identity();
+        let proposal = StudyProposal {
+            title: title.into(),
+            purpose: "HMB".into(),
+            categories: categories.to_vec(),
+            researcher_id: researcher.actor_id(),
+            receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
+            not_before: now - 60,
+            not_after: now + 90 * 24 * 3600,
+            cohort,
+        };
+        let study = self.sponsor.propose_study(&proposal).await?;
+        self.board
+            .decide_study(&study.study_id, true, "approved")
+            .await
+    }
+
+    /// Grants `plan`'s categories for each patient (those it has), in batches.
+    pub async fn grant_all(
+        &self,
+        study: &pb::Study,
+        patients: &[(Identity, Vec<Category>)],
+        batch: usize,
+        mut progress: impl FnMut(usize),
+    ) -> ClientResult<usize> {
+        let plan = agent::grant_plan(&self.custodian, study).await?;
+        let mut grants = 0;
+        for chunk in patients.chunks(batch.max(1)) {
+            grants += agent::grant_batch(&self.custodian, &plan, chunk.to_vec()).await?;
+            progress(chunk.len());
+        }
+        Ok(grants)
+    }
+
+    /// The researcher fetches, verifies and decrypts the study's release.
+    pub async fn fetch(&self, study: &pb::Study) -> ClientResult<(agent::FetchReport, Tally)> {
+        let mut got = Tally::default();
+        let researcher = self.researcher.identity().clone();
+        let report =
+            agent::fetch_and_decrypt(&self.researcher, &researcher, &study.study_id, |r| {
+                got.add(&r.plaintext);
+                Ok(())
+            })
+            .await?;
+        Ok((report, got))
+    }
+}
+
+/// A multiset of plaintexts by BLAKE3 hash: what was expected, what was decrypted.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Tally(BTreeMap<[u8; 32], usize>);
+
+impl Tally {
+    pub fn add(&mut self, plaintext: &[u8]) {
+        *self
+            .0
+            .entry(*blake3::hash(plaintext).as_bytes())
+            .or_default() += 1;
+    }
+
+    /// The research copies of the records matching `cohort`, in `categories`.
+    pub fn add_expected(
+        &mut self,
+        record: &PatientRecord,
+        categories: &[Category],
+        cohort: &Cohort,
+    ) {
+        if cohort.matches(&record.index) {
+            for (c, plaintext) in &record.categories {
+                if categories.contains(c) {
+                    self.add(plaintext);
+                }
+            }
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.0.values().sum()
+    }
+
+    /// `Ok` when `got` holds exactly these plaintexts; otherwise what is missing and extra.
+    pub fn check(&self, got: &Tally) -> Result<(), String> {
+        if self == got && self.total() > 0 {
+            return Ok(());
+        }
+        let missing: usize = self
+            .0
+            .iter()
+            .map(|(h, n)| n.saturating_sub(got.0.get(h).copied().unwrap_or(0)))
+            .sum();
+        let extra: usize = got
+            .0
+            .iter()
+            .map(|(h, n)| n.saturating_sub(self.0.get(h).copied().unwrap_or(0)))
+            .sum();
+        Err(format!(
+            "{} records decrypted, {} expected: {missing} originals missing, {extra} records that are not originals",
+            got.total(),
+            self.total()
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
     pub patients: usize,
@@ -60,12 +231,22 @@ pub struct DemoSummary {
     pub released: usize,
     pub release_time: Duration,
     pub expected: usize,
-    pub verified: bool,
+    /// `None` when every decrypted record equals an original and none is missing.
+    pub mismatch: Option<String>,
+}
+
+impl DemoSummary {
+    pub fn verified(&self) -> bool {
+        self.mismatch.is_none()
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
 }
 
 impl std::fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
         writeln!(
             f,
             "patients ingested    {:>8}  ({} envelopes, {:.1} MiB sealed)",
@@ -98,18 +279,14 @@ impl std::fmt::Display for DemoSummary {
             self.release_time.as_secs_f64(),
             rate(self.released, self.release_time)
         )?;
-        write!(
-            f,
-            "check                {}",
-            if self.verified {
-                format!(
-                    "OK: all {} decrypted records equal the originals, none missing, none extra",
-                    self.expected
-                )
-            } else {
-                "FAILED".to_owned()
-            }
-        )
+        match &self.mismatch {
+            None => write!(
+                f,
+                "check                OK: all {} decrypted records equal the originals, none missing, none extra",
+                self.expected
+            ),
+            Some(m) => write!(f, "check                FAILED: {m}"),
+        }
     }
 }
 
@@ -135,59 +312,28 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
             cfg.data_dir.display()
         );
     }
-    let broker_dir = cfg.data_dir.join("broker");
     let custodian_dir = cfg.data_dir.join("custodian");
     std::fs::create_dir_all(&custodian_dir)?;
-
-    let operator = Identity::generate();
-    let mut config = ServeConfig::new(&broker_dir);
-    config.operator = Some(operator.public("operator"));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let running = server::start(listener, config, std::future::pending()).await?;
-    let url = running.url();
+    let scenario = Scenario::start(&cfg.data_dir.join("broker")).await?;
     eprintln!(
-        "broker on {url} with {} proxies on loopback; data in {}",
-        running.proxies.len(),
+        "broker on {} with {} proxies on loopback; data in {}",
+        scenario.running.url(),
+        scenario.running.proxies.len(),
         cfg.data_dir.display()
     );
+    let cast = scenario.cast("Demo").await?;
 
-    let op = BrokerClient::connect(&url, operator).await?;
-    let custodian = Identity::generate();
-    let sponsor = Identity::generate();
-    let board = Identity::generate();
-    let researcher = Identity::generate();
-    let vk = |i: &Identity| pre_kms::keys::public_key_bytes(&i.verifying_key());
-    op.register_actor(
-        Role::Custodian,
-        "Demo Hospital",
-        "Demo Health",
-        vk(&custodian),
-    )
-    .await?;
-    op.register_actor(Role::Sponsor, "Demo Sponsor", "Demo Pharma", vk(&sponsor))
-        .await?;
-    op.register_actor(Role::Board, "Demo Ethics Board", "Demo IRB", vk(&board))
-        .await?;
-    let researcher_actor = op
-        .register_actor(
-            Role::Researcher,
-            "Demo Researcher",
-            "Demo University",
-            vk(&researcher),
-        )
-        .await?;
-
-    // Ingest, as the custodian.
+    // Ingest, as the custodian: records are generated batch by batch, keys kept in the
+    // custodian's keystore.
     let population = Population::new(cfg.seed, cfg.patients);
     let mut keystore = Keystore::open(&custodian_dir.join("keystore.db"))?;
-    let cust = op.with_identity(custodian);
     let mut summary = DemoSummary {
         patients: cfg.patients,
         ..Default::default()
     };
+    let mut patients = Vec::with_capacity(cfg.patients);
     let progress = bar(cfg.progress, cfg.patients, "ingest");
     let started = Instant::now();
-    let mut patients = Vec::with_capacity(cfg.patients);
     let batches = (0..cfg.patients).step_by(cfg.batch).map(|start| {
         let end = (start + cfg.batch).min(cfg.patients);
         let records: Vec<_> = (start..end).map(|i| population.patient(i)).collect();
@@ -200,76 +346,78 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         patients.extend(
             batch
                 .iter()
-                .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect::<Vec<_>>())),
+                .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect())),
         );
         Ok(batch)
     });
-    let report =
-        agent::ingest_all(&cust, batches, |done| progress.set_position(done as u64)).await?;
+    let report = agent::ingest_all(&cast.custodian, batches, |done| {
+        progress.set_position(done as u64)
+    })
+    .await?;
     progress.finish_and_clear();
     summary.ingest = started.elapsed();
     summary.envelopes = report.envelopes_stored + report.envelopes_unchanged;
     summary.envelope_bytes = report.bytes;
 
-    // The study: proposed by the sponsor, approved by the board.
-    let now = crate::service::now_secs();
-    let proposal = StudyProposal {
-        title: "Hypertension outcomes in adults born 1930-1975".into(),
-        purpose: "HMB".into(),
-        categories: DEMO_CATEGORIES.to_vec(),
-        researcher_id: researcher_actor.actor_id.clone(),
-        receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
-        not_before: now - 60,
-        not_after: now + 90 * 24 * 3600,
-        cohort: demo_cohort(),
-    };
-    let study = op.with_identity(sponsor).propose_study(&proposal).await?;
-    let study = op
-        .with_identity(board)
-        .decide_study(&study.study_id, true, "demo approval")
+    let study = cast
+        .approved_study(
+            "Hypertension outcomes in adults born 1930-1975",
+            &DEMO_CATEGORIES,
+            demo_cohort(),
+        )
         .await?;
 
-    // Grants, issued by the custodian's agent for every patient.
-    let plan = agent::grant_plan(&cust, &study).await?;
     let progress = bar(cfg.progress, patients.len(), "grants");
     let started = Instant::now();
-    for chunk in patients.chunks(cfg.batch) {
-        summary.grants += agent::grant_batch(&cust, &plan, chunk.to_vec()).await?;
-        progress.inc(chunk.len() as u64);
-    }
+    summary.grants = cast
+        .grant_all(&study, &patients, cfg.batch, |n| progress.inc(n as u64))
+        .await?;
     progress.finish_and_clear();
     summary.grant_time = started.elapsed();
 
-    // Release: fetch, verify, decrypt; keep a hash per record to check.
-    let res = op.with_identity(researcher.clone());
     let started = Instant::now();
-    let mut got: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-    let fetched = agent::fetch_and_decrypt(&res, &researcher, &study.study_id, |r| {
-        *got.entry(*blake3::hash(&r.plaintext).as_bytes())
-            .or_default() += 1;
-        Ok(())
-    })
-    .await?;
+    let (fetched, got) = cast.fetch(&study).await?;
     summary.release_time = started.elapsed();
     summary.subjects = fetched.release.subjects;
     summary.released = fetched.records;
 
-    // The check: exactly the research copies of matching patients, in the study's categories.
-    let cohort = demo_cohort();
-    let mut want: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    let mut want = Tally::default();
     for i in 0..cfg.patients {
-        let record = population.patient(i);
-        if !cohort.matches(&record.index) {
-            continue;
-        }
-        for (c, plaintext) in &record.categories {
-            if DEMO_CATEGORIES.contains(c) {
-                *want.entry(*blake3::hash(plaintext).as_bytes()).or_default() += 1;
-            }
-        }
+        want.add_expected(&population.patient(i), &DEMO_CATEGORIES, &demo_cohort());
     }
-    summary.expected = want.values().sum();
-    summary.verified = summary.expected > 0 && want == got;
-    running.stop().await;
+    summary.expected = want.total();
+    summary.mismatch = want.check(&got).err();
+    scenario.running.stop().await;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn the_check_fails_on_missing_extra_or_nothing() {
+        let mut want = Tally::default();
+        want.add(b"a");
+        want.add(b"b");
+        let mut got = want.clone();
+        assert!(want.check(&got).is_ok());
+        got.add(b"c");
+        let err = want.check(&got).unwrap_err();
+        assert!(
+            err.contains("0 originals missing, 1 records that are not originals"),
+            "{err}"
+        );
+        let mut short = Tally::default();
+        short.add(b"a");
+        assert!(
+            want.check(&short)
+                .unwrap_err()
+                .contains("1 originals missing")
+        );
+        assert!(
+            Tally::default().check(&Tally::default()).is_err(),
+            "an empty release proves nothing"
+        );
+    }
 }

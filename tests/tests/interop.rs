@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use broker::agent;
+use broker::demo::Cast;
 use broker::role::Role;
-use broker::study::StudyProposal;
 use cohort_query::Cohort;
 use datasets::Population;
 use integration_tests::Sandbox;
@@ -25,42 +25,32 @@ async fn the_pypi_umbral_package_decrypts_a_release() {
         return;
     };
     let sandbox = Sandbox::start().await;
-    let custodian = sandbox.actor(Role::Custodian).await;
+    let cast = Cast {
+        custodian: sandbox.actor(Role::Custodian).await,
+        sponsor: sandbox.actor(Role::Sponsor).await,
+        board: sandbox.actor(Role::Board).await,
+        researcher: sandbox.actor(Role::Researcher).await,
+    };
     let population = Population::new(11, 5);
     let patients: Vec<_> = (0..5)
         .map(|i| (Identity::generate(), population.patient(i)))
         .collect();
-    agent::ingest_batch(&custodian, patients.clone())
+    agent::ingest_batch(&cast.custodian, patients.clone())
         .await
         .unwrap();
-    let sponsor = sandbox.actor(Role::Sponsor).await;
-    let board = sandbox.actor(Role::Board).await;
-    let researcher = sandbox.actor(Role::Researcher).await;
-    let now = broker::service::now_secs();
     let categories = vec![Category::Conditions, Category::Observations];
-    let proposal = StudyProposal {
-        title: "interop".into(),
-        purpose: "HMB".into(),
-        categories: categories.clone(),
-        researcher_id: researcher.identity().actor_id(),
-        receiving_key: pre_kms::keys::public_key_bytes(
-            &researcher.identity().encryption_public_key(),
-        ),
-        not_before: now - 60,
-        not_after: now + 3600,
-        cohort: Cohort::default(),
-    };
-    let study = sponsor.propose_study(&proposal).await.unwrap();
-    let study = board
-        .decide_study(&study.study_id, true, "ok")
+    let study = cast
+        .approved_study("interop", &categories, Cohort::default())
         .await
         .unwrap();
-    let plan = agent::grant_plan(&custodian, &study).await.unwrap();
-    let list = patients
+    let granting: Vec<_> = patients
         .iter()
         .map(|(id, _)| (id.clone(), categories.clone()))
         .collect();
-    agent::grant_batch(&custodian, &plan, list).await.unwrap();
+    cast.grant_all(&study, &granting, 100, |_| {})
+        .await
+        .unwrap();
+    let researcher = &cast.researcher;
 
     // The raw release, as received, in hex JSON lines.
     let release = researcher.request_release(&study.study_id).await.unwrap();

@@ -12,22 +12,17 @@
 //!
 //! `cargo run --release -p benches --bin e2e-bench -- --patients 2000 --markdown`
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use benches::{OpTimes, STUDY_CATEGORIES, THRESHOLD, fixtures, measure_ops, sample_plaintexts};
 use broker::agent;
-use broker::client::BrokerClient;
-use broker::role::Role;
-use broker::server::{self, ServeConfig};
-use broker::study::StudyProposal;
+use broker::demo::{Scenario, Tally};
 use clap::Parser;
 use cohort_query::Cohort;
 use datasets::{PatientRecord, Population};
 use pre_kms::{Category, Identity};
 use rayon::prelude::*;
-use tokio::net::TcpListener;
 
 /// The target: at most this much overhead over the floor.
 const TARGET_OVERHEAD: f64 = 0.15;
@@ -119,79 +114,46 @@ fn measure_floor(args: &Args) -> OpTimes {
 
 async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
     let dir = tempfile::tempdir().context("temporary directory")?;
-    let operator = Identity::generate();
-    let mut config = ServeConfig::new(dir.path().join("broker"));
-    config.operator = Some(operator.public("operator"));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let running = server::start(listener, config, std::future::pending()).await?;
-    let url = running.url();
+    let scenario = Scenario::start(&dir.path().join("broker")).await?;
     eprintln!(
-        "broker on {url} with {} embedded proxies, data in {}",
-        running.proxies.len(),
+        "broker on {} with {} embedded proxies, data in {}",
+        scenario.running.url(),
+        scenario.running.proxies.len(),
         dir.path().display()
     );
+    let cast = scenario.cast("Bench").await?;
 
-    let op = BrokerClient::connect(&url, operator).await?;
-    let custodian = Identity::generate();
-    let sponsor = Identity::generate();
-    let board = Identity::generate();
-    let researcher = Identity::generate();
-    let vk = |i: &Identity| pre_kms::keys::public_key_bytes(&i.verifying_key());
-    op.register_actor(
-        Role::Custodian,
-        "Bench Hospital",
-        "Bench Health",
-        vk(&custodian),
-    )
-    .await?;
-    op.register_actor(Role::Sponsor, "Bench Sponsor", "Bench Pharma", vk(&sponsor))
-        .await?;
-    op.register_actor(Role::Board, "Bench Ethics Board", "Bench IRB", vk(&board))
-        .await?;
-    let researcher_actor = op
-        .register_actor(
-            Role::Researcher,
-            "Bench Researcher",
-            "Bench University",
-            vk(&researcher),
-        )
-        .await?;
-
-    // Ingest, as the custodian. Generating the synthetic records is not timed.
+    // The records are generated before the clock starts: the floor does not generate data.
     let population = Population::new(args.seed, args.patients);
-    let cust = op.with_identity(custodian);
+    let records: Vec<(Identity, PatientRecord)> = tokio::task::spawn_blocking(move || {
+        (0..population.len())
+            .into_par_iter()
+            .map(|i| (Identity::generate(), population.patient(i)))
+            .collect()
+    })
+    .await?;
+    let mut want = Tally::default();
+    for (_, record) in &records {
+        want.add_expected(record, &STUDY_CATEGORIES, &Cohort::default());
+    }
+    let granting: Vec<(Identity, Vec<Category>)> = records
+        .iter()
+        .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect()))
+        .collect();
+    let mut batches = Vec::new();
+    let mut rest = records.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(Ok(rest.by_ref().take(args.batch).collect::<Vec<_>>()));
+    }
+
+    // Ingest, the same pipelined path as the demo and `brokerctl import`.
     let mut out = Pipeline {
         patients: args.patients,
         ..Default::default()
     };
-    let mut granting: Vec<(Identity, Vec<Category>)> = Vec::with_capacity(args.patients);
-    let mut want: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-    let mut report = agent::IngestReport::default();
-    for start in (0..args.patients).step_by(args.batch) {
-        let end = (start + args.batch).min(args.patients);
-        let population = population.clone();
-        let batch: Vec<(Identity, PatientRecord)> = tokio::task::spawn_blocking(move || {
-            (start..end)
-                .into_par_iter()
-                .map(|i| (Identity::generate(), population.patient(i)))
-                .collect()
-        })
-        .await?;
-        for (identity, record) in &batch {
-            granting.push((
-                identity.clone(),
-                record.categories.keys().copied().collect(),
-            ));
-            for (c, plaintext) in &record.categories {
-                if STUDY_CATEGORIES.contains(c) {
-                    *want.entry(*blake3::hash(plaintext).as_bytes()).or_default() += 1;
-                }
-            }
-        }
-        let started = Instant::now();
-        report.add(&agent::ingest_batch(&cust, batch).await?);
-        out.ingest += started.elapsed();
-    }
+    let started = Instant::now();
+    let report = agent::ingest_all(&cast.custodian, batches, |_| {}).await?;
+    out.ingest = started.elapsed();
     out.envelopes = report.envelopes_stored + report.envelopes_unchanged;
     out.envelope_bytes = report.bytes;
     ensure!(
@@ -201,68 +163,27 @@ async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
         args.patients
     );
 
-    // The study: every granting patient (empty cohort), four categories.
-    let now = broker::service::now_secs();
-    let proposal = StudyProposal {
-        title: "End-to-end benchmark".into(),
-        purpose: "HMB".into(),
-        categories: STUDY_CATEGORIES.to_vec(),
-        researcher_id: researcher_actor.actor_id.clone(),
-        receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
-        not_before: now - 60,
-        not_after: now + 24 * 3600,
-        cohort: Cohort::default(),
-    };
-    let study = op.with_identity(sponsor).propose_study(&proposal).await?;
-    let study = op
-        .with_identity(board)
-        .decide_study(&study.study_id, true, "benchmark")
+    // Every granting patient (empty cohort), four categories.
+    let study = cast
+        .approved_study("End-to-end benchmark", &STUDY_CATEGORIES, Cohort::default())
         .await?;
-
-    // Grants, issued by the custodian's agent for every patient.
-    let plan = agent::grant_plan(&cust, &study).await?;
     let started = Instant::now();
-    for chunk in granting.chunks(args.batch) {
-        out.grants += agent::grant_batch(&cust, &plan, chunk.to_vec()).await?;
-    }
+    out.grants = cast
+        .grant_all(&study, &granting, args.batch, |_| {})
+        .await?;
     out.grant_time = started.elapsed();
 
-    // Release: request, stream, verify, decrypt; hash every record to check it.
-    let res = op.with_identity(researcher.clone());
-    let mut got: BTreeMap<[u8; 32], usize> = BTreeMap::new();
     let started = Instant::now();
-    let fetched = agent::fetch_and_decrypt(&res, &researcher, &study.study_id, |r| {
-        *got.entry(*blake3::hash(&r.plaintext).as_bytes())
-            .or_default() += 1;
-        Ok(())
-    })
-    .await?;
+    let (fetched, got) = cast.fetch(&study).await?;
     out.release = started.elapsed();
     out.subjects = fetched.release.subjects;
     out.released = fetched.records;
     out.released_bytes = fetched.bytes;
-    running.stop().await;
+    scenario.running.stop().await;
 
-    let expected: usize = want.values().sum();
-    if got != want {
-        let missing: usize = want
-            .iter()
-            .map(|(h, n)| n.saturating_sub(got.get(h).copied().unwrap_or(0)))
-            .sum();
-        let extra: usize = got
-            .iter()
-            .map(|(h, n)| n.saturating_sub(want.get(h).copied().unwrap_or(0)))
-            .sum();
-        bail!(
-            "release check FAILED: {} records decrypted, {expected} expected; {missing} originals missing, {extra} records that are not originals",
-            out.released
-        );
+    if let Err(mismatch) = want.check(&got) {
+        bail!("release check FAILED: {mismatch}");
     }
-    ensure!(
-        out.released == expected && expected > 0,
-        "released {} records, expected {expected}",
-        out.released
-    );
     Ok(out)
 }
 

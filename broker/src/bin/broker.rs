@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
             println!("{summary}");
-            anyhow::ensure!(summary.verified, "the demo's check failed");
+            anyhow::ensure!(summary.verified(), "the demo's check failed");
         }
     }
     Ok(())
