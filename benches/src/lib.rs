@@ -160,6 +160,12 @@ pub struct OpTimes {
     pub capsule_parse: Duration,
     /// `CapsuleFrag::from_bytes`.
     pub cfrag_parse: Duration,
+    /// Wall time per envelope of the ingest floor's operations run on all rayon
+    /// threads at once: what this machine's cores really give, against the
+    /// single-thread time × cores of the floor.
+    pub ingest_parallel: Duration,
+    /// The same for the release floor's operations.
+    pub release_parallel: Duration,
     pub ingest_envelopes: usize,
     pub release_envelopes: usize,
     pub passes: usize,
@@ -270,6 +276,38 @@ pub fn measure_ops(
             black_box(CapsuleFrag::from_bytes(b).expect("cfrag parses"));
         }
     });
+    let ingest_parallel = per_op(passes, ingest.len(), || {
+        use rayon::prelude::*;
+        ingest.par_iter().for_each(|f| {
+            black_box(umbral_pre::encrypt(&f.delegating_key, &f.compressed).expect("encrypts"));
+        });
+    });
+    let release_parallel = per_op(passes, release.len(), || {
+        use rayon::prelude::*;
+        release.par_iter().for_each(|f| {
+            let verified: Vec<_> = f.kfrags[..THRESHOLD]
+                .iter()
+                .map(|k| umbral_pre::reencrypt(&f.capsule, k.clone()).unverify())
+                .map(|c| {
+                    c.verify(
+                        &f.capsule,
+                        &f.verifying_key,
+                        &f.delegating_key,
+                        &f.receiving_key,
+                    )
+                    .expect("cfrag verifies")
+                })
+                .collect();
+            let plain = umbral_pre::decrypt_reencrypted(
+                &receiving_secret,
+                &f.delegating_key,
+                &f.capsule,
+                verified,
+                &f.ciphertext,
+            );
+            black_box(plain.expect("decrypts"));
+        });
+    });
     OpTimes {
         encrypt,
         reencrypt,
@@ -277,6 +315,8 @@ pub fn measure_ops(
         decrypt,
         capsule_parse,
         cfrag_parse,
+        ingest_parallel,
+        release_parallel,
         ingest_envelopes: ingest.len(),
         release_envelopes: release.len(),
         passes,

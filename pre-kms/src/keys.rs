@@ -35,7 +35,12 @@ pub const SEED_LEN: usize = 32;
 pub struct Identity {
     seed: Zeroizing<[u8; SEED_LEN]>,
     factory: SecretKeyFactory,
-    signing: SecretKey,
+    /// Made once: each derivation of a signer or of its public key is a scalar
+    /// multiplication, and identities sign and name themselves often.
+    signer: Signer,
+    verifying_key: PublicKey,
+    /// Derived on first use: patients never need it.
+    encryption_key: std::sync::OnceLock<PublicKey>,
 }
 
 impl fmt::Debug for Identity {
@@ -69,11 +74,14 @@ impl Identity {
         let seed = Zeroizing::new(seed);
         let factory = SecretKeyFactory::from_secure_randomness(seed.as_slice())
             .expect("SEED_LEN matches umbral's factory seed size");
-        let signing = factory.make_key(b"signing");
+        let signer = Signer::new(factory.make_key(b"signing"));
+        let verifying_key = signer.verifying_key();
         Identity {
             seed,
             factory,
-            signing,
+            signer,
+            verifying_key,
+            encryption_key: Default::default(),
         }
     }
 
@@ -83,11 +91,11 @@ impl Identity {
     }
 
     pub fn signer(&self) -> Signer {
-        Signer::new(self.signing.clone())
+        self.signer.clone()
     }
 
     pub fn verifying_key(&self) -> PublicKey {
-        self.signing.public_key()
+        self.verifying_key
     }
 
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
@@ -95,7 +103,7 @@ impl Identity {
     }
 
     pub fn sign_with_rng(&self, rng: &mut (impl CryptoRng + RngCore), message: &[u8]) -> Vec<u8> {
-        self.signer()
+        self.signer
             .sign_with_rng(rng, message)
             .to_be_bytes()
             .to_vec()
@@ -107,7 +115,9 @@ impl Identity {
     }
 
     pub fn encryption_public_key(&self) -> PublicKey {
-        self.encryption_key().public_key()
+        *self
+            .encryption_key
+            .get_or_init(|| self.encryption_key().public_key())
     }
 
     /// The secret key of one record category (a patient's delegating key).

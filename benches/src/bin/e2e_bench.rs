@@ -374,6 +374,19 @@ fn main() -> anyhow::Result<()> {
         100.0 * ((cores as f64 / with_bv.as_secs_f64()) / release.measured() - 1.0)
     );
 
+    for (name, stage, parallel) in [
+        ("ingest", &ingest, ops.ingest_parallel),
+        ("release", &release, ops.release_parallel),
+    ] {
+        let rate = 1.0 / parallel.as_secs_f64();
+        println!(
+            "{name} floor run on all {cores} threads at once: {:.0} envelopes/s ({:.2}x one thread, not {cores}x); \
+             the {name} overhead over that is {:.1}%",
+            rate,
+            rate / (stage.floor(cores) / cores as f64),
+            100.0 * (rate / stage.measured() - 1.0)
+        );
+    }
     let wire = ops.release_wire_floor();
     let wire_rate = cores as f64 / wire.as_secs_f64();
     println!(
@@ -446,6 +459,14 @@ fn main() -> anyhow::Result<()> {
         println!(
             "| broker-side verification per envelope ({t} verify, not in the floor) | {:.1} |",
             us(bv)
+        );
+        println!(
+            "| ingest floor on all threads at once, wall time per envelope | {:.1} |",
+            us(ops.ingest_parallel)
+        );
+        println!(
+            "| release floor on all threads at once, wall time per envelope | {:.1} |",
+            us(ops.release_parallel)
         );
         println!("| `Capsule::from_bytes` | {:.1} |", us(ops.capsule_parse));
         println!("| `CapsuleFrag::from_bytes` | {:.1} |", us(ops.cfrag_parse));
