@@ -234,15 +234,15 @@ impl Broker {
                 .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
         // A re-upload of unchanged content writes no blob (encryption is randomized, so
-        // the bytes differ even when the plaintext does not).
-        let unchanged = {
-            let db = self.db();
-            upload
-                .envelopes
-                .iter()
-                .map(|(p, c, _, tag)| Ok(db.latest_tag(p, *c)?.as_deref() == Some(tag.as_slice())))
-                .collect::<ServiceResult<Vec<bool>>>()?
-        };
+        // the bytes differ even when the plaintext does not). The metadata lock is held
+        // from this check to the commit, so that no other upload moves the latest version
+        // in between.
+        let mut db = self.db();
+        let unchanged = upload
+            .envelopes
+            .iter()
+            .map(|(p, c, _, tag)| Ok(db.latest_tag(p, *c)?.as_deref() == Some(tag.as_slice())))
+            .collect::<ServiceResult<Vec<bool>>>()?;
         let fresh: Vec<&[u8]> = upload
             .envelopes
             .iter()
@@ -262,9 +262,7 @@ impl Broker {
                 content_tag: tag.clone(),
             })
             .collect();
-        let mut db = self.db();
-        let receipts = db.add_envelopes(&rows, now_secs())?;
-        db.put_index(&upload.index)?;
+        let receipts = db.store_upload(&rows, &upload.index, now_secs())?;
         Ok((receipts, upload.index.len()))
     }
 }

@@ -274,61 +274,17 @@ impl Db {
         }))
     }
 
-    /// Records envelope versions in one transaction. An envelope whose content tag equals
-    /// the latest version's is not stored again.
-    pub fn add_envelopes(&mut self, envelopes: &[NewEnvelope], now: i64) -> DbResult<Vec<Receipt>> {
+    /// Records an upload in one transaction: its new envelope versions and the index
+    /// rows of each patient, which replace the previous ones.
+    pub fn store_upload(
+        &mut self,
+        envelopes: &[NewEnvelope],
+        index: &[(String, PatientIndex)],
+        now: i64,
+    ) -> DbResult<Vec<Receipt>> {
         let tx = self.conn.transaction()?;
-        let mut receipts = Vec::with_capacity(envelopes.len());
-        {
-            let mut latest = tx.prepare_cached(
-                "SELECT version, blob, content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2
-                 ORDER BY version DESC LIMIT 1",
-            )?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO envelopes (pseudonym, category, version, blob, pack, offset, length, content_tag, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for e in envelopes {
-                let prev: Option<(u32, String, Vec<u8>)> = latest
-                    .query_row(params![e.pseudonym, e.category.label()], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                let receipt = match (prev, &e.at) {
-                    (Some((version, blob, tag)), _) if tag == e.content_tag => Receipt {
-                        pseudonym: e.pseudonym.clone(),
-                        category: e.category,
-                        version,
-                        blob,
-                        unchanged: true,
-                    },
-                    (prev, Some(at)) => {
-                        let version = prev.map_or(1, |p| p.0 + 1);
-                        insert.execute(params![
-                            e.pseudonym,
-                            e.category.label(),
-                            version,
-                            at.name,
-                            at.pack,
-                            at.offset as i64,
-                            at.length as i64,
-                            e.content_tag,
-                            now
-                        ])?;
-                        Receipt {
-                            pseudonym: e.pseudonym.clone(),
-                            category: e.category,
-                            version,
-                            blob: at.name.clone(),
-                            unchanged: false,
-                        }
-                    }
-                    // Changed since the caller looked, but no blob was written: store nothing.
-                    (_, None) => return Err(rusqlite::Error::QueryReturnedNoRows),
-                };
-                receipts.push(receipt);
-            }
-        }
+        let receipts = add_envelopes(&tx, envelopes, now)?;
+        put_index(&tx, index)?;
         tx.commit()?;
         Ok(receipts)
     }
@@ -341,45 +297,6 @@ impl Db {
             )?
             .query_row(params![pseudonym, category.label()], |r| r.get(0))
             .optional()
-    }
-
-    /// Replaces the index rows of each patient with the given snapshot.
-    pub fn put_index(&mut self, rows: &[(String, PatientIndex)]) -> DbResult<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut del_person =
-                tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
-            let mut del_events =
-                tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
-            let mut person = tx.prepare_cached(
-                "INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut event = tx.prepare_cached(
-                "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for (pseudonym, index) in rows {
-                del_person.execute([pseudonym])?;
-                del_events.execute([pseudonym])?;
-                person.execute(params![
-                    pseudonym,
-                    index.person.birth_year,
-                    index.person.sex
-                ])?;
-                for (kind, events) in [
-                    ("condition", &index.conditions),
-                    ("measurement", &index.measurements),
-                    ("drug", &index.drugs),
-                    ("procedure", &index.procedures),
-                ] {
-                    for e in events {
-                        event.execute(params![
-                            pseudonym, kind, e.system, e.code, e.date, e.value, e.unit
-                        ])?;
-                    }
-                }
-            }
-        }
-        tx.commit()
     }
 
     pub fn index(&self, pseudonym: &str) -> DbResult<PatientIndex> {
@@ -670,4 +587,107 @@ fn actor_row(r: &rusqlite::Row<'_>) -> DbResult<Actor> {
         organisation: r.get(3)?,
         verifying_key: r.get(4)?,
     })
+}
+
+/// New envelope versions; one whose content tag equals the latest version's is not
+/// stored again.
+fn add_envelopes(
+    tx: &rusqlite::Transaction<'_>,
+    envelopes: &[NewEnvelope],
+    now: i64,
+) -> DbResult<Vec<Receipt>> {
+    let mut receipts = Vec::with_capacity(envelopes.len());
+    {
+        let mut latest = tx.prepare_cached(
+                "SELECT version, blob, content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2
+                 ORDER BY version DESC LIMIT 1",
+            )?;
+        let mut insert = tx.prepare_cached(
+                "INSERT INTO envelopes (pseudonym, category, version, blob, pack, offset, length, content_tag, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+        for e in envelopes {
+            let prev: Option<(u32, String, Vec<u8>)> = latest
+                .query_row(params![e.pseudonym, e.category.label()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let receipt = match (prev, &e.at) {
+                (Some((version, blob, tag)), _) if tag == e.content_tag => Receipt {
+                    pseudonym: e.pseudonym.clone(),
+                    category: e.category,
+                    version,
+                    blob,
+                    unchanged: true,
+                },
+                (prev, Some(at)) => {
+                    let version = prev.map_or(1, |p| p.0 + 1);
+                    insert.execute(params![
+                        e.pseudonym,
+                        e.category.label(),
+                        version,
+                        at.name,
+                        at.pack,
+                        at.offset as i64,
+                        at.length as i64,
+                        e.content_tag,
+                        now
+                    ])?;
+                    Receipt {
+                        pseudonym: e.pseudonym.clone(),
+                        category: e.category,
+                        version,
+                        blob: at.name.clone(),
+                        unchanged: false,
+                    }
+                }
+                // The caller found the tag unchanged and wrote no blob, but the latest
+                // version differs now: only possible if the caller did not hold the lock
+                // between its check and this call. Refuse rather than record nothing.
+                (_, None) => {
+                    return Err(rusqlite::Error::InvalidParameterName(
+                        "envelope without a blob whose content changed".into(),
+                    ));
+                }
+            };
+            receipts.push(receipt);
+        }
+    }
+    Ok(receipts)
+}
+
+/// Replaces the index rows of each patient with the given snapshot.
+fn put_index(tx: &rusqlite::Transaction<'_>, rows: &[(String, PatientIndex)]) -> DbResult<()> {
+    {
+        let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
+        let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
+        let mut person = tx.prepare_cached(
+            "INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut event = tx.prepare_cached(
+                "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+        for (pseudonym, index) in rows {
+            del_person.execute([pseudonym])?;
+            del_events.execute([pseudonym])?;
+            person.execute(params![
+                pseudonym,
+                index.person.birth_year,
+                index.person.sex
+            ])?;
+            for (kind, events) in [
+                ("condition", &index.conditions),
+                ("measurement", &index.measurements),
+                ("drug", &index.drugs),
+                ("procedure", &index.procedures),
+            ] {
+                for e in events {
+                    event.execute(params![
+                        pseudonym, kind, e.system, e.code, e.date, e.value, e.unit
+                    ])?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
