@@ -17,8 +17,10 @@ use crate::study::{StudyProposal, decision_digest};
 pub enum ClientError {
     #[error("cannot connect to the broker at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The broker's refusal; shown as its code and message only (the status is not a
+    /// `source`, so error chains do not print it twice).
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     #[error("{0}")]
     Crypto(#[from] pre_kms::Error),
     #[error("{0}")]
@@ -35,6 +37,12 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Internal => "internal error",
         _ => "error",
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
     }
 }
 

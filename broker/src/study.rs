@@ -59,11 +59,21 @@ pub struct Study {
 }
 
 impl Study {
-    /// Approved, and `now` inside the approval period.
-    pub fn is_open(&self, now: i64) -> bool {
-        self.status == StudyStatus::Approved
-            && self.proposal.not_before <= now
-            && now < self.proposal.not_after
+    /// Why the study is not open (approved, and `now` inside its approval period), if
+    /// it is not.
+    pub fn closed_because(&self, now: i64) -> Option<String> {
+        let id = &self.study_id;
+        match self.status {
+            StudyStatus::Proposed => Some(format!("study {id} is not approved by the board yet")),
+            StudyStatus::Rejected => Some(format!("study {id} was rejected by the board")),
+            StudyStatus::Approved if now < self.proposal.not_before => {
+                Some(format!("study {id}'s approval period has not started"))
+            }
+            StudyStatus::Approved if now >= self.proposal.not_after => {
+                Some(format!("study {id}'s approval period has ended"))
+            }
+            StudyStatus::Approved => None,
+        }
     }
 }
 

@@ -88,10 +88,9 @@ impl Broker {
             .map(|(i, g)| {
                 let study = &studies[&g.study_id];
                 let patient = &patients[&g.pseudonym];
-                if !study.is_open(now) {
+                if let Some(reason) = study.closed_because(now) {
                     return Err(ServiceError::FailedPrecondition(format!(
-                        "study {} is not approved and open; grants can be issued only for an open study",
-                        g.study_id
+                        "{reason}: grants can be issued only for an approved study in its period"
                     )));
                 }
                 if g.threshold as usize != self.threshold {
@@ -114,7 +113,10 @@ impl Broker {
                         )));
                     }
                     if !seen.insert(c.category) {
-                        return Err(ServiceError::InvalidArgument(format!("grant {i}: category {} twice", c.category)));
+                        return Err(ServiceError::InvalidArgument(format!(
+                            "grant {i}: category {} twice",
+                            c.category
+                        )));
                     }
                     if c.sealed_kfrags.len() != self.proxies.len() {
                         return Err(ServiceError::InvalidArgument(format!(
@@ -124,16 +126,19 @@ impl Broker {
                         )));
                     }
                 }
-                let vk = public_key_from_bytes(&patient.verifying_key).map_err(ServiceError::internal)?;
-                g.verify_signature(&vk)
-                    .map_err(|_| ServiceError::InvalidArgument(format!("grant {i}: the patient's signature does not verify")))?;
+                let vk = public_key_from_bytes(&patient.verifying_key)
+                    .map_err(ServiceError::internal)?;
+                g.verify_signature(&vk).map_err(|_| {
+                    ServiceError::InvalidArgument(format!(
+                        "grant {i}: the patient's signature does not verify"
+                    ))
+                })?;
                 let grant_id = grant_id(g);
                 let mut deposits = vec![Vec::new(); self.proxies.len()];
                 for c in &g.categories {
-                    let delegating = patient
-                        .category_keys
-                        .get(&c.category)
-                        .ok_or_else(|| ServiceError::internal("enrolled patient lacks a category key"))?;
+                    let delegating = patient.category_keys.get(&c.category).ok_or_else(|| {
+                        ServiceError::internal("enrolled patient lacks a category key")
+                    })?;
                     for (p, sealed) in c.sealed_kfrags.iter().enumerate() {
                         deposits[p].push(pb::KfragDeposit {
                             grant_id: grant_id.clone(),

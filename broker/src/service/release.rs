@@ -54,15 +54,9 @@ impl Broker {
                 "only the researcher named in study {study_id} may receive its release"
             )));
         }
-        if !study.is_open(now_secs()) {
+        if let Some(reason) = study.closed_because(now_secs()) {
             return Err(ServiceError::FailedPrecondition(format!(
-                "study {study_id} is {} and {}; nothing can be released",
-                study.status.as_str(),
-                if now_secs() < study.proposal.not_before {
-                    "not yet in its period"
-                } else {
-                    "checked against its period"
-                }
+                "{reason}: nothing can be released"
             )));
         }
         Ok(study)
