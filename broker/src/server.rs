@@ -246,6 +246,16 @@ pub async fn start(
         ));
     }
 
+    // Advertise what this server serves: broker.v1.Proxy is in the same file but is
+    // served by the proxy nodes.
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET);
+    for service in ["Registry", "Records", "Studies", "Grants", "Releases"] {
+        reflection = reflection.with_service_name(format!("broker.v1.{service}"));
+    }
+    let reflection = reflection
+        .build_v1()
+        .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::registry_server::RegistryServer<Grpc>>()
@@ -256,6 +266,7 @@ pub async fn start(
     let (tx, rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(pb::registry_server::RegistryServer::new(grpc.clone()))
         .add_service(
             pb::records_server::RecordsServer::new(grpc.clone())

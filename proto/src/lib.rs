@@ -7,4 +7,8 @@
 
 pub mod v1 {
     tonic::include_proto!("broker.v1");
+
+    /// The encoded `FileDescriptorSet` of broker.v1, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/broker_v1_descriptor.bin"));
 }
