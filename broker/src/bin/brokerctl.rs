@@ -491,7 +491,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let me = client.identity().clone();
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let mut manifest = Vec::new();
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {pos} records verified and decrypted ({per_sec})",
+                )
+                .expect("valid template"),
+            );
             let report = agent::fetch_and_decrypt(&client, &me, &study, |r| {
+                bar.inc(1);
                 let dir = out.join(&r.subject);
                 std::fs::create_dir_all(&dir)?;
                 let name = format!("{}.v{}.json", r.category.label(), r.version);
@@ -501,6 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
             .await?;
+            bar.finish_and_clear();
             let summary = serde_json::json!({"release_id": report.release.release_id, "study_id": study,
                 "subjects": report.release.subjects, "records": report.records, "files": manifest});
             std::fs::write(
