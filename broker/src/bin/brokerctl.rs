@@ -54,18 +54,25 @@ enum Command {
     },
     /// Who the broker thinks you are.
     Whoami(#[command(flatten)] Conn),
+    /// Operator: register actors, list them.
     #[command(subcommand)]
     Operator(OperatorCmd),
+    /// Patient: enroll yourself, upload your records, grant studies.
     #[command(subcommand)]
     Patient(PatientCmd),
+    /// Custodian: import FHIR R4 data for the patients you keep keys for.
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Custodian: grants for the patients in your keystore.
     #[command(subcommand)]
     Custodian(CustodianCmd),
+    /// Sponsor: propose studies.
     #[command(subcommand)]
     Sponsor(SponsorCmd),
+    /// Ethics board: review, approve and reject studies.
     #[command(subcommand)]
     Board(BoardCmd),
+    /// Researcher: fetch, verify and decrypt a study's release.
     #[command(subcommand)]
     Researcher(ResearcherCmd),
 }
@@ -140,6 +147,7 @@ enum CustodianCmd {
 
 #[derive(Subcommand)]
 enum SponsorCmd {
+    /// Studies.
     #[command(subcommand)]
     Study(SponsorStudyCmd),
 }
@@ -178,6 +186,7 @@ enum SponsorStudyCmd {
 
 #[derive(Subcommand)]
 enum BoardCmd {
+    /// Studies.
     #[command(subcommand)]
     Study(BoardStudyCmd),
 }
