@@ -36,11 +36,22 @@ impl Drop for Server {
 
 /// Starts `broker serve` on a free loopback port and waits until it says where it listens.
 fn serve(data: &Path, operator_pub: &Path) -> Server {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend([
+        "--data-dir".into(),
+        data.into(),
+        "--operator".into(),
+        operator_pub.into(),
+    ]);
+    spawn(&args, "broker listening on ")
+}
+
+/// Runs `broker ARGS` and waits until it prints `announce` followed by its address.
+fn spawn(args: &[std::ffi::OsString], announce: &str) -> Server {
+    let announce = announce.to_owned();
     let mut child = Command::new(BROKER)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .arg("--operator")
-        .arg(operator_pub)
+        .args(args)
         .env("RUST_LOG", "debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -52,7 +63,7 @@ fn serve(data: &Path, operator_pub: &Path) -> Server {
     let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("broker listening on ") {
+            if let Some(rest) = line.strip_prefix(announce.as_str()) {
                 let address = rest.split_whitespace().next().unwrap_or_default();
                 let _ = tx.send(address.to_owned());
             }
@@ -63,7 +74,7 @@ fn serve(data: &Path, operator_pub: &Path) -> Server {
     });
     let url = rx
         .recv_timeout(Duration::from_secs(60))
-        .expect("broker announces its address");
+        .unwrap_or_else(|_| panic!("`broker {args:?}` announces its address"));
     Server { child, url, log }
 }
 
@@ -352,4 +363,153 @@ fn every_role_through_brokerctl_on_synthea_data() {
         leaked.is_empty(),
         "identifiers in logs or error messages: {leaked:?}"
     );
+}
+
+/// Proxies as separate processes: `broker init` makes the broker's identity, three
+/// `broker proxy` nodes trust it, `broker serve --proxy-url` uses them, and a release
+/// flows through them.
+#[test]
+fn a_release_through_three_proxy_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let out = Command::new(BROKER)
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broker_pub = data.join("broker.pub");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broker.pub"));
+    let proxies: Vec<Server> = (0..3)
+        .map(|i| {
+            let args: Vec<std::ffi::OsString> = vec![
+                "proxy".into(),
+                "--dir".into(),
+                d.join(format!("proxy{i}")).into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--broker-key".into(),
+                broker_pub.clone().into(),
+                "--index".into(),
+                i.to_string().into(),
+            ];
+            spawn(&args, &format!("proxy {i} listening on "))
+        })
+        .collect();
+    let operator = keygen(d, "operator");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend([
+        "--data-dir".into(),
+        data.clone().into(),
+        "--operator".into(),
+        public(&operator).into(),
+    ]);
+    for p in &proxies {
+        // "proxy N listening on http://…": the address follows "listening on ".
+        let url = p
+            .log
+            .lock()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.split("listening on ").nth(1).map(str::to_owned))
+            .unwrap();
+        args.extend(["--proxy-url".into(), url.into()]);
+    }
+    let server = spawn(&args, "broker listening on ");
+    let ctl = Ctl::new(&server.url);
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    for (key, role) in [
+        (&custodian, "custodian"),
+        (&sponsor, "sponsor"),
+        (&board, "board"),
+        (&researcher, "researcher"),
+    ] {
+        ctl.ok(
+            &operator,
+            &[
+                "operator",
+                "register",
+                "--public-key",
+                &public(key),
+                "--role",
+                role,
+                "--name",
+                role,
+            ],
+        );
+    }
+    let keystore = d.join("keystore.db");
+    let keystore = keystore.to_str().unwrap();
+    let src = synthea();
+    let imported = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(imported["patients"], 10);
+    let study = ctl.json(
+        &sponsor,
+        &[
+            "sponsor",
+            "study",
+            "propose",
+            "--title",
+            "External proxies",
+            "--categories",
+            "conditions",
+            "--researcher-key",
+            &public(&researcher),
+        ],
+    );
+    let study_id = study["study_id"].as_str().unwrap().to_owned();
+    ctl.ok(&board, &["board", "study", "approve", &study_id]);
+    ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    let release = d.join("release");
+    let fetched = ctl.json(
+        &researcher,
+        &[
+            "researcher",
+            "fetch",
+            "--study",
+            &study_id,
+            "--out",
+            release.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fetched["subjects"], 10, "{fetched}");
+    // The release went through the proxy processes: each holds the kfrags it verified.
+    for (i, p) in proxies.iter().enumerate() {
+        assert!(p.url.starts_with("http://127.0.0.1:"), "{}", p.url);
+        let db = rusqlite::Connection::open(d.join(format!("proxy{i}")).join("proxy.db")).unwrap();
+        let kfrags: i64 = db
+            .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kfrags, 10, "proxy {i} holds one verified kfrag per patient");
+    }
+    drop(server);
+    drop(proxies);
 }

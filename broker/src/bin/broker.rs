@@ -43,6 +43,12 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threshold: usize,
     },
+    /// Create a data directory and the broker's identity (DATA_DIR/broker.key, and
+    /// DATA_DIR/broker.pub for the proxy nodes); `serve` also does this on first start.
+    Init {
+        #[arg(long, default_value = "broker-data")]
+        data_dir: PathBuf,
+    },
     /// Run one proxy node (for a broker started with --proxy-url).
     Proxy {
         #[arg(long)]
@@ -69,6 +75,16 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         batch: usize,
     },
+}
+
+/// Makes the data directory and the broker's identity if missing; writes broker.pub.
+fn init(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let identity = load_or_create_identity(&data_dir.join("broker.key"), "broker")?;
+    let public_path = data_dir.join("broker.pub");
+    identity.public("broker").write_file(&public_path)?;
+    Ok(public_path)
 }
 
 async fn shutdown_signal() {
@@ -108,11 +124,7 @@ async fn run() -> anyhow::Result<()> {
             config.operator = operator
                 .map(|p| PublicIdentity::read_file(&p))
                 .transpose()?;
-            std::fs::create_dir_all(&data_dir)
-                .with_context(|| format!("creating {}", data_dir.display()))?;
-            let identity = load_or_create_identity(&data_dir.join("broker.key"), "broker")?;
-            let public_path = data_dir.join("broker.pub");
-            identity.public("broker").write_file(&public_path)?;
+            let public_path = init(&data_dir)?;
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -125,6 +137,13 @@ async fn run() -> anyhow::Result<()> {
             );
             running.wait().await?;
         }
+        Command::Init { data_dir } => {
+            let public = init(&data_dir)?;
+            println!(
+                "broker identity ready; give {} to the proxy nodes (--broker-key)",
+                public.display()
+            );
+        }
         Command::Proxy {
             dir,
             listen,
@@ -132,12 +151,16 @@ async fn run() -> anyhow::Result<()> {
             index,
         } => {
             let broker = PublicIdentity::read_file(&broker_key)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
             let node = Arc::new(pre_kms::proxy::ProxyNode::open(&dir, identity, index)?);
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            eprintln!("proxy {index} listening on http://{listen}");
+            eprintln!(
+                "proxy {index} listening on http://{}",
+                listener.local_addr()?
+            );
             pre_kms::proxy_grpc::serve(listener, node, broker.verifying_key, shutdown_signal())
                 .await?;
         }
