@@ -416,3 +416,61 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
     );
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to() {
+    let mut sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 2, 12).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    grant(&w, &study, &[0, 1], &CATS).await;
+    if let Some(r) = sandbox.running.take() {
+        r.stop().await;
+    }
+    // Three new proxy nodes, unknown to the grants already sealed.
+    let broker_key =
+        broker::server::load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker")
+            .unwrap()
+            .public("broker");
+    let mut others = Vec::new();
+    for i in 0..3 {
+        others.push(
+            start_proxy(
+                &sandbox.dir.path().join(format!("other{i}")),
+                i,
+                &broker_key,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut config = broker::server::ServeConfig::new(sandbox.data_dir());
+    config.proxy_urls = others.iter().map(|p| p.url.clone()).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = broker::server::start(listener, config, std::future::pending()).await;
+    let Err(e) = refused else {
+        panic!("a broker started with proxies its grants were not sealed to")
+    };
+    assert!(
+        e.to_string()
+            .contains("not the ones this data directory's grants were sealed to"),
+        "{e}"
+    );
+    for p in others {
+        p.stop().await;
+    }
+    // With its own proxies it starts again and still releases.
+    sandbox.restart_with(|_| {}).await;
+    let researcher = sandbox.client(w.cast.researcher.identity().clone()).await;
+    let w = World {
+        cast: Cast {
+            researcher,
+            ..w.cast
+        },
+        ..w
+    };
+    assert_eq!(
+        fetch(&w, &study).await.unwrap(),
+        expected(&w, &[0, 1], &CATS, &Cohort::default())
+    );
+    sandbox.stop().await;
+}
