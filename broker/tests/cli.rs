@@ -143,6 +143,26 @@ fn keygen(dir: &Path, role: &str) -> PathBuf {
     key
 }
 
+/// The operator registers each key file under the role it was made for (its file stem).
+fn register(ctl: &Ctl<'_>, operator: &Path, keys: [&PathBuf; 4]) {
+    for key in keys {
+        let role = key.file_stem().unwrap().to_str().unwrap();
+        ctl.ok(
+            operator,
+            &[
+                "operator",
+                "register",
+                "--public-key",
+                &public(key),
+                "--role",
+                role,
+                "--name",
+                role,
+            ],
+        );
+    }
+}
+
 fn public(key: &Path) -> String {
     format!("{}.pub", key.display())
 }
@@ -179,26 +199,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
 
     let server = serve(&data, Path::new(&public(&operator)));
     let ctl = Ctl::new(&server.url);
-    for (key, role) in [
-        (&custodian, "custodian"),
-        (&sponsor, "sponsor"),
-        (&board, "board"),
-        (&researcher, "researcher"),
-    ] {
-        ctl.ok(
-            &operator,
-            &[
-                "operator",
-                "register",
-                "--public-key",
-                &public(key),
-                "--role",
-                role,
-                "--name",
-                role,
-            ],
-        );
-    }
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
     let who = ctl.json(&researcher, &["whoami"]);
     assert_eq!(who["name"], "researcher");
 
@@ -411,15 +412,7 @@ fn a_release_through_three_proxy_processes() {
         public(&operator).into(),
     ]);
     for p in &proxies {
-        // "proxy N listening on http://…": the address follows "listening on ".
-        let url = p
-            .log
-            .lock()
-            .unwrap()
-            .lines()
-            .find_map(|l| l.split("listening on ").nth(1).map(str::to_owned))
-            .unwrap();
-        args.extend(["--proxy-url".into(), url.into()]);
+        args.extend(["--proxy-url".into(), p.url.clone().into()]);
     }
     let server = spawn(&args, "broker listening on ");
     let ctl = Ctl::new(&server.url);
@@ -427,26 +420,7 @@ fn a_release_through_three_proxy_processes() {
     let sponsor = keygen(d, "sponsor");
     let board = keygen(d, "board");
     let researcher = keygen(d, "researcher");
-    for (key, role) in [
-        (&custodian, "custodian"),
-        (&sponsor, "sponsor"),
-        (&board, "board"),
-        (&researcher, "researcher"),
-    ] {
-        ctl.ok(
-            &operator,
-            &[
-                "operator",
-                "register",
-                "--public-key",
-                &public(key),
-                "--role",
-                role,
-                "--name",
-                role,
-            ],
-        );
-    }
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
     let keystore = d.join("keystore.db");
     let keystore = keystore.to_str().unwrap();
     let src = synthea();
