@@ -183,6 +183,42 @@ fn with(mut base: Value, extra: Vec<(&str, Value)>) -> Value {
     base
 }
 
+/// The coded elements of a confirmed Condition: clinical status, category and code.
+fn condition_codes(
+    (clinical, clinical_display): (&'static str, &'static str),
+    (category, category_display): (&'static str, &'static str),
+    code: &'static str,
+    display: &'static str,
+) -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "clinicalStatus",
+            concept(
+                "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                clinical,
+                clinical_display,
+            ),
+        ),
+        (
+            "verificationStatus",
+            concept(
+                "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                "confirmed",
+                "Confirmed",
+            ),
+        ),
+        (
+            "category",
+            Value::Array(vec![concept(
+                "http://terminology.hl7.org/CodeSystem/condition-category",
+                category,
+                category_display,
+            )]),
+        ),
+        ("code", concept(SNOMED, code, display)),
+    ]
+}
+
 fn concept(system: &'static str, code: &'static str, display: &'static str) -> Value {
     thread_local! {
         /// Built concepts, cloned on reuse (cloning a `Value` is cheaper than building it).
@@ -880,33 +916,12 @@ impl Gen {
                 "onsetDateTime": onset.at(minute),
                 "recordedDate": onset.at(minute)
             }),
-            vec![
-                (
-                    "clinicalStatus",
-                    concept(
-                        "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                        "active",
-                        "Active",
-                    ),
-                ),
-                (
-                    "verificationStatus",
-                    concept(
-                        "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                        "confirmed",
-                        "Confirmed",
-                    ),
-                ),
-                (
-                    "category",
-                    Value::Array(vec![concept(
-                        "http://terminology.hl7.org/CodeSystem/condition-category",
-                        "problem-list-item",
-                        "Problem List Item",
-                    )]),
-                ),
-                ("code", concept(SNOMED, code, display)),
-            ],
+            condition_codes(
+                ("active", "Active"),
+                ("problem-list-item", "Problem List Item"),
+                code,
+                display,
+            ),
         );
         if self.chance(0.3) {
             // Free text that names the patient: the de-identification must drop it.
@@ -1243,33 +1258,12 @@ impl Gen {
                         "abatementDateTime": resolved.at(minute),
                         "recordedDate": date.at(minute)
                     }),
-                    vec![
-                        (
-                            "clinicalStatus",
-                            concept(
-                                "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                                "resolved",
-                                "Resolved",
-                            ),
-                        ),
-                        (
-                            "verificationStatus",
-                            concept(
-                                "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                                "confirmed",
-                                "Confirmed",
-                            ),
-                        ),
-                        (
-                            "category",
-                            Value::Array(vec![concept(
-                                "http://terminology.hl7.org/CodeSystem/condition-category",
-                                "encounter-diagnosis",
-                                "Encounter Diagnosis",
-                            )]),
-                        ),
-                        ("code", concept(SNOMED, code, display)),
-                    ],
+                    condition_codes(
+                        ("resolved", "Resolved"),
+                        ("encounter-diagnosis", "Encounter Diagnosis"),
+                        code,
+                        display,
+                    ),
                 ));
             }
         }
