@@ -121,6 +121,15 @@ impl<'a> Ctl<'a> {
         serde_json::from_str(&self.ok(key, &a)).expect("json output")
     }
 
+    /// `researcher fetch` of a study into `out`; its JSON summary.
+    fn fetch(&self, researcher: &Path, study_id: &str, out: &Path) -> serde_json::Value {
+        let out = out.to_str().unwrap();
+        self.json(
+            researcher,
+            &["researcher", "fetch", "--study", study_id, "--out", out],
+        )
+    }
+
     fn fails(&self, key: &Path, args: &[&str]) -> String {
         let out = self.run(key, args);
         assert!(!out.status.success(), "brokerctl {args:?} should fail");
@@ -256,17 +265,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
     );
     assert_eq!(granted["grants"], 10);
     let out = d.join("release");
-    let fetched = ctl.json(
-        &researcher,
-        &[
-            "researcher",
-            "fetch",
-            "--study",
-            &study_id,
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let fetched = ctl.fetch(&researcher, &study_id, &out);
     assert_eq!(fetched["subjects"], 10, "{fetched}");
 
     // What was decrypted is exactly the research copy the importer made.
@@ -303,17 +302,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let server = serve(&data, Path::new(&public(&operator)));
     let ctl = Ctl::new(&server.url);
     let out2 = d.join("release-after-restart");
-    let again = ctl.json(
-        &researcher,
-        &[
-            "researcher",
-            "fetch",
-            "--study",
-            &study_id,
-            "--out",
-            out2.to_str().unwrap(),
-        ],
-    );
+    let again = ctl.fetch(&researcher, &study_id, &out2);
     assert_eq!(again["subjects"], 10);
     assert_eq!(fetched_hashes(&out2), want);
 
@@ -463,17 +452,7 @@ fn a_release_through_three_proxy_processes() {
         ],
     );
     let release = d.join("release");
-    let fetched = ctl.json(
-        &researcher,
-        &[
-            "researcher",
-            "fetch",
-            "--study",
-            &study_id,
-            "--out",
-            release.to_str().unwrap(),
-        ],
-    );
+    let fetched = ctl.fetch(&researcher, &study_id, &release);
     assert_eq!(fetched["subjects"], 10, "{fetched}");
     // The release went through the proxy processes: each holds the kfrags it verified.
     for (i, p) in proxies.iter().enumerate() {

@@ -462,14 +462,16 @@ impl Pool {
             .unwrap_or_default()
             .to_string();
         let problems = validate::check_content(&resource);
+        let reason = (!problems.is_empty()).then(|| {
+            problems
+                .iter()
+                .map(|p| p.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
         if ty == "Patient" {
             // Keep the patient, without the offending elements.
-            if !problems.is_empty() {
-                let reason = problems
-                    .iter()
-                    .map(|p| p.reason.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ");
+            if let Some(reason) = reason {
                 report
                     .errors
                     .push(self.error(file, line, &resource, reason));
@@ -500,12 +502,7 @@ impl Pool {
             });
             return;
         }
-        if !problems.is_empty() {
-            let reason = problems
-                .iter()
-                .map(|p| p.reason.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
+        if let Some(reason) = reason {
             report
                 .errors
                 .push(self.error(file, line, &resource, reason));

@@ -477,24 +477,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
             study,
             reason,
-        })) => {
-            connect(&conn)
-                .await?
-                .decide_study(&study, true, &reason)
-                .await?;
-            println!("approved {study}");
-        }
+        })) => decide(&conn, &study, true, &reason).await?,
         Command::Board(BoardCmd::Study(BoardStudyCmd::Reject {
             conn,
             study,
             reason,
-        })) => {
-            connect(&conn)
-                .await?
-                .decide_study(&study, false, &reason)
-                .await?;
-            println!("rejected {study}");
-        }
+        })) => decide(&conn, &study, false, &reason).await?,
         Command::Researcher(ResearcherCmd::Fetch { conn, study, out }) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
@@ -536,6 +524,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// A board member's signed decision on a study.
+async fn decide(conn: &Conn, study: &str, approve: bool, reason: &str) -> anyhow::Result<()> {
+    connect(conn)
+        .await?
+        .decide_study(study, approve, reason)
+        .await?;
+    println!("{} {study}", if approve { "approved" } else { "rejected" });
     Ok(())
 }
 
