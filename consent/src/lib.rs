@@ -1,0 +1,3 @@
+//! Patient consent policies: the model, its evaluation, GA4GH DUO matching and FHIR
+//! Consent import.
+#![forbid(unsafe_code)]
