@@ -281,3 +281,145 @@ impl pb::releases_server::Releases for Grpc {
         Ok(Response::new(Box::pin(stream)))
     }
 }
+
+fn logged_to_pb(e: pre_kms::logged_release::LoggedEvent) -> pb::LoggedEvent {
+    pb::LoggedEvent {
+        index: e.index,
+        leaf: e.leaf,
+        path: e.path.iter().map(|h| h.to_vec()).collect(),
+    }
+}
+
+fn note(c: &audit_log::SignedCheckpoint) -> Result<String, Status> {
+    c.to_note()
+        .map_err(|e| ServiceError::internal(format!("checkpoint: {e}")).into())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::LoggedEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for Grpc {
+    async fn checkpoint(
+        &self,
+        req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        self.0.authorize(&req, m::AUDIT_CHECKPOINT, ANY)?;
+        let b = self.0.clone();
+        let c = blocking(move || b.checkpoint()).await?;
+        Ok(Response::new(pb::CheckpointResponse {
+            checkpoint: note(&c)?,
+            broker_key: pre_kms::keys::public_key_bytes(&self.0.broker_key()),
+        }))
+    }
+
+    async fn checkpoints(
+        &self,
+        req: Request<pb::CheckpointsRequest>,
+    ) -> Result<Response<pb::CheckpointsResponse>, Status> {
+        self.0
+            .authorize(&req, m::AUDIT_CHECKPOINTS, &[Role::Board])?;
+        let after = req.into_inner().after_size;
+        let b = self.0.clone();
+        let all = blocking(move || b.checkpoints_after(after)).await?;
+        Ok(Response::new(pb::CheckpointsResponse {
+            checkpoints: all.iter().map(note).collect::<Result<_, _>>()?,
+        }))
+    }
+
+    async fn consistency(
+        &self,
+        req: Request<pb::ConsistencyRequest>,
+    ) -> Result<Response<pb::ConsistencyResponse>, Status> {
+        self.0
+            .authorize(&req, m::AUDIT_CONSISTENCY, &[Role::Board])?;
+        let r = req.into_inner();
+        let path = self.0.consistency(r.old_size, r.new_size)?;
+        Ok(Response::new(pb::ConsistencyResponse {
+            path: path.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.0.authorize(&req, m::AUDIT_EVENTS, &[Role::Board])?;
+        let r = req.into_inner();
+        let mut filter = crate::storage::db::AuditFilter {
+            since: (r.since != 0).then_some(r.since),
+            until: (r.until != 0).then_some(r.until),
+            study: (!r.study_id.is_empty()).then_some(r.study_id),
+            actor: (!r.actor_id.is_empty()).then_some(r.actor_id),
+            kinds: r.kinds,
+            from_leaf: r.from_index,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::service::EVENTS_PAGE);
+        let b = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                let (b2, f) = (b.clone(), filter.clone());
+                let page = match blocking(move || b2.events_page(&f)).await {
+                    Ok(p) => p,
+                    Err(e) => return drop(tx.send(Err(e)).await),
+                };
+                let Some(last) = page.last().map(|e| e.index) else {
+                    return;
+                };
+                filter.from_leaf = last + 1;
+                for e in page {
+                    if tx.send(Ok(logged_to_pb(e))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cosign(
+        &self,
+        req: Request<pb::CosignRequest>,
+    ) -> Result<Response<pb::CosignResponse>, Status> {
+        let caller = self.0.authorize(&req, m::AUDIT_COSIGN, &[Role::Board])?;
+        let checkpoint = req.into_inner().checkpoint;
+        let b = self.0.clone();
+        let n = blocking(move || b.cosign(&caller, &checkpoint)).await?;
+        Ok(Response::new(pb::CosignResponse {
+            signatures: n as u32,
+        }))
+    }
+
+    async fn accesses(
+        &self,
+        req: Request<pb::AccessesRequest>,
+    ) -> Result<Response<pb::AccessesResponse>, Status> {
+        let caller = self
+            .0
+            .authorize(&req, m::AUDIT_ACCESSES, &[Role::Patient])?;
+        let b = self.0.clone();
+        let (c, events) = blocking(move || b.accesses(&caller)).await?;
+        Ok(Response::new(pb::AccessesResponse {
+            checkpoint: note(&c)?,
+            events: events.into_iter().map(logged_to_pb).collect(),
+        }))
+    }
+
+    async fn alerts(
+        &self,
+        req: Request<pb::AlertsRequest>,
+    ) -> Result<Response<pb::AlertsResponse>, Status> {
+        let caller = self.0.authorize(&req, m::AUDIT_ALERTS, &[Role::Patient])?;
+        let r = req.into_inner();
+        let ack = r.acknowledge.then_some(r.acknowledge_through);
+        let b = self.0.clone();
+        let (c, events) = blocking(move || b.alerts(&caller, ack)).await?;
+        Ok(Response::new(pb::AlertsResponse {
+            checkpoint: note(&c)?,
+            events: events.into_iter().map(logged_to_pb).collect(),
+        }))
+    }
+}

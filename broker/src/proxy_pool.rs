@@ -17,6 +17,15 @@ pub struct ProxyHandle {
     client: pb::proxy_client::ProxyClient<Channel>,
 }
 
+/// What a re-encryption request carries to prove its release is in the access log.
+#[derive(Debug, Clone)]
+pub struct ReleaseEvidence {
+    pub release_id: String,
+    /// The broker-signed checkpoint, as a signed note.
+    pub checkpoint: String,
+    pub events: Vec<pb::LoggedEvent>,
+}
+
 #[derive(Clone)]
 pub struct ProxyPool {
     identity: Identity,
@@ -97,7 +106,7 @@ impl ProxyPool {
     pub async fn reencrypt(
         &self,
         index: usize,
-        release_id: &str,
+        evidence: ReleaseEvidence,
         items: Vec<pb::ReencryptItem>,
     ) -> Result<Vec<Vec<u8>>, String> {
         let p = &self.proxies[index];
@@ -107,8 +116,10 @@ impl ProxyPool {
                 &self.identity,
                 REENCRYPT,
                 pb::ReencryptRequest {
-                    release_id: release_id.to_owned(),
+                    release_id: evidence.release_id,
                     items,
+                    checkpoint: evidence.checkpoint,
+                    events: evidence.events,
                 },
             ))
             .await

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! DATA_DIR/
-//!   broker.key        the broker's own signing identity (calls to proxies)
-//!   broker.db         SQLite metadata, index, studies, grants, releases
+//!   broker.key        the broker's own signing identity (calls to proxies, checkpoints)
+//!   broker.db         SQLite metadata, index, studies, grants, releases, log side index
+//!   audit/            the access log: leaves.log and checkpoints.log
 //!   blobs/            content-addressed envelope blobs
 //!   proxies/N/        embedded proxy nodes: proxy.key and proxy.db each
 //! ```
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::Grpc;
 use crate::role::{Actor, Role};
-use crate::service::Broker;
+use crate::service::{AccessLog, Broker};
 use crate::storage::db::ProxyRow;
 use crate::storage::{BlobStore, Db};
 
@@ -66,6 +67,8 @@ pub enum StartError {
     Config(String),
     #[error("cannot listen: {0}")]
     Listen(std::io::Error),
+    #[error("{0}")]
+    AccessLog(String),
 }
 
 /// Loads the identity at `path`, or makes and saves one.
@@ -201,6 +204,7 @@ pub async fn start(
             urls.len()
         )));
     }
+    let log_signer = identity.clone();
     let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls)
         .await
         .map_err(StartError::Proxies)?;
@@ -223,7 +227,12 @@ pub async fn start(
         ));
     }
 
-    let broker = Broker::new(db, blobs, pool, config.threshold)
+    let tag_secret = db
+        .secret("audit-patient-tag-key")
+        .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
+    let audit = AccessLog::open(&dir.join("audit"), log_signer, tag_secret)
+        .map_err(StartError::AccessLog)?;
+    let broker = Broker::new(db, blobs, pool, config.threshold, audit)
         .map_err(|e| StartError::Config(e.to_string()))?;
     if let Some(op) = &config.operator {
         broker
@@ -250,7 +259,9 @@ pub async fn start(
     // served by the proxy nodes.
     let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET);
-    for service in ["Registry", "Records", "Studies", "Grants", "Releases"] {
+    for service in [
+        "Registry", "Records", "Studies", "Grants", "Releases", "Audit",
+    ] {
         reflection = reflection.with_service_name(format!("broker.v1.{service}"));
     }
     let reflection = reflection
@@ -276,6 +287,11 @@ pub async fn start(
         .add_service(pb::studies_server::StudiesServer::new(grpc.clone()))
         .add_service(
             pb::grants_server::GrantsServer::new(grpc.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            pb::audit_server::AuditServer::new(grpc.clone())
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )

@@ -54,6 +54,7 @@ pub mod error;
 pub mod grant;
 pub mod keys;
 pub mod keystore;
+pub mod logged_release;
 pub mod proxy;
 pub mod proxy_grpc;
 pub mod reencrypt;

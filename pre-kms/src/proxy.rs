@@ -14,6 +14,7 @@ use crate::category::Category;
 use crate::error::{Error, Result};
 use crate::grant::{self, DepositClaim};
 use crate::keys::Identity;
+use crate::logged_release::VerifiedRelease;
 use crate::reencrypt::reencrypt_one;
 use crate::sealed::parse_capsule;
 
@@ -113,28 +114,37 @@ impl ProxyNode {
     }
 
     /// Re-encrypts each capsule whose grant this node holds and is unexpired at `now`
-    /// (unix seconds). Items without a live kfrag, or whose capsule does not parse, come
-    /// back as `None`, so one bad item withholds only itself.
-    pub fn reencrypt(&self, items: &[ReencryptRequest], now: i64) -> Result<Vec<Option<Vec<u8>>>> {
+    /// (unix seconds) and which a logged event of `release` covers. Items without a live
+    /// kfrag, not covered by the log, or whose capsule does not parse, come back as `None`,
+    /// so one bad item withholds only itself.
+    pub fn reencrypt(
+        &self,
+        release: &VerifiedRelease,
+        items: &[ReencryptRequest],
+        now: i64,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
         // Only the lookups hold the store's lock; parsing (umbral re-verifies a capsule
         // when it deserializes one) and re-encryption run in parallel after it.
         let kfrags: Vec<Option<Vec<u8>>> = {
             let db = self.db();
             let mut stmt = db.prepare_cached(
-                "SELECT kfrag, expires_at FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND category = ?3",
+                "SELECT kfrag, expires_at, grant_id FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND category = ?3",
             )?;
             items
                 .iter()
                 .map(|item| {
-                    let row: Option<(Vec<u8>, i64)> = stmt
+                    let row: Option<(Vec<u8>, i64, String)> = stmt
                         .query_row(
                             params![item.study_id, item.pseudonym, item.category.label()],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                         )
                         .optional()?;
                     Ok(row
-                        .filter(|(_, expires_at)| *expires_at > now)
-                        .map(|(k, _)| k))
+                        .filter(|(_, expires_at, grant_id)| {
+                            *expires_at > now
+                                && release.covers(&item.study_id, grant_id, item.category)
+                        })
+                        .map(|(k, _, _)| k))
                 })
                 .collect::<Result<_>>()?
         };

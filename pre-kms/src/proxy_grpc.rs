@@ -12,6 +12,7 @@ use umbral_pre::PublicKey;
 use crate::Error;
 use crate::grant::DepositClaim;
 use crate::keys::{actor_id, public_key_bytes, public_key_from_bytes};
+use crate::logged_release::{LoggedEvent, LoggedRelease};
 use crate::proxy::{Deposit, ProxyNode, ReencryptRequest};
 use crate::request_auth::{ReplayGuard, now_ms};
 
@@ -122,8 +123,34 @@ impl pb::proxy_server::Proxy for ProxyService {
         request: Request<pb::ReencryptRequest>,
     ) -> Result<Response<pb::ReencryptResponse>, Status> {
         self.authorize(&request, REENCRYPT)?;
+        let request = request.into_inner();
+        let logged = LoggedRelease {
+            release_id: request.release_id,
+            checkpoint: request.checkpoint,
+            events: request
+                .events
+                .into_iter()
+                .map(|e| {
+                    let path = e
+                        .path
+                        .iter()
+                        .map(|h| h.as_slice().try_into())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| {
+                            Status::invalid_argument(format!(
+                                "logged event {}: proof hashes must be 32 bytes",
+                                e.index
+                            ))
+                        })?;
+                    Ok(LoggedEvent {
+                        index: e.index,
+                        leaf: e.leaf,
+                        path,
+                    })
+                })
+                .collect::<Result<_, Status>>()?,
+        };
         let items = request
-            .into_inner()
             .items
             .into_iter()
             .map(|i| {
@@ -136,11 +163,20 @@ impl pb::proxy_server::Proxy for ProxyService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let node = self.node.clone();
+        let broker_key = self.broker_key;
         let now = now_ms() / 1000;
-        let cfrags = tokio::task::spawn_blocking(move || node.reencrypt(&items, now))
-            .await
-            .map_err(|_| Status::internal("re-encryption task failed"))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let cfrags = tokio::task::spawn_blocking(move || {
+            let release = logged.verify(&broker_key).map_err(|e| {
+                tracing::warn!(error = %e, "re-encryption refused: release not provably logged");
+                Status::failed_precondition(format!(
+                    "refusing to re-encrypt: the release is not provably in the audit log ({e})"
+                ))
+            })?;
+            node.reencrypt(&release, &items, now)
+                .map_err(|e| Status::internal(e.to_string()))
+        })
+        .await
+        .map_err(|_| Status::internal("re-encryption task failed"))??;
         Ok(Response::new(pb::ReencryptResponse {
             cfrags: cfrags.into_iter().map(Option::unwrap_or_default).collect(),
         }))

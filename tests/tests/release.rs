@@ -4,6 +4,7 @@
 //! identifier or plaintext.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use broker::agent;
 use broker::client::ClientError;
@@ -16,7 +17,8 @@ use cohort_query::Cohort;
 use datasets::{PatientRecord, Population};
 use integration_tests::{Sandbox, scan_for};
 use pre_kms::proxy::ProxyNode;
-use pre_kms::proxy_grpc::ProxyService;
+use pre_kms::proxy_grpc::{ProxyService, REENCRYPT};
+use pre_kms::request_auth::signed;
 use pre_kms::{Category, Identity};
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
@@ -342,6 +344,132 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
         "fewer than t honest proxies must release nothing"
     );
     honest0.stop().await;
+    sandbox.stop().await;
+}
+
+// ------------------------------------------------------------------ unlogged releases
+
+/// How [`Forger`] alters the broker's re-encryption requests before an honest proxy
+/// sees them.
+const PASS: u8 = 0;
+const NO_CHECKPOINT: u8 = 1;
+const NO_EVENTS: u8 = 2;
+const OTHER_RELEASE: u8 = 3;
+const FOREIGN_SIGNATURE: u8 = 4;
+
+/// An honest proxy behind a man in the middle that strips or swaps the log evidence and
+/// re-signs the request with the broker's key, as a broker skipping the log would. It
+/// notes each answer's status code.
+struct Forger {
+    proxy: ProxyService,
+    mode: Arc<AtomicU8>,
+    broker: Identity,
+    codes: Arc<std::sync::Mutex<Vec<Code>>>,
+}
+
+#[tonic::async_trait]
+impl pb::proxy_server::Proxy for Forger {
+    async fn info(
+        &self,
+        r: Request<pb::ProxyInfoRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
+        self.proxy.info(r).await
+    }
+    async fn deposit(
+        &self,
+        r: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        self.proxy.deposit(r).await
+    }
+    async fn reencrypt(
+        &self,
+        r: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptResponse>, Status> {
+        let mode = self.mode.load(Ordering::SeqCst);
+        let r = if mode == PASS {
+            r
+        } else {
+            let mut body = r.into_inner();
+            match mode {
+                NO_CHECKPOINT => body.checkpoint.clear(),
+                NO_EVENTS => body.events.clear(),
+                OTHER_RELEASE => body.release_id = "rel-000000000000000000000000".into(),
+                _ => {
+                    let mut c = audit_log::SignedCheckpoint::from_note(&body.checkpoint).unwrap();
+                    c.signatures.clear();
+                    c.cosign(&Identity::generate()).unwrap();
+                    body.checkpoint = c.to_note().unwrap();
+                }
+            }
+            signed(&self.broker, REENCRYPT, body)
+        };
+        let answer = self.proxy.reencrypt(r).await;
+        let code = answer.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        self.codes.lock().unwrap().push(code);
+        answer
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
+    let mut sandbox = Sandbox::start().await;
+    let dir = sandbox.dir.path().join("ext");
+    std::fs::remove_dir_all(sandbox.data_dir()).ok();
+    std::fs::create_dir_all(sandbox.data_dir()).unwrap();
+    let broker_id =
+        load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
+    let public = broker_id.public("broker");
+    let mode = Arc::new(AtomicU8::new(PASS));
+    let codes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut urls = Vec::new();
+    for i in 0..3u32 {
+        let node =
+            Arc::new(ProxyNode::open(&dir.join(i.to_string()), Identity::generate(), i).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}", listener.local_addr().unwrap()));
+        let svc = Forger {
+            proxy: ProxyService::new(node, public.verifying_key),
+            mode: mode.clone(),
+            broker: broker_id.clone(),
+            codes: codes.clone(),
+        };
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(pb::proxy_server::ProxyServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+    }
+    sandbox.restart_with(|c| c.proxy_urls = urls).await;
+
+    let w = world(&sandbox, 6, 21).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    let who: Vec<usize> = (0..6).collect();
+    grant(&w, &study, &who, &CATS).await;
+    for (m, what) in [
+        (NO_CHECKPOINT, "no checkpoint"),
+        (NO_EVENTS, "no logged events"),
+        (OTHER_RELEASE, "events of another release"),
+        (FOREIGN_SIGNATURE, "a checkpoint not signed by the broker"),
+    ] {
+        mode.store(m, Ordering::SeqCst);
+        let got = fetch(&w, &study).await.expect("release completes");
+        assert_eq!(got.total(), 0, "re-encrypted with {what}");
+        // Refused for the missing proof, not for a bad request signature.
+        let seen = std::mem::take(&mut *codes.lock().unwrap());
+        let want = if m == NO_EVENTS {
+            Code::Ok
+        } else {
+            Code::FailedPrecondition
+        };
+        assert!(
+            !seen.is_empty() && seen.iter().all(|c| *c == want),
+            "{what}: proxies answered {seen:?}"
+        );
+    }
+    mode.store(PASS, Ordering::SeqCst);
+    let got = fetch(&w, &study).await.expect("logged release");
+    assert_eq!(got, expected(&w, &who, &CATS, &Cohort::default()));
     sandbox.stop().await;
 }
 

@@ -8,6 +8,8 @@ use pre_kms::grant::{Grant, grant_digest};
 use pre_kms::keys::public_key_from_bytes;
 use rayon::prelude::*;
 
+use audit_log::{AuditEvent, EventKind};
+
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::Caller;
@@ -29,7 +31,8 @@ impl Broker {
         grants: Vec<Grant>,
     ) -> ServiceResult<GrantOutcome> {
         let this = self.clone();
-        let checked = tokio::task::spawn_blocking(move || this.check_grants(&caller, &grants))
+        let who = caller.clone();
+        let checked = tokio::task::spawn_blocking(move || this.check_grants(&who, &grants))
             .await
             .map_err(ServiceError::internal)??;
         // One deposit call per proxy, all proxies at once.
@@ -50,9 +53,30 @@ impl Broker {
         let rows: Vec<GrantRow> = checked.into_iter().map(|(row, _)| row).collect();
         let ids = rows.iter().map(|r| r.grant_id.clone()).collect();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.db().put_grants(&rows, now_secs()))
-            .await
-            .map_err(ServiceError::internal)??;
+        tokio::task::spawn_blocking(move || {
+            let tags = {
+                let mut db = this.db();
+                db.put_grants(&rows, now_secs())?;
+                let pseudonyms: Vec<&str> = rows.iter().map(|r| r.pseudonym.as_str()).collect();
+                this.patient_tags(&db, &pseudonyms)?
+            };
+            let events: Vec<AuditEvent> = rows
+                .iter()
+                .map(|r| {
+                    let mut e = this.event(EventKind::GrantIssued, &caller);
+                    e.patient = tags.get(&r.pseudonym).copied();
+                    e.why.study_id = Some(r.study_id.clone());
+                    e.details.study_id = Some(r.study_id.clone());
+                    e.details.grant_id = Some(r.grant_id.clone());
+                    e.details.categories =
+                        r.categories.iter().map(|c| c.label().to_owned()).collect();
+                    e
+                })
+                .collect();
+            this.record(&events)
+        })
+        .await
+        .map_err(ServiceError::internal)??;
         Ok(GrantOutcome { grant_ids: ids })
     }
 

@@ -1,6 +1,7 @@
 //! The broker's domain service: every operation, authorized by role, on domain types.
 //! The gRPC adapter in [`crate::grpc`] converts messages and calls these.
 
+mod audit;
 mod grants;
 mod records;
 mod release;
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use pre_kms::request_auth::{ReplayGuard, now_ms};
 
+pub use audit::{AccessLog, EVENTS_PAGE, content_hash, kind_name};
 pub use grants::GrantOutcome;
 pub use records::{Enrollment, Upload};
 pub use release::{ReleaseStream, ReleasedItem};
@@ -28,6 +30,7 @@ pub struct Broker {
     guard: ReplayGuard,
     actors: RwLock<HashMap<String, Actor>>,
     subject_secret: [u8; 32],
+    audit: AccessLog,
 }
 
 pub fn now_secs() -> i64 {
@@ -40,6 +43,7 @@ impl Broker {
         blobs: BlobStore,
         proxies: ProxyPool,
         threshold: usize,
+        audit: AccessLog,
     ) -> ServiceResult<Arc<Broker>> {
         let actors = db
             .actors()?
@@ -47,7 +51,7 @@ impl Broker {
             .map(|a| (a.actor_id.clone(), a))
             .collect();
         let subject_secret = db.secret("subject-pseudonym-key")?;
-        Ok(Arc::new(Broker {
+        let broker = Arc::new(Broker {
             db: Mutex::new(db),
             blobs,
             proxies,
@@ -55,7 +59,10 @@ impl Broker {
             guard: ReplayGuard::default(),
             actors: RwLock::new(actors),
             subject_secret,
-        }))
+            audit,
+        });
+        broker.reindex_log()?;
+        Ok(broker)
     }
 
     fn db(&self) -> MutexGuard<'_, Db> {
@@ -70,25 +77,55 @@ impl Broker {
         &self.proxies
     }
 
-    /// Authenticates a signed request and checks the caller's role.
+    /// Authenticates a signed request and checks the caller's role. Registered actors
+    /// call in their role; an enrolled patient's own key calls as a patient. Every
+    /// refusal is written to the access log.
     pub fn authorize<T: prost::Message>(
         &self,
         request: &tonic::Request<T>,
         method: &str,
         roles: &[Role],
     ) -> ServiceResult<Caller> {
+        let result = self.authorize_unlogged(request, method, roles);
+        if let Err(e) = &result {
+            let presented = request
+                .metadata()
+                .get(pre_kms::request_auth::ACTOR)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            self.record_refusal(presented, method, &e.to_string());
+        }
+        result
+    }
+
+    fn authorize_unlogged<T: prost::Message>(
+        &self,
+        request: &tonic::Request<T>,
+        method: &str,
+        roles: &[Role],
+    ) -> ServiceResult<Caller> {
+        let mut patient = false;
         let actor_id = self.guard.verify(request, method, |id| {
-            let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-            actors
-                .get(id)
-                .and_then(|a| pre_kms::keys::public_key_from_bytes(&a.verifying_key).ok())
+            let key = {
+                let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
+                actors.get(id).map(|a| a.verifying_key.clone())
+            };
+            let key = key.or_else(|| {
+                let row = self.db().patient_by_actor(id).ok().flatten();
+                patient = row.is_some();
+                row.map(|(_, vk)| vk)
+            })?;
+            pre_kms::keys::public_key_from_bytes(&key).ok()
         })?;
-        let role = self
-            .actor(&actor_id)
-            .map(|a| a.role)
-            .ok_or(ServiceError::Unauthenticated(
-                pre_kms::request_auth::AuthError::UnknownActor,
-            ))?;
+        let role = if patient {
+            Role::Patient
+        } else {
+            self.actor(&actor_id)
+                .map(|a| a.role)
+                .ok_or(ServiceError::Unauthenticated(
+                    pre_kms::request_auth::AuthError::UnknownActor,
+                ))?
+        };
         if !roles.contains(&role) {
             let allowed = roles
                 .iter()

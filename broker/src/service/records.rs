@@ -7,7 +7,9 @@ use pre_kms::keys::{pseudonym, public_key_from_bytes, verify_signature};
 use pre_kms::{Category, envelope};
 use rayon::prelude::*;
 
-use super::{Broker, now_secs};
+use audit_log::{AuditEvent, EventKind};
+
+use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::{Caller, Role};
 use crate::storage::db::{NewEnvelope, PatientRow, Receipt};
@@ -141,6 +143,18 @@ impl Broker {
             }
         }
         db.enroll_all(&fresh, now_secs())?;
+        let pseudonyms: Vec<&str> = fresh.iter().map(|p| p.pseudonym.as_str()).collect();
+        let tags = self.patient_tags(&db, &pseudonyms)?;
+        drop(db);
+        let events: Vec<AuditEvent> = pseudonyms
+            .iter()
+            .map(|p| {
+                let mut e = self.event(EventKind::Enroll, caller);
+                e.patient = tags.get(*p).copied();
+                e
+            })
+            .collect();
+        self.record(&events)?;
         Ok(created)
     }
 
@@ -178,6 +192,7 @@ impl Broker {
         }
         Ok(PatientRow {
             pseudonym: e.pseudonym,
+            actor_id: pre_kms::keys::actor_id(&vk),
             verifying_key: e.verifying_key,
             enrolled_by: caller.actor_id.clone(),
             category_keys: keys,
@@ -263,6 +278,27 @@ impl Broker {
             })
             .collect();
         let receipts = db.store_upload(&rows, &upload.index, now_secs())?;
+        // One event per patient with new envelopes: categories, count, content hashes.
+        let mut per_patient: BTreeMap<&str, Vec<&Receipt>> = BTreeMap::new();
+        for r in receipts.iter().filter(|r| !r.unchanged) {
+            per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
+        }
+        let pseudonyms: Vec<&str> = per_patient.keys().copied().collect();
+        let tags = self.patient_tags(&db, &pseudonyms)?;
+        drop(db);
+        let events: Vec<AuditEvent> = per_patient
+            .iter()
+            .map(|(p, rs)| {
+                let mut e = self.event(EventKind::Upload, caller);
+                e.patient = tags.get(*p).copied();
+                e.details.categories = rs.iter().map(|r| r.category.label().to_owned()).collect();
+                e.details.record_count = Some(rs.len() as u64);
+                e.details.content_hashes =
+                    rs.iter().filter_map(|r| content_hash(&r.blob)).collect();
+                e
+            })
+            .collect();
+        self.record(&events)?;
         Ok((receipts, upload.index.len()))
     }
 }

@@ -14,8 +14,11 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 use umbral_pre::{Capsule, PublicKey};
 
-use super::{Broker, now_secs};
+use audit_log::EventKind;
+
+use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
+use crate::proxy_pool::ReleaseEvidence;
 use crate::role::Caller;
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
 use crate::study::Study;
@@ -72,48 +75,81 @@ impl Broker {
     }
 
     /// Fixes a release: cohort ∩ active grants, latest envelope of each granted and
-    /// requested category.
+    /// requested category. One `release` event per patient is logged, and a checkpoint
+    /// signed, before the release exists: the proxies re-encrypt nothing else.
     pub fn request_release(&self, caller: &Caller, study_id: &str) -> ServiceResult<ReleaseRow> {
         let study = self.open_study_for(caller, study_id)?;
         let now = now_secs();
-        let mut db = self.db();
-        let mut items = Vec::new();
-        let mut subjects = 0u32;
-        for (pseudonym, granted) in db.active_grants(study_id, now)? {
-            if !study.proposal.cohort.matches(&db.index(&pseudonym)?) {
-                continue;
-            }
-            let categories: Vec<Category> = granted
-                .into_iter()
-                .filter(|c| study.proposal.categories.contains(c))
-                .collect();
-            let envelopes = db.latest_envelopes(&pseudonym, &categories)?;
-            if envelopes.is_empty() {
-                continue;
-            }
-            subjects += 1;
-            for (category, version, at) in envelopes {
-                items.push(ReleaseItemRow {
-                    seq: items.len() as i64 + 1,
-                    pseudonym: pseudonym.clone(),
-                    category,
-                    version,
-                    at,
-                });
-            }
-        }
         let mut id = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut id);
+        let release_id = format!("rel-{}", hex::encode(id));
+        let mut items = Vec::new();
+        let mut events = Vec::new();
+        let mut subjects = Vec::new();
+        {
+            let db = self.db();
+            let mut selected = Vec::new();
+            for grant in db.active_grants(study_id, now)? {
+                if !study.proposal.cohort.matches(&db.index(&grant.pseudonym)?) {
+                    continue;
+                }
+                let categories: Vec<Category> = grant
+                    .categories
+                    .iter()
+                    .copied()
+                    .filter(|c| study.proposal.categories.contains(c))
+                    .collect();
+                let envelopes = db.latest_envelopes(&grant.pseudonym, &categories)?;
+                if !envelopes.is_empty() {
+                    selected.push((grant, envelopes));
+                }
+            }
+            let pseudonyms: Vec<&str> =
+                selected.iter().map(|(g, _)| g.pseudonym.as_str()).collect();
+            let tags = self.patient_tags(&db, &pseudonyms)?;
+            for (grant, envelopes) in &selected {
+                let mut e = self.event(EventKind::Release, caller);
+                e.patient = tags.get(&grant.pseudonym).copied();
+                e.why.purpose = Some(study.proposal.purpose.clone());
+                e.why.study_id = Some(study_id.to_owned());
+                e.details.study_id = Some(study_id.to_owned());
+                e.details.release_id = Some(release_id.clone());
+                e.details.grant_id = Some(grant.grant_id.clone());
+                e.details.categories = envelopes
+                    .iter()
+                    .map(|(c, ..)| c.label().to_owned())
+                    .collect();
+                e.details.record_count = Some(envelopes.len() as u64);
+                e.details.content_hashes = envelopes
+                    .iter()
+                    .filter_map(|(.., at)| content_hash(&at.name))
+                    .collect();
+                events.push(e);
+                subjects.push(grant.pseudonym.clone());
+                for (category, version, at) in envelopes {
+                    items.push(ReleaseItemRow {
+                        seq: items.len() as i64 + 1,
+                        pseudonym: grant.pseudonym.clone(),
+                        category: *category,
+                        version: *version,
+                        at: at.clone(),
+                    });
+                }
+            }
+        }
+        let leaves = self.record(&events)?;
+        self.checkpoint()?;
         let release = ReleaseRow {
-            release_id: format!("rel-{}", hex::encode(id)),
+            release_id,
             study_id: study_id.to_owned(),
             researcher_id: caller.actor_id.clone(),
-            subjects,
+            subjects: subjects.len() as u32,
             envelopes: items.len() as u32,
             created_at: now,
         };
-        db.insert_release(&release, &items)?;
-        tracing::info!(release = %release.release_id, study = study_id, subjects, envelopes = items.len(), "release fixed");
+        let logged: Vec<(String, u64)> = subjects.into_iter().zip(leaves).collect();
+        self.db().insert_release(&release, &items, &logged)?;
+        tracing::info!(release = %release.release_id, study = study_id, subjects = release.subjects, envelopes = items.len(), "release fixed");
         Ok(release)
     }
 
@@ -134,6 +170,12 @@ impl Broker {
             ));
         }
         let study = Arc::new(self.open_study_for(caller, &release.study_id)?);
+        let mut fetch = self.event(EventKind::Fetch, caller);
+        fetch.why.study_id = Some(release.study_id.clone());
+        fetch.details.study_id = Some(release.study_id.clone());
+        fetch.details.release_id = Some(release.release_id.clone());
+        fetch.details.record_count = Some(u64::from(release.envelopes));
+        self.record(&[fetch])?;
         let (tx, rx) = mpsc::channel(2 * BATCH);
         let this = self.clone();
         let release_id = release.release_id.clone();
@@ -196,10 +238,14 @@ impl Broker {
     ) -> ServiceResult<Vec<ReleasedItem>> {
         let this = self.clone();
         let receiving_key = study.proposal.receiving_key.clone();
-        let (loaded, keys, receiving) =
-            tokio::task::spawn_blocking(move || this.load_page(page, &receiving_key))
-                .await
-                .map_err(ServiceError::internal)??;
+        let id = release_id.to_owned();
+        let (loaded, keys, receiving, evidence) = tokio::task::spawn_blocking(move || {
+            let evidence = this.release_evidence(&id, &page)?;
+            let (loaded, keys, receiving) = this.load_page(page, &receiving_key)?;
+            Ok::<_, ServiceError>((loaded, keys, receiving, evidence))
+        })
+        .await
+        .map_err(ServiceError::internal)??;
         let t = self.threshold;
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
@@ -227,9 +273,9 @@ impl Broker {
             let calls: Vec<_> = proxies
                 .iter()
                 .map(|&p| {
-                    let (pool, items, release_id) =
-                        (self.proxies.clone(), items.clone(), release_id.to_owned());
-                    tokio::spawn(async move { (p, pool.reencrypt(p, &release_id, items).await) })
+                    let (pool, items, evidence) =
+                        (self.proxies.clone(), items.clone(), evidence.clone());
+                    tokio::spawn(async move { (p, pool.reencrypt(p, evidence, items).await) })
                 })
                 .collect();
             let mut batch: Vec<(usize, Vec<u8>)> = Vec::new();
@@ -320,6 +366,38 @@ impl Broker {
             );
         }
         Ok(out)
+    }
+
+    /// The proof, for the proxies, that a page's patients are in the logged release: the
+    /// latest signed checkpoint and each patient's release event with its inclusion proof.
+    fn release_evidence(
+        &self,
+        release_id: &str,
+        page: &[ReleaseItemRow],
+    ) -> ServiceResult<ReleaseEvidence> {
+        let mut pseudonyms: Vec<&str> = page.iter().map(|r| r.pseudonym.as_str()).collect();
+        pseudonyms.sort_unstable();
+        pseudonyms.dedup();
+        let mut leaves: Vec<u64> = self
+            .db()
+            .release_event_leaves(release_id, &pseudonyms)?
+            .into_values()
+            .collect();
+        leaves.sort_unstable();
+        let checkpoint = self.checkpoint()?;
+        let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
+        Ok(ReleaseEvidence {
+            release_id: release_id.to_owned(),
+            checkpoint: checkpoint.to_note().map_err(ServiceError::internal)?,
+            events: events
+                .into_iter()
+                .map(|e| pb::LoggedEvent {
+                    index: e.index,
+                    leaf: e.leaf,
+                    path: e.path.iter().map(|h| h.to_vec()).collect(),
+                })
+                .collect(),
+        })
     }
 
     /// Loads a batch's envelopes and patient keys and parses them (umbral re-verifies a

@@ -1,5 +1,6 @@
 //! Studies: the sponsor proposes, the board decides with its signature.
 
+use audit_log::{AuditEvent, EventKind};
 use pre_kms::keys::{public_key_from_bytes, verify_signature};
 
 use super::{Broker, now_secs};
@@ -48,6 +49,7 @@ impl Broker {
             decided_at: 0,
         };
         self.db().insert_study(&study)?;
+        self.record(&[self.study_event(EventKind::StudyProposed, caller, &study)])?;
         Ok(study)
     }
 
@@ -100,6 +102,26 @@ impl Broker {
         study.reason = reason;
         study.decided_at = now_secs();
         self.db().decide_study(&study)?;
+        let kind = if approve {
+            EventKind::StudyApproved
+        } else {
+            EventKind::StudyRejected
+        };
+        self.record(&[self.study_event(kind, caller, &study)])?;
         Ok(study)
+    }
+
+    fn study_event(&self, kind: EventKind, caller: &Caller, study: &Study) -> AuditEvent {
+        let mut e = self.event(kind, caller);
+        e.why.purpose = Some(study.proposal.purpose.clone());
+        e.why.study_id = Some(study.study_id.clone());
+        e.details.study_id = Some(study.study_id.clone());
+        e.details.categories = study
+            .proposal
+            .categories
+            .iter()
+            .map(|c| c.label().to_owned())
+            .collect();
+        e
     }
 }

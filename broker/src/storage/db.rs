@@ -5,7 +5,7 @@
 //! names), the searchable index (apart from envelopes), studies, grants and releases.
 //! No secret key, record plaintext, name or address is ever written here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use cohort_query::{CodedEvent, PatientIndex, Person};
@@ -72,12 +72,51 @@ CREATE TABLE IF NOT EXISTS release_items (
     pseudonym TEXT NOT NULL, category TEXT NOT NULL, version INTEGER NOT NULL, blob TEXT NOT NULL,
     pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY (release_id, seq));
+CREATE TABLE IF NOT EXISTS patient_actors (
+    actor_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL REFERENCES patients(pseudonym));
+CREATE TABLE IF NOT EXISTS audit_salts (
+    pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), salt BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS release_events (
+    release_id TEXT NOT NULL, pseudonym TEXT NOT NULL, leaf INTEGER NOT NULL,
+    PRIMARY KEY (release_id, pseudonym));
+CREATE TABLE IF NOT EXISTS audit_index (
+    leaf INTEGER PRIMARY KEY, kind TEXT NOT NULL, time INTEGER NOT NULL, actor TEXT NOT NULL,
+    study TEXT, tag BLOB);
+CREATE INDEX IF NOT EXISTS audit_index_tag ON audit_index (tag) WHERE tag IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_alert_reads (tag BLOB PRIMARY KEY, through INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoint_cosignatures (
+    size INTEGER NOT NULL, time INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
+    PRIMARY KEY (size, time, key_id));
 ";
+
+/// One log leaf as the side index of the access log keeps it, for filtering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditIndexRow {
+    pub leaf: u64,
+    pub kind: String,
+    pub time: i64,
+    pub actor: String,
+    pub study: Option<String>,
+    pub tag: Option<[u8; 32]>,
+}
+
+/// Which leaves of the access log a board asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub study: Option<String>,
+    pub actor: Option<String>,
+    pub kinds: Vec<String>,
+    pub from_leaf: u64,
+}
 
 /// A patient as enrolled.
 #[derive(Debug, Clone)]
 pub struct PatientRow {
     pub pseudonym: String,
+    /// The actor id of the patient's own key, under which the patient may call in person.
+    pub actor_id: String,
     pub verifying_key: Vec<u8>,
     pub enrolled_by: String,
     pub category_keys: BTreeMap<Category, Vec<u8>>,
@@ -116,6 +155,14 @@ pub struct GrantRow {
     pub threshold: u32,
     pub expires_at: i64,
     pub signature: Vec<u8>,
+    pub categories: Vec<Category>,
+}
+
+/// A patient's live grant to a study.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveGrant {
+    pub pseudonym: String,
+    pub grant_id: String,
     pub categories: Vec<Category>,
 }
 
@@ -238,8 +285,17 @@ impl Db {
             let mut key = tx.prepare_cached(
                 "INSERT OR IGNORE INTO patient_keys (pseudonym, category, public_key) VALUES (?1, ?2, ?3)",
             )?;
+            let mut actor = tx.prepare_cached(
+                "INSERT OR IGNORE INTO patient_actors (actor_id, pseudonym) VALUES (?1, ?2)",
+            )?;
+            let mut salt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO audit_salts (pseudonym, salt) VALUES (?1, ?2)",
+            )?;
             for p in patients {
                 patient.execute(params![p.pseudonym, p.verifying_key, p.enrolled_by, now])?;
+                actor.execute(params![p.actor_id, p.pseudonym])?;
+                let fresh: [u8; 32] = rand::random();
+                salt.execute(params![p.pseudonym, fresh.as_slice()])?;
                 for (c, k) in &p.category_keys {
                     key.execute(params![p.pseudonym, c.label(), k])?;
                 }
@@ -249,15 +305,16 @@ impl Db {
     }
 
     pub fn patient(&self, pseudonym: &str) -> DbResult<Option<PatientRow>> {
-        let row: Option<(Vec<u8>, String)> = self
+        let row: Option<(Vec<u8>, String, Option<String>)> = self
             .conn
             .query_row(
-                "SELECT verifying_key, enrolled_by FROM patients WHERE pseudonym = ?1",
+                "SELECT p.verifying_key, p.enrolled_by, a.actor_id FROM patients p
+                 LEFT JOIN patient_actors a ON a.pseudonym = p.pseudonym WHERE p.pseudonym = ?1",
                 [pseudonym],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((verifying_key, enrolled_by)) = row else {
+        let Some((verifying_key, enrolled_by, actor_id)) = row else {
             return Ok(None);
         };
         let mut stmt = self
@@ -268,6 +325,7 @@ impl Db {
             .collect::<DbResult<BTreeMap<_, _>>>()?;
         Ok(Some(PatientRow {
             pseudonym: pseudonym.to_owned(),
+            actor_id: actor_id.unwrap_or_default(),
             verifying_key,
             enrolled_by,
             category_keys,
@@ -454,23 +512,23 @@ impl Db {
     }
 
     /// Patients with an unexpired grant to the study, with the granted categories.
-    pub fn active_grants(
-        &self,
-        study_id: &str,
-        now: i64,
-    ) -> DbResult<Vec<(String, Vec<Category>)>> {
+    pub fn active_grants(&self, study_id: &str, now: i64) -> DbResult<Vec<ActiveGrant>> {
         let mut stmt = self.conn.prepare(
-            "SELECT g.pseudonym, c.category FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
+            "SELECT g.pseudonym, g.grant_id, c.category FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
              WHERE g.study_id = ?1 AND g.expires_at > ?2 ORDER BY g.pseudonym, c.category",
         )?;
-        let mut out: Vec<(String, Vec<Category>)> = Vec::new();
+        let mut out: Vec<ActiveGrant> = Vec::new();
         let mut rows = stmt.query(params![study_id, now])?;
         while let Some(r) = rows.next()? {
             let p: String = r.get(0)?;
-            let c = category_col(r.get(1)?)?;
+            let c = category_col(r.get(2)?)?;
             match out.last_mut() {
-                Some((last, cats)) if *last == p => cats.push(c),
-                _ => out.push((p, vec![c])),
+                Some(last) if last.pseudonym == p => last.categories.push(c),
+                _ => out.push(ActiveGrant {
+                    pseudonym: p,
+                    grant_id: r.get(1)?,
+                    categories: vec![c],
+                }),
             }
         }
         Ok(out)
@@ -478,8 +536,22 @@ impl Db {
 
     // ------------------------------------------------------------ releases
 
-    pub fn insert_release(&mut self, r: &ReleaseRow, items: &[ReleaseItemRow]) -> DbResult<()> {
+    /// Stores a release, its items and the log leaf of each patient's release event.
+    pub fn insert_release(
+        &mut self,
+        r: &ReleaseRow,
+        items: &[ReleaseItemRow],
+        events: &[(String, u64)],
+    ) -> DbResult<()> {
         let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO release_events (release_id, pseudonym, leaf) VALUES (?1, ?2, ?3)",
+            )?;
+            for (pseudonym, leaf) in events {
+                stmt.execute(params![r.release_id, pseudonym, *leaf as i64])?;
+            }
+        }
         tx.execute(
             "INSERT INTO releases (release_id, study_id, researcher_id, subjects, envelopes, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -552,6 +624,206 @@ impl Db {
             })
         })?
         .collect()
+    }
+}
+
+impl Db {
+    // ------------------------------------------------------------ access log
+
+    /// The log leaf of each patient's event in a release.
+    pub fn release_event_leaves(
+        &self,
+        release_id: &str,
+        pseudonyms: &[&str],
+    ) -> DbResult<HashMap<String, u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT leaf FROM release_events WHERE release_id = ?1 AND pseudonym = ?2",
+        )?;
+        let mut out = HashMap::new();
+        for p in pseudonyms {
+            if let Some(leaf) = stmt
+                .query_row(params![release_id, p], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                out.insert((*p).to_owned(), leaf as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The audit salt of each patient, made for patients enrolled before salts existed.
+    pub fn audit_salts(&self, pseudonyms: &[&str]) -> DbResult<HashMap<String, [u8; 32]>> {
+        let mut get = self
+            .conn
+            .prepare_cached("SELECT salt FROM audit_salts WHERE pseudonym = ?1")?;
+        let mut put = self
+            .conn
+            .prepare_cached("INSERT INTO audit_salts (pseudonym, salt) VALUES (?1, ?2)")?;
+        let mut out = HashMap::new();
+        for p in pseudonyms {
+            if out.contains_key(*p) {
+                continue;
+            }
+            let salt: Option<Vec<u8>> = get.query_row([p], |r| r.get(0)).optional()?;
+            let salt = match salt.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
+                Some(s) => s,
+                None => {
+                    let fresh: [u8; 32] = rand::random();
+                    put.execute(params![p, fresh.as_slice()])?;
+                    fresh
+                }
+            };
+            out.insert((*p).to_owned(), salt);
+        }
+        Ok(out)
+    }
+
+    /// The patient (pseudonym) whose own key has `actor_id`, if enrolled.
+    pub fn patient_by_actor(&self, actor_id: &str) -> DbResult<Option<(String, Vec<u8>)>> {
+        self.conn
+            .query_row(
+                "SELECT p.pseudonym, p.verifying_key FROM patient_actors a JOIN patients p ON p.pseudonym = a.pseudonym
+                 WHERE a.actor_id = ?1",
+                [actor_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+    }
+
+    /// Adds log leaves to the side index (idempotent).
+    pub fn index_audit(&mut self, rows: &[AuditIndexRow]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO audit_index (leaf, kind, time, actor, study, tag) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in rows {
+                stmt.execute(params![
+                    r.leaf as i64,
+                    r.kind,
+                    r.time,
+                    r.actor,
+                    r.study,
+                    r.tag.as_ref().map(|t| t.as_slice())
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// The number of leaves the side index covers (its highest leaf + 1).
+    pub fn audit_indexed(&self) -> DbResult<u64> {
+        let max: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(leaf) FROM audit_index", [], |r| r.get(0))?;
+        Ok(max.map_or(0, |m| m as u64 + 1))
+    }
+
+    /// Leaves matching `filter`, oldest first, at most `limit`.
+    pub fn audit_leaves(&self, filter: &AuditFilter, limit: usize) -> DbResult<Vec<u64>> {
+        let mut sql = String::from("SELECT leaf FROM audit_index WHERE leaf >= ?1");
+        let mut args: Vec<rusqlite::types::Value> = vec![(filter.from_leaf as i64).into()];
+        let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(t) = filter.since {
+            arg(&mut sql, " AND time >= ?", t.into());
+        }
+        if let Some(t) = filter.until {
+            arg(&mut sql, " AND time <= ?", t.into());
+        }
+        if let Some(s) = &filter.study {
+            arg(&mut sql, " AND study = ?", s.clone().into());
+        }
+        if let Some(a) = &filter.actor {
+            arg(&mut sql, " AND actor = ?", a.clone().into());
+        }
+        if !filter.kinds.is_empty() {
+            sql.push_str(" AND kind IN (");
+            for (i, k) in filter.kinds.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                arg(&mut sql, "?", k.clone().into());
+            }
+            sql.push(')');
+        }
+        sql.push_str(&format!(" ORDER BY leaf LIMIT {limit}"));
+        let mut stmt = self.conn.prepare(&sql)?;
+        stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, i64>(0))?
+            .map(|r| r.map(|l| l as u64))
+            .collect()
+    }
+
+    /// Leaves about the patient with `tag`, of `kinds` (all if empty), after `after`.
+    pub fn audit_leaves_about(
+        &self,
+        tag: &[u8; 32],
+        kinds: &[&str],
+        after: Option<u64>,
+    ) -> DbResult<Vec<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT leaf, kind FROM audit_index WHERE tag = ?1 ORDER BY leaf")?;
+        let rows = stmt.query_map([tag.as_slice()], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (leaf, kind) = row?;
+            if after.is_none_or(|a| leaf > a)
+                && (kinds.is_empty() || kinds.contains(&kind.as_str()))
+            {
+                out.push(leaf);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last alert leaf a patient has read.
+    pub fn alerts_read_through(&self, tag: &[u8; 32]) -> DbResult<Option<u64>> {
+        self.conn
+            .query_row(
+                "SELECT through FROM audit_alert_reads WHERE tag = ?1",
+                [tag.as_slice()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|t| t.map(|t| t as u64))
+    }
+
+    pub fn mark_alerts_read(&self, tag: &[u8; 32], through: u64) -> DbResult<()> {
+        self.conn.execute(
+            "INSERT INTO audit_alert_reads (tag, through) VALUES (?1, ?2)
+             ON CONFLICT (tag) DO UPDATE SET through = MAX(through, excluded.through)",
+            params![tag.as_slice(), through as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a witness signature on a checkpoint.
+    pub fn add_cosignature(
+        &self,
+        size: u64,
+        time: i64,
+        key_id: &str,
+        signature: &[u8],
+    ) -> DbResult<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkpoint_cosignatures (size, time, key_id, signature) VALUES (?1, ?2, ?3, ?4)",
+            params![size as i64, time, key_id, signature],
+        )?;
+        Ok(())
+    }
+
+    /// Witness signatures on the checkpoint of `size` at `time`.
+    pub fn cosignatures(&self, size: u64, time: i64) -> DbResult<Vec<(String, Vec<u8>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key_id, signature FROM checkpoint_cosignatures WHERE size = ?1 AND time = ?2 ORDER BY key_id",
+        )?;
+        stmt.query_map(params![size as i64, time], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
     }
 }
 

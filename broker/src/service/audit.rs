@@ -1,0 +1,393 @@
+//! The access log as the broker writes and serves it.
+//!
+//! Every consequential operation appends its events (one per patient concerned) to the
+//! durable Merkle log of [`audit_log`] before the operation is acknowledged; releases
+//! also get a broker-signed checkpoint at once, because the proxies re-encrypt only for
+//! release events they can prove are in it. A side index in SQLite (leaf → kind, time,
+//! actor, study, patient tag) serves the board's filters and each patient's own events;
+//! it is rebuilt from the log for any leaves it misses after a crash.
+//!
+//! Patients appear in the log only as keyed tags ([`PatientTagKey`]) made from a log
+//! secret and a per-patient salt, so that erasing the salt unlinks a patient's events
+//! while every proof still verifies.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use audit_log::event::{Actor as LogActor, ActorRole, Digest32, Outcome, PatientSalt};
+use audit_log::{
+    AuditEvent, AuditLog, CheckpointSignature, EventKind, PatientTag, PatientTagKey,
+    SignedCheckpoint,
+};
+use pre_kms::Identity;
+use pre_kms::logged_release::{CheckpointKeys, LoggedEvent};
+
+use super::{Broker, now_secs};
+use crate::error::{ServiceError, ServiceResult};
+use crate::role::{Caller, Role};
+use crate::storage::db::{AuditFilter, AuditIndexRow, Db};
+
+/// Leaves per page of a board's event stream.
+pub const EVENTS_PAGE: usize = 1000;
+
+/// Event kinds a patient is alerted to.
+const ALERT_KINDS: &[&str] = &["release", "break_glass"];
+
+/// The broker's access log: the Merkle log, the key that signs its checkpoints and the
+/// secret behind patient tags.
+pub struct AccessLog {
+    log: Mutex<AuditLog>,
+    signer: Identity,
+    tags: PatientTagKey,
+}
+
+impl AccessLog {
+    /// Opens (or creates) the log in `dir`, signed by the broker's `signer`.
+    pub fn open(dir: &Path, signer: Identity, tag_secret: [u8; 32]) -> Result<Self, String> {
+        let log_id = format!("pre-broker/{}", signer.actor_id());
+        let log = AuditLog::open_or_create(dir, &log_id).map_err(|e| {
+            format!(
+                "the access log in {} cannot be opened: {e}. It was changed or damaged; \
+                 nothing was modified. Inspect it with `broker log-verify`",
+                dir.display()
+            )
+        })?;
+        if log.log_id() != log_id {
+            return Err(format!(
+                "the access log in {} belongs to another broker key ({})",
+                dir.display(),
+                log.log_id()
+            ));
+        }
+        Ok(AccessLog {
+            log: Mutex::new(log),
+            signer,
+            tags: PatientTagKey::new(tag_secret),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AuditLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn broker_key(&self) -> umbral_pre::PublicKey {
+        self.signer.verifying_key()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.lock().size()
+    }
+}
+
+impl From<Role> for ActorRole {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Patient => ActorRole::Patient,
+            Role::Custodian => ActorRole::Custodian,
+            Role::Sponsor => ActorRole::Sponsor,
+            Role::Researcher => ActorRole::Researcher,
+            Role::Board => ActorRole::Board,
+            Role::Clinician => ActorRole::Clinician,
+            Role::Operator => ActorRole::Operator,
+        }
+    }
+}
+
+fn index_row(leaf: u64, e: &AuditEvent) -> AuditIndexRow {
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    AuditIndexRow {
+        leaf,
+        kind,
+        time: e.time,
+        actor: e.actor.id.clone(),
+        study: e.details.study_id.clone().or(e.why.study_id.clone()),
+        tag: e.patient.map(|t| t.0),
+    }
+}
+
+/// A content hash from a blob name (BLAKE3, lowercase hex).
+pub fn content_hash(blob_name: &str) -> Option<Digest32> {
+    let bytes = hex::decode(blob_name).ok()?;
+    Some(Digest32(bytes.try_into().ok()?))
+}
+
+/// An event's kind as the filters name it (`release`, `grant_issued`, ...).
+pub fn kind_name(kind: EventKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl Broker {
+    /// An event by `caller`, now.
+    pub(crate) fn event(&self, kind: EventKind, caller: &Caller) -> AuditEvent {
+        let organisation = self
+            .actor(&caller.actor_id)
+            .map(|a| a.organisation)
+            .filter(|o| !o.is_empty());
+        AuditEvent::new(
+            kind,
+            now_secs(),
+            LogActor {
+                id: caller.actor_id.clone(),
+                role: caller.role.into(),
+                organisation,
+            },
+        )
+    }
+
+    /// The log tags of patients, by pseudonym. Takes the metadata lock: call it before
+    /// [`Broker::record`], never while holding that lock.
+    pub(crate) fn patient_tags(
+        &self,
+        db: &Db,
+        pseudonyms: &[&str],
+    ) -> ServiceResult<std::collections::HashMap<String, PatientTag>> {
+        let salts = db.audit_salts(pseudonyms)?;
+        Ok(salts
+            .into_iter()
+            .map(|(p, salt)| {
+                let tag = self.audit.tags.tag(&PatientSalt(salt), &p);
+                (p, tag)
+            })
+            .collect())
+    }
+
+    /// Appends events durably and indexes them; returns their leaf indices. Must not be
+    /// called while holding the metadata lock.
+    pub(crate) fn record(&self, events: &[AuditEvent]) -> ServiceResult<Vec<u64>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let leaves = self
+            .audit
+            .lock()
+            .append_events(events)
+            .map_err(|e| ServiceError::internal(format!("access log: {e}")))?;
+        let rows: Vec<AuditIndexRow> = leaves
+            .iter()
+            .zip(events)
+            .map(|(&leaf, e)| index_row(leaf, e))
+            .collect();
+        self.db().index_audit(&rows)?;
+        Ok(leaves)
+    }
+
+    /// Records a refused call. Failures to log are logged and otherwise ignored: the
+    /// refusal stands either way.
+    pub(crate) fn record_refusal(&self, actor: &str, method: &str, reason: &str) {
+        let id: String = actor
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(64)
+            .collect();
+        let known = self.actor(&id);
+        let mut e = AuditEvent::new(
+            EventKind::AuthorizationFailed,
+            now_secs(),
+            LogActor {
+                id: if id.is_empty() { "-".into() } else { id },
+                role: known.map_or(ActorRole::Unauthenticated, |a| a.role.into()),
+                organisation: None,
+            },
+        );
+        e.why.purpose = Some(format!("call {method}"));
+        e.outcome = Outcome::Refused {
+            reason: reason.chars().take(200).collect(),
+        };
+        if let Err(err) = self.record(&[e]) {
+            tracing::error!(error = %err, "could not log a refused call");
+        }
+    }
+
+    /// Brings the side index up to the log after a crash between append and index.
+    pub(crate) fn reindex_log(&self) -> ServiceResult<()> {
+        let indexed = self.db().audit_indexed()?;
+        let log = self.audit.lock();
+        let mut rows = Vec::new();
+        for leaf in indexed..log.size() {
+            let e = log
+                .event(leaf)
+                .map_err(|e| ServiceError::internal(format!("access log: {e}")))?;
+            rows.push(index_row(leaf, &e));
+        }
+        drop(log);
+        if !rows.is_empty() {
+            tracing::warn!(leaves = rows.len(), "re-indexed access log leaves");
+            self.db().index_audit(&rows)?;
+        }
+        Ok(())
+    }
+
+    /// The latest checkpoint, signed now if the log grew since the last one; with the
+    /// witness signatures it has collected.
+    pub fn checkpoint(&self) -> ServiceResult<SignedCheckpoint> {
+        let mut signed = {
+            let mut log = self.audit.lock();
+            match log.latest_checkpoint() {
+                Some(c) if c.checkpoint.size == log.size() => c.clone(),
+                latest => {
+                    let time = now_secs().max(latest.map_or(0, |c| c.checkpoint.time));
+                    log.checkpoint(&self.audit.signer, time)
+                        .map_err(|e| ServiceError::internal(format!("access log: {e}")))?
+                }
+            }
+        };
+        let c = &signed.checkpoint;
+        for (key_id, signature) in self.db().cosignatures(c.size, c.time)? {
+            signed
+                .signatures
+                .push(CheckpointSignature { key_id, signature });
+        }
+        Ok(signed)
+    }
+
+    pub fn broker_key(&self) -> umbral_pre::PublicKey {
+        self.audit.broker_key()
+    }
+
+    /// Leaves with inclusion proofs against a checkpoint of size `size`.
+    pub(crate) fn logged_events(
+        &self,
+        leaves: &[u64],
+        size: u64,
+    ) -> ServiceResult<Vec<LoggedEvent>> {
+        let log = self.audit.lock();
+        leaves
+            .iter()
+            .map(|&index| {
+                let leaf = log.leaf(index)?;
+                let path = if size > 0 {
+                    log.inclusion_proof(index, size)?.path
+                } else {
+                    Vec::new()
+                };
+                Ok(LoggedEvent { index, leaf, path })
+            })
+            .collect::<Result<_, audit_log::Error>>()
+            .map_err(|e| ServiceError::internal(format!("access log: {e}")))
+    }
+
+    /// Every checkpoint issued after `after_size`, oldest first, with witness signatures.
+    pub fn checkpoints_after(&self, after_size: u64) -> ServiceResult<Vec<SignedCheckpoint>> {
+        self.checkpoint()?;
+        let all = self
+            .audit
+            .lock()
+            .checkpoints()
+            .map_err(|e| ServiceError::internal(format!("access log: {e}")))?;
+        let db = self.db();
+        all.into_iter()
+            .filter(|c| c.checkpoint.size > after_size)
+            .map(|mut c| {
+                let (size, time) = (c.checkpoint.size, c.checkpoint.time);
+                for (key_id, signature) in db.cosignatures(size, time)? {
+                    c.signatures.push(CheckpointSignature { key_id, signature });
+                }
+                Ok(c)
+            })
+            .collect()
+    }
+
+    pub fn consistency(&self, old_size: u64, new_size: u64) -> ServiceResult<Vec<[u8; 32]>> {
+        let log = self.audit.lock();
+        if old_size > new_size || new_size > log.size() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "no consistency proof from size {old_size} to {new_size}: the log has {} leaves",
+                log.size()
+            )));
+        }
+        log.consistency_proof(old_size, new_size)
+            .map(|p| p.path)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+    }
+
+    /// A page of leaves matching `filter` (no proofs: the board checks the whole log
+    /// against its checkpoints instead).
+    pub fn events_page(&self, filter: &AuditFilter) -> ServiceResult<Vec<LoggedEvent>> {
+        let leaves = self.db().audit_leaves(filter, EVENTS_PAGE)?;
+        self.logged_events(&leaves, 0)
+    }
+
+    /// A board's witness signature on a checkpoint the log issued.
+    pub fn cosign(&self, caller: &Caller, note: &str) -> ServiceResult<usize> {
+        let signed = SignedCheckpoint::from_note(note)
+            .map_err(|e| ServiceError::InvalidArgument(format!("checkpoint: {e}")))?;
+        let c = &signed.checkpoint;
+        let issued = self
+            .audit
+            .lock()
+            .checkpoints()
+            .map_err(|e| ServiceError::internal(format!("access log: {e}")))?
+            .into_iter()
+            .any(|k| k.checkpoint == *c);
+        if !issued {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "the log never issued a checkpoint of size {} at time {}",
+                c.size, c.time
+            )));
+        }
+        let board = self
+            .actor(&caller.actor_id)
+            .and_then(|a| pre_kms::keys::public_key_from_bytes(&a.verifying_key).ok())
+            .ok_or_else(|| ServiceError::internal("registered board lacks a key"))?;
+        let sig = signed
+            .signatures
+            .iter()
+            .find(|s| s.key_id == caller.actor_id)
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(
+                    "the checkpoint carries no signature by the caller's key".into(),
+                )
+            })?;
+        signed
+            .verify(&CheckpointKeys::new([board]), &[caller.actor_id.as_str()])
+            .map_err(|e| ServiceError::InvalidArgument(format!("witness signature: {e}")))?;
+        self.db()
+            .add_cosignature(c.size, c.time, &sig.key_id, &sig.signature)?;
+        Ok(self.db().cosignatures(c.size, c.time)?.len() + 1)
+    }
+
+    /// The tag of the calling patient.
+    fn caller_tag(&self, caller: &Caller) -> ServiceResult<PatientTag> {
+        let db = self.db();
+        let (pseudonym, _) = db.patient_by_actor(&caller.actor_id)?.ok_or_else(|| {
+            ServiceError::FailedPrecondition("the caller's key is not an enrolled patient".into())
+        })?;
+        let tags = self.patient_tags(&db, &[pseudonym.as_str()])?;
+        tags.into_values()
+            .next()
+            .ok_or_else(|| ServiceError::internal("patient tag missing"))
+    }
+
+    /// Every event about the calling patient, with inclusion proofs against a fresh
+    /// checkpoint.
+    pub fn accesses(&self, caller: &Caller) -> ServiceResult<(SignedCheckpoint, Vec<LoggedEvent>)> {
+        let tag = self.caller_tag(caller)?;
+        let leaves = self.db().audit_leaves_about(&tag.0, &[], None)?;
+        let checkpoint = self.checkpoint()?;
+        let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
+        Ok((checkpoint, events))
+    }
+
+    /// The calling patient's unread alerts; optionally marks those up to a leaf read.
+    pub fn alerts(
+        &self,
+        caller: &Caller,
+        acknowledge_through: Option<u64>,
+    ) -> ServiceResult<(SignedCheckpoint, Vec<LoggedEvent>)> {
+        let tag = self.caller_tag(caller)?;
+        if let Some(through) = acknowledge_through {
+            self.db().mark_alerts_read(&tag.0, through)?;
+        }
+        let read = self.db().alerts_read_through(&tag.0)?;
+        let leaves = self.db().audit_leaves_about(&tag.0, ALERT_KINDS, read)?;
+        let checkpoint = self.checkpoint()?;
+        let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
+        Ok((checkpoint, events))
+    }
+}
