@@ -197,5 +197,8 @@ pub use checkpoint::{
 pub use error::Error;
 pub use event::{AuditEvent, EventKind, PatientTag, PatientTagKey};
 pub use proof::{ConsistencyProof, InclusionProof, ProofError};
-pub use store::{AuditLog, Corruption, CorruptionKind, TornTail, VerifyError, verify_dir};
+pub use store::{
+    AuditLog, Corruption, CorruptionKind, TornTail, VerifyError, VerifyReport, read_checkpoint_file,
+    verify_dir,
+};
 pub use tree::{Blake3, Hash, MerkleHasher, MerkleTree};

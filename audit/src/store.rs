@@ -1097,6 +1097,13 @@ fn all_zero_from(file: &File, path: &Path, from: u64, file_len: u64) -> Result<b
     Ok(true)
 }
 
+/// The checkpoints recorded in a log directory's `checkpoints.log`, oldest first, without
+/// opening the log (an incomplete last line, a torn write, is left out). For offline
+/// checks with [`verify_dir`]; check their signatures first.
+pub fn read_checkpoint_file(dir: impl AsRef<Path>) -> Result<Vec<SignedCheckpoint>, Error> {
+    Ok(read_checkpoints(dir.as_ref())?.0)
+}
+
 /// Reads `checkpoints.log` (one JSON [`SignedCheckpoint`] per line). Returns the
 /// checkpoints and, if the last line is incomplete (a torn write), its offset.
 fn read_checkpoints(dir: &Path) -> Result<(Vec<SignedCheckpoint>, Option<u64>), Error> {

@@ -58,6 +58,7 @@ pub struct BrokerClient {
     studies: pb::studies_client::StudiesClient<Channel>,
     grants: pb::grants_client::GrantsClient<Channel>,
     releases: pb::releases_client::ReleasesClient<Channel>,
+    audit: pb::audit_client::AuditClient<Channel>,
 }
 
 impl BrokerClient {
@@ -86,7 +87,10 @@ impl BrokerClient {
             grants: pb::grants_client::GrantsClient::new(channel.clone())
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
-            releases: pb::releases_client::ReleasesClient::new(channel)
+            releases: pb::releases_client::ReleasesClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            audit: pb::audit_client::AuditClient::new(channel)
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
         }
@@ -300,5 +304,57 @@ impl BrokerClient {
             .fetch(self.sign(m::FETCH_RELEASE, req))
             .await?
             .into_inner())
+    }
+
+    // ------------------------------------------------------------ access log
+
+    pub async fn log_checkpoint(&self) -> ClientResult<pb::CheckpointResponse> {
+        let req = self.sign(m::AUDIT_CHECKPOINT, pb::CheckpointRequest {});
+        Ok(self.audit.clone().checkpoint(req).await?.into_inner())
+    }
+
+    pub async fn log_checkpoints(&self, after_size: u64) -> ClientResult<Vec<String>> {
+        let req = self.sign(m::AUDIT_CHECKPOINTS, pb::CheckpointsRequest { after_size });
+        Ok(self.audit.clone().checkpoints(req).await?.into_inner().checkpoints)
+    }
+
+    pub async fn log_consistency(&self, old_size: u64, new_size: u64) -> ClientResult<Vec<Vec<u8>>> {
+        let req = self.sign(
+            m::AUDIT_CONSISTENCY,
+            pb::ConsistencyRequest { old_size, new_size },
+        );
+        Ok(self.audit.clone().consistency(req).await?.into_inner().path)
+    }
+
+    /// Every logged event matching `filter`, oldest first.
+    pub async fn log_events(&self, filter: pb::EventsRequest) -> ClientResult<Vec<pb::LoggedEvent>> {
+        let req = self.sign(m::AUDIT_EVENTS, filter);
+        let mut stream = self.audit.clone().events(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = stream.message().await? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    pub async fn log_cosign(&self, checkpoint: String) -> ClientResult<u32> {
+        let req = self.sign(m::AUDIT_COSIGN, pb::CosignRequest { checkpoint });
+        Ok(self.audit.clone().cosign(req).await?.into_inner().signatures)
+    }
+
+    pub async fn log_accesses(&self) -> ClientResult<pb::AccessesResponse> {
+        let req = self.sign(m::AUDIT_ACCESSES, pb::AccessesRequest {});
+        Ok(self.audit.clone().accesses(req).await?.into_inner())
+    }
+
+    pub async fn log_alerts(&self, acknowledge_through: Option<u64>) -> ClientResult<pb::AlertsResponse> {
+        let req = self.sign(
+            m::AUDIT_ALERTS,
+            pb::AlertsRequest {
+                acknowledge_through: acknowledge_through.unwrap_or(0),
+                acknowledge: acknowledge_through.is_some(),
+            },
+        );
+        Ok(self.audit.clone().alerts(req).await?.into_inner())
     }
 }

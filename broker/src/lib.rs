@@ -15,6 +15,7 @@ pub mod convert;
 pub mod demo;
 pub mod error;
 pub mod grpc;
+pub mod log_review;
 pub mod methods;
 pub mod proxy_pool;
 pub mod role;

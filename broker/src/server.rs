@@ -318,3 +318,27 @@ pub async fn start(
         join,
     })
 }
+
+/// Checks a stopped broker's access log on disk: every checkpoint in it is signed by the
+/// broker's key, and the records, re-read and re-hashed, match every checkpoint. The
+/// error says where the log stops matching.
+pub fn check_access_log(data_dir: &Path) -> Result<audit_log::VerifyReport, String> {
+    let key_path = data_dir.join("broker.key");
+    let broker = Identity::read_key_file(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?
+        .0
+        .verifying_key();
+    let dir = data_dir.join("audit");
+    let checkpoints = audit_log::read_checkpoint_file(&dir).map_err(|e| e.to_string())?;
+    let keys = pre_kms::logged_release::CheckpointKeys::new([broker]);
+    let broker_id = pre_kms::keys::actor_id(&broker);
+    for c in &checkpoints {
+        c.verify(&keys, &[broker_id.as_str()]).map_err(|e| {
+            format!(
+                "checkpoint of size {} (time {}) is not signed by this broker: {e}",
+                c.checkpoint.size, c.checkpoint.time
+            )
+        })?;
+    }
+    audit_log::verify_dir(&dir, &checkpoints).map_err(|e| e.to_string())
+}

@@ -49,6 +49,12 @@ enum Command {
         #[arg(long, default_value = "broker-data")]
         data_dir: PathBuf,
     },
+    /// Check the access log of a stopped broker on disk: checkpoint signatures, and every
+    /// record against every checkpoint.
+    LogVerify {
+        #[arg(long, default_value = "broker-data")]
+        data_dir: PathBuf,
+    },
     /// Run one proxy node (for a broker started with --proxy-url).
     Proxy {
         #[arg(long)]
@@ -142,6 +148,19 @@ async fn run() -> anyhow::Result<()> {
             println!(
                 "broker identity ready; give {} to the proxy nodes (--broker-key)",
                 public.display()
+            );
+        }
+        Command::LogVerify { data_dir } => {
+            let report = server::check_access_log(&data_dir)
+                .map_err(|e| anyhow::anyhow!("the access log does NOT verify: {e}"))?;
+            println!(
+                "access log verified: {} events, {} checkpoints signed by this broker and matched{}",
+                report.leaves,
+                report.checked_sizes.len(),
+                report
+                    .torn_tail
+                    .map(|t| format!("; a torn final write of {} bytes is not part of the log", t.discarded_bytes))
+                    .unwrap_or_default()
             );
         }
         Command::Proxy {

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use broker::agent;
 use broker::client::BrokerClient;
 use broker::convert::study_from_pb;
+use broker::log_review;
 use broker::role::Role;
 use broker::study::StudyProposal;
 use clap::{Args, Parser, Subcommand};
@@ -113,6 +114,34 @@ enum PatientCmd {
         #[arg(long)]
         study: String,
     },
+    /// Every logged access to your data, each checked against the broker-signed log.
+    Accesses {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+    },
+    /// Your unread alerts: releases of, and emergency access to, your records.
+    Alerts {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+        /// Mark the alerts shown as read.
+        #[arg(long)]
+        ack: bool,
+    },
+}
+
+/// A patient whose key a custodian keeps, instead of `--key`.
+#[derive(Args, Clone)]
+struct AsPatient {
+    /// The custodian keystore holding the patient's key.
+    #[arg(long, requires = "patient")]
+    keystore: Option<PathBuf>,
+    /// The patient's id in the keystore (the source record id).
+    #[arg(long, requires = "keystore")]
+    patient: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -189,6 +218,100 @@ enum BoardCmd {
     /// Studies.
     #[command(subcommand)]
     Study(BoardStudyCmd),
+    /// The access log: verify, read, export.
+    #[command(subcommand)]
+    Log(BoardLogCmd),
+}
+
+#[derive(Subcommand)]
+enum BoardLogCmd {
+    /// Check the log since the last checkpoint this board saw: signatures, consistency,
+    /// and (unless --quick) every leaf against every checkpoint.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+        /// Where the last verified checkpoint is kept [default: KEY.log-state.json].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Skip re-hashing every leaf.
+        #[arg(long)]
+        quick: bool,
+        /// Co-sign the verified checkpoint as a witness.
+        #[arg(long)]
+        cosign: bool,
+    },
+    /// Show events, filtered.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: LogFilter,
+    },
+    /// Export events as JSON Lines, CSV or FHIR AuditEvent (NDJSON).
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: LogFilter,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Output file [default: standard output].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct LogFilter {
+    /// From this time on: YYYY-MM-DD or unix seconds.
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Up to this time: YYYY-MM-DD (the whole day) or unix seconds.
+    #[arg(long, value_parser = parse_until)]
+    until: Option<i64>,
+    #[arg(long)]
+    study: Option<String>,
+    /// Actor id.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Event kind (repeatable): enroll, upload, study_proposed, study_approved,
+    /// study_rejected, grant_issued, release, fetch, authorization_failed, ...
+    #[arg(long = "kind")]
+    kinds: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+    Fhir,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds"));
+    };
+    let (y, m, d): (i64, i64, i64) = match (y.parse(), m.parse(), d.parse()) {
+        (Ok(y), Ok(m), Ok(d)) if (1..=12).contains(&m) && (1..=31).contains(&d) => (y, m, d),
+        _ => return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds")),
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146_097 + doe - 719_468) * 86_400)
+}
+
+fn parse_until(s: &str) -> Result<i64, String> {
+    let t = parse_time(s)?;
+    Ok(if s.contains('-') { t + 86_399 } else { t })
 }
 
 #[derive(Subcommand)]
@@ -236,6 +359,25 @@ fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
 
 async fn connect(conn: &Conn) -> anyhow::Result<BrokerClient> {
     Ok(BrokerClient::connect(&conn.broker, load_key(conn)?).await?)
+}
+
+/// Connects as a patient: with their own key file, or with their key from a custodian's
+/// keystore.
+async fn connect_as(conn: &Conn, who: &AsPatient) -> anyhow::Result<BrokerClient> {
+    let (Some(keystore), Some(patient)) = (&who.keystore, &who.patient) else {
+        return connect(conn).await;
+    };
+    if !keystore.exists() {
+        bail!("keystore {} does not exist", keystore.display());
+    }
+    let identity = Keystore::open(keystore)?
+        .get(patient)?
+        .with_context(|| format!("no patient {patient:?} in keystore {}", keystore.display()))?;
+    Ok(BrokerClient::connect(&conn.broker, identity).await?)
+}
+
+fn log_filter(f: LogFilter) -> broker_proto::v1::EventsRequest {
+    log_review::events_filter(f.since, f.until, f.study, f.actor, f.kinds)
 }
 
 fn print<T: serde::Serialize>(conn: &Conn, value: &T, human: impl FnOnce() -> String) {
@@ -483,6 +625,114 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             study,
             reason,
         })) => decide(&conn, &study, false, &reason).await?,
+        Command::Patient(PatientCmd::Accesses { conn, who }) => {
+            let client = connect_as(&conn, &who).await?;
+            let shown = log_review::patient_accesses(&client, None).await?;
+            print(&conn, &shown, || {
+                let mut out = format!(
+                    "{} logged events about you, each proven to be in the broker-signed log",
+                    shown.len()
+                );
+                for e in &shown {
+                    out.push('\n');
+                    out.push_str(&log_review::human_line(e));
+                }
+                out
+            });
+        }
+        Command::Patient(PatientCmd::Alerts { conn, who, ack }) => {
+            let client = connect_as(&conn, &who).await?;
+            let shown = log_review::patient_alerts(&client, None, ack).await?;
+            print(&conn, &shown, || {
+                let mut out = format!("{} unread alerts", shown.len());
+                for e in &shown {
+                    out.push('\n');
+                    out.push_str(&log_review::human_line(e));
+                }
+                if ack && !shown.is_empty() {
+                    out.push_str("\n(marked read)");
+                }
+                out
+            });
+        }
+        Command::Board(BoardCmd::Log(BoardLogCmd::Verify {
+            conn,
+            state,
+            quick,
+            cosign,
+        })) => {
+            let client = connect(&conn).await?;
+            let state = match state {
+                Some(s) => s,
+                None => {
+                    let key = conn.key.as_ref().context("give --state FILE or --key FILE")?;
+                    let mut p = key.as_os_str().to_owned();
+                    p.push(".log-state.json");
+                    PathBuf::from(p)
+                }
+            };
+            let report = log_review::verify_log(&client, &state, !quick, cosign)
+                .await
+                .context("the access log does NOT verify")?;
+            print(&conn, &report, || {
+                let mut out = match report.previous_size {
+                    Some(p) => format!(
+                        "verified: the log grew from {p} to {} events, consistently",
+                        report.size
+                    ),
+                    None => format!(
+                        "verified: {} events (first check; this checkpoint is now trusted)",
+                        report.size
+                    ),
+                };
+                out.push_str(&format!(
+                    "\n{} checkpoints signed by the broker and consistent; root {}",
+                    report.checkpoints_checked, report.root
+                ));
+                if let Some(n) = report.leaves_recomputed {
+                    out.push_str(&format!("\nall {n} leaves re-hashed: every checkpoint's root matches"));
+                }
+                if let Some(n) = report.cosignatures {
+                    out.push_str(&format!("\nco-signed as a witness ({n} signatures)"));
+                }
+                out.push_str(&format!("\nstate kept in {}", state.display()));
+                out
+            });
+        }
+        Command::Board(BoardCmd::Log(BoardLogCmd::Show { conn, filter })) => {
+            let client = connect(&conn).await?;
+            let shown = log_review::board_events(&client, log_filter(filter)).await?;
+            print(&conn, &shown, || {
+                let mut out = format!("{} events", shown.len());
+                for e in &shown {
+                    out.push('\n');
+                    out.push_str(&log_review::human_line(e));
+                }
+                out
+            });
+        }
+        Command::Board(BoardCmd::Log(BoardLogCmd::Export {
+            conn,
+            filter,
+            format,
+            out,
+        })) => {
+            let client = connect(&conn).await?;
+            let shown = log_review::board_events(&client, log_filter(filter)).await?;
+            let text = match format {
+                ExportFormat::Jsonl => log_review::to_jsonl(&shown),
+                ExportFormat::Csv => log_review::to_csv(&shown),
+                ExportFormat::Fhir => log_review::to_fhir_ndjson(&shown),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("{} events written to {}", shown.len(), path.display());
+                }
+                None => print!("{text}"),
+            }
+        }
         Command::Researcher(ResearcherCmd::Fetch { conn, study, out }) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
