@@ -295,6 +295,51 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let hits = scan::scan_for(&data, &needles);
     assert!(hits.is_empty(), "found in the data directory: {hits:?}");
 
+    // The access log: the board verifies it and reads it; a patient whose keys the
+    // custodian keeps sees their own accesses and is alerted to the release.
+    let verified = ctl.json(&board, &["board", "log", "verify", "--cosign"]);
+    let size_before_crash = verified["size"].as_u64().unwrap();
+    assert_eq!(verified["leaves_recomputed"], verified["size"], "{verified}");
+    assert_eq!(verified["cosignatures"], 2, "{verified}");
+    let releases = ctl.json(&board, &["board", "log", "show", "--kind", "release", "--study", &study_id]);
+    assert_eq!(releases.as_array().unwrap().len(), 10, "{releases}");
+    let fhir = d.join("audit.ndjson");
+    ctl.ok(
+        &board,
+        &["board", "log", "export", "--format", "fhir", "--out", fhir.to_str().unwrap()],
+    );
+    let exported = std::fs::read_to_string(&fhir).unwrap();
+    // 10 enrolments, 10 uploads (the re-import changed nothing), the proposal, the
+    // sponsor's refused approval, the approval, 10 grants, 10 releases, 1 fetch.
+    assert_eq!(exported.lines().count(), 44, "{exported}");
+    assert!(exported.lines().all(|l| l.contains("\"resourceType\":\"AuditEvent\"")));
+    let someone = report.patients[0].source_id.clone();
+    let mine = ctl.json(
+        &custodian,
+        &["patient", "accesses", "--keystore", keystore, "--patient", &someone],
+    );
+    let kinds: BTreeSet<String> = mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["enroll", "upload", "grant_issued", "release"].map(String::from)),
+        "{mine}"
+    );
+    let alerts = ctl.json(
+        &custodian,
+        &["patient", "alerts", "--keystore", keystore, "--patient", &someone, "--ack"],
+    );
+    assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
+    let alerts = ctl.json(
+        &custodian,
+        &["patient", "alerts", "--keystore", keystore, "--patient", &someone],
+    );
+    assert_eq!(alerts.as_array().unwrap().len(), 0, "read once acknowledged");
+
     // Crash (SIGKILL) and restart on the same data directory: the release still works.
     let first_log = server.log.lock().unwrap().clone();
     let first_errors = ctl.errors.borrow().clone();
@@ -305,6 +350,10 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let again = ctl.fetch(&researcher, &study_id, &out2);
     assert_eq!(again["subjects"], 10);
     assert_eq!(fetched_hashes(&out2), want);
+    // The log survived the crash and still extends what the board saw before it.
+    let verified = ctl.json(&board, &["board", "log", "verify"]);
+    assert_eq!(verified["previous_size"], size_before_crash, "{verified}");
+    assert!(verified["size"].as_u64().unwrap() > size_before_crash);
 
     // Bad input gets a clear error.
     let garbage = d.join("garbage.key");
@@ -353,6 +402,17 @@ fn every_role_through_brokerctl_on_synthea_data() {
         leaked.is_empty(),
         "identifiers in logs or error messages: {leaked:?}"
     );
+
+    // Offline, on the stopped broker's directory, the operator's check passes.
+    drop(server);
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["log-verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{said}{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(said.contains("access log verified"), "{said}");
 }
 
 /// Proxies as separate processes: `broker init` makes the broker's identity, three
