@@ -1,7 +1,7 @@
 //! Throughput and latency of the audit log.
 //!
 //! ```text
-//! cargo run --release -p audit-log --example audit_bench -- --leaves N [--store-leaves S] [--batch B] [--dir DIR]
+//! cargo run --release -p benches --bin audit-bench -- --leaves N [--store-leaves S] [--batch B] [--dir DIR]
 //! ```
 //!
 //! Two phases:
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use audit_log::event::{Actor, ActorRole, AuditEvent, Digest32, EventKind, PatientTag};
 use audit_log::proof::{ConsistencyProof, InclusionProof};
 use audit_log::tree::{Blake3, Hash, MerkleHasher, MerkleTree};
-use audit_log::{AuditLog, CheckpointSigner};
+use audit_log::AuditLog;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 
@@ -89,18 +89,6 @@ fn event(i: u64) -> AuditEvent {
     e.details.record_count = Some(12);
     e.details.content_hashes = vec![Digest32(*blake3::hash(&(!i).to_le_bytes()).as_bytes())];
     e
-}
-
-/// Benchmark signer (not a real signature scheme).
-struct MacSigner;
-
-impl CheckpointSigner for MacSigner {
-    fn key_id(&self) -> String {
-        "bench".into()
-    }
-    fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        blake3::keyed_hash(&[9; 32], msg).as_bytes().to_vec()
-    }
 }
 
 fn rss() -> String {
@@ -270,10 +258,10 @@ fn main() {
         );
         let t = Instant::now();
         let cp = log
-            .checkpoint(&MacSigner, 1_760_000_000)
+            .checkpoint(&pre_kms::Identity::generate(), 1_760_000_000)
             .expect("checkpoint");
         println!(
-            "store: checkpoint (root + sign + fsync): {:.2} ms",
+            "store: checkpoint (root + ECDSA sign with the broker's key type + fsync): {:.2} ms",
             t.elapsed().as_secs_f64() * 1e3
         );
         let root = log.root();
