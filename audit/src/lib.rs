@@ -198,7 +198,7 @@ pub use error::Error;
 pub use event::{AuditEvent, EventKind, PatientTag, PatientTagKey};
 pub use proof::{ConsistencyProof, InclusionProof, ProofError};
 pub use store::{
-    AuditLog, Corruption, CorruptionKind, TornTail, VerifyError, VerifyReport, read_checkpoint_file,
-    verify_dir,
+    AuditLog, Corruption, CorruptionKind, TornTail, VerifyError, VerifyReport,
+    read_checkpoint_file, verify_dir,
 };
 pub use tree::{Blake3, Hash, MerkleHasher, MerkleTree};

@@ -315,10 +315,20 @@ impl BrokerClient {
 
     pub async fn log_checkpoints(&self, after_size: u64) -> ClientResult<Vec<String>> {
         let req = self.sign(m::AUDIT_CHECKPOINTS, pb::CheckpointsRequest { after_size });
-        Ok(self.audit.clone().checkpoints(req).await?.into_inner().checkpoints)
+        Ok(self
+            .audit
+            .clone()
+            .checkpoints(req)
+            .await?
+            .into_inner()
+            .checkpoints)
     }
 
-    pub async fn log_consistency(&self, old_size: u64, new_size: u64) -> ClientResult<Vec<Vec<u8>>> {
+    pub async fn log_consistency(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> ClientResult<Vec<Vec<u8>>> {
         let req = self.sign(
             m::AUDIT_CONSISTENCY,
             pb::ConsistencyRequest { old_size, new_size },
@@ -327,7 +337,10 @@ impl BrokerClient {
     }
 
     /// Every logged event matching `filter`, oldest first.
-    pub async fn log_events(&self, filter: pb::EventsRequest) -> ClientResult<Vec<pb::LoggedEvent>> {
+    pub async fn log_events(
+        &self,
+        filter: pb::EventsRequest,
+    ) -> ClientResult<Vec<pb::LoggedEvent>> {
         let req = self.sign(m::AUDIT_EVENTS, filter);
         let mut stream = self.audit.clone().events(req).await?.into_inner();
         let mut out = Vec::new();
@@ -339,7 +352,13 @@ impl BrokerClient {
 
     pub async fn log_cosign(&self, checkpoint: String) -> ClientResult<u32> {
         let req = self.sign(m::AUDIT_COSIGN, pb::CosignRequest { checkpoint });
-        Ok(self.audit.clone().cosign(req).await?.into_inner().signatures)
+        Ok(self
+            .audit
+            .clone()
+            .cosign(req)
+            .await?
+            .into_inner()
+            .signatures)
     }
 
     pub async fn log_accesses(&self) -> ClientResult<pb::AccessesResponse> {
@@ -347,7 +366,10 @@ impl BrokerClient {
         Ok(self.audit.clone().accesses(req).await?.into_inner())
     }
 
-    pub async fn log_alerts(&self, acknowledge_through: Option<u64>) -> ClientResult<pb::AlertsResponse> {
+    pub async fn log_alerts(
+        &self,
+        acknowledge_through: Option<u64>,
+    ) -> ClientResult<pb::AlertsResponse> {
         let req = self.sign(
             m::AUDIT_ALERTS,
             pb::AlertsRequest {

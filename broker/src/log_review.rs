@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use audit_log::event::Outcome;
-use audit_log::{AuditEvent, Checkpoint, ConsistencyProof, InclusionProof, MerkleTree, SignedCheckpoint};
+use audit_log::{
+    AuditEvent, Checkpoint, ConsistencyProof, InclusionProof, MerkleTree, SignedCheckpoint,
+};
 use broker_proto::v1 as pb;
 use pre_kms::keys::{actor_id, public_key_bytes, public_key_from_bytes};
 use pre_kms::logged_release::CheckpointKeys;
@@ -31,7 +33,11 @@ pub enum ReviewError {
     )]
     BrokerKeyChanged { was: String, now: String },
     #[error("checkpoint of size {size} (time {time}): {reason}")]
-    Checkpoint { size: u64, time: i64, reason: String },
+    Checkpoint {
+        size: u64,
+        time: i64,
+        reason: String,
+    },
     #[error("the log is not consistent from size {old} to size {new}: {reason}")]
     Inconsistent { old: u64, new: u64, reason: String },
     #[error("leaf {index}: {reason}")]
@@ -92,19 +98,20 @@ pub struct VerifyReport {
 }
 
 fn parse_checkpoint(note: &str) -> Result<SignedCheckpoint, ReviewError> {
-    SignedCheckpoint::from_note(note).map_err(|e| ReviewError::Malformed(format!("checkpoint: {e}")))
+    SignedCheckpoint::from_note(note)
+        .map_err(|e| ReviewError::Malformed(format!("checkpoint: {e}")))
 }
 
-fn check_signed(
-    c: &SignedCheckpoint,
-    broker_key: &PublicKey,
-) -> Result<(), ReviewError> {
-    c.verify(&CheckpointKeys::new([*broker_key]), &[actor_id(broker_key).as_str()])
-        .map_err(|e| ReviewError::Checkpoint {
-            size: c.checkpoint.size,
-            time: c.checkpoint.time,
-            reason: format!("not validly signed by the broker: {e}"),
-        })
+fn check_signed(c: &SignedCheckpoint, broker_key: &PublicKey) -> Result<(), ReviewError> {
+    c.verify(
+        &CheckpointKeys::new([*broker_key]),
+        &[actor_id(broker_key).as_str()],
+    )
+    .map_err(|e| ReviewError::Checkpoint {
+        size: c.checkpoint.size,
+        time: c.checkpoint.time,
+        reason: format!("not validly signed by the broker: {e}"),
+    })
 }
 
 fn hashes(path: Vec<Vec<u8>>) -> Result<Vec<[u8; 32]>, ReviewError> {
@@ -149,7 +156,8 @@ pub async fn verify_log(
     cosign: bool,
 ) -> Result<VerifyReport, ReviewError> {
     let state = BoardState::load(state_path)?;
-    let (latest, key, key_hex) = current(client, state.as_ref().map(|s| s.broker_key.as_str())).await?;
+    let (latest, key, key_hex) =
+        current(client, state.as_ref().map(|s| s.broker_key.as_str())).await?;
     let previous = match &state {
         Some(s) => {
             let c = parse_checkpoint(&s.checkpoint)?;
@@ -201,7 +209,13 @@ pub async fn verify_log(
         prev = Some(c.checkpoint.clone());
     }
     let leaves_recomputed = if full {
-        Some(recompute(client, previous.iter().chain(chain.iter().map(|c| &c.checkpoint))).await?)
+        Some(
+            recompute(
+                client,
+                previous.iter().chain(chain.iter().map(|c| &c.checkpoint)),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -219,7 +233,9 @@ pub async fn verify_log(
     };
     BoardState {
         broker_key: key_hex,
-        checkpoint: latest.to_note().map_err(|e| ReviewError::Malformed(e.to_string()))?,
+        checkpoint: latest
+            .to_note()
+            .map_err(|e| ReviewError::Malformed(e.to_string()))?,
     }
     .save(state_path)?;
     Ok(VerifyReport {
@@ -508,11 +524,18 @@ pub fn to_csv(events: &[ShownEvent]) -> String {
             ev.actor.organisation.clone().unwrap_or_default(),
             ev.patient.map(|p| p.to_string()).unwrap_or_default(),
             ev.why.purpose.clone().unwrap_or_default(),
-            ev.details.study_id.clone().or(ev.why.study_id.clone()).unwrap_or_default(),
+            ev.details
+                .study_id
+                .clone()
+                .or(ev.why.study_id.clone())
+                .unwrap_or_default(),
             ev.details.release_id.clone().unwrap_or_default(),
             ev.details.grant_id.clone().unwrap_or_default(),
             ev.details.categories.join(";"),
-            ev.details.record_count.map(|n| n.to_string()).unwrap_or_default(),
+            ev.details
+                .record_count
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
             result.to_owned(),
             reason.to_owned(),
         ];
@@ -560,7 +583,9 @@ pub fn to_fhir(e: &ShownEvent) -> serde_json::Value {
         }));
     }
     if let Some(r) = &ev.details.release_id {
-        let mut detail = vec![serde_json::json!({"type": "categories", "valueString": ev.details.categories.join(",")})];
+        let mut detail = vec![
+            serde_json::json!({"type": "categories", "valueString": ev.details.categories.join(",")}),
+        ];
         if let Some(n) = ev.details.record_count {
             detail.push(serde_json::json!({"type": "record_count", "valueString": n.to_string()}));
         }

@@ -299,24 +299,51 @@ fn every_role_through_brokerctl_on_synthea_data() {
     // custodian keeps sees their own accesses and is alerted to the release.
     let verified = ctl.json(&board, &["board", "log", "verify", "--cosign"]);
     let size_before_crash = verified["size"].as_u64().unwrap();
-    assert_eq!(verified["leaves_recomputed"], verified["size"], "{verified}");
+    assert_eq!(
+        verified["leaves_recomputed"], verified["size"],
+        "{verified}"
+    );
     assert_eq!(verified["cosignatures"], 2, "{verified}");
-    let releases = ctl.json(&board, &["board", "log", "show", "--kind", "release", "--study", &study_id]);
+    let releases = ctl.json(
+        &board,
+        &[
+            "board", "log", "show", "--kind", "release", "--study", &study_id,
+        ],
+    );
     assert_eq!(releases.as_array().unwrap().len(), 10, "{releases}");
     let fhir = d.join("audit.ndjson");
     ctl.ok(
         &board,
-        &["board", "log", "export", "--format", "fhir", "--out", fhir.to_str().unwrap()],
+        &[
+            "board",
+            "log",
+            "export",
+            "--format",
+            "fhir",
+            "--out",
+            fhir.to_str().unwrap(),
+        ],
     );
     let exported = std::fs::read_to_string(&fhir).unwrap();
     // 10 enrolments, 10 uploads (the re-import changed nothing), the proposal, the
     // sponsor's refused approval, the approval, 10 grants, 10 releases, 1 fetch.
     assert_eq!(exported.lines().count(), 44, "{exported}");
-    assert!(exported.lines().all(|l| l.contains("\"resourceType\":\"AuditEvent\"")));
+    assert!(
+        exported
+            .lines()
+            .all(|l| l.contains("\"resourceType\":\"AuditEvent\""))
+    );
     let someone = report.patients[0].source_id.clone();
     let mine = ctl.json(
         &custodian,
-        &["patient", "accesses", "--keystore", keystore, "--patient", &someone],
+        &[
+            "patient",
+            "accesses",
+            "--keystore",
+            keystore,
+            "--patient",
+            &someone,
+        ],
     );
     let kinds: BTreeSet<String> = mine
         .as_array()
@@ -331,14 +358,33 @@ fn every_role_through_brokerctl_on_synthea_data() {
     );
     let alerts = ctl.json(
         &custodian,
-        &["patient", "alerts", "--keystore", keystore, "--patient", &someone, "--ack"],
+        &[
+            "patient",
+            "alerts",
+            "--keystore",
+            keystore,
+            "--patient",
+            &someone,
+            "--ack",
+        ],
     );
     assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
     let alerts = ctl.json(
         &custodian,
-        &["patient", "alerts", "--keystore", keystore, "--patient", &someone],
+        &[
+            "patient",
+            "alerts",
+            "--keystore",
+            keystore,
+            "--patient",
+            &someone,
+        ],
     );
-    assert_eq!(alerts.as_array().unwrap().len(), 0, "read once acknowledged");
+    assert_eq!(
+        alerts.as_array().unwrap().len(),
+        0,
+        "read once acknowledged"
+    );
 
     // Crash (SIGKILL) and restart on the same data directory: the release still works.
     let first_log = server.log.lock().unwrap().clone();
@@ -411,7 +457,11 @@ fn every_role_through_brokerctl_on_synthea_data() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&checked.stdout);
-    assert!(checked.status.success(), "{said}{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
     assert!(said.contains("access log verified"), "{said}");
 }
 

@@ -87,17 +87,30 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
         .filter(|e| e.event.kind == EventKind::AuthorizationFailed)
         .collect();
     assert_eq!(refused.len(), 1);
-    assert_eq!(refused[0].event.actor.id, cast.researcher.identity().actor_id());
+    assert_eq!(
+        refused[0].event.actor.id,
+        cast.researcher.identity().actor_id()
+    );
 
     // Filters and exports.
     let releases = log_review::board_events(
         &cast.board,
-        log_review::events_filter(None, None, Some(study.study_id.clone()), None, vec!["release".into()]),
+        log_review::events_filter(
+            None,
+            None,
+            Some(study.study_id.clone()),
+            None,
+            vec!["release".into()],
+        ),
     )
     .await
     .unwrap();
     assert_eq!(releases.len(), 3);
-    assert!(releases.iter().all(|e| e.event.details.record_count == Some(2)));
+    assert!(
+        releases
+            .iter()
+            .all(|e| e.event.details.record_count == Some(2))
+    );
     let none = log_review::board_events(
         &cast.board,
         log_review::events_filter(Some(i64::MAX / 2), None, None, None, vec![]),
@@ -119,7 +132,9 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
 
     // Each patient sees their own events, proven; the one who did not grant sees no release.
     let patient = |i: usize| cast.custodian.with_identity(patients[i].0.clone());
-    let mine = log_review::patient_accesses(&patient(0), None).await.unwrap();
+    let mine = log_review::patient_accesses(&patient(0), None)
+        .await
+        .unwrap();
     assert_eq!(
         kinds(&mine),
         BTreeSet::from([
@@ -131,20 +146,47 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     );
     let tags: BTreeSet<_> = mine.iter().map(|e| e.event.patient).collect();
     assert_eq!(tags.len(), 1, "one tag per patient");
-    let theirs = log_review::patient_accesses(&patient(1), None).await.unwrap();
-    assert!(mine.iter().all(|m| theirs.iter().all(|t| t.index != m.index)));
-    let other = log_review::patient_accesses(&patient(3), None).await.unwrap();
+    let theirs = log_review::patient_accesses(&patient(1), None)
+        .await
+        .unwrap();
+    assert!(
+        mine.iter()
+            .all(|m| theirs.iter().all(|t| t.index != m.index))
+    );
+    let other = log_review::patient_accesses(&patient(3), None)
+        .await
+        .unwrap();
     assert_eq!(count(&other, EventKind::Release), 0);
 
     // Alerts: the release, once; read after --ack.
-    let alerts = log_review::patient_alerts(&patient(0), None, true).await.unwrap();
+    let alerts = log_review::patient_alerts(&patient(0), None, true)
+        .await
+        .unwrap();
     assert_eq!(kinds(&alerts), BTreeSet::from([EventKind::Release]));
-    assert!(log_review::patient_alerts(&patient(0), None, false).await.unwrap().is_empty());
-    assert!(log_review::patient_alerts(&patient(3), None, false).await.unwrap().is_empty());
+    assert!(
+        log_review::patient_alerts(&patient(0), None, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        log_review::patient_alerts(&patient(3), None, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Only patients may ask; a board may not read patients' alerts.
-    assert!(log_review::patient_alerts(&cast.board, None, false).await.is_err());
+    assert!(
+        log_review::patient_alerts(&cast.board, None, false)
+            .await
+            .is_err()
+    );
     // Only boards may read the whole log.
-    assert!(log_review::board_events(&cast.researcher, Default::default()).await.is_err());
+    assert!(
+        log_review::board_events(&cast.researcher, Default::default())
+            .await
+            .is_err()
+    );
 
     // A second release, then an incremental verification from the kept state.
     cast.fetch(&study).await.unwrap();
@@ -217,7 +259,9 @@ async fn any_change_to_the_stored_log_is_detected() {
     let patients: Vec<(Identity, PatientRecord)> = (0..3)
         .map(|i| (Identity::generate(), population.patient(i)))
         .collect();
-    broker::agent::ingest_batch(&custodian, patients).await.unwrap();
+    broker::agent::ingest_batch(&custodian, patients)
+        .await
+        .unwrap();
     // A checkpoint covering every leaf, so that removing the last one is detectable too.
     let board: BrokerClient = sandbox.actor(Role::Board).await;
     board.log_checkpoint().await.unwrap();
@@ -225,7 +269,10 @@ async fn any_change_to_the_stored_log_is_detected() {
     sandbox.running.take().unwrap().stop().await;
 
     let pristine = check_access_log(&data).expect("the untouched log verifies");
-    assert_eq!(pristine.leaves, 6, "3 enrolments and 3 uploads: {pristine:?}");
+    assert_eq!(
+        pristine.leaves, 6,
+        "3 enrolments and 3 uploads: {pristine:?}"
+    );
     let leaves_path = |dir: &Path| dir.join("audit").join("leaves.log");
     let original = std::fs::read(leaves_path(&data)).unwrap();
     let recs = records(&original);
@@ -262,10 +309,18 @@ async fn any_change_to_the_stored_log_is_detected() {
     // Two records swapped.
     check(
         "swap",
-        splice(&[before(1), rec(2), rec(1), &original[recs[2].whole.0 + recs[2].whole.1..]]),
+        splice(&[
+            before(1),
+            rec(2),
+            rec(1),
+            &original[recs[2].whole.0 + recs[2].whole.1..],
+        ]),
     );
     // A record inserted (a copy of another).
-    check("insert", splice(&[before(2), rec(1), &original[recs[2].whole.0..]]));
+    check(
+        "insert",
+        splice(&[before(2), rec(1), &original[recs[2].whole.0..]]),
+    );
     // A consistent rewrite: a leaf changed and its stored hash recomputed, so every record
     // checks out on its own; only the signed checkpoints can tell.
     let mut rewrite = original.clone();
@@ -304,7 +359,10 @@ async fn any_change_to_the_stored_log_is_detected() {
     copy_dir(&data, &dir);
     std::fs::write(leaves_path(&dir), rewrite).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let started = broker::server::start(listener, ServeConfig::new(&dir), std::future::pending()).await;
-    let err = started.err().expect("a rewritten log must stop the broker from starting");
+    let started =
+        broker::server::start(listener, ServeConfig::new(&dir), std::future::pending()).await;
+    let err = started
+        .err()
+        .expect("a rewritten log must stop the broker from starting");
     assert!(err.to_string().contains("access log"), "{err}");
 }

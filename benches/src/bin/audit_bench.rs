@@ -15,10 +15,10 @@
 
 use std::time::{Duration, Instant};
 
+use audit_log::AuditLog;
 use audit_log::event::{Actor, ActorRole, AuditEvent, Digest32, EventKind, PatientTag};
 use audit_log::proof::{ConsistencyProof, InclusionProof};
 use audit_log::tree::{Blake3, Hash, MerkleHasher, MerkleTree};
-use audit_log::AuditLog;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 

@@ -159,7 +159,10 @@ async fn run() -> anyhow::Result<()> {
                 report.checked_sizes.len(),
                 report
                     .torn_tail
-                    .map(|t| format!("; a torn final write of {} bytes is not part of the log", t.discarded_bytes))
+                    .map(|t| format!(
+                        "; a torn final write of {} bytes is not part of the log",
+                        t.discarded_bytes
+                    ))
                     .unwrap_or_default()
             );
         }

@@ -665,7 +665,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = match state {
                 Some(s) => s,
                 None => {
-                    let key = conn.key.as_ref().context("give --state FILE or --key FILE")?;
+                    let key = conn
+                        .key
+                        .as_ref()
+                        .context("give --state FILE or --key FILE")?;
                     let mut p = key.as_os_str().to_owned();
                     p.push(".log-state.json");
                     PathBuf::from(p)
@@ -690,7 +693,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     report.checkpoints_checked, report.root
                 ));
                 if let Some(n) = report.leaves_recomputed {
-                    out.push_str(&format!("\nall {n} leaves re-hashed: every checkpoint's root matches"));
+                    out.push_str(&format!(
+                        "\nall {n} leaves re-hashed: every checkpoint's root matches"
+                    ));
                 }
                 if let Some(n) = report.cosignatures {
                     out.push_str(&format!("\nco-signed as a witness ({n} signatures)"));
