@@ -266,6 +266,32 @@ impl BrokerClient {
             .into_inner())
     }
 
+    /// Withdraws these (study id, pseudonym) grants; returns (withdrawn, proxies that
+    /// confirmed destroying the kfrags).
+    pub async fn withdraw_grants(
+        &self,
+        grants: &[(String, String)],
+        reason: &str,
+    ) -> ClientResult<(u32, u32)> {
+        let req = pb::WithdrawGrantsRequest {
+            grants: grants
+                .iter()
+                .map(|(study_id, pseudonym)| pb::GrantRef {
+                    study_id: study_id.clone(),
+                    pseudonym: pseudonym.clone(),
+                })
+                .collect(),
+            reason: reason.to_owned(),
+        };
+        let r = self
+            .grants
+            .clone()
+            .withdraw(self.sign(m::WITHDRAW_GRANTS, req))
+            .await?
+            .into_inner();
+        Ok((r.withdrawn, r.proxies_confirmed))
+    }
+
     pub async fn issue_grants(&self, grants: Vec<Grant>) -> ClientResult<Vec<String>> {
         let req = pb::IssueGrantsRequest {
             grants: grants.into_iter().map(grant_to_pb).collect(),

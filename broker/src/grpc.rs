@@ -227,6 +227,24 @@ impl pb::grants_server::Grants for Grpc {
             grant_ids: outcome.grant_ids,
         }))
     }
+
+    async fn withdraw(
+        &self,
+        req: Request<pb::WithdrawGrantsRequest>,
+    ) -> Result<Response<pb::WithdrawGrantsResponse>, Status> {
+        let caller = self.0.authorize(&req, m::WITHDRAW_GRANTS, PATIENT_SIDE)?;
+        let r = req.into_inner();
+        let grants = r
+            .grants
+            .into_iter()
+            .map(|g| (g.study_id, g.pseudonym))
+            .collect();
+        let (withdrawn, confirmed) = self.0.withdraw_grants(caller, grants, r.reason).await?;
+        Ok(Response::new(pb::WithdrawGrantsResponse {
+            withdrawn: withdrawn as u32,
+            proxies_confirmed: confirmed as u32,
+        }))
+    }
 }
 
 type ItemStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseItem, Status>> + Send>>;

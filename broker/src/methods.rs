@@ -10,6 +10,7 @@ pub const DECIDE: &str = "/broker.v1.Studies/Decide";
 pub const LIST_STUDIES: &str = "/broker.v1.Studies/List";
 pub const GET_STUDY: &str = "/broker.v1.Studies/Get";
 pub const ISSUE_GRANTS: &str = "/broker.v1.Grants/Issue";
+pub const WITHDRAW_GRANTS: &str = "/broker.v1.Grants/Withdraw";
 pub const REQUEST_RELEASE: &str = "/broker.v1.Releases/Request";
 pub const FETCH_RELEASE: &str = "/broker.v1.Releases/Fetch";
 pub const AUDIT_CHECKPOINT: &str = "/broker.v1.Audit/Checkpoint";

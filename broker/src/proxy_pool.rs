@@ -3,7 +3,7 @@
 
 use broker_proto::v1 as pb;
 use pre_kms::Identity;
-use pre_kms::proxy_grpc::{DEPOSIT, INFO, REENCRYPT};
+use pre_kms::proxy_grpc::{DEPOSIT, INFO, REENCRYPT, REVOKE};
 use pre_kms::request_auth::signed;
 use tonic::transport::{Channel, Endpoint};
 
@@ -74,6 +74,25 @@ impl ProxyPool {
 
     pub fn handles(&self) -> &[ProxyHandle] {
         &self.proxies
+    }
+
+    /// Asks proxy `index` to destroy the kfrags of these (study, pseudonym) grants.
+    pub async fn revoke(&self, index: usize, grants: &[(String, String)]) -> Result<u32, String> {
+        let mut client = self.proxies[index].client.clone();
+        let req = pb::RevokeRequest {
+            grants: grants
+                .iter()
+                .map(|(study_id, pseudonym)| pb::GrantRef {
+                    study_id: study_id.clone(),
+                    pseudonym: pseudonym.clone(),
+                })
+                .collect(),
+        };
+        let reply = client
+            .revoke(signed(&self.identity, REVOKE, req))
+            .await
+            .map_err(|s| format!("proxy {index}: {}", s.message()))?;
+        Ok(reply.into_inner().destroyed)
     }
 
     pub async fn deposit(

@@ -234,6 +234,15 @@ pub async fn start(
         .map_err(StartError::AccessLog)?;
     let broker = Broker::new(db, blobs, pool, config.threshold, audit)
         .map_err(|e| StartError::Config(e.to_string()))?;
+    // Revocations a proxy could not confirm before are retried now.
+    tokio::spawn({
+        let broker = broker.clone();
+        async move {
+            if let Err(e) = broker.retry_revocations().await {
+                tracing::warn!(error = %e, "retrying pending revocations");
+            }
+        }
+    });
     if let Some(op) = &config.operator {
         broker
             .register_actor(Actor {

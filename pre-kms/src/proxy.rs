@@ -48,7 +48,7 @@ impl ProxyNode {
         std::fs::create_dir_all(dir)?;
         let db = Connection::open(dir.join("proxy.db"))?;
         db.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS kfrags (
                  study_id TEXT NOT NULL, pseudonym TEXT NOT NULL, category TEXT NOT NULL,
                  grant_id TEXT NOT NULL, expires_at INTEGER NOT NULL, kfrag BLOB NOT NULL,
@@ -94,6 +94,14 @@ impl ProxyNode {
         let mut db = self.db();
         let tx = db.transaction()?;
         {
+            // A grant supersedes the patient's earlier grant to the same study: categories
+            // it no longer names lose their kfrags here.
+            let mut superseded = tx.prepare_cached(
+                "DELETE FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND grant_id != ?3",
+            )?;
+            for d in deposits {
+                superseded.execute(params![d.claim.study_id, d.claim.pseudonym, d.grant_id])?;
+            }
             let mut stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO kfrags (study_id, pseudonym, category, grant_id, expires_at, kfrag)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -157,6 +165,23 @@ impl ProxyNode {
                 Some(reencrypt_one(&capsule, kfrag))
             })
             .collect())
+    }
+
+    /// Destroys every kfrag of the grants of these patients to these studies, in one
+    /// transaction (the store overwrites deleted content). Returns how many were held.
+    pub fn revoke(&self, grants: &[(String, String)]) -> Result<usize> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let mut destroyed = 0;
+        {
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2")?;
+            for (study, pseudonym) in grants {
+                destroyed += stmt.execute(params![study, pseudonym])?;
+            }
+        }
+        tx.commit()?;
+        Ok(destroyed)
     }
 
     /// Number of kfrags held (for operators and tests).

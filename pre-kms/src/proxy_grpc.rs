@@ -19,6 +19,7 @@ use crate::request_auth::{ReplayGuard, now_ms};
 pub const DEPOSIT: &str = "/broker.v1.Proxy/Deposit";
 pub const REENCRYPT: &str = "/broker.v1.Proxy/Reencrypt";
 pub const INFO: &str = "/broker.v1.Proxy/Info";
+pub const REVOKE: &str = "/broker.v1.Proxy/Revoke";
 
 pub struct ProxyService {
     node: Arc<ProxyNode>,
@@ -179,6 +180,27 @@ impl pb::proxy_server::Proxy for ProxyService {
         .map_err(|_| Status::internal("re-encryption task failed"))??;
         Ok(Response::new(pb::ReencryptResponse {
             cfrags: cfrags.into_iter().map(Option::unwrap_or_default).collect(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.authorize(&request, REVOKE)?;
+        let grants: Vec<(String, String)> = request
+            .into_inner()
+            .grants
+            .into_iter()
+            .map(|g| (g.study_id, g.pseudonym))
+            .collect();
+        let node = self.node.clone();
+        let destroyed = tokio::task::spawn_blocking(move || node.revoke(&grants))
+            .await
+            .map_err(|_| Status::internal("revocation task failed"))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::RevokeResponse {
+            destroyed: destroyed as u32,
         }))
     }
 }

@@ -54,6 +54,41 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Researcher,
     },
     Call {
+        name: "Grants.Withdraw",
+        method: m::WITHDRAW_GRANTS,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Audit.Checkpoints",
+        method: m::AUDIT_CHECKPOINTS,
+        wrong_role: Role::Operator,
+    },
+    Call {
+        name: "Audit.Consistency",
+        method: m::AUDIT_CONSISTENCY,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Audit.Events",
+        method: m::AUDIT_EVENTS,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Audit.Cosign",
+        method: m::AUDIT_COSIGN,
+        wrong_role: Role::Custodian,
+    },
+    Call {
+        name: "Audit.Accesses",
+        method: m::AUDIT_ACCESSES,
+        wrong_role: Role::Board,
+    },
+    Call {
+        name: "Audit.Alerts",
+        method: m::AUDIT_ALERTS,
+        wrong_role: Role::Researcher,
+    },
+    Call {
         name: "Releases.Request",
         method: m::REQUEST_RELEASE,
         wrong_role: Role::Sponsor,
@@ -138,6 +173,41 @@ async fn call(
             fetch,
             pb::FetchReleaseRequest::default()
         ),
+        m::WITHDRAW_GRANTS => go!(
+            pb::grants_client::GrantsClient<Channel>,
+            withdraw,
+            pb::WithdrawGrantsRequest::default()
+        ),
+        m::AUDIT_CHECKPOINTS => go!(
+            pb::audit_client::AuditClient<Channel>,
+            checkpoints,
+            pb::CheckpointsRequest::default()
+        ),
+        m::AUDIT_CONSISTENCY => go!(
+            pb::audit_client::AuditClient<Channel>,
+            consistency,
+            pb::ConsistencyRequest::default()
+        ),
+        m::AUDIT_EVENTS => go!(
+            pb::audit_client::AuditClient<Channel>,
+            events,
+            pb::EventsRequest::default()
+        ),
+        m::AUDIT_COSIGN => go!(
+            pb::audit_client::AuditClient<Channel>,
+            cosign,
+            pb::CosignRequest::default()
+        ),
+        m::AUDIT_ACCESSES => go!(
+            pb::audit_client::AuditClient<Channel>,
+            accesses,
+            pb::AccessesRequest::default()
+        ),
+        m::AUDIT_ALERTS => go!(
+            pb::audit_client::AuditClient<Channel>,
+            alerts,
+            pb::AlertsRequest::default()
+        ),
         other => panic!("no call for {other}"),
     }
 }
@@ -217,7 +287,7 @@ async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
 /// a registered actor that is not the broker, or a forged broker signature are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_refuse_everyone_but_the_broker() {
-    use pre_kms::proxy_grpc::{DEPOSIT, REENCRYPT};
+    use pre_kms::proxy_grpc::{DEPOSIT, REENCRYPT, REVOKE};
     let dir = tempfile::tempdir().unwrap();
     let broker = Identity::generate();
     let proxy = broker::server::start_proxy(&dir.path().join("p0"), 0, &broker.public("broker"))
@@ -282,6 +352,23 @@ async fn proxies_refuse_everyone_but_the_broker() {
     );
     assert_eq!(
         code(client.deposit(signed(&broker, DEPOSIT, deposit())).await),
+        Code::Ok
+    );
+    let revoke = || pb::RevokeRequest::default();
+    assert_eq!(
+        code(client.revoke(tonic::Request::new(revoke())).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            client
+                .revoke(signed(&sandbox_actor, REVOKE, revoke()))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(client.revoke(signed(&broker, REVOKE, revoke())).await),
         Code::Ok
     );
     proxy.stop().await;

@@ -281,6 +281,12 @@ impl pb::proxy_server::Proxy for Liar {
     ) -> Result<Response<pb::DepositResponse>, Status> {
         self.0.deposit(r).await
     }
+    async fn revoke(
+        &self,
+        r: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.0.revoke(r).await
+    }
     async fn reencrypt(
         &self,
         r: Request<pb::ReencryptRequest>,
@@ -347,6 +353,62 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     sandbox.stop().await;
 }
 
+// ------------------------------------------------------------------ withdrawal
+
+fn kfrags_held(sandbox: &Sandbox) -> Vec<i64> {
+    sandbox
+        .running
+        .as_ref()
+        .unwrap()
+        .proxies
+        .iter()
+        .map(|p| p.node.kfrag_count().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() {
+    let sandbox = Sandbox::start().await;
+    let w = world(&sandbox, 5, 33).await;
+    let study = approved_study(&w, Cohort::default()).await;
+    let who: Vec<usize> = (0..5).collect();
+    grant(&w, &study, &who, &CATS).await;
+    assert_eq!(
+        kfrags_held(&sandbox),
+        vec![15; 3],
+        "5 patients x 3 categories"
+    );
+
+    // Patient 0 re-grants without observations: that kfrag dies at every proxy.
+    grant(&w, &study, &[0], &CATS[..2]).await;
+    assert_eq!(kfrags_held(&sandbox), vec![14; 3]);
+
+    // Patients 1 and 2 withdraw: their kfrags are destroyed everywhere, the next release
+    // leaves them out.
+    let refs: Vec<(String, String)> = [1, 2]
+        .iter()
+        .map(|&i| (study.study_id.clone(), w.patients[i].0.pseudonym()))
+        .collect();
+    let (withdrawn, confirmed) = w
+        .cast
+        .custodian
+        .withdraw_grants(&refs, "consent revoked")
+        .await
+        .unwrap();
+    assert_eq!((withdrawn, confirmed), (2, 3));
+    assert_eq!(kfrags_held(&sandbox), vec![8; 3]);
+    let got = fetch(&w, &study).await.unwrap();
+    let mut want = expected(&w, &[3, 4], &CATS, &Cohort::default());
+    want.add_expected(&w.patients[0].1, &CATS[..2], &Cohort::default());
+    assert_eq!(got, want);
+
+    // Only whoever acts for a patient may withdraw their grants.
+    let stranger = sandbox.actor(Role::Custodian).await;
+    let err = stranger.withdraw_grants(&refs[..1], "").await.unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    sandbox.stop().await;
+}
+
 // ------------------------------------------------------------------ unlogged releases
 
 /// How [`Forger`] alters the broker's re-encryption requests before an honest proxy
@@ -380,6 +442,12 @@ impl pb::proxy_server::Proxy for Forger {
         r: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
         self.proxy.deposit(r).await
+    }
+    async fn revoke(
+        &self,
+        r: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.proxy.revoke(r).await
     }
     async fn reencrypt(
         &self,

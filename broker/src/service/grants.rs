@@ -80,6 +80,77 @@ impl Broker {
         Ok(GrantOutcome { grant_ids: ids })
     }
 
+    /// Withdraws grants: the broker forgets them at once (no later release includes them),
+    /// queues the destruction of their kfrags at every proxy, and asks every proxy now.
+    /// Proxies that cannot be reached are retried ([`Broker::retry_revocations`]).
+    /// Returns (grants withdrawn, proxies that confirmed all pending revocations).
+    pub async fn withdraw_grants(
+        self: &Arc<Self>,
+        caller: Caller,
+        grants: Vec<(String, String)>,
+        reason: String,
+    ) -> ServiceResult<(usize, usize)> {
+        if grants.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "no grants to withdraw".into(),
+            ));
+        }
+        self.check_acts_for(&caller, grants.iter().map(|(_, p)| p))?;
+        let this = self.clone();
+        let withdrawn = tokio::task::spawn_blocking(move || {
+            let (existed, tags) = {
+                let mut db = this.db();
+                let existed = db.withdraw_grants(&grants, this.proxies.len())?;
+                let pseudonyms: Vec<&str> = existed.iter().map(|(_, p, _)| p.as_str()).collect();
+                let tags = this.patient_tags(&db, &pseudonyms)?;
+                (existed, tags)
+            };
+            let events: Vec<AuditEvent> = existed
+                .iter()
+                .map(|(study, pseudonym, grant)| {
+                    let mut e = this.event(EventKind::GrantWithdrawn, &caller);
+                    e.patient = tags.get(pseudonym).copied();
+                    e.why.purpose = Some(reason.clone()).filter(|r| !r.is_empty());
+                    e.why.study_id = Some(study.clone());
+                    e.details.study_id = Some(study.clone());
+                    e.details.grant_id = Some(grant.clone());
+                    e
+                })
+                .collect();
+            this.record(&events)?;
+            Ok::<_, ServiceError>(existed.len())
+        })
+        .await
+        .map_err(ServiceError::internal)??;
+        let confirmed = self.retry_revocations().await?;
+        Ok((withdrawn, confirmed))
+    }
+
+    /// Asks each proxy to destroy the kfrags of every revocation still pending for it;
+    /// returns how many proxies have none left pending.
+    pub async fn retry_revocations(self: &Arc<Self>) -> ServiceResult<usize> {
+        let this = self.clone();
+        let pending = tokio::task::spawn_blocking(move || this.db().pending_revocations())
+            .await
+            .map_err(ServiceError::internal)??;
+        let mut confirmed = self.proxies.len() - pending.len();
+        for (proxy, grants) in pending {
+            match self.proxies.revoke(proxy, &grants).await {
+                Ok(_) => {
+                    let this = self.clone();
+                    tokio::task::spawn_blocking(move || {
+                        this.db().confirm_revocations(proxy, &grants)
+                    })
+                    .await
+                    .map_err(ServiceError::internal)??;
+                    confirmed += 1;
+                }
+                Err(e) => tracing::warn!(proxy, error = %e, "revocation pending at a proxy"),
+            }
+        }
+        Ok(confirmed)
+    }
+
     /// Validates each grant; returns its row and, per proxy, the deposits to make.
     #[allow(clippy::type_complexity)]
     fn check_grants(

@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS audit_index (
     study TEXT, tag BLOB);
 CREATE INDEX IF NOT EXISTS audit_index_tag ON audit_index (tag) WHERE tag IS NOT NULL;
 CREATE TABLE IF NOT EXISTS audit_alert_reads (tag BLOB PRIMARY KEY, through INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_revocations (
+    proxy INTEGER NOT NULL, study_id TEXT NOT NULL, pseudonym TEXT NOT NULL,
+    PRIMARY KEY (proxy, study_id, pseudonym));
 CREATE TABLE IF NOT EXISTS checkpoint_cosignatures (
     size INTEGER NOT NULL, time INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
     PRIMARY KEY (size, time, key_id));
@@ -509,6 +512,66 @@ impl Db {
             }
         }
         tx.commit()
+    }
+
+    /// Deletes these (study, pseudonym) grants and queues their destruction at each of
+    /// `proxies` proxies, in one transaction. Returns the grants that existed.
+    pub fn withdraw_grants(
+        &mut self,
+        grants: &[(String, String)],
+        proxies: usize,
+    ) -> DbResult<Vec<(String, String, String)>> {
+        let tx = self.conn.transaction()?;
+        let mut existed = Vec::new();
+        {
+            let mut find = tx.prepare_cached(
+                "SELECT grant_id FROM grants WHERE study_id = ?1 AND pseudonym = ?2",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM grants WHERE grant_id = ?1")?;
+            let mut queue = tx.prepare_cached(
+                "INSERT OR IGNORE INTO pending_revocations (proxy, study_id, pseudonym) VALUES (?1, ?2, ?3)",
+            )?;
+            for (study, pseudonym) in grants {
+                let id: Option<String> = find
+                    .query_row(params![study, pseudonym], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = id {
+                    del.execute([&id])?;
+                    existed.push((study.clone(), pseudonym.clone(), id));
+                }
+                for p in 0..proxies {
+                    queue.execute(params![p as i64, study, pseudonym])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Revocations not yet confirmed by a proxy, per proxy.
+    pub fn pending_revocations(&self) -> DbResult<BTreeMap<usize, Vec<(String, String)>>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT proxy, study_id, pseudonym FROM pending_revocations ORDER BY proxy",
+        )?;
+        let mut out: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
+        })?;
+        for row in rows {
+            let (p, s, ps) = row?;
+            out.entry(p).or_default().push((s, ps));
+        }
+        Ok(out)
+    }
+
+    pub fn confirm_revocations(&self, proxy: usize, grants: &[(String, String)]) -> DbResult<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM pending_revocations WHERE proxy = ?1 AND study_id = ?2 AND pseudonym = ?3",
+        )?;
+        for (s, p) in grants {
+            stmt.execute(params![proxy as i64, s, p])?;
+        }
+        Ok(())
     }
 
     /// Patients with an unexpired grant to the study, with the granted categories.
