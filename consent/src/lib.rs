@@ -4,3 +4,4 @@
 
 pub mod duo;
 pub mod error;
+pub mod policy;
