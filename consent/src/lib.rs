@@ -4,4 +4,5 @@
 
 pub mod duo;
 pub mod error;
+pub mod evaluate;
 pub mod policy;
