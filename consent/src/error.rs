@@ -310,7 +310,7 @@ pub enum Refusal {
     )]
     RoleOnlyActor { at: ProvisionPath },
     #[error(
-        "{} limits a permit to the records held by one custodian (actor role CST); the broker does not keep which organisation holds a record, so the permit would grant more; import it from each custodian's own records, or drop the custodian",
+        "{} limits a permit to the records held or written by one organisation (actor role CST or AUT); the broker does not keep where a record comes from, so the permit would grant more; import it from that organisation's records only, or drop the condition",
         rule_name(.at)
     )]
     CustodianRestriction { at: ProvisionPath },

@@ -27,8 +27,8 @@
 //!   (its conditions limit where the nested exceptions apply). Nested rules must have
 //!   a type.
 //! - `actor`: an `Organization` reference is the organisation a rule is about (the
-//!   study's sponsor); with role `CST` (custodian) it is the organisation holding the
-//!   records, which the broker does not track. A reference to an individual
+//!   study's sponsor); with role `CST` (custodian) or `AUT` (author) it is the
+//!   organisation holding or writing the records, which the broker does not track. A reference to an individual
 //!   (Practitioner, Patient, RelatedPerson, ...) is refused.
 //! - `action`: a rule that names only actions the broker never performs (`collect`,
 //!   `correct`) is left out; `access`, `use` and `disclose` are releases.
@@ -341,6 +341,10 @@ struct Purposes {
     unsupported: Option<String>,
 }
 
+/// Actor roles that name where records come from (custodian, author), not who
+/// receives them.
+const DATA_SOURCE_ROLES: [&str; 2] = ["CST", "AUT"];
+
 const DUO_SYSTEM: &str = "purl.obolibrary.org/obo/duo";
 const ACT_REASON: [&str; 2] = [
     "http://terminology.hl7.org/CodeSystem/v3-ActReason",
@@ -614,13 +618,16 @@ impl Importer {
                     },
                 });
             }
-            if roles.iter().any(|(_, code)| *code == "CST") {
+            if roles
+                .iter()
+                .any(|(_, code)| DATA_SOURCE_ROLES.contains(code))
+            {
                 if permit || rule.has_permit_below() {
                     return Err(Refusal::CustodianRestriction {
                         at: rule.at.clone(),
                     });
                 }
-                self.note(rule, "the custodian (actor role CST) was dropped: the deny now covers records wherever they are held");
+                self.note(rule, "the organisation holding or authoring the records (actor role CST or AUT) was dropped: the deny now covers records wherever they come from");
                 continue;
             }
             actors.push(Actor::Organisation(id.to_owned()));
@@ -633,6 +640,8 @@ impl Importer {
 
         let purposes = Purposes::read(json);
         let mut data_use = None;
+        // What nested permits inherit: the full data use this rule names.
+        let mut passed_down = None;
         if permit {
             if let Some(term) = purposes.needs_parameter {
                 return Err(Refusal::DuoTermNeedsParameter {
@@ -652,7 +661,7 @@ impl Importer {
                 });
             }
             if purposes.named && !purposes.research() {
-                self.note(rule, "left out of research: it permits only purposes other than research (emergency treatment is the break-glass choice)");
+                self.note(rule, "left out of research: it names no research purpose the broker can express (a DUO term or HRESCH); emergency treatment is the break-glass choice");
                 return Ok(Converted::Dropped);
             }
             let inherited = above.data_use.clone();
@@ -685,6 +694,7 @@ impl Importer {
                 );
             }
             data_use = Some(DataUse { primary, modifiers });
+            passed_down = data_use.clone();
         } else if purposes.named {
             let uncertain = purposes.unknown
                 || purposes.needs_parameter.is_some()
@@ -697,6 +707,16 @@ impl Importer {
                     self.widen(rule, "purpose modifiers", "DUO modifiers were dropped from the deny: it now covers all research of its kind")?;
                 }
                 data_use = Some(DataUse::new(purposes.primaries[0].clone()));
+                let mut modifiers = above
+                    .data_use
+                    .as_ref()
+                    .map(|d| d.modifiers.clone())
+                    .unwrap_or_default();
+                modifiers.extend(purposes.modifiers.iter().cloned());
+                passed_down = Some(DataUse {
+                    primary: purposes.primaries[0].clone(),
+                    modifiers,
+                });
             } else if !purposes.modifiers.is_empty() {
                 self.widen(rule, "purpose modifiers", "DUO modifiers without a primary term were dropped: the deny now covers all research")?;
             } else {
@@ -753,29 +773,28 @@ impl Importer {
                 );
                 return Ok(Converted::Subtract(set));
             }
-            if let Some(element) = limit.unmapped {
-                self.widen(rule, element, "a data restriction that cannot be expressed was dropped: the deny now covers all categories")?;
-            } else {
-                if limit.partly_unmapped && rule.has_permit_below() {
+            if rule.has_permit_below() {
+                // The permits within stay limited to these categories (read as a
+                // permit reads them); the deny itself widens to every category.
+                let strict = data_limit(json, false);
+                let element = strict.unmapped.or(if strict.partly_unmapped {
+                    Some("class or securityLabel")
+                } else {
+                    None
+                });
+                if let Some(element) = element {
                     return Err(Refusal::DenyWithExceptions {
                         at: rule.at.clone(),
-                        element: "class or securityLabel",
+                        element,
                     });
                 }
-                // Nested permits stay limited to these categories; the deny itself
-                // widens to all of them.
-                let strict = data_limit(json, false).categories;
-                if rule.has_permit_below() {
-                    limit_below = match (limit_below, strict) {
-                        (None, s) => s,
-                        (Some(outer), Some(s)) => Some(outer.intersection(&s).copied().collect()),
-                        (Some(outer), None) => Some(outer),
-                    };
-                }
-                self.note(
-                    rule,
-                    "the deny's categories were dropped: it now covers all categories",
-                );
+                limit_below = match (limit_below, strict.categories) {
+                    (Some(outer), Some(own)) => Some(outer.intersection(&own).copied().collect()),
+                    (outer, own) => own.or(outer),
+                };
+                self.note(rule, "the deny now covers all categories; the permits within it stay limited to its categories");
+            } else {
+                self.note(rule, "a data restriction (class, securityLabel, code or dataPeriod) was dropped: the deny now covers all categories");
             }
         }
 
@@ -789,7 +808,7 @@ impl Importer {
             effect,
             period,
             actors,
-            data_use: data_use.clone(),
+            data_use,
             categories,
             fields: None,
             provisions: Vec::new(),
@@ -799,7 +818,7 @@ impl Importer {
         }
 
         let below = Above {
-            data_use: data_use.or_else(|| above.data_use.clone()),
+            data_use: passed_down.or_else(|| above.data_use.clone()),
             categories: limit_below,
             permit_categories: if permit {
                 provision
@@ -1251,6 +1270,77 @@ mod tests {
             &DecidedBy::Provision(ProvisionPath(vec![0]))
         );
         assert!(imported.notes.iter().any(|n| n.contains("dropped")));
+    }
+
+    #[test]
+    fn nested_permits_inherit_the_full_purpose_of_a_scope() {
+        let c = research_consent(json!({
+            "purpose": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"},
+                {"system": "http://purl.obolibrary.org/obo/duo.owl", "code": "NPU"}
+            ],
+            "provision": [{"type": "permit", "actor": [{"reference": {"reference": "Organization/uni-1"}}]}]
+        }));
+        let imported = from_fhir_consent(&c).unwrap();
+        let scope = &imported.policy.provisions()[0];
+        assert_eq!(scope.effect, Effect::Deny);
+        assert_eq!(scope.data_use, Some(DataUse::new(Primary::Hmb)));
+        assert_eq!(
+            scope.provisions[0].data_use,
+            Some(DataUse::new(Primary::Hmb).with(Modifier::Npu))
+        );
+        let mut commercial = study("uni-1");
+        commercial.requester.for_profit = true;
+        assert!(evaluate(&imported.policy, &study("uni-1"), NOW).is_permit());
+        assert!(!evaluate(&imported.policy, &commercial, NOW).is_permit());
+    }
+
+    #[test]
+    fn permits_within_a_category_deny_stay_within_its_categories() {
+        let observation =
+            json!([{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]);
+        let c = research_consent(json!({
+            "type": "deny",
+            "class": observation,
+            "provision": [{"type": "permit", "actor": [{"reference": {"reference": "Organization/uni-1"}}]}]
+        }));
+        let imported = from_fhir_consent(&c).unwrap();
+        let deny = &imported.policy.provisions()[0];
+        assert_eq!(deny.categories, None);
+        assert_eq!(
+            deny.provisions[0].categories,
+            Some(Categories::only([Category::Observations]))
+        );
+        let d = evaluate(&imported.policy, &study("uni-1"), NOW);
+        assert_eq!(
+            d.permitted_categories(),
+            &BTreeSet::from([Category::Observations])
+        );
+        assert!(!evaluate(&imported.policy, &study("uni-2"), NOW).is_permit());
+
+        // A label a permit cannot read (SPI) cannot limit the permits within.
+        let c = research_consent(json!({
+            "type": "deny",
+            "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "SPI"}],
+            "provision": [{"type": "permit"}]
+        }));
+        assert!(matches!(
+            from_fhir_consent(&c),
+            Err(Refusal::DenyWithExceptions { .. })
+        ));
+    }
+
+    #[test]
+    fn authoring_organisations_cannot_limit_a_permit() {
+        let c = research_consent(json!({
+            "actor": [{"role": {"coding": [{"code": "AUT"}]}, "reference": {"reference": "Organization/lab"}}]
+        }));
+        assert_eq!(
+            from_fhir_consent(&c),
+            Err(Refusal::CustodianRestriction {
+                at: ProvisionPath::default()
+            })
+        );
     }
 
     #[test]

@@ -89,7 +89,7 @@ fn rows() -> Vec<Row> {
                 assert!(p.provisions().is_empty());
                 assert_eq!(p.break_glass(), BreakGlass::Deny);
                 assert_eq!(p.issued_at(), 1_447_804_800); // 2015-11-18
-                assert!(imported.notes.iter().any(|n| n.contains("custodian")));
+                assert!(imported.notes.iter().any(|n| n.contains("actor role CST")));
                 assert!(
                     imported
                         .notes
