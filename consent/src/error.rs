@@ -297,7 +297,7 @@ pub enum Refusal {
     )]
     DataReference { at: ProvisionPath },
     #[error(
-        "{} names an individual ({resource_type}) as actor; the broker releases only to studies of registered organisations; name the organisation instead",
+        "{} names a {resource_type} as actor, not an organisation; the broker releases only to studies of registered organisations; name the organisation instead",
         rule_name(.at)
     )]
     IndividualActor {
@@ -305,10 +305,15 @@ pub enum Refusal {
         resource_type: String,
     },
     #[error(
-        "{} names an actor by role only; a permit needs the organisation it permits; name the organisation (Organization reference)",
+        "{} names an actor without a reference (by role or identifier only); a permit needs the organisation it permits; give an Organization reference",
         rule_name(.at)
     )]
     RoleOnlyActor { at: ProvisionPath },
+    #[error(
+        "{} names an actor whose reference is not Type/id with a usable id (at most 128 printable characters); use a relative reference such as Organization/org-17",
+        rule_name(.at)
+    )]
+    BadReference { at: ProvisionPath },
     #[error(
         "{} limits a permit to the records held or written by one organisation (actor role CST or AUT); the broker does not keep where a record comes from, so the permit would grant more; import it from that organisation's records only, or drop the condition",
         rule_name(.at)

@@ -608,14 +608,18 @@ impl Importer {
             let mut parts = reference.rsplit('/');
             let id = parts.next().unwrap_or("");
             let resource_type = parts.next().unwrap_or("");
+            let usable = |s: &str| {
+                !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic())
+            };
+            if !usable(resource_type) || !usable(id) {
+                return Err(Refusal::BadReference {
+                    at: rule.at.clone(),
+                });
+            }
             if resource_type != "Organization" {
                 return Err(Refusal::IndividualActor {
                     at: rule.at.clone(),
-                    resource_type: if resource_type.is_empty() {
-                        "a reference without a resource type".into()
-                    } else {
-                        excerpt(resource_type)
-                    },
+                    resource_type: excerpt(resource_type),
                 });
             }
             if roles
@@ -1327,6 +1331,29 @@ mod tests {
         assert!(matches!(
             from_fhir_consent(&c),
             Err(Refusal::DenyWithExceptions { .. })
+        ));
+    }
+
+    #[test]
+    fn actor_references_must_be_usable() {
+        for reference in ["#contained", "Organization/", "f001"] {
+            let c = research_consent(json!({
+                "actor": [{"reference": {"reference": reference}}]
+            }));
+            assert_eq!(
+                from_fhir_consent(&c),
+                Err(Refusal::BadReference {
+                    at: ProvisionPath::default()
+                }),
+                "{reference}"
+            );
+        }
+        let c = research_consent(json!({
+            "actor": [{"reference": {"reference": "https://example.org/fhir/CareTeam/7"}}]
+        }));
+        assert!(matches!(
+            from_fhir_consent(&c),
+            Err(Refusal::IndividualActor { resource_type, .. }) if resource_type == "CareTeam"
         ));
     }
 
