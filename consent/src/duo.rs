@@ -6,7 +6,7 @@
 //! number of modifiers (conditions: NPU, IRB, PUB, COL, RTN, TS, GS, NMDS, GSO, NPOA).
 //! [`match_data_use`] answers [`Verdict::Approve`], [`Verdict::Deny`] or
 //! [`Verdict::Abstain`]: the last means the matcher cannot tell and an ethics board
-//! must decide (see [`crate::evaluate`] for how the engine treats it).
+//! must decide (see [`mod@crate::evaluate`] for how the engine treats it).
 //!
 //! | consent \ study focus | disease | health | general | ancestry | methods |
 //! |---|---|---|---|---|---|

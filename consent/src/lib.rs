@@ -5,7 +5,7 @@
 //! its [`canonical_bytes`](ConsentPolicy::canonical_bytes), opt-in (the base decision
 //! is deny), with nested permit/deny provisions restricted by period, organisation and
 //! research purpose (GA4GH DUO terms), and with a break-glass choice. The broker asks
-//! [`evaluate`] whether a study (or an emergency clinician) may have a patient's data,
+//! [`evaluate()`] whether a study (or an emergency clinician) may have a patient's data,
 //! and builds grants only from the [`PermittedAccess`] a permit yields.
 //!
 //! ```text
@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Modules: [`policy`] (the model, checks, canonical bytes, history), [`duo`] (DUO
-//! terms and matching), [`evaluate`] (the engine), [`fhir`] (import of FHIR R4
+//! terms and matching), [`mod@evaluate`] (the engine), [`fhir`] (import of FHIR R4
 //! Consent), [`error`] (what can be rejected or refused, and why). `docs/CONSENT.md`
 //! explains the model to patients and ethics boards.
 //!
