@@ -11,8 +11,12 @@ use pre_kms::{Category, Identity, envelope};
 use rayon::prelude::*;
 use tokio_stream::StreamExt;
 
+use consent_policy::{ConsentPolicy, PolicyHistory};
+
 use crate::client::{BrokerClient, ClientError, ClientResult};
+use crate::consent::{consent_digest, decide, grant_scope};
 use crate::convert::index_to_pb;
+use crate::convert::study_from_pb;
 use crate::service::Enrollment;
 
 /// A patient's enrollment and sealed upload, prepared together so that each category
@@ -188,11 +192,26 @@ pub async fn grant_batch(
     plan: &GrantPlan,
     patients: Vec<(Identity, Vec<Category>)>,
 ) -> ClientResult<usize> {
+    let expires_at = plan.expires_at;
+    let scoped = patients
+        .into_iter()
+        .map(|(id, has)| (id, has, expires_at))
+        .collect();
+    grant_scoped(client, plan, scoped).await
+}
+
+/// Issues one grant per patient for the plan's categories the patient lists, expiring at
+/// the patient's own time (at most the plan's). Patients left with no category get none.
+pub async fn grant_scoped(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    patients: Vec<(Identity, Vec<Category>, i64)>,
+) -> ClientResult<usize> {
     let plan = plan.clone();
     let grants = tokio::task::spawn_blocking(move || {
         patients
             .par_iter()
-            .filter_map(|(patient, has)| {
+            .filter_map(|(patient, has, expires_at)| {
                 let categories: Vec<Category> = plan
                     .categories
                     .iter()
@@ -204,6 +223,7 @@ pub async fn grant_batch(
                         patient,
                         &GrantPlan {
                             categories,
+                            expires_at: (*expires_at).min(plan.expires_at),
                             ..plan.clone()
                         },
                     )
@@ -302,4 +322,100 @@ pub async fn fetch_and_decrypt(
         }
     }
     Ok(report)
+}
+
+// ---------------------------------------------------------------- consent
+
+/// Signs `policy` as `patient`'s next consent version, ready to submit.
+pub fn sign_consent(patient: &Identity, policy: &ConsentPolicy) -> pb::ConsentSubmission {
+    let pseudonym = patient.pseudonym();
+    pb::ConsentSubmission {
+        signature: patient.sign(&consent_digest(&pseudonym, policy.canonical_bytes())),
+        pseudonym,
+        policy: policy.canonical_bytes().to_vec(),
+    }
+}
+
+/// Sets a policy for each patient (each signed by the patient's own key), in one call.
+pub async fn set_consents(
+    client: &BrokerClient,
+    policies: &[(Identity, ConsentPolicy)],
+) -> ClientResult<Vec<pb::ConsentReceipt>> {
+    let submissions = policies
+        .par_iter()
+        .map(|(id, policy)| sign_consent(id, policy))
+        .collect();
+    client.set_consents(submissions).await
+}
+
+/// A patient's policy versions as stored at the broker, each checked against the
+/// patient's own key (a broker cannot substitute a policy the patient did not sign).
+pub async fn consent_history(
+    client: &BrokerClient,
+    patient: &Identity,
+) -> ClientResult<PolicyHistory> {
+    let pseudonym = patient.pseudonym();
+    let versions = client.consent_history(&pseudonym).await?;
+    let mut policies = Vec::with_capacity(versions.len());
+    for v in versions {
+        let policy = ConsentPolicy::from_json(&v.policy).map_err(|e| {
+            ClientError::Invalid(format!("stored consent version {}: {e}", v.version))
+        })?;
+        let digest = consent_digest(&pseudonym, policy.canonical_bytes());
+        if !pre_kms::keys::verify_signature(&patient.verifying_key(), &digest, &v.signature) {
+            return Err(ClientError::Invalid(format!(
+                "stored consent version {} is not signed by the patient",
+                v.version
+            )));
+        }
+        policies.push(policy);
+    }
+    PolicyHistory::new(policies).map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+/// The next version number for a patient's policy.
+pub fn next_version(history: &PolicyHistory) -> u32 {
+    history.versions().last().map_or(1, |p| p.version() + 1)
+}
+
+/// What consent-driven granting did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentedGrants {
+    /// Grants issued.
+    pub issued: usize,
+    /// Patients whose consent does not permit the study (or any of its categories
+    /// they have records in).
+    pub not_permitted: usize,
+}
+
+/// Grants an approved study exactly what each patient's consent permits: the permitted
+/// categories the patient has records in, expiring at the earliest of the policy, the
+/// deciding provision and the study period. `patients` pairs each identity with its
+/// record categories and its consent history.
+pub async fn consented_grants(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    study: &pb::Study,
+    patients: Vec<(Identity, Vec<Category>, PolicyHistory)>,
+) -> ClientResult<ConsentedGrants> {
+    let study = study_from_pb(study.clone()).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let now = crate::service::now_secs();
+    let mut out = ConsentedGrants::default();
+    let mut scoped = Vec::with_capacity(patients.len());
+    for (id, has, history) in patients {
+        match grant_scope(&decide(&history, &study, now), &study) {
+            Ok((allowed, expiry)) => {
+                let categories: Vec<Category> =
+                    allowed.into_iter().filter(|c| has.contains(c)).collect();
+                if categories.is_empty() {
+                    out.not_permitted += 1;
+                } else {
+                    scoped.push((id, categories, expiry));
+                }
+            }
+            Err(_) => out.not_permitted += 1,
+        }
+    }
+    out.issued = grant_scoped(client, plan, scoped).await?;
+    Ok(out)
 }

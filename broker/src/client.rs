@@ -59,6 +59,7 @@ pub struct BrokerClient {
     grants: pb::grants_client::GrantsClient<Channel>,
     releases: pb::releases_client::ReleasesClient<Channel>,
     audit: pb::audit_client::AuditClient<Channel>,
+    consents: pb::consents_client::ConsentsClient<Channel>,
 }
 
 impl BrokerClient {
@@ -90,6 +91,7 @@ impl BrokerClient {
             releases: pb::releases_client::ReleasesClient::new(channel.clone())
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
+            consents: pb::consents_client::ConsentsClient::new(channel.clone()),
             audit: pb::audit_client::AuditClient::new(channel)
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
@@ -223,18 +225,23 @@ impl BrokerClient {
         &self,
         study_id: &str,
         approve: bool,
+        overrides_abstain: bool,
         reason: &str,
     ) -> ClientResult<pb::Study> {
         let study = crate::convert::study_from_pb(self.get_study(study_id).await?)
             .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let signature = self
-            .identity
-            .sign(&decision_digest(study_id, &study.proposal, approve));
+        let signature = self.identity.sign(&decision_digest(
+            study_id,
+            &study.proposal,
+            approve,
+            overrides_abstain,
+        ));
         let req = pb::DecideStudyRequest {
             study_id: study_id.to_owned(),
             approve,
             reason: reason.to_owned(),
             signature,
+            overrides_abstain,
         };
         Ok(self
             .studies
@@ -404,5 +411,32 @@ impl BrokerClient {
             },
         );
         Ok(self.audit.clone().alerts(req).await?.into_inner())
+    }
+
+    // ------------------------------------------------------------ consents
+
+    /// Sets new policy versions, each already signed by its patient.
+    pub async fn set_consents(
+        &self,
+        consents: Vec<pb::ConsentSubmission>,
+    ) -> ClientResult<Vec<pb::ConsentReceipt>> {
+        let req = self.sign(m::SET_CONSENTS, pb::SetConsentsRequest { consents });
+        Ok(self.consents.clone().set(req).await?.into_inner().receipts)
+    }
+
+    pub async fn consent_history(&self, pseudonym: &str) -> ClientResult<Vec<pb::ConsentVersion>> {
+        let req = self.sign(
+            m::CONSENT_HISTORY,
+            pb::ConsentHistoryRequest {
+                pseudonym: pseudonym.to_owned(),
+            },
+        );
+        Ok(self
+            .consents
+            .clone()
+            .history(req)
+            .await?
+            .into_inner()
+            .versions)
     }
 }

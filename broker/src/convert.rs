@@ -2,6 +2,7 @@
 
 use broker_proto::v1 as pb;
 use cohort_query::{CodedEvent, Cohort, PatientIndex, Person};
+use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
 use pre_kms::Category;
 use pre_kms::grant::{Grant, GrantCategory};
 
@@ -135,10 +136,64 @@ pub fn cohort_from_pb(c: pb::Cohort) -> Cohort {
     }
 }
 
+pub fn purpose_to_pb(p: &ResearchPurpose) -> pb::ResearchPurpose {
+    let (focus, diseases) = match &p.focus {
+        StudyFocus::Disease(codes) => ("disease", codes.clone()),
+        StudyFocus::Health => ("health", Vec::new()),
+        StudyFocus::General => ("general", Vec::new()),
+        StudyFocus::Ancestry => ("ancestry", Vec::new()),
+        StudyFocus::MethodsDevelopment => ("methods", Vec::new()),
+    };
+    pb::ResearchPurpose {
+        focus: focus.into(),
+        diseases,
+        commercial: p.commercial,
+        irb_approved: p.irb_approved,
+        will_publish: p.will_publish,
+        will_collaborate: p.will_collaborate,
+        will_return_data: p.will_return_data,
+        ends_at: p.ends_at.unwrap_or(0),
+        region: p.region.clone().unwrap_or_default(),
+        genetic: p.genetic,
+    }
+}
+
+pub fn purpose_from_pb(p: pb::ResearchPurpose) -> ServiceResult<ResearchPurpose> {
+    let focus = match p.focus.as_str() {
+        "disease" if p.diseases.is_empty() => {
+            return Err(ServiceError::InvalidArgument(
+                "a disease-specific purpose needs at least one disease code".into(),
+            ));
+        }
+        "disease" => StudyFocus::Disease(p.diseases),
+        "health" => StudyFocus::Health,
+        "general" => StudyFocus::General,
+        "ancestry" => StudyFocus::Ancestry,
+        "methods" => StudyFocus::MethodsDevelopment,
+        other => {
+            return Err(ServiceError::InvalidArgument(format!(
+                "unknown research focus {other:?}; use disease, health, general, ancestry or methods"
+            )));
+        }
+    };
+    Ok(ResearchPurpose {
+        focus,
+        commercial: p.commercial,
+        irb_approved: p.irb_approved,
+        will_publish: p.will_publish,
+        will_collaborate: p.will_collaborate,
+        will_return_data: p.will_return_data,
+        ends_at: (p.ends_at != 0).then_some(p.ends_at),
+        region: (!p.region.is_empty()).then_some(p.region),
+        genetic: p.genetic,
+    })
+}
+
 pub fn proposal_to_pb(p: &StudyProposal) -> pb::StudyProposal {
     pb::StudyProposal {
         title: p.title.clone(),
-        purpose: p.purpose.clone(),
+        purpose: Some(purpose_to_pb(&p.purpose)),
+        fields: p.fields.iter().map(|f| f.name().to_owned()).collect(),
         categories: p.categories.iter().map(|c| c.label().to_owned()).collect(),
         researcher_id: p.researcher_id.clone(),
         receiving_key: p.receiving_key.clone(),
@@ -151,7 +206,17 @@ pub fn proposal_to_pb(p: &StudyProposal) -> pb::StudyProposal {
 pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
     Ok(StudyProposal {
         title: p.title,
-        purpose: p.purpose,
+        purpose: purpose_from_pb(p.purpose.ok_or_else(|| {
+            ServiceError::InvalidArgument("a study needs a research purpose".into())
+        })?)?,
+        fields: p
+            .fields
+            .iter()
+            .map(|f| {
+                f.parse::<SearchField>()
+                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+            })
+            .collect::<ServiceResult<_>>()?,
         categories: p
             .categories
             .iter()
@@ -184,6 +249,8 @@ pub fn study_to_pb(s: Study) -> pb::Study {
         reason: s.reason,
         proposed_at: s.proposed_at,
         decided_at: s.decided_at,
+        overrides_abstain: s.overrides_abstain,
+        sponsor_organisation: s.sponsor_organisation,
     }
 }
 
@@ -206,6 +273,8 @@ pub fn study_from_pb(s: pb::Study) -> ServiceResult<Study> {
         reason: s.reason,
         proposed_at: s.proposed_at,
         decided_at: s.decided_at,
+        overrides_abstain: s.overrides_abstain,
+        sponsor_organisation: s.sponsor_organisation,
     })
 }
 

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use broker_proto::v1 as pb;
 use cohort_query::Cohort;
+use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
+
+use crate::consent::broad_research_policy;
 use datasets::{PatientRecord, Population};
 use indicatif::{ProgressBar, ProgressStyle};
 use pre_kms::keystore::Keystore;
@@ -107,30 +110,67 @@ pub struct Cast {
 }
 
 impl Cast {
-    /// The sponsor proposes a study for the cast's researcher, open for 90 days; the
-    /// board approves it.
+    /// A health-research study (DUO HMB, IRB-approved, will publish) for the cast's
+    /// researcher, open for 90 days, searching every field.
+    pub fn proposal(&self, title: &str, categories: &[Category], cohort: Cohort) -> StudyProposal {
+        let now = crate::service::now_secs();
+        let researcher = self.researcher.identity();
+        let mut purpose = ResearchPurpose::new(StudyFocus::Health);
+        purpose.irb_approved = true;
+        purpose.will_publish = true;
+        StudyProposal {
+            title: title.into(),
+            purpose,
+            categories: categories.to_vec(),
+            fields: SearchField::ALL.into_iter().collect(),
+            researcher_id: researcher.actor_id(),
+            receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
+            not_before: now - 60,
+            not_after: now + 90 * 24 * 3600,
+            cohort,
+        }
+    }
+
+    /// The sponsor proposes `proposal`; the board approves it.
+    pub async fn approve(
+        &self,
+        proposal: &StudyProposal,
+        overrides_abstain: bool,
+    ) -> ClientResult<pb::Study> {
+        let study = self.sponsor.propose_study(proposal).await?;
+        self.board
+            .decide_study(&study.study_id, true, overrides_abstain, "approved")
+            .await
+    }
+
+    /// The sponsor proposes [`Cast::proposal`]; the board approves it.
     pub async fn approved_study(
         &self,
         title: &str,
         categories: &[Category],
         cohort: Cohort,
     ) -> ClientResult<pb::Study> {
-        let now = crate::service::now_secs();
-        let researcher = self.researcher.identity();
-        let proposal = StudyProposal {
-            title: title.into(),
-            purpose: "HMB".into(),
-            categories: categories.to_vec(),
-            researcher_id: researcher.actor_id(),
-            receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
-            not_before: now - 60,
-            not_after: now + 90 * 24 * 3600,
-            cohort,
-        };
-        let study = self.sponsor.propose_study(&proposal).await?;
-        self.board
-            .decide_study(&study.study_id, true, "approved")
+        self.approve(&self.proposal(title, categories, cohort), false)
             .await
+    }
+
+    /// Sets each patient's next consent version to [`broad_research_policy`].
+    pub async fn consent_broadly(&self, patients: &[Identity]) -> ClientResult<usize> {
+        let now = crate::service::now_secs();
+        let mut policies = Vec::with_capacity(patients.len());
+        for p in patients {
+            let client = self.custodian.clone();
+            let history = agent::consent_history(&client, p).await?;
+            policies.push((
+                p.clone(),
+                broad_research_policy(agent::next_version(&history), now),
+            ));
+        }
+        let mut set = 0;
+        for chunk in policies.chunks(500) {
+            set += agent::set_consents(&self.custodian, chunk).await?.len();
+        }
+        Ok(set)
     }
 
     /// Grants `plan`'s categories for each patient (those it has), in batches.

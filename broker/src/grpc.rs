@@ -181,7 +181,14 @@ impl pb::studies_server::Studies for Grpc {
         let r = req.into_inner();
         let b = self.0.clone();
         let study = blocking(move || {
-            b.decide_study(&caller, &r.study_id, r.approve, r.reason, r.signature)
+            b.decide_study(
+                &caller,
+                &r.study_id,
+                r.approve,
+                r.overrides_abstain,
+                r.reason,
+                r.signature,
+            )
         })
         .await?;
         Ok(Response::new(study_to_pb(study)))
@@ -438,6 +445,61 @@ impl pb::audit_server::Audit for Grpc {
         Ok(Response::new(pb::AlertsResponse {
             checkpoint: note(&c)?,
             events: events.into_iter().map(logged_to_pb).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::consents_server::Consents for Grpc {
+    async fn set(
+        &self,
+        req: Request<pb::SetConsentsRequest>,
+    ) -> Result<Response<pb::SetConsentsResponse>, Status> {
+        let caller = self.0.authorize(&req, m::SET_CONSENTS, PATIENT_SIDE)?;
+        let submissions = req
+            .into_inner()
+            .consents
+            .into_iter()
+            .map(|c| crate::service::ConsentSubmission {
+                pseudonym: c.pseudonym,
+                policy_json: c.policy,
+                signature: c.signature,
+            })
+            .collect();
+        let receipts = self.0.set_consents(caller, submissions).await?;
+        Ok(Response::new(pb::SetConsentsResponse {
+            receipts: receipts
+                .into_iter()
+                .map(|r| pb::ConsentReceipt {
+                    pseudonym: r.pseudonym,
+                    version: r.version,
+                    policy_hash: r.policy_hash,
+                    grants_withdrawn: r.grants_withdrawn as u32,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::ConsentHistoryRequest>,
+    ) -> Result<Response<pb::ConsentHistoryResponse>, Status> {
+        let caller = self.0.authorize(&req, m::CONSENT_HISTORY, PATIENT_SIDE)?;
+        let pseudonym = req.into_inner().pseudonym;
+        let b = self.0.clone();
+        let versions = blocking(move || b.consent_history(&caller, &pseudonym)).await?;
+        Ok(Response::new(pb::ConsentHistoryResponse {
+            versions: versions
+                .into_iter()
+                .map(|v| pb::ConsentVersion {
+                    version: v.policy.version(),
+                    issued_at: v.policy.issued_at(),
+                    set_at: v.set_at,
+                    policy_hash: v.policy.policy_hash().to_hex(),
+                    policy: v.policy.canonical_bytes().to_vec(),
+                    signature: v.signature,
+                })
+                .collect(),
         }))
     }
 }

@@ -11,6 +11,7 @@
 //! - [`client`]: the signed-request client used by `brokerctl`, the demo and the tests
 pub mod agent;
 pub mod client;
+pub mod consent;
 pub mod convert;
 pub mod demo;
 pub mod error;

@@ -20,3 +20,5 @@ pub const AUDIT_EVENTS: &str = "/broker.v1.Audit/Events";
 pub const AUDIT_COSIGN: &str = "/broker.v1.Audit/Cosign";
 pub const AUDIT_ACCESSES: &str = "/broker.v1.Audit/Accesses";
 pub const AUDIT_ALERTS: &str = "/broker.v1.Audit/Alerts";
+pub const SET_CONSENTS: &str = "/broker.v1.Consents/Set";
+pub const CONSENT_HISTORY: &str = "/broker.v1.Consents/History";

@@ -294,6 +294,7 @@ pub async fn start(
                 .max_encoding_message_size(limit),
         )
         .add_service(pb::studies_server::StudiesServer::new(grpc.clone()))
+        .add_service(pb::consents_server::ConsentsServer::new(grpc.clone()))
         .add_service(
             pb::grants_server::GrantsServer::new(grpc.clone())
                 .max_decoding_message_size(limit)

@@ -1,14 +1,19 @@
 //! Studies: proposed by a sponsor, approved or rejected by the board's signature.
 
+use std::collections::BTreeSet;
+
 use cohort_query::Cohort;
+use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
 use pre_kms::Category;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudyProposal {
     pub title: String,
-    pub purpose: String,
+    pub purpose: ResearchPurpose,
     pub categories: Vec<Category>,
+    /// The searchable fields the cohort needs.
+    pub fields: BTreeSet<SearchField>,
     pub researcher_id: String,
     /// Compressed umbral public key the records are re-encrypted to.
     pub receiving_key: Vec<u8>,
@@ -56,6 +61,11 @@ pub struct Study {
     pub reason: String,
     pub proposed_at: i64,
     pub decided_at: i64,
+    /// The board approved the purpose where the DUO matcher abstains.
+    pub overrides_abstain: bool,
+    /// The sponsor's organisation, as the operator registered it (consent policies may
+    /// name organisations).
+    pub sponsor_organisation: String,
 }
 
 impl Study {
@@ -92,13 +102,46 @@ pub fn study_id(proposal: &StudyProposal, sponsor_id: &str, proposed_at: i64) ->
     format!("st-{}", &h.finalize().to_hex()[..16])
 }
 
-/// What a board member signs to approve or reject: the study id, the full proposal and
-/// the decision.
-pub fn decision_digest(study_id: &str, proposal: &StudyProposal, approve: bool) -> [u8; 32] {
+/// What a board member signs to approve or reject: the study id, the full proposal, the
+/// decision and whether it overrides the DUO matcher's abstentions.
+pub fn decision_digest(
+    study_id: &str,
+    proposal: &StudyProposal,
+    approve: bool,
+    overrides_abstain: bool,
+) -> [u8; 32] {
     let json = serde_json::to_vec(proposal).expect("proposal serializes");
-    let mut h = blake3::Hasher::new_derive_key("broker study decision v1");
+    let mut h = blake3::Hasher::new_derive_key("broker study decision v2");
     h.update(study_id.as_bytes());
-    h.update(&[0, approve as u8]);
+    h.update(&[0, approve as u8, overrides_abstain as u8]);
     h.update(&json);
     *h.finalize().as_bytes()
+}
+
+/// A short label of a research purpose, for logs and listings: the DUO-style focus and
+/// the commitments, e.g. `DS(ICD10:E11) IRB PUB`.
+pub fn purpose_label(p: &ResearchPurpose) -> String {
+    let mut parts = vec![match &p.focus {
+        StudyFocus::Disease(codes) => format!("DS({})", codes.join(",")),
+        StudyFocus::Health => "HMB".into(),
+        StudyFocus::General => "GRU".into(),
+        StudyFocus::Ancestry => "POA".into(),
+        StudyFocus::MethodsDevelopment => "MDS".into(),
+    }];
+    for (on, term) in [
+        (p.commercial, "commercial"),
+        (p.irb_approved, "IRB"),
+        (p.will_publish, "PUB"),
+        (p.will_collaborate, "COL"),
+        (p.will_return_data, "RTN"),
+        (p.genetic, "genetic"),
+    ] {
+        if on {
+            parts.push(term.into());
+        }
+    }
+    if let Some(region) = &p.region {
+        parts.push(format!("GS({region})"));
+    }
+    parts.join(" ")
 }

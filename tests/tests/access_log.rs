@@ -43,6 +43,8 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     broker::agent::ingest_batch(&cast.custodian, patients.clone())
         .await
         .unwrap();
+    let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
+    cast.consent_broadly(&ids).await.unwrap();
     let study = cast
         .approved_study("log study", &CATS, Cohort::default())
         .await
@@ -59,7 +61,7 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     assert!(cast.researcher.list_studies().await.is_ok());
     assert!(
         cast.researcher
-            .decide_study(&study.study_id, true, "")
+            .decide_study(&study.study_id, true, false, "")
             .await
             .is_err()
     );
@@ -77,6 +79,7 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
         .unwrap();
     assert_eq!(count(&all, EventKind::Enroll), 4);
     assert_eq!(count(&all, EventKind::Upload), 4);
+    assert_eq!(count(&all, EventKind::ConsentSet), 4);
     assert_eq!(count(&all, EventKind::StudyProposed), 1);
     assert_eq!(count(&all, EventKind::StudyApproved), 1);
     assert_eq!(count(&all, EventKind::GrantIssued), 3);
@@ -140,6 +143,7 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
         BTreeSet::from([
             EventKind::Enroll,
             EventKind::Upload,
+            EventKind::ConsentSet,
             EventKind::GrantIssued,
             EventKind::Release
         ])

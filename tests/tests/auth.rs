@@ -54,6 +54,16 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Researcher,
     },
     Call {
+        name: "Consents.Set",
+        method: m::SET_CONSENTS,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Consents.History",
+        method: m::CONSENT_HISTORY,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
         name: "Grants.Withdraw",
         method: m::WITHDRAW_GRANTS,
         wrong_role: Role::Sponsor,
@@ -172,6 +182,16 @@ async fn call(
             pb::releases_client::ReleasesClient<Channel>,
             fetch,
             pb::FetchReleaseRequest::default()
+        ),
+        m::SET_CONSENTS => go!(
+            pb::consents_client::ConsentsClient<Channel>,
+            set,
+            pb::SetConsentsRequest::default()
+        ),
+        m::CONSENT_HISTORY => go!(
+            pb::consents_client::ConsentsClient<Channel>,
+            history,
+            pb::ConsentHistoryRequest::default()
         ),
         m::WITHDRAW_GRANTS => go!(
             pb::grants_client::GrantsClient<Channel>,

@@ -38,6 +38,8 @@ async fn the_pypi_umbral_package_decrypts_a_release() {
     agent::ingest_batch(&cast.custodian, patients.clone())
         .await
         .unwrap();
+    let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
+    cast.consent_broadly(&ids).await.unwrap();
     let categories = vec![Category::Conditions, Category::Observations];
     let study = cast
         .approved_study("interop", &categories, Cohort::default())

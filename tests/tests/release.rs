@@ -49,22 +49,15 @@ async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
         .await
         .expect("ingest");
     assert_eq!(report.newly_enrolled, n);
+    let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
+    cast.consent_broadly(&ids).await.expect("consent");
     World { cast, patients }
 }
 
 fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
-    let now = broker::service::now_secs();
-    let researcher = w.cast.researcher.identity();
-    StudyProposal {
-        title: "test study".into(),
-        purpose: "HMB".into(),
-        categories: CATS.to_vec(),
-        researcher_id: researcher.actor_id(),
-        receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_public_key()),
-        not_before: now - 60,
-        not_after: now + 3600,
-        cohort,
-    }
+    let mut p = w.cast.proposal("test study", &CATS, cohort);
+    p.not_after = broker::service::now_secs() + 3600;
+    p
 }
 
 async fn approved_study(w: &World, cohort: Cohort) -> pb::Study {
@@ -169,7 +162,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
     let rejected = w
         .cast
         .board
-        .decide_study(&study.study_id, false, "not justified")
+        .decide_study(&study.study_id, false, false, "not justified")
         .await
         .unwrap();
     assert_eq!(rejected.status, pb::StudyStatus::Rejected as i32);

@@ -163,6 +163,10 @@ async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
         args.patients
     );
 
+    // Every patient consents broadly (not timed: a one-off per patient).
+    let ids: Vec<_> = granting.iter().map(|(id, _)| id.clone()).collect();
+    cast.consent_broadly(&ids).await?;
+
     // Every granting patient (empty cohort), four categories.
     let study = cast
         .approved_study("End-to-end benchmark", &STUDY_CATEGORIES, Cohort::default())

@@ -8,9 +8,10 @@ use broker::client::BrokerClient;
 use broker::convert::study_from_pb;
 use broker::log_review;
 use broker::role::Role;
-use broker::study::StudyProposal;
+use broker::study::{StudyProposal, purpose_label};
 use clap::{Args, Parser, Subcommand};
 use cohort_query::Cohort;
+use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
 use datasets::DeidConfig;
 use pre_kms::keystore::Keystore;
 use pre_kms::{Category, Identity, PublicIdentity};
@@ -189,9 +190,16 @@ enum SponsorStudyCmd {
         conn: Conn,
         #[arg(long)]
         title: String,
-        /// Research purpose (a GA4GH DUO term such as HMB or GRU).
-        #[arg(long, default_value = "HMB")]
-        purpose: String,
+        /// Research purpose, in GA4GH DUO terms: HMB (health/medical/biomedical), GRU
+        /// (general), POA (population origins or ancestry), MDS (methods development) or
+        /// DS:CODE[,CODE...] (disease-specific, e.g. DS:ICD10:E11).
+        #[arg(long, default_value = "HMB", value_parser = parse_focus)]
+        purpose: StudyFocus,
+        #[command(flatten)]
+        commitments: Commitments,
+        /// Searchable fields the cohort needs [default: those its criteria use].
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<SearchField>,
         /// Categories to release, comma-separated (e.g. conditions,observations).
         #[arg(long, value_delimiter = ',', required = true)]
         categories: Vec<Category>,
@@ -211,6 +219,49 @@ enum SponsorStudyCmd {
         #[arg(long)]
         sex: Option<String>,
     },
+}
+
+/// What a study declares about its use of the data (DUO modifiers are matched to these).
+#[derive(Args, Clone)]
+struct Commitments {
+    /// Commercial use (for-profit sponsor or purpose).
+    #[arg(long)]
+    commercial: bool,
+    /// An ethics board (IRB/ERB) approved the protocol.
+    #[arg(long)]
+    irb: bool,
+    /// The results will be published.
+    #[arg(long)]
+    publish: bool,
+    /// The study collaborates with the data's primary investigators.
+    #[arg(long)]
+    collaborate: bool,
+    /// Derived data will be returned to the resource.
+    #[arg(long)]
+    return_data: bool,
+    /// Genetic research.
+    #[arg(long)]
+    genetic: bool,
+    /// Where the data will be used (a region code such as EU).
+    #[arg(long)]
+    region: Option<String>,
+}
+
+fn parse_focus(s: &str) -> Result<StudyFocus, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "HMB" => Ok(StudyFocus::Health),
+        "GRU" => Ok(StudyFocus::General),
+        "POA" => Ok(StudyFocus::Ancestry),
+        "MDS" => Ok(StudyFocus::MethodsDevelopment),
+        _ => match s.split_once(':') {
+            Some((ds, codes)) if ds.eq_ignore_ascii_case("DS") && !codes.is_empty() => Ok(
+                StudyFocus::Disease(codes.split(',').map(str::to_owned).collect()),
+            ),
+            _ => Err(format!(
+                "{s:?} is not a research purpose: use HMB, GRU, POA, MDS or DS:CODE (e.g. DS:ICD10:E11)"
+            )),
+        },
+    }
 }
 
 #[derive(Subcommand)]
@@ -325,6 +376,10 @@ enum BoardStudyCmd {
         study: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Also approve the purpose for patients whose consent the DUO matcher cannot
+        /// decide (it abstains, e.g. a disease code in another vocabulary).
+        #[arg(long)]
+        override_abstain: bool,
     },
     /// Reject a proposed study, signing the rejection.
     Reject {
@@ -552,6 +607,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
             title,
             purpose,
+            commitments: c,
+            fields,
             categories,
             researcher_key,
             days,
@@ -563,9 +620,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = connect(&conn).await?;
             let researcher = PublicIdentity::read_file(&researcher_key)?;
             let now = pre_kms::request_auth::now_ms() / 1000;
+            let fields = if fields.is_empty() {
+                let mut used = std::collections::BTreeSet::new();
+                if born_from.is_some() || born_to.is_some() {
+                    used.insert(SearchField::BirthYear);
+                }
+                if sex.is_some() {
+                    used.insert(SearchField::Sex);
+                }
+                if !conditions.is_empty() {
+                    used.insert(SearchField::Condition);
+                }
+                used
+            } else {
+                fields.into_iter().collect()
+            };
             let proposal = StudyProposal {
                 title,
-                purpose,
+                purpose: ResearchPurpose {
+                    focus: purpose,
+                    commercial: c.commercial,
+                    irb_approved: c.irb,
+                    will_publish: c.publish,
+                    will_collaborate: c.collaborate,
+                    will_return_data: c.return_data,
+                    ends_at: Some(now + days * 24 * 3600),
+                    region: c.region,
+                    genetic: c.genetic,
+                },
+                fields,
                 categories,
                 researcher_id: researcher.actor_id(),
                 receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_key),
@@ -592,7 +675,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rows: Vec<_> = studies
                 .iter()
                 .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
-                    "purpose": s.proposal.purpose, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
+                    "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
                 .collect();
             print(&conn, &rows, || {
                 studies
@@ -619,12 +702,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
             study,
             reason,
-        })) => decide(&conn, &study, true, &reason).await?,
+            override_abstain,
+        })) => decide(&conn, &study, true, override_abstain, &reason).await?,
         Command::Board(BoardCmd::Study(BoardStudyCmd::Reject {
             conn,
             study,
             reason,
-        })) => decide(&conn, &study, false, &reason).await?,
+        })) => decide(&conn, &study, false, false, &reason).await?,
         Command::Patient(PatientCmd::Accesses { conn, who }) => {
             let client = connect_as(&conn, &who).await?;
             let shown = log_review::patient_accesses(&client, None).await?;
@@ -783,10 +867,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A board member's signed decision on a study.
-async fn decide(conn: &Conn, study: &str, approve: bool, reason: &str) -> anyhow::Result<()> {
+async fn decide(
+    conn: &Conn,
+    study: &str,
+    approve: bool,
+    overrides_abstain: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
     connect(conn)
         .await?
-        .decide_study(study, approve, reason)
+        .decide_study(study, approve, overrides_abstain, reason)
         .await?;
     println!("{} {study}", if approve { "approved" } else { "rejected" });
     Ok(())

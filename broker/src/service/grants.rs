@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use audit_log::{AuditEvent, EventKind};
 
 use super::{Broker, now_secs};
+use crate::consent::{decide, grant_scope};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::Caller;
 use crate::storage::db::GrantRow;
@@ -165,6 +166,7 @@ impl Broker {
         let now = now_secs();
         let mut studies = std::collections::HashMap::new();
         let mut patients = std::collections::HashMap::new();
+        let mut consents = std::collections::HashMap::new();
         for g in grants {
             if !studies.contains_key(&g.study_id) {
                 studies.insert(g.study_id.clone(), self.study(&g.study_id)?);
@@ -175,6 +177,7 @@ impl Broker {
                     .patient(&g.pseudonym)?
                     .ok_or_else(|| ServiceError::internal("patient vanished"))?;
                 patients.insert(g.pseudonym.clone(), p);
+                consents.insert(g.pseudonym.clone(), self.patient_history(&g.pseudonym)?);
             }
         }
         grants
@@ -186,6 +189,22 @@ impl Broker {
                 if let Some(reason) = study.closed_because(now) {
                     return Err(ServiceError::FailedPrecondition(format!(
                         "{reason}: grants can be issued only for an approved study in its period"
+                    )));
+                }
+                // The patient's consent decides what a grant may hold, whoever issues it.
+                let decision = decide(&consents[&g.pseudonym], study, now);
+                let (allowed, expiry) = grant_scope(&decision, study)
+                    .map_err(|m| ServiceError::PermissionDenied(format!("grant {i}: {m}")))?;
+                if let Some(c) = g.categories.iter().find(|c| !allowed.contains(&c.category)) {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "grant {i}: the patient's consent does not permit releasing {} to this study",
+                        c.category
+                    )));
+                }
+                if g.expires_at > expiry {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "grant {i}: it expires at {}, after the consent allows ({expiry})",
+                        g.expires_at
                     )));
                 }
                 if g.threshold as usize != self.threshold {

@@ -2,6 +2,7 @@
 //! The gRPC adapter in [`crate::grpc`] converts messages and calls these.
 
 mod audit;
+mod consents;
 mod grants;
 mod records;
 mod release;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use pre_kms::request_auth::{ReplayGuard, now_ms};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash, kind_name};
+pub use consents::{ConsentReceipt, ConsentSubmission};
 pub use grants::GrantOutcome;
 pub use records::{Enrollment, Upload};
 pub use release::{ReleaseStream, ReleasedItem};

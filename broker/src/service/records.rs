@@ -216,7 +216,8 @@ impl Broker {
                     "patient {p} is not enrolled; enroll first"
                 ))
             })?;
-            if row.enrolled_by != caller.actor_id {
+            let themself = caller.role == Role::Patient && row.actor_id == caller.actor_id;
+            if row.enrolled_by != caller.actor_id && !themself {
                 return Err(ServiceError::PermissionDenied(format!(
                     "the caller does not act for patient {p}"
                 )));

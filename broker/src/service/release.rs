@@ -2,7 +2,7 @@
 //! researcher requests it; then streamed in batches, each batch re-encrypted by the
 //! proxies, every capsule fragment verified before it is passed on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use broker_proto::v1 as pb;
@@ -15,13 +15,16 @@ use tokio::sync::mpsc;
 use umbral_pre::{Capsule, PublicKey};
 
 use audit_log::EventKind;
+use audit_log::event::Digest32;
+use consent_policy::SearchField;
 
 use super::{Broker, content_hash, now_secs};
+use crate::consent::{decide, exposed_index, history};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proxy_pool::ReleaseEvidence;
 use crate::role::Caller;
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
-use crate::study::Study;
+use crate::study::{Study, purpose_label};
 
 /// Envelopes per proxy round trip.
 pub const BATCH: usize = 128;
@@ -90,27 +93,46 @@ impl Broker {
             let db = self.db();
             let mut selected = Vec::new();
             for grant in db.active_grants(study_id, now)? {
-                if !study.proposal.cohort.matches(&db.index(&grant.pseudonym)?) {
+                // The patient's consent as it stands now decides again: which categories,
+                // and which of their searchable fields the cohort may look at.
+                let versions = db.consents(&grant.pseudonym)?;
+                let history = history(&versions).map_err(ServiceError::internal)?;
+                let decision = decide(&history, &study, now);
+                let Some(access) = decision.permit() else {
+                    continue;
+                };
+                let fields: BTreeSet<SearchField> = access
+                    .fields()
+                    .intersection(&study.proposal.fields)
+                    .copied()
+                    .collect();
+                let index = exposed_index(db.index(&grant.pseudonym)?, &fields);
+                if !study.proposal.cohort.matches(&index) {
                     continue;
                 }
                 let categories: Vec<Category> = grant
                     .categories
                     .iter()
                     .copied()
-                    .filter(|c| study.proposal.categories.contains(c))
+                    .filter(|c| {
+                        study.proposal.categories.contains(c) && access.categories().contains(c)
+                    })
                     .collect();
                 let envelopes = db.latest_envelopes(&grant.pseudonym, &categories)?;
                 if !envelopes.is_empty() {
-                    selected.push((grant, envelopes));
+                    selected.push((grant, envelopes, access.policy_hash()));
                 }
             }
-            let pseudonyms: Vec<&str> =
-                selected.iter().map(|(g, _)| g.pseudonym.as_str()).collect();
+            let pseudonyms: Vec<&str> = selected
+                .iter()
+                .map(|(g, ..)| g.pseudonym.as_str())
+                .collect();
             let tags = self.patient_tags(&db, &pseudonyms)?;
-            for (grant, envelopes) in &selected {
+            for (grant, envelopes, consent) in &selected {
                 let mut e = self.event(EventKind::Release, caller);
+                e.why.consent_version = Some(Digest32(consent.0));
                 e.patient = tags.get(&grant.pseudonym).copied();
-                e.why.purpose = Some(study.proposal.purpose.clone());
+                e.why.purpose = Some(purpose_label(&study.proposal.purpose));
                 e.why.study_id = Some(study_id.to_owned());
                 e.details.study_id = Some(study_id.to_owned());
                 e.details.release_id = Some(release_id.clone());

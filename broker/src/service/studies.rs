@@ -6,7 +6,7 @@ use pre_kms::keys::{public_key_from_bytes, verify_signature};
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::role::{Caller, Role};
-use crate::study::{Study, StudyProposal, StudyStatus, decision_digest, study_id};
+use crate::study::{Study, StudyProposal, StudyStatus, decision_digest, purpose_label, study_id};
 
 impl Broker {
     pub fn propose_study(&self, caller: &Caller, proposal: StudyProposal) -> ServiceResult<Study> {
@@ -36,6 +36,12 @@ impl Broker {
                 ));
             }
         }
+        let cohort_needs = crate::consent::cohort_fields(&proposal.cohort);
+        if let Some(missing) = cohort_needs.difference(&proposal.fields).next() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "the cohort searches {missing}, which the study does not request as a searchable field"
+            )));
+        }
         let now = now_secs();
         let study = Study {
             study_id: study_id(&proposal, &caller.actor_id, now),
@@ -47,6 +53,11 @@ impl Broker {
             reason: String::new(),
             proposed_at: now,
             decided_at: 0,
+            overrides_abstain: false,
+            sponsor_organisation: self
+                .actor(&caller.actor_id)
+                .map(|a| a.organisation)
+                .unwrap_or_default(),
         };
         self.db().insert_study(&study)?;
         self.record(&[self.study_event(EventKind::StudyProposed, caller, &study)])?;
@@ -69,6 +80,7 @@ impl Broker {
         caller: &Caller,
         study_id: &str,
         approve: bool,
+        overrides_abstain: bool,
         reason: String,
         signature: Vec<u8>,
     ) -> ServiceResult<Study> {
@@ -85,7 +97,7 @@ impl Broker {
         let key = public_key_from_bytes(&board.verifying_key).map_err(ServiceError::internal)?;
         if !verify_signature(
             &key,
-            &decision_digest(study_id, &study.proposal, approve),
+            &decision_digest(study_id, &study.proposal, approve, overrides_abstain),
             &signature,
         ) {
             return Err(ServiceError::InvalidArgument(
@@ -101,6 +113,7 @@ impl Broker {
         study.board_signature = signature;
         study.reason = reason;
         study.decided_at = now_secs();
+        study.overrides_abstain = approve && overrides_abstain;
         self.db().decide_study(&study)?;
         let kind = if approve {
             EventKind::StudyApproved
@@ -113,7 +126,7 @@ impl Broker {
 
     fn study_event(&self, kind: EventKind, caller: &Caller, study: &Study) -> AuditEvent {
         let mut e = self.event(kind, caller);
-        e.why.purpose = Some(study.proposal.purpose.clone());
+        e.why.purpose = Some(purpose_label(&study.proposal.purpose));
         e.why.study_id = Some(study.study_id.clone());
         e.details.study_id = Some(study.study_id.clone());
         e.details.categories = study

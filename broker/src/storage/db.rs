@@ -12,6 +12,9 @@ use cohort_query::{CodedEvent, PatientIndex, Person};
 use pre_kms::Category;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use consent_policy::ConsentPolicy;
+
+use crate::consent::SignedPolicy;
 use crate::role::{Actor, Role};
 use crate::storage::blobs::BlobLocation;
 use crate::study::{Study, StudyProposal, StudyStatus};
@@ -54,7 +57,12 @@ CREATE INDEX IF NOT EXISTS index_event_code ON index_event (kind, code);
 CREATE TABLE IF NOT EXISTS studies (
     study_id TEXT PRIMARY KEY, sponsor_id TEXT NOT NULL, proposal TEXT NOT NULL,
     status TEXT NOT NULL, board_id TEXT NOT NULL DEFAULT '', board_signature BLOB NOT NULL DEFAULT x'',
-    reason TEXT NOT NULL DEFAULT '', proposed_at INTEGER NOT NULL, decided_at INTEGER NOT NULL DEFAULT 0);
+    reason TEXT NOT NULL DEFAULT '', proposed_at INTEGER NOT NULL, decided_at INTEGER NOT NULL DEFAULT 0,
+    overrides_abstain INTEGER NOT NULL DEFAULT 0, sponsor_organisation TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS consents (
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), version INTEGER NOT NULL,
+    policy BLOB NOT NULL, signature BLOB NOT NULL, policy_hash TEXT NOT NULL,
+    issued_at INTEGER NOT NULL, set_at INTEGER NOT NULL, PRIMARY KEY (pseudonym, version));
 CREATE TABLE IF NOT EXISTS grants (
     grant_id TEXT PRIMARY KEY, study_id TEXT NOT NULL REFERENCES studies(study_id),
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), threshold INTEGER NOT NULL,
@@ -441,13 +449,15 @@ impl Db {
 
     pub fn insert_study(&self, s: &Study) -> DbResult<()> {
         self.conn.execute(
-            "INSERT INTO studies (study_id, sponsor_id, proposal, status, proposed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO studies (study_id, sponsor_id, proposal, status, proposed_at, sponsor_organisation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 s.study_id,
                 s.sponsor_id,
                 serde_json::to_string(&s.proposal).expect("proposal serializes"),
                 s.status.as_str(),
-                s.proposed_at
+                s.proposed_at,
+                s.sponsor_organisation
             ],
         )?;
         Ok(())
@@ -455,9 +465,9 @@ impl Db {
 
     pub fn decide_study(&self, s: &Study) -> DbResult<()> {
         self.conn.execute(
-            "UPDATE studies SET status = ?2, board_id = ?3, board_signature = ?4, reason = ?5, decided_at = ?6
-             WHERE study_id = ?1",
-            params![s.study_id, s.status.as_str(), s.board_id, s.board_signature, s.reason, s.decided_at],
+            "UPDATE studies SET status = ?2, board_id = ?3, board_signature = ?4, reason = ?5, decided_at = ?6,
+             overrides_abstain = ?7 WHERE study_id = ?1",
+            params![s.study_id, s.status.as_str(), s.board_id, s.board_signature, s.reason, s.decided_at, s.overrides_abstain],
         )?;
         Ok(())
     }
@@ -691,6 +701,71 @@ impl Db {
 }
 
 impl Db {
+    // ------------------------------------------------------------ consents
+
+    /// Stores a new policy version (the caller has checked it).
+    pub fn insert_consent(&self, pseudonym: &str, v: &SignedPolicy) -> DbResult<()> {
+        let p = &v.policy;
+        self.conn.execute(
+            "INSERT INTO consents (pseudonym, version, policy, signature, policy_hash, issued_at, set_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                pseudonym,
+                p.version(),
+                p.canonical_bytes(),
+                v.signature,
+                p.policy_hash().to_hex(),
+                p.issued_at(),
+                v.set_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored policy version of a patient, oldest first.
+    pub fn consents(&self, pseudonym: &str) -> DbResult<Vec<SignedPolicy>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT policy, signature, set_at FROM consents WHERE pseudonym = ?1 ORDER BY version",
+        )?;
+        stmt.query_map([pseudonym], |r| {
+            let bytes: Vec<u8> = r.get(0)?;
+            let policy = ConsentPolicy::from_json(&bytes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            })?;
+            Ok(SignedPolicy {
+                policy,
+                signature: r.get(1)?,
+                set_at: r.get(2)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// A patient's grants: (study id, categories, expiry).
+    pub fn patient_grants(&self, pseudonym: &str) -> DbResult<Vec<(String, Vec<Category>, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT g.study_id, c.category, g.expires_at FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
+             WHERE g.pseudonym = ?1 ORDER BY g.study_id",
+        )?;
+        let mut out: Vec<(String, Vec<Category>, i64)> = Vec::new();
+        let mut rows = stmt.query([pseudonym])?;
+        while let Some(r) = rows.next()? {
+            let study: String = r.get(0)?;
+            let c = category_col(r.get(1)?)?;
+            match out.last_mut() {
+                Some((s, cats, _)) if *s == study => cats.push(c),
+                _ => out.push((study, vec![c], r.get(2)?)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Db {
     // ------------------------------------------------------------ access log
 
     /// The log leaf of each patient's event in a release.
@@ -890,7 +965,7 @@ impl Db {
     }
 }
 
-const STUDY_SELECT: &str = "SELECT study_id, sponsor_id, proposal, status, board_id, board_signature, reason, proposed_at, decided_at FROM studies";
+const STUDY_SELECT: &str = "SELECT study_id, sponsor_id, proposal, status, board_id, board_signature, reason, proposed_at, decided_at, overrides_abstain, sponsor_organisation FROM studies";
 
 fn study_row(r: &rusqlite::Row<'_>) -> DbResult<Study> {
     let proposal: String = r.get(2)?;
@@ -908,6 +983,8 @@ fn study_row(r: &rusqlite::Row<'_>) -> DbResult<Study> {
         reason: r.get(6)?,
         proposed_at: r.get(7)?,
         decided_at: r.get(8)?,
+        overrides_abstain: r.get(9)?,
+        sponsor_organisation: r.get(10)?,
     })
 }
 

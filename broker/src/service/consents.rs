@@ -1,0 +1,202 @@
+//! Consent policies: stored per patient as signed versions; a new version takes effect at
+//! once, withdrawing the grants it no longer permits.
+
+use std::sync::Arc;
+
+use audit_log::EventKind;
+use audit_log::event::Digest32;
+use consent_policy::{ConsentPolicy, PolicyHistory};
+use pre_kms::keys::{public_key_from_bytes, verify_signature};
+
+use super::{Broker, now_secs};
+use crate::consent::{SignedPolicy, consent_digest, decide, grant_scope, history};
+use crate::error::{ServiceError, ServiceResult};
+use crate::role::Caller;
+
+/// A consent version submitted for a patient.
+#[derive(Debug, Clone)]
+pub struct ConsentSubmission {
+    pub pseudonym: String,
+    pub policy_json: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// What became of one submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsentReceipt {
+    pub pseudonym: String,
+    pub version: u32,
+    pub policy_hash: String,
+    pub grants_withdrawn: usize,
+}
+
+/// How far ahead of the broker's clock a policy may say it was issued.
+const CLOCK_SKEW: i64 = 300;
+
+impl Broker {
+    /// Checks and stores each submission (all or none), logs it, then withdraws every
+    /// grant the patient's new policy no longer permits as it stands (study, categories,
+    /// expiry).
+    pub async fn set_consents(
+        self: &Arc<Self>,
+        caller: Caller,
+        submissions: Vec<ConsentSubmission>,
+    ) -> ServiceResult<Vec<ConsentReceipt>> {
+        if submissions.is_empty() {
+            return Err(ServiceError::InvalidArgument("no consents given".into()));
+        }
+        self.check_acts_for(&caller, submissions.iter().map(|s| &s.pseudonym))?;
+        let this = self.clone();
+        let who = caller.clone();
+        let (mut receipts, to_withdraw) =
+            tokio::task::spawn_blocking(move || this.store_consents(&who, submissions))
+                .await
+                .map_err(ServiceError::internal)??;
+        for (i, grants) in to_withdraw.into_iter().enumerate() {
+            if !grants.is_empty() {
+                let (n, _) = self
+                    .withdraw_grants(caller.clone(), grants, "consent changed".into())
+                    .await?;
+                receipts[i].grants_withdrawn = n;
+            }
+        }
+        Ok(receipts)
+    }
+
+    /// Stores the versions; returns receipts and, per submission, the grants to withdraw.
+    #[allow(clippy::type_complexity)]
+    fn store_consents(
+        &self,
+        caller: &Caller,
+        submissions: Vec<ConsentSubmission>,
+    ) -> ServiceResult<(Vec<ConsentReceipt>, Vec<Vec<(String, String)>>)> {
+        let now = now_secs();
+        let mut checked = Vec::with_capacity(submissions.len());
+        {
+            let db = self.db();
+            for (i, s) in submissions.into_iter().enumerate() {
+                let bad = |m: String| ServiceError::InvalidArgument(format!("consent {i}: {m}"));
+                let policy =
+                    ConsentPolicy::from_json(&s.policy_json).map_err(|e| bad(e.to_string()))?;
+                let patient = db
+                    .patient(&s.pseudonym)?
+                    .ok_or_else(|| ServiceError::internal("patient vanished"))?;
+                let vk = public_key_from_bytes(&patient.verifying_key)
+                    .map_err(ServiceError::internal)?;
+                if !verify_signature(
+                    &vk,
+                    &consent_digest(&s.pseudonym, policy.canonical_bytes()),
+                    &s.signature,
+                ) {
+                    return Err(bad(
+                        "the patient's signature over the policy does not verify".into(),
+                    ));
+                }
+                if policy.issued_at() > now + CLOCK_SKEW {
+                    return Err(bad(format!(
+                        "the policy says it was issued at {}, in the future",
+                        policy.issued_at()
+                    )));
+                }
+                let mut versions = db.consents(&s.pseudonym)?;
+                if let Some(latest) = versions.last()
+                    && latest.policy.version() >= policy.version()
+                {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "consent {i}: version {} is not newer than the stored version {}; issue version {}",
+                        policy.version(),
+                        latest.policy.version(),
+                        latest.policy.version() + 1
+                    )));
+                }
+                versions.push(SignedPolicy {
+                    policy,
+                    signature: s.signature,
+                    set_at: now,
+                });
+                history(&versions).map_err(|e| bad(e.to_string()))?;
+                checked.push((s.pseudonym, versions));
+            }
+        }
+        // Store, then log: a crash in between leaves a stored consent without its event,
+        // never an event without its consent.
+        let tags = {
+            let db = self.db();
+            for (p, versions) in &checked {
+                db.insert_consent(p, versions.last().expect("just pushed"))?;
+            }
+            let pseudonyms: Vec<&str> = checked.iter().map(|(p, _)| p.as_str()).collect();
+            self.patient_tags(&db, &pseudonyms)?
+        };
+        let events: Vec<_> = checked
+            .iter()
+            .map(|(p, versions)| {
+                let policy = &versions.last().expect("just pushed").policy;
+                let kind = if policy.provisions().is_empty() {
+                    EventKind::ConsentRevoked
+                } else {
+                    EventKind::ConsentSet
+                };
+                let mut e = self.event(kind, caller);
+                e.patient = tags.get(p).copied();
+                e.why.consent_version = Some(Digest32(policy.policy_hash().0));
+                e
+            })
+            .collect();
+        self.record(&events)?;
+        let mut receipts = Vec::with_capacity(checked.len());
+        let mut withdraw = Vec::with_capacity(checked.len());
+        for (p, versions) in &checked {
+            let policy = &versions.last().expect("just pushed").policy;
+            receipts.push(ConsentReceipt {
+                pseudonym: p.clone(),
+                version: policy.version(),
+                policy_hash: policy.policy_hash().to_hex(),
+                grants_withdrawn: 0,
+            });
+            let history = history(versions).map_err(ServiceError::internal)?;
+            withdraw.push(self.grants_not_permitted(p, &history, now)?);
+        }
+        Ok((receipts, withdraw))
+    }
+
+    /// The patient's grants that `history` does not permit as they stand.
+    fn grants_not_permitted(
+        &self,
+        pseudonym: &str,
+        history: &PolicyHistory,
+        now: i64,
+    ) -> ServiceResult<Vec<(String, String)>> {
+        let grants = self.db().patient_grants(pseudonym)?;
+        let mut out = Vec::new();
+        for (study_id, categories, expires_at) in grants {
+            let study = self.study(&study_id)?;
+            let fits = match grant_scope(&decide(history, &study, now), &study) {
+                Ok((allowed, expiry)) => {
+                    categories.iter().all(|c| allowed.contains(c)) && expires_at <= expiry
+                }
+                Err(_) => false,
+            };
+            if !fits {
+                out.push((study_id, pseudonym.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored version of a patient's policy.
+    pub fn consent_history(
+        &self,
+        caller: &Caller,
+        pseudonym: &str,
+    ) -> ServiceResult<Vec<SignedPolicy>> {
+        self.check_acts_for(caller, std::iter::once(&pseudonym.to_owned()))?;
+        Ok(self.db().consents(pseudonym)?)
+    }
+
+    /// The current policy history of a patient (empty if none was set).
+    pub(crate) fn patient_history(&self, pseudonym: &str) -> ServiceResult<PolicyHistory> {
+        let versions = self.db().consents(pseudonym)?;
+        history(&versions).map_err(ServiceError::internal)
+    }
+}
