@@ -252,6 +252,25 @@ fn every_role_through_brokerctl_on_synthea_data() {
     );
     let listed = ctl.json(&board, &["board", "study", "list"]);
     assert_eq!(listed[0]["status"], "approved");
+    // Without consent, nothing is granted; with the broad preset, every patient grants.
+    let none = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(none["grants"], 0, "{none}");
+    assert_eq!(none["not_permitted"], 10, "{none}");
+    let consents = ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    assert_eq!(consents["consents"], 10, "{consents}");
     let granted = ctl.json(
         &custodian,
         &[
@@ -326,8 +345,9 @@ fn every_role_through_brokerctl_on_synthea_data() {
     );
     let exported = std::fs::read_to_string(&fhir).unwrap();
     // 10 enrolments, 10 uploads (the re-import changed nothing), the proposal, the
-    // sponsor's refused approval, the approval, 10 grants, 10 releases, 1 fetch.
-    assert_eq!(exported.lines().count(), 44, "{exported}");
+    // sponsor's refused approval, the approval, 10 consents, 10 grants, 10 releases,
+    // 1 fetch.
+    assert_eq!(exported.lines().count(), 54, "{exported}");
     assert!(
         exported
             .lines()
@@ -353,7 +373,9 @@ fn every_role_through_brokerctl_on_synthea_data() {
         .collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["enroll", "upload", "grant_issued", "release"].map(String::from)),
+        BTreeSet::from(
+            ["enroll", "upload", "consent_set", "grant_issued", "release"].map(String::from)
+        ),
         "{mine}"
     );
     let alerts = ctl.json(
@@ -396,6 +418,67 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let again = ctl.fetch(&researcher, &study_id, &out2);
     assert_eq!(again["subjects"], 10);
     assert_eq!(fetched_hashes(&out2), want);
+    // A patient revokes: their grant is withdrawn and the next release leaves them out.
+    let as_patient = ["--keystore", keystore, "--patient", someone.as_str()];
+    let shown = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "show"][..], &as_patient].concat(),
+    );
+    assert_eq!(shown["version"], 1, "{shown}");
+    let revoked = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "revoke"][..], &as_patient].concat(),
+    );
+    assert_eq!(revoked["version"], 2, "{revoked}");
+    assert_eq!(revoked["grants_withdrawn"], 1, "{revoked}");
+    let history = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "history"][..], &as_patient].concat(),
+    );
+    assert_eq!(history.as_array().unwrap().len(), 2, "{history}");
+    let out3 = d.join("release-after-revocation");
+    let after = ctl.fetch(&researcher, &study_id, &out3);
+    assert_eq!(after["subjects"], 9, "{after}");
+    // A FHIR Consent that opts out maps onto a policy that shares nothing.
+    let out_fhir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/fhir-r4-examples/Consent-consent-example-Out.json");
+    let other = report.patients[1].source_id.clone();
+    let opted_out = ctl.json(
+        &custodian,
+        &[
+            "patient",
+            "consent",
+            "set",
+            "--fhir",
+            out_fhir.to_str().unwrap(),
+            "--keystore",
+            keystore,
+            "--patient",
+            &other,
+        ],
+    );
+    assert_eq!(opted_out["grants_withdrawn"], 1, "{opted_out}");
+    let bad = d.join("bad-policy.json");
+    std::fs::write(
+        &bad,
+        r#"{"provisions": [{"effect": "permit", "data_use": ["XYZ"]}]}"#,
+    )
+    .unwrap();
+    let err = ctl.fails(
+        &custodian,
+        &[
+            "patient",
+            "consent",
+            "set",
+            bad.to_str().unwrap(),
+            "--keystore",
+            keystore,
+            "--patient",
+            &other,
+        ],
+    );
+    assert!(err.contains("XYZ"), "{err}");
+
     // The log survived the crash and still extends what the board saw before it.
     let verified = ctl.json(&board, &["board", "log", "verify"]);
     assert_eq!(verified["previous_size"], size_before_crash, "{verified}");
@@ -550,6 +633,10 @@ fn a_release_through_three_proxy_processes() {
     );
     let study_id = study["study_id"].as_str().unwrap().to_owned();
     ctl.ok(&board, &["board", "study", "approve", &study_id]);
+    ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
     ctl.json(
         &custodian,
         &[

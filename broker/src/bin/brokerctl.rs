@@ -11,7 +11,7 @@ use broker::role::Role;
 use broker::study::{StudyProposal, purpose_label};
 use clap::{Args, Parser, Subcommand};
 use cohort_query::Cohort;
-use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
+use consent_policy::{ConsentPolicy, ResearchPurpose, SearchField, StudyFocus};
 use datasets::DeidConfig;
 use pre_kms::keystore::Keystore;
 use pre_kms::{Category, Identity, PublicIdentity};
@@ -115,6 +115,9 @@ enum PatientCmd {
         #[arg(long)]
         study: String,
     },
+    /// Your consent policy: set a new version, show it, list its history, revoke it.
+    #[command(subcommand)]
+    Consent(ConsentCmd),
     /// Every logged access to your data, each checked against the broker-signed log.
     Accesses {
         #[command(flatten)]
@@ -132,6 +135,57 @@ enum PatientCmd {
         #[arg(long)]
         ack: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ConsentCmd {
+    /// Sign and set a new version of your policy from a JSON file (docs/CONSENT.md), a
+    /// FHIR R4 Consent resource (--fhir), or the broad research preset (--broad).
+    /// The version and issue time are filled in when the file leaves them out.
+    Set {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+    /// Your current policy, as stored and signed.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+    },
+    /// Every version of your policy.
+    History {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+    },
+    /// Revoke your consent: a new version that permits nothing. Your grants are
+    /// withdrawn and their kfrags destroyed at the proxies.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+    },
+}
+
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+struct PolicySource {
+    /// A policy JSON file.
+    file: Option<PathBuf>,
+    /// A FHIR R4 Consent resource (JSON) to import.
+    #[arg(long)]
+    fhir: Option<PathBuf>,
+    /// The broad research preset: any research purpose, every non-sensitive category,
+    /// every searchable field, no break-glass.
+    #[arg(long)]
+    broad: bool,
 }
 
 /// A patient whose key a custodian keeps, instead of `--key`.
@@ -162,7 +216,22 @@ enum ImportCmd {
 
 #[derive(Subcommand)]
 enum CustodianCmd {
-    /// Grant an approved study for every patient in the keystore.
+    /// Set a consent policy version for every patient in the keystore (or one).
+    Consent {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "keystore.db")]
+        keystore: PathBuf,
+        /// Only this patient (the source record id).
+        #[arg(long)]
+        patient: Option<String>,
+        #[command(flatten)]
+        source: PolicySource,
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+    },
+    /// Grant an approved study, for every patient in the keystore, what each patient's
+    /// consent permits.
     Grant {
         #[command(flatten)]
         conn: Conn,
@@ -566,10 +635,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patient(PatientCmd::Grant { conn, study }) => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
-            let plan = agent::grant_plan(&client, &client.get_study(&study).await?).await?;
-            let cats = plan.categories.clone();
-            let n = agent::grant_batch(&client, &plan, vec![(me, cats)]).await?;
-            println!("{n} grant issued to {study}");
+            let s = client.get_study(&study).await?;
+            let plan = agent::grant_plan(&client, &s).await?;
+            let history = agent::consent_history(&client, &me).await?;
+            let r = agent::consented_grants(
+                &client,
+                &plan,
+                &s,
+                vec![(me, Category::ALL.to_vec(), history)],
+            )
+            .await?;
+            if r.issued == 0 {
+                bail!("your consent does not permit study {study}; nothing was granted");
+            }
+            println!("grant issued to {study}, as your consent permits");
+        }
+        Command::Patient(PatientCmd::Consent(cmd)) => consent_command(cmd).await?,
+        Command::Custodian(CustodianCmd::Consent {
+            conn,
+            keystore,
+            patient,
+            source,
+            batch,
+        }) => {
+            let client = connect(&conn).await?;
+            if !keystore.exists() {
+                bail!("keystore {} does not exist", keystore.display());
+            }
+            let ks = Keystore::open(&keystore)?;
+            let patients = match &patient {
+                Some(id) => vec![(
+                    id.clone(),
+                    ks.get(id)?
+                        .with_context(|| format!("no patient {id:?} in the keystore"))?,
+                )],
+                None => ks.all()?,
+            };
+            let pb = progress(patients.len(), "consents");
+            let mut set = 0;
+            for chunk in patients.chunks(batch.max(1)) {
+                let mut policies = Vec::with_capacity(chunk.len());
+                for (_, id) in chunk {
+                    let history = agent::consent_history(&client, id).await?;
+                    policies.push((
+                        id.clone(),
+                        read_policy(&source, agent::next_version(&history))?,
+                    ));
+                }
+                set += agent::set_consents(&client, &policies).await?.len();
+                pb.inc(chunk.len() as u64);
+            }
+            pb.finish_and_clear();
+            print(&conn, &serde_json::json!({"consents": set}), || {
+                format!("{set} consent versions set")
+            });
         }
         Command::Import(ImportCmd::Fhir {
             conn,
@@ -584,23 +703,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
         }) => {
             let client = connect(&conn).await?;
-            let plan = agent::grant_plan(&client, &client.get_study(&study).await?).await?;
+            let s = client.get_study(&study).await?;
+            let plan = agent::grant_plan(&client, &s).await?;
             let patients = Keystore::open(&keystore)?.all()?;
             let pb = progress(patients.len(), "grants");
-            let mut n = 0;
+            let mut total = agent::ConsentedGrants::default();
             for chunk in patients.chunks(batch.max(1)) {
-                let list = chunk
-                    .iter()
-                    .map(|(_, id)| (id.clone(), plan.categories.clone()))
-                    .collect();
-                n += agent::grant_batch(&client, &plan, list).await?;
+                let mut list = Vec::with_capacity(chunk.len());
+                for (_, id) in chunk {
+                    let history = agent::consent_history(&client, id).await?;
+                    list.push((id.clone(), Category::ALL.to_vec(), history));
+                }
+                let r = agent::consented_grants(&client, &plan, &s, list).await?;
+                total.issued += r.issued;
+                total.not_permitted += r.not_permitted;
                 pb.inc(chunk.len() as u64);
             }
             pb.finish_and_clear();
             print(
                 &conn,
-                &serde_json::json!({"grants": n, "study": study}),
-                || format!("{n} grants issued to {study}"),
+                &serde_json::json!({"grants": total.issued, "not_permitted": total.not_permitted, "study": study}),
+                || {
+                    format!(
+                        "{} grants issued to {study}; {} patients' consent does not permit it",
+                        total.issued, total.not_permitted
+                    )
+                },
             );
         }
         Command::Sponsor(SponsorCmd::Study(SponsorStudyCmd::Propose {
@@ -863,6 +991,119 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// A policy from the chosen source, as version `version` issued now (a file's own version
+/// and issue time are kept if it has them).
+fn read_policy(source: &PolicySource, version: u32) -> anyhow::Result<ConsentPolicy> {
+    let now = pre_kms::request_auth::now_ms() / 1000;
+    if source.broad {
+        return Ok(broker::consent::broad_research_policy(version, now));
+    }
+    let (path, fhir) = match (&source.file, &source.fhir) {
+        (Some(p), _) => (p, false),
+        (None, Some(p)) => (p, true),
+        (None, None) => bail!("give a policy file, --fhir FILE or --broad"),
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut value = if fhir {
+        let imported = consent_policy::from_fhir_consent(&value).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: this FHIR Consent cannot be imported: {e}",
+                path.display()
+            )
+        })?;
+        for note in &imported.notes {
+            eprintln!("note: {note}");
+        }
+        let mut v = serde_json::to_value(imported.policy.draft())?;
+        v["version"] = version.into();
+        v["issued_at"] = now.into();
+        v
+    } else {
+        value
+    };
+    if let Some(map) = value.as_object_mut() {
+        map.entry("version").or_insert(version.into());
+        map.entry("issued_at").or_insert(now.into());
+    }
+    ConsentPolicy::from_json(&serde_json::to_vec(&value)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+async fn consent_command(cmd: ConsentCmd) -> anyhow::Result<()> {
+    let (conn, who) = match &cmd {
+        ConsentCmd::Set { conn, who, .. }
+        | ConsentCmd::Show { conn, who }
+        | ConsentCmd::History { conn, who }
+        | ConsentCmd::Revoke { conn, who } => (conn.clone(), who.clone()),
+    };
+    let client = connect_as(&conn, &who).await?;
+    let me = client.identity().clone();
+    let history = agent::consent_history(&client, &me).await?;
+    let next = agent::next_version(&history);
+    let now = pre_kms::request_auth::now_ms() / 1000;
+    let policy = match cmd {
+        ConsentCmd::Set { source, .. } => read_policy(&source, next)?,
+        ConsentCmd::Revoke { .. } => consent_policy::PolicyDraft::revocation(next, now).check()?,
+        ConsentCmd::Show { .. } => {
+            let current = history
+                .current(now)
+                .context("no consent policy is set: nothing is shared")?;
+            let json: serde_json::Value = serde_json::from_slice(current.canonical_bytes())?;
+            print(&conn, &json, || {
+                format!(
+                    "version {} (hash {}), signed by you\n{}",
+                    current.version(),
+                    current.policy_hash(),
+                    serde_json::to_string_pretty(&json).expect("json")
+                )
+            });
+            return Ok(());
+        }
+        ConsentCmd::History { .. } => {
+            let rows: Vec<_> = history
+                .versions()
+                .iter()
+                .map(|p| {
+                    serde_json::json!({"version": p.version(), "issued_at": p.issued_at(),
+                    "policy_hash": p.policy_hash().to_hex(), "provisions": p.provisions().len()})
+                })
+                .collect();
+            print(&conn, &rows, || {
+                let mut out = format!("{} versions", rows.len());
+                for p in history.versions() {
+                    out.push_str(&format!(
+                        "\nv{:<3} issued {}  {} provisions  {}",
+                        p.version(),
+                        log_review::iso_time(p.issued_at()),
+                        p.provisions().len(),
+                        p.policy_hash()
+                    ));
+                }
+                out
+            });
+            return Ok(());
+        }
+    };
+    let receipt = agent::set_consents(&client, &[(me, policy)])
+        .await?
+        .pop()
+        .context("the broker returned no receipt")?;
+    print(
+        &conn,
+        &serde_json::json!({"version": receipt.version, "policy_hash": receipt.policy_hash,
+            "grants_withdrawn": receipt.grants_withdrawn}),
+        || {
+            format!(
+                "consent version {} set (hash {}); {} grants withdrawn",
+                receipt.version, receipt.policy_hash, receipt.grants_withdrawn
+            )
+        },
+    );
     Ok(())
 }
 
