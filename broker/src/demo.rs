@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use broker_proto::v1 as pb;
 use cohort_query::Cohort;
-use consent_policy::{ResearchPurpose, SearchField, StudyFocus};
+use consent_policy::{
+    Categories, ConsentPolicy, PolicyDraft, PolicyHistory, ResearchPurpose, SearchField, StudyFocus,
+};
 
 use crate::consent::broad_research_policy;
+use crate::convert::study_from_pb;
 use datasets::{PatientRecord, Population};
 use indicatif::{ProgressBar, ProgressStyle};
 use pre_kms::keystore::Keystore;
@@ -97,6 +100,24 @@ impl Scenario {
             board,
             researcher,
         })
+    }
+}
+
+/// The demo's consent for patient `i`: seven in ten opt in broadly, two in ten share
+/// everything but observations, one in ten never opts in.
+pub fn demo_policy(i: usize, now: i64) -> Option<ConsentPolicy> {
+    match i % 10 {
+        0..=6 => Some(broad_research_policy(1, now)),
+        7 | 8 => {
+            let mut draft = broad_research_policy(1, now).into_draft();
+            draft.provisions[0].categories = Some(Categories::only([
+                Category::Demographics,
+                Category::Conditions,
+                Category::Medications,
+            ]));
+            Some(draft.check().expect("valid"))
+        }
+        _ => None,
     }
 }
 
@@ -217,6 +238,35 @@ impl Tally {
     }
 
     /// The research copies of the records matching `cohort`, in `categories`.
+    /// The research copies a study may release of `record` under the patient's consent:
+    /// permitted ∩ requested categories, if the cohort matches the consented fields.
+    pub fn add_consented(
+        &mut self,
+        record: &PatientRecord,
+        history: &PolicyHistory,
+        study: &crate::study::Study,
+        now: i64,
+    ) {
+        let decision = crate::consent::decide(history, study, now);
+        let Some(access) = decision.permit() else {
+            return;
+        };
+        let fields = access
+            .fields()
+            .intersection(&study.proposal.fields)
+            .copied()
+            .collect();
+        let index = crate::consent::exposed_index(record.index.clone(), &fields);
+        if !study.proposal.cohort.matches(&index) {
+            return;
+        }
+        for (c, plaintext) in &record.categories {
+            if study.proposal.categories.contains(c) && access.categories().contains(c) {
+                self.add(plaintext);
+            }
+        }
+    }
+
     pub fn add_expected(
         &mut self,
         record: &PatientRecord,
@@ -262,6 +312,14 @@ impl Tally {
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
     pub patients: usize,
+    /// Patients who set a consent policy.
+    pub consents: usize,
+    /// Patients whose consent does not permit the study.
+    pub not_permitted: usize,
+    /// Patients who revoked after the first release, and the grants that withdrew.
+    pub revoked: usize,
+    pub grants_withdrawn: usize,
+    pub subjects_after_revocation: u32,
     pub envelopes: usize,
     pub envelope_bytes: usize,
     pub ingest: Duration,
@@ -303,7 +361,12 @@ impl std::fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "grants issued        {:>8}  in {:.2} s  ({:.0} grants/s)",
+            "consent policies     {:>8}  set and signed; {} patients' consent does not permit the study",
+            self.consents, self.not_permitted
+        )?;
+        writeln!(
+            f,
+            "grants issued        {:>8}  in {:.2} s  ({:.0} grants/s), as each consent permits",
             self.grants,
             self.grant_time.as_secs_f64(),
             rate(self.grants, self.grant_time)
@@ -319,10 +382,15 @@ impl std::fmt::Display for DemoSummary {
             self.release_time.as_secs_f64(),
             rate(self.released, self.release_time)
         )?;
+        writeln!(
+            f,
+            "revocation           {:>8}  patients revoked, {} grants withdrawn at the proxies; next release: {} subjects",
+            self.revoked, self.grants_withdrawn, self.subjects_after_revocation
+        )?;
         match &self.mismatch {
             None => write!(
                 f,
-                "check                OK: all {} decrypted records equal the originals, none missing, none extra",
+                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; none of the revoked patients' records after revocation",
                 self.expected
             ),
             Some(m) => write!(f, "check                FAILED: {m}"),
@@ -383,11 +451,12 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
                 .map(|r| Ok((ks.get_or_create(&r.source_id)?.0, r)))
                 .collect::<pre_kms::Result<Vec<_>>>()
         })?;
-        patients.extend(
-            batch
-                .iter()
-                .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect())),
-        );
+        patients.extend(batch.iter().map(|(id, r)| {
+            (
+                id.clone(),
+                r.categories.keys().copied().collect::<Vec<Category>>(),
+            )
+        }));
         Ok(batch)
     });
     let report = agent::ingest_all(&cast.custodian, batches, |done| {
@@ -399,19 +468,47 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     summary.envelopes = report.envelopes_stored + report.envelopes_unchanged;
     summary.envelope_bytes = report.bytes;
 
+    // Consent, as the custodian records it for each patient (signed with the patient's
+    // key): most opt in broadly, some withhold observations, some never opt in.
+    let now = crate::service::now_secs();
+    let policies: Vec<(Identity, ConsentPolicy)> = patients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (id, _))| demo_policy(i, now).map(|p| (id.clone(), p)))
+        .collect();
+    for chunk in policies.chunks(cfg.batch) {
+        summary.consents += agent::set_consents(&cast.custodian, chunk).await?.len();
+    }
+    let mut histories: Vec<PolicyHistory> = (0..cfg.patients)
+        .map(|i| PolicyHistory::new(demo_policy(i, now)).expect("one version"))
+        .collect();
+
     let study = cast
-        .approved_study(
-            "Hypertension outcomes in adults born 1930-1975",
-            &DEMO_CATEGORIES,
-            demo_cohort(),
+        .approve(
+            &cast.proposal(
+                "Hypertension outcomes in adults born 1930-1975",
+                &DEMO_CATEGORIES,
+                demo_cohort(),
+            ),
+            false,
         )
         .await?;
+    let domain_study = study_from_pb(study.clone())?;
 
     let progress = bar(cfg.progress, patients.len(), "grants");
     let started = Instant::now();
-    summary.grants = cast
-        .grant_all(&study, &patients, cfg.batch, |n| progress.inc(n as u64))
-        .await?;
+    let plan = agent::grant_plan(&cast.custodian, &study).await?;
+    for (chunk, hs) in patients.chunks(cfg.batch).zip(histories.chunks(cfg.batch)) {
+        let list = chunk
+            .iter()
+            .zip(hs)
+            .map(|((id, cats), h)| (id.clone(), cats.clone(), h.clone()))
+            .collect();
+        let r = agent::consented_grants(&cast.custodian, &plan, &study, list).await?;
+        summary.grants += r.issued;
+        summary.not_permitted += r.not_permitted;
+        progress.inc(chunk.len() as u64);
+    }
     progress.finish_and_clear();
     summary.grant_time = started.elapsed();
 
@@ -420,13 +517,55 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     summary.release_time = started.elapsed();
     summary.subjects = fetched.release.subjects;
     summary.released = fetched.records;
-
-    let mut want = Tally::default();
-    for i in 0..cfg.patients {
-        want.add_expected(&population.patient(i), &DEMO_CATEGORIES, &demo_cohort());
-    }
+    let expect = |histories: &[PolicyHistory]| {
+        let mut want = Tally::default();
+        let now = crate::service::now_secs();
+        for (i, h) in histories.iter().enumerate() {
+            want.add_consented(&population.patient(i), h, &domain_study, now);
+        }
+        want
+    };
+    let want = expect(&histories);
     summary.expected = want.total();
     summary.mismatch = want.check(&got).err();
+
+    // Every tenth released patient revokes; the next release leaves them out.
+    let released: Vec<usize> = (0..cfg.patients)
+        .filter(|&i| {
+            let mut one = Tally::default();
+            one.add_consented(&population.patient(i), &histories[i], &domain_study, now);
+            one.total() > 0
+        })
+        .collect();
+    let revoking: Vec<usize> = released.iter().copied().step_by(10).collect();
+    let revocations: Vec<(Identity, ConsentPolicy)> = revoking
+        .iter()
+        .map(|&i| {
+            let next = agent::next_version(&histories[i]);
+            let policy = PolicyDraft::revocation(next, now).check().expect("valid");
+            (patients[i].0.clone(), policy)
+        })
+        .collect();
+    for chunk in revocations.chunks(cfg.batch) {
+        for r in agent::set_consents(&cast.custodian, chunk).await? {
+            summary.grants_withdrawn += r.grants_withdrawn as usize;
+        }
+    }
+    for (&i, (_, policy)) in revoking.iter().zip(&revocations) {
+        let mut versions = histories[i].versions().to_vec();
+        versions.push(policy.clone());
+        histories[i] = PolicyHistory::new(versions)?;
+    }
+    summary.revoked = revoking.len();
+    let (after, got) = cast.fetch(&study).await?;
+    summary.subjects_after_revocation = after.release.subjects;
+    let want = expect(&histories);
+    if summary.mismatch.is_none() {
+        summary.mismatch = want
+            .check(&got)
+            .err()
+            .map(|m| format!("after revocation: {m}"));
+    }
     scenario.running.stop().await;
     Ok(summary)
 }
