@@ -281,13 +281,7 @@ impl BrokerClient {
         reason: &str,
     ) -> ClientResult<(u32, u32)> {
         let req = pb::WithdrawGrantsRequest {
-            grants: grants
-                .iter()
-                .map(|(study_id, pseudonym)| pb::GrantRef {
-                    study_id: study_id.clone(),
-                    pseudonym: pseudonym.clone(),
-                })
-                .collect(),
+            grants: crate::convert::grant_refs(grants),
             reason: reason.to_owned(),
         };
         let r = self

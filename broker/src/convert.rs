@@ -319,3 +319,14 @@ pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
 pub fn category_from_pb(label: &str) -> ServiceResult<Category> {
     category(label)
 }
+
+/// (study id, pseudonym) pairs as grant references.
+pub fn grant_refs(grants: &[(String, String)]) -> Vec<pb::GrantRef> {
+    grants
+        .iter()
+        .map(|(study_id, pseudonym)| pb::GrantRef {
+            study_id: study_id.clone(),
+            pseudonym: pseudonym.clone(),
+        })
+        .collect()
+}

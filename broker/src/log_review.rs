@@ -270,10 +270,7 @@ async fn recompute<'a>(
                 reason: format!("missing: the log served leaf {} next", e.index),
             });
         }
-        AuditEvent::from_leaf_bytes(&e.leaf).map_err(|err| ReviewError::Leaf {
-            index: e.index,
-            reason: format!("not an event: {err}"),
-        })?;
+        shown(e.index, &e.leaf)?;
         tree.push_leaf(&e.leaf);
         while let Some(c) = next.next_if(|c| c.size == tree.len()) {
             check_root(&tree, c)?;
@@ -310,6 +307,15 @@ pub struct ShownEvent {
     pub event: AuditEvent,
 }
 
+/// Leaf `index` parsed as an event.
+fn shown(index: u64, leaf: &[u8]) -> Result<ShownEvent, ReviewError> {
+    let event = AuditEvent::from_leaf_bytes(leaf).map_err(|err| ReviewError::Leaf {
+        index,
+        reason: format!("not an event: {err}"),
+    })?;
+    Ok(ShownEvent { index, event })
+}
+
 /// Checks each event's inclusion proof against `checkpoint` (already signature-checked).
 fn check_included(
     checkpoint: &Checkpoint,
@@ -329,14 +335,7 @@ fn check_included(
                     index: e.index,
                     reason: format!("its inclusion proof fails: {err}"),
                 })?;
-            let event = AuditEvent::from_leaf_bytes(&e.leaf).map_err(|err| ReviewError::Leaf {
-                index: e.index,
-                reason: format!("not an event: {err}"),
-            })?;
-            Ok(ShownEvent {
-                index: e.index,
-                event,
-            })
+            shown(e.index, &e.leaf)
         })
         .collect()
 }
@@ -406,16 +405,7 @@ pub async fn board_events(
         .log_events(filter)
         .await?
         .into_iter()
-        .map(|e| {
-            let event = AuditEvent::from_leaf_bytes(&e.leaf).map_err(|err| ReviewError::Leaf {
-                index: e.index,
-                reason: format!("not an event: {err}"),
-            })?;
-            Ok(ShownEvent {
-                index: e.index,
-                event,
-            })
-        })
+        .map(|e| shown(e.index, &e.leaf))
         .collect()
 }
 

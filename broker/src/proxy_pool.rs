@@ -80,13 +80,7 @@ impl ProxyPool {
     pub async fn revoke(&self, index: usize, grants: &[(String, String)]) -> Result<u32, String> {
         let mut client = self.proxies[index].client.clone();
         let req = pb::RevokeRequest {
-            grants: grants
-                .iter()
-                .map(|(study_id, pseudonym)| pb::GrantRef {
-                    study_id: study_id.clone(),
-                    pseudonym: pseudonym.clone(),
-                })
-                .collect(),
+            grants: crate::convert::grant_refs(grants),
         };
         let reply = client
             .revoke(signed(&self.identity, REVOKE, req))

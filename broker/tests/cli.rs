@@ -354,16 +354,10 @@ fn every_role_through_brokerctl_on_synthea_data() {
             .all(|l| l.contains("\"resourceType\":\"AuditEvent\""))
     );
     let someone = report.patients[0].source_id.clone();
+    let as_patient = ["--keystore", keystore, "--patient", someone.as_str()];
     let mine = ctl.json(
         &custodian,
-        &[
-            "patient",
-            "accesses",
-            "--keystore",
-            keystore,
-            "--patient",
-            &someone,
-        ],
+        &[&["patient", "accesses"][..], &as_patient].concat(),
     );
     let kinds: BTreeSet<String> = mine
         .as_array()
@@ -378,30 +372,10 @@ fn every_role_through_brokerctl_on_synthea_data() {
         ),
         "{mine}"
     );
-    let alerts = ctl.json(
-        &custodian,
-        &[
-            "patient",
-            "alerts",
-            "--keystore",
-            keystore,
-            "--patient",
-            &someone,
-            "--ack",
-        ],
-    );
+    let alerts_cmd = [&["patient", "alerts"][..], &as_patient].concat();
+    let alerts = ctl.json(&custodian, &[&alerts_cmd[..], &["--ack"]].concat());
     assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
-    let alerts = ctl.json(
-        &custodian,
-        &[
-            "patient",
-            "alerts",
-            "--keystore",
-            keystore,
-            "--patient",
-            &someone,
-        ],
-    );
+    let alerts = ctl.json(&custodian, &alerts_cmd);
     assert_eq!(
         alerts.as_array().unwrap().len(),
         0,
@@ -419,7 +393,6 @@ fn every_role_through_brokerctl_on_synthea_data() {
     assert_eq!(again["subjects"], 10);
     assert_eq!(fetched_hashes(&out2), want);
     // A patient revokes: their grant is withdrawn and the next release leaves them out.
-    let as_patient = ["--keystore", keystore, "--patient", someone.as_str()];
     let shown = ctl.json(
         &custodian,
         &[&["patient", "consent", "show"][..], &as_patient].concat(),
