@@ -1,6 +1,7 @@
 //! Consent policies: stored per patient as signed versions; a new version takes effect at
 //! once, withdrawing the grants it no longer permits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use audit_log::EventKind;
@@ -71,7 +72,10 @@ impl Broker {
         submissions: Vec<ConsentSubmission>,
     ) -> ServiceResult<(Vec<ConsentReceipt>, Vec<Vec<(String, String)>>)> {
         let now = now_secs();
-        let mut checked = Vec::with_capacity(submissions.len());
+        // Each patient's versions as they will stand: stored ones, then this call's, so
+        // that submissions in one call are checked against each other too.
+        let mut histories: HashMap<String, Vec<SignedPolicy>> = HashMap::new();
+        let mut accepted: Vec<(String, SignedPolicy)> = Vec::with_capacity(submissions.len());
         {
             let db = self.db();
             for (i, s) in submissions.into_iter().enumerate() {
@@ -98,64 +102,73 @@ impl Broker {
                         policy.issued_at()
                     )));
                 }
-                let mut versions = db.consents(&s.pseudonym)?;
+                let versions = match histories.entry(s.pseudonym.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(db.consents(&s.pseudonym)?)
+                    }
+                };
                 if let Some(latest) = versions.last()
                     && latest.policy.version() >= policy.version()
                 {
                     return Err(ServiceError::FailedPrecondition(format!(
-                        "consent {i}: version {} is not newer than the stored version {}; issue version {}",
+                        "consent {i}: version {} is not newer than version {}; issue version {}",
                         policy.version(),
                         latest.policy.version(),
                         latest.policy.version() + 1
                     )));
                 }
-                versions.push(SignedPolicy {
+                let version = SignedPolicy {
                     policy,
                     signature: s.signature,
                     set_at: now,
-                });
-                history(&versions).map_err(|e| bad(e.to_string()))?;
-                checked.push((s.pseudonym, versions));
+                };
+                versions.push(version.clone());
+                history(versions).map_err(|e| bad(e.to_string()))?;
+                accepted.push((s.pseudonym, version));
             }
         }
-        // Store, then log: a crash in between leaves a stored consent without its event,
-        // never an event without its consent.
+        // Store all in one transaction, then log: a crash in between leaves stored
+        // consents without their events, never an event without its consent.
         let tags = {
-            let db = self.db();
-            for (p, versions) in &checked {
-                db.insert_consent(p, versions.last().expect("just pushed"))?;
-            }
-            let pseudonyms: Vec<&str> = checked.iter().map(|(p, _)| p.as_str()).collect();
+            let mut db = self.db();
+            db.insert_consents(&accepted)?;
+            let pseudonyms: Vec<&str> = accepted.iter().map(|(p, _)| p.as_str()).collect();
             self.patient_tags(&db, &pseudonyms)?
         };
-        let events: Vec<_> = checked
+        let events: Vec<_> = accepted
             .iter()
-            .map(|(p, versions)| {
-                let policy = &versions.last().expect("just pushed").policy;
-                let kind = if policy.provisions().is_empty() {
+            .map(|(p, v)| {
+                let kind = if v.policy.provisions().is_empty() {
                     EventKind::ConsentRevoked
                 } else {
                     EventKind::ConsentSet
                 };
                 let mut e = self.event(kind, caller);
                 e.patient = tags.get(p).copied();
-                e.why.consent_version = Some(Digest32(policy.policy_hash().0));
+                e.why.consent_version = Some(Digest32(v.policy.policy_hash().0));
                 e
             })
             .collect();
         self.record(&events)?;
-        let mut receipts = Vec::with_capacity(checked.len());
-        let mut withdraw = Vec::with_capacity(checked.len());
-        for (p, versions) in &checked {
-            let policy = &versions.last().expect("just pushed").policy;
-            receipts.push(ConsentReceipt {
+        let receipts = accepted
+            .iter()
+            .map(|(p, v)| ConsentReceipt {
                 pseudonym: p.clone(),
-                version: policy.version(),
-                policy_hash: policy.policy_hash().to_hex(),
+                version: v.policy.version(),
+                policy_hash: v.policy.policy_hash().to_hex(),
                 grants_withdrawn: 0,
-            });
+            })
+            .collect();
+        // Grants to withdraw, once per patient (on the receipt of their last submission).
+        let mut withdraw = vec![Vec::new(); accepted.len()];
+        for (p, versions) in &histories {
+            let last = accepted
+                .iter()
+                .rposition(|(q, _)| q == p)
+                .expect("every history came from a submission");
             let history = history(versions).map_err(ServiceError::internal)?;
-            withdraw.push(self.grants_not_permitted(p, &history, now)?);
+            withdraw[last] = self.grants_not_permitted(p, &history, now)?;
         }
         Ok((receipts, withdraw))
     }

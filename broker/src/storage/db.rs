@@ -703,23 +703,28 @@ impl Db {
 impl Db {
     // ------------------------------------------------------------ consents
 
-    /// Stores a new policy version (the caller has checked it).
-    pub fn insert_consent(&self, pseudonym: &str, v: &SignedPolicy) -> DbResult<()> {
-        let p = &v.policy;
-        self.conn.execute(
-            "INSERT INTO consents (pseudonym, version, policy, signature, policy_hash, issued_at, set_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                pseudonym,
-                p.version(),
-                p.canonical_bytes(),
-                v.signature,
-                p.policy_hash().to_hex(),
-                p.issued_at(),
-                v.set_at
-            ],
-        )?;
-        Ok(())
+    /// Stores new policy versions (the caller has checked them), all or none.
+    pub fn insert_consents(&mut self, versions: &[(String, SignedPolicy)]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO consents (pseudonym, version, policy, signature, policy_hash, issued_at, set_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (pseudonym, v) in versions {
+                let p = &v.policy;
+                stmt.execute(params![
+                    pseudonym,
+                    p.version(),
+                    p.canonical_bytes(),
+                    v.signature,
+                    p.policy_hash().to_hex(),
+                    p.issued_at(),
+                    v.set_at
+                ])?;
+            }
+        }
+        tx.commit()
     }
 
     /// Every stored policy version of a patient, oldest first.
