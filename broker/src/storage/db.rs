@@ -25,6 +25,9 @@ pub struct Db {
     conn: Connection,
 }
 
+/// The metadata schema this broker reads and writes.
+const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
 PRAGMA synchronous=FULL;
@@ -206,7 +209,33 @@ impl Db {
     pub fn open(path: &Path) -> DbResult<Db> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let existing: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get(0),
+        )?;
+        if existing > 0 {
+            let version: Option<i64> = conn
+                .query_row(
+                    "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if version != Some(SCHEMA_VERSION) {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "this data directory has metadata schema {} but this broker uses schema {SCHEMA_VERSION} \
+                     (studies now carry a DUO research purpose, patients signed consent policies); \
+                     nothing was changed: start a new data directory",
+                    version.map_or("1".to_string(), |v| v.to_string())
+                )));
+            }
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?1)",
+            [SCHEMA_VERSION.to_string()],
+        )?;
         Ok(Db { conn })
     }
 
@@ -1107,4 +1136,33 @@ fn put_index(tx: &rusqlite::Transaction<'_>, rows: &[(String, PatientIndex)]) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_of_another_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        Db::open(&path).unwrap().secret("k").unwrap();
+        Db::open(&path).expect("the same schema opens again");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE key = 'schema'", [])
+            .unwrap();
+        drop(conn);
+        let err = Db::open(&path).err().expect("an older schema is refused");
+        assert!(
+            err.to_string().contains("start a new data directory"),
+            "{err}"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT COUNT(*) FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(left, 0, "nothing was changed");
+    }
 }
