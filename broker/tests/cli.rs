@@ -283,6 +283,10 @@ fn every_role_through_brokerctl_on_synthea_data() {
         ],
     );
     assert_eq!(granted["grants"], 10);
+    // Without --study: every approved study in its period (re-granting supersedes).
+    let synced = ctl.json(&custodian, &["custodian", "grant", "--keystore", keystore]);
+    assert_eq!(synced[0]["study"], study_id.as_str(), "{synced}");
+    assert_eq!(synced[0]["grants"], 10, "{synced}");
     let out = d.join("release");
     let fetched = ctl.fetch(&researcher, &study_id, &out);
     assert_eq!(fetched["subjects"], 10, "{fetched}");
@@ -345,9 +349,9 @@ fn every_role_through_brokerctl_on_synthea_data() {
     );
     let exported = std::fs::read_to_string(&fhir).unwrap();
     // 10 enrolments, 10 uploads (the re-import changed nothing), the proposal, the
-    // sponsor's refused approval, the approval, 10 consents, 10 grants, 10 releases,
+    // sponsor's refused approval, the approval, 10 consents, 2 x 10 grants, 10 releases,
     // 1 fetch.
-    assert_eq!(exported.lines().count(), 54, "{exported}");
+    assert_eq!(exported.lines().count(), 64, "{exported}");
     assert!(
         exported
             .lines()

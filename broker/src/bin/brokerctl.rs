@@ -230,13 +230,13 @@ enum CustodianCmd {
         #[arg(long, default_value_t = 200)]
         batch: usize,
     },
-    /// Grant an approved study, for every patient in the keystore, what each patient's
-    /// consent permits.
+    /// Grant, for every patient in the keystore, what each patient's consent permits: to
+    /// one approved study, or (without --study) to every approved study in its period.
     Grant {
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
-        study: String,
+        study: Option<String>,
         #[arg(long, default_value = "keystore.db")]
         keystore: PathBuf,
         #[arg(long, default_value_t = 200)]
@@ -703,33 +703,73 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
         }) => {
             let client = connect(&conn).await?;
-            let s = client.get_study(&study).await?;
-            let plan = agent::grant_plan(&client, &s).await?;
+            let now = pre_kms::request_auth::now_ms() / 1000;
+            let studies = match &study {
+                Some(id) => vec![client.get_study(id).await?],
+                None => client
+                    .list_studies()
+                    .await?
+                    .into_iter()
+                    .filter(|s| {
+                        study_from_pb(s.clone()).is_ok_and(|d| d.closed_because(now).is_none())
+                    })
+                    .collect(),
+            };
             let patients = Keystore::open(&keystore)?.all()?;
-            let pb = progress(patients.len(), "grants");
-            let mut total = agent::ConsentedGrants::default();
-            for chunk in patients.chunks(batch.max(1)) {
-                let mut list = Vec::with_capacity(chunk.len());
-                for (_, id) in chunk {
-                    let history = agent::consent_history(&client, id).await?;
-                    list.push((id.clone(), Category::ALL.to_vec(), history));
-                }
-                let r = agent::consented_grants(&client, &plan, &s, list).await?;
-                total.issued += r.issued;
-                total.not_permitted += r.not_permitted;
-                pb.inc(chunk.len() as u64);
+            let pb = progress(patients.len(), "consents");
+            let mut histories = Vec::with_capacity(patients.len());
+            for (_, id) in &patients {
+                histories.push(agent::consent_history(&client, id).await?);
+                pb.inc(1);
             }
             pb.finish_and_clear();
-            print(
-                &conn,
-                &serde_json::json!({"grants": total.issued, "not_permitted": total.not_permitted, "study": study}),
-                || {
-                    format!(
-                        "{} grants issued to {study}; {} patients' consent does not permit it",
-                        total.issued, total.not_permitted
-                    )
-                },
-            );
+            let mut rows = Vec::new();
+            for s in &studies {
+                let plan = agent::grant_plan(&client, s).await?;
+                let pb = progress(patients.len(), "grants");
+                let mut total = agent::ConsentedGrants::default();
+                for (chunk, hs) in patients
+                    .chunks(batch.max(1))
+                    .zip(histories.chunks(batch.max(1)))
+                {
+                    let list = chunk
+                        .iter()
+                        .zip(hs)
+                        .map(|((_, id), h)| (id.clone(), Category::ALL.to_vec(), h.clone()))
+                        .collect();
+                    let r = agent::consented_grants(&client, &plan, s, list).await?;
+                    total.issued += r.issued;
+                    total.not_permitted += r.not_permitted;
+                    pb.inc(chunk.len() as u64);
+                }
+                pb.finish_and_clear();
+                rows.push(
+                    serde_json::json!({"study": s.study_id, "grants": total.issued,
+                    "not_permitted": total.not_permitted}),
+                );
+            }
+            let one = rows.len() == 1 && study.is_some();
+            let value = if one {
+                rows[0].clone()
+            } else {
+                serde_json::json!(rows)
+            };
+            print(&conn, &value, || {
+                if rows.is_empty() {
+                    return "no approved study is open".into();
+                }
+                rows.iter()
+                    .map(|r| {
+                        format!(
+                            "{} grants issued to {}; {} patients' consent does not permit it",
+                            r["grants"],
+                            r["study"].as_str().unwrap_or_default(),
+                            r["not_permitted"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::Sponsor(SponsorCmd::Study(SponsorStudyCmd::Propose {
             conn,
