@@ -60,6 +60,7 @@ pub struct BrokerClient {
     releases: pb::releases_client::ReleasesClient<Channel>,
     audit: pb::audit_client::AuditClient<Channel>,
     consents: pb::consents_client::ConsentsClient<Channel>,
+    feasibility: pb::feasibility_client::FeasibilityClient<Channel>,
 }
 
 impl BrokerClient {
@@ -92,6 +93,7 @@ impl BrokerClient {
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
             consents: pb::consents_client::ConsentsClient::new(channel.clone()),
+            feasibility: pb::feasibility_client::FeasibilityClient::new(channel.clone()),
             audit: pb::audit_client::AuditClient::new(channel)
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
@@ -432,5 +434,19 @@ impl BrokerClient {
             .await?
             .into_inner()
             .versions)
+    }
+
+    // ------------------------------------------------------------ feasibility
+
+    /// A cohort count for a study: protected for its sponsor, exact for the board.
+    pub async fn count(&self, study_id: &str, definition: &[u8]) -> ClientResult<pb::CountResponse> {
+        let req = self.sign(
+            m::COUNT,
+            pb::CountRequest {
+                study_id: study_id.to_owned(),
+                definition: definition.to_vec(),
+            },
+        );
+        Ok(self.feasibility.clone().count(req).await?.into_inner())
     }
 }

@@ -21,6 +21,9 @@ pub enum ServiceError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A rate limit or budget is used up.
+    #[error("{0}")]
+    Exhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -54,6 +57,7 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(m) => Status::not_found(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::Unavailable(m) => Status::unavailable(m),
+            ServiceError::Exhausted(m) => Status::resource_exhausted(m),
             ServiceError::Internal(detail) => {
                 let id = hex::encode(
                     &blake3::hash(format!("{detail}{:?}", std::time::SystemTime::now()).as_bytes())

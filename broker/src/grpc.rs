@@ -503,3 +503,53 @@ impl pb::consents_server::Consents for Grpc {
         }))
     }
 }
+
+#[tonic::async_trait]
+impl pb::feasibility_server::Feasibility for Grpc {
+    async fn count(
+        &self,
+        req: Request<pb::CountRequest>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        let caller = self
+            .0
+            .authorize(&req, m::COUNT, &[Role::Sponsor, Role::Board])?;
+        let r = req.into_inner();
+        let definition_hash = cohort_query::CohortDefinition::from_json(&r.definition)
+            .map(|d| hex::encode(d.normalized().hash.0))
+            .unwrap_or_default();
+        let b = self.0.clone();
+        let answer = blocking(move || b.count_cohort(&caller, &r.study_id, &r.definition)).await?;
+        let (count, attrition, exact) = match answer {
+            crate::service::CountAnswer::Protected(p) => (
+                p.count.to_string(),
+                p.attrition
+                    .into_iter()
+                    .map(|s| pb::AttritionStep {
+                        step: s.step as u32,
+                        label: s.label,
+                        count: s.count.to_string(),
+                    })
+                    .collect(),
+                false,
+            ),
+            crate::service::CountAnswer::Exact(r) => (
+                r.exact.to_string(),
+                r.attrition
+                    .into_iter()
+                    .map(|s| pb::AttritionStep {
+                        step: s.step as u32,
+                        label: s.label,
+                        count: s.exact.to_string(),
+                    })
+                    .collect(),
+                true,
+            ),
+        };
+        Ok(Response::new(pb::CountResponse {
+            count,
+            attrition,
+            exact,
+            definition_hash,
+        }))
+    }
+}

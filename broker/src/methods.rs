@@ -22,3 +22,4 @@ pub const AUDIT_ACCESSES: &str = "/broker.v1.Audit/Accesses";
 pub const AUDIT_ALERTS: &str = "/broker.v1.Audit/Alerts";
 pub const SET_CONSENTS: &str = "/broker.v1.Consents/Set";
 pub const CONSENT_HISTORY: &str = "/broker.v1.Consents/History";
+pub const COUNT: &str = "/broker.v1.Feasibility/Count";

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub threshold: usize,
     /// Registered as the operator at start (needed on first start).
     pub operator: Option<PublicIdentity>,
+    /// Each sponsor's feasibility-count allowance.
+    pub count_budget: cohort_query::BudgetPolicy,
 }
 
 impl ServeConfig {
@@ -50,6 +52,10 @@ impl ServeConfig {
             proxy_urls: Vec::new(),
             threshold: pre_kms::grant::DEFAULT_THRESHOLD,
             operator: None,
+            count_budget: cohort_query::BudgetPolicy {
+                per_minute: 30,
+                total: 10_000,
+            },
         }
     }
 }
@@ -232,7 +238,7 @@ pub async fn start(
         .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
     let audit = AccessLog::open(&dir.join("audit"), log_signer, tag_secret)
         .map_err(StartError::AccessLog)?;
-    let broker = Broker::new(db, blobs, pool, config.threshold, audit)
+    let broker = Broker::new(db, blobs, pool, config.threshold, audit, config.count_budget)
         .map_err(|e| StartError::Config(e.to_string()))?;
     // Revocations a proxy could not confirm before are retried now.
     tokio::spawn({
@@ -295,6 +301,7 @@ pub async fn start(
         )
         .add_service(pb::studies_server::StudiesServer::new(grpc.clone()))
         .add_service(pb::consents_server::ConsentsServer::new(grpc.clone()))
+        .add_service(pb::feasibility_server::FeasibilityServer::new(grpc.clone()))
         .add_service(
             pb::grants_server::GrantsServer::new(grpc.clone())
                 .max_decoding_message_size(limit)

@@ -1,6 +1,67 @@
 //! Cohort selection over the consented searchable index.
+//!
+//! Sponsors ask how many patients match a cohort; the answer may use only the fields each
+//! counted patient consented to make searchable for the study's purpose, must not leak
+//! individuals, and must be fast at a million patients. This crate holds:
+//!
+//! * [`CohortDefinition`] ([`definition`]): criteria groups, exclusions, demographics,
+//!   condition/measurement/drug/procedure criteria with code sets, descendants, occurrence
+//!   counts and time windows; JSON in, validated, with a normalized form and hash;
+//! * [`IndexBuilder`] / [`IndexTables`] ([`tables`]): the index as Arrow tables keyed by an
+//!   integer `person_id`, from [`PatientIndex`] rows or Parquet files;
+//! * [`CohortEngine`] ([`engine`]): definitions compiled to DataFusion plans, with the
+//!   consent filter ([`ConsentSnapshot`]) as a mandatory analyzer rule; exact counts,
+//!   attrition, selected ids, `EXPLAIN`;
+//! * [`protect`]: `<11` suppression, keyed deterministic noise and rounding, and
+//!   [`QueryBudget`] per sponsor.
+//!
+//! ```text
+//!   definition JSON ──validate──▶ CohortDefinition ──compile──▶ LogicalPlan (person sets)
+//!                                                                   │
+//!   ConsentSnapshot ──▶ consent_filter (AnalyzerRule) ◀─────────────┘
+//!                          │  every index scan: consented(person_id, field); person
+//!                          ▼  birth_year/sex masked per patient
+//!                     optimizer ─▶ IndexTableProvider (code index, consent applied)
+//!                          │
+//!                          ▼
+//!                     CountResult { exact, attrition } ──protect──▶ "<11" / "1235"
+//! ```
+//!
+//! The older [`Cohort`] (condition codes, birth years, sex, evaluated per patient) stays
+//! for the release path until the broker moves to the engine.
+//!
+//! See [`engine`] for an end-to-end example.
+
 pub mod cohort;
+pub mod consent;
+pub mod date;
+pub mod definition;
+pub mod engine;
+pub mod hierarchy;
 pub mod index;
+pub mod protect;
+pub mod sql;
+pub mod tables;
+
+mod compile;
+mod consent_filter;
+mod parquet_files;
+mod provider;
+mod sets;
 
 pub use cohort::Cohort;
+pub use consent::{ConsentBuilder, ConsentError, ConsentHash, ConsentSnapshot, SearchableField};
+pub use date::{Date, DateError};
+pub use definition::{
+    AtLeast, Code, CodeError, CodeSystem, CohortDefinition, Criterion, DefinitionError,
+    DefinitionHash, Demographics, Domain, EventCriterion, Index, IntRange, NormalizedDefinition,
+    Occurrence, Problem, Sex, ValueRange, Window,
+};
+pub use engine::{AttritionStep, CohortEngine, CountResult, EngineOptions, QueryError};
+pub use hierarchy::ConceptHierarchy;
 pub use index::{CodedEvent, PatientIndex, Person};
+pub use protect::{
+    BrokerSecret, BudgetError, BudgetPolicy, ProtectedCount, ProtectedResult, ProtectedStep,
+    ProtectionPolicy, QueryBudget, Remaining, protect, protect_count,
+};
+pub use tables::{IndexBuilder, IndexError, IndexTables};

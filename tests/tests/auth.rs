@@ -64,6 +64,11 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Sponsor,
     },
     Call {
+        name: "Feasibility.Count",
+        method: m::COUNT,
+        wrong_role: Role::Researcher,
+    },
+    Call {
         name: "Grants.Withdraw",
         method: m::WITHDRAW_GRANTS,
         wrong_role: Role::Sponsor,
@@ -192,6 +197,11 @@ async fn call(
             pb::consents_client::ConsentsClient<Channel>,
             history,
             pb::ConsentHistoryRequest::default()
+        ),
+        m::COUNT => go!(
+            pb::feasibility_client::FeasibilityClient<Channel>,
+            count,
+            pb::CountRequest::default()
         ),
         m::WITHDRAW_GRANTS => go!(
             pb::grants_client::GrantsClient<Channel>,

@@ -249,6 +249,21 @@ enum SponsorCmd {
     /// Studies.
     #[command(subcommand)]
     Study(SponsorStudyCmd),
+    /// How many patients match a cohort definition (docs/COHORTS.md), counted over the
+    /// fields each patient consented to make searchable for the study: a protected count
+    /// ("<11", or noisy and rounded) and its attrition.
+    Count(CountArgs),
+}
+
+#[derive(Args, Clone)]
+struct CountArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[arg(long)]
+    study: String,
+    /// The cohort definition (JSON).
+    #[arg(long)]
+    definition: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +356,8 @@ enum BoardCmd {
     /// The access log: verify, read, export.
     #[command(subcommand)]
     Log(BoardLogCmd),
+    /// The exact count of a cohort definition for a study, with its attrition.
+    Count(CountArgs),
 }
 
 #[derive(Subcommand)]
@@ -906,6 +923,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 out
             });
+        }
+        Command::Sponsor(SponsorCmd::Count(args)) | Command::Board(BoardCmd::Count(args)) => {
+            let client = connect(&args.conn).await?;
+            let definition = std::fs::read(&args.definition)
+                .with_context(|| format!("reading {}", args.definition.display()))?;
+            let r = client.count(&args.study, &definition).await?;
+            let attrition: Vec<_> = r
+                .attrition
+                .iter()
+                .map(|s| serde_json::json!({"step": s.step, "criterion": s.label, "count": s.count}))
+                .collect();
+            print(
+                &args.conn,
+                &serde_json::json!({"study": args.study, "count": r.count, "exact": r.exact,
+                    "definition_hash": r.definition_hash, "attrition": attrition}),
+                || {
+                    let mut out = format!(
+                        "{} patients{} (definition {})\n\nstep  count   criterion",
+                        r.count,
+                        if r.exact { ", exact" } else { " (protected: rounded, with noise; below 11 shown as <11)" },
+                        &r.definition_hash[..r.definition_hash.len().min(16)]
+                    );
+                    for s in &r.attrition {
+                        out.push_str(&format!("\n{:>4}  {:>6}  {}", s.step, s.count, s.label));
+                    }
+                    out
+                },
+            );
         }
         Command::Board(BoardCmd::Log(BoardLogCmd::Verify {
             conn,

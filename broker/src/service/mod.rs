@@ -3,18 +3,21 @@
 
 mod audit;
 mod consents;
+mod feasibility;
 mod grants;
 mod records;
 mod release;
 mod studies;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use pre_kms::request_auth::{ReplayGuard, now_ms};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash, kind_name};
 pub use consents::{ConsentReceipt, ConsentSubmission};
+pub use feasibility::{CountAnswer, Feasibility};
 pub use grants::GrantOutcome;
 pub use records::{Enrollment, Upload};
 pub use release::{ReleaseStream, ReleasedItem};
@@ -33,6 +36,9 @@ pub struct Broker {
     actors: RwLock<HashMap<String, Actor>>,
     subject_secret: [u8; 32],
     audit: AccessLog,
+    feasibility: Feasibility,
+    /// Bumped whenever the searchable index changes, so the cohort engine is rebuilt.
+    index_generation: AtomicU64,
 }
 
 pub fn now_secs() -> i64 {
@@ -46,6 +52,7 @@ impl Broker {
         proxies: ProxyPool,
         threshold: usize,
         audit: AccessLog,
+        count_budget: cohort_query::BudgetPolicy,
     ) -> ServiceResult<Arc<Broker>> {
         let actors = db
             .actors()?
@@ -53,6 +60,7 @@ impl Broker {
             .map(|a| (a.actor_id.clone(), a))
             .collect();
         let subject_secret = db.secret("subject-pseudonym-key")?;
+        let feasibility = Feasibility::new(db.secret("count-noise-key")?, count_budget);
         let broker = Arc::new(Broker {
             db: Mutex::new(db),
             blobs,
@@ -62,6 +70,8 @@ impl Broker {
             actors: RwLock::new(actors),
             subject_secret,
             audit,
+            feasibility,
+            index_generation: AtomicU64::new(1),
         });
         broker.reindex_log()?;
         Ok(broker)
@@ -69,6 +79,14 @@ impl Broker {
 
     fn db(&self) -> MutexGuard<'_, Db> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn index_generation(&self) -> u64 {
+        self.index_generation.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn index_changed(&self) {
+        self.index_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn threshold(&self) -> usize {

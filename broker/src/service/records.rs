@@ -279,6 +279,7 @@ impl Broker {
             })
             .collect();
         let receipts = db.store_upload(&rows, &upload.index, now_secs())?;
+        self.index_changed();
         // One event per patient with new envelopes: categories, count, content hashes.
         let mut per_patient: BTreeMap<&str, Vec<&Receipt>> = BTreeMap::new();
         for r in receipts.iter().filter(|r| !r.unchanged) {

@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS audit_alert_reads (tag BLOB PRIMARY KEY, through INTE
 CREATE TABLE IF NOT EXISTS pending_revocations (
     proxy INTEGER NOT NULL, study_id TEXT NOT NULL, pseudonym TEXT NOT NULL,
     PRIMARY KEY (proxy, study_id, pseudonym));
+CREATE TABLE IF NOT EXISTS query_budgets (sponsor TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint_cosignatures (
     size INTEGER NOT NULL, time INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
     PRIMARY KEY (size, time, key_id));
@@ -726,6 +727,37 @@ impl Db {
             })
         })?
         .collect()
+    }
+}
+
+impl Db {
+    // ------------------------------------------------------------ feasibility
+
+    /// Every enrolled patient's pseudonym, in a fixed order.
+    pub fn pseudonyms(&self) -> DbResult<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT pseudonym FROM patients ORDER BY pseudonym")?;
+        stmt.query_map([], |r| r.get(0))?.collect()
+    }
+
+    /// A sponsor's stored query budget (JSON).
+    pub fn query_budget(&self, sponsor: &str) -> DbResult<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT state FROM query_budgets WHERE sponsor = ?1",
+                [sponsor],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
+    pub fn put_query_budget(&self, sponsor: &str, state: &str) -> DbResult<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO query_budgets (sponsor, state) VALUES (?1, ?2)",
+            params![sponsor, state],
+        )?;
+        Ok(())
     }
 }
 

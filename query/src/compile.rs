@@ -1,0 +1,396 @@
+//! Cohort definitions compiled to DataFusion logical plans.
+//!
+//! Each leaf criterion (demographics, an event criterion, the population, the index event)
+//! becomes a subplan over the index tables that ends in `person_set(person_id)`: one row,
+//! one roaring bitmap. The leaves are cross-joined (1 × 1 × … rows) and groups, exclusions
+//! and the attrition steps are set algebra on those columns ([`crate::sets`]):
+//!
+//! ```text
+//! Projection: set_count(step_0) AS step_0, set_count(step_1) AS step_1, ...
+//!   Projection: ..., set_and(step_0, c2) AS step_1
+//!     Projection: c0, c1, c2, set_and(c0, c1) AS step_0     -- population (∩ index event)
+//!       Cross Join:
+//!         Aggregate: person_set(person.person_id) AS c0      -- visible patients
+//!           TableScan: person
+//!         Aggregate: person_set(condition.person_id) AS c2
+//!           Filter: condition.code IN (...) AND condition.date >= ...
+//!             TableScan: condition
+//! ```
+//!
+//! Plans are built with `LogicalPlanBuilder` and `Expr` only; nothing is parsed from SQL.
+//! The consent filter is not part of the compiled plan: the engine's analyzer adds it to
+//! every scan ([`crate::consent_filter`]).
+
+use std::sync::Arc;
+
+use arrow::datatypes::DataType;
+use datafusion::common::{Column, JoinType, Result, ScalarValue};
+use datafusion::functions::datetime::expr_fn::date_part;
+use datafusion::functions_aggregate::expr_fn::{count, min};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, TableSource, cast, col, lit,
+};
+
+use crate::date::Date;
+use crate::definition::{
+    CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, Occurrence, Window,
+};
+use crate::hierarchy::ConceptHierarchy;
+use crate::provider::TableKind;
+use crate::sets::{person_set, set_and, set_at_least, set_count, set_minus, set_or};
+
+/// The table sources plans scan.
+#[derive(Clone)]
+pub(crate) struct Sources {
+    pub person: Arc<dyn TableSource>,
+    pub events: [Arc<dyn TableSource>; 4],
+}
+
+/// What a compiled plan returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// One row: `step_0 .. step_n` counts (BIGINT).
+    Counts,
+    /// One row: `persons`, the final person set (BINARY).
+    Persons,
+}
+
+/// Name of the index-date column of an index-event subplan.
+const INDEX_DATE: &str = "index_date";
+/// Alias of the index-event subplan when joined.
+const INDEX_ALIAS: &str = "index_event";
+
+enum IndexPlan {
+    Date(Date),
+    Event(LogicalPlan),
+}
+
+struct Compiler<'a> {
+    sources: &'a Sources,
+    hierarchy: &'a ConceptHierarchy,
+    index: Option<IndexPlan>,
+    leaves: Vec<LogicalPlan>,
+    population: Option<Expr>,
+}
+
+/// Compiles a validated definition.
+pub(crate) fn compile(
+    definition: &CohortDefinition,
+    hierarchy: &ConceptHierarchy,
+    sources: &Sources,
+    output: Output,
+) -> Result<LogicalPlan> {
+    let mut c = Compiler {
+        sources,
+        hierarchy,
+        index: None,
+        leaves: Vec::new(),
+        population: None,
+    };
+    // Leaf 0: every visible patient.
+    let visible = c.scan(TableKind::Person)?;
+    let mut population = c.leaf(visible, TableKind::Person.name())?;
+    match &definition.index {
+        Some(Index::Date(d)) => c.index = Some(IndexPlan::Date(*d)),
+        Some(Index::FirstEvent(event)) => {
+            let (domain, e) = event.as_event().expect("validated: an event criterion");
+            let rows = c.event_rows(domain, e)?;
+            let qualified = Column::new(Some(domain.as_str()), "person_id");
+            let plan = rows
+                .aggregate(
+                    vec![Expr::Column(qualified.clone())],
+                    vec![
+                        min(Expr::Column(Column::new(Some(domain.as_str()), "date")))
+                            .alias(INDEX_DATE),
+                    ],
+                )?
+                .build()?;
+            let with_index = c.leaf(LogicalPlanBuilder::from(plan.clone()), domain.as_str())?;
+            c.index = Some(IndexPlan::Event(plan));
+            population = set_and(population, with_index);
+        }
+        None => {}
+    }
+    c.population = Some(population.clone());
+
+    let criteria: Vec<Expr> = definition
+        .criteria
+        .iter()
+        .map(|k| c.criterion(k))
+        .collect::<Result<_>>()?;
+
+    let mut plan = LogicalPlanBuilder::from(c.leaves[0].clone());
+    for leaf in &c.leaves[1..] {
+        plan = plan.cross_join(leaf.clone())?;
+    }
+    let leaf_cols: Vec<Expr> = (0..c.leaves.len()).map(|i| col(leaf_name(i))).collect();
+    let mut carried = leaf_cols.clone();
+    carried.push(population.alias(step_name(0)));
+    plan = plan.project(carried)?;
+    for (k, criterion) in criteria.into_iter().enumerate() {
+        let mut carried: Vec<Expr> = leaf_cols.clone();
+        carried.extend((0..=k).map(|s| col(step_name(s))));
+        carried.push(set_and(col(step_name(k)), criterion).alias(step_name(k + 1)));
+        plan = plan.project(carried)?;
+    }
+    let steps = definition.criteria.len() + 1;
+    let last = steps - 1;
+    let out: Vec<Expr> = match output {
+        Output::Counts => (0..steps)
+            .map(|s| set_count(col(step_name(s))).alias(step_name(s)))
+            .collect(),
+        Output::Persons => vec![col(step_name(last)).alias("persons")],
+    };
+    plan.project(out)?.build()
+}
+
+fn leaf_name(i: usize) -> String {
+    format!("c{i}")
+}
+
+pub(crate) fn step_name(i: usize) -> String {
+    format!("step_{i}")
+}
+
+fn date_lit(d: Date) -> Expr {
+    lit(ScalarValue::Date32(Some(d.days())))
+}
+
+fn qcol(table: &str, name: &str) -> Expr {
+    Expr::Column(Column::new(Some(table), name))
+}
+
+impl Compiler<'_> {
+    fn scan(&self, kind: TableKind) -> Result<LogicalPlanBuilder> {
+        let source = match kind {
+            TableKind::Person => self.sources.person.clone(),
+            TableKind::Event(d) => self.sources.events[d as usize].clone(),
+        };
+        LogicalPlanBuilder::scan(kind.name(), source, None)
+    }
+
+    /// Ends `rows` (with a `<table>.person_id` column) in `person_set`, as the next leaf;
+    /// returns the leaf's column.
+    fn leaf(&mut self, rows: LogicalPlanBuilder, table: &str) -> Result<Expr> {
+        let name = leaf_name(self.leaves.len());
+        let plan = rows
+            .aggregate(
+                Vec::<Expr>::new(),
+                vec![person_set(qcol(table, "person_id")).alias(&name)],
+            )?
+            .build()?;
+        self.leaves.push(plan);
+        Ok(col(name))
+    }
+
+    fn population(&self) -> Expr {
+        self.population.clone().expect("population compiled first")
+    }
+
+    fn criterion(&mut self, c: &Criterion) -> Result<Expr> {
+        Ok(match c {
+            Criterion::All(v) => {
+                let sets = v
+                    .iter()
+                    .map(|c| self.criterion(c))
+                    .collect::<Result<Vec<_>>>()?;
+                sets.into_iter()
+                    .reduce(set_and)
+                    .expect("validated: not empty")
+            }
+            Criterion::Any(v) => {
+                let sets = v
+                    .iter()
+                    .map(|c| self.criterion(c))
+                    .collect::<Result<Vec<_>>>()?;
+                sets.into_iter()
+                    .reduce(set_or)
+                    .expect("validated: not empty")
+            }
+            Criterion::AtLeast(a) => {
+                let sets =
+                    a.of.iter()
+                        .map(|c| self.criterion(c))
+                        .collect::<Result<Vec<_>>>()?;
+                set_at_least(a.n, sets)
+            }
+            Criterion::Not(inner) => {
+                let inner = self.criterion(inner)?;
+                set_minus(self.population(), inner)
+            }
+            Criterion::Demographics(d) => self.demographics(d)?,
+            other => {
+                let (domain, e) = other.as_event().expect("event criterion");
+                self.event(domain, e)?
+            }
+        })
+    }
+
+    fn demographics(&mut self, d: &Demographics) -> Result<Expr> {
+        let person = TableKind::Person.name();
+        let mut rows = self.scan(TableKind::Person)?;
+        let mut preds: Vec<Expr> = Vec::new();
+        if !d.sex.is_empty() {
+            let sexes = d.sex.iter().map(|s| lit(s.as_str())).collect();
+            preds.push(qcol(person, "sex").in_list(sexes, false));
+        }
+        if let Some(r) = d.birth_year {
+            let year = qcol(person, "birth_year");
+            if let Some(min) = r.min {
+                preds.push(year.clone().gt_eq(lit(min)));
+            }
+            if let Some(max) = r.max {
+                preds.push(year.lt_eq(lit(max)));
+            }
+        }
+        if let Some(r) = d.age {
+            match &self.index {
+                Some(IndexPlan::Date(index)) => {
+                    // age = index year − birth year  ⇔  birth year = index year − age
+                    let year = qcol(person, "birth_year");
+                    if let Some(min) = r.min {
+                        preds.push(year.clone().lt_eq(lit(index.year() - min)));
+                    }
+                    if let Some(max) = r.max {
+                        preds.push(year.gt_eq(lit(index.year() - max)));
+                    }
+                }
+                Some(IndexPlan::Event(plan)) => {
+                    let index = LogicalPlanBuilder::from(plan.clone())
+                        .alias(INDEX_ALIAS)?
+                        .build()?;
+                    rows = rows.join(
+                        index,
+                        JoinType::Inner,
+                        (
+                            vec![Column::new(Some(person), "person_id")],
+                            vec![Column::new(Some(INDEX_ALIAS), "person_id")],
+                        ),
+                        None,
+                    )?;
+                    let age = cast(
+                        date_part(lit("year"), qcol(INDEX_ALIAS, INDEX_DATE)),
+                        DataType::Int64,
+                    ) - cast(qcol(person, "birth_year"), DataType::Int64);
+                    if let Some(min) = r.min {
+                        preds.push(age.clone().gt_eq(lit(i64::from(min))));
+                    }
+                    if let Some(max) = r.max {
+                        preds.push(age.lt_eq(lit(i64::from(max))));
+                    }
+                }
+                None => unreachable!("validated: age needs an index"),
+            }
+        }
+        if let Some(p) = preds.into_iter().reduce(Expr::and) {
+            rows = rows.filter(p)?;
+        }
+        self.leaf(rows, person)
+    }
+
+    /// The rows of `domain` matching the criterion's codes, absolute window, value and unit
+    /// (not its occurrence count or relative window).
+    fn event_rows(&self, domain: Domain, e: &EventCriterion) -> Result<LogicalPlanBuilder> {
+        let table = domain.as_str();
+        let codes = self.hierarchy.expand(&e.codes, e.include_descendants);
+        let mut codes: Vec<Expr> = codes.iter().map(|c| lit(c.to_string())).collect();
+        let mut pred = if codes.len() == 1 {
+            qcol(table, "code").eq(codes.pop().expect("one code"))
+        } else {
+            qcol(table, "code").in_list(codes, false)
+        };
+        let window = match (e.window, &self.index) {
+            (Some(Window::Between { from, to }), _) => Some((from, to)),
+            // Relative to a fixed date: a calendar window.
+            (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Date(d))) => {
+                Some((from.map(|f| d.add_days(f)), to.map(|t| d.add_days(t))))
+            }
+            _ => None,
+        };
+        if let Some((from, to)) = window {
+            if let Some(from) = from {
+                pred = pred.and(qcol(table, "date").gt_eq(date_lit(from)));
+            }
+            if let Some(to) = to {
+                pred = pred.and(qcol(table, "date").lt_eq(date_lit(to)));
+            }
+        }
+        if let Some(v) = e.value {
+            if let Some(min) = v.min {
+                pred = pred.and(qcol(table, "value").gt_eq(lit(min)));
+            }
+            if let Some(max) = v.max {
+                pred = pred.and(qcol(table, "value").lt_eq(lit(max)));
+            }
+        }
+        if let Some(unit) = &e.unit {
+            pred = pred.and(qcol(table, "unit").eq(lit(unit.as_str())));
+        }
+        self.scan(TableKind::Event(domain))?.filter(pred)
+    }
+
+    fn event(&mut self, domain: Domain, e: &EventCriterion) -> Result<Expr> {
+        let table = domain.as_str();
+        let mut rows = self.event_rows(domain, e)?;
+        if let (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Event(plan))) =
+            (e.window, &self.index)
+        {
+            let index = LogicalPlanBuilder::from(plan.clone())
+                .alias(INDEX_ALIAS)?
+                .build()?;
+            rows = rows.join(
+                index,
+                JoinType::Inner,
+                (
+                    vec![Column::new(Some(table), "person_id")],
+                    vec![Column::new(Some(INDEX_ALIAS), "person_id")],
+                ),
+                None,
+            )?;
+            let days = cast(qcol(table, "date"), DataType::Int32)
+                - cast(qcol(INDEX_ALIAS, INDEX_DATE), DataType::Int32);
+            let mut pred: Option<Expr> = None;
+            if let Some(from) = from {
+                pred = Some(days.clone().gt_eq(lit(from)));
+            }
+            if let Some(to) = to {
+                let p = days.lt_eq(lit(to));
+                pred = Some(match pred {
+                    Some(q) => q.and(p),
+                    None => p,
+                });
+            }
+            if let Some(p) = pred {
+                rows = rows.filter(p)?;
+            }
+            rows = rows.project(vec![qcol(table, "person_id")])?;
+        }
+        let per_person = |rows: LogicalPlanBuilder, keep: fn(Expr, Expr) -> Expr, n: u32| {
+            rows.aggregate(
+                vec![qcol(table, "person_id")],
+                vec![count(lit(1)).alias("events")],
+            )?
+            .filter(keep(col("events"), lit(i64::from(n))))
+        };
+        Ok(match e.occurrence {
+            Occurrence::AtLeast(1) => self.leaf(rows, table)?,
+            Occurrence::AtLeast(n) => {
+                let rows = per_person(rows, Expr::gt_eq, n)?;
+                self.leaf(rows, table)?
+            }
+            Occurrence::Exactly(0) | Occurrence::AtMost(0) => {
+                let any = self.leaf(rows, table)?;
+                set_minus(self.population(), any)
+            }
+            Occurrence::Exactly(n) => {
+                let rows = per_person(rows, Expr::eq, n)?;
+                self.leaf(rows, table)?
+            }
+            Occurrence::AtMost(n) => {
+                let rows = per_person(rows, Expr::gt, n)?;
+                let more = self.leaf(rows, table)?;
+                set_minus(self.population(), more)
+            }
+        })
+    }
+}

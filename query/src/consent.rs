@@ -1,0 +1,375 @@
+//! The consent snapshot of one study: per patient, the searchable fields the patient
+//! consented to make searchable for the study's purpose.
+//!
+//! The broker derives the snapshot from the patients' consent policies and the study's
+//! purpose; the engine only reads it. A patient absent from the snapshot is invisible to
+//! every query; a field a patient did not consent is invisible for that patient (event rows
+//! are dropped, `birth_year`/`sex` read as NULL). See [`crate::engine`] for where this is
+//! enforced.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+
+use roaring::RoaringBitmap;
+
+use crate::definition::Domain;
+
+/// A field of the index a patient can make searchable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SearchableField {
+    BirthYear,
+    Sex,
+    Condition,
+    Measurement,
+    Drug,
+    Procedure,
+}
+
+impl SearchableField {
+    /// Every field, in order.
+    pub const ALL: [SearchableField; 6] = [
+        SearchableField::BirthYear,
+        SearchableField::Sex,
+        SearchableField::Condition,
+        SearchableField::Measurement,
+        SearchableField::Drug,
+        SearchableField::Procedure,
+    ];
+
+    /// The field's name: `birth_year`, `sex`, `condition`, `measurement`, `drug`, `procedure`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearchableField::BirthYear => "birth_year",
+            SearchableField::Sex => "sex",
+            SearchableField::Condition => "condition",
+            SearchableField::Measurement => "measurement",
+            SearchableField::Drug => "drug",
+            SearchableField::Procedure => "procedure",
+        }
+    }
+
+    /// The field that makes a domain's table searchable.
+    pub fn of_domain(domain: Domain) -> SearchableField {
+        match domain {
+            Domain::Condition => SearchableField::Condition,
+            Domain::Measurement => SearchableField::Measurement,
+            Domain::Drug => SearchableField::Drug,
+            Domain::Procedure => SearchableField::Procedure,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for SearchableField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SearchableField {
+    type Err = ConsentError;
+
+    fn from_str(s: &str) -> Result<SearchableField, ConsentError> {
+        SearchableField::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| ConsentError::UnknownField(s.to_string()))
+    }
+}
+
+/// A consent snapshot that cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsentError {
+    #[error(
+        "`{0}` is not a searchable field; use birth_year, sex, condition, measurement, drug or \
+         procedure"
+    )]
+    UnknownField(String),
+    #[error("person_id {0} is out of range: the index holds ids from 0 to 4294967295")]
+    PersonIdOutOfRange(i64),
+}
+
+/// BLAKE3 hash of a consent snapshot's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsentHash(pub [u8; 32]);
+
+impl fmt::Display for ConsentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Which patients consented which searchable fields for one study. Cheap to clone.
+#[derive(Clone)]
+pub struct ConsentSnapshot {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fields: [RoaringBitmap; 6],
+    any: RoaringBitmap,
+    hash: ConsentHash,
+    /// Dense bit vectors of the six fields and `any`, built on first use.
+    dense: [OnceLock<Option<Vec<u64>>>; 7],
+}
+
+/// Ids up to this get a dense bit vector (at most 32 MiB per field) for membership tests.
+const DENSE_LIMIT: u32 = 1 << 28;
+
+/// Membership in one consent set, as fast as the ids allow.
+#[derive(Clone, Copy)]
+pub(crate) struct Members<'a> {
+    bitmap: &'a RoaringBitmap,
+    dense: Option<&'a [u64]>,
+}
+
+impl Members<'_> {
+    #[inline]
+    pub(crate) fn contains(&self, id: i64) -> bool {
+        match self.dense {
+            Some(words) => usize::try_from(id)
+                .ok()
+                .and_then(|i| words.get(i >> 6))
+                .is_some_and(|w| (w >> (id & 63)) & 1 == 1),
+            None => u32::try_from(id).is_ok_and(|k| self.bitmap.contains(k)),
+        }
+    }
+}
+
+fn dense(bitmap: &RoaringBitmap) -> Option<Vec<u64>> {
+    let max = bitmap.max()?;
+    if max >= DENSE_LIMIT {
+        return None;
+    }
+    let mut words = vec![0u64; (max as usize >> 6) + 1];
+    for id in bitmap {
+        words[id as usize >> 6] |= 1 << (id & 63);
+    }
+    Some(words)
+}
+
+impl fmt::Debug for ConsentSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Counts only: a snapshot's membership is patient data.
+        f.debug_struct("ConsentSnapshot")
+            .field("patients", &self.inner.any.len())
+            .field("hash", &self.inner.hash.to_string())
+            .finish()
+    }
+}
+
+impl PartialEq for ConsentSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.hash == other.inner.hash
+    }
+}
+
+impl Eq for ConsentSnapshot {}
+
+impl std::hash::Hash for ConsentSnapshot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.hash.hash(state)
+    }
+}
+
+pub(crate) fn person_key(person_id: i64) -> Option<u32> {
+    u32::try_from(person_id).ok()
+}
+
+impl ConsentSnapshot {
+    /// A builder.
+    pub fn builder() -> ConsentBuilder {
+        ConsentBuilder::default()
+    }
+
+    /// A snapshot from `(person_id, fields)` grants.
+    pub fn from_grants<I, F>(grants: I) -> Result<ConsentSnapshot, ConsentError>
+    where
+        I: IntoIterator<Item = (i64, F)>,
+        F: IntoIterator<Item = SearchableField>,
+    {
+        let mut b = ConsentBuilder::default();
+        for (person, fields) in grants {
+            for field in fields {
+                b.grant(person, field)?;
+            }
+        }
+        Ok(b.build())
+    }
+
+    /// Every field for every listed patient.
+    pub fn everything(
+        persons: impl IntoIterator<Item = i64>,
+    ) -> Result<ConsentSnapshot, ConsentError> {
+        ConsentSnapshot::from_grants(persons.into_iter().map(|p| (p, SearchableField::ALL)))
+    }
+
+    /// Hash of the contents: equal snapshots hash equally, whatever order they were built in.
+    pub fn hash(&self) -> ConsentHash {
+        self.inner.hash
+    }
+
+    /// Whether `person_id` consented `field`.
+    pub fn allows(&self, person_id: i64, field: SearchableField) -> bool {
+        person_key(person_id).is_some_and(|k| self.inner.fields[field.index()].contains(k))
+    }
+
+    /// The fields `person_id` consented.
+    pub fn fields_of(&self, person_id: i64) -> BTreeSet<SearchableField> {
+        SearchableField::ALL
+            .into_iter()
+            .filter(|f| self.allows(person_id, *f))
+            .collect()
+    }
+
+    /// Patients with at least one consented field.
+    pub fn patients(&self) -> u64 {
+        self.inner.any.len()
+    }
+
+    /// Every `(person_id, field)` grant, by field then person.
+    pub fn grants(&self) -> impl Iterator<Item = (i64, SearchableField)> + '_ {
+        SearchableField::ALL.into_iter().flat_map(move |f| {
+            self.inner.fields[f.index()]
+                .iter()
+                .map(move |p| (i64::from(p), f))
+        })
+    }
+
+    /// Membership in a field's set (`None`: the patients with any field).
+    pub(crate) fn members(&self, field: Option<SearchableField>) -> Members<'_> {
+        let (bitmap, slot) = match field {
+            Some(f) => (&self.inner.fields[f.index()], f.index()),
+            None => (&self.inner.any, 6),
+        };
+        let dense = self.inner.dense[slot].get_or_init(|| dense(bitmap));
+        Members {
+            bitmap,
+            dense: dense.as_deref(),
+        }
+    }
+}
+
+/// Collects grants into a [`ConsentSnapshot`].
+#[derive(Debug, Default)]
+pub struct ConsentBuilder {
+    fields: [RoaringBitmap; 6],
+}
+
+impl ConsentBuilder {
+    /// Records that `person_id` consented `field`.
+    pub fn grant(
+        &mut self,
+        person_id: i64,
+        field: SearchableField,
+    ) -> Result<&mut Self, ConsentError> {
+        let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
+        self.fields[field.index()].insert(key);
+        Ok(self)
+    }
+
+    /// The snapshot.
+    pub fn build(self) -> ConsentSnapshot {
+        let mut any = RoaringBitmap::new();
+        let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v1");
+        for (field, bitmap) in SearchableField::ALL.iter().zip(&self.fields) {
+            any |= bitmap;
+            // Field name, count, then the sorted ids: independent of build order and of
+            // the bitmap's internal container layout.
+            hasher.update(field.as_str().as_bytes());
+            hasher.update(&bitmap.len().to_le_bytes());
+            let mut buf = Vec::with_capacity(4096);
+            for id in bitmap.iter() {
+                buf.extend_from_slice(&id.to_le_bytes());
+                if buf.len() >= 4096 {
+                    hasher.update(&buf);
+                    buf.clear();
+                }
+            }
+            hasher.update(&buf);
+        }
+        ConsentSnapshot {
+            inner: Arc::new(Inner {
+                fields: self.fields,
+                any,
+                hash: ConsentHash(*hasher.finalize().as_bytes()),
+                dense: Default::default(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SearchableField::*;
+
+    #[test]
+    fn grants_and_hash() {
+        let a = ConsentSnapshot::from_grants([(1, vec![Sex, Condition]), (7, vec![Drug])]).unwrap();
+        let b = ConsentSnapshot::from_grants([(7, vec![Drug]), (1, vec![Condition, Sex])]).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        assert!(a.allows(1, Condition) && !a.allows(1, Drug) && !a.allows(2, Sex));
+        assert_eq!(a.patients(), 2);
+        assert_eq!(a.fields_of(1), BTreeSet::from([Sex, Condition]));
+        let c = ConsentSnapshot::from_grants([(1, vec![Sex]), (7, vec![Drug])]).unwrap();
+        assert_ne!(a.hash(), c.hash());
+        assert_eq!(a.grants().count(), 3);
+    }
+
+    #[test]
+    fn dense_and_sparse_membership_agree() {
+        let s = ConsentSnapshot::from_grants([
+            (0, vec![Sex]),
+            (63, vec![Sex]),
+            (64, vec![Drug]),
+            (1 << 29, vec![Sex]),
+        ])
+        .unwrap();
+        let sex = s.members(Some(Sex));
+        assert!(sex.dense.is_none(), "ids above the dense limit stay sparse");
+        assert!(sex.contains(0) && sex.contains(63) && sex.contains(1 << 29));
+        assert!(!sex.contains(64) && !sex.contains(-1) && !sex.contains(i64::MAX));
+        let drug = s.members(Some(Drug));
+        assert!(drug.dense.is_some());
+        assert!(
+            drug.contains(64)
+                && !drug.contains(63)
+                && !drug.contains(65)
+                && !drug.contains(100_000)
+        );
+        let any = s.members(None);
+        assert!(any.contains(0) && any.contains(64) && !any.contains(1));
+    }
+
+    #[test]
+    fn field_names_are_exact() {
+        let names: Vec<&str> = SearchableField::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "birth_year",
+                "sex",
+                "condition",
+                "measurement",
+                "drug",
+                "procedure"
+            ]
+        );
+        assert_eq!("drug".parse::<SearchableField>().unwrap(), Drug);
+        assert!("conditions".parse::<SearchableField>().is_err());
+        assert_eq!(
+            ConsentSnapshot::from_grants([(-1, vec![Sex])]).unwrap_err(),
+            ConsentError::PersonIdOutOfRange(-1)
+        );
+    }
+}

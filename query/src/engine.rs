@@ -1,0 +1,431 @@
+//! The cohort engine: index tables in Arrow, definitions compiled to DataFusion plans,
+//! the consent filter applied to every plan, on a runtime of its own.
+//!
+//! ```
+//! use cohort_query::{CodedEvent, CohortDefinition, CohortEngine, ConceptHierarchy,
+//!                    ConsentSnapshot, IndexBuilder, PatientIndex, Person, SearchableField};
+//!
+//! let mut builder = IndexBuilder::new();
+//! for id in 0..30 {
+//!     let patient = PatientIndex {
+//!         person: Person { birth_year: Some(1950 + id as i32), sex: "female".into() },
+//!         conditions: vec![CodedEvent {
+//!             system: "snomed".into(),
+//!             code: if id % 2 == 0 { "44054006" } else { "38341003" }.into(),
+//!             date: "2019-06-01".into(),
+//!             value: None,
+//!             unit: String::new(),
+//!         }],
+//!         ..Default::default()
+//!     };
+//!     builder.add(id, &patient).unwrap();
+//! }
+//! let engine = CohortEngine::from_index(builder.build(), ConceptHierarchy::new());
+//! // Patients 0..20 consent everything; 20..30 only their sex.
+//! let consent = ConsentSnapshot::from_grants((0..30).map(|id| {
+//!     (id, if id < 20 { SearchableField::ALL.to_vec() } else { vec![SearchableField::Sex] })
+//! })).unwrap();
+//! let diabetes = CohortDefinition::from_json(
+//!     br#"{"criteria": [{"condition": {"codes": ["snomed:44054006"]}}]}"#).unwrap();
+//! let result = engine.count_blocking(&diabetes, &consent).unwrap();
+//! assert_eq!(result.exact, 10); // even ids below 20
+//! assert_eq!(result.attrition[0].exact, 30); // every patient with some consent
+//! let ids = engine.select_blocking(&diabetes, &consent).unwrap();
+//! assert_eq!(ids.len(), 10);
+//! assert!(engine.explain_blocking(&diabetes, &consent).unwrap().contains("consented("));
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use datafusion::catalog::TableProvider;
+use datafusion::catalog::default_table_source::provider_as_source;
+use datafusion::common::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
+use datafusion::physical_plan::collect;
+use datafusion::prelude::SessionConfig;
+
+use crate::compile::{Output, Sources, compile, step_name};
+use crate::consent::ConsentSnapshot;
+use crate::consent_filter::ConsentFilter;
+use crate::definition::{CohortDefinition, DefinitionError, Domain, Index};
+use crate::hierarchy::ConceptHierarchy;
+use crate::provider::{IndexTableProvider, TableKind};
+use crate::sets::decode;
+use crate::tables::{IndexError, IndexTables};
+
+/// A query that could not be answered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The engine failed; the message is for operators, and carries no patient data.
+    #[error("the cohort engine failed: {0}")]
+    Engine(String),
+    #[error("the cohort engine stopped before the query finished")]
+    Stopped,
+}
+
+fn engine_err(e: DataFusionError) -> QueryError {
+    QueryError::Engine(e.to_string())
+}
+
+/// How an engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Read only the rows of the queried codes (on by default). Off, every event scan
+    /// reads its whole table: the baseline the code index is measured against.
+    pub code_index: bool,
+    /// Worker threads of the engine's runtime, and DataFusion's target partitions.
+    pub threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            code_index: true,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// The count after one step of a definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttritionStep {
+    /// Step 0 is the population (patients with any consent, and with the index event when
+    /// there is one); step `k` is after the `k`-th top-level criterion.
+    pub step: usize,
+    /// What the step adds, for people (no patient data).
+    pub label: String,
+    pub exact: u64,
+}
+
+/// The exact answer to a count. Exact counts never leave the broker: release them only
+/// through [`crate::protect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountResult {
+    /// Patients matching every criterion.
+    pub exact: u64,
+    /// The count after each step, in order; the last equals `exact`.
+    pub attrition: Vec<AttritionStep>,
+}
+
+struct Inner {
+    tables: IndexTables,
+    hierarchy: ConceptHierarchy,
+    sources: Sources,
+    state: SessionState,
+}
+
+/// Answers cohort definitions over one set of index tables.
+pub struct CohortEngine {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for CohortEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CohortEngine")
+            .field("persons", &self.inner.tables.persons())
+            .field("concept_relations", &self.inner.hierarchy.len())
+            .finish()
+    }
+}
+
+impl Drop for CohortEngine {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; an engine may be dropped inside async code.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl CohortEngine {
+    /// An engine over `tables`, expanding descendants through `hierarchy`.
+    pub fn from_index(tables: IndexTables, hierarchy: ConceptHierarchy) -> CohortEngine {
+        CohortEngine::with_options(tables, hierarchy, EngineOptions::default())
+    }
+
+    /// An engine over the index tables of a directory written by
+    /// [`IndexTables::write_parquet_dir`].
+    pub fn from_parquet_dir(
+        dir: &Path,
+        hierarchy: ConceptHierarchy,
+    ) -> Result<CohortEngine, QueryError> {
+        Ok(CohortEngine::from_index(
+            IndexTables::read_parquet_dir(dir)?,
+            hierarchy,
+        ))
+    }
+
+    /// An engine with explicit options.
+    pub fn with_options(
+        tables: IndexTables,
+        hierarchy: ConceptHierarchy,
+        options: EngineOptions,
+    ) -> CohortEngine {
+        let threads = options.threads.max(1);
+        let provider = |kind| -> Arc<dyn TableProvider> {
+            Arc::new(IndexTableProvider::new(
+                kind,
+                tables.clone(),
+                options.code_index,
+            ))
+        };
+        let sources = Sources {
+            person: provider_as_source(provider(TableKind::Person)),
+            events: Domain::ALL.map(|d| provider_as_source(provider(TableKind::Event(d)))),
+        };
+        let config = SessionConfig::new()
+            .with_target_partitions(threads)
+            .with_batch_size(64 * 1024);
+        let state = SessionStateBuilder::new().with_config(config).build();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("cohort-engine")
+            .enable_time()
+            .build()
+            .expect("a tokio runtime for the cohort engine");
+        CohortEngine {
+            inner: Arc::new(Inner {
+                tables,
+                hierarchy,
+                sources,
+                state,
+            }),
+            runtime: Some(runtime),
+        }
+    }
+
+    /// The index tables.
+    pub fn tables(&self) -> &IndexTables {
+        &self.inner.tables
+    }
+
+    /// The concept hierarchy.
+    pub fn hierarchy(&self) -> &ConceptHierarchy {
+        &self.inner.hierarchy
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("runtime lives as long as the engine")
+    }
+
+    async fn on_runtime(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+        output: Output,
+        explain: bool,
+    ) -> Result<Vec<RecordBatch>, QueryError> {
+        definition.validate()?;
+        let inner = self.inner.clone();
+        let plan =
+            compile(definition, &inner.hierarchy, &inner.sources, output).map_err(engine_err)?;
+        let plan = if explain {
+            LogicalPlanBuilder::from(plan)
+                .explain(false, false)
+                .and_then(LogicalPlanBuilder::build)
+                .map_err(engine_err)?
+        } else {
+            plan
+        };
+        let consent = consent.clone();
+        self.runtime()
+            .spawn(async move { execute(&inner.state, plan, &consent).await })
+            .await
+            .map_err(|_| QueryError::Stopped)?
+    }
+
+    /// The exact count and attrition of `definition` over the patients and fields
+    /// `consent` allows.
+    pub async fn count(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<CountResult, QueryError> {
+        let batches = self
+            .on_runtime(definition, consent, Output::Counts, false)
+            .await?;
+        let batch = one_row(&batches)?;
+        let mut attrition = Vec::with_capacity(definition.criteria.len() + 1);
+        for step in 0..=definition.criteria.len() {
+            let column = batch
+                .column_by_name(&step_name(step))
+                .ok_or_else(|| QueryError::Engine(format!("no column {}", step_name(step))))?;
+            let exact = column.as_primitive::<Int64Type>().value(0) as u64;
+            let label = if step == 0 {
+                match definition.index {
+                    Some(Index::FirstEvent(_)) => "patients with consent and the index event",
+                    _ => "patients with consent",
+                }
+                .to_string()
+            } else {
+                definition.criteria[step - 1].describe()
+            };
+            attrition.push(AttritionStep { step, label, exact });
+        }
+        Ok(CountResult {
+            exact: attrition.last().map_or(0, |s| s.exact),
+            attrition,
+        })
+    }
+
+    /// The `person_id`s (ascending) of the patients `definition` matches over what
+    /// `consent` allows: for release selection inside the broker, never for sponsors.
+    pub async fn select(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<Vec<i64>, QueryError> {
+        let batches = self
+            .on_runtime(definition, consent, Output::Persons, false)
+            .await?;
+        let batch = one_row(&batches)?;
+        let bytes = batch.column(0).as_binary::<i32>().value(0);
+        let set = decode(bytes).map_err(engine_err)?;
+        Ok(set.iter().map(i64::from).collect())
+    }
+
+    /// DataFusion's `EXPLAIN` of the count plan of `definition` under `consent`: the
+    /// logical plan after the consent filter and optimization, and the physical plan.
+    pub async fn explain(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<String, QueryError> {
+        let batches = self
+            .on_runtime(definition, consent, Output::Counts, true)
+            .await?;
+        let mut out = String::new();
+        for batch in &batches {
+            let kinds = batch.column(0).as_string::<i32>();
+            let plans = batch.column(1).as_string::<i32>();
+            for row in 0..batch.num_rows() {
+                out.push_str(kinds.value(row));
+                out.push_str(":\n");
+                out.push_str(plans.value(row));
+                out.push_str("\n\n");
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`CohortEngine::count`] for callers outside async code (panics inside it).
+    pub fn count_blocking(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<CountResult, QueryError> {
+        self.runtime().block_on(self.count(definition, consent))
+    }
+
+    /// [`CohortEngine::select`] for callers outside async code (panics inside it).
+    pub fn select_blocking(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<Vec<i64>, QueryError> {
+        self.runtime().block_on(self.select(definition, consent))
+    }
+
+    /// [`CohortEngine::explain`] for callers outside async code (panics inside it).
+    pub fn explain_blocking(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<String, QueryError> {
+        self.runtime().block_on(self.explain(definition, consent))
+    }
+}
+
+/// The one code path that executes plans: a session with the consent filter for
+/// `consent` appended to the analyzer rules.
+async fn execute(
+    base: &SessionState,
+    plan: LogicalPlan,
+    consent: &ConsentSnapshot,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let mut state = base.clone();
+    state.add_analyzer_rule(Arc::new(ConsentFilter::new(consent)));
+    let physical = state
+        .create_physical_plan(&plan)
+        .await
+        .map_err(engine_err)?;
+    collect(physical, state.task_ctx())
+        .await
+        .map_err(engine_err)
+}
+
+fn one_row(batches: &[RecordBatch]) -> Result<&RecordBatch, QueryError> {
+    batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .filter(|b| b.num_rows() == 1)
+        .ok_or_else(|| QueryError::Engine("a cohort plan returned no single row".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::PatientIndex;
+    use crate::tables::IndexBuilder;
+    use datafusion::catalog::MemTable;
+
+    fn engine() -> CohortEngine {
+        let mut b = IndexBuilder::new();
+        b.add(1, &PatientIndex::default()).unwrap();
+        CohortEngine::from_index(b.build(), ConceptHierarchy::new())
+    }
+
+    fn definition() -> CohortDefinition {
+        CohortDefinition::from_json(br#"{"criteria": [{"drug": {"codes": ["rxnorm:1"]}}]}"#)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_plan_run_without_the_consent_filter_cannot_scan() {
+        let e = engine();
+        let plan = compile(
+            &definition(),
+            &e.inner.hierarchy,
+            &e.inner.sources,
+            Output::Counts,
+        )
+        .unwrap();
+        // The session without the rule: the provider itself refuses.
+        let state = e.inner.state.clone();
+        let err = match state.create_physical_plan(&plan).await {
+            Ok(physical) => collect(physical, state.task_ctx()).await.unwrap_err(),
+            Err(err) => err,
+        };
+        assert!(
+            err.to_string().contains("without its consent filter"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_consent_filter_refuses_tables_that_are_not_index_tables() {
+        let e = engine();
+        let batch = e.inner.tables.person.batch.clone();
+        let other = MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap();
+        let plan = LogicalPlanBuilder::scan("person", provider_as_source(Arc::new(other)), None)
+            .unwrap()
+            .build()
+            .unwrap();
+        let consent = ConsentSnapshot::everything([1]).unwrap();
+        let err = execute(&e.inner.state, plan, &consent).await.unwrap_err();
+        assert!(err.to_string().contains("not an index table"), "{err}");
+    }
+}

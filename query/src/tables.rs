@@ -1,0 +1,470 @@
+//! The searchable index as Arrow tables, keyed by an integer `person_id`.
+//!
+//! | table | columns |
+//! |---|---|
+//! | `person` | `person_id BIGINT`, `birth_year INT NULL`, `sex VARCHAR NULL` |
+//! | `condition` | `person_id BIGINT`, `code VARCHAR`, `date DATE` |
+//! | `measurement` | `person_id BIGINT`, `code VARCHAR`, `date DATE`, `value DOUBLE NULL`, `unit VARCHAR NULL` |
+//! | `drug` | `person_id BIGINT`, `code VARCHAR`, `date DATE` |
+//! | `procedure` | `person_id BIGINT`, `code VARCHAR`, `date DATE` |
+//!
+//! `code` is one column holding `system:code` (e.g. `snomed:44054006`, `loinc:4548-4`):
+//! a code set is then one `IN` list, and a system is never compared apart from its code.
+//! In memory `code` and `unit` are dictionary-encoded, and each event table is sorted by
+//! `(code, person_id, date)` with a directory from code to its row range, so a scan for a
+//! code set reads only those codes' rows ([`crate::provider`]). `person_id` must fit in
+//! 0..=4294967295: person sets are 32-bit roaring bitmaps.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Date32Array, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch,
+    StringArray,
+};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
+use roaring::RoaringBitmap;
+
+use crate::consent::person_key;
+use crate::date::Date;
+use crate::definition::Domain;
+use crate::index::PatientIndex;
+
+/// Index rows that cannot be added, or index files that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    #[error("person_id {0} is out of range: the index holds ids from 0 to 4294967295")]
+    PersonIdOutOfRange(i64),
+    #[error("person_id {0} was added twice; add each patient once with all their rows")]
+    DuplicatePerson(i64),
+    #[error("person_id {person_id}: {table} date `{date}` is not a date (YYYY-MM-DD)")]
+    BadDate {
+        person_id: i64,
+        table: &'static str,
+        date: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{path}: column `{column}`, row {row}: {problem}")]
+    Value {
+        path: String,
+        column: String,
+        row: usize,
+        problem: String,
+    },
+}
+
+pub(crate) fn person_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Int64, false),
+        Field::new("birth_year", DataType::Int32, true),
+        Field::new("sex", DataType::Utf8, true),
+    ]))
+}
+
+pub(crate) fn dict_utf8() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+pub(crate) fn event_schema(domain: Domain) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("person_id", DataType::Int64, false),
+        Field::new("code", dict_utf8(), false),
+        Field::new("date", DataType::Date32, false),
+    ];
+    if domain == Domain::Measurement {
+        fields.push(Field::new("value", DataType::Float64, true));
+        fields.push(Field::new("unit", dict_utf8(), true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// The person table: one row per patient, sorted by `person_id`.
+#[derive(Debug, Clone)]
+pub(crate) struct PersonTable {
+    pub batch: RecordBatch,
+}
+
+/// One event table, sorted by `(code, person_id, date)`, with its code directory.
+#[derive(Debug, Clone)]
+pub(crate) struct EventTable {
+    pub batch: RecordBatch,
+    /// `system:code` → rows of that code.
+    pub directory: HashMap<String, Range<usize>>,
+}
+
+impl EventTable {
+    /// Row ranges of the listed codes that occur, in row order.
+    pub fn ranges<'a>(&self, codes: impl IntoIterator<Item = &'a str>) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = codes
+            .into_iter()
+            .filter_map(|c| self.directory.get(c).cloned())
+            .collect();
+        out.sort_by_key(|r| r.start);
+        out.dedup();
+        out
+    }
+}
+
+/// The index tables an engine runs on. Build with [`IndexBuilder`] or read with
+/// [`IndexTables::read_parquet_dir`].
+#[derive(Debug, Clone)]
+pub struct IndexTables {
+    pub(crate) person: Arc<PersonTable>,
+    pub(crate) events: [Arc<EventTable>; 4],
+}
+
+impl IndexTables {
+    /// Number of patients.
+    pub fn persons(&self) -> usize {
+        self.person.batch.num_rows()
+    }
+
+    /// Number of rows of an event table.
+    pub fn rows(&self, domain: Domain) -> usize {
+        self.event(domain).batch.num_rows()
+    }
+
+    /// Distinct codes of an event table.
+    pub fn codes(&self, domain: Domain) -> usize {
+        self.event(domain).directory.len()
+    }
+
+    pub(crate) fn event(&self, domain: Domain) -> &Arc<EventTable> {
+        &self.events[domain as usize]
+    }
+
+    /// Bytes held by the Arrow arrays.
+    pub fn memory_size(&self) -> usize {
+        self.person.batch.get_array_memory_size()
+            + self
+                .events
+                .iter()
+                .map(|e| e.batch.get_array_memory_size())
+                .sum::<usize>()
+    }
+}
+
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<String, i32>,
+    values: Vec<String>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> i32 {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
+        }
+        let id = self.values.len() as i32;
+        self.values.push(s.to_string());
+        self.ids.insert(s.to_string(), id);
+        id
+    }
+}
+
+#[derive(Default)]
+struct EventColumns {
+    codes: Interner,
+    units: Interner,
+    code: Vec<i32>,
+    person: Vec<u32>,
+    date: Vec<i32>,
+    value: Vec<Option<f64>>,
+    unit: Vec<Option<i32>>,
+}
+
+/// Builds [`IndexTables`] from `(person_id, PatientIndex)` pairs.
+///
+/// ```
+/// use cohort_query::{CodedEvent, IndexBuilder, PatientIndex, Person};
+///
+/// let mut builder = IndexBuilder::new();
+/// let patient = PatientIndex {
+///     person: Person { birth_year: Some(1970), sex: "female".into() },
+///     conditions: vec![CodedEvent {
+///         system: "snomed".into(),
+///         code: "44054006".into(),
+///         date: "2015-03-01".into(),
+///         value: None,
+///         unit: String::new(),
+///     }],
+///     ..Default::default()
+/// };
+/// builder.add(1, &patient).unwrap();
+/// let tables = builder.build();
+/// assert_eq!(tables.persons(), 1);
+/// ```
+#[derive(Default)]
+pub struct IndexBuilder {
+    seen: RoaringBitmap,
+    person_id: Vec<u32>,
+    birth_year: Vec<Option<i32>>,
+    sex: Vec<Option<String>>,
+    events: [EventColumns; 4],
+    code_buf: String,
+}
+
+impl std::fmt::Debug for IndexBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexBuilder")
+            .field("persons", &self.person_id.len())
+            .finish()
+    }
+}
+
+impl IndexBuilder {
+    /// An empty builder.
+    pub fn new() -> IndexBuilder {
+        IndexBuilder::default()
+    }
+
+    /// Adds one patient's index rows under `person_id`. Fails, adding nothing, on an id out
+    /// of range, an id added before, or an event date that is not `YYYY-MM-DD`.
+    pub fn add(&mut self, person_id: i64, index: &PatientIndex) -> Result<&mut Self, IndexError> {
+        let key = person_key(person_id).ok_or(IndexError::PersonIdOutOfRange(person_id))?;
+        if self.seen.contains(key) {
+            return Err(IndexError::DuplicatePerson(person_id));
+        }
+        let lists = [
+            (Domain::Condition, &index.conditions),
+            (Domain::Measurement, &index.measurements),
+            (Domain::Drug, &index.drugs),
+            (Domain::Procedure, &index.procedures),
+        ];
+        // Check every date before adding anything.
+        let mut dates: Vec<i32> = Vec::new();
+        for (domain, events) in lists {
+            for e in events {
+                let d: Date = e.date.parse().map_err(|_| IndexError::BadDate {
+                    person_id,
+                    table: domain.as_str(),
+                    date: e.date.clone(),
+                })?;
+                dates.push(d.days());
+            }
+        }
+        self.seen.insert(key);
+        let sex = Some(index.person.sex.as_str()).filter(|s| !s.is_empty());
+        self.push_person(key, index.person.birth_year, sex);
+        let mut dates = dates.into_iter();
+        for (domain, events) in lists {
+            for e in events {
+                self.code_buf.clear();
+                self.code_buf.push_str(&e.system);
+                self.code_buf.push(':');
+                self.code_buf.push_str(&e.code);
+                let code = std::mem::take(&mut self.code_buf);
+                let unit = Some(e.unit.as_str()).filter(|u| !u.is_empty());
+                let date = dates.next().expect("one date per event");
+                self.push_event(domain, key, &code, date, e.value, unit);
+                self.code_buf = code;
+            }
+        }
+        Ok(self)
+    }
+
+    pub(crate) fn push_person(&mut self, key: u32, birth_year: Option<i32>, sex: Option<&str>) {
+        self.person_id.push(key);
+        self.birth_year.push(birth_year);
+        self.sex.push(sex.map(str::to_string));
+    }
+
+    pub(crate) fn push_event(
+        &mut self,
+        domain: Domain,
+        person: u32,
+        code: &str,
+        date: i32,
+        value: Option<f64>,
+        unit: Option<&str>,
+    ) {
+        let cols = &mut self.events[domain as usize];
+        let id = cols.codes.id(code);
+        cols.code.push(id);
+        cols.person.push(person);
+        cols.date.push(date);
+        if domain == Domain::Measurement {
+            cols.value.push(value);
+            let unit = unit.map(|u| cols.units.id(u));
+            cols.unit.push(unit);
+        }
+    }
+
+    pub(crate) fn mark_seen(&mut self, key: u32) -> bool {
+        self.seen.insert(key)
+    }
+
+    pub(crate) fn seen_persons(&self) -> &RoaringBitmap {
+        &self.seen
+    }
+
+    /// The tables.
+    pub fn build(self) -> IndexTables {
+        let IndexBuilder {
+            person_id,
+            birth_year,
+            sex,
+            events,
+            ..
+        } = self;
+        let mut order: Vec<usize> = (0..person_id.len()).collect();
+        if !person_id.is_sorted() {
+            order.sort_unstable_by_key(|&i| person_id[i]);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(
+                order.iter().map(|&i| i64::from(person_id[i])),
+            )),
+            Arc::new(Int32Array::from_iter(order.iter().map(|&i| birth_year[i]))),
+            Arc::new(StringArray::from_iter(
+                order.iter().map(|&i| sex[i].as_deref()),
+            )),
+        ];
+        let person = PersonTable {
+            batch: RecordBatch::try_new(person_schema(), columns).expect("person columns"),
+        };
+        let mut events = events.into_iter();
+        let events = Domain::ALL
+            .map(|domain| Arc::new(build_events(domain, events.next().expect("four tables"))));
+        IndexTables {
+            person: Arc::new(person),
+            events,
+        }
+    }
+}
+
+fn build_events(domain: Domain, cols: EventColumns) -> EventTable {
+    let n = cols.code.len();
+    let codes = cols.codes.values.len();
+    // Counting sort by code (stable, so rows added in person order stay in person order),
+    // then sort each code's rows by (person, date).
+    let mut starts = vec![0usize; codes + 1];
+    for &c in &cols.code {
+        starts[c as usize + 1] += 1;
+    }
+    for i in 0..codes {
+        starts[i + 1] += starts[i];
+    }
+    let mut next = starts.clone();
+    let mut order = vec![0u32; n];
+    for (row, &c) in cols.code.iter().enumerate() {
+        order[next[c as usize]] = row as u32;
+        next[c as usize] += 1;
+    }
+    for c in 0..codes {
+        let slice = &mut order[starts[c]..starts[c + 1]];
+        let key = |&r: &u32| (cols.person[r as usize], cols.date[r as usize]);
+        if !slice.is_sorted_by_key(key) {
+            slice.sort_by_key(key);
+        }
+    }
+    let mut directory = HashMap::with_capacity(codes);
+    for (c, code) in cols.codes.values.iter().enumerate() {
+        directory.insert(code.clone(), starts[c]..starts[c + 1]);
+    }
+    let code_values: ArrayRef = Arc::new(StringArray::from_iter_values(&cols.codes.values));
+    let code_keys = Int32Array::from_iter_values(order.iter().map(|&r| cols.code[r as usize]));
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            order.iter().map(|&r| i64::from(cols.person[r as usize])),
+        )),
+        Arc::new(DictionaryArray::<Int32Type>::try_new(code_keys, code_values).expect("codes")),
+        Arc::new(Date32Array::from_iter_values(
+            order.iter().map(|&r| cols.date[r as usize]),
+        )),
+    ];
+    if domain == Domain::Measurement {
+        columns.push(Arc::new(Float64Array::from_iter(
+            order.iter().map(|&r| cols.value[r as usize]),
+        )));
+        let unit_values: ArrayRef = Arc::new(StringArray::from_iter_values(&cols.units.values));
+        let unit_keys = Int32Array::from_iter(order.iter().map(|&r| cols.unit[r as usize]));
+        columns.push(Arc::new(
+            DictionaryArray::<Int32Type>::try_new(unit_keys, unit_values).expect("units"),
+        ));
+    }
+    EventTable {
+        batch: RecordBatch::try_new(event_schema(domain), columns).expect("event columns"),
+        directory,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{CodedEvent, Person};
+    use arrow::array::{Array, AsArray};
+
+    fn ev(code: &str, date: &str) -> CodedEvent {
+        CodedEvent {
+            system: "snomed".into(),
+            code: code.into(),
+            date: date.into(),
+            value: None,
+            unit: String::new(),
+        }
+    }
+
+    #[test]
+    fn sorted_by_code_person_date_with_directory() {
+        let mut b = IndexBuilder::new();
+        let p = |codes: &[(&str, &str)]| PatientIndex {
+            person: Person {
+                birth_year: Some(1950),
+                sex: "male".into(),
+            },
+            conditions: codes.iter().map(|(c, d)| ev(c, d)).collect(),
+            ..Default::default()
+        };
+        b.add(9, &p(&[("2", "2020-01-02"), ("1", "2020-01-01")]))
+            .unwrap();
+        b.add(3, &p(&[("2", "2019-05-05"), ("2", "2018-05-05")]))
+            .unwrap();
+        assert!(matches!(
+            b.add(3, &p(&[])),
+            Err(IndexError::DuplicatePerson(3))
+        ));
+        assert!(matches!(
+            b.add(4, &p(&[("1", "2020-02-30")])),
+            Err(IndexError::BadDate { person_id: 4, .. })
+        ));
+        assert!(matches!(
+            b.add(-4, &p(&[])),
+            Err(IndexError::PersonIdOutOfRange(-4))
+        ));
+        let t = b.build();
+        assert_eq!(t.persons(), 2);
+        let persons = t
+            .person
+            .batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(persons.values().to_vec(), vec![3, 9]);
+        let cond = t.event(Domain::Condition);
+        assert_eq!(cond.batch.num_rows(), 4);
+        let r = cond.directory["snomed:2"].clone();
+        assert_eq!(r.len(), 3);
+        let pid = cond
+            .batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let date = cond
+            .batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Date32Type>();
+        let rows: Vec<(i64, i32)> = r.map(|i| (pid.value(i), date.value(i))).collect();
+        assert!(rows.is_sorted());
+        assert_eq!(rows[0].0, 3);
+        assert_eq!(cond.ranges(["snomed:1", "snomed:9"]).len(), 1);
+        assert!(t.event(Domain::Drug).batch.column(1).is_empty());
+    }
+}

@@ -1,0 +1,167 @@
+//! Feasibility counts through the real server: only consented fields count, sponsors see
+//! protected counts that repeat exactly, the board sees exact counts, budgets run out with
+//! a clear error, and every count is logged.
+
+use audit_log::EventKind;
+use broker::client::ClientError;
+use broker::consent::broad_research_policy;
+use broker::demo::Cast;
+use broker::role::Role;
+use cohort_query::Cohort;
+use consent_policy::{ConsentPolicy, SearchField};
+use datasets::{PatientRecord, Population};
+use integration_tests::Sandbox;
+use pre_kms::{Category, Identity};
+use tonic::Code;
+
+const HYPERTENSION: &str = "38341003";
+
+fn definition(code: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "criteria": [{"condition": {"codes": [format!("snomed:{code}")]}}]
+    }))
+    .unwrap()
+}
+
+/// The broad preset without `condition` among its searchable fields.
+fn without_conditions(now: i64) -> ConsentPolicy {
+    let mut draft = broad_research_policy(1, now).into_draft();
+    let fields = draft.provisions[0].fields.as_mut().unwrap();
+    fields.remove(&SearchField::Condition);
+    draft.check().unwrap()
+}
+
+fn has(record: &PatientRecord, code: &str) -> bool {
+    record.index.conditions.iter().any(|c| c.code == code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
+    let mut sandbox = Sandbox::start().await;
+    sandbox
+        .restart_with(|c| {
+            c.count_budget = cohort_query::BudgetPolicy {
+                per_minute: 3,
+                total: 100,
+            }
+        })
+        .await;
+    let cast = Cast {
+        custodian: sandbox.actor(Role::Custodian).await,
+        sponsor: sandbox.actor(Role::Sponsor).await,
+        board: sandbox.actor(Role::Board).await,
+        researcher: sandbox.actor(Role::Researcher).await,
+    };
+    let n = 60;
+    let population = Population::new(17, n);
+    let patients: Vec<(Identity, PatientRecord)> = (0..n)
+        .map(|i| (Identity::generate(), population.patient(i)))
+        .collect();
+    broker::agent::ingest_batch(&cast.custodian, patients.clone())
+        .await
+        .unwrap();
+    // A third share everything, a third hide their conditions, a third never consent.
+    let now = broker::service::now_secs();
+    let policies: Vec<(Identity, ConsentPolicy)> = patients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (id, _))| match i % 3 {
+            0 => Some((id.clone(), broad_research_policy(1, now))),
+            1 => Some((id.clone(), without_conditions(now))),
+            _ => None,
+        })
+        .collect();
+    broker::agent::set_consents(&cast.custodian, &policies)
+        .await
+        .unwrap();
+    let study = cast
+        .approved_study("feasibility", &[Category::Conditions], Cohort::default())
+        .await
+        .unwrap();
+
+    // The board's exact count equals what the consented fields alone give.
+    let want = patients
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, r))| i % 3 == 0 && has(r, HYPERTENSION))
+        .count();
+    let all_with = patients.iter().filter(|(_, r)| has(r, HYPERTENSION)).count();
+    assert!(want > 0 && all_with > want, "the population must test the filter: {want} of {all_with}");
+    let exact = cast
+        .board
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap();
+    assert!(exact.exact);
+    assert_eq!(exact.count, want.to_string());
+    assert_eq!(exact.attrition[0].count, (2 * n / 3).to_string(), "step 0: patients with consent");
+
+    // The sponsor's answer is protected and repeats exactly.
+    let first = cast
+        .sponsor
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap();
+    assert!(!first.exact);
+    let again = cast
+        .sponsor
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap();
+    assert_eq!((&first.count, &first.attrition), (&again.count, &again.attrition));
+    if want < 11 {
+        assert_eq!(first.count, "<11");
+    } else {
+        let shown: u64 = first.count.parse().unwrap();
+        assert_eq!(shown % 5, 0, "rounded to 5: {shown}");
+        assert!(shown.abs_diff(want as u64) <= 10, "{shown} vs {want}");
+    }
+    // A code nobody has: below the threshold, never zero.
+    let none = cast
+        .sponsor
+        .count(&study.study_id, &definition("0000000"))
+        .await
+        .unwrap();
+    assert_eq!(none.count, "<11");
+
+    // Bad definitions and other sponsors are refused clearly.
+    let err = cast
+        .sponsor
+        .count(&study.study_id, b"{\"criteria\": [{\"condition\": {}}]}")
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::InvalidArgument), "{err}");
+    let other = sandbox.actor(Role::Sponsor).await;
+    let err = other
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
+
+    // Three counts a minute: the fourth is refused until the minute passes (refused
+    // definitions and other sponsors' calls charged nothing).
+    let err = cast
+        .sponsor
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Status(s) => {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{err}");
+            assert!(s.message().contains("per minute"), "{err}");
+        }
+        other => panic!("{other}"),
+    }
+
+    // Every answered count is in the access log, with the definition's hash.
+    let events = broker::log_review::board_events(&cast.board, Default::default())
+        .await
+        .unwrap();
+    let counts: Vec<_> = events
+        .iter()
+        .filter(|e| e.event.kind == EventKind::FeasibilityCount)
+        .collect();
+    assert_eq!(counts.len(), 4, "1 exact + 3 protected (refused calls are not answers)");
+    assert!(counts.iter().all(|e| e.event.details.content_hashes.len() == 1));
+    sandbox.stop().await;
+}
