@@ -61,6 +61,7 @@ pub mod categorize;
 pub mod deidentify;
 pub mod fhir;
 pub mod index;
+pub mod omop;
 pub mod record;
 pub mod synthetic;
 
@@ -71,5 +72,6 @@ mod validate;
 
 pub use deidentify::DeidConfig;
 pub use fhir::{ImportError, ImportReport, import_bundle_json, import_ndjson_bytes, import_path};
+pub use omop::{OmopError, OmopImport, OmopPatient, import_dir};
 pub use record::PatientRecord;
 pub use synthetic::Population;

@@ -219,6 +219,25 @@ impl TableProvider for IndexTableProvider {
                 .ranges(codes.iter().map(String::as_str)),
             _ => vec![0..batch.num_rows()],
         };
+        // Read only the projected columns, plus person_id for the consent check.
+        let mut columns: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        if !columns.contains(&0) {
+            columns.push(0);
+        }
+        columns.sort_unstable();
+        columns.dedup();
+        let id_column = columns
+            .iter()
+            .position(|&c| c == 0)
+            .expect("person_id read");
+        let schema = Arc::new(self.schema.project(&columns)?);
+        let inner_projection: Option<Vec<usize>> = projection.map(|p| {
+            p.iter()
+                .map(|c| columns.iter().position(|x| x == c).expect("read"))
+                .collect()
+        });
         let partitions = state.config().target_partitions().max(1);
         let mut out: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
         let mut next = 0;
@@ -226,12 +245,14 @@ impl TableProvider for IndexTableProvider {
             let mut start = range.start;
             while start < range.end {
                 let len = CHUNK_ROWS.min(range.end - start);
-                let mut chunk = batch.slice(start, len);
+                let mut chunk = batch.slice(start, len).project(&columns)?;
                 start += len;
                 for members in &consents {
-                    let ids = chunk.column(0).as_primitive::<Int64Type>();
+                    let ids = chunk.column(id_column).as_primitive::<Int64Type>();
                     let mask = membership(ids, *members);
-                    chunk = filter_record_batch(&chunk, &mask)?;
+                    if mask.true_count() < mask.len() {
+                        chunk = filter_record_batch(&chunk, &mask)?;
+                    }
                 }
                 if chunk.num_rows() == 0 {
                     continue;
@@ -244,8 +265,7 @@ impl TableProvider for IndexTableProvider {
         if out.is_empty() {
             out.push(Vec::new());
         }
-        let exec =
-            MemorySourceConfig::try_new_exec(&out, self.schema.clone(), projection.cloned())?;
+        let exec = MemorySourceConfig::try_new_exec(&out, schema, inner_projection)?;
         Ok(exec)
     }
 }

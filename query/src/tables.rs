@@ -10,7 +10,7 @@
 //!
 //! `code` is one column holding `system:code` (e.g. `snomed:44054006`, `loinc:4548-4`):
 //! a code set is then one `IN` list, and a system is never compared apart from its code.
-//! In memory `code` and `unit` are dictionary-encoded, and each event table is sorted by
+//! In memory `code`, `unit` and `sex` are dictionary-encoded, and each event table is sorted by
 //! `(code, person_id, date)` with a directory from code to its row range, so a scan for a
 //! code set reads only those codes' rows ([`crate::provider`]). `person_id` must fit in
 //! 0..=4294967295: person sets are 32-bit roaring bitmaps.
@@ -66,7 +66,7 @@ pub(crate) fn person_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("person_id", DataType::Int64, false),
         Field::new("birth_year", DataType::Int32, true),
-        Field::new("sex", DataType::Utf8, true),
+        Field::new("sex", dict_utf8(), true),
     ]))
 }
 
@@ -208,7 +208,8 @@ pub struct IndexBuilder {
     seen: RoaringBitmap,
     person_id: Vec<u32>,
     birth_year: Vec<Option<i32>>,
-    sex: Vec<Option<String>>,
+    sex: Vec<Option<i32>>,
+    sexes: Interner,
     events: [EventColumns; 4],
     code_buf: String,
 }
@@ -275,7 +276,8 @@ impl IndexBuilder {
     pub(crate) fn push_person(&mut self, key: u32, birth_year: Option<i32>, sex: Option<&str>) {
         self.person_id.push(key);
         self.birth_year.push(birth_year);
-        self.sex.push(sex.map(str::to_string));
+        let sex = sex.map(|s| self.sexes.id(s));
+        self.sex.push(sex);
     }
 
     pub(crate) fn push_event(
@@ -313,6 +315,7 @@ impl IndexBuilder {
             person_id,
             birth_year,
             sex,
+            sexes,
             events,
             ..
         } = self;
@@ -325,9 +328,13 @@ impl IndexBuilder {
                 order.iter().map(|&i| i64::from(person_id[i])),
             )),
             Arc::new(Int32Array::from_iter(order.iter().map(|&i| birth_year[i]))),
-            Arc::new(StringArray::from_iter(
-                order.iter().map(|&i| sex[i].as_deref()),
-            )),
+            Arc::new(
+                DictionaryArray::<Int32Type>::try_new(
+                    Int32Array::from_iter(order.iter().map(|&i| sex[i])),
+                    Arc::new(StringArray::from_iter_values(&sexes.values)),
+                )
+                .expect("sexes"),
+            ),
         ];
         let person = PersonTable {
             batch: RecordBatch::try_new(person_schema(), columns).expect("person columns"),
