@@ -212,6 +212,17 @@ enum ImportCmd {
         #[arg(long, default_value_t = 100)]
         batch: usize,
     },
+    /// Import an OMOP CDM 5.3/5.4 directory (Parquet or CSV tables) as a custodian.
+    Omop {
+        #[command(flatten)]
+        conn: Conn,
+        dir: PathBuf,
+        /// The custodian keystore (made if missing; keep it private).
+        #[arg(long, default_value = "keystore.db")]
+        keystore: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -713,6 +724,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             keystore,
             batch,
         }) => import_fhir(&conn, &path, &keystore, batch.max(1)).await?,
+        Command::Import(ImportCmd::Omop {
+            conn,
+            dir,
+            keystore,
+            batch,
+        }) => {
+            let client = connect(&conn).await?;
+            if !dir.is_dir() {
+                bail!("{} is not a directory of OMOP CDM tables", dir.display());
+            }
+            let spinner = indicatif::ProgressBar::new_spinner();
+            spinner.set_message(format!("reading {}", dir.display()));
+            spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+            let import = datasets::omop::import_dir(&dir, &DeidConfig::default())
+                .with_context(|| format!("importing {}", dir.display()))?;
+            spinner.finish_and_clear();
+            let records = import.patients.into_iter().map(|p| p.record).collect();
+            let (total, created) = ingest_records(&client, records, &keystore, batch.max(1)).await?;
+            let summary = serde_json::json!({"patients": total.patients, "new_keys": created,
+                "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
+                "rows": import.rows, "not_indexed": import.not_indexed});
+            print(&conn, &summary, || {
+                format!(
+                    "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}",
+                    total.patients,
+                    dir.display(),
+                    total.envelopes_stored,
+                    total.envelopes_unchanged,
+                    import.rows,
+                    import.not_indexed
+                )
+            });
+        }
         Command::Custodian(CustodianCmd::Grant {
             conn,
             study,
@@ -1245,10 +1289,36 @@ async fn import_fhir(
     }
     let report = datasets::import_path(path, &DeidConfig::default());
     report_errors(&report.errors);
+    let (total, created) = ingest_records(&client, report.patients, keystore, batch).await?;
+    let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
+        "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
+        "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
+    print(conn, &summary, || {
+        format!(
+            "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
+            total.patients,
+            report.files,
+            total.envelopes_stored,
+            total.envelopes_unchanged,
+            report.errors.len(),
+            keystore.display()
+        )
+    });
+    Ok(())
+}
+
+/// Uploads records as a custodian, batch by batch, each patient's keys made (or found) in
+/// the keystore. Returns the ingest totals and how many keys were new.
+async fn ingest_records(
+    client: &BrokerClient,
+    records: Vec<datasets::PatientRecord>,
+    keystore: &Path,
+    batch: usize,
+) -> anyhow::Result<(agent::IngestReport, usize)> {
     let mut keystore = Keystore::open(keystore)?;
-    let pb = progress(report.patients.len(), "import");
+    let pb = progress(records.len(), "import");
     let mut created = 0;
-    let mut records = report.patients.into_iter().peekable();
+    let mut records = records.into_iter().peekable();
     let batches = std::iter::from_fn(|| {
         records.peek()?;
         let chunk: Vec<_> = records.by_ref().take(batch).collect();
@@ -1263,21 +1333,7 @@ async fn import_fhir(
                 .collect::<pre_kms::Result<Vec<_>>>()
         }))
     });
-    let total = agent::ingest_all(&client, batches, |done| pb.set_position(done as u64)).await?;
+    let total = agent::ingest_all(client, batches, |done| pb.set_position(done as u64)).await?;
     pb.finish_and_clear();
-    let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
-        "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
-        "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
-    print(conn, &summary, || {
-        format!(
-            "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
-            total.patients,
-            report.files,
-            total.envelopes_stored,
-            total.envelopes_unchanged,
-            report.errors.len(),
-            keystore.path().display()
-        )
-    });
-    Ok(())
+    Ok((total, created))
 }
