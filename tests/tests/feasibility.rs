@@ -85,8 +85,14 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .enumerate()
         .filter(|(i, (_, r))| i % 3 == 0 && has(r, HYPERTENSION))
         .count();
-    let all_with = patients.iter().filter(|(_, r)| has(r, HYPERTENSION)).count();
-    assert!(want > 0 && all_with > want, "the population must test the filter: {want} of {all_with}");
+    let all_with = patients
+        .iter()
+        .filter(|(_, r)| has(r, HYPERTENSION))
+        .count();
+    assert!(
+        want > 0 && all_with > want,
+        "the population must test the filter: {want} of {all_with}"
+    );
     let exact = cast
         .board
         .count(&study.study_id, &definition(HYPERTENSION))
@@ -94,7 +100,71 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .unwrap();
     assert!(exact.exact);
     assert_eq!(exact.count, want.to_string());
-    assert_eq!(exact.attrition[0].count, (2 * n / 3).to_string(), "step 0: patients with consent");
+    assert_eq!(
+        exact.attrition[0].count,
+        (2 * n / 3).to_string(),
+        "step 0: patients with consent"
+    );
+
+    // Flipping fields nobody consented to (conditions of those who hide them, everything
+    // of those who never consented) changes no count.
+    let flipped: Vec<(Identity, PatientRecord)> =
+        patients
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .map(|(_, (id, r))| {
+                let mut r = r.clone();
+                let mut c = r.index.conditions.first().cloned().unwrap_or_else(|| {
+                    cohort_query::CodedEvent {
+                        system: "snomed".into(),
+                        code: String::new(),
+                        date: "2020-01-01".into(),
+                        value: None,
+                        unit: String::new(),
+                    }
+                });
+                c.code = HYPERTENSION.into();
+                if has(&r, HYPERTENSION) {
+                    r.index.conditions.retain(|e| e.code != HYPERTENSION);
+                } else {
+                    r.index.conditions.push(c);
+                }
+                (id.clone(), r)
+            })
+            .collect();
+    broker::agent::ingest_batch(&cast.custodian, flipped)
+        .await
+        .unwrap();
+    let after = cast
+        .board
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.count, exact.count,
+        "a non-consented field changed a count"
+    );
+    assert_eq!(after.attrition, exact.attrition);
+    // The same change to a patient who consented does show: the index is live.
+    let (id, record) = patients
+        .iter()
+        .enumerate()
+        .find(|(i, (_, r))| i % 3 == 0 && has(r, HYPERTENSION))
+        .map(|(_, p)| p.clone())
+        .unwrap();
+    let mut record = record;
+    record.index.conditions.retain(|e| e.code != HYPERTENSION);
+    broker::agent::ingest_batch(&cast.custodian, vec![(id.clone(), record)])
+        .await
+        .unwrap();
+    let fewer = cast
+        .board
+        .count(&study.study_id, &definition(HYPERTENSION))
+        .await
+        .unwrap();
+    assert_eq!(fewer.count, (want - 1).to_string());
+    let want = want - 1;
 
     // The sponsor's answer is protected and repeats exactly.
     let first = cast
@@ -108,7 +178,10 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .count(&study.study_id, &definition(HYPERTENSION))
         .await
         .unwrap();
-    assert_eq!((&first.count, &first.attrition), (&again.count, &again.attrition));
+    assert_eq!(
+        (&first.count, &first.attrition),
+        (&again.count, &again.attrition)
+    );
     if want < 11 {
         assert_eq!(first.count, "<11");
     } else {
@@ -130,13 +203,19 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .count(&study.study_id, b"{\"criteria\": [{\"condition\": {}}]}")
         .await
         .unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::InvalidArgument), "{err}");
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::InvalidArgument),
+        "{err}"
+    );
     let other = sandbox.actor(Role::Sponsor).await;
     let err = other
         .count(&study.study_id, &definition(HYPERTENSION))
         .await
         .unwrap_err();
-    assert!(matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::PermissionDenied),
+        "{err}"
+    );
 
     // Three counts a minute: the fourth is refused until the minute passes (refused
     // definitions and other sponsors' calls charged nothing).
@@ -161,7 +240,15 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .iter()
         .filter(|e| e.event.kind == EventKind::FeasibilityCount)
         .collect();
-    assert_eq!(counts.len(), 4, "1 exact + 3 protected (refused calls are not answers)");
-    assert!(counts.iter().all(|e| e.event.details.content_hashes.len() == 1));
+    assert_eq!(
+        counts.len(),
+        6,
+        "3 exact + 3 protected (refused calls are not answers)"
+    );
+    assert!(
+        counts
+            .iter()
+            .all(|e| e.event.details.content_hashes.len() == 1)
+    );
     sandbox.stop().await;
 }
