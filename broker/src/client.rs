@@ -439,7 +439,11 @@ impl BrokerClient {
     // ------------------------------------------------------------ feasibility
 
     /// A cohort count for a study: protected for its sponsor, exact for the board.
-    pub async fn count(&self, study_id: &str, definition: &[u8]) -> ClientResult<pb::CountResponse> {
+    pub async fn count(
+        &self,
+        study_id: &str,
+        definition: &[u8],
+    ) -> ClientResult<pb::CountResponse> {
         let req = self.sign(
             m::COUNT,
             pb::CountRequest {

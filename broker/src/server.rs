@@ -238,8 +238,15 @@ pub async fn start(
         .map_err(|e| StartError::DataDir(dir.clone(), e.to_string()))?;
     let audit = AccessLog::open(&dir.join("audit"), log_signer, tag_secret)
         .map_err(StartError::AccessLog)?;
-    let broker = Broker::new(db, blobs, pool, config.threshold, audit, config.count_budget)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let broker = Broker::new(
+        db,
+        blobs,
+        pool,
+        config.threshold,
+        audit,
+        config.count_budget,
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
     // Revocations a proxy could not confirm before are retried now.
     tokio::spawn({
         let broker = broker.clone();

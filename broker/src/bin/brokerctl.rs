@@ -741,7 +741,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("importing {}", dir.display()))?;
             spinner.finish_and_clear();
             let records = import.patients.into_iter().map(|p| p.record).collect();
-            let (total, created) = ingest_records(&client, records, &keystore, batch.max(1)).await?;
+            let (total, created) =
+                ingest_records(&client, records, &keystore, batch.max(1)).await?;
             let summary = serde_json::json!({"patients": total.patients, "new_keys": created,
                 "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
                 "rows": import.rows, "not_indexed": import.not_indexed});
@@ -976,7 +977,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let attrition: Vec<_> = r
                 .attrition
                 .iter()
-                .map(|s| serde_json::json!({"step": s.step, "criterion": s.label, "count": s.count}))
+                .map(
+                    |s| serde_json::json!({"step": s.step, "criterion": s.label, "count": s.count}),
+                )
                 .collect();
             print(
                 &args.conn,
@@ -986,7 +989,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let mut out = format!(
                         "{} patients{} (definition {})\n\nstep  count   criterion",
                         r.count,
-                        if r.exact { ", exact" } else { " (protected: rounded, with noise; below 11 shown as <11)" },
+                        if r.exact {
+                            ", exact"
+                        } else {
+                            " (protected: rounded, with noise; below 11 shown as <11)"
+                        },
                         &r.definition_hash[..r.definition_hash.len().min(16)]
                     );
                     for s in &r.attrition {

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use audit_log::EventKind;
 use audit_log::event::Digest32;
 use cohort_query::{
-    BrokerSecret, BudgetPolicy, CohortDefinition, CohortEngine, ConceptHierarchy,
-    ConsentSnapshot, CountResult, IndexBuilder, ProtectedCount, ProtectedResult,
-    ProtectionPolicy, QueryBudget, SearchableField, protect,
+    BrokerSecret, BudgetPolicy, CohortDefinition, CohortEngine, ConceptHierarchy, ConsentSnapshot,
+    CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy, QueryBudget,
+    SearchableField, protect,
 };
 use consent_policy::SearchField;
 
