@@ -551,9 +551,12 @@ struct Concepts {
     units: HashMap<i64, String>,
 }
 
+/// A person row: birth year, month, day, administrative sex and the source value.
+type PersonRow = (i32, Option<u32>, Option<u32>, &'static str, Option<String>);
+
 #[derive(Default)]
 struct Rows {
-    patient: Option<(i32, Option<u32>, Option<u32>, &'static str, Option<String>)>,
+    patient: Option<PersonRow>,
     index: PatientIndex,
     resources: Vec<Value>,
 }

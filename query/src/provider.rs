@@ -217,7 +217,7 @@ impl TableProvider for IndexTableProvider {
                 .tables
                 .event(d)
                 .ranges(codes.iter().map(String::as_str)),
-            _ => vec![0..batch.num_rows()],
+            _ => std::iter::once(0..batch.num_rows()).collect(),
         };
         // Read only the projected columns, plus person_id for the consent check.
         let mut columns: Vec<usize> = projection
