@@ -36,14 +36,25 @@ use crate::definition::{
     CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, Occurrence, Window,
 };
 use crate::hierarchy::ConceptHierarchy;
-use crate::provider::TableKind;
-use crate::sets::{person_set, set_and, set_at_least, set_count, set_minus, set_or};
+use crate::provider::{SetKind, TableKind};
+use crate::sets::{person_set, set_and, set_at_least, set_count, set_minus, set_or, set_union};
 
 /// The table sources plans scan.
 #[derive(Clone)]
 pub(crate) struct Sources {
     pub person: Arc<dyn TableSource>,
     pub events: [Arc<dyn TableSource>; 4],
+    /// The person-set tables, when the engine uses them.
+    pub sets: Option<SetSources>,
+}
+
+/// The person-set tables.
+#[derive(Clone)]
+pub(crate) struct SetSources {
+    pub all: Arc<dyn TableSource>,
+    pub sex: Arc<dyn TableSource>,
+    pub birth_year: Arc<dyn TableSource>,
+    pub by_code: [Arc<dyn TableSource>; 4],
 }
 
 /// What a compiled plan returns.
@@ -88,8 +99,13 @@ pub(crate) fn compile(
         population: None,
     };
     // Leaf 0: every visible patient.
-    let visible = c.scan(TableKind::Person)?;
-    let mut population = c.leaf(visible, TableKind::Person.name())?;
+    let mut population = if c.sources.sets.is_some() {
+        let all = c.scan_sets(SetKind::All)?;
+        c.set_leaf(all, SetKind::All)?
+    } else {
+        let visible = c.scan(TableKind::Person)?;
+        c.leaf(visible, TableKind::Person.name())?
+    };
     match &definition.index {
         Some(Index::Date(d)) => c.index = Some(IndexPlan::Date(*d)),
         Some(Index::FirstEvent(event)) => {
@@ -169,6 +185,79 @@ impl Compiler<'_> {
         LogicalPlanBuilder::scan(kind.name(), source, None)
     }
 
+    fn scan_sets(&self, kind: SetKind) -> Result<LogicalPlanBuilder> {
+        let sets = self.sources.sets.as_ref().expect("person sets in use");
+        let source = match kind {
+            SetKind::All => sets.all.clone(),
+            SetKind::Sex => sets.sex.clone(),
+            SetKind::BirthYear => sets.birth_year.clone(),
+            SetKind::Code(d) => sets.by_code[d as usize].clone(),
+        };
+        LogicalPlanBuilder::scan(kind.name(), source, None)
+    }
+
+    /// Ends `rows` of a person-set table in `set_union`, as the next leaf; returns the
+    /// leaf's column.
+    fn set_leaf(&mut self, rows: LogicalPlanBuilder, kind: SetKind) -> Result<Expr> {
+        let name = leaf_name(self.leaves.len());
+        let plan = rows
+            .aggregate(
+                Vec::<Expr>::new(),
+                vec![set_union(qcol(kind.name(), "persons")).alias(&name)],
+            )?
+            .build()?;
+        self.leaves.push(plan);
+        Ok(col(name))
+    }
+
+    /// Demographics from the person sets: by sex and by birth year (age at a fixed date
+    /// is a birth-year range).
+    fn demographic_sets(&mut self, d: &Demographics) -> Result<Expr> {
+        let mut parts = Vec::new();
+        if !d.sex.is_empty() {
+            let sexes = d.sex.iter().map(|s| lit(s.as_str())).collect();
+            let rows = self
+                .scan_sets(SetKind::Sex)?
+                .filter(qcol(SetKind::Sex.name(), "sex").in_list(sexes, false))?;
+            parts.push(self.set_leaf(rows, SetKind::Sex)?);
+        }
+        let mut low = d.birth_year.and_then(|r| r.min);
+        let mut high = d.birth_year.and_then(|r| r.max);
+        if let (Some(r), Some(IndexPlan::Date(index))) = (d.age, &self.index) {
+            // age = index year − birth year  ⇔  birth year = index year − age
+            if let Some(min) = r.min {
+                let h = index.year() - min;
+                high = Some(high.map_or(h, |x| x.min(h)));
+            }
+            if let Some(max) = r.max {
+                let l = index.year() - max;
+                low = Some(low.map_or(l, |x| x.max(l)));
+            }
+        }
+        if low.is_some() || high.is_some() {
+            let year = qcol(SetKind::BirthYear.name(), "birth_year");
+            let mut pred: Option<Expr> = None;
+            if let Some(l) = low {
+                pred = Some(year.clone().gt_eq(lit(l)));
+            }
+            if let Some(h) = high {
+                let p = year.lt_eq(lit(h));
+                pred = Some(match pred {
+                    Some(q) => q.and(p),
+                    None => p,
+                });
+            }
+            let rows = self
+                .scan_sets(SetKind::BirthYear)?
+                .filter(pred.expect("a bound"))?;
+            parts.push(self.set_leaf(rows, SetKind::BirthYear)?);
+        }
+        Ok(parts
+            .into_iter()
+            .reduce(set_and)
+            .expect("validated: not empty"))
+    }
+
     /// Ends `rows` (with a `<table>.person_id` column) in `person_set`, as the next leaf;
     /// returns the leaf's column.
     fn leaf(&mut self, rows: LogicalPlanBuilder, table: &str) -> Result<Expr> {
@@ -227,6 +316,10 @@ impl Compiler<'_> {
     }
 
     fn demographics(&mut self, d: &Demographics) -> Result<Expr> {
+        let age_at_event = d.age.is_some() && matches!(self.index, Some(IndexPlan::Event(_)));
+        if self.sources.sets.is_some() && !age_at_event {
+            return self.demographic_sets(d);
+        }
         let person = TableKind::Person.name();
         let mut rows = self.scan(TableKind::Person)?;
         let mut preds: Vec<Expr> = Vec::new();
@@ -329,7 +422,32 @@ impl Compiler<'_> {
         self.scan(TableKind::Event(domain))?.filter(pred)
     }
 
+    /// Whether an event criterion asks no more than "has a row of these codes" (or has
+    /// none): answerable from the person sets by code.
+    fn needs_rows(e: &EventCriterion) -> bool {
+        e.window.is_some()
+            || e.value.is_some()
+            || e.unit.is_some()
+            || !matches!(
+                e.occurrence,
+                Occurrence::AtLeast(1) | Occurrence::AtMost(0) | Occurrence::Exactly(0)
+            )
+    }
+
     fn event(&mut self, domain: Domain, e: &EventCriterion) -> Result<Expr> {
+        if self.sources.sets.is_some() && !Self::needs_rows(e) {
+            let kind = SetKind::Code(domain);
+            let codes = self.hierarchy.expand(&e.codes, e.include_descendants);
+            let codes: Vec<Expr> = codes.iter().map(|c| lit(c.to_string())).collect();
+            let rows = self
+                .scan_sets(kind)?
+                .filter(qcol(kind.name(), "code").in_list(codes, false))?;
+            let any = self.set_leaf(rows, kind)?;
+            return Ok(match e.occurrence {
+                Occurrence::AtLeast(1) => any,
+                _ => set_minus(self.population(), any),
+            });
+        }
         let table = domain.as_str();
         let mut rows = self.event_rows(domain, e)?;
         if let (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Event(plan))) =

@@ -133,6 +133,10 @@ pub(crate) struct Members<'a> {
 }
 
 impl Members<'_> {
+    pub(crate) fn bitmap(&self) -> &RoaringBitmap {
+        self.bitmap
+    }
+
     #[inline]
     pub(crate) fn contains(&self, id: i64) -> bool {
         match self.dense {

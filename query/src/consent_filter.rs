@@ -9,7 +9,15 @@
 //! * `person`: `Filter: consented(person.person_id, 'any')`: patients without any consent
 //!   are gone; then a projection masks `birth_year` and `sex` to NULL for patients who did
 //!   not consent that column:
-//!   `CASE WHEN consented(person.person_id, 'birth_year') THEN person.birth_year END`.
+//!   `CASE WHEN consented(person.person_id, 'birth_year') THEN person.birth_year END`;
+//! * person-set tables (`person_all`, `person_by_sex`, `person_by_birth_year`,
+//!   `<table>_by_code`): a projection that intersects each row's set with the consenting
+//!   patients of the table's scope:
+//!   `consented_persons(condition_by_code.persons, 'condition')` (`any` for `person_all`,
+//!   `sex` and `birth_year` for the person sets by sex and birth year), and below it a
+//!   filter that drops rows without any consenting patient,
+//!   `any_consented(condition_by_code.persons, 'condition')`, which the person-set
+//!   provider applies and requires.
 //!
 //! `consented` is a scalar function bound to one snapshot. The optimizer pushes the filter
 //! into the scan (the index table provider applies it exactly, with the snapshot's
@@ -22,13 +30,13 @@
 //!
 //! The rule cannot be bypassed: the engine executes plans only through a session whose
 //! analyzer holds this rule, the tables are not in any catalog (no SQL can name them), the
-//! rule refuses a scan of anything that is not an index table, and the index table
-//! provider refuses to scan without a consent predicate for its own field.
+//! rule refuses a scan of anything that is not an index table, and the providers refuse to
+//! scan without the consent predicate for their own table.
 
 use std::sync::Arc;
 
 use crate::consent::{ConsentSnapshot, Members, SearchableField};
-use crate::provider::{IndexTableProvider, TableKind};
+use crate::provider::{IndexTableProvider, SetKind, SetTableProvider, TableKind};
 use arrow::array::{Array, AsArray, BooleanArray};
 use arrow::buffer::BooleanBuffer;
 use arrow::datatypes::{DataType, Int64Type};
@@ -53,7 +61,7 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Scope::Field(f) => f.as_str(),
             Scope::Any => "any",
@@ -125,6 +133,99 @@ pub(crate) fn membership(ids: &arrow::array::Int64Array, members: Members<'_>) -
     BooleanArray::new(bits, None)
 }
 
+/// `consented_persons(persons, scope)`: each row's person set restricted to the patients
+/// who consented the scope; `any_consented(persons, scope)`: whether any of them did.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ConsentedPersonsFn {
+    snapshot: ConsentSnapshot,
+    /// `any_consented` (BOOLEAN) rather than `consented_persons` (BINARY).
+    any: bool,
+    signature: Signature,
+}
+
+impl ConsentedPersonsFn {
+    pub(crate) fn members(&self, scope: Scope) -> Members<'_> {
+        match scope {
+            Scope::Field(f) => self.snapshot.members(Some(f)),
+            Scope::Any => self.snapshot.members(None),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ConsentedPersonsFn {
+    fn name(&self) -> &str {
+        if self.any {
+            "any_consented"
+        } else {
+            "consented_persons"
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(if self.any {
+            DataType::Boolean
+        } else {
+            DataType::Binary
+        })
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let scope = match &args.args[1] {
+            ColumnarValue::Scalar(ScalarValue::Utf8(Some(s))) => Scope::parse(s),
+            _ => None,
+        };
+        let Some(scope) = scope else {
+            return exec_err!("{}() needs a literal field name", self.name());
+        };
+        let consenting = self.members(scope);
+        let sets = args.args[0].to_array(args.number_rows)?;
+        let sets = sets.as_binary::<i32>();
+        if self.any {
+            let mut out = Vec::with_capacity(sets.len());
+            for row in 0..sets.len() {
+                out.push(
+                    sets.is_valid(row)
+                        && !crate::sets::decode(sets.value(row))?.is_disjoint(consenting.bitmap()),
+                );
+            }
+            Ok(ColumnarValue::Array(Arc::new(BooleanArray::from(out))))
+        } else {
+            let mut out = arrow::array::BinaryBuilder::new();
+            for row in 0..sets.len() {
+                if sets.is_valid(row) {
+                    let set = crate::sets::decode(sets.value(row))? & consenting.bitmap();
+                    out.append_value(crate::sets::encode(&set));
+                } else {
+                    out.append_null();
+                }
+            }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        }
+    }
+}
+
+/// The consent predicate of a person-set table's scan filter, if it is one:
+/// `any_consented(<table>.persons, scope)`.
+pub(crate) fn as_set_consent_predicate(expr: &Expr) -> Option<(&ConsentedPersonsFn, Scope)> {
+    let Expr::ScalarFunction(ScalarFunction { func, args }) = expr else {
+        return None;
+    };
+    let f = (func.inner().as_ref() as &dyn std::any::Any).downcast_ref::<ConsentedPersonsFn>()?;
+    let [
+        Expr::Column(c),
+        Expr::Literal(ScalarValue::Utf8(Some(scope)), _),
+    ] = args.as_slice()
+    else {
+        return None;
+    };
+    (f.any && c.name == "persons").then_some(())?;
+    Some((f, Scope::parse(scope)?))
+}
+
 /// The consent predicate of a scan filter, if it is one: its function and scope.
 pub(crate) fn as_consent_predicate(expr: &Expr) -> Option<(&ConsentedFn, Scope)> {
     let Expr::ScalarFunction(ScalarFunction { func, args }) = expr else {
@@ -146,6 +247,8 @@ pub(crate) fn as_consent_predicate(expr: &Expr) -> Option<(&ConsentedFn, Scope)>
 #[derive(Debug)]
 pub(crate) struct ConsentFilter {
     consented: Arc<ScalarUDF>,
+    consented_persons: Arc<ScalarUDF>,
+    any_consented: Arc<ScalarUDF>,
 }
 
 impl ConsentFilter {
@@ -158,7 +261,56 @@ impl ConsentFilter {
                     Volatility::Immutable,
                 ),
             })),
+            consented_persons: Arc::new(ScalarUDF::new_from_impl(ConsentedPersonsFn {
+                snapshot: snapshot.clone(),
+                any: false,
+                signature: Signature::exact(
+                    vec![DataType::Binary, DataType::Utf8],
+                    Volatility::Immutable,
+                ),
+            })),
+            any_consented: Arc::new(ScalarUDF::new_from_impl(ConsentedPersonsFn {
+                snapshot: snapshot.clone(),
+                any: true,
+                signature: Signature::exact(
+                    vec![DataType::Binary, DataType::Utf8],
+                    Volatility::Immutable,
+                ),
+            })),
         }
+    }
+
+    /// A person-set table: each row's `persons` intersected with the scope's consenting
+    /// patients.
+    fn restrict_sets(&self, scan: TableScan, kind: SetKind) -> Result<LogicalPlan> {
+        let wanted: Vec<Column> = scan.projected_schema.columns();
+        let table = scan.table_name.clone();
+        let scope = || lit(kind.scope().name());
+        let persons = || Expr::Column(Column::new(Some(table.clone()), "persons"));
+        // Rows with no consenting patient go (a key such as a code must not show that
+        // someone without consent has it); the others keep only consenting patients.
+        let nonempty = self.any_consented.call(vec![persons(), scope()]);
+        let full = LogicalPlan::TableScan(
+            TableScanBuilder::new(scan.table_name.clone(), scan.source.clone())
+                .with_filters(scan.filters.clone())
+                .build()?,
+        );
+        let columns: Vec<Expr> = wanted
+            .into_iter()
+            .map(|c| {
+                if c.name == "persons" {
+                    self.consented_persons
+                        .call(vec![Expr::Column(c), scope()])
+                        .alias_qualified(Some(table.clone()), "persons")
+                } else {
+                    Expr::Column(c)
+                }
+            })
+            .collect();
+        LogicalPlanBuilder::from(full)
+            .filter(nonempty)?
+            .project(columns)?
+            .build()
     }
 
     fn predicate(&self, scan: &TableScan, scope: Scope) -> Expr {
@@ -169,6 +321,17 @@ impl ConsentFilter {
 
     fn restrict(&self, scan: TableScan) -> Result<LogicalPlan> {
         let provider = source_as_provider(&scan.source)?;
+        if let Some(sets) =
+            (provider.as_ref() as &dyn std::any::Any).downcast_ref::<SetTableProvider>()
+        {
+            if scan.fetch.is_some() {
+                return plan_err!(
+                    "a scan of `{}` with a row limit cannot be consent-filtered",
+                    scan.table_name
+                );
+            }
+            return self.restrict_sets(scan, sets.kind());
+        }
         let Some(index) =
             (provider.as_ref() as &dyn std::any::Any).downcast_ref::<IndexTableProvider>()
         else {

@@ -49,12 +49,12 @@ use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::collect;
 use datafusion::prelude::SessionConfig;
 
-use crate::compile::{Output, Sources, compile, step_name};
+use crate::compile::{Output, SetSources, Sources, compile, step_name};
 use crate::consent::ConsentSnapshot;
 use crate::consent_filter::ConsentFilter;
 use crate::definition::{CohortDefinition, DefinitionError, Domain, Index};
 use crate::hierarchy::ConceptHierarchy;
-use crate::provider::{IndexTableProvider, TableKind};
+use crate::provider::{IndexTableProvider, SetKind, SetTableProvider, TableKind};
 use crate::sets::decode;
 use crate::tables::{IndexError, IndexTables};
 
@@ -77,12 +77,23 @@ fn engine_err(e: DataFusionError) -> QueryError {
     QueryError::Engine(e.to_string())
 }
 
+/// How plans read the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Every scan reads its whole table: the baseline the indexes are measured against.
+    FullScan,
+    /// Event scans read only the queried codes' rows, through the code directory.
+    CodeRows,
+    /// As `CodeRows`, and what needs no more than "has a row of these codes" (or a sex,
+    /// or a birth year), and the population, is read from precomputed person sets.
+    PersonSets,
+}
+
 /// How an engine runs.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Read only the rows of the queried codes (on by default). Off, every event scan
-    /// reads its whole table: the baseline the code index is measured against.
-    pub code_index: bool,
+    /// How plans read the index (default: [`Access::PersonSets`]).
+    pub access: Access,
     /// Worker threads of the engine's runtime, and DataFusion's target partitions.
     pub threads: usize,
 }
@@ -90,7 +101,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            code_index: true,
+            access: Access::PersonSets,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
@@ -173,20 +184,27 @@ impl CohortEngine {
         options: EngineOptions,
     ) -> CohortEngine {
         let threads = options.threads.max(1);
+        let code_index = options.access != Access::FullScan;
         let provider = |kind| -> Arc<dyn TableProvider> {
-            Arc::new(IndexTableProvider::new(
-                kind,
-                tables.clone(),
-                options.code_index,
-            ))
+            Arc::new(IndexTableProvider::new(kind, tables.clone(), code_index))
         };
+        let sets = |kind| provider_as_source(Arc::new(SetTableProvider::new(kind, tables.clone())));
         let sources = Sources {
             person: provider_as_source(provider(TableKind::Person)),
             events: Domain::ALL.map(|d| provider_as_source(provider(TableKind::Event(d)))),
+            sets: (options.access == Access::PersonSets).then(|| SetSources {
+                all: sets(SetKind::All),
+                sex: sets(SetKind::Sex),
+                birth_year: sets(SetKind::BirthYear),
+                by_code: Domain::ALL.map(|d| sets(SetKind::Code(d))),
+            }),
         };
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_target_partitions(threads)
             .with_batch_size(64 * 1024);
+        // Compiled plans are small and already in shape (filters directly above their
+        // scans): one optimizer pass reaches the same plans, for about half the time.
+        config.options_mut().optimizer.max_passes = 1;
         let state = SessionStateBuilder::new().with_config(config).build();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -226,15 +244,15 @@ impl CohortEngine {
         definition: &CohortDefinition,
         consent: &ConsentSnapshot,
         output: Output,
-        explain: bool,
+        explain: Explain,
     ) -> Result<Vec<RecordBatch>, QueryError> {
         definition.validate()?;
         let inner = self.inner.clone();
         let plan =
             compile(definition, &inner.hierarchy, &inner.sources, output).map_err(engine_err)?;
-        let plan = if explain {
+        let plan = if explain != Explain::No {
             LogicalPlanBuilder::from(plan)
-                .explain(false, false)
+                .explain(false, explain == Explain::Analyze)
                 .and_then(LogicalPlanBuilder::build)
                 .map_err(engine_err)?
         } else {
@@ -255,7 +273,7 @@ impl CohortEngine {
         consent: &ConsentSnapshot,
     ) -> Result<CountResult, QueryError> {
         let batches = self
-            .on_runtime(definition, consent, Output::Counts, false)
+            .on_runtime(definition, consent, Output::Counts, Explain::No)
             .await?;
         let batch = one_row(&batches)?;
         let mut attrition = Vec::with_capacity(definition.criteria.len() + 1);
@@ -289,7 +307,7 @@ impl CohortEngine {
         consent: &ConsentSnapshot,
     ) -> Result<Vec<i64>, QueryError> {
         let batches = self
-            .on_runtime(definition, consent, Output::Persons, false)
+            .on_runtime(definition, consent, Output::Persons, Explain::No)
             .await?;
         let batch = one_row(&batches)?;
         let bytes = batch.column(0).as_binary::<i32>().value(0);
@@ -305,20 +323,26 @@ impl CohortEngine {
         consent: &ConsentSnapshot,
     ) -> Result<String, QueryError> {
         let batches = self
-            .on_runtime(definition, consent, Output::Counts, true)
+            .on_runtime(definition, consent, Output::Counts, Explain::Plan)
             .await?;
-        let mut out = String::new();
-        for batch in &batches {
-            let kinds = batch.column(0).as_string::<i32>();
-            let plans = batch.column(1).as_string::<i32>();
-            for row in 0..batch.num_rows() {
-                out.push_str(kinds.value(row));
-                out.push_str(":\n");
-                out.push_str(plans.value(row));
-                out.push_str("\n\n");
-            }
-        }
-        Ok(out)
+        Ok(explain_text(&batches))
+    }
+
+    /// `EXPLAIN ANALYZE` of the count plan: the physical plan with each operator's
+    /// metrics (times, row counts). For operators tuning the engine: the row counts are
+    /// exact, so the output is as sensitive as an exact count.
+    pub fn explain_analyze_blocking(
+        &self,
+        definition: &CohortDefinition,
+        consent: &ConsentSnapshot,
+    ) -> Result<String, QueryError> {
+        let batches = self.runtime().block_on(self.on_runtime(
+            definition,
+            consent,
+            Output::Counts,
+            Explain::Analyze,
+        ))?;
+        Ok(explain_text(&batches))
     }
 
     /// [`CohortEngine::count`] for callers outside async code (panics inside it).
@@ -365,6 +389,28 @@ async fn execute(
     collect(physical, state.task_ctx())
         .await
         .map_err(engine_err)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Explain {
+    No,
+    Plan,
+    Analyze,
+}
+
+fn explain_text(batches: &[RecordBatch]) -> String {
+    let mut out = String::new();
+    for batch in batches {
+        let kinds = batch.column(0).as_string::<i32>();
+        let plans = batch.column(1).as_string::<i32>();
+        for row in 0..batch.num_rows() {
+            out.push_str(kinds.value(row));
+            out.push_str(":\n");
+            out.push_str(plans.value(row));
+            out.push_str("\n\n");
+        }
+    }
+    out
 }
 
 fn one_row(batches: &[RecordBatch]) -> Result<&RecordBatch, QueryError> {

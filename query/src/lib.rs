@@ -57,7 +57,7 @@ pub use definition::{
     DefinitionHash, Demographics, Domain, EventCriterion, Index, IntRange, NormalizedDefinition,
     Occurrence, Problem, Sex, ValueRange, Window,
 };
-pub use engine::{AttritionStep, CohortEngine, CountResult, EngineOptions, QueryError};
+pub use engine::{Access, AttritionStep, CohortEngine, CountResult, EngineOptions, QueryError};
 pub use hierarchy::ConceptHierarchy;
 pub use index::{CodedEvent, PatientIndex, Person};
 pub use protect::{

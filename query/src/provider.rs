@@ -15,9 +15,9 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::compute::filter_record_batch;
-use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::array::{AsArray, RecordBatch, UInt32Array};
+use arrow::compute::{filter_record_batch, take_record_batch};
+use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{Result, ScalarValue, plan_err};
@@ -28,9 +28,9 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::consent::SearchableField;
-use crate::consent_filter::{Scope, as_consent_predicate, membership};
+use crate::consent_filter::{Scope, as_consent_predicate, as_set_consent_predicate, membership};
 use crate::definition::Domain;
-use crate::tables::{IndexTables, event_schema, person_schema};
+use crate::tables::{IndexTables, SetTable, event_schema, person_schema};
 
 /// Which index table a provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,189 @@ impl TableKind {
             TableKind::Person => Scope::Any,
             TableKind::Event(d) => Scope::Field(SearchableField::of_domain(d)),
         }
+    }
+}
+
+/// Which person-set table a provider serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetKind {
+    /// `person_all(persons)`
+    All,
+    /// `person_by_sex(sex, persons)`
+    Sex,
+    /// `person_by_birth_year(birth_year, persons)`
+    BirthYear,
+    /// `<table>_by_code(code, persons)`
+    Code(Domain),
+}
+
+impl SetKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            SetKind::All => "person_all",
+            SetKind::Sex => "person_by_sex",
+            SetKind::BirthYear => "person_by_birth_year",
+            SetKind::Code(Domain::Condition) => "condition_by_code",
+            SetKind::Code(Domain::Measurement) => "measurement_by_code",
+            SetKind::Code(Domain::Drug) => "drug_by_code",
+            SetKind::Code(Domain::Procedure) => "procedure_by_code",
+        }
+    }
+
+    /// The consent scope a row's persons are restricted to.
+    pub(crate) fn scope(self) -> Scope {
+        match self {
+            SetKind::All => Scope::Any,
+            SetKind::Sex => Scope::Field(SearchableField::Sex),
+            SetKind::BirthYear => Scope::Field(SearchableField::BirthYear),
+            SetKind::Code(d) => Scope::Field(SearchableField::of_domain(d)),
+        }
+    }
+}
+
+/// One person-set table. The consent filter restricts its `persons` column to consenting
+/// patients by a projection (`consented_persons(persons, scope)`) above the scan, and
+/// drops rows without any with a filter this provider applies, and requires:
+/// `any_consented(persons, scope)`. `code = ...` /
+/// `code IN (...)` filters are applied here too, through the code directory.
+pub(crate) struct SetTableProvider {
+    kind: SetKind,
+    tables: IndexTables,
+}
+
+impl fmt::Debug for SetTableProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SetTableProvider")
+            .field("table", &self.kind.name())
+            .finish()
+    }
+}
+
+impl SetTableProvider {
+    pub(crate) fn new(kind: SetKind, tables: IndexTables) -> Self {
+        SetTableProvider { kind, tables }
+    }
+
+    pub(crate) fn kind(&self) -> SetKind {
+        self.kind
+    }
+
+    fn table(&self) -> &SetTable {
+        match self.kind {
+            SetKind::All => &self.tables.person.all,
+            SetKind::Sex => &self.tables.person.by_sex,
+            SetKind::BirthYear => &self.tables.person.by_birth_year,
+            SetKind::Code(d) => &self.tables.event(d).by_code,
+        }
+    }
+
+    /// Whether a filter on the key column is applied by this provider.
+    fn key_predicate(&self, f: &Expr) -> bool {
+        match self.kind {
+            SetKind::All => false,
+            SetKind::Sex => text_predicate(f, "sex").is_some(),
+            SetKind::BirthYear => year_predicate(f).is_some(),
+            SetKind::Code(_) => code_predicate(f).is_some(),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for SetTableProvider {
+    fn schema(&self) -> SchemaRef {
+        self.table().batch.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let exact = as_set_consent_predicate(f).is_some() || self.key_predicate(f);
+                if exact {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let table = self.table();
+        let mut rows: Vec<usize> = (0..table.sets.len()).collect();
+        let mut consents = Vec::new();
+        for f in filters {
+            if let Some((func, scope)) = as_set_consent_predicate(f) {
+                consents.push((func.members(scope), scope));
+                continue;
+            }
+            let key = table.batch.column(0);
+            match self.kind {
+                SetKind::Code(d) => {
+                    let Some(codes) = code_predicate(f) else {
+                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
+                    };
+                    let wanted = self
+                        .tables
+                        .event(d)
+                        .code_numbers(codes.iter().map(String::as_str));
+                    rows.retain(|r| wanted.binary_search(r).is_ok());
+                }
+                SetKind::Sex => {
+                    let Some(values) = text_predicate(f, "sex") else {
+                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
+                    };
+                    let key = key.as_string::<i32>();
+                    rows.retain(|&r| values.contains(key.value(r)));
+                }
+                SetKind::BirthYear => {
+                    let Some((low, high)) = year_predicate(f) else {
+                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
+                    };
+                    let key = key.as_primitive::<Int32Type>();
+                    rows.retain(|&r| (low..=high).contains(&i64::from(key.value(r))));
+                }
+                SetKind::All => {
+                    return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
+                }
+            }
+        }
+        if !consents
+            .iter()
+            .any(|(_, scope)| *scope == self.kind.scope())
+        {
+            return plan_err!(
+                "refusing to scan person-set table `{}` without its consent filter",
+                self.kind.name()
+            );
+        }
+        // Keep rows with at least one consenting patient.
+        rows.retain(|&r| {
+            consents
+                .iter()
+                .all(|(m, _)| !table.sets[r].is_disjoint(m.bitmap()))
+        });
+        let rows = UInt32Array::from_iter_values(rows.into_iter().map(|r| r as u32));
+        let batch = take_record_batch(&table.batch, &rows)?;
+        let exec = MemorySourceConfig::try_new_exec(
+            &[vec![batch.clone()]],
+            batch.schema(),
+            projection.cloned(),
+        )?;
+        Ok(exec)
     }
 }
 
@@ -103,14 +286,12 @@ impl IndexTableProvider {
 
 /// The codes a `code = 'x'` / `code IN ('x', ...)` predicate selects.
 fn code_predicate(expr: &Expr) -> Option<BTreeSet<String>> {
-    fn is_code(e: &Expr) -> bool {
-        match e {
-            Expr::Column(c) => c.name == "code",
-            Expr::Cast(c) => is_code(&c.expr),
-            Expr::TryCast(c) => is_code(&c.expr),
-            _ => false,
-        }
-    }
+    text_predicate(expr, "code")
+}
+
+/// The values a `<column> = 'x'` / `<column> IN ('x', ...)` predicate (or an OR of
+/// them) selects.
+fn text_predicate(expr: &Expr, column: &str) -> Option<BTreeSet<String>> {
     fn text(e: &Expr) -> Option<String> {
         fn scalar(v: &ScalarValue) -> Option<String> {
             match v {
@@ -133,9 +314,9 @@ fn code_predicate(expr: &Expr) -> Option<BTreeSet<String>> {
             op: Operator::Eq,
             right,
         }) => {
-            if is_code(left) {
+            if is_column(left, column) {
                 Some(BTreeSet::from([text(right)?]))
-            } else if is_code(right) {
+            } else if is_column(right, column) {
                 Some(BTreeSet::from([text(left)?]))
             } else {
                 None
@@ -145,7 +326,51 @@ fn code_predicate(expr: &Expr) -> Option<BTreeSet<String>> {
             expr,
             list,
             negated: false,
-        }) if is_code(expr) => list.iter().map(text).collect(),
+        }) if is_column(expr, column) => list.iter().map(text).collect(),
+        // The optimizer turns short IN lists into ORs of equalities.
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Or,
+            right,
+        }) => {
+            let mut values = text_predicate(left, column)?;
+            values.extend(text_predicate(right, column)?);
+            Some(values)
+        }
+        _ => None,
+    }
+}
+
+fn is_column(e: &Expr, name: &str) -> bool {
+    match e {
+        Expr::Column(c) => c.name == name,
+        Expr::Cast(c) => is_column(&c.expr, name),
+        Expr::TryCast(c) => is_column(&c.expr, name),
+        _ => false,
+    }
+}
+
+/// The inclusive range a `birth_year <op> n` comparison selects.
+fn year_predicate(expr: &Expr) -> Option<(i64, i64)> {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr else {
+        return None;
+    };
+    let (op, value) = match (left.as_ref(), right.as_ref()) {
+        (c, Expr::Literal(v, _)) if is_column(c, "birth_year") => (*op, v),
+        (Expr::Literal(v, _), c) if is_column(c, "birth_year") => (op.swap()?, v),
+        _ => return None,
+    };
+    let n = match value {
+        ScalarValue::Int32(Some(n)) => i64::from(*n),
+        ScalarValue::Int64(Some(n)) => *n,
+        _ => return None,
+    };
+    match op {
+        Operator::Eq => Some((n, n)),
+        Operator::GtEq => Some((n, i64::MAX)),
+        Operator::Gt => Some((n.saturating_add(1), i64::MAX)),
+        Operator::LtEq => Some((i64::MIN, n)),
+        Operator::Lt => Some((i64::MIN, n.saturating_sub(1))),
         _ => None,
     }
 }
@@ -276,6 +501,28 @@ mod tests {
     use datafusion::logical_expr::{col, lit};
 
     #[test]
+    fn recognizes_birth_year_ranges() {
+        assert_eq!(
+            year_predicate(&col("birth_year").gt_eq(lit(1950))),
+            Some((1950, i64::MAX))
+        );
+        assert_eq!(
+            year_predicate(&col("birth_year").lt(lit(1950i64))),
+            Some((i64::MIN, 1949))
+        );
+        assert_eq!(
+            year_predicate(&lit(1950).lt(col("birth_year"))),
+            Some((1951, i64::MAX))
+        );
+        assert_eq!(
+            year_predicate(&col("birth_year").eq(lit(1950))),
+            Some((1950, 1950))
+        );
+        assert!(year_predicate(&col("birth_year").not_eq(lit(1950))).is_none());
+        assert!(year_predicate(&col("sex").gt(lit(1950))).is_none());
+    }
+
+    #[test]
     fn recognizes_code_predicates() {
         let eq = col("code").eq(lit("snomed:1"));
         assert_eq!(
@@ -285,6 +532,10 @@ mod tests {
         let list = col("code").in_list(vec![lit("a:1"), lit("b:2")], false);
         assert_eq!(code_predicate(&list).unwrap().len(), 2);
         assert!(code_predicate(&col("code").in_list(vec![lit("a:1")], true)).is_none());
+        let or = col("code").eq(lit("a:1")).or(col("code").eq(lit("b:2")));
+        assert_eq!(code_predicate(&or).unwrap().len(), 2);
+        let mixed = col("code").eq(lit("a:1")).or(col("unit").eq(lit("%")));
+        assert!(code_predicate(&mixed).is_none());
         assert!(code_predicate(&col("unit").eq(lit("%"))).is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! | function | kind | meaning |
 //! |---|---|---|
 //! | `person_set(person_id)` | aggregate | the set of `person_id`s of the input rows |
+//! | `set_union(persons)` | aggregate | the union of the input rows' sets |
 //! | `set_and(a, b)` | scalar | a ∩ b |
 //! | `set_or(a, b)` | scalar | a ∪ b |
 //! | `set_minus(a, b)` | scalar | a − b |
@@ -13,6 +14,7 @@
 //! Combining 1-row sets costs microseconds where a join of person ids would cost a hash
 //! table per criterion; every count of the attrition table comes out of one plan.
 
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Int64Array};
@@ -99,6 +101,72 @@ impl AggregateUDFImpl for PersonSet {
     }
 }
 
+/// `set_union(persons)`: the union of the input rows' person sets.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SetUnion {
+    signature: Signature,
+}
+
+impl AggregateUDFImpl for SetUnion {
+    fn name(&self) -> &str {
+        "set_union"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Binary)
+    }
+
+    fn is_nullable(&self) -> bool {
+        false
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(UnionAccumulator::default()))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[set]", args.name),
+            DataType::Binary,
+            true,
+        ))])
+    }
+}
+
+#[derive(Debug, Default)]
+struct UnionAccumulator {
+    set: RoaringBitmap,
+}
+
+impl Accumulator for UnionAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        for bytes in values[0].as_binary::<i32>().iter().flatten() {
+            self.set |= decode(bytes)?;
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Binary(Some(encode(&self.set))))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.set.serialized_size()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+}
+
 #[derive(Debug, Default)]
 struct SetAccumulator {
     set: RoaringBitmap,
@@ -169,62 +237,100 @@ impl ScalarUDFImpl for SetFn {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let rows = args.number_rows;
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let (n, sets) = if self.op == SetOp::AtLeast {
             let n = match &args.args[0] {
                 ColumnarValue::Scalar(ScalarValue::Int64(Some(n))) if *n >= 1 => *n as usize,
                 _ => return exec_err!("set_at_least needs a literal n >= 1"),
             };
-            (n, &arrays[1..])
+            (n, &args.args[1..])
         } else {
-            (0, &arrays[..])
+            (0, &args.args[..])
         };
-        let sets: Vec<&BinaryArray> = sets
-            .iter()
-            .map(|a| {
-                a.as_binary_opt::<i32>()
-                    .ok_or_else(|| DataFusionError::Execution("a person set must be Binary".into()))
-            })
-            .collect::<Result<_>>()?;
-        if self.op == SetOp::Count {
-            let mut out = Vec::with_capacity(rows);
-            for row in 0..rows {
-                out.push(decode(sets[0].value(row))?.len() as i64);
-            }
-            return Ok(ColumnarValue::Array(Arc::new(Int64Array::from(out))));
-        }
-        let mut out = BinaryBuilder::with_capacity(rows, 0);
-        for row in 0..rows {
-            let mut inputs = sets.iter().map(|s| decode(s.value(row)));
+        let sets: Vec<SetArg<'_>> = sets.iter().map(SetArg::new).collect::<Result<_>>()?;
+        let all_scalar = sets.iter().all(|s| matches!(s, SetArg::One(_)));
+        let count = if all_scalar { 1 } else { rows };
+        let mut counts = Vec::new();
+        let mut out = BinaryBuilder::new();
+        for row in 0..count {
+            let inputs: Vec<Cow<'_, RoaringBitmap>> =
+                sets.iter().map(|s| s.get(row)).collect::<Result<_>>()?;
             let set = match self.op {
-                SetOp::And => inputs.next().expect("2 args")? & inputs.next().expect("2 args")?,
-                SetOp::Or => inputs.next().expect("2 args")? | inputs.next().expect("2 args")?,
-                SetOp::Minus => inputs.next().expect("2 args")? - inputs.next().expect("2 args")?,
-                SetOp::AtLeast => at_least(n, inputs.collect::<Result<Vec<_>>>()?),
-                SetOp::Count => unreachable!("handled above"),
+                SetOp::Count => {
+                    counts.push(inputs[0].len() as i64);
+                    continue;
+                }
+                SetOp::And => inputs[0].as_ref() & inputs[1].as_ref(),
+                SetOp::Or => inputs[0].as_ref() | inputs[1].as_ref(),
+                SetOp::Minus => inputs[0].as_ref() - inputs[1].as_ref(),
+                SetOp::AtLeast => {
+                    at_least(n, &inputs.iter().map(|c| c.as_ref()).collect::<Vec<_>>())
+                }
             };
             out.append_value(encode(&set));
         }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        Ok(match (self.op, all_scalar) {
+            (SetOp::Count, true) => ColumnarValue::Scalar(ScalarValue::Int64(Some(counts[0]))),
+            (SetOp::Count, false) => ColumnarValue::Array(Arc::new(Int64Array::from(counts))),
+            (_, true) => {
+                let bytes = out.finish();
+                ColumnarValue::Scalar(ScalarValue::Binary(Some(bytes.value(0).to_vec())))
+            }
+            (_, false) => ColumnarValue::Array(Arc::new(out.finish())),
+        })
+    }
+}
+
+/// A person-set argument: one set for every row (decoded once), or one per row.
+enum SetArg<'a> {
+    One(RoaringBitmap),
+    Many(&'a BinaryArray),
+}
+
+impl<'a> SetArg<'a> {
+    fn new(value: &'a ColumnarValue) -> Result<SetArg<'a>> {
+        match value {
+            ColumnarValue::Scalar(ScalarValue::Binary(Some(bytes))) => {
+                Ok(SetArg::One(decode(bytes)?))
+            }
+            ColumnarValue::Array(a) => a
+                .as_binary_opt::<i32>()
+                .map(SetArg::Many)
+                .ok_or_else(|| DataFusionError::Execution("a person set must be Binary".into())),
+            _ => exec_err!("a person set must be a non-null Binary value"),
+        }
+    }
+
+    fn get(&self, row: usize) -> Result<Cow<'_, RoaringBitmap>> {
+        match self {
+            SetArg::One(set) => Ok(Cow::Borrowed(set)),
+            SetArg::Many(a) if a.is_valid(row) => Ok(Cow::Owned(decode(a.value(row))?)),
+            SetArg::Many(_) => exec_err!("a person set must not be NULL"),
+        }
     }
 }
 
 /// Persons in at least `n` of `sets`: `covered[k]` holds persons in at least `k + 1` of the
 /// sets seen so far.
-fn at_least(n: usize, sets: Vec<RoaringBitmap>) -> RoaringBitmap {
+fn at_least(n: usize, sets: &[&RoaringBitmap]) -> RoaringBitmap {
     if n > sets.len() {
         return RoaringBitmap::new();
     }
     let mut covered: Vec<RoaringBitmap> = vec![RoaringBitmap::new(); n];
     for s in sets {
         for k in (1..n).rev() {
-            let promoted = &covered[k - 1] & &s;
+            let promoted = &covered[k - 1] & *s;
             covered[k] |= promoted;
         }
-        covered[0] |= s;
+        covered[0] |= *s;
     }
     covered.pop().unwrap_or_default()
 }
+
+static SET_UNION: LazyLock<Arc<AggregateUDF>> = LazyLock::new(|| {
+    Arc::new(AggregateUDF::new_from_impl(SetUnion {
+        signature: Signature::exact(vec![DataType::Binary], Volatility::Immutable),
+    }))
+});
 
 static PERSON_SET: LazyLock<Arc<AggregateUDF>> = LazyLock::new(|| {
     Arc::new(AggregateUDF::new_from_impl(PersonSet {
@@ -283,6 +389,11 @@ pub(crate) fn person_set(expr: Expr) -> Expr {
     PERSON_SET.call(vec![expr])
 }
 
+/// `set_union(expr)`.
+pub(crate) fn set_union(expr: Expr) -> Expr {
+    SET_UNION.call(vec![expr])
+}
+
 pub(crate) fn set_and(a: Expr, b: Expr) -> Expr {
     SET_AND.call(vec![a, b])
 }
@@ -315,11 +426,12 @@ mod tests {
 
     #[test]
     fn at_least_counts_memberships() {
-        let sets = vec![set(&[1, 2, 3]), set(&[2, 3, 4]), set(&[3, 4, 5])];
-        assert_eq!(at_least(1, sets.clone()), set(&[1, 2, 3, 4, 5]));
-        assert_eq!(at_least(2, sets.clone()), set(&[2, 3, 4]));
-        assert_eq!(at_least(3, sets.clone()), set(&[3]));
-        assert_eq!(at_least(4, sets), set(&[]));
+        let (a, b, c) = (set(&[1, 2, 3]), set(&[2, 3, 4]), set(&[3, 4, 5]));
+        let sets = [&a, &b, &c];
+        assert_eq!(at_least(1, &sets), set(&[1, 2, 3, 4, 5]));
+        assert_eq!(at_least(2, &sets), set(&[2, 3, 4]));
+        assert_eq!(at_least(3, &sets), set(&[3]));
+        assert_eq!(at_least(4, &sets), set(&[]));
     }
 
     #[test]

@@ -12,16 +12,27 @@
 //! a code set is then one `IN` list, and a system is never compared apart from its code.
 //! In memory `code`, `unit` and `sex` are dictionary-encoded, and each event table is sorted by
 //! `(code, person_id, date)` with a directory from code to its row range, so a scan for a
-//! code set reads only those codes' rows ([`crate::provider`]). `person_id` must fit in
-//! 0..=4294967295: person sets are 32-bit roaring bitmaps.
+//! code set reads only those codes' rows ([`crate::provider`]).
+//!
+//! Beside the row tables, the index keeps person sets (roaring bitmaps, serialized in a
+//! `BINARY` column), read by plans whose criterion needs no more than "has a row":
+//!
+//! | table | columns |
+//! |---|---|
+//! | `person_all` | `persons` (one row: every patient) |
+//! | `person_by_sex` | `sex VARCHAR`, `persons` |
+//! | `person_by_birth_year` | `birth_year INT`, `persons` |
+//! | `condition_by_code`, `measurement_by_code`, `drug_by_code`, `procedure_by_code` | `code VARCHAR`, `persons` (patients with at least one row of that code) |
+//!
+//! `person_id` must fit in 0..=4294967295: person sets are 32-bit roaring bitmaps.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Date32Array, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch,
-    StringArray,
+    ArrayRef, BinaryArray, Date32Array, DictionaryArray, Float64Array, Int32Array, Int64Array,
+    RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
 use roaring::RoaringBitmap;
@@ -91,27 +102,88 @@ pub(crate) fn event_schema(domain: Domain) -> SchemaRef {
 #[derive(Debug, Clone)]
 pub(crate) struct PersonTable {
     pub batch: RecordBatch,
+    /// `person_all(persons)`.
+    pub all: SetTable,
+    /// `person_by_sex(sex, persons)`.
+    pub by_sex: SetTable,
+    /// `person_by_birth_year(birth_year, persons)`.
+    pub by_birth_year: SetTable,
+}
+
+/// A person-set table: the Arrow batch plans read, and its sets kept decoded for the
+/// provider's own checks.
+#[derive(Debug, Clone)]
+pub(crate) struct SetTable {
+    pub batch: RecordBatch,
+    pub sets: Vec<RoaringBitmap>,
+}
+
+impl SetTable {
+    fn new(key: Option<(&str, DataType, ArrayRef)>, sets: Vec<RoaringBitmap>) -> SetTable {
+        let mut columns = Vec::new();
+        let schema = set_schema(key.as_ref().map(|(n, t, _)| (*n, t.clone())));
+        if let Some((_, _, values)) = key {
+            columns.push(values);
+        }
+        columns.push(sets_column(&sets));
+        SetTable {
+            batch: RecordBatch::try_new(schema, columns).expect("set table"),
+            sets,
+        }
+    }
 }
 
 /// One event table, sorted by `(code, person_id, date)`, with its code directory.
 #[derive(Debug, Clone)]
 pub(crate) struct EventTable {
     pub batch: RecordBatch,
-    /// `system:code` → rows of that code.
-    pub directory: HashMap<String, Range<usize>>,
+    /// `system:code` → code number: its row in `by_code` and its range in `ranges`.
+    pub directory: HashMap<String, usize>,
+    /// Rows of each code.
+    pub ranges: Vec<Range<usize>>,
+    /// `<table>_by_code(code, persons)`.
+    pub by_code: SetTable,
 }
 
 impl EventTable {
-    /// Row ranges of the listed codes that occur, in row order.
-    pub fn ranges<'a>(&self, codes: impl IntoIterator<Item = &'a str>) -> Vec<Range<usize>> {
-        let mut out: Vec<Range<usize>> = codes
+    /// The numbers of the listed codes that occur, ascending.
+    pub fn code_numbers<'a>(&self, codes: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
+        let mut out: Vec<usize> = codes
             .into_iter()
-            .filter_map(|c| self.directory.get(c).cloned())
+            .filter_map(|c| self.directory.get(c).copied())
             .collect();
-        out.sort_by_key(|r| r.start);
+        out.sort_unstable();
         out.dedup();
         out
     }
+
+    /// Row ranges of the listed codes that occur, in row order.
+    pub fn ranges<'a>(&self, codes: impl IntoIterator<Item = &'a str>) -> Vec<Range<usize>> {
+        self.code_numbers(codes)
+            .into_iter()
+            .map(|c| self.ranges[c].clone())
+            .collect()
+    }
+}
+
+pub(crate) fn persons_field() -> Field {
+    Field::new("persons", DataType::Binary, false)
+}
+
+/// Serialized person sets as a `BINARY` column.
+fn sets_column(sets: &[RoaringBitmap]) -> ArrayRef {
+    Arc::new(BinaryArray::from_iter_values(
+        sets.iter().map(crate::sets::encode),
+    ))
+}
+
+pub(crate) fn set_schema(key: Option<(&str, DataType)>) -> SchemaRef {
+    let mut fields = Vec::new();
+    if let Some((name, ty)) = key {
+        fields.push(Field::new(name, ty, true));
+    }
+    fields.push(persons_field());
+    Arc::new(Schema::new(fields))
 }
 
 /// The index tables an engine runs on. Build with [`IndexBuilder`] or read with
@@ -142,13 +214,22 @@ impl IndexTables {
         &self.events[domain as usize]
     }
 
-    /// Bytes held by the Arrow arrays.
+    /// Bytes held by the Arrow arrays (rows and person sets).
     pub fn memory_size(&self) -> usize {
-        self.person.batch.get_array_memory_size()
+        let p = &self.person;
+        [
+            &p.batch,
+            &p.all.batch,
+            &p.by_sex.batch,
+            &p.by_birth_year.batch,
+        ]
+        .iter()
+        .map(|b| b.get_array_memory_size())
+        .sum::<usize>()
             + self
                 .events
                 .iter()
-                .map(|e| e.batch.get_array_memory_size())
+                .map(|e| e.batch.get_array_memory_size() + e.by_code.batch.get_array_memory_size())
                 .sum::<usize>()
     }
 }
@@ -178,9 +259,14 @@ struct EventColumns {
     code: Vec<i32>,
     person: Vec<u32>,
     date: Vec<i32>,
-    value: Vec<Option<f64>>,
-    unit: Vec<Option<i32>>,
+    /// NaN for no value (a NaN value is no value: it matches no range).
+    value: Vec<f64>,
+    /// [`NO_UNIT`] for no unit.
+    unit: Vec<i32>,
 }
+
+/// The unit id of a measurement without a unit.
+const NO_UNIT: i32 = -1;
 
 /// Builds [`IndexTables`] from `(person_id, PatientIndex)` pairs.
 ///
@@ -295,8 +381,8 @@ impl IndexBuilder {
         cols.person.push(person);
         cols.date.push(date);
         if domain == Domain::Measurement {
-            cols.value.push(value);
-            let unit = unit.map(|u| cols.units.id(u));
+            cols.value.push(value.unwrap_or(f64::NAN));
+            let unit = unit.map_or(NO_UNIT, |u| cols.units.id(u));
             cols.unit.push(unit);
         }
     }
@@ -336,8 +422,37 @@ impl IndexBuilder {
                 .expect("sexes"),
             ),
         ];
+        // Person sets: everyone, by sex, by birth year.
+        let all: RoaringBitmap = order.iter().map(|&i| person_id[i]).collect();
+        let mut by_sex: Vec<RoaringBitmap> = vec![RoaringBitmap::new(); sexes.values.len()];
+        let mut by_year: std::collections::BTreeMap<i32, RoaringBitmap> = Default::default();
+        for &i in &order {
+            if let Some(s) = sex[i] {
+                by_sex[s as usize].insert(person_id[i]);
+            }
+            if let Some(y) = birth_year[i] {
+                by_year.entry(y).or_default().insert(person_id[i]);
+            }
+        }
         let person = PersonTable {
             batch: RecordBatch::try_new(person_schema(), columns).expect("person columns"),
+            all: SetTable::new(None, vec![all]),
+            by_sex: SetTable::new(
+                Some((
+                    "sex",
+                    DataType::Utf8,
+                    Arc::new(StringArray::from_iter_values(&sexes.values)),
+                )),
+                by_sex,
+            ),
+            by_birth_year: SetTable::new(
+                Some((
+                    "birth_year",
+                    DataType::Int32,
+                    Arc::new(Int32Array::from_iter_values(by_year.keys().copied())),
+                )),
+                by_year.into_values().collect(),
+            ),
         };
         let mut events = events.into_iter();
         let events = Domain::ALL
@@ -375,9 +490,31 @@ fn build_events(domain: Domain, cols: EventColumns) -> EventTable {
         }
     }
     let mut directory = HashMap::with_capacity(codes);
+    let mut ranges = Vec::with_capacity(codes);
+    let mut sets = Vec::with_capacity(codes);
     for (c, code) in cols.codes.values.iter().enumerate() {
-        directory.insert(code.clone(), starts[c]..starts[c + 1]);
+        directory.insert(code.clone(), c);
+        ranges.push(starts[c]..starts[c + 1]);
+        // Rows of a code are sorted by person: one pass, duplicates skipped.
+        let mut set = RoaringBitmap::new();
+        let mut last = None;
+        for &r in &order[starts[c]..starts[c + 1]] {
+            let p = cols.person[r as usize];
+            if last != Some(p) {
+                set.try_push(p).expect("ascending");
+                last = Some(p);
+            }
+        }
+        sets.push(set);
     }
+    let by_code = SetTable::new(
+        Some((
+            "code",
+            DataType::Utf8,
+            Arc::new(StringArray::from_iter_values(&cols.codes.values)),
+        )),
+        sets,
+    );
     let code_values: ArrayRef = Arc::new(StringArray::from_iter_values(&cols.codes.values));
     let code_keys = Int32Array::from_iter_values(order.iter().map(|&r| cols.code[r as usize]));
     let mut columns: Vec<ArrayRef> = vec![
@@ -390,11 +527,15 @@ fn build_events(domain: Domain, cols: EventColumns) -> EventTable {
         )),
     ];
     if domain == Domain::Measurement {
-        columns.push(Arc::new(Float64Array::from_iter(
-            order.iter().map(|&r| cols.value[r as usize]),
-        )));
+        columns.push(Arc::new(Float64Array::from_iter(order.iter().map(|&r| {
+            let v = cols.value[r as usize];
+            (!v.is_nan()).then_some(v)
+        }))));
         let unit_values: ArrayRef = Arc::new(StringArray::from_iter_values(&cols.units.values));
-        let unit_keys = Int32Array::from_iter(order.iter().map(|&r| cols.unit[r as usize]));
+        let unit_keys = Int32Array::from_iter(order.iter().map(|&r| {
+            let u = cols.unit[r as usize];
+            (u != NO_UNIT).then_some(u)
+        }));
         columns.push(Arc::new(
             DictionaryArray::<Int32Type>::try_new(unit_keys, unit_values).expect("units"),
         ));
@@ -402,6 +543,8 @@ fn build_events(domain: Domain, cols: EventColumns) -> EventTable {
     EventTable {
         batch: RecordBatch::try_new(event_schema(domain), columns).expect("event columns"),
         directory,
+        ranges,
+        by_code,
     }
 }
 
@@ -458,7 +601,7 @@ mod tests {
         assert_eq!(persons.values().to_vec(), vec![3, 9]);
         let cond = t.event(Domain::Condition);
         assert_eq!(cond.batch.num_rows(), 4);
-        let r = cond.directory["snomed:2"].clone();
+        let r = cond.ranges[cond.directory["snomed:2"]].clone();
         assert_eq!(r.len(), 3);
         let pid = cond
             .batch

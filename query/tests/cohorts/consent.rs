@@ -134,47 +134,89 @@ fn patients_without_consent_are_invisible() {
     );
 }
 
+/// Every `TableScan` line of `plan` carries its table's consent predicate.
+fn every_scan_is_consent_filtered(plan: &str) -> usize {
+    let mut scans = 0;
+    for line in plan.lines().filter(|l| l.contains("TableScan: ")) {
+        scans += 1;
+        let table = line
+            .split("TableScan: ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let want = match table {
+            "person" => r#"consented(person.person_id, Utf8("any"))"#.to_string(),
+            "condition" | "measurement" | "drug" | "procedure" => {
+                format!(r#"consented({table}.person_id, Utf8("{table}"))"#)
+            }
+            sets => {
+                let scope = match sets {
+                    "person_all" => "any",
+                    "person_by_sex" => "sex",
+                    "person_by_birth_year" => "birth_year",
+                    by_code => by_code.strip_suffix("_by_code").unwrap(),
+                };
+                let masked =
+                    format!(r#"consented_persons({sets}.persons, Utf8("{scope}")) AS persons"#);
+                assert!(plan.contains(&masked), "`{masked}` missing\n{plan}");
+                format!(r#"any_consented({sets}.persons, Utf8("{scope}"))"#)
+            }
+        };
+        assert!(
+            line.contains("full_filters=[") && line.contains(&want),
+            "`{want}` missing: {line}\n{plan}"
+        );
+    }
+    scans
+}
+
 #[test]
 fn explain_shows_the_consent_filter_on_every_scan() {
     let patients = common::population(3, 20);
     let consent = common::consent(3, 20, 0.8);
-    let engine = CohortEngine::from_index(common::tables(&patients), common::hierarchy());
     let d = def(r#"{"index": {"date": "2020-01-01"}, "criteria": [
             {"demographics": {"sex": ["female"], "age": {"min": 40}}},
             {"condition": {"codes": ["snomed:44054006"]}},
             {"not": {"drug": {"codes": ["rxnorm:860975"]}}},
             {"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 7.0}}},
-            {"procedure": {"codes": ["snomed:73761001"]}}]}"#);
+            {"procedure": {"codes": ["snomed:73761001"], "occurrence": {"at_least": 2}}}]}"#);
+    // Person sets where they answer, rows where values, dates or counts are needed.
+    let engine = CohortEngine::from_index(common::tables(&patients), common::hierarchy());
     let plan = engine.explain_blocking(&d, &consent).unwrap();
-    for table in ["person", "condition", "measurement", "drug", "procedure"] {
-        // Every scan carries its table's consent predicate, applied by the scan itself.
-        let scope = if table == "person" { "any" } else { table };
-        let want = format!(r#"consented({table}.person_id, Utf8("{scope}"))"#);
-        let scans: Vec<&str> = plan
-            .lines()
-            .filter(|l| l.contains(&format!("TableScan: {table} ")))
-            .collect();
-        assert!(!scans.is_empty(), "no scan of {table} in\n{plan}");
-        for scan in scans {
-            assert!(
-                scan.contains("full_filters=[") && scan.contains(&want),
-                "`{want}` missing: {scan}\n{plan}"
-            );
-        }
+    assert_eq!(every_scan_is_consent_filtered(&plan), 7, "{plan}");
+    for table in [
+        "person_all",
+        "person_by_sex",
+        "person_by_birth_year",
+        "condition_by_code",
+        "drug_by_code",
+        "measurement",
+        "procedure",
+    ] {
+        assert!(
+            plan.contains(&format!("TableScan: {table} ")),
+            "{table}\n{plan}"
+        );
     }
+    assert!(plan.contains("physical_plan"), "{plan}");
+
+    // Rows only: the person table's sex and birth year are masked per patient.
+    let rows = CohortEngine::with_options(
+        common::tables(&patients),
+        common::hierarchy(),
+        cohort_query::EngineOptions {
+            access: cohort_query::Access::FullScan,
+            threads: 2,
+        },
+    );
+    let plan = rows.explain_blocking(&d, &consent).unwrap();
+    assert_eq!(every_scan_is_consent_filtered(&plan), 6, "{plan}");
     for want in [
-        // The person table's sex and birth year are masked per patient.
         r#"CASE WHEN consented(person.person_id, Utf8("sex")) THEN person.sex END"#,
         r#"CASE WHEN consented(person.person_id, Utf8("birth_year")) THEN person.birth_year END"#,
-        "physical_plan",
     ] {
         assert!(plan.contains(want), "missing `{want}` in\n{plan}");
-    }
-    // No scan without a consent predicate.
-    for line in plan.lines().filter(|l| l.contains("TableScan:")) {
-        assert!(
-            line.contains("consented("),
-            "unfiltered scan: {line}\n{plan}"
-        );
     }
 }
