@@ -453,4 +453,33 @@ impl BrokerClient {
         );
         Ok(self.feasibility.clone().count(req).await?.into_inner())
     }
+
+    /// Adds ancestor → descendant code relations (`system:code`), in calls of at most
+    /// 10,000; returns how many were new and how many the broker holds.
+    pub async fn put_concepts(&self, relations: &[(String, String)]) -> ClientResult<(u64, u64)> {
+        let (mut added, mut total) = (0, 0);
+        for chunk in relations.chunks(10_000) {
+            let req = self.sign(
+                m::PUT_CONCEPTS,
+                pb::PutConceptsRequest {
+                    relations: chunk
+                        .iter()
+                        .map(|(a, d)| pb::ConceptRelation {
+                            ancestor: a.clone(),
+                            descendant: d.clone(),
+                        })
+                        .collect(),
+                },
+            );
+            let r = self
+                .feasibility
+                .clone()
+                .put_concepts(req)
+                .await?
+                .into_inner();
+            added += u64::from(r.added);
+            total = r.total;
+        }
+        Ok((added, total))
+    }
 }

@@ -552,4 +552,25 @@ impl pb::feasibility_server::Feasibility for Grpc {
             definition_hash,
         }))
     }
+
+    async fn put_concepts(
+        &self,
+        req: Request<pb::PutConceptsRequest>,
+    ) -> Result<Response<pb::PutConceptsResponse>, Status> {
+        let caller = self
+            .0
+            .authorize(&req, m::PUT_CONCEPTS, &[Role::Custodian, Role::Operator])?;
+        let relations = req
+            .into_inner()
+            .relations
+            .into_iter()
+            .map(|r| (r.ancestor, r.descendant))
+            .collect();
+        let b = self.0.clone();
+        let (added, total) = blocking(move || b.put_concepts(&caller, relations)).await?;
+        Ok(Response::new(pb::PutConceptsResponse {
+            added: added as u32,
+            total,
+        }))
+    }
 }

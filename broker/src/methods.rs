@@ -23,3 +23,4 @@ pub const AUDIT_ALERTS: &str = "/broker.v1.Audit/Alerts";
 pub const SET_CONSENTS: &str = "/broker.v1.Consents/Set";
 pub const CONSENT_HISTORY: &str = "/broker.v1.Consents/History";
 pub const COUNT: &str = "/broker.v1.Feasibility/Count";
+pub const PUT_CONCEPTS: &str = "/broker.v1.Feasibility/PutConcepts";

@@ -1,7 +1,8 @@
 //! The whole flow as a user runs it: `broker serve` as a process, every role through
 //! `brokerctl`, on the Synthea FHIR bundles in ../shared/data. Also: a re-import is
 //! idempotent, the data directory holds no identifier, a killed server restarts with
-//! nothing lost, and bad input and wrong roles get clear errors.
+//! nothing lost, and bad input and wrong roles get clear errors. And an OMOP CDM import
+//! (OHDSI Eunomia) whose counts, through the broker, equal plain SQL over its tables.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -15,6 +16,10 @@ mod scan;
 
 const BROKER: &str = env!("CARGO_BIN_EXE_broker");
 const BROKERCTL: &str = env!("CARGO_BIN_EXE_brokerctl");
+
+fn eunomia() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/omop-eunomia-gibleed")
+}
 
 fn synthea() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/synthea-ma-11/fhir")
@@ -639,4 +644,181 @@ fn a_release_through_three_proxy_processes() {
     }
     drop(server);
     drop(proxies);
+}
+
+/// One number from plain DataFusion SQL over Eunomia's raw Parquet files.
+fn eunomia_sql(sql: &str) -> i64 {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let ctx = SessionContext::new();
+        for table in ["condition_occurrence", "concept", "concept_ancestor"] {
+            let path = eunomia().join(format!("{table}.parquet"));
+            ctx.register_parquet(table, path.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+        }
+        let batches = ctx
+            .sql(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"))
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        let batch = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
+        let value = cast(batch.column(0), &DataType::Int64).unwrap();
+        value.as_primitive::<Int64Type>().value(0)
+    })
+}
+
+#[test]
+fn omop_import_through_brokerctl_counts_like_plain_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let operator = keygen(d, "operator");
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    let keystore = d.join("keystore.db");
+    let keystore = keystore.to_str().unwrap();
+    let server = serve(&d.join("data"), Path::new(&public(&operator)));
+    let ctl = Ctl::new(&server.url);
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+
+    let src = eunomia();
+    let imported = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "omop",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(imported["patients"], 2_694, "{imported}");
+    assert_eq!(
+        imported["rows"]["condition_occurrence"], 65_332,
+        "{imported}"
+    );
+    let relations = imported["concept_relations_held"].as_u64().unwrap();
+    assert!(relations > 0, "{imported}");
+    assert_eq!(imported["concept_relations_added"], relations, "{imported}");
+    // Relations are idempotent: a second upload through a re-import adds none.
+    let again = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "omop",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(again["envelopes_stored"], 0, "{again}");
+    assert_eq!(again["concept_relations_added"], 0, "{again}");
+    assert_eq!(again["concept_relations_held"], relations, "{again}");
+    let consents = ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    assert_eq!(consents["consents"], 2_694, "{consents}");
+
+    let study = ctl.json(
+        &sponsor,
+        &[
+            "sponsor",
+            "study",
+            "propose",
+            "--title",
+            "GI bleeding",
+            "--fields",
+            "condition",
+            "--categories",
+            "conditions",
+            "--researcher-key",
+            &public(&researcher),
+        ],
+    );
+    let study_id = study["study_id"].as_str().unwrap().to_owned();
+    ctl.ok(
+        &board,
+        &["board", "study", "approve", &study_id, "--reason", "IRB-7"],
+    );
+
+    // The SNOMED condition concept whose descendants (through concept_ancestor) add the
+    // most patients beyond the concept itself: descendant expansion must show.
+    let people = |concepts: &str| {
+        format!(
+            "SELECT COUNT(DISTINCT CAST(co.person_id AS BIGINT)) FROM condition_occurrence co \
+             JOIN concept c ON CAST(c.concept_id AS BIGINT) = CAST(co.condition_concept_id AS BIGINT) \
+             WHERE c.vocabulary_id = 'SNOMED' AND CAST(co.condition_concept_id AS BIGINT) IN ({concepts})"
+        )
+    };
+    let ancestor = eunomia_sql(
+        "SELECT CAST(ca.ancestor_concept_id AS BIGINT) FROM concept_ancestor ca \
+         JOIN condition_occurrence co \
+           ON CAST(co.condition_concept_id AS BIGINT) = CAST(ca.descendant_concept_id AS BIGINT) \
+         JOIN concept c ON CAST(c.concept_id AS BIGINT) = CAST(ca.ancestor_concept_id AS BIGINT) \
+         WHERE c.vocabulary_id = 'SNOMED' \
+           AND CAST(ca.ancestor_concept_id AS BIGINT) <> CAST(ca.descendant_concept_id AS BIGINT) \
+           AND CAST(ca.ancestor_concept_id AS BIGINT) <> CAST(co.condition_concept_id AS BIGINT) \
+         GROUP BY CAST(ca.ancestor_concept_id AS BIGINT) \
+         ORDER BY COUNT(DISTINCT CAST(co.person_id AS BIGINT)) DESC, 1 LIMIT 1",
+    );
+    let code = eunomia_sql(&format!(
+        "SELECT CAST(concept_code AS BIGINT) FROM concept WHERE CAST(concept_id AS BIGINT) = {ancestor}"
+    ));
+    let with_descendants = eunomia_sql(&people(&format!(
+        "SELECT CAST(descendant_concept_id AS BIGINT) FROM concept_ancestor \
+         WHERE CAST(ancestor_concept_id AS BIGINT) = {ancestor} UNION SELECT {ancestor}"
+    )));
+    let alone = eunomia_sql(&people(&ancestor.to_string()));
+    assert!(with_descendants > alone, "{with_descendants} vs {alone}");
+
+    let count = |key: &Path, descendants: bool| {
+        let definition = d.join(format!("cohort-{descendants}.json"));
+        std::fs::write(
+            &definition,
+            format!(
+                r#"{{"criteria": [{{"condition": {{"codes": ["snomed:{code}"], "include_descendants": {descendants}}}}}]}}"#
+            ),
+        )
+        .unwrap();
+        ctl.json(
+            key,
+            &[
+                if key == board.as_path() {
+                    "board"
+                } else {
+                    "sponsor"
+                },
+                "count",
+                "--study",
+                &study_id,
+                "--definition",
+                definition.to_str().unwrap(),
+            ],
+        )
+    };
+    let exact = count(&board, true);
+    assert_eq!(exact["exact"], true, "{exact}");
+    assert_eq!(exact["count"], with_descendants.to_string(), "{exact}");
+    let exact = count(&board, false);
+    assert_eq!(exact["count"], alone.to_string(), "{exact}");
+    // The sponsor's answer is protected: a multiple of 5 near the exact count, or <11.
+    let protected = count(&sponsor, true);
+    assert_eq!(protected["exact"], false, "{protected}");
+    let shown = protected["count"].as_str().unwrap();
+    if with_descendants >= 11 {
+        let n: i64 = shown.parse().unwrap_or_else(|_| panic!("{protected}"));
+        assert_eq!(n % 5, 0, "{protected}");
+        assert!((n - with_descendants).abs() <= 8, "{protected}");
+    } else {
+        assert_eq!(shown, "<11", "{protected}");
+    }
 }

@@ -48,6 +48,13 @@ impl ConceptHierarchy {
         self.pairs == 0
     }
 
+    /// Every `(ancestor, descendant)` relation held, as added.
+    pub fn pairs(&self) -> impl Iterator<Item = (&Code, &Code)> {
+        self.children
+            .iter()
+            .flat_map(|(a, ds)| ds.iter().map(move |d| (a, d)))
+    }
+
     /// Every descendant of `code` (not `code` itself), through any number of steps.
     pub fn descendants(&self, code: &Code) -> BTreeSet<Code> {
         let mut out = BTreeSet::new();

@@ -69,6 +69,11 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Researcher,
     },
     Call {
+        name: "Feasibility.PutConcepts",
+        method: m::PUT_CONCEPTS,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
         name: "Grants.Withdraw",
         method: m::WITHDRAW_GRANTS,
         wrong_role: Role::Sponsor,
@@ -202,6 +207,11 @@ async fn call(
             pb::feasibility_client::FeasibilityClient<Channel>,
             count,
             pb::CountRequest::default()
+        ),
+        m::PUT_CONCEPTS => go!(
+            pb::feasibility_client::FeasibilityClient<Channel>,
+            put_concepts,
+            pb::PutConceptsRequest::default()
         ),
         m::WITHDRAW_GRANTS => go!(
             pb::grants_client::GrantsClient<Channel>,

@@ -166,6 +166,41 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
     assert_eq!(fewer.count, (want - 1).to_string());
     let want = want - 1;
 
+    // Descendants come from the concept relations custodians upload; a bad code is
+    // refused, naming the relation, and nothing of that call is stored.
+    let parent = serde_json::to_vec(&serde_json::json!({"criteria": [{"condition": {
+        "codes": ["snomed:64572001"], "include_descendants": true}}]}))
+    .unwrap();
+    let before = cast.board.count(&study.study_id, &parent).await.unwrap();
+    assert_eq!(before.count, "0");
+    let relation = |a: &str, d: &str| (a.to_owned(), d.to_owned());
+    let err = cast
+        .custodian
+        .put_concepts(&[
+            relation("snomed:64572001", &format!("snomed:{HYPERTENSION}")),
+            relation("snomed:64572001", "snowmed:1"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status(s) if s.code() == Code::InvalidArgument
+            && s.message().contains("relation 1")),
+        "{err}"
+    );
+    let unchanged = cast.board.count(&study.study_id, &parent).await.unwrap();
+    assert_eq!(unchanged.count, "0", "a refused call stored a relation");
+    let (added, held) = cast
+        .custodian
+        .put_concepts(&[relation(
+            "snomed:64572001",
+            &format!("snomed:{HYPERTENSION}"),
+        )])
+        .await
+        .unwrap();
+    assert_eq!((added, held), (1, 1));
+    let expanded = cast.board.count(&study.study_id, &parent).await.unwrap();
+    assert_eq!(expanded.count, want.to_string());
+
     // The sponsor's answer is protected and repeats exactly.
     let first = cast
         .sponsor
@@ -242,8 +277,8 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .collect();
     assert_eq!(
         counts.len(),
-        6,
-        "3 exact + 3 protected (refused calls are not answers)"
+        9,
+        "6 exact + 3 protected (refused calls are not answers)"
     );
     assert!(
         counts

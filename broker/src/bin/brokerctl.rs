@@ -743,18 +743,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let records = import.patients.into_iter().map(|p| p.record).collect();
             let (total, created) =
                 ingest_records(&client, records, &keystore, batch.max(1)).await?;
+            // concept_ancestor, for include_descendants in cohort definitions.
+            let relations: Vec<(String, String)> = import
+                .hierarchy
+                .pairs()
+                .map(|(a, d)| (a.to_string(), d.to_string()))
+                .collect();
+            let (concepts_added, concepts_held) = client
+                .put_concepts(&relations)
+                .await
+                .context("uploading the concept hierarchy")?;
             let summary = serde_json::json!({"patients": total.patients, "new_keys": created,
                 "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
-                "rows": import.rows, "not_indexed": import.not_indexed});
+                "rows": import.rows, "not_indexed": import.not_indexed,
+                "concept_relations_added": concepts_added, "concept_relations_held": concepts_held});
             print(&conn, &summary, || {
                 format!(
-                    "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}",
+                    "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}; concept relations: {} new, {} held",
                     total.patients,
                     dir.display(),
                     total.envelopes_stored,
                     total.envelopes_unchanged,
                     import.rows,
-                    import.not_indexed
+                    import.not_indexed,
+                    concepts_added,
+                    concepts_held
                 )
             });
         }

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use audit_log::EventKind;
 use audit_log::event::Digest32;
 use cohort_query::{
-    BrokerSecret, BudgetPolicy, CohortDefinition, CohortEngine, ConceptHierarchy, ConsentSnapshot,
-    CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy, QueryBudget,
-    SearchableField, protect,
+    BrokerSecret, BudgetPolicy, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
+    ConsentSnapshot, CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy,
+    QueryBudget, SearchableField, protect,
 };
 use consent_policy::SearchField;
 
@@ -205,8 +205,40 @@ impl Broker {
         Ok((engine, builder.build()))
     }
 
+    /// Adds ancestor → descendant code relations (a custodian's or the operator's
+    /// vocabulary, e.g. OMOP `concept_ancestor`) for `include_descendants`; returns how
+    /// many were new and how many are held.
+    pub fn put_concepts(
+        &self,
+        caller: &Caller,
+        relations: Vec<(String, String)>,
+    ) -> ServiceResult<(usize, u64)> {
+        if !matches!(caller.role, Role::Custodian | Role::Operator) {
+            return Err(ServiceError::PermissionDenied(
+                "only a custodian or the operator may add concept relations".into(),
+            ));
+        }
+        for (i, (a, d)) in relations.iter().enumerate() {
+            for code in [a, d] {
+                code.parse::<Code>()
+                    .map_err(|e| ServiceError::InvalidArgument(format!("relation {i}: {e}")))?;
+            }
+        }
+        let (added, total) = self.db().put_concept_relations(&relations)?;
+        if added > 0 {
+            // The engine expands descendants at compile time: rebuild it.
+            self.index_changed();
+        }
+        Ok((added, total))
+    }
+
     fn build_engine(&self) -> ServiceResult<(CohortEngine, Vec<String>)> {
         let db = self.db();
+        let hierarchy = ConceptHierarchy::from_pairs(
+            db.concept_relations()?
+                .into_iter()
+                .filter_map(|(a, d)| Some((a.parse().ok()?, d.parse().ok()?))),
+        );
         let pseudonyms = db.pseudonyms()?;
         let mut builder = IndexBuilder::new();
         for (person, p) in pseudonyms.iter().enumerate() {
@@ -215,7 +247,7 @@ impl Broker {
                 .map_err(|e| ServiceError::internal(format!("index: {e}")))?;
         }
         drop(db);
-        let engine = CohortEngine::from_index(builder.build(), ConceptHierarchy::new());
+        let engine = CohortEngine::from_index(builder.build(), hierarchy);
         Ok((engine, pseudonyms))
     }
 }

@@ -99,6 +99,9 @@ CREATE TABLE IF NOT EXISTS pending_revocations (
     proxy INTEGER NOT NULL, study_id TEXT NOT NULL, pseudonym TEXT NOT NULL,
     PRIMARY KEY (proxy, study_id, pseudonym));
 CREATE TABLE IF NOT EXISTS query_budgets (sponsor TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS concept_relations (
+    ancestor TEXT NOT NULL, descendant TEXT NOT NULL,
+    PRIMARY KEY (ancestor, descendant)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoint_cosignatures (
     size INTEGER NOT NULL, time INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
     PRIMARY KEY (size, time, key_id));
@@ -758,6 +761,36 @@ impl Db {
             params![sponsor, state],
         )?;
         Ok(())
+    }
+
+    /// Adds `(ancestor, descendant)` code relations in one transaction; returns how many
+    /// were new and how many are held in all.
+    pub fn put_concept_relations(
+        &mut self,
+        relations: &[(String, String)],
+    ) -> DbResult<(usize, u64)> {
+        let tx = self.conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO concept_relations (ancestor, descendant) VALUES (?1, ?2)",
+            )?;
+            for (a, d) in relations {
+                added += insert.execute(params![a, d])?;
+            }
+        }
+        let total: i64 =
+            tx.query_row("SELECT COUNT(*) FROM concept_relations", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok((added, total as u64))
+    }
+
+    /// Every `(ancestor, descendant)` code relation.
+    pub fn concept_relations(&self) -> DbResult<Vec<(String, String)>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT ancestor, descendant FROM concept_relations")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
     }
 }
 
