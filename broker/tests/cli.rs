@@ -135,6 +135,32 @@ impl<'a> Ctl<'a> {
         )
     }
 
+    /// `sponsor study propose` for `researcher`, with `extra` options; the study id.
+    fn propose(
+        &self,
+        sponsor: &Path,
+        title: &str,
+        categories: &str,
+        researcher: &Path,
+        extra: &[&str],
+    ) -> String {
+        let researcher = public(researcher);
+        let mut args = vec![
+            "sponsor",
+            "study",
+            "propose",
+            "--title",
+            title,
+            "--categories",
+            categories,
+            "--researcher-key",
+            &researcher,
+        ];
+        args.extend(extra);
+        let study = self.json(sponsor, &args);
+        study["study_id"].as_str().unwrap().to_owned()
+    }
+
     fn fails(&self, key: &Path, args: &[&str]) -> String {
         let out = self.run(key, args);
         assert!(!out.status.success(), "brokerctl {args:?} should fail");
@@ -234,21 +260,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
 
     // Study: proposed, approved, granted, fetched and decrypted.
     let categories = "demographics,conditions,observations,medications";
-    let study = ctl.json(
-        &sponsor,
-        &[
-            "sponsor",
-            "study",
-            "propose",
-            "--title",
-            "Synthea cohort",
-            "--categories",
-            categories,
-            "--researcher-key",
-            &public(&researcher),
-        ],
-    );
-    let study_id = study["study_id"].as_str().unwrap().to_owned();
+    let study_id = ctl.propose(&sponsor, "Synthea cohort", categories, &researcher, &[]);
     let denied = ctl.fails(&sponsor, &["board", "study", "approve", &study_id]);
     assert!(denied.contains("permission denied"), "{denied}");
     ctl.ok(
@@ -599,21 +611,7 @@ fn a_release_through_three_proxy_processes() {
         ],
     );
     assert_eq!(imported["patients"], 10);
-    let study = ctl.json(
-        &sponsor,
-        &[
-            "sponsor",
-            "study",
-            "propose",
-            "--title",
-            "External proxies",
-            "--categories",
-            "conditions",
-            "--researcher-key",
-            &public(&researcher),
-        ],
-    );
-    let study_id = study["study_id"].as_str().unwrap().to_owned();
+    let study_id = ctl.propose(&sponsor, "External proxies", "conditions", &researcher, &[]);
     ctl.ok(&board, &["board", "study", "approve", &study_id]);
     ctl.json(
         &custodian,
@@ -728,23 +726,13 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
     );
     assert_eq!(consents["consents"], 2_694, "{consents}");
 
-    let study = ctl.json(
+    let study_id = ctl.propose(
         &sponsor,
-        &[
-            "sponsor",
-            "study",
-            "propose",
-            "--title",
-            "GI bleeding",
-            "--fields",
-            "condition",
-            "--categories",
-            "conditions",
-            "--researcher-key",
-            &public(&researcher),
-        ],
+        "GI bleeding",
+        "conditions",
+        &researcher,
+        &["--fields", "condition"],
     );
-    let study_id = study["study_id"].as_str().unwrap().to_owned();
     ctl.ok(
         &board,
         &["board", "study", "approve", &study_id, "--reason", "IRB-7"],

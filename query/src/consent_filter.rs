@@ -208,13 +208,15 @@ impl ScalarUDFImpl for ConsentedPersonsFn {
     }
 }
 
-/// The consent predicate of a person-set table's scan filter, if it is one:
-/// `any_consented(<table>.persons, scope)`.
-pub(crate) fn as_set_consent_predicate(expr: &Expr) -> Option<(&ConsentedPersonsFn, Scope)> {
+/// `func(<table>.<column>, '<scope>')` for a UDF implemented by `F`: the function and scope.
+fn consent_call<'a, F: ScalarUDFImpl + 'static>(
+    expr: &'a Expr,
+    column: &str,
+) -> Option<(&'a F, Scope)> {
     let Expr::ScalarFunction(ScalarFunction { func, args }) = expr else {
         return None;
     };
-    let f = (func.inner().as_ref() as &dyn std::any::Any).downcast_ref::<ConsentedPersonsFn>()?;
+    let f = (func.inner().as_ref() as &dyn std::any::Any).downcast_ref::<F>()?;
     let [
         Expr::Column(c),
         Expr::Literal(ScalarValue::Utf8(Some(scope)), _),
@@ -222,28 +224,21 @@ pub(crate) fn as_set_consent_predicate(expr: &Expr) -> Option<(&ConsentedPersons
     else {
         return None;
     };
-    (f.any && c.name == "persons").then_some(())?;
+    (c.name == column).then_some(())?;
     Some((f, Scope::parse(scope)?))
+}
+
+/// The consent predicate of a person-set table's scan filter, if it is one:
+/// `any_consented(<table>.persons, scope)`.
+pub(crate) fn as_set_consent_predicate(expr: &Expr) -> Option<(&ConsentedPersonsFn, Scope)> {
+    consent_call::<ConsentedPersonsFn>(expr, "persons").filter(|(f, _)| f.any)
 }
 
 /// The consent predicate of a scan filter, if it is one: its function and scope.
 pub(crate) fn as_consent_predicate(expr: &Expr) -> Option<(&ConsentedFn, Scope)> {
-    let Expr::ScalarFunction(ScalarFunction { func, args }) = expr else {
-        return None;
-    };
-    let f = (func.inner().as_ref() as &dyn std::any::Any).downcast_ref::<ConsentedFn>()?;
-    let [
-        Expr::Column(c),
-        Expr::Literal(ScalarValue::Utf8(Some(scope)), _),
-    ] = args.as_slice()
-    else {
-        return None;
-    };
-    (c.name == "person_id").then_some(())?;
-    Some((f, Scope::parse(scope)?))
+    consent_call::<ConsentedFn>(expr, "person_id")
 }
 
-/// The analyzer rule that applies one consent snapshot to a plan.
 #[derive(Debug)]
 pub(crate) struct ConsentFilter {
     consented: Arc<ScalarUDF>,

@@ -153,17 +153,9 @@ impl TableProvider for SetTableProvider {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                let exact = as_set_consent_predicate(f).is_some() || self.key_predicate(f);
-                if exact {
-                    TableProviderFilterPushDown::Exact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(pushdown(filters, |f| {
+            as_set_consent_predicate(f).is_some() || self.key_predicate(f)
+        }))
     }
 
     async fn scan(
@@ -284,6 +276,20 @@ impl IndexTableProvider {
     }
 }
 
+/// Exact for the filters a provider applies itself, unsupported for the others.
+fn pushdown(filters: &[&Expr], exact: impl Fn(&Expr) -> bool) -> Vec<TableProviderFilterPushDown> {
+    filters
+        .iter()
+        .map(|f| {
+            if exact(f) {
+                TableProviderFilterPushDown::Exact
+            } else {
+                TableProviderFilterPushDown::Unsupported
+            }
+        })
+        .collect()
+}
+
 /// The codes a `code = 'x'` / `code IN ('x', ...)` predicate selects.
 fn code_predicate(expr: &Expr) -> Option<BTreeSet<String>> {
     text_predicate(expr, "code")
@@ -389,20 +395,12 @@ impl TableProvider for IndexTableProvider {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                let exact = as_consent_predicate(f).is_some()
-                    || (self.code_index
-                        && matches!(self.kind, TableKind::Event(_))
-                        && code_predicate(f).is_some());
-                if exact {
-                    TableProviderFilterPushDown::Exact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(pushdown(filters, |f| {
+            as_consent_predicate(f).is_some()
+                || (self.code_index
+                    && matches!(self.kind, TableKind::Event(_))
+                    && code_predicate(f).is_some())
+        }))
     }
 
     async fn scan(

@@ -65,15 +65,27 @@ pub(crate) fn insert_ids(set: &mut RoaringBitmap, ids: &Int64Array) {
     }
 }
 
-/// `person_set(person_id)`: the set of the input rows' person ids.
+/// What a set aggregate collects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SetInput {
+    /// `person_set(person_id)`: the set of the input rows' person ids.
+    Ids,
+    /// `set_union(persons)`: the union of the input rows' person sets.
+    Sets,
+}
+
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct PersonSet {
+struct SetAggregate {
+    input: SetInput,
     signature: Signature,
 }
 
-impl AggregateUDFImpl for PersonSet {
+impl AggregateUDFImpl for SetAggregate {
     fn name(&self) -> &str {
-        "person_set"
+        match self.input {
+            SetInput::Ids => "person_set",
+            SetInput::Sets => "set_union",
+        }
     }
 
     fn signature(&self) -> &Signature {
@@ -89,7 +101,10 @@ impl AggregateUDFImpl for PersonSet {
     }
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(SetAccumulator::default()))
+        Ok(Box::new(SetAccumulator {
+            input: self.input,
+            set: RoaringBitmap::new(),
+        }))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -101,81 +116,30 @@ impl AggregateUDFImpl for PersonSet {
     }
 }
 
-/// `set_union(persons)`: the union of the input rows' person sets.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct SetUnion {
-    signature: Signature,
-}
-
-impl AggregateUDFImpl for SetUnion {
-    fn name(&self) -> &str {
-        "set_union"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Binary)
-    }
-
-    fn is_nullable(&self) -> bool {
-        false
-    }
-
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(UnionAccumulator::default()))
-    }
-
-    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(
-            format!("{}[set]", args.name),
-            DataType::Binary,
-            true,
-        ))])
-    }
-}
-
-#[derive(Debug, Default)]
-struct UnionAccumulator {
+#[derive(Debug)]
+struct SetAccumulator {
+    input: SetInput,
     set: RoaringBitmap,
 }
 
-impl Accumulator for UnionAccumulator {
-    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        for bytes in values[0].as_binary::<i32>().iter().flatten() {
+impl SetAccumulator {
+    fn union(&mut self, sets: &ArrayRef) -> Result<()> {
+        for bytes in sets.as_binary::<i32>().iter().flatten() {
             self.set |= decode(bytes)?;
         }
         Ok(())
     }
-
-    fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Binary(Some(encode(&self.set))))
-    }
-
-    fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.set.serialized_size()
-    }
-
-    fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(vec![self.evaluate()?])
-    }
-
-    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        self.update_batch(states)
-    }
-}
-
-#[derive(Debug, Default)]
-struct SetAccumulator {
-    set: RoaringBitmap,
 }
 
 impl Accumulator for SetAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        insert_ids(&mut self.set, values[0].as_primitive::<Int64Type>());
-        Ok(())
+        match self.input {
+            SetInput::Ids => {
+                insert_ids(&mut self.set, values[0].as_primitive::<Int64Type>());
+                Ok(())
+            }
+            SetInput::Sets => self.union(&values[0]),
+        }
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -191,10 +155,7 @@ impl Accumulator for SetAccumulator {
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        for bytes in states[0].as_binary::<i32>().iter().flatten() {
-            self.set |= decode(bytes)?;
-        }
-        Ok(())
+        self.union(&states[0])
     }
 }
 
@@ -327,13 +288,15 @@ fn at_least(n: usize, sets: &[&RoaringBitmap]) -> RoaringBitmap {
 }
 
 static SET_UNION: LazyLock<Arc<AggregateUDF>> = LazyLock::new(|| {
-    Arc::new(AggregateUDF::new_from_impl(SetUnion {
+    Arc::new(AggregateUDF::new_from_impl(SetAggregate {
+        input: SetInput::Sets,
         signature: Signature::exact(vec![DataType::Binary], Volatility::Immutable),
     }))
 });
 
 static PERSON_SET: LazyLock<Arc<AggregateUDF>> = LazyLock::new(|| {
-    Arc::new(AggregateUDF::new_from_impl(PersonSet {
+    Arc::new(AggregateUDF::new_from_impl(SetAggregate {
+        input: SetInput::Ids,
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
     }))
 });
