@@ -312,6 +312,11 @@ impl Tally {
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
     pub patients: usize,
+    /// The demo cohort's feasibility count: as the sponsor sees it (protected) and as the
+    /// board does (exact), and the sponsor's round trip.
+    pub count_protected: String,
+    pub count_exact: String,
+    pub count_time: Duration,
     /// Patients who set a consent policy.
     pub consents: usize,
     /// Patients whose consent does not permit the study.
@@ -363,6 +368,13 @@ impl std::fmt::Display for DemoSummary {
             f,
             "consent policies     {:>8}  set and signed; {} patients' consent does not permit the study",
             self.consents, self.not_permitted
+        )?;
+        writeln!(
+            f,
+            "feasibility count    {:>8}  for the sponsor (protected: noise, rounding, <11), in {:.1} ms with the engine's first build; exact for the board: {}",
+            self.count_protected,
+            self.count_time.as_secs_f64() * 1e3,
+            self.count_exact
         )?;
         writeln!(
             f,
@@ -494,6 +506,19 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         )
         .await?;
     let domain_study = study_from_pb(study.clone())?;
+
+    // Feasibility: the demo cohort as a definition, over the fields each patient consented.
+    let definition = serde_json::to_vec(&serde_json::json!({"criteria": [
+        {"demographics": {"birth_year": {"min": 1930, "max": 1975}}},
+        {"condition": {"codes": ["snomed:38341003"]}}]}))?;
+    let started = Instant::now();
+    summary.count_protected = cast
+        .sponsor
+        .count(&study.study_id, &definition)
+        .await?
+        .count;
+    summary.count_time = started.elapsed();
+    summary.count_exact = cast.board.count(&study.study_id, &definition).await?.count;
 
     let progress = bar(cfg.progress, patients.len(), "grants");
     let started = Instant::now();
