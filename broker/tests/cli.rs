@@ -688,16 +688,19 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
 
     let src = eunomia();
-    let imported = ctl.json(
-        &custodian,
-        &[
-            "import",
-            "omop",
-            src.to_str().unwrap(),
-            "--keystore",
-            keystore,
-        ],
-    );
+    let import = || {
+        ctl.json(
+            &custodian,
+            &[
+                "import",
+                "omop",
+                src.to_str().unwrap(),
+                "--keystore",
+                keystore,
+            ],
+        )
+    };
+    let imported = import();
     assert_eq!(imported["patients"], 2_694, "{imported}");
     assert_eq!(
         imported["rows"]["condition_occurrence"], 65_332,
@@ -707,16 +710,7 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
     assert!(relations > 0, "{imported}");
     assert_eq!(imported["concept_relations_added"], relations, "{imported}");
     // Relations are idempotent: a second upload through a re-import adds none.
-    let again = ctl.json(
-        &custodian,
-        &[
-            "import",
-            "omop",
-            src.to_str().unwrap(),
-            "--keystore",
-            keystore,
-        ],
-    );
+    let again = import();
     assert_eq!(again["envelopes_stored"], 0, "{again}");
     assert_eq!(again["concept_relations_added"], 0, "{again}");
     assert_eq!(again["concept_relations_held"], relations, "{again}");
