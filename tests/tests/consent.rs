@@ -199,7 +199,8 @@ fn research_request(p: &StudyProposal, board_overrides_abstain: bool) -> AccessR
     request
 }
 
-/// The fields a cohort's criteria search.
+/// The fields a cohort's criteria search. Written out here rather than calling
+/// `broker::consent::cohort_fields`: the oracle must not share the code it checks.
 fn cohort_fields(cohort: &Cohort) -> BTreeSet<SearchField> {
     let mut fields = BTreeSet::new();
     if cohort.min_birth_year.is_some() || cohort.max_birth_year.is_some() {
