@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use model::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -69,30 +70,69 @@ pub enum EventKind {
     AuthorizationFailed,
 }
 
-/// The role an actor acted in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+impl EventKind {
+    /// The kind's name, as serialized (`release`, `grant_issued`, ...).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+/// The role an actor acted in: a registered role ([`model::Role`], its one definition), or
+/// one of the log's own non-actor parties. Serialized as the role's name (`researcher`,
+/// `proxy`, `system`, `unauthenticated`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ActorRole {
-    /// A patient or their agent.
-    Patient,
-    /// A record custodian (e.g. a hospital).
-    Custodian,
-    /// A trial sponsor.
-    Sponsor,
-    /// A researcher.
-    Researcher,
-    /// An ethics board.
-    Board,
-    /// A clinician.
-    Clinician,
-    /// The broker operator.
-    Operator,
+    /// A registered actor's role (patient, custodian, sponsor, researcher, board,
+    /// clinician, operator).
+    Registered(Role),
     /// A re-encryption proxy.
     Proxy,
     /// The broker itself (automatic actions).
     System,
     /// A caller whose identity could not be established (failed authorization).
     Unauthenticated,
+}
+
+impl ActorRole {
+    /// The role's name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorRole::Registered(role) => role.as_str(),
+            ActorRole::Proxy => "proxy",
+            ActorRole::System => "system",
+            ActorRole::Unauthenticated => "unauthenticated",
+        }
+    }
+}
+
+impl From<Role> for ActorRole {
+    fn from(role: Role) -> ActorRole {
+        ActorRole::Registered(role)
+    }
+}
+
+impl Serialize for ActorRole {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ActorRole {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ActorRole, D::Error> {
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "proxy" => Ok(ActorRole::Proxy),
+            "system" => Ok(ActorRole::System),
+            "unauthenticated" => Ok(ActorRole::Unauthenticated),
+            other => other
+                .parse::<Role>()
+                .map(ActorRole::Registered)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// Who acted.

@@ -169,7 +169,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
 //! let mut log = AuditLog::create(dir.path(), "broker.example/audit")?;
-//! let actor = Actor { id: "researcher-7".into(), role: ActorRole::Researcher, organisation: None };
+//! let actor = Actor { id: "researcher-7".into(), role: ActorRole::Registered(model::Role::Researcher), organisation: None };
 //! let mut release = AuditEvent::new(EventKind::Release, 1_760_000_000, actor);
 //! release.details.release_id = Some("release-1".into());
 //! let index = log.append_events(&[release.clone()])?[0];

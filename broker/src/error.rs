@@ -1,11 +1,11 @@
-//! Service errors and their one mapping to gRPC status codes.
+//! Service errors: what the domain service answers when it refuses or fails. The one
+//! mapping to gRPC status codes is `crate::grpc::status`.
 //!
 //! Messages name the reason (role, study state, malformed field) and never carry
 //! patient data, keys or plaintext. Internal errors reach the caller only as an opaque
 //! id; the detail goes to the server log under the same id.
 
 use pre_kms::request_auth::AuthError;
-use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -48,26 +48,8 @@ impl From<std::io::Error> for ServiceError {
     }
 }
 
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::Unauthenticated(a) => a.into(),
-            ServiceError::PermissionDenied(m) => Status::permission_denied(m),
-            ServiceError::InvalidArgument(m) => Status::invalid_argument(m),
-            ServiceError::NotFound(m) => Status::not_found(m),
-            ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ServiceError::Unavailable(m) => Status::unavailable(m),
-            ServiceError::Exhausted(m) => Status::resource_exhausted(m),
-            ServiceError::Internal(detail) => {
-                let id = hex::encode(
-                    &blake3::hash(format!("{detail}{:?}", std::time::SystemTime::now()).as_bytes())
-                        .as_bytes()[..6],
-                );
-                tracing::error!(error_id = %id, %detail, "internal error");
-                Status::internal(format!(
-                    "internal error {id}; the operator can find it in the server log"
-                ))
-            }
-        }
+impl From<broker_proto::convert::Malformed> for ServiceError {
+    fn from(e: broker_proto::convert::Malformed) -> Self {
+        ServiceError::InvalidArgument(e.0)
     }
 }

@@ -1,4 +1,4 @@
-//! The research data broker: the server (`broker`) and the client (`brokerctl`).
+//! The research data broker, the server.
 //!
 //! It stores patients' envelopes (which it cannot read) and their consented searchable
 //! index, registers actors and studies, relays grants to the proxies, fixes releases
@@ -6,21 +6,20 @@
 //! the caller's registered key and authorized by role.
 //!
 //! - [`server`]: data directory, proxies, `start(listener, config, shutdown)`
-//! - [`service`]: the domain operations; [`grpc`]: the tonic adapter; [`convert`]
+//! - [`service`]: the domain operations, on domain types only; [`access`]: which role
+//!   may call which method
+//! - [`grpc`]: the tonic adapter (credentials from metadata, conversion, the one mapping
+//!   of [`error::ServiceError`] to a gRPC status)
 //! - [`storage`]: SQLite metadata and index, content-addressed blobs
-//! - [`client`]: the signed-request client used by `brokerctl`, the demo and the tests
-pub mod agent;
-pub mod client;
-pub mod consent;
-pub mod convert;
-pub mod demo;
+//! - [`proxy_pool`]: the broker's connections to its proxies
+//!
+//! The client (`brokerctl`) is its own crate and meets this one only on the wire.
+#![forbid(unsafe_code)]
+
+pub mod access;
 pub mod error;
 pub mod grpc;
-pub mod log_review;
-pub mod methods;
 pub mod proxy_pool;
-pub mod role;
 pub mod server;
 pub mod service;
 pub mod storage;
-pub mod study;

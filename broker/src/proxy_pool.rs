@@ -1,10 +1,16 @@
 //! The broker's view of its proxy nodes: gRPC clients, in the fixed order that grants
-//! seal kfrags in. Calls are signed with the broker's own key.
+//! seal kfrags in. Calls are signed with the broker's own key. This is the broker's
+//! adapter to `broker.v1.Proxy`: the service hands it domain values and it converts.
 
+use broker_proto::MAX_MESSAGE_BYTES;
+use broker_proto::convert::logged_event_to_pb;
+use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
+use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
+use model::Category;
 use pre_kms::Identity;
-use pre_kms::proxy_grpc::{DEPOSIT, INFO, REENCRYPT, REVOKE};
-use pre_kms::request_auth::signed;
+use pre_kms::logged_release::LoggedRelease;
+use proxy::ReencryptRequest;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ServiceError, ServiceResult};
@@ -17,13 +23,48 @@ pub struct ProxyHandle {
     client: pb::proxy_client::ProxyClient<Channel>,
 }
 
-/// What a re-encryption request carries to prove its release is in the access log.
+/// One sealed kfrag for one proxy, with the claim the proxy checks it against.
 #[derive(Debug, Clone)]
-pub struct ReleaseEvidence {
-    pub release_id: String,
-    /// The broker-signed checkpoint, as a signed note.
-    pub checkpoint: String,
-    pub events: Vec<pb::LoggedEvent>,
+pub struct KfragDeposit {
+    pub grant_id: String,
+    pub study_id: String,
+    pub pseudonym: String,
+    pub category: Category,
+    pub expires_at: i64,
+    pub patient_verifying_key: Vec<u8>,
+    pub delegating_key: Vec<u8>,
+    pub receiving_key: Vec<u8>,
+    pub sealed_kfrag: Vec<u8>,
+}
+
+impl KfragDeposit {
+    fn into_pb(self) -> pb::KfragDeposit {
+        pb::KfragDeposit {
+            grant_id: self.grant_id,
+            study_id: self.study_id,
+            pseudonym: self.pseudonym,
+            category: self.category.label().to_owned(),
+            expires_at: self.expires_at,
+            patient_verifying_key: self.patient_verifying_key,
+            delegating_key: self.delegating_key,
+            receiving_key: self.receiving_key,
+            sealed_kfrag: self.sealed_kfrag,
+        }
+    }
+}
+
+/// A proxy that could not be reached or refused a call. Messages name the proxy and the
+/// transport's reason, never a key or a record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy address {url}: {reason}")]
+    Address { url: String, reason: String },
+    #[error("cannot reach proxy {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("proxy {url} refused to identify itself: {message}")]
+    Unidentified { url: String, message: String },
+    #[error("proxy {index}: {message}")]
+    Refused { index: usize, message: String },
 }
 
 #[derive(Clone)]
@@ -34,22 +75,31 @@ pub struct ProxyPool {
 
 impl ProxyPool {
     /// Connects to each proxy and asks who it is.
-    pub async fn connect(identity: Identity, urls: &[String]) -> Result<ProxyPool, String> {
+    pub async fn connect(identity: Identity, urls: &[String]) -> Result<ProxyPool, ProxyError> {
         let mut proxies = Vec::with_capacity(urls.len());
         for url in urls {
             let channel = Endpoint::from_shared(url.clone())
-                .map_err(|e| format!("proxy address {url}: {e}"))?
+                .map_err(|e| ProxyError::Address {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
                 .connect_timeout(std::time::Duration::from_secs(5))
                 .connect()
                 .await
-                .map_err(|e| format!("cannot reach proxy {url}: {e}"))?;
+                .map_err(|e| ProxyError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
             let mut client = pb::proxy_client::ProxyClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let info = client
-                .info(signed(&identity, INFO, pb::ProxyInfoRequest {}))
+                .info(signed(&identity, PROXY_INFO, pb::ProxyInfoRequest {}))
                 .await
-                .map_err(|e| format!("proxy {url} refused to identify itself: {}", e.message()))?
+                .map_err(|e| ProxyError::Unidentified {
+                    url: url.clone(),
+                    message: e.message().to_owned(),
+                })?
                 .into_inner();
             proxies.push(ProxyHandle {
                 url: url.clone(),
@@ -77,29 +127,33 @@ impl ProxyPool {
     }
 
     /// Asks proxy `index` to destroy the kfrags of these (study, pseudonym) grants.
-    pub async fn revoke(&self, index: usize, grants: &[(String, String)]) -> Result<u32, String> {
+    pub async fn revoke(
+        &self,
+        index: usize,
+        grants: &[(String, String)],
+    ) -> Result<u32, ProxyError> {
         let mut client = self.proxies[index].client.clone();
         let req = pb::RevokeRequest {
-            grants: crate::convert::grant_refs(grants),
+            grants: broker_proto::convert::grant_refs(grants),
         };
         let reply = client
-            .revoke(signed(&self.identity, REVOKE, req))
+            .revoke(signed(&self.identity, PROXY_REVOKE, req))
             .await
-            .map_err(|s| format!("proxy {index}: {}", s.message()))?;
+            .map_err(|s| ProxyError::Refused {
+                index,
+                message: s.message().to_owned(),
+            })?;
         Ok(reply.into_inner().destroyed)
     }
 
-    pub async fn deposit(
-        &self,
-        index: usize,
-        deposits: Vec<pb::KfragDeposit>,
-    ) -> ServiceResult<u32> {
+    pub async fn deposit(&self, index: usize, deposits: Vec<KfragDeposit>) -> ServiceResult<u32> {
         let p = &self.proxies[index];
         let mut client = p.client.clone();
+        let deposits = deposits.into_iter().map(KfragDeposit::into_pb).collect();
         let reply = client
             .deposit(signed(
                 &self.identity,
-                DEPOSIT,
+                PROXY_DEPOSIT,
                 pb::DepositRequest { deposits },
             ))
             .await
@@ -116,27 +170,37 @@ impl ProxyPool {
         Ok(reply.into_inner().accepted)
     }
 
+    /// Asks proxy `index` to re-encrypt `items` for the release `evidence` proves logged.
+    /// An empty fragment stands for an item the proxy withheld.
     pub async fn reencrypt(
         &self,
         index: usize,
-        evidence: ReleaseEvidence,
-        items: Vec<pb::ReencryptItem>,
-    ) -> Result<Vec<Vec<u8>>, String> {
+        evidence: LoggedRelease,
+        items: Vec<ReencryptRequest>,
+    ) -> Result<Vec<Vec<u8>>, ProxyError> {
         let p = &self.proxies[index];
         let mut client = p.client.clone();
+        let request = pb::ReencryptRequest {
+            release_id: evidence.release_id,
+            items: items
+                .into_iter()
+                .map(|i| pb::ReencryptItem {
+                    study_id: i.study_id,
+                    pseudonym: i.pseudonym,
+                    category: i.category.label().to_owned(),
+                    capsule: i.capsule,
+                })
+                .collect(),
+            checkpoint: evidence.checkpoint,
+            events: evidence.events.iter().map(logged_event_to_pb).collect(),
+        };
         let reply = client
-            .reencrypt(signed(
-                &self.identity,
-                REENCRYPT,
-                pb::ReencryptRequest {
-                    release_id: evidence.release_id,
-                    items,
-                    checkpoint: evidence.checkpoint,
-                    events: evidence.events,
-                },
-            ))
+            .reencrypt(signed(&self.identity, PROXY_REENCRYPT, request))
             .await
-            .map_err(|s| format!("proxy {index}: {}", s.message()))?;
+            .map_err(|s| ProxyError::Refused {
+                index,
+                message: s.message().to_owned(),
+            })?;
         Ok(reply.into_inner().cfrags)
     }
 }

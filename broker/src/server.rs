@@ -15,18 +15,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use broker_proto::v1 as pb;
-use pre_kms::proxy::ProxyNode;
 use pre_kms::{Identity, PublicIdentity};
+use proxy::ProxyNode;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::Grpc;
-use crate::role::{Actor, Role};
 use crate::service::{AccessLog, Broker};
 use crate::storage::db::ProxyRow;
 use crate::storage::{BlobStore, Db};
+use model::{Actor, Role};
 
 /// How to run a broker.
 #[derive(Debug, Clone)]
@@ -69,6 +69,10 @@ pub enum StartError {
     Keys(#[from] pre_kms::Error),
     #[error("proxies: {0}")]
     Proxies(String),
+    #[error("proxies: {0}")]
+    ProxyPool(#[from] crate::proxy_pool::ProxyError),
+    #[error("proxy node: {0}")]
+    Node(#[from] proxy::NodeError),
     #[error("configuration: {0}")]
     Config(String),
     #[error("cannot listen: {0}")]
@@ -125,7 +129,7 @@ pub async fn start_proxy(
     let serving = node.clone();
     let key = broker.verifying_key;
     let join = tokio::spawn(async move {
-        if let Err(e) = pre_kms::proxy_grpc::serve(listener, serving, key, async {
+        if let Err(e) = proxy::serve(listener, serving, key, async {
             let _ = rx.await;
         })
         .await
@@ -211,9 +215,7 @@ pub async fn start(
         )));
     }
     let log_signer = identity.clone();
-    let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls)
-        .await
-        .map_err(StartError::Proxies)?;
+    let pool = crate::proxy_pool::ProxyPool::connect(identity, &urls).await?;
     // Grants seal kfrags to particular proxy keys in a particular order: the set must
     // not change under existing grants.
     let current: Vec<ProxyRow> = pool.handles().iter().map(|h| h.info.clone()).collect();

@@ -28,6 +28,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use model::{ResearchPurpose, StudyFocus};
+
 use crate::error::{PolicyError, ProvisionPath, excerpt};
 
 /// A DUO term this crate understands.
@@ -262,6 +264,31 @@ pub enum Modifier {
     Npoa,
 }
 
+impl DuoTerm {
+    /// The modifier a parameterless modifier term stands for; `None` for the primary
+    /// terms and for DS, TS and GS, which need a parameter.
+    pub fn simple_modifier(self) -> Option<Modifier> {
+        Some(match self {
+            DuoTerm::Npu => Modifier::Npu,
+            DuoTerm::Irb => Modifier::Irb,
+            DuoTerm::Pub => Modifier::Pub,
+            DuoTerm::Col => Modifier::Col,
+            DuoTerm::Rtn => Modifier::Rtn,
+            DuoTerm::Nmds => Modifier::Nmds,
+            DuoTerm::Gso => Modifier::Gso,
+            DuoTerm::Npoa => Modifier::Npoa,
+            DuoTerm::Gru
+            | DuoTerm::Hmb
+            | DuoTerm::Ds
+            | DuoTerm::Poa
+            | DuoTerm::Ts
+            | DuoTerm::Gs => {
+                return None;
+            }
+        })
+    }
+}
+
 impl Modifier {
     /// The DUO term.
     pub fn term(&self) -> DuoTerm {
@@ -470,16 +497,9 @@ impl DataUse {
                 }
                 simple => {
                     no_parameter(parameter)?;
-                    let modifier = match simple {
-                        DuoTerm::Npu => Modifier::Npu,
-                        DuoTerm::Irb => Modifier::Irb,
-                        DuoTerm::Pub => Modifier::Pub,
-                        DuoTerm::Col => Modifier::Col,
-                        DuoTerm::Rtn => Modifier::Rtn,
-                        DuoTerm::Nmds => Modifier::Nmds,
-                        DuoTerm::Gso => Modifier::Gso,
-                        _ => Modifier::Npoa,
-                    };
+                    let modifier = simple
+                        .simple_modifier()
+                        .expect("primaries and parameterised terms are matched above");
                     insert_modifier(&mut modifiers, modifier, at)?;
                 }
             }
@@ -556,61 +576,6 @@ impl<'de> Deserialize<'de> for DataUse {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let terms = Vec::<Value>::deserialize(deserializer)?;
         DataUse::from_terms(&terms, &ProvisionPath::default()).map_err(serde::de::Error::custom)
-    }
-}
-
-/// What kind of research a study does (the primary part of its research purpose).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StudyFocus {
-    /// Research on these diseases (`SYSTEM:CODE` codes).
-    Disease(Vec<String>),
-    /// Health, medical or biomedical research not tied to a disease.
-    Health,
-    /// Research outside health (e.g. social science, fundamental biology).
-    General,
-    /// The study of population origins or ancestry.
-    Ancestry,
-    /// Development of statistical methods, software or algorithms.
-    MethodsDevelopment,
-}
-
-/// A study's research purpose, as its sponsor declared it and its board approved it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ResearchPurpose {
-    pub focus: StudyFocus,
-    /// Commercial use. The engine also counts a for-profit sponsor as commercial.
-    pub commercial: bool,
-    /// An ethics board (IRB/ERB) approved the study.
-    pub irb_approved: bool,
-    /// The study commits to publish its results.
-    pub will_publish: bool,
-    /// The study commits to collaborate with the primary investigators.
-    pub will_collaborate: bool,
-    /// The study commits to return derived data to the resource.
-    pub will_return_data: bool,
-    /// When the study intends to stop using the data (unix seconds).
-    pub ends_at: Option<i64>,
-    /// Where the data will be used (a region code such as `EU`, `NL`, `US-CA`).
-    pub region: Option<String>,
-    /// The study is genetic research.
-    pub genetic: bool,
-}
-
-impl ResearchPurpose {
-    /// A purpose with the given focus and every commitment and flag off.
-    pub fn new(focus: StudyFocus) -> ResearchPurpose {
-        ResearchPurpose {
-            focus,
-            commercial: false,
-            irb_approved: false,
-            will_publish: false,
-            will_collaborate: false,
-            will_return_data: false,
-            ends_at: None,
-            region: None,
-            genetic: false,
-        }
     }
 }
 

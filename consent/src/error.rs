@@ -42,21 +42,9 @@ impl fmt::Display for ProvisionPath {
     }
 }
 
-/// At most this many characters of any input are quoted in an error message.
-pub(crate) const QUOTE_LIMIT: usize = 40;
-
-/// A short, printable excerpt of an input string for an error message.
-pub(crate) fn excerpt(input: &str) -> String {
-    let mut out: String = input
-        .chars()
-        .take(QUOTE_LIMIT)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if input.chars().count() > QUOTE_LIMIT {
-        out.push('…');
-    }
-    out
-}
+pub(crate) use model::excerpt;
+#[cfg(test)]
+use model::quote::QUOTE_LIMIT;
 
 /// A consent policy that could not be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -35,7 +35,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use pre_kms::Category;
+use model::Category;
 use serde::{Deserialize, Serialize};
 
 use crate::duo::{Modifier, ResearchPurpose, Verdict, match_data_use, match_primary};

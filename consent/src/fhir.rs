@@ -46,7 +46,7 @@
 
 use std::collections::BTreeSet;
 
-use pre_kms::Category;
+use model::Category;
 use serde_json::Value;
 
 use crate::duo::{DataUse, DuoTerm, DuoTermError, Modifier, Primary};
@@ -388,16 +388,10 @@ impl Purposes {
                         out.needs_parameter.get_or_insert(term.code());
                     }
                     Ok(term) => {
-                        out.modifiers.insert(match term {
-                            DuoTerm::Npu => Modifier::Npu,
-                            DuoTerm::Irb => Modifier::Irb,
-                            DuoTerm::Pub => Modifier::Pub,
-                            DuoTerm::Col => Modifier::Col,
-                            DuoTerm::Rtn => Modifier::Rtn,
-                            DuoTerm::Nmds => Modifier::Nmds,
-                            DuoTerm::Gso => Modifier::Gso,
-                            _ => Modifier::Npoa,
-                        });
+                        out.modifiers.insert(
+                            term.simple_modifier()
+                                .expect("primaries and parameterised terms are matched above"),
+                        );
                     }
                     Err(DuoTermError::Unsupported { code, .. }) => {
                         out.unsupported.get_or_insert(code.to_owned());

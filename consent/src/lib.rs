@@ -33,7 +33,7 @@
 //!     evaluate, AccessRequest, ConsentPolicy, DecidedBy, Period, Requester,
 //!     ResearchPurpose, SearchField, StudyFocus,
 //! };
-//! use pre_kms::Category;
+//! use model::Category;
 //!
 //! let policy = ConsentPolicy::from_json(br#"{
 //!     "version": 1,
@@ -82,6 +82,7 @@ pub mod error;
 pub mod evaluate;
 pub mod fhir;
 pub mod policy;
+pub mod study;
 
 pub use duo::{
     DataUse, DuoMatch, DuoTerm, Modifier, Primary, ResearchPurpose, StudyFocus, Verdict,
@@ -95,4 +96,8 @@ pub use fhir::{ImportedConsent, from_fhir_consent};
 pub use policy::{
     Actor, BreakGlass, Categories, ConsentPolicy, Effect, Period, PolicyDraft, PolicyHash,
     PolicyHistory, Provision, SearchField, Sector,
+};
+pub use study::{
+    NoGrant, ReleaseScope, SignedPolicy, broad_research_policy, cohort_fields, consent_digest,
+    decide, exposed_index, grant_scope, history, release_scope, study_request,
 };

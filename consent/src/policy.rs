@@ -25,9 +25,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::str::FromStr;
 
-use pre_kms::Category;
+use model::Category;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -101,66 +100,7 @@ impl Period {
     }
 }
 
-/// A field the broker may index in plaintext (under a pseudonym) so that cohort
-/// queries can search it. The names are those of the cohort query engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SearchField {
-    BirthYear,
-    Sex,
-    Condition,
-    Measurement,
-    Drug,
-    Procedure,
-}
-
-impl SearchField {
-    /// Every searchable field.
-    pub const ALL: [SearchField; 6] = [
-        SearchField::BirthYear,
-        SearchField::Sex,
-        SearchField::Condition,
-        SearchField::Measurement,
-        SearchField::Drug,
-        SearchField::Procedure,
-    ];
-
-    /// The snake_case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            SearchField::BirthYear => "birth_year",
-            SearchField::Sex => "sex",
-            SearchField::Condition => "condition",
-            SearchField::Measurement => "measurement",
-            SearchField::Drug => "drug",
-            SearchField::Procedure => "procedure",
-        }
-    }
-}
-
-impl fmt::Display for SearchField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A name that is not a [`SearchField`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown searchable field {0:?}; use birth_year, sex, condition, measurement, drug or procedure"
-)]
-pub struct UnknownSearchField(pub String);
-
-impl FromStr for SearchField {
-    type Err = UnknownSearchField;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SearchField::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| UnknownSearchField(excerpt(s)))
-    }
-}
+pub use model::{SearchField, UnknownSearchField};
 
 /// Who a provision is about: the organisation that sponsors the study (or, for
 /// break-glass, employs the clinician).

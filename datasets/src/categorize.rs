@@ -14,7 +14,7 @@
 //! [`Category::ALL`] order wins (mental health, substance use, sexual health, genomics), so
 //! that every resource lands in exactly one category.
 
-use pre_kms::Category;
+use model::Category;
 use serde_json::Value;
 
 use crate::util::{self, Coding};

@@ -1,6 +1,6 @@
 //! HIPAA Safe Harbor de-identification of the research copy.
 //!
-//! Applied to every category except [`Category::Critical`](pre_kms::Category::Critical):
+//! Applied to every category except [`Category::Critical`](model::Category::Critical):
 //!
 //! * **Patient** is rebuilt from a whitelist: `gender`, birth year, `deceasedBoolean` or the
 //!   year of death, `maritalStatus` codes, `communication.language` codes, and the US Core

@@ -16,7 +16,7 @@
 //! [`system_short_name`]. Dates are `YYYY-MM-DD` (partial dates padded with `01`); rows
 //! without a usable date or code are left out. Immunizations are not indexed.
 
-use cohort_query::{CodedEvent, PatientIndex, Person};
+use model::{CodedEvent, PatientIndex, Person};
 use serde_json::Value;
 
 use crate::categorize::Lookup;

@@ -6,7 +6,7 @@
 //! Both sources go through one pipeline ([`PatientRecord::from_fhir`]):
 //!
 //! 1. **Categorization** ([`categorize`]): every resource goes to exactly one
-//!    [`Category`](pre_kms::Category). By type: Patient → demographics; Condition, CarePlan,
+//!    [`Category`](model::Category). By type: Patient → demographics; Condition, CarePlan,
 //!    Goal → conditions; Observation, DiagnosticReport → observations; Medication\* →
 //!    medications; Procedure, Device → procedures; Immunization → immunizations;
 //!    AllergyIntolerance → allergies; Encounter → encounters. A resource whose code, value,
@@ -32,7 +32,7 @@
 //!
 //! ```
 //! use datasets::{DeidConfig, Population};
-//! use pre_kms::Category;
+//! use model::Category;
 //!
 //! let population = Population::with_config(7, 1_000, DeidConfig::new(2026));
 //! let record = population.patient(42);

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Date32Type, Field, Float64Type, Int64Type, Schema};
-use cohort_query::{Code, CodeSystem, CodedEvent, ConceptHierarchy, Date, PatientIndex, Person};
+use model::{Code, CodeSystem, CodedEvent, ConceptHierarchy, Date, PatientIndex, Person};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use serde_json::{Value, json};
@@ -929,7 +929,7 @@ mod tests {
         // The research copy: years only, no source value.
         assert!(p10.record.identifiers.iter().any(|s| s == "MRN-000123"));
         for (category, bytes) in &p10.record.categories {
-            if *category != pre_kms::Category::Critical {
+            if *category != model::Category::Critical {
                 let text = String::from_utf8_lossy(bytes);
                 assert!(!text.contains("MRN-000123"), "{category:?}: {text}");
                 assert!(!text.contains("2019-03-04"), "{category:?}: {text}");

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use cohort_query::PatientIndex;
-use pre_kms::Category;
+use model::Category;
+use model::PatientIndex;
 use serde_json::{Map, Value};
 
 use crate::categorize::{self, research_category};

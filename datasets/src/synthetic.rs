@@ -38,7 +38,7 @@ use serde_json::{Map, Value, json};
 use crate::deidentify::DeidConfig;
 use crate::record::PatientRecord;
 use crate::resolve::Resolver;
-use cohort_query::PatientIndex;
+use model::PatientIndex;
 
 /// A seeded synthetic population of `size` patients.
 #[derive(Debug, Clone, PartialEq, Eq)]

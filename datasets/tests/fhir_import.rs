@@ -8,7 +8,7 @@ use std::path::Path;
 use datasets::{
     DeidConfig, ImportReport, PatientRecord, Population, import_bundle_json, import_path,
 };
-use pre_kms::Category;
+use model::Category;
 use serde_json::{Value, json};
 
 fn cfg() -> DeidConfig {

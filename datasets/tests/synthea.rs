@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use datasets::{DeidConfig, ImportReport, import_path};
-use pre_kms::Category;
+use model::Category;
 use serde_json::Value;
 
 fn synthea_dir() -> PathBuf {

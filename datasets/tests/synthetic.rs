@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use datasets::{DeidConfig, Population, import_bundle_json};
-use pre_kms::Category;
+use model::Category;
 
 #[test]
 fn same_seed_same_bytes_different_seed_different_bytes() {

@@ -38,10 +38,4 @@ impl Error {
     }
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::Storage(e.to_string())
-    }
-}
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;

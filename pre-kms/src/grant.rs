@@ -11,10 +11,10 @@ use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 use umbral_pre::{DefaultDeserialize, DefaultSerialize, KeyFrag, PublicKey, VerifiedKeyFrag};
 
-use crate::category::Category;
 use crate::error::{Error, Result};
 use crate::keys::{Identity, verify_signature};
 use crate::sealed::Sealed;
+use model::Category;
 
 pub const KFRAG_MAGIC: &[u8; 4] = b"PKK1";
 /// Default threshold and share count.

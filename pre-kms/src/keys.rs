@@ -22,8 +22,8 @@ use rand_core::{CryptoRng, RngCore};
 use umbral_pre::{PublicKey, SecretKey, SecretKeyFactory, Signature, Signer};
 use zeroize::Zeroizing;
 
-use crate::category::Category;
 use crate::error::{Error, Result};
+use model::Category;
 
 const SECRET_PREFIX: &str = "PREKMS-SECRET-1";
 const PUBLIC_PREFIX: &str = "PREKMS-PUBLIC-1";

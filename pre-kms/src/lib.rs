@@ -1,10 +1,11 @@
 //! `pre-kms`: the cryptography of the broker, on umbral-pre 0.11.
 //!
 //! It owns keys and key files ([`keys`]), record envelopes ([`envelope`]), grants
-//! ([`grant`]: signed t-of-n kfrag sets sealed to proxies), the proxy node ([`proxy`],
-//! [`proxy_grpc`]), re-encryption and the researcher's verification and decryption
-//! ([`reencrypt`]), the custodian keystore ([`keystore`]) and signed requests
-//! ([`request_auth`]).
+//! ([`grant`]: signed t-of-n kfrag sets sealed to proxies), re-encryption and the
+//! researcher's verification and decryption ([`reencrypt`]), what a proxy checks before it
+//! re-encrypts ([`logged_release`]) and signed requests ([`request_auth`]). It does no
+//! I/O beyond reading and writing key files: the proxy node that stores kfrags is the
+//! `pre-kms-proxy` crate, the custodian's keystore lives with the client.
 //!
 //! ```text
 //! patient ──seal(category key)──▶ envelope ──▶ broker (stores, cannot read)
@@ -48,19 +49,16 @@
 //! };
 //! assert_eq!(reencrypt::decrypt_released(&researcher, &item, 2).unwrap(), b"{}");
 //! ```
-pub mod category;
+pub mod enrollment;
 pub mod envelope;
 pub mod error;
 pub mod grant;
 pub mod keys;
-pub mod keystore;
 pub mod logged_release;
-pub mod proxy;
-pub mod proxy_grpc;
 pub mod reencrypt;
 pub mod request_auth;
 pub mod sealed;
 
-pub use category::Category;
 pub use error::{Error, Result};
 pub use keys::{Identity, PublicIdentity};
+pub use model::Category;

@@ -20,8 +20,8 @@ use audit_log::{AuditEvent, CheckpointSigner, CheckpointVerifier, EventKind, Inc
 use audit_log::{Hash, SignedCheckpoint};
 use umbral_pre::PublicKey;
 
-use crate::category::Category;
 use crate::keys::{Identity, actor_id, verify_signature};
+use model::Category;
 
 impl CheckpointSigner for Identity {
     fn key_id(&self) -> String {
@@ -97,7 +97,7 @@ struct Allowance {
 }
 
 /// A release whose events are proven to be in the broker-signed log. Only this type can
-/// authorize re-encryption ([`crate::proxy::ProxyNode::reencrypt`]).
+/// authorize re-encryption (`ProxyNode::reencrypt` in the proxy crate).
 #[derive(Debug, Clone)]
 pub struct VerifiedRelease {
     release_id: String,
@@ -191,7 +191,7 @@ mod tests {
     fn release_event(release: &str, grant: &str, category: &str) -> AuditEvent {
         let actor = Actor {
             id: "researcher".into(),
-            role: ActorRole::Researcher,
+            role: ActorRole::Registered(model::Role::Researcher),
             organisation: None,
         };
         let mut e = AuditEvent::new(EventKind::Release, 1_700_000_000, actor);

@@ -10,17 +10,20 @@
 //! The server re-encodes the decoded message to hash it, so the body is covered too.
 //! A request older or newer than the window, or whose nonce was already seen within it,
 //! is refused.
+//!
+//! This module is the cryptography of it, on bytes; carrying [`Credentials`] in gRPC
+//! metadata is the transport's job (`broker_proto::signed`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
-use tonic::metadata::MetadataMap;
 use umbral_pre::PublicKey;
 
 use crate::keys::{Identity, verify_signature};
 
+/// The metadata header names the credentials travel in.
 pub const ACTOR: &str = "x-actor";
 pub const TIMESTAMP: &str = "x-timestamp";
 pub const NONCE: &str = "x-nonce";
@@ -53,6 +56,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+pub fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
 fn digest(method: &str, actor: &str, timestamp: i64, nonce: &str, body: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("broker.v1 request v1");
     for part in [method, actor] {
@@ -66,40 +73,43 @@ fn digest(method: &str, actor: &str, timestamp: i64, nonce: &str, body: &[u8]) -
     *h.finalize().as_bytes()
 }
 
-/// Wraps a message in a request signed by `identity` for `method`
-/// (the full gRPC path, e.g. `/broker.v1.Records/Upload`).
-pub fn signed<T: prost::Message>(
-    identity: &Identity,
-    method: &str,
-    message: T,
-) -> tonic::Request<T> {
-    let actor = identity.actor_id();
-    let timestamp = now_ms();
-    let mut nonce = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let nonce = hex::encode(nonce);
-    let body = message.encode_to_vec();
-    let signature = identity.sign(&digest(method, &actor, timestamp, &nonce, &body));
-    let mut request = tonic::Request::new(message);
-    let md = request.metadata_mut();
-    md.insert(ACTOR, actor.parse().expect("hex is ascii"));
-    md.insert(
-        TIMESTAMP,
-        timestamp.to_string().parse().expect("digits are ascii"),
-    );
-    md.insert(NONCE, nonce.parse().expect("hex is ascii"));
-    md.insert(
-        SIGNATURE,
-        hex::encode(signature).parse().expect("hex is ascii"),
-    );
-    request
+/// What a signed request carries besides its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub actor: String,
+    /// Unix milliseconds.
+    pub timestamp: i64,
+    /// 32 hex digits.
+    pub nonce: String,
+    pub signature: Vec<u8>,
 }
 
-fn header<'a>(md: &'a MetadataMap, name: &'static str) -> Result<&'a str, AuthError> {
-    md.get(name)
-        .ok_or(AuthError::Missing(name))?
-        .to_str()
-        .map_err(|_| AuthError::Malformed(name))
+impl Credentials {
+    /// Signs `body` (the encoded message) by `identity` for `method` (the full gRPC path,
+    /// e.g. `/broker.v1.Records/Upload`), now, with a fresh nonce.
+    pub fn sign(identity: &Identity, method: &str, body: &[u8]) -> Credentials {
+        let actor = identity.actor_id();
+        let timestamp = now_ms();
+        let mut nonce = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let nonce = hex::encode(nonce);
+        let signature = identity.sign(&digest(method, &actor, timestamp, &nonce, body));
+        Credentials {
+            actor,
+            timestamp,
+            nonce,
+            signature,
+        }
+    }
+}
+
+/// A call as it arrived: the credentials it presented (or why they are unusable), the
+/// actor id it claimed (for the refusal log), and the encoded body the signature covers.
+#[derive(Debug, Clone)]
+pub struct SignedCall {
+    pub credentials: Result<Credentials, AuthError>,
+    pub presented_actor: String,
+    pub body: Vec<u8>,
 }
 
 /// Remembers nonces within the window so that a captured request cannot be replayed.
@@ -123,35 +133,33 @@ impl ReplayGuard {
         }
     }
 
-    /// Checks a request's credentials. `lookup` maps an actor id to its registered
+    /// Checks a call's credentials. `lookup` maps an actor id to its registered
     /// verifying key. Returns the authenticated actor id.
-    pub fn verify<T: prost::Message>(
+    pub fn verify(
         &self,
-        request: &tonic::Request<T>,
+        call: &SignedCall,
         method: &str,
         lookup: impl FnOnce(&str) -> Option<PublicKey>,
     ) -> Result<String, AuthError> {
-        let md = request.metadata();
-        let actor = header(md, ACTOR)?;
-        let timestamp: i64 = header(md, TIMESTAMP)?
-            .parse()
-            .map_err(|_| AuthError::Malformed(TIMESTAMP))?;
-        let nonce = header(md, NONCE)?;
+        let c = call.credentials.as_ref().map_err(Clone::clone)?;
+        let (actor, timestamp, nonce, signature) = (
+            c.actor.as_str(),
+            c.timestamp,
+            c.nonce.as_str(),
+            &c.signature,
+        );
         if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(AuthError::Malformed(NONCE));
         }
-        let signature =
-            hex::decode(header(md, SIGNATURE)?).map_err(|_| AuthError::Malformed(SIGNATURE))?;
         let now = now_ms();
         if (now - timestamp).abs() > self.window_ms {
             return Err(AuthError::Stale);
         }
         let key = lookup(actor).ok_or(AuthError::UnknownActor)?;
-        let body = request.get_ref().encode_to_vec();
         if !verify_signature(
             &key,
-            &digest(method, actor, timestamp, nonce, &body),
-            &signature,
+            &digest(method, actor, timestamp, nonce, &call.body),
+            signature,
         ) {
             return Err(AuthError::BadSignature);
         }
@@ -164,66 +172,5 @@ impl ReplayGuard {
             return Err(AuthError::Replayed);
         }
         Ok(actor.to_owned())
-    }
-}
-
-impl From<AuthError> for tonic::Status {
-    fn from(e: AuthError) -> Self {
-        tonic::Status::unauthenticated(e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signed_requests_verify_once_and_only_unchanged() {
-        let id = Identity::generate();
-        let other = Identity::generate();
-        let guard = ReplayGuard::default();
-        let key = id.verifying_key();
-        let lookup = |a: &str| (a == id.actor_id()).then_some(key);
-        let msg = broker_proto::v1::GetStudyRequest {
-            study_id: "s1".into(),
-        };
-        let req = signed(&id, "/m", msg.clone());
-        assert_eq!(guard.verify(&req, "/m", lookup).unwrap(), id.actor_id());
-        assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::Replayed));
-
-        let req = signed(&id, "/m", msg.clone());
-        assert_eq!(
-            guard.verify(&req, "/other", lookup),
-            Err(AuthError::BadSignature)
-        );
-
-        let mut req = signed(&id, "/m", msg.clone());
-        req.get_mut().study_id = "s2".into();
-        assert_eq!(
-            guard.verify(&req, "/m", lookup),
-            Err(AuthError::BadSignature)
-        );
-
-        let req = signed(&other, "/m", msg.clone());
-        assert_eq!(
-            guard.verify(&req, "/m", lookup),
-            Err(AuthError::UnknownActor)
-        );
-
-        let req = tonic::Request::new(msg.clone());
-        assert_eq!(
-            guard.verify(&req, "/m", lookup),
-            Err(AuthError::Missing(ACTOR))
-        );
-
-        let mut req = signed(&id, "/m", msg);
-        req.metadata_mut().insert(
-            TIMESTAMP,
-            (now_ms() - DEFAULT_WINDOW_MS - 1000)
-                .to_string()
-                .parse()
-                .unwrap(),
-        );
-        assert_eq!(guard.verify(&req, "/m", lookup), Err(AuthError::Stale));
     }
 }

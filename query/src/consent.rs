@@ -9,78 +9,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use roaring::RoaringBitmap;
 
-use crate::definition::Domain;
-
-/// A field of the index a patient can make searchable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SearchableField {
-    BirthYear,
-    Sex,
-    Condition,
-    Measurement,
-    Drug,
-    Procedure,
-}
-
-impl SearchableField {
-    /// Every field, in order.
-    pub const ALL: [SearchableField; 6] = [
-        SearchableField::BirthYear,
-        SearchableField::Sex,
-        SearchableField::Condition,
-        SearchableField::Measurement,
-        SearchableField::Drug,
-        SearchableField::Procedure,
-    ];
-
-    /// The field's name: `birth_year`, `sex`, `condition`, `measurement`, `drug`, `procedure`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SearchableField::BirthYear => "birth_year",
-            SearchableField::Sex => "sex",
-            SearchableField::Condition => "condition",
-            SearchableField::Measurement => "measurement",
-            SearchableField::Drug => "drug",
-            SearchableField::Procedure => "procedure",
-        }
-    }
-
-    /// The field that makes a domain's table searchable.
-    pub fn of_domain(domain: Domain) -> SearchableField {
-        match domain {
-            Domain::Condition => SearchableField::Condition,
-            Domain::Measurement => SearchableField::Measurement,
-            Domain::Drug => SearchableField::Drug,
-            Domain::Procedure => SearchableField::Procedure,
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for SearchableField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SearchableField {
-    type Err = ConsentError;
-
-    fn from_str(s: &str) -> Result<SearchableField, ConsentError> {
-        SearchableField::ALL
-            .into_iter()
-            .find(|f| f.as_str() == s)
-            .ok_or_else(|| ConsentError::UnknownField(s.to_string()))
-    }
-}
+pub use model::SearchField;
 
 /// A consent snapshot that cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -199,7 +132,7 @@ impl ConsentSnapshot {
     pub fn from_grants<I, F>(grants: I) -> Result<ConsentSnapshot, ConsentError>
     where
         I: IntoIterator<Item = (i64, F)>,
-        F: IntoIterator<Item = SearchableField>,
+        F: IntoIterator<Item = SearchField>,
     {
         let mut b = ConsentBuilder::default();
         for (person, fields) in grants {
@@ -214,7 +147,7 @@ impl ConsentSnapshot {
     pub fn everything(
         persons: impl IntoIterator<Item = i64>,
     ) -> Result<ConsentSnapshot, ConsentError> {
-        ConsentSnapshot::from_grants(persons.into_iter().map(|p| (p, SearchableField::ALL)))
+        ConsentSnapshot::from_grants(persons.into_iter().map(|p| (p, SearchField::ALL)))
     }
 
     /// Hash of the contents: equal snapshots hash equally, whatever order they were built in.
@@ -223,13 +156,13 @@ impl ConsentSnapshot {
     }
 
     /// Whether `person_id` consented `field`.
-    pub fn allows(&self, person_id: i64, field: SearchableField) -> bool {
+    pub fn allows(&self, person_id: i64, field: SearchField) -> bool {
         person_key(person_id).is_some_and(|k| self.inner.fields[field.index()].contains(k))
     }
 
     /// The fields `person_id` consented.
-    pub fn fields_of(&self, person_id: i64) -> BTreeSet<SearchableField> {
-        SearchableField::ALL
+    pub fn fields_of(&self, person_id: i64) -> BTreeSet<SearchField> {
+        SearchField::ALL
             .into_iter()
             .filter(|f| self.allows(person_id, *f))
             .collect()
@@ -241,8 +174,8 @@ impl ConsentSnapshot {
     }
 
     /// Every `(person_id, field)` grant, by field then person.
-    pub fn grants(&self) -> impl Iterator<Item = (i64, SearchableField)> + '_ {
-        SearchableField::ALL.into_iter().flat_map(move |f| {
+    pub fn grants(&self) -> impl Iterator<Item = (i64, SearchField)> + '_ {
+        SearchField::ALL.into_iter().flat_map(move |f| {
             self.inner.fields[f.index()]
                 .iter()
                 .map(move |p| (i64::from(p), f))
@@ -250,7 +183,7 @@ impl ConsentSnapshot {
     }
 
     /// Membership in a field's set (`None`: the patients with any field).
-    pub(crate) fn members(&self, field: Option<SearchableField>) -> Members<'_> {
+    pub(crate) fn members(&self, field: Option<SearchField>) -> Members<'_> {
         let (bitmap, slot) = match field {
             Some(f) => (&self.inner.fields[f.index()], f.index()),
             None => (&self.inner.any, 6),
@@ -271,11 +204,7 @@ pub struct ConsentBuilder {
 
 impl ConsentBuilder {
     /// Records that `person_id` consented `field`.
-    pub fn grant(
-        &mut self,
-        person_id: i64,
-        field: SearchableField,
-    ) -> Result<&mut Self, ConsentError> {
+    pub fn grant(&mut self, person_id: i64, field: SearchField) -> Result<&mut Self, ConsentError> {
         let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
         self.fields[field.index()].insert(key);
         Ok(self)
@@ -285,7 +214,7 @@ impl ConsentBuilder {
     pub fn build(self) -> ConsentSnapshot {
         let mut any = RoaringBitmap::new();
         let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v1");
-        for (field, bitmap) in SearchableField::ALL.iter().zip(&self.fields) {
+        for (field, bitmap) in SearchField::ALL.iter().zip(&self.fields) {
             any |= bitmap;
             // Field name, count, then the sorted ids: independent of build order and of
             // the bitmap's internal container layout.
@@ -315,7 +244,7 @@ impl ConsentBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use SearchableField::*;
+    use SearchField::*;
 
     #[test]
     fn grants_and_hash() {
@@ -357,7 +286,7 @@ mod tests {
 
     #[test]
     fn field_names_are_exact() {
-        let names: Vec<&str> = SearchableField::ALL.iter().map(|f| f.as_str()).collect();
+        let names: Vec<&str> = SearchField::ALL.iter().map(|f| f.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -369,8 +298,8 @@ mod tests {
                 "procedure"
             ]
         );
-        assert_eq!("drug".parse::<SearchableField>().unwrap(), Drug);
-        assert!("conditions".parse::<SearchableField>().is_err());
+        assert_eq!("drug".parse::<SearchField>().unwrap(), Drug);
+        assert!("conditions".parse::<SearchField>().is_err());
         assert_eq!(
             ConsentSnapshot::from_grants([(-1, vec![Sex])]).unwrap_err(),
             ConsentError::PersonIdOutOfRange(-1)

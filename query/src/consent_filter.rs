@@ -35,7 +35,7 @@
 
 use std::sync::Arc;
 
-use crate::consent::{ConsentSnapshot, Members, SearchableField};
+use crate::consent::{ConsentSnapshot, Members, SearchField};
 use crate::provider::{IndexTableProvider, SetKind, SetTableProvider, TableKind};
 use arrow::array::{Array, AsArray, BooleanArray};
 use arrow::buffer::BooleanBuffer;
@@ -55,7 +55,7 @@ use datafusion::optimizer::AnalyzerRule;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {
     /// The patient consented this field.
-    Field(SearchableField),
+    Field(SearchField),
     /// The patient consented at least one field.
     Any,
 }
@@ -351,7 +351,7 @@ impl ConsentFilter {
         );
         let plan = match index.kind() {
             TableKind::Event(domain) => {
-                let scope = Scope::Field(SearchableField::of_domain(domain));
+                let scope = Scope::Field(SearchField::of_domain(domain));
                 LogicalPlanBuilder::from(full)
                     .filter(self.predicate(&scan, scope))?
                     .project(wanted.into_iter().map(Expr::Column))?
@@ -360,8 +360,8 @@ impl ConsentFilter {
             TableKind::Person => {
                 let masked = |c: Column| -> Result<Expr> {
                     let field = match c.name.as_str() {
-                        "birth_year" => SearchableField::BirthYear,
-                        "sex" => SearchableField::Sex,
+                        "birth_year" => SearchField::BirthYear,
+                        "sex" => SearchField::Sex,
                         _ => return Ok(Expr::Column(c)),
                     };
                     let name = c.name.clone();

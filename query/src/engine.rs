@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use cohort_query::{CodedEvent, CohortDefinition, CohortEngine, ConceptHierarchy,
-//!                    ConsentSnapshot, IndexBuilder, PatientIndex, Person, SearchableField};
+//!                    ConsentSnapshot, IndexBuilder, PatientIndex, Person, SearchField};
 //!
 //! let mut builder = IndexBuilder::new();
 //! for id in 0..30 {
@@ -23,7 +23,7 @@
 //! let engine = CohortEngine::from_index(builder.build(), ConceptHierarchy::new());
 //! // Patients 0..20 consent everything; 20..30 only their sex.
 //! let consent = ConsentSnapshot::from_grants((0..30).map(|id| {
-//!     (id, if id < 20 { SearchableField::ALL.to_vec() } else { vec![SearchableField::Sex] })
+//!     (id, if id < 20 { SearchField::ALL.to_vec() } else { vec![SearchField::Sex] })
 //! })).unwrap();
 //! let diabetes = CohortDefinition::from_json(
 //!     br#"{"criteria": [{"condition": {"codes": ["snomed:44054006"]}}]}"#).unwrap();

@@ -27,18 +27,13 @@
 //!                     CountResult { exact, attrition } ──protect──▶ "<11" / "1235"
 //! ```
 //!
-//! The older [`Cohort`] (condition codes, birth years, sex, evaluated per patient) stays
-//! for the release path until the broker moves to the engine.
+//! The older `model::Cohort` (condition codes, birth years, sex, evaluated per patient)
+//! stays for the release path until the broker moves to the engine.
 //!
 //! See [`engine`] for an end-to-end example.
 
-pub mod cohort;
 pub mod consent;
-pub mod date;
-pub mod definition;
 pub mod engine;
-pub mod hierarchy;
-pub mod index;
 pub mod protect;
 pub mod sql;
 pub mod tables;
@@ -49,17 +44,18 @@ mod parquet_files;
 mod provider;
 mod sets;
 
-pub use cohort::Cohort;
-pub use consent::{ConsentBuilder, ConsentError, ConsentHash, ConsentSnapshot, SearchableField};
-pub use date::{Date, DateError};
-pub use definition::{
-    AtLeast, Code, CodeError, CodeSystem, CohortDefinition, Criterion, DefinitionError,
-    DefinitionHash, Demographics, Domain, EventCriterion, Index, IntRange, NormalizedDefinition,
-    Occurrence, Problem, Sex, ValueRange, Window,
+pub use model::{
+    AtLeast, Code, CodeError, CodeSystem, CodedEvent, CohortDefinition, ConceptHierarchy,
+    Criterion, Date, DateError, DefinitionError, DefinitionHash, Demographics, Domain,
+    EventCriterion, Index, IntRange, NormalizedDefinition, Occurrence, PatientIndex, Person,
+    Problem, SearchField, Sex, ValueRange, Window,
 };
+/// The vocabulary the engine shares with the broker, the consent crate and the importers
+/// (cohort definitions, codes, dates, the patient index, concept relations), re-exported.
+pub use model::{date, definition, hierarchy, index};
+
+pub use consent::{ConsentBuilder, ConsentError, ConsentHash, ConsentSnapshot};
 pub use engine::{Access, AttritionStep, CohortEngine, CountResult, EngineOptions, QueryError};
-pub use hierarchy::ConceptHierarchy;
-pub use index::{CodedEvent, PatientIndex, Person};
 pub use protect::{
     BrokerSecret, BudgetError, BudgetPolicy, ProtectedCount, ProtectedResult, ProtectedStep,
     ProtectionPolicy, QueryBudget, Remaining, protect, protect_count,

@@ -18,7 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::consent::{ConsentBuilder, ConsentSnapshot, SearchableField, person_key};
+use crate::consent::{ConsentBuilder, ConsentSnapshot, SearchField, person_key};
 use crate::definition::Domain;
 use crate::tables::{IndexBuilder, IndexError, IndexTables};
 
@@ -249,7 +249,7 @@ impl ConsentSnapshot {
     /// Writes the snapshot as `consent.parquet(person_id BIGINT, field VARCHAR)`, one row
     /// per consented field.
     pub fn write_parquet(&self, path: &Path) -> Result<(), IndexError> {
-        let grants: Vec<(i64, SearchableField)> = self.grants().collect();
+        let grants: Vec<(i64, SearchField)> = self.grants().collect();
         let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(grants.iter().map(|g| g.0)));
         let fields: ArrayRef = Arc::new(StringArray::from_iter_values(
             grants.iter().map(|g| g.1.as_str()),
@@ -273,10 +273,11 @@ impl ConsentSnapshot {
                     if ids.is_null(i) || fields.is_null(i) {
                         return Err(value_err(path, "person_id", row, "missing value"));
                     }
-                    let field: SearchableField =
-                        fields.value(i).parse().map_err(|e: crate::ConsentError| {
-                            value_err(path, "field", row, e.to_string())
-                        })?;
+                    let name = fields.value(i);
+                    let field: SearchField = name.parse().map_err(|_| {
+                        let e = crate::ConsentError::UnknownField(name.to_string());
+                        value_err(path, "field", row, e.to_string())
+                    })?;
                     b.grant(ids.value(i), field)
                         .map_err(|e| value_err(path, "person_id", row, e.to_string()))?;
                 }

@@ -27,7 +27,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::ExecutionPlan;
 
-use crate::consent::SearchableField;
+use crate::consent::SearchField;
 use crate::consent_filter::{Scope, as_consent_predicate, as_set_consent_predicate, membership};
 use crate::definition::Domain;
 use crate::tables::{IndexTables, SetTable, event_schema, person_schema};
@@ -50,7 +50,7 @@ impl TableKind {
     fn required_scope(self) -> Scope {
         match self {
             TableKind::Person => Scope::Any,
-            TableKind::Event(d) => Scope::Field(SearchableField::of_domain(d)),
+            TableKind::Event(d) => Scope::Field(SearchField::of_domain(d)),
         }
     }
 }
@@ -85,9 +85,9 @@ impl SetKind {
     pub(crate) fn scope(self) -> Scope {
         match self {
             SetKind::All => Scope::Any,
-            SetKind::Sex => Scope::Field(SearchableField::Sex),
-            SetKind::BirthYear => Scope::Field(SearchableField::BirthYear),
-            SetKind::Code(d) => Scope::Field(SearchableField::of_domain(d)),
+            SetKind::Sex => Scope::Field(SearchField::Sex),
+            SetKind::BirthYear => Scope::Field(SearchField::BirthYear),
+            SetKind::Code(d) => Scope::Field(SearchField::of_domain(d)),
         }
     }
 }

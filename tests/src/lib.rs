@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use broker::client::BrokerClient;
-use broker::role::Role;
 use broker::server::{self, RunningBroker, ServeConfig};
+use brokerctl::BrokerClient;
+use model::Role;
 use pre_kms::Identity;
 use tokio::net::TcpListener;
 

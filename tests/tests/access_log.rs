@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use audit_log::EventKind;
-use broker::client::BrokerClient;
-use broker::demo::Cast;
-use broker::log_review::{self, ShownEvent};
-use broker::role::Role;
 use broker::server::{ServeConfig, check_access_log};
-use cohort_query::Cohort;
+use broker_cli::demo::Cast;
+use brokerctl::BrokerClient;
+use brokerctl::log_review::{self, ShownEvent};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
+use model::Cohort;
+use model::Role;
 use pre_kms::{Category, Identity};
 
 const CATS: [Category; 2] = [Category::Demographics, Category::Conditions];
@@ -40,7 +40,7 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     let patients: Vec<(Identity, PatientRecord)> = (0..4)
         .map(|i| (Identity::generate(), population.patient(i)))
         .collect();
-    broker::agent::ingest_batch(&cast.custodian, patients.clone())
+    brokerctl::agent::ingest_batch(&cast.custodian, patients.clone())
         .await
         .unwrap();
     let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
@@ -263,7 +263,7 @@ async fn any_change_to_the_stored_log_is_detected() {
     let patients: Vec<(Identity, PatientRecord)> = (0..3)
         .map(|i| (Identity::generate(), population.patient(i)))
         .collect();
-    broker::agent::ingest_batch(&custodian, patients)
+    brokerctl::agent::ingest_batch(&custodian, patients)
         .await
         .unwrap();
     // A checkpoint covering every leaf, so that removing the last one is detectable too.

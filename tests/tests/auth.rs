@@ -1,12 +1,13 @@
 //! Every service refuses a call without credentials, with a forged signature, replayed,
 //! or from the wrong role.
 
-use broker::methods as m;
-use broker::role::Role;
+use broker_proto::methods as m;
+use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use integration_tests::Sandbox;
+use model::Role;
 use pre_kms::Identity;
-use pre_kms::request_auth::{ACTOR, signed};
+use pre_kms::request_auth::ACTOR;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -327,7 +328,9 @@ async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
 /// a registered actor that is not the broker, or a forged broker signature are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_refuse_everyone_but_the_broker() {
-    use pre_kms::proxy_grpc::{DEPOSIT, REENCRYPT, REVOKE};
+    use broker_proto::methods::{
+        PROXY_DEPOSIT as DEPOSIT, PROXY_REENCRYPT as REENCRYPT, PROXY_REVOKE as REVOKE,
+    };
     let dir = tempfile::tempdir().unwrap();
     let broker = Identity::generate();
     let proxy = broker::server::start_proxy(&dir.path().join("p0"), 0, &broker.public("broker"))

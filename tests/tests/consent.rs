@@ -8,21 +8,21 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use broker::agent::{self, ConsentedGrants};
-use broker::client::{ClientError, ClientResult};
-use broker::consent::{broad_research_policy, consent_digest};
-use broker::demo::{Cast, Tally};
-use broker::role::Role;
 use broker::service::now_secs;
-use broker::study::StudyProposal;
+use broker_cli::demo::{Cast, Tally};
 use broker_proto::v1 as pb;
-use cohort_query::{Cohort, PatientIndex};
+use brokerctl::agent::{self, ConsentedGrants};
+use brokerctl::{ClientError, ClientResult};
 use consent_policy::{
     AccessRequest, Actor, Categories, ConsentPolicy, DataUse, Modifier, Period, PolicyDraft,
     Primary, Provision, Requester, ResearchPurpose, SearchField, Sector, StudyFocus, evaluate,
 };
+use consent_policy::{broad_research_policy, consent_digest};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
+use model::Role;
+use model::StudyProposal;
+use model::{Cohort, PatientIndex, Study};
 use pre_kms::{Category, Identity};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -135,7 +135,7 @@ impl World {
     }
 
     /// Grants `study` what each listed patient's stored consent permits.
-    async fn grant(&self, study: &pb::Study, who: &[usize]) -> ConsentedGrants {
+    async fn grant(&self, study: &Study, who: &[usize]) -> ConsentedGrants {
         let plan = agent::grant_plan(&self.cast.custodian, study)
             .await
             .expect("plan");
@@ -153,7 +153,7 @@ impl World {
     }
 
     /// The researcher requests, verifies and decrypts a release of `study`.
-    async fn release(&self, study: &pb::Study) -> Released {
+    async fn release(&self, study: &Study) -> Released {
         let names: HashMap<[u8; 32], (usize, Category)> = self
             .patients
             .iter()
@@ -200,7 +200,7 @@ fn research_request(p: &StudyProposal, board_overrides_abstain: bool) -> AccessR
 }
 
 /// The fields a cohort's criteria search. Written out here rather than calling
-/// `broker::consent::cohort_fields`: the oracle must not share the code it checks.
+/// `consent_policy::cohort_fields`: the oracle must not share the code it checks.
 fn cohort_fields(cohort: &Cohort) -> BTreeSet<SearchField> {
     let mut fields = BTreeSet::new();
     if cohort.min_birth_year.is_some() || cohort.max_birth_year.is_some() {

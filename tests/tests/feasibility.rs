@@ -3,14 +3,14 @@
 //! a clear error, and every count is logged.
 
 use audit_log::EventKind;
-use broker::client::ClientError;
-use broker::consent::broad_research_policy;
-use broker::demo::Cast;
-use broker::role::Role;
-use cohort_query::Cohort;
+use broker_cli::demo::Cast;
+use brokerctl::ClientError;
+use consent_policy::broad_research_policy;
 use consent_policy::{ConsentPolicy, SearchField};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
+use model::Cohort;
+use model::Role;
 use pre_kms::{Category, Identity};
 use tonic::Code;
 
@@ -57,7 +57,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
     let patients: Vec<(Identity, PatientRecord)> = (0..n)
         .map(|i| (Identity::generate(), population.patient(i)))
         .collect();
-    broker::agent::ingest_batch(&cast.custodian, patients.clone())
+    brokerctl::agent::ingest_batch(&cast.custodian, patients.clone())
         .await
         .unwrap();
     // A third share everything, a third hide their conditions, a third never consent.
@@ -71,7 +71,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
             _ => None,
         })
         .collect();
-    broker::agent::set_consents(&cast.custodian, &policies)
+    brokerctl::agent::set_consents(&cast.custodian, &policies)
         .await
         .unwrap();
     let study = cast
@@ -133,7 +133,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
                 (id.clone(), r)
             })
             .collect();
-    broker::agent::ingest_batch(&cast.custodian, flipped)
+    brokerctl::agent::ingest_batch(&cast.custodian, flipped)
         .await
         .unwrap();
     let after = cast
@@ -155,7 +155,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .unwrap();
     let mut record = record;
     record.index.conditions.retain(|e| e.code != HYPERTENSION);
-    broker::agent::ingest_batch(&cast.custodian, vec![(id.clone(), record)])
+    brokerctl::agent::ingest_batch(&cast.custodian, vec![(id.clone(), record)])
         .await
         .unwrap();
     let fewer = cast
@@ -268,7 +268,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
     }
 
     // Every answered count is in the access log, with the definition's hash.
-    let events = broker::log_review::board_events(&cast.board, Default::default())
+    let events = brokerctl::log_review::board_events(&cast.board, Default::default())
         .await
         .unwrap();
     let counts: Vec<_> = events

@@ -7,12 +7,12 @@
 
 use std::path::PathBuf;
 
-use broker::agent;
-use broker::demo::Cast;
-use broker::role::Role;
-use cohort_query::Cohort;
+use broker_cli::demo::Cast;
+use brokerctl::agent;
 use datasets::Population;
 use integration_tests::Sandbox;
+use model::Cohort;
+use model::Role;
 use pre_kms::{Category, Identity};
 use tokio_stream::StreamExt;
 

@@ -6,20 +6,21 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use broker::agent;
-use broker::client::ClientError;
-use broker::demo::{Cast, Tally};
-use broker::role::Role;
 use broker::server::{load_or_create_identity, start_proxy};
-use broker::study::StudyProposal;
+use broker_cli::demo::{Cast, Tally};
+use broker_proto::methods::PROXY_REENCRYPT as REENCRYPT;
+use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
-use cohort_query::Cohort;
+use brokerctl::ClientError;
+use brokerctl::agent;
 use datasets::{PatientRecord, Population};
 use integration_tests::{Sandbox, scan_for};
-use pre_kms::proxy::ProxyNode;
-use pre_kms::proxy_grpc::{ProxyService, REENCRYPT};
-use pre_kms::request_auth::signed;
+use model::Cohort;
+use model::Role;
+use model::{Study, StudyProposal};
 use pre_kms::{Category, Identity};
+use proxy::ProxyNode;
+use proxy::ProxyService;
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
 
@@ -60,7 +61,7 @@ fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
     p
 }
 
-async fn approved_study(w: &World, cohort: Cohort) -> pb::Study {
+async fn approved_study(w: &World, cohort: Cohort) -> Study {
     w.cast
         .approved_study("test study", &CATS, cohort)
         .await
@@ -68,7 +69,7 @@ async fn approved_study(w: &World, cohort: Cohort) -> pb::Study {
 }
 
 /// Grants `categories` of each listed patient.
-async fn grant(w: &World, study: &pb::Study, who: &[usize], categories: &[Category]) {
+async fn grant(w: &World, study: &Study, who: &[usize], categories: &[Category]) {
     let list: Vec<_> = who
         .iter()
         .map(|&i| (w.patients[i].0.clone(), categories.to_vec()))
@@ -79,7 +80,7 @@ async fn grant(w: &World, study: &pb::Study, who: &[usize], categories: &[Catego
         .expect("grant");
 }
 
-async fn fetch(w: &World, study: &pb::Study) -> Result<Tally, ClientError> {
+async fn fetch(w: &World, study: &Study) -> Result<Tally, ClientError> {
     Ok(w.cast.fetch(study).await?.1)
 }
 
@@ -165,7 +166,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
         .decide_study(&study.study_id, false, false, "not justified")
         .await
         .unwrap();
-    assert_eq!(rejected.status, pb::StudyStatus::Rejected as i32);
+    assert_eq!(rejected.status, model::StudyStatus::Rejected);
     let err = w
         .cast
         .researcher

@@ -157,7 +157,7 @@ pub fn sample_event(i: u64) -> AuditEvent {
         1_760_000_000 + i as i64,
         Actor {
             id: format!("researcher-{:04}", i % 97),
-            role: ActorRole::Researcher,
+            role: ActorRole::Registered(model::Role::Researcher),
             organisation: Some("org-university-hospital".into()),
         },
     );

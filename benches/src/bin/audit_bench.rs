@@ -75,7 +75,7 @@ fn event(i: u64) -> AuditEvent {
         1_760_000_000 + (i / 100) as i64,
         Actor {
             id: format!("researcher-{:06}", i % 5000),
-            role: ActorRole::Researcher,
+            role: ActorRole::Registered(model::Role::Researcher),
             organisation: Some("org-0042".into()),
         },
     );

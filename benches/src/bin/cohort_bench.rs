@@ -35,7 +35,7 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use cohort_query::{
     Access, CodedEvent, CohortDefinition, CohortEngine, ConceptHierarchy, ConsentBuilder,
-    ConsentSnapshot, EngineOptions, IndexBuilder, PatientIndex, Person, SearchableField,
+    ConsentSnapshot, EngineOptions, IndexBuilder, PatientIndex, Person, SearchField,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -286,18 +286,18 @@ fn patient(v: &Vocabularies, seed: u64, id: u64) -> PatientIndex {
     p
 }
 
-fn consent_of(seed: u64, id: u64) -> Vec<SearchableField> {
+fn consent_of(seed: u64, id: u64) -> Vec<SearchField> {
     let mut rng = patient_rng(seed, id, 2);
     if rng.gen_range(0..100) < 3 {
         return Vec::new();
     }
     let odds = [
-        (SearchableField::BirthYear, 85),
-        (SearchableField::Sex, 90),
-        (SearchableField::Condition, 92),
-        (SearchableField::Measurement, 90),
-        (SearchableField::Drug, 85),
-        (SearchableField::Procedure, 85),
+        (SearchField::BirthYear, 85),
+        (SearchField::Sex, 90),
+        (SearchField::Condition, 92),
+        (SearchField::Measurement, 90),
+        (SearchField::Drug, 85),
+        (SearchField::Procedure, 85),
     ];
     odds.into_iter()
         .filter(|(_, pct)| rng.gen_range(0..100) < *pct)
@@ -406,7 +406,7 @@ fn main() -> anyhow::Result<()> {
     let chunk = 20_000usize;
     for start in (0..args.patients).step_by(chunk) {
         let end = (start + chunk).min(args.patients);
-        let part: Vec<(PatientIndex, Vec<SearchableField>)> = (start..end)
+        let part: Vec<(PatientIndex, Vec<SearchField>)> = (start..end)
             .into_par_iter()
             .map(|i| {
                 (

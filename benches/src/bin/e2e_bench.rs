@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use benches::{OpTimes, STUDY_CATEGORIES, THRESHOLD, fixtures, measure_ops, sample_plaintexts};
-use broker::agent;
-use broker::demo::{Scenario, Tally};
+use broker_cli::demo::{Scenario, Tally};
+use brokerctl::agent;
 use clap::Parser;
-use cohort_query::Cohort;
 use datasets::{PatientRecord, Population};
+use model::Cohort;
 use pre_kms::{Category, Identity};
 use rayon::prelude::*;
 
@@ -140,7 +140,7 @@ async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
         .iter()
         .map(|(id, r)| (id.clone(), r.categories.keys().copied().collect()))
         .collect();
-    let mut batches = Vec::new();
+    let mut batches: Vec<brokerctl::ClientResult<_>> = Vec::new();
     let mut rest = records.into_iter().peekable();
     while rest.peek().is_some() {
         batches.push(Ok(rest.by_ref().take(args.batch).collect::<Vec<_>>()));

@@ -24,8 +24,8 @@ use pre_kms::logged_release::{CheckpointKeys, LoggedEvent};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::{Caller, Role};
 use crate::storage::db::{AuditFilter, AuditIndexRow, Db};
+use model::Caller;
 
 /// Leaves per page of a board's event stream.
 pub const EVENTS_PAGE: usize = 1000;
@@ -79,20 +79,6 @@ impl AccessLog {
     }
 }
 
-impl From<Role> for ActorRole {
-    fn from(role: Role) -> Self {
-        match role {
-            Role::Patient => ActorRole::Patient,
-            Role::Custodian => ActorRole::Custodian,
-            Role::Sponsor => ActorRole::Sponsor,
-            Role::Researcher => ActorRole::Researcher,
-            Role::Board => ActorRole::Board,
-            Role::Clinician => ActorRole::Clinician,
-            Role::Operator => ActorRole::Operator,
-        }
-    }
-}
-
 fn index_row(leaf: u64, e: &AuditEvent) -> AuditIndexRow {
     let kind = serde_json::to_value(e.kind)
         .ok()
@@ -112,14 +98,6 @@ fn index_row(leaf: u64, e: &AuditEvent) -> AuditIndexRow {
 pub fn content_hash(blob_name: &str) -> Option<Digest32> {
     let bytes = hex::decode(blob_name).ok()?;
     Some(Digest32(bytes.try_into().ok()?))
-}
-
-/// An event's kind as the filters name it (`release`, `grant_issued`, ...).
-pub fn kind_name(kind: EventKind) -> String {
-    serde_json::to_value(kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 impl Broker {

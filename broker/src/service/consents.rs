@@ -10,9 +10,9 @@ use consent_policy::{ConsentPolicy, PolicyHistory};
 use pre_kms::keys::{public_key_from_bytes, verify_signature};
 
 use super::{Broker, now_secs};
-use crate::consent::{SignedPolicy, consent_digest, decide, grant_scope, history};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::Caller;
+use consent_policy::{SignedPolicy, consent_digest, decide, grant_scope, history};
+use model::Caller;
 
 /// A consent version submitted for a patient.
 #[derive(Debug, Clone)]

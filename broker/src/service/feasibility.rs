@@ -12,15 +12,14 @@ use audit_log::event::Digest32;
 use cohort_query::{
     BrokerSecret, BudgetPolicy, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
     ConsentSnapshot, CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy,
-    QueryBudget, SearchableField, protect,
+    QueryBudget, SearchField, protect,
 };
-use consent_policy::SearchField;
 
 use super::{Broker, now_secs};
-use crate::consent::{decide, history};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::{Caller, Role};
-use crate::study::{Study, StudyStatus};
+use consent_policy::{decide, history};
+use model::{Caller, Role};
+use model::{Study, StudyStatus};
 
 /// The cohort engine over the index as of one index generation, and which patient each
 /// engine `person_id` is.
@@ -59,14 +58,14 @@ pub enum CountAnswer {
     Exact(CountResult),
 }
 
-fn searchable(f: SearchField) -> SearchableField {
+fn searchable(f: SearchField) -> SearchField {
     match f {
-        SearchField::BirthYear => SearchableField::BirthYear,
-        SearchField::Sex => SearchableField::Sex,
-        SearchField::Condition => SearchableField::Condition,
-        SearchField::Measurement => SearchableField::Measurement,
-        SearchField::Drug => SearchableField::Drug,
-        SearchField::Procedure => SearchableField::Procedure,
+        SearchField::BirthYear => SearchField::BirthYear,
+        SearchField::Sex => SearchField::Sex,
+        SearchField::Condition => SearchField::Condition,
+        SearchField::Measurement => SearchField::Measurement,
+        SearchField::Drug => SearchField::Drug,
+        SearchField::Procedure => SearchField::Procedure,
     }
 }
 

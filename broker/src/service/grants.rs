@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use broker_proto::v1 as pb;
 use pre_kms::grant::{Grant, grant_digest};
 use pre_kms::keys::public_key_from_bytes;
 use rayon::prelude::*;
@@ -11,10 +10,11 @@ use rayon::prelude::*;
 use audit_log::{AuditEvent, EventKind};
 
 use super::{Broker, now_secs};
-use crate::consent::{decide, grant_scope};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::Caller;
+use crate::proxy_pool::KfragDeposit;
 use crate::storage::db::GrantRow;
+use consent_policy::{decide, grant_scope};
+use model::Caller;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrantOutcome {
@@ -38,7 +38,7 @@ impl Broker {
             .map_err(ServiceError::internal)??;
         // One deposit call per proxy, all proxies at once.
         let n = self.proxies.len();
-        let mut per_proxy: Vec<Vec<pb::KfragDeposit>> = vec![Vec::new(); n];
+        let mut per_proxy: Vec<Vec<KfragDeposit>> = vec![Vec::new(); n];
         for (_, deposits) in &checked {
             for (i, d) in deposits.iter().enumerate() {
                 per_proxy[i].extend(d.iter().cloned());
@@ -158,7 +158,7 @@ impl Broker {
         &self,
         caller: &Caller,
         grants: &[Grant],
-    ) -> ServiceResult<Vec<(GrantRow, Vec<Vec<pb::KfragDeposit>>)>> {
+    ) -> ServiceResult<Vec<(GrantRow, Vec<Vec<KfragDeposit>>)>> {
         if grants.is_empty() {
             return Err(ServiceError::InvalidArgument("no grants given".into()));
         }
@@ -254,11 +254,11 @@ impl Broker {
                         ServiceError::internal("enrolled patient lacks a category key")
                     })?;
                     for (p, sealed) in c.sealed_kfrags.iter().enumerate() {
-                        deposits[p].push(pb::KfragDeposit {
+                        deposits[p].push(KfragDeposit {
                             grant_id: grant_id.clone(),
                             study_id: g.study_id.clone(),
                             pseudonym: g.pseudonym.clone(),
-                            category: c.category.label().to_owned(),
+                            category: c.category,
                             expires_at: g.expires_at,
                             patient_verifying_key: patient.verifying_key.clone(),
                             delegating_key: delegating.clone(),

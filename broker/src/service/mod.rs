@@ -13,18 +13,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use pre_kms::request_auth::{ReplayGuard, now_ms};
+use model::{Actor, Caller, Role};
+pub use pre_kms::request_auth::now_secs;
+use pre_kms::request_auth::{AuthError, ReplayGuard, SignedCall};
 
-pub use audit::{AccessLog, EVENTS_PAGE, content_hash, kind_name};
+pub use audit::{AccessLog, EVENTS_PAGE, content_hash};
 pub use consents::{ConsentReceipt, ConsentSubmission};
 pub use feasibility::{CountAnswer, Feasibility};
 pub use grants::GrantOutcome;
-pub use records::{Enrollment, Upload};
+pub use records::{Upload, UploadedEnvelope};
 pub use release::{ReleaseStream, ReleasedItem};
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::proxy_pool::ProxyPool;
-use crate::role::{Actor, Caller, Role};
 use crate::storage::{BlobStore, Db};
 
 pub struct Broker {
@@ -39,10 +40,6 @@ pub struct Broker {
     feasibility: Feasibility,
     /// Bumped whenever the searchable index changes, so the cohort engine is rebuilt.
     index_generation: AtomicU64,
-}
-
-pub fn now_secs() -> i64 {
-    now_ms() / 1000
 }
 
 impl Broker {
@@ -97,35 +94,25 @@ impl Broker {
         &self.proxies
     }
 
-    /// Authenticates a signed request and checks the caller's role. Registered actors
-    /// call in their role; an enrolled patient's own key calls as a patient. Every
-    /// refusal is written to the access log.
-    pub fn authorize<T: prost::Message>(
-        &self,
-        request: &tonic::Request<T>,
-        method: &str,
-        roles: &[Role],
-    ) -> ServiceResult<Caller> {
-        let result = self.authorize_unlogged(request, method, roles);
+    /// Authenticates a signed call and checks the caller's role against the access
+    /// table ([`crate::access`]). Registered actors call in their role; an enrolled
+    /// patient's own key calls as a patient. Every refusal is written to the access log.
+    pub fn authorize(&self, call: &SignedCall, method: &str) -> ServiceResult<Caller> {
+        let result = self.authorize_unlogged(call, method, crate::access::allowed(method));
         if let Err(e) = &result {
-            let presented = request
-                .metadata()
-                .get(pre_kms::request_auth::ACTOR)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            self.record_refusal(presented, method, &e.to_string());
+            self.record_refusal(&call.presented_actor, method, &e.to_string());
         }
         result
     }
 
-    fn authorize_unlogged<T: prost::Message>(
+    fn authorize_unlogged(
         &self,
-        request: &tonic::Request<T>,
+        call: &SignedCall,
         method: &str,
         roles: &[Role],
     ) -> ServiceResult<Caller> {
         let mut patient = false;
-        let actor_id = self.guard.verify(request, method, |id| {
+        let actor_id = self.guard.verify(call, method, |id| {
             let key = {
                 let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
                 actors.get(id).map(|a| a.verifying_key.clone())
@@ -142,9 +129,7 @@ impl Broker {
         } else {
             self.actor(&actor_id)
                 .map(|a| a.role)
-                .ok_or(ServiceError::Unauthenticated(
-                    pre_kms::request_auth::AuthError::UnknownActor,
-                ))?
+                .ok_or(ServiceError::Unauthenticated(AuthError::UnknownActor))?
         };
         if !roles.contains(&role) {
             let allowed = roles
@@ -211,22 +196,5 @@ impl Broker {
             .collect();
         actors.sort_by(|a, b| (a.role.as_str(), &a.name).cmp(&(b.role.as_str(), &b.name)));
         actors
-    }
-
-    /// Counts of stored rows, for `broker status` and tests.
-    pub fn stats(&self) -> ServiceResult<HashMap<&'static str, i64>> {
-        let db = self.db();
-        let mut out = HashMap::new();
-        for t in [
-            "patients",
-            "envelopes",
-            "index_event",
-            "studies",
-            "grants",
-            "releases",
-        ] {
-            out.insert(t, db.count(t)?);
-        }
-        Ok(out)
     }
 }

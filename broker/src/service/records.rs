@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use cohort_query::PatientIndex;
-use pre_kms::keys::{pseudonym, public_key_from_bytes, verify_signature};
+use model::PatientIndex;
+use pre_kms::keys::{pseudonym, public_key_from_bytes};
 use pre_kms::{Category, envelope};
 use rayon::prelude::*;
 
@@ -11,86 +11,24 @@ use audit_log::{AuditEvent, EventKind};
 
 use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::{Caller, Role};
 use crate::storage::db::{NewEnvelope, PatientRow, Receipt};
+use model::{Caller, Enrollment, Role};
 
+/// One envelope of an upload.
 #[derive(Debug, Clone)]
-pub struct Enrollment {
+pub struct UploadedEnvelope {
     pub pseudonym: String,
-    pub verifying_key: Vec<u8>,
-    pub category_keys: Vec<(Category, Vec<u8>)>,
-    pub signature: Vec<u8>,
+    pub category: Category,
+    /// The sealed envelope (framing checked here, capsule parsed by the proxies).
+    pub sealed: Vec<u8>,
+    /// The custodian's keyed hash of the plaintext: an unchanged re-upload stores nothing.
+    pub content_tag: Vec<u8>,
 }
 
-/// What a patient signs to enroll: the pseudonym, the verifying key and every
-/// category key, in the order given.
-pub fn enrollment_digest(
-    pseudonym: &str,
-    verifying_key: &[u8],
-    category_keys: &[(Category, Vec<u8>)],
-) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("broker enrollment v1");
-    h.update(pseudonym.as_bytes());
-    h.update(&[0]);
-    h.update(verifying_key);
-    for (c, k) in category_keys {
-        h.update(c.label().as_bytes());
-        h.update(&[0]);
-        h.update(k);
-    }
-    *h.finalize().as_bytes()
-}
-
-impl Enrollment {
-    fn check_signature(&self) -> Result<(), &'static str> {
-        let vk = public_key_from_bytes(&self.verifying_key)
-            .map_err(|_| "verifying_key is not a public key")?;
-        let digest = enrollment_digest(&self.pseudonym, &self.verifying_key, &self.category_keys);
-        if verify_signature(&vk, &digest, &self.signature) {
-            Ok(())
-        } else {
-            Err("the patient's enrollment signature does not verify")
-        }
-    }
-
-    /// Builds and signs the enrollment of a patient identity.
-    pub fn of(patient: &pre_kms::Identity) -> Enrollment {
-        let keys: Vec<_> = Category::ALL
-            .iter()
-            .map(|c| (*c, patient.category_public_key(*c)))
-            .collect();
-        Self::with_keys(patient, &keys)
-    }
-
-    /// The same, with the category public keys already derived.
-    pub fn with_keys(
-        patient: &pre_kms::Identity,
-        keys: &[(Category, umbral_pre::PublicKey)],
-    ) -> Enrollment {
-        let verifying_key = pre_kms::keys::public_key_bytes(&patient.verifying_key());
-        let category_keys: Vec<_> = keys
-            .iter()
-            .map(|(c, k)| (*c, pre_kms::keys::public_key_bytes(k)))
-            .collect();
-        let pseudonym = patient.pseudonym();
-        let signature = patient.sign(&enrollment_digest(
-            &pseudonym,
-            &verifying_key,
-            &category_keys,
-        ));
-        Enrollment {
-            pseudonym,
-            verifying_key,
-            category_keys,
-            signature,
-        }
-    }
-}
-
+/// What one `Records.Upload` call stores: envelopes and index rows, by pseudonym.
 #[derive(Debug, Clone, Default)]
 pub struct Upload {
-    /// (pseudonym, category, envelope bytes, content tag)
-    pub envelopes: Vec<(String, Category, Vec<u8>, Vec<u8>)>,
+    pub envelopes: Vec<UploadedEnvelope>,
     pub index: Vec<(String, PatientIndex)>,
 }
 
@@ -183,8 +121,7 @@ impl Broker {
                 "the {missing} key is missing"
             )));
         }
-        e.check_signature()
-            .map_err(|m| ServiceError::InvalidArgument(m.into()))?;
+        pre_kms::enrollment::check(&e).map_err(|m| ServiceError::InvalidArgument(m.into()))?;
         if caller.role == Role::Patient && caller.actor_id != pre_kms::keys::actor_id(&vk) {
             return Err(ServiceError::PermissionDenied(
                 "a patient may enroll only their own key".into(),
@@ -234,11 +171,11 @@ impl Broker {
             upload
                 .envelopes
                 .iter()
-                .map(|e| &e.0)
+                .map(|e| &e.pseudonym)
                 .chain(upload.index.iter().map(|i| &i.0)),
         )?;
-        for (i, (_, _, bytes, tag)) in upload.envelopes.iter().enumerate() {
-            if tag.len() != 32 {
+        for (i, e) in upload.envelopes.iter().enumerate() {
+            if e.content_tag.len() != 32 {
                 return Err(ServiceError::InvalidArgument(format!(
                     "envelope {i}: content_tag must be 32 bytes"
                 )));
@@ -246,7 +183,7 @@ impl Broker {
             // The framing only: umbral re-verifies a capsule whenever it is deserialized,
             // which costs most of an encryption. The proxies parse it at re-encryption
             // (a bad capsule withholds only its own envelope) and the researcher again.
-            envelope::split_capsule(bytes)
+            envelope::split_capsule(&e.sealed)
                 .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
         // A re-upload of unchanged content writes no blob (encryption is randomized, so
@@ -257,25 +194,28 @@ impl Broker {
         let unchanged = upload
             .envelopes
             .iter()
-            .map(|(p, c, _, tag)| Ok(db.latest_tag(p, *c)?.as_deref() == Some(tag.as_slice())))
+            .map(|e| {
+                let latest = db.latest_tag(&e.pseudonym, e.category)?;
+                Ok(latest.as_deref() == Some(e.content_tag.as_slice()))
+            })
             .collect::<ServiceResult<Vec<bool>>>()?;
         let fresh: Vec<&[u8]> = upload
             .envelopes
             .iter()
             .zip(&unchanged)
             .filter(|(_, same)| !**same)
-            .map(|((_, _, bytes, _), _)| bytes.as_slice())
+            .map(|(e, _)| e.sealed.as_slice())
             .collect();
         let mut written = self.blobs.put_all(&fresh)?.into_iter();
         let rows: Vec<NewEnvelope> = upload
             .envelopes
             .iter()
             .zip(unchanged)
-            .map(|((p, c, _, tag), same)| NewEnvelope {
-                pseudonym: p.clone(),
-                category: *c,
+            .map(|(e, same)| NewEnvelope {
+                pseudonym: e.pseudonym.clone(),
+                category: e.category,
                 at: if same { None } else { written.next() },
-                content_tag: tag.clone(),
+                content_tag: e.content_tag.clone(),
             })
             .collect();
         let receipts = db.store_upload(&rows, &upload.index, now_secs())?;

@@ -2,10 +2,9 @@
 //! researcher requests it; then streamed in batches, each batch re-encrypted by the
 //! proxies, every capsule fragment verified before it is passed on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use broker_proto::v1 as pb;
 use pre_kms::keys::public_key_from_bytes;
 use pre_kms::reencrypt::{CfragContext, verify_cfrag};
 use pre_kms::{Category, envelope};
@@ -16,15 +15,15 @@ use umbral_pre::{Capsule, PublicKey};
 
 use audit_log::EventKind;
 use audit_log::event::Digest32;
-use consent_policy::SearchField;
 
 use super::{Broker, content_hash, now_secs};
-use crate::consent::{decide, exposed_index, history};
 use crate::error::{ServiceError, ServiceResult};
-use crate::proxy_pool::ReleaseEvidence;
-use crate::role::Caller;
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
-use crate::study::{Study, purpose_label};
+use consent_policy::{history, release_scope};
+use model::Caller;
+use model::{Study, purpose_label};
+use pre_kms::logged_release::LoggedRelease;
+use proxy::ReencryptRequest;
 
 /// Envelopes per proxy round trip.
 pub const BATCH: usize = 128;
@@ -97,30 +96,19 @@ impl Broker {
                 // and which of their searchable fields the cohort may look at.
                 let versions = db.consents(&grant.pseudonym)?;
                 let history = history(&versions).map_err(ServiceError::internal)?;
-                let decision = decide(&history, &study, now);
-                let Some(access) = decision.permit() else {
+                let Some(scope) = release_scope(&history, &study, db.index(&grant.pseudonym)?, now)
+                else {
                     continue;
                 };
-                let fields: BTreeSet<SearchField> = access
-                    .fields()
-                    .intersection(&study.proposal.fields)
-                    .copied()
-                    .collect();
-                let index = exposed_index(db.index(&grant.pseudonym)?, &fields);
-                if !study.proposal.cohort.matches(&index) {
-                    continue;
-                }
                 let categories: Vec<Category> = grant
                     .categories
                     .iter()
                     .copied()
-                    .filter(|c| {
-                        study.proposal.categories.contains(c) && access.categories().contains(c)
-                    })
+                    .filter(|c| scope.categories.contains(c))
                     .collect();
                 let envelopes = db.latest_envelopes(&grant.pseudonym, &categories)?;
                 if !envelopes.is_empty() {
-                    selected.push((grant, envelopes, access.policy_hash()));
+                    selected.push((grant, envelopes, scope.policy_hash));
                 }
             }
             let pseudonyms: Vec<&str> = selected
@@ -283,12 +271,12 @@ impl Broker {
             } else {
                 vec![(round + t + attempt - 1) % n]
             };
-            let items: Vec<pb::ReencryptItem> = wanted
+            let items: Vec<ReencryptRequest> = wanted
                 .iter()
-                .map(|&i| pb::ReencryptItem {
+                .map(|&i| ReencryptRequest {
                     study_id: study.study_id.clone(),
                     pseudonym: loaded[i].row.pseudonym.clone(),
-                    category: loaded[i].row.category.label().to_owned(),
+                    category: loaded[i].row.category,
                     capsule: loaded[i].capsule.clone(),
                 })
                 .collect();
@@ -396,7 +384,7 @@ impl Broker {
         &self,
         release_id: &str,
         page: &[ReleaseItemRow],
-    ) -> ServiceResult<ReleaseEvidence> {
+    ) -> ServiceResult<LoggedRelease> {
         let mut pseudonyms: Vec<&str> = page.iter().map(|r| r.pseudonym.as_str()).collect();
         pseudonyms.sort_unstable();
         pseudonyms.dedup();
@@ -408,17 +396,10 @@ impl Broker {
         leaves.sort_unstable();
         let checkpoint = self.checkpoint()?;
         let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
-        Ok(ReleaseEvidence {
+        Ok(LoggedRelease {
             release_id: release_id.to_owned(),
             checkpoint: checkpoint.to_note().map_err(ServiceError::internal)?,
-            events: events
-                .into_iter()
-                .map(|e| pb::LoggedEvent {
-                    index: e.index,
-                    leaf: e.leaf,
-                    path: e.path.iter().map(|h| h.to_vec()).collect(),
-                })
-                .collect(),
+            events,
         })
     }
 

@@ -5,8 +5,8 @@ use pre_kms::keys::{public_key_from_bytes, verify_signature};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::role::{Caller, Role};
-use crate::study::{Study, StudyProposal, StudyStatus, decision_digest, purpose_label, study_id};
+use model::{Caller, Role};
+use model::{Study, StudyProposal, StudyStatus, decision_digest, purpose_label};
 
 impl Broker {
     pub fn propose_study(&self, caller: &Caller, proposal: StudyProposal) -> ServiceResult<Study> {
@@ -36,7 +36,7 @@ impl Broker {
                 ));
             }
         }
-        let cohort_needs = crate::consent::cohort_fields(&proposal.cohort);
+        let cohort_needs = consent_policy::cohort_fields(&proposal.cohort);
         if let Some(missing) = cohort_needs.difference(&proposal.fields).next() {
             return Err(ServiceError::InvalidArgument(format!(
                 "the cohort searches {missing}, which the study does not request as a searchable field"
@@ -137,4 +137,18 @@ impl Broker {
             .collect();
         e
     }
+}
+/// A fresh study id: a hash of the sponsor, the proposal and a random nonce, so that
+/// the same proposal made twice is two studies.
+fn study_id(proposal: &StudyProposal, sponsor_id: &str, proposed_at: i64) -> String {
+    let json = serde_json::to_vec(proposal).expect("proposal serializes");
+    let mut nonce = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let mut h = blake3::Hasher::new_derive_key("broker study id v1");
+    h.update(sponsor_id.as_bytes());
+    h.update(&[0]);
+    h.update(&proposed_at.to_be_bytes());
+    h.update(&nonce);
+    h.update(&json);
+    format!("st-{}", &h.finalize().to_hex()[..16])
 }

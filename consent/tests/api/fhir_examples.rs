@@ -12,7 +12,7 @@ use consent_policy::{
     AccessRequest, Actor, BreakGlass, DecidedBy, Effect, ImportedConsent, Period, Provision,
     ProvisionPath, Refusal, Requester, ResearchPurpose, StudyFocus, evaluate, from_fhir_consent,
 };
-use pre_kms::Category;
+use model::Category;
 
 const EXAMPLES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

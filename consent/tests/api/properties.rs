@@ -7,7 +7,7 @@ use consent_policy::{
     Effect, Modifier, Period, PolicyDraft, PolicyHistory, Primary, Provision, ProvisionPath,
     Requester, ResearchPurpose, SearchField, Sector, StudyFocus, evaluate,
 };
-use pre_kms::Category;
+use model::Category;
 use proptest::prelude::*;
 
 const NOW: i64 = 1_800_000_000;

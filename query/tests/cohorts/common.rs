@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cohort_query::{
     Code, CodedEvent, CohortDefinition, ConceptHierarchy, ConsentSnapshot, Criterion, Date,
     Demographics, Domain, EventCriterion, Index, IndexBuilder, IndexTables, Occurrence,
-    PatientIndex, Person, SearchableField, Window,
+    PatientIndex, Person, SearchField, Window,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -100,7 +100,7 @@ pub fn consent(seed: u64, n: usize, p: f64) -> ConsentSnapshot {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC0);
     ConsentSnapshot::from_grants((0..n as i64).map(|id| {
         let none = rng.gen_bool(0.1);
-        let fields: Vec<SearchableField> = SearchableField::ALL
+        let fields: Vec<SearchField> = SearchField::ALL
             .into_iter()
             .filter(|_| !none && rng.gen_bool(p))
             .collect();
@@ -243,10 +243,7 @@ fn day(s: &str) -> i32 {
 
 impl Reference<'_> {
     fn rows<'p>(&self, pt: &Patient<'p>, domain: Domain) -> &'p [CodedEvent] {
-        if !self
-            .consent
-            .allows(pt.id, SearchableField::of_domain(domain))
-        {
+        if !self.consent.allows(pt.id, SearchField::of_domain(domain)) {
             return &[];
         }
         match domain {
@@ -303,9 +300,9 @@ impl Reference<'_> {
     fn demographics(&self, pt: &Patient<'_>, d: &Demographics, index_year: Option<i32>) -> bool {
         let sex = self
             .consent
-            .allows(pt.id, SearchableField::Sex)
+            .allows(pt.id, SearchField::Sex)
             .then_some(pt.p.person.sex.as_str());
-        let year = if self.consent.allows(pt.id, SearchableField::BirthYear) {
+        let year = if self.consent.allows(pt.id, SearchField::BirthYear) {
             pt.p.person.birth_year
         } else {
             None

@@ -1,7 +1,7 @@
 //! The consent filter: non-consented fields never change a count, patients without consent
 //! are invisible, and `EXPLAIN` shows the filter on every scan.
 
-use cohort_query::{CohortEngine, ConsentSnapshot, PatientIndex, SearchableField};
+use cohort_query::{CohortEngine, ConsentSnapshot, PatientIndex, SearchField};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,26 +22,26 @@ fn flip_unconsented(
         .map(|((id, p), (_, other))| {
             let mut p = p.clone();
             let allows = |f| consent.allows(*id, f);
-            if !allows(SearchableField::BirthYear) {
+            if !allows(SearchField::BirthYear) {
                 p.person.birth_year = if rng.gen_bool(0.2) {
                     None
                 } else {
                     Some(rng.gen_range(1900..2020))
                 };
             }
-            if !allows(SearchableField::Sex) {
+            if !allows(SearchField::Sex) {
                 p.person.sex = ["female", "male", "other", "unknown"][rng.gen_range(0..4)].into();
             }
-            if !allows(SearchableField::Condition) {
+            if !allows(SearchField::Condition) {
                 p.conditions = other.conditions;
             }
-            if !allows(SearchableField::Measurement) {
+            if !allows(SearchField::Measurement) {
                 p.measurements = other.measurements;
             }
-            if !allows(SearchableField::Drug) {
+            if !allows(SearchField::Drug) {
                 p.drugs = other.drugs;
             }
-            if !allows(SearchableField::Procedure) {
+            if !allows(SearchField::Procedure) {
                 p.procedures = other.procedures;
             }
             (*id, p)
@@ -83,7 +83,7 @@ fn consented_fields_do_change_counts() {
     let everything = ConsentSnapshot::everything(0..n as i64).unwrap();
     let flipped = flip_unconsented(
         &patients,
-        &ConsentSnapshot::from_grants(Vec::<(i64, Vec<SearchableField>)>::new()).unwrap(),
+        &ConsentSnapshot::from_grants(Vec::<(i64, Vec<SearchField>)>::new()).unwrap(),
         77,
     );
     let hierarchy = common::hierarchy();
@@ -104,10 +104,9 @@ fn patients_without_consent_are_invisible() {
     let n = 50;
     let patients = common::population(11, n);
     let engine = CohortEngine::from_index(common::tables(&patients), common::hierarchy());
-    let nobody = ConsentSnapshot::from_grants(Vec::<(i64, Vec<SearchableField>)>::new()).unwrap();
+    let nobody = ConsentSnapshot::from_grants(Vec::<(i64, Vec<SearchField>)>::new()).unwrap();
     let only_sex =
-        ConsentSnapshot::from_grants((0..n as i64).map(|id| (id, vec![SearchableField::Sex])))
-            .unwrap();
+        ConsentSnapshot::from_grants((0..n as i64).map(|id| (id, vec![SearchField::Sex]))).unwrap();
     for (name, json) in common::definitions() {
         let d = def(json);
         let r = engine.count_blocking(&d, &nobody).unwrap();

@@ -4,7 +4,7 @@
 
 use cohort_query::{
     Access, CodedEvent, CohortEngine, ConceptHierarchy, ConsentSnapshot, EngineOptions,
-    IndexBuilder, PatientIndex, Person, SearchableField,
+    IndexBuilder, PatientIndex, Person, SearchField,
 };
 
 use crate::common::{self, Reference, def};
@@ -103,9 +103,9 @@ fn small() -> (CohortEngine, ConsentSnapshot) {
         b.add(id as i64, p).unwrap();
     }
     let consent = ConsentSnapshot::from_grants((0..8i64).map(|id| match id {
-        4 => (id, vec![SearchableField::Sex]),
+        4 => (id, vec![SearchField::Sex]),
         5 => (id, vec![]),
-        _ => (id, SearchableField::ALL.to_vec()),
+        _ => (id, SearchField::ALL.to_vec()),
     }))
     .unwrap();
     (

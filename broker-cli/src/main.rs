@@ -1,0 +1,213 @@
+//! `broker`: serve the broker, run a standalone proxy node, or run the demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use broker::server::{self, ServeConfig, load_or_create_identity};
+use broker_cli::demo::{self, DemoConfig};
+use clap::{Parser, Subcommand};
+use pre_kms::PublicIdentity;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "broker",
+    version,
+    about = "Proxy re-encryption research data broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the broker on a data directory, with its proxies.
+    Serve {
+        #[arg(long, default_value = "broker-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Operator public key file (`brokerctl keygen --role operator`); needed on first start.
+        #[arg(long)]
+        operator: Option<PathBuf>,
+        /// Proxy nodes to run in this process, each on its own loopback port.
+        #[arg(long, default_value_t = 3)]
+        proxies: usize,
+        /// External proxy nodes instead (`http://host:port`, in order; repeat the flag).
+        #[arg(long = "proxy-url")]
+        proxy_urls: Vec<String>,
+        /// Proxies needed to re-encrypt (t of n).
+        #[arg(long, default_value_t = 2)]
+        threshold: usize,
+    },
+    /// Create a data directory and the broker's identity (DATA_DIR/broker.key, and
+    /// DATA_DIR/broker.pub for the proxy nodes); `serve` also does this on first start.
+    Init {
+        #[arg(long, default_value = "broker-data")]
+        data_dir: PathBuf,
+    },
+    /// Check the access log of a stopped broker on disk: checkpoint signatures, and every
+    /// record against every checkpoint.
+    LogVerify {
+        #[arg(long, default_value = "broker-data")]
+        data_dir: PathBuf,
+    },
+    /// Run one proxy node (for a broker started with --proxy-url).
+    Proxy {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// The broker's public key file (DATA_DIR/broker.pub, written by `broker serve`).
+        #[arg(long)]
+        broker_key: PathBuf,
+        /// This node's position in the broker's --proxy-url list, from 0.
+        #[arg(long)]
+        index: u32,
+    },
+    /// Walk the whole flow on the embedded default and check every decrypted record.
+    Demo {
+        #[arg(long, default_value_t = 1000)]
+        patients: usize,
+        /// A new or empty directory (default: a new temporary directory, kept afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Patients per upload and grant batch.
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+    },
+}
+
+/// Makes the data directory and the broker's identity if missing; writes broker.pub.
+fn init(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let identity = load_or_create_identity(&data_dir.join("broker.key"), "broker")?;
+    let public_path = data_dir.join("broker.pub");
+    identity.public("broker").write_file(&public_path)?;
+    Ok(public_path)
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("shutting down");
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    // Colour only on a terminal: operators' log files and pipes get plain text.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,broker=info,broker_cli=info,proxy=info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve {
+            data_dir,
+            listen,
+            operator,
+            proxies,
+            proxy_urls,
+            threshold,
+        } => {
+            let mut config = ServeConfig::new(&data_dir);
+            config.embedded_proxies = proxies;
+            config.proxy_urls = proxy_urls;
+            config.threshold = threshold;
+            config.operator = operator
+                .map(|p| PublicIdentity::read_file(&p))
+                .transpose()?;
+            let public_path = init(&data_dir)?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let running = server::start(listener, config, shutdown_signal()).await?;
+            eprintln!(
+                "broker listening on {} (data {}, broker key {})",
+                running.url(),
+                data_dir.display(),
+                public_path.display()
+            );
+            running.wait().await?;
+        }
+        Command::Init { data_dir } => {
+            let public = init(&data_dir)?;
+            println!(
+                "broker identity ready; give {} to the proxy nodes (--broker-key)",
+                public.display()
+            );
+        }
+        Command::LogVerify { data_dir } => {
+            let report = server::check_access_log(&data_dir)
+                .map_err(|e| anyhow::anyhow!("the access log does NOT verify: {e}"))?;
+            println!(
+                "access log verified: {} events, {} checkpoints signed by this broker and matched{}",
+                report.leaves,
+                report.checked_sizes.len(),
+                report
+                    .torn_tail
+                    .map(|t| format!(
+                        "; a torn final write of {} bytes is not part of the log",
+                        t.discarded_bytes
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        Command::Proxy {
+            dir,
+            listen,
+            broker_key,
+            index,
+        } => {
+            let broker = PublicIdentity::read_file(&broker_key)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
+            let node = Arc::new(proxy::ProxyNode::open(&dir, identity, index)?);
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!(
+                "proxy {index} listening on http://{}",
+                listener.local_addr()?
+            );
+            proxy::serve(listener, node, broker.verifying_key, shutdown_signal()).await?;
+        }
+        Command::Demo {
+            patients,
+            data_dir,
+            seed,
+            batch,
+        } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => std::env::temp_dir().join(format!("broker-demo-{}", std::process::id())),
+            };
+            let summary = demo::run(DemoConfig {
+                data_dir,
+                patients,
+                seed,
+                batch: batch.max(1),
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            })
+            .await?;
+            println!("{summary}");
+            anyhow::ensure!(summary.verified(), "the demo's check failed");
+        }
+    }
+    Ok(())
+}

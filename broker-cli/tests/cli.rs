@@ -1,0 +1,822 @@
+//! The whole flow as a user runs it: `broker serve` as a process, every role through
+//! `brokerctl`, on the Synthea FHIR bundles in ../shared/data. Also: a re-import is
+//! idempotent, the data directory holds no identifier, a killed server restarts with
+//! nothing lost, and bad input and wrong roles get clear errors. And an OMOP CDM import
+//! (OHDSI Eunomia) whose counts, through the broker, equal plain SQL over its tables.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[path = "../../tests/src/scan.rs"]
+mod scan;
+
+const BROKER: &str = env!("CARGO_BIN_EXE_broker");
+/// `brokerctl` is the client crate's binary, built beside this one by
+/// `cargo test --workspace`.
+fn brokerctl() -> PathBuf {
+    let path =
+        Path::new(BROKER).with_file_name(format!("brokerctl{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build brokerctl first)",
+        path.display()
+    );
+    path
+}
+
+fn eunomia() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/omop-eunomia-gibleed")
+}
+
+fn synthea() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/synthea-ma-11/fhir")
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    /// Everything the server logged.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `broker serve` on a free loopback port and waits until it says where it listens.
+fn serve(data: &Path, operator_pub: &Path) -> Server {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend([
+        "--data-dir".into(),
+        data.into(),
+        "--operator".into(),
+        operator_pub.into(),
+    ]);
+    spawn(&args, "broker listening on ")
+}
+
+/// Runs `broker ARGS` and waits until it prints `announce` followed by its address.
+fn spawn(args: &[std::ffi::OsString], announce: &str) -> Server {
+    let announce = announce.to_owned();
+    let mut child = Command::new(BROKER)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("broker starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(announce.as_str()) {
+                let address = rest.split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(address.to_owned());
+            }
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("`broker {args:?}` announces its address"));
+    Server { child, url, log }
+}
+
+struct Ctl<'a> {
+    url: &'a str,
+    /// Everything brokerctl wrote to stderr (errors, warnings).
+    errors: std::cell::RefCell<String>,
+}
+
+impl<'a> Ctl<'a> {
+    fn new(url: &'a str) -> Self {
+        Ctl {
+            url,
+            errors: Default::default(),
+        }
+    }
+
+    fn run(&self, key: &Path, args: &[&str]) -> std::process::Output {
+        let out = Command::new(brokerctl())
+            .args(args)
+            .args(["--broker", self.url, "--key"])
+            .arg(key)
+            .output()
+            .expect("brokerctl runs");
+        self.errors
+            .borrow_mut()
+            .push_str(&String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    fn ok(&self, key: &Path, args: &[&str]) -> String {
+        let out = self.run(key, args);
+        assert!(
+            out.status.success(),
+            "brokerctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, key: &Path, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(key, &a)).expect("json output")
+    }
+
+    /// `researcher fetch` of a study into `out`; its JSON summary.
+    fn fetch(&self, researcher: &Path, study_id: &str, out: &Path) -> serde_json::Value {
+        let out = out.to_str().unwrap();
+        self.json(
+            researcher,
+            &["researcher", "fetch", "--study", study_id, "--out", out],
+        )
+    }
+
+    /// `sponsor study propose` for `researcher`, with `extra` options; the study id.
+    fn propose(
+        &self,
+        sponsor: &Path,
+        title: &str,
+        categories: &str,
+        researcher: &Path,
+        extra: &[&str],
+    ) -> String {
+        let researcher = public(researcher);
+        let mut args = vec![
+            "sponsor",
+            "study",
+            "propose",
+            "--title",
+            title,
+            "--categories",
+            categories,
+            "--researcher-key",
+            &researcher,
+        ];
+        args.extend(extra);
+        let study = self.json(sponsor, &args);
+        study["study_id"].as_str().unwrap().to_owned()
+    }
+
+    fn fails(&self, key: &Path, args: &[&str]) -> String {
+        let out = self.run(key, args);
+        assert!(!out.status.success(), "brokerctl {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+fn keygen(dir: &Path, role: &str) -> PathBuf {
+    let key = dir.join(format!("{role}.key"));
+    let out = Command::new(brokerctl())
+        .args(["keygen", "--role", role, "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    key
+}
+
+/// The operator registers each key file under the role it was made for (its file stem).
+fn register(ctl: &Ctl<'_>, operator: &Path, keys: [&PathBuf; 4]) {
+    for key in keys {
+        let role = key.file_stem().unwrap().to_str().unwrap();
+        ctl.ok(
+            operator,
+            &[
+                "operator",
+                "register",
+                "--public-key",
+                &public(key),
+                "--role",
+                role,
+                "--name",
+                role,
+            ],
+        );
+    }
+}
+
+fn public(key: &Path) -> String {
+    format!("{}.pub", key.display())
+}
+
+fn fetched_hashes(out: &Path) -> BTreeSet<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(out.join(f["file"].as_str().unwrap())).unwrap();
+            let bundle: serde_json::Value =
+                serde_json::from_slice(&bytes).expect("decrypted records are JSON");
+            assert_eq!(bundle["resourceType"], "Bundle");
+            blake3::hash(&bytes).to_hex().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn every_role_through_brokerctl_on_synthea_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let operator = keygen(d, "operator");
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    let keystore = d.join("custodian-keystore.db");
+    let keystore = keystore.to_str().unwrap();
+
+    let server = serve(&data, Path::new(&public(&operator)));
+    let ctl = Ctl::new(&server.url);
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    let who = ctl.json(&researcher, &["whoami"]);
+    assert_eq!(who["name"], "researcher");
+
+    // Import as the custodian; a second import stores nothing new.
+    let src = synthea();
+    let src = src.to_str().unwrap();
+    let first = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    assert_eq!(first["patients"], 10, "{first}");
+    assert_eq!(first["errors"], 0, "{first}");
+    assert!(first["envelopes_stored"].as_u64().unwrap() >= 40, "{first}");
+    let second = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    assert_eq!(
+        second["envelopes_stored"], 0,
+        "re-import is idempotent: {second}"
+    );
+    assert_eq!(second["envelopes_unchanged"], first["envelopes_stored"]);
+    assert_eq!(second["new_keys"], 0);
+
+    // Study: proposed, approved, granted, fetched and decrypted.
+    let categories = "demographics,conditions,observations,medications";
+    let study_id = ctl.propose(&sponsor, "Synthea cohort", categories, &researcher, &[]);
+    let denied = ctl.fails(&sponsor, &["board", "study", "approve", &study_id]);
+    assert!(denied.contains("permission denied"), "{denied}");
+    ctl.ok(
+        &board,
+        &["board", "study", "approve", &study_id, "--reason", "IRB-42"],
+    );
+    let listed = ctl.json(&board, &["board", "study", "list"]);
+    assert_eq!(listed[0]["status"], "approved");
+    // Without consent, nothing is granted; with the broad preset, every patient grants.
+    let none = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(none["grants"], 0, "{none}");
+    assert_eq!(none["not_permitted"], 10, "{none}");
+    let consents = ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    assert_eq!(consents["consents"], 10, "{consents}");
+    let granted = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(granted["grants"], 10);
+    // Without --study: every approved study in its period (re-granting supersedes).
+    let synced = ctl.json(&custodian, &["custodian", "grant", "--keystore", keystore]);
+    assert_eq!(synced[0]["study"], study_id.as_str(), "{synced}");
+    assert_eq!(synced[0]["grants"], 10, "{synced}");
+    let out = d.join("release");
+    let fetched = ctl.fetch(&researcher, &study_id, &out);
+    assert_eq!(fetched["subjects"], 10, "{fetched}");
+
+    // What was decrypted is exactly the research copy the importer made.
+    let report = datasets::import_path(&synthea(), &datasets::DeidConfig::default());
+    let want: BTreeSet<String> = report
+        .patients
+        .iter()
+        .flat_map(|p| p.categories.iter())
+        .filter(|(c, _)| categories.split(',').any(|x| x == c.label()))
+        .map(|(_, bytes)| blake3::hash(bytes).to_hex().to_string())
+        .collect();
+    let got = fetched_hashes(&out);
+    assert_eq!(got, want);
+
+    // No name, street address or identifier anywhere in the broker's data directory.
+    let needles: Vec<String> = report
+        .patients
+        .iter()
+        .flat_map(|p| p.identifiers.clone())
+        .filter(|s| s.len() >= 4)
+        .collect();
+    assert!(
+        needles.len() >= 30,
+        "identifiers to look for: {}",
+        needles.len()
+    );
+    let hits = scan::scan_for(&data, &needles);
+    assert!(hits.is_empty(), "found in the data directory: {hits:?}");
+
+    // The access log: the board verifies it and reads it; a patient whose keys the
+    // custodian keeps sees their own accesses and is alerted to the release.
+    let verified = ctl.json(&board, &["board", "log", "verify", "--cosign"]);
+    let size_before_crash = verified["size"].as_u64().unwrap();
+    assert_eq!(
+        verified["leaves_recomputed"], verified["size"],
+        "{verified}"
+    );
+    assert_eq!(verified["cosignatures"], 2, "{verified}");
+    let releases = ctl.json(
+        &board,
+        &[
+            "board", "log", "show", "--kind", "release", "--study", &study_id,
+        ],
+    );
+    assert_eq!(releases.as_array().unwrap().len(), 10, "{releases}");
+    let fhir = d.join("audit.ndjson");
+    ctl.ok(
+        &board,
+        &[
+            "board",
+            "log",
+            "export",
+            "--format",
+            "fhir",
+            "--out",
+            fhir.to_str().unwrap(),
+        ],
+    );
+    let exported = std::fs::read_to_string(&fhir).unwrap();
+    // 10 enrolments, 10 uploads (the re-import changed nothing), the proposal, the
+    // sponsor's refused approval, the approval, 10 consents, 2 x 10 grants, 10 releases,
+    // 1 fetch.
+    assert_eq!(exported.lines().count(), 64, "{exported}");
+    assert!(
+        exported
+            .lines()
+            .all(|l| l.contains("\"resourceType\":\"AuditEvent\""))
+    );
+    let someone = report.patients[0].source_id.clone();
+    let as_patient = ["--keystore", keystore, "--patient", someone.as_str()];
+    let mine = ctl.json(
+        &custodian,
+        &[&["patient", "accesses"][..], &as_patient].concat(),
+    );
+    let kinds: BTreeSet<String> = mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(
+            ["enroll", "upload", "consent_set", "grant_issued", "release"].map(String::from)
+        ),
+        "{mine}"
+    );
+    let alerts_cmd = [&["patient", "alerts"][..], &as_patient].concat();
+    let alerts = ctl.json(&custodian, &[&alerts_cmd[..], &["--ack"]].concat());
+    assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
+    let alerts = ctl.json(&custodian, &alerts_cmd);
+    assert_eq!(
+        alerts.as_array().unwrap().len(),
+        0,
+        "read once acknowledged"
+    );
+
+    // Crash (SIGKILL) and restart on the same data directory: the release still works.
+    let first_log = server.log.lock().unwrap().clone();
+    let first_errors = ctl.errors.borrow().clone();
+    drop(server);
+    let server = serve(&data, Path::new(&public(&operator)));
+    let ctl = Ctl::new(&server.url);
+    let out2 = d.join("release-after-restart");
+    let again = ctl.fetch(&researcher, &study_id, &out2);
+    assert_eq!(again["subjects"], 10);
+    assert_eq!(fetched_hashes(&out2), want);
+    // A patient revokes: their grant is withdrawn and the next release leaves them out.
+    let shown = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "show"][..], &as_patient].concat(),
+    );
+    assert_eq!(shown["version"], 1, "{shown}");
+    let revoked = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "revoke"][..], &as_patient].concat(),
+    );
+    assert_eq!(revoked["version"], 2, "{revoked}");
+    assert_eq!(revoked["grants_withdrawn"], 1, "{revoked}");
+    let history = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "history"][..], &as_patient].concat(),
+    );
+    assert_eq!(history.as_array().unwrap().len(), 2, "{history}");
+    let out3 = d.join("release-after-revocation");
+    let after = ctl.fetch(&researcher, &study_id, &out3);
+    assert_eq!(after["subjects"], 9, "{after}");
+    // A FHIR Consent that opts out maps onto a policy that shares nothing.
+    let out_fhir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/fhir-r4-examples/Consent-consent-example-Out.json");
+    let other = report.patients[1].source_id.clone();
+    let opted_out = ctl.json(
+        &custodian,
+        &[
+            "patient",
+            "consent",
+            "set",
+            "--fhir",
+            out_fhir.to_str().unwrap(),
+            "--keystore",
+            keystore,
+            "--patient",
+            &other,
+        ],
+    );
+    assert_eq!(opted_out["grants_withdrawn"], 1, "{opted_out}");
+    let bad = d.join("bad-policy.json");
+    std::fs::write(
+        &bad,
+        r#"{"provisions": [{"effect": "permit", "data_use": ["XYZ"]}]}"#,
+    )
+    .unwrap();
+    let err = ctl.fails(
+        &custodian,
+        &[
+            "patient",
+            "consent",
+            "set",
+            bad.to_str().unwrap(),
+            "--keystore",
+            keystore,
+            "--patient",
+            &other,
+        ],
+    );
+    assert!(err.contains("XYZ"), "{err}");
+
+    // The log survived the crash and still extends what the board saw before it.
+    let verified = ctl.json(&board, &["board", "log", "verify"]);
+    assert_eq!(verified["previous_size"], size_before_crash, "{verified}");
+    assert!(verified["size"].as_u64().unwrap() > size_before_crash);
+
+    // Bad input gets a clear error.
+    let garbage = d.join("garbage.key");
+    std::fs::write(&garbage, "not a key").unwrap();
+    let err = ctl.fails(&garbage, &["whoami"]);
+    assert!(err.contains("not a pre-kms secret key file"), "{err}");
+    let err = ctl.fails(Path::new(&public(&researcher)), &["whoami"]);
+    assert!(err.contains("public key file"), "{err}");
+    let stranger = keygen(d, "patient");
+    let err = ctl.fails(&stranger, &["whoami"]);
+    assert!(err.contains("not registered"), "{err}");
+    let err = ctl.fails(
+        &researcher,
+        &[
+            "researcher",
+            "fetch",
+            "--study",
+            "st-nope",
+            "--out",
+            d.join("x").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("not found"), "{err}");
+    let missing = d.join("missing");
+    let err = ctl.fails(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            missing.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert!(err.contains("does not exist"), "{err}");
+
+    // Neither the server's debug log nor any error brokerctl printed names a patient.
+    let log = format!("{first_log}{}", server.log.lock().unwrap());
+    assert!(log.contains("release fixed"), "the server log was captured");
+    // A log written to a pipe is plain text: no terminal colour codes.
+    assert!(
+        !log.contains('\u{1b}'),
+        "the server's piped log carries escape codes"
+    );
+    let said = format!("{log}{first_errors}{}", ctl.errors.borrow()).to_lowercase();
+    let leaked: Vec<&String> = needles
+        .iter()
+        .filter(|n| said.contains(&n.to_lowercase()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "identifiers in logs or error messages: {leaked:?}"
+    );
+
+    // Offline, on the stopped broker's directory, the operator's check passes.
+    drop(server);
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["log-verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(said.contains("access log verified"), "{said}");
+}
+
+/// Proxies as separate processes: `broker init` makes the broker's identity, three
+/// `broker proxy` nodes trust it, `broker serve --proxy-url` uses them, and a release
+/// flows through them.
+#[test]
+fn a_release_through_three_proxy_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let out = Command::new(BROKER)
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broker_pub = data.join("broker.pub");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broker.pub"));
+    let proxies: Vec<Server> = (0..3)
+        .map(|i| {
+            let args: Vec<std::ffi::OsString> = vec![
+                "proxy".into(),
+                "--dir".into(),
+                d.join(format!("proxy{i}")).into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--broker-key".into(),
+                broker_pub.clone().into(),
+                "--index".into(),
+                i.to_string().into(),
+            ];
+            spawn(&args, &format!("proxy {i} listening on "))
+        })
+        .collect();
+    let operator = keygen(d, "operator");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend([
+        "--data-dir".into(),
+        data.clone().into(),
+        "--operator".into(),
+        public(&operator).into(),
+    ]);
+    for p in &proxies {
+        args.extend(["--proxy-url".into(), p.url.clone().into()]);
+    }
+    let server = spawn(&args, "broker listening on ");
+    let ctl = Ctl::new(&server.url);
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    let keystore = d.join("keystore.db");
+    let keystore = keystore.to_str().unwrap();
+    let src = synthea();
+    let imported = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(imported["patients"], 10);
+    let study_id = ctl.propose(&sponsor, "External proxies", "conditions", &researcher, &[]);
+    ctl.ok(&board, &["board", "study", "approve", &study_id]);
+    ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    let release = d.join("release");
+    let fetched = ctl.fetch(&researcher, &study_id, &release);
+    assert_eq!(fetched["subjects"], 10, "{fetched}");
+    // The release went through the proxy processes: each holds the kfrags it verified.
+    for (i, p) in proxies.iter().enumerate() {
+        assert!(p.url.starts_with("http://127.0.0.1:"), "{}", p.url);
+        let db = rusqlite::Connection::open(d.join(format!("proxy{i}")).join("proxy.db")).unwrap();
+        let kfrags: i64 = db
+            .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kfrags, 10, "proxy {i} holds one verified kfrag per patient");
+    }
+    drop(server);
+    drop(proxies);
+}
+
+/// One number from plain DataFusion SQL over Eunomia's raw Parquet files.
+fn eunomia_sql(sql: &str) -> i64 {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let ctx = SessionContext::new();
+        for table in ["condition_occurrence", "concept", "concept_ancestor"] {
+            let path = eunomia().join(format!("{table}.parquet"));
+            ctx.register_parquet(table, path.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+        }
+        let batches = ctx
+            .sql(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"))
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        let batch = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
+        let value = cast(batch.column(0), &DataType::Int64).unwrap();
+        value.as_primitive::<Int64Type>().value(0)
+    })
+}
+
+#[test]
+fn omop_import_through_brokerctl_counts_like_plain_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let operator = keygen(d, "operator");
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    let keystore = d.join("keystore.db");
+    let keystore = keystore.to_str().unwrap();
+    let server = serve(&d.join("data"), Path::new(&public(&operator)));
+    let ctl = Ctl::new(&server.url);
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+
+    let src = eunomia();
+    let import = || {
+        ctl.json(
+            &custodian,
+            &[
+                "import",
+                "omop",
+                src.to_str().unwrap(),
+                "--keystore",
+                keystore,
+            ],
+        )
+    };
+    let imported = import();
+    assert_eq!(imported["patients"], 2_694, "{imported}");
+    assert_eq!(
+        imported["rows"]["condition_occurrence"], 65_332,
+        "{imported}"
+    );
+    let relations = imported["concept_relations_held"].as_u64().unwrap();
+    assert!(relations > 0, "{imported}");
+    assert_eq!(imported["concept_relations_added"], relations, "{imported}");
+    // Relations are idempotent: a second upload through a re-import adds none.
+    let again = import();
+    assert_eq!(again["envelopes_stored"], 0, "{again}");
+    assert_eq!(again["concept_relations_added"], 0, "{again}");
+    assert_eq!(again["concept_relations_held"], relations, "{again}");
+    let consents = ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    assert_eq!(consents["consents"], 2_694, "{consents}");
+
+    let study_id = ctl.propose(
+        &sponsor,
+        "GI bleeding",
+        "conditions",
+        &researcher,
+        &["--fields", "condition"],
+    );
+    ctl.ok(
+        &board,
+        &["board", "study", "approve", &study_id, "--reason", "IRB-7"],
+    );
+
+    // The SNOMED condition concept whose descendants (through concept_ancestor) add the
+    // most patients beyond the concept itself: descendant expansion must show.
+    let people = |concepts: &str| {
+        format!(
+            "SELECT COUNT(DISTINCT CAST(co.person_id AS BIGINT)) FROM condition_occurrence co \
+             JOIN concept c ON CAST(c.concept_id AS BIGINT) = CAST(co.condition_concept_id AS BIGINT) \
+             WHERE c.vocabulary_id = 'SNOMED' AND CAST(co.condition_concept_id AS BIGINT) IN ({concepts})"
+        )
+    };
+    let ancestor = eunomia_sql(
+        "SELECT CAST(ca.ancestor_concept_id AS BIGINT) FROM concept_ancestor ca \
+         JOIN condition_occurrence co \
+           ON CAST(co.condition_concept_id AS BIGINT) = CAST(ca.descendant_concept_id AS BIGINT) \
+         JOIN concept c ON CAST(c.concept_id AS BIGINT) = CAST(ca.ancestor_concept_id AS BIGINT) \
+         WHERE c.vocabulary_id = 'SNOMED' \
+           AND CAST(ca.ancestor_concept_id AS BIGINT) <> CAST(ca.descendant_concept_id AS BIGINT) \
+           AND CAST(ca.ancestor_concept_id AS BIGINT) <> CAST(co.condition_concept_id AS BIGINT) \
+         GROUP BY CAST(ca.ancestor_concept_id AS BIGINT) \
+         ORDER BY COUNT(DISTINCT CAST(co.person_id AS BIGINT)) DESC, 1 LIMIT 1",
+    );
+    let code = eunomia_sql(&format!(
+        "SELECT CAST(concept_code AS BIGINT) FROM concept WHERE CAST(concept_id AS BIGINT) = {ancestor}"
+    ));
+    let with_descendants = eunomia_sql(&people(&format!(
+        "SELECT CAST(descendant_concept_id AS BIGINT) FROM concept_ancestor \
+         WHERE CAST(ancestor_concept_id AS BIGINT) = {ancestor} UNION SELECT {ancestor}"
+    )));
+    let alone = eunomia_sql(&people(&ancestor.to_string()));
+    assert!(with_descendants > alone, "{with_descendants} vs {alone}");
+
+    let count = |key: &Path, descendants: bool| {
+        let definition = d.join(format!("cohort-{descendants}.json"));
+        std::fs::write(
+            &definition,
+            format!(
+                r#"{{"criteria": [{{"condition": {{"codes": ["snomed:{code}"], "include_descendants": {descendants}}}}}]}}"#
+            ),
+        )
+        .unwrap();
+        ctl.json(
+            key,
+            &[
+                if key == board.as_path() {
+                    "board"
+                } else {
+                    "sponsor"
+                },
+                "count",
+                "--study",
+                &study_id,
+                "--definition",
+                definition.to_str().unwrap(),
+            ],
+        )
+    };
+    let exact = count(&board, true);
+    assert_eq!(exact["exact"], true, "{exact}");
+    assert_eq!(exact["count"], with_descendants.to_string(), "{exact}");
+    let exact = count(&board, false);
+    assert_eq!(exact["count"], alone.to_string(), "{exact}");
+    // The sponsor's answer is protected: a multiple of 5 near the exact count, or <11.
+    let protected = count(&sponsor, true);
+    assert_eq!(protected["exact"], false, "{protected}");
+    let shown = protected["count"].as_str().unwrap();
+    if with_descendants >= 11 {
+        let n: i64 = shown.parse().unwrap_or_else(|_| panic!("{protected}"));
+        assert_eq!(n % 5, 0, "{protected}");
+        assert!((n - with_descendants).abs() <= 8, "{protected}");
+    } else {
+        assert_eq!(shown, "<11", "{protected}");
+    }
+}

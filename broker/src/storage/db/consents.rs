@@ -1,0 +1,71 @@
+//! Patients' signed consent policy versions.
+
+use super::*;
+
+impl Db {
+    /// Stores new policy versions (the caller has checked them), all or none.
+    pub fn insert_consents(&mut self, versions: &[(String, SignedPolicy)]) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO consents (pseudonym, version, policy, signature, policy_hash, issued_at, set_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (pseudonym, v) in versions {
+                let p = &v.policy;
+                stmt.execute(params![
+                    pseudonym,
+                    p.version(),
+                    p.canonical_bytes(),
+                    v.signature,
+                    p.policy_hash().to_hex(),
+                    p.issued_at(),
+                    v.set_at
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// Every stored policy version of a patient, oldest first.
+    pub fn consents(&self, pseudonym: &str) -> DbResult<Vec<SignedPolicy>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT policy, signature, set_at FROM consents WHERE pseudonym = ?1 ORDER BY version",
+        )?;
+        stmt.query_map([pseudonym], |r| {
+            let bytes: Vec<u8> = r.get(0)?;
+            let policy = ConsentPolicy::from_json(&bytes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            })?;
+            Ok(SignedPolicy {
+                policy,
+                signature: r.get(1)?,
+                set_at: r.get(2)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// A patient's grants: (study id, categories, expiry).
+    pub fn patient_grants(&self, pseudonym: &str) -> DbResult<Vec<(String, Vec<Category>, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT g.study_id, c.category, g.expires_at FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
+             WHERE g.pseudonym = ?1 ORDER BY g.study_id",
+        )?;
+        let mut out: Vec<(String, Vec<Category>, i64)> = Vec::new();
+        let mut rows = stmt.query([pseudonym])?;
+        while let Some(r) = rows.next()? {
+            let study: String = r.get(0)?;
+            let c = category_col(r.get(1)?)?;
+            match out.last_mut() {
+                Some((s, cats, _)) if *s == study => cats.push(c),
+                _ => out.push((study, vec![c], r.get(2)?)),
+            }
+        }
+        Ok(out)
+    }
+}

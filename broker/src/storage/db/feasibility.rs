@@ -1,0 +1,62 @@
+//! Feasibility: concept relations and sponsors' budgets.
+
+use super::*;
+
+impl Db {
+    /// Every enrolled patient's pseudonym, in a fixed order.
+    pub fn pseudonyms(&self) -> DbResult<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT pseudonym FROM patients ORDER BY pseudonym")?;
+        stmt.query_map([], |r| r.get(0))?.collect()
+    }
+
+    /// A sponsor's stored query budget (JSON).
+    pub fn query_budget(&self, sponsor: &str) -> DbResult<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT state FROM query_budgets WHERE sponsor = ?1",
+                [sponsor],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
+    pub fn put_query_budget(&self, sponsor: &str, state: &str) -> DbResult<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO query_budgets (sponsor, state) VALUES (?1, ?2)",
+            params![sponsor, state],
+        )?;
+        Ok(())
+    }
+
+    /// Adds `(ancestor, descendant)` code relations in one transaction; returns how many
+    /// were new and how many are held in all.
+    pub fn put_concept_relations(
+        &mut self,
+        relations: &[(String, String)],
+    ) -> DbResult<(usize, u64)> {
+        let tx = self.conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO concept_relations (ancestor, descendant) VALUES (?1, ?2)",
+            )?;
+            for (a, d) in relations {
+                added += insert.execute(params![a, d])?;
+            }
+        }
+        let total: i64 =
+            tx.query_row("SELECT COUNT(*) FROM concept_relations", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok((added, total as u64))
+    }
+
+    /// Every `(ancestor, descendant)` code relation.
+    pub fn concept_relations(&self) -> DbResult<Vec<(String, String)>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT ancestor, descendant FROM concept_relations")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+    }
+}

@@ -1,0 +1,121 @@
+//! Grants and the proxies' pending revocations.
+
+use super::*;
+
+impl Db {
+    /// Stores grants in one transaction, each replacing an earlier grant of the same
+    /// patient to the same study.
+    pub fn put_grants(&mut self, grants: &[GrantRow], now: i64) -> DbResult<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2")?;
+            let mut grant = tx.prepare_cached(
+                "INSERT INTO grants (grant_id, study_id, pseudonym, threshold, expires_at, signature, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut cat = tx.prepare_cached(
+                "INSERT INTO grant_categories (grant_id, category) VALUES (?1, ?2)",
+            )?;
+            for g in grants {
+                del.execute(params![g.study_id, g.pseudonym])?;
+                grant.execute(params![
+                    g.grant_id,
+                    g.study_id,
+                    g.pseudonym,
+                    g.threshold,
+                    g.expires_at,
+                    g.signature,
+                    now
+                ])?;
+                for c in &g.categories {
+                    cat.execute(params![g.grant_id, c.label()])?;
+                }
+            }
+        }
+        tx.commit()
+    }
+
+    /// Deletes these (study, pseudonym) grants and queues their destruction at each of
+    /// `proxies` proxies, in one transaction. Returns the grants that existed.
+    pub fn withdraw_grants(
+        &mut self,
+        grants: &[(String, String)],
+        proxies: usize,
+    ) -> DbResult<Vec<(String, String, String)>> {
+        let tx = self.conn.transaction()?;
+        let mut existed = Vec::new();
+        {
+            let mut find = tx.prepare_cached(
+                "SELECT grant_id FROM grants WHERE study_id = ?1 AND pseudonym = ?2",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM grants WHERE grant_id = ?1")?;
+            let mut queue = tx.prepare_cached(
+                "INSERT OR IGNORE INTO pending_revocations (proxy, study_id, pseudonym) VALUES (?1, ?2, ?3)",
+            )?;
+            for (study, pseudonym) in grants {
+                let id: Option<String> = find
+                    .query_row(params![study, pseudonym], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = id {
+                    del.execute([&id])?;
+                    existed.push((study.clone(), pseudonym.clone(), id));
+                }
+                for p in 0..proxies {
+                    queue.execute(params![p as i64, study, pseudonym])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Revocations not yet confirmed by a proxy, per proxy.
+    pub fn pending_revocations(&self) -> DbResult<BTreeMap<usize, Vec<(String, String)>>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT proxy, study_id, pseudonym FROM pending_revocations ORDER BY proxy",
+        )?;
+        let mut out: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
+        })?;
+        for row in rows {
+            let (p, s, ps) = row?;
+            out.entry(p).or_default().push((s, ps));
+        }
+        Ok(out)
+    }
+
+    pub fn confirm_revocations(&self, proxy: usize, grants: &[(String, String)]) -> DbResult<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM pending_revocations WHERE proxy = ?1 AND study_id = ?2 AND pseudonym = ?3",
+        )?;
+        for (s, p) in grants {
+            stmt.execute(params![proxy as i64, s, p])?;
+        }
+        Ok(())
+    }
+
+    /// Patients with an unexpired grant to the study, with the granted categories.
+    pub fn active_grants(&self, study_id: &str, now: i64) -> DbResult<Vec<ActiveGrant>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT g.pseudonym, g.grant_id, c.category FROM grants g JOIN grant_categories c ON c.grant_id = g.grant_id
+             WHERE g.study_id = ?1 AND g.expires_at > ?2 ORDER BY g.pseudonym, c.category",
+        )?;
+        let mut out: Vec<ActiveGrant> = Vec::new();
+        let mut rows = stmt.query(params![study_id, now])?;
+        while let Some(r) = rows.next()? {
+            let p: String = r.get(0)?;
+            let c = category_col(r.get(2)?)?;
+            match out.last_mut() {
+                Some(last) if last.pseudonym == p => last.categories.push(c),
+                _ => out.push(ActiveGrant {
+                    pseudonym: p,
+                    grant_id: r.get(1)?,
+                    categories: vec![c],
+                }),
+            }
+        }
+        Ok(out)
+    }
+}

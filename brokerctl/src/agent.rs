@@ -1,0 +1,411 @@
+//! The client-side flows of each role, on top of [`crate::client`]: a custodian
+//! sealing and uploading records, a patient agent issuing grants, a researcher
+//! verifying and decrypting a release. All cryptography here runs on the caller's side.
+
+use broker_proto::v1 as pb;
+use datasets::PatientRecord;
+use pre_kms::grant::{self, GrantPlan};
+use pre_kms::keys::public_key_from_bytes;
+use pre_kms::reencrypt::{ReleasedEnvelope, decrypt_released};
+use pre_kms::{Category, Identity, envelope};
+use rayon::prelude::*;
+use tokio_stream::StreamExt;
+
+use consent_policy::{ConsentPolicy, PolicyHistory};
+
+use crate::wire::{BrokerClient, ClientError, ClientResult};
+use broker_proto::convert::index_to_pb;
+use consent_policy::{consent_digest, decide, grant_scope};
+use model::{Enrollment, Study};
+
+/// A patient's enrollment and sealed upload, prepared together so that each category
+/// key is derived once.
+pub struct PreparedPatient {
+    pub enrollment: Enrollment,
+    pub envelopes: Vec<pb::Envelope>,
+    pub index: pb::IndexRows,
+}
+
+/// Derives the patient's category keys once, signs the enrollment, and seals each
+/// category of the record with its content tag.
+pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<PreparedPatient> {
+    let keys: Vec<(Category, umbral_pre::PublicKey)> = Category::ALL
+        .iter()
+        .map(|c| (*c, patient.category_public_key(*c)))
+        .collect();
+    let pseudonym = patient.pseudonym();
+    let envelopes = record
+        .categories
+        .iter()
+        .map(|(category, plaintext)| {
+            let key = &keys
+                .iter()
+                .find(|(c, _)| c == category)
+                .expect("every category has a key")
+                .1;
+            Ok(pb::Envelope {
+                pseudonym: pseudonym.clone(),
+                category: category.label().to_owned(),
+                sealed: envelope::seal(key, plaintext)?,
+                content_tag: patient.content_tag(*category, plaintext).to_vec(),
+            })
+        })
+        .collect::<pre_kms::Result<Vec<_>>>()?;
+    Ok(PreparedPatient {
+        enrollment: pre_kms::enrollment::enroll_with_keys(patient, &keys),
+        envelopes,
+        index: index_to_pb(pseudonym, record.index.clone()),
+    })
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IngestReport {
+    pub patients: usize,
+    pub newly_enrolled: usize,
+    pub envelopes_stored: usize,
+    pub envelopes_unchanged: usize,
+    pub bytes: usize,
+}
+
+/// Enrolls and uploads one batch of patients (the caller acts for all of them).
+pub async fn ingest_batch(
+    client: &BrokerClient,
+    batch: Vec<(Identity, PatientRecord)>,
+) -> ClientResult<IngestReport> {
+    let mut report = IngestReport {
+        patients: batch.len(),
+        ..Default::default()
+    };
+    let prepared = tokio::task::spawn_blocking(move || {
+        batch
+            .par_iter()
+            .map(|(p, r)| prepare(p, r))
+            .collect::<pre_kms::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    let mut enrollments = Vec::with_capacity(prepared.len());
+    let mut envelopes = Vec::new();
+    let mut index = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        report.bytes += p.envelopes.iter().map(|e| e.sealed.len()).sum::<usize>();
+        enrollments.push(p.enrollment);
+        envelopes.extend(p.envelopes);
+        index.push(p.index);
+    }
+    report.newly_enrolled = client
+        .enroll_prepared(enrollments)
+        .await?
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    let reply = client.upload(envelopes, index).await?;
+    for r in reply.receipts {
+        if r.unchanged {
+            report.envelopes_unchanged += 1;
+        } else {
+            report.envelopes_stored += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Ingests batches with two in flight, so that sealing one batch overlaps the upload
+/// of the previous. `progress` is told the number of patients done after each batch.
+pub async fn ingest_all<E>(
+    client: &BrokerClient,
+    batches: impl IntoIterator<Item = Result<Vec<(Identity, PatientRecord)>, E>>,
+    mut progress: impl FnMut(usize),
+) -> ClientResult<IngestReport>
+where
+    ClientError: From<E>,
+{
+    let mut total = IngestReport::default();
+    let mut in_flight = std::collections::VecDeque::new();
+    for batch in batches {
+        let batch = batch?;
+        let client = client.clone();
+        in_flight.push_back(tokio::spawn(
+            async move { ingest_batch(&client, batch).await },
+        ));
+        if in_flight.len() >= 2 {
+            let done = in_flight.pop_front().expect("two in flight");
+            total.add(
+                &done
+                    .await
+                    .map_err(|e| ClientError::Invalid(e.to_string()))??,
+            );
+            progress(total.patients);
+        }
+    }
+    while let Some(done) = in_flight.pop_front() {
+        total.add(
+            &done
+                .await
+                .map_err(|e| ClientError::Invalid(e.to_string()))??,
+        );
+        progress(total.patients);
+    }
+    Ok(total)
+}
+
+impl IngestReport {
+    pub fn add(&mut self, other: &IngestReport) {
+        self.patients += other.patients;
+        self.newly_enrolled += other.newly_enrolled;
+        self.envelopes_stored += other.envelopes_stored;
+        self.envelopes_unchanged += other.envelopes_unchanged;
+        self.bytes += other.bytes;
+    }
+}
+
+/// The plan for a patient's grant to a study: the requested categories the patient
+/// has (intersected with `allowed`), expiring with the study.
+pub async fn grant_plan(client: &BrokerClient, study: &Study) -> ClientResult<GrantPlan> {
+    let proxies = client.list_proxies().await?;
+    let proposal = &study.proposal;
+    Ok(GrantPlan {
+        study_id: study.study_id.clone(),
+        receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
+        categories: proposal.categories.clone(),
+        threshold: proxies.threshold as usize,
+        expires_at: proposal.not_after,
+        proxy_keys: proxies
+            .proxies
+            .iter()
+            .map(|p| public_key_from_bytes(&p.encryption_key))
+            .collect::<pre_kms::Result<_>>()?,
+    })
+}
+
+/// Issues grants for a batch of patients: each grants the plan's categories it has data in.
+pub async fn grant_batch(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    patients: Vec<(Identity, Vec<Category>)>,
+) -> ClientResult<usize> {
+    let expires_at = plan.expires_at;
+    let scoped = patients
+        .into_iter()
+        .map(|(id, has)| (id, has, expires_at))
+        .collect();
+    grant_scoped(client, plan, scoped).await
+}
+
+/// Issues one grant per patient for the plan's categories the patient lists, expiring at
+/// the patient's own time (at most the plan's). Patients left with no category get none.
+pub async fn grant_scoped(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    patients: Vec<(Identity, Vec<Category>, i64)>,
+) -> ClientResult<usize> {
+    let plan = plan.clone();
+    let grants = tokio::task::spawn_blocking(move || {
+        patients
+            .par_iter()
+            .filter_map(|(patient, has, expires_at)| {
+                let categories: Vec<Category> = plan
+                    .categories
+                    .iter()
+                    .copied()
+                    .filter(|c| has.contains(c))
+                    .collect();
+                (!categories.is_empty()).then(|| {
+                    grant::issue(
+                        patient,
+                        &GrantPlan {
+                            categories,
+                            expires_at: (*expires_at).min(plan.expires_at),
+                            ..plan.clone()
+                        },
+                    )
+                })
+            })
+            .collect::<pre_kms::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    let n = grants.len();
+    if n > 0 {
+        client.issue_grants(grants).await?;
+    }
+    Ok(n)
+}
+
+/// One decrypted research copy.
+#[derive(Debug, Clone)]
+pub struct DecryptedRecord {
+    pub subject: String,
+    pub category: Category,
+    pub version: u32,
+    pub plaintext: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FetchReport {
+    pub release: pb::Release,
+    pub records: usize,
+    pub bytes: usize,
+}
+
+/// Requests a release of `study_id`, streams it, verifies every cfrag and decrypts,
+/// handing each record to `sink` in release order. Fails on the first envelope that
+/// does not verify: a lying broker or proxy is reported, never skipped.
+pub async fn fetch_and_decrypt(
+    client: &BrokerClient,
+    researcher: &Identity,
+    study_id: &str,
+    mut sink: impl FnMut(DecryptedRecord) -> std::io::Result<()>,
+) -> ClientResult<FetchReport> {
+    let release = client.request_release(study_id).await?;
+    let threshold = release.threshold as usize;
+    let mut stream = client.fetch_release(&release.release_id).await?;
+    let mut report = FetchReport {
+        release: release.clone(),
+        ..Default::default()
+    };
+    let mut pending = Vec::with_capacity(64);
+    loop {
+        let next = stream.next().await;
+        let done = next.is_none();
+        if let Some(item) = next {
+            pending.push(item?);
+        }
+        if pending.len() >= 64 || (done && !pending.is_empty()) {
+            let batch = std::mem::take(&mut pending);
+            let researcher = researcher.clone();
+            let decrypted = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_par_iter()
+                    .map(|item| {
+                        let category: Category =
+                            item.category.parse().map_err(|e: model::UnknownCategory| {
+                                ClientError::Invalid(e.to_string())
+                            })?;
+                        let released = ReleasedEnvelope {
+                            sealed: item.sealed,
+                            delegating_key: public_key_from_bytes(&item.delegating_key)?,
+                            verifying_key: public_key_from_bytes(&item.verifying_key)?,
+                            cfrags: item.cfrags,
+                        };
+                        let plaintext = decrypt_released(&researcher, &released, threshold)?;
+                        Ok(DecryptedRecord {
+                            subject: item.subject,
+                            category,
+                            version: item.version,
+                            plaintext,
+                        })
+                    })
+                    .collect::<ClientResult<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| ClientError::Invalid(e.to_string()))??;
+            for record in decrypted {
+                report.records += 1;
+                report.bytes += record.plaintext.len();
+                sink(record).map_err(|e| {
+                    ClientError::Invalid(format!("cannot write a decrypted record: {e}"))
+                })?;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+// ---------------------------------------------------------------- consent
+
+/// Signs `policy` as `patient`'s next consent version, ready to submit.
+pub fn sign_consent(patient: &Identity, policy: &ConsentPolicy) -> pb::ConsentSubmission {
+    let pseudonym = patient.pseudonym();
+    pb::ConsentSubmission {
+        signature: patient.sign(&consent_digest(&pseudonym, policy.canonical_bytes())),
+        pseudonym,
+        policy: policy.canonical_bytes().to_vec(),
+    }
+}
+
+/// Sets a policy for each patient (each signed by the patient's own key), in one call.
+pub async fn set_consents(
+    client: &BrokerClient,
+    policies: &[(Identity, ConsentPolicy)],
+) -> ClientResult<Vec<pb::ConsentReceipt>> {
+    let submissions = policies
+        .par_iter()
+        .map(|(id, policy)| sign_consent(id, policy))
+        .collect();
+    client.set_consents(submissions).await
+}
+
+/// A patient's policy versions as stored at the broker, each checked against the
+/// patient's own key (a broker cannot substitute a policy the patient did not sign).
+pub async fn consent_history(
+    client: &BrokerClient,
+    patient: &Identity,
+) -> ClientResult<PolicyHistory> {
+    let pseudonym = patient.pseudonym();
+    let versions = client.consent_history(&pseudonym).await?;
+    let mut policies = Vec::with_capacity(versions.len());
+    for v in versions {
+        let policy = ConsentPolicy::from_json(&v.policy).map_err(|e| {
+            ClientError::Invalid(format!("stored consent version {}: {e}", v.version))
+        })?;
+        let digest = consent_digest(&pseudonym, policy.canonical_bytes());
+        if !pre_kms::keys::verify_signature(&patient.verifying_key(), &digest, &v.signature) {
+            return Err(ClientError::Invalid(format!(
+                "stored consent version {} is not signed by the patient",
+                v.version
+            )));
+        }
+        policies.push(policy);
+    }
+    PolicyHistory::new(policies).map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+/// The next version number for a patient's policy.
+pub fn next_version(history: &PolicyHistory) -> u32 {
+    history.versions().last().map_or(1, |p| p.version() + 1)
+}
+
+/// What consent-driven granting did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentedGrants {
+    /// Grants issued.
+    pub issued: usize,
+    /// Patients whose consent does not permit the study (or any of its categories
+    /// they have records in).
+    pub not_permitted: usize,
+}
+
+/// Grants an approved study exactly what each patient's consent permits: the permitted
+/// categories the patient has records in, expiring at the earliest of the policy, the
+/// deciding provision and the study period. `patients` pairs each identity with its
+/// record categories and its consent history.
+pub async fn consented_grants(
+    client: &BrokerClient,
+    plan: &GrantPlan,
+    study: &Study,
+    patients: Vec<(Identity, Vec<Category>, PolicyHistory)>,
+) -> ClientResult<ConsentedGrants> {
+    let now = pre_kms::request_auth::now_secs();
+    let mut out = ConsentedGrants::default();
+    let mut scoped = Vec::with_capacity(patients.len());
+    for (id, has, history) in patients {
+        match grant_scope(&decide(&history, study, now), study) {
+            Ok((allowed, expiry)) => {
+                let categories: Vec<Category> =
+                    allowed.into_iter().filter(|c| has.contains(c)).collect();
+                if categories.is_empty() {
+                    out.not_permitted += 1;
+                } else {
+                    scoped.push((id, categories, expiry));
+                }
+            }
+            Err(_) => out.not_permitted += 1,
+        }
+    }
+    out.issued = grant_scoped(client, plan, scoped).await?;
+    Ok(out)
+}

@@ -1,0 +1,159 @@
+//! The custodian keystore: the keys a custodian (e.g. a hospital) makes and keeps for
+//! the patients it acts for.
+//!
+//! One SQLite file (`keystore.db`, owner-only permissions) with a row per patient:
+//! the custodian's own patient id (`source_id`), the 32-byte identity seed and the
+//! broker pseudonym derived from it. The same `source_id` always yields the same keys,
+//! which makes re-imports idempotent. The file holds secrets: it stays with the
+//! custodian and never goes to the broker.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use pre_kms::keys::{Identity, SEED_LEN};
+
+/// Why the keystore cannot be used. Messages name the file, never a key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeystoreError {
+    #[error("key file: {0}")]
+    KeyFile(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<rusqlite::Error> for KeystoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        KeystoreError::Storage(e.to_string())
+    }
+}
+
+type Error = KeystoreError;
+pub type Result<T, E = KeystoreError> = std::result::Result<T, E>;
+
+pub struct Keystore {
+    db: Connection,
+    path: PathBuf,
+}
+
+impl Keystore {
+    pub fn open(path: &Path) -> Result<Keystore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        let db = Connection::open(path)
+            .map_err(|e| Error::KeyFile(format!("cannot open keystore {}: {e}", path.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS patients (
+                 source_id TEXT PRIMARY KEY, seed BLOB NOT NULL, pseudonym TEXT NOT NULL UNIQUE,
+                 created_at INTEGER NOT NULL);",
+        )
+        .map_err(|e| Error::KeyFile(format!("{} is not a keystore: {e}", path.display())))?;
+        Ok(Keystore {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The patient's identity, made and stored on first sight.
+    /// Returns whether it was created now.
+    pub fn get_or_create(&self, source_id: &str) -> Result<(Identity, bool)> {
+        if let Some(id) = self.get(source_id)? {
+            return Ok((id, false));
+        }
+        let id = Identity::generate();
+        self.db.execute(
+            "INSERT INTO patients (source_id, seed, pseudonym, created_at) VALUES (?1, ?2, ?3, strftime('%s','now'))",
+            params![source_id, id.seed().as_slice(), id.pseudonym()],
+        )?;
+        Ok((id, true))
+    }
+
+    pub fn get(&self, source_id: &str) -> Result<Option<Identity>> {
+        let seed: Option<Zeroizing<Vec<u8>>> = self
+            .db
+            .query_row(
+                "SELECT seed FROM patients WHERE source_id = ?1",
+                [source_id],
+                |r| r.get::<_, Vec<u8>>(0).map(Zeroizing::new),
+            )
+            .optional()?;
+        seed.map(|s| {
+            let seed: [u8; SEED_LEN] = s.as_slice().try_into().map_err(|_| {
+                Error::KeyFile(format!(
+                    "{}: a seed has the wrong length",
+                    self.path.display()
+                ))
+            })?;
+            Ok(Identity::from_seed(seed))
+        })
+        .transpose()
+    }
+
+    /// Every patient as (source id, identity), in source-id order.
+    pub fn all(&self) -> Result<Vec<(String, Identity)>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT source_id FROM patients ORDER BY source_id")?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.into_iter()
+            .map(|s| {
+                let id = self
+                    .get(&s)?
+                    .ok_or_else(|| Error::Storage("keystore row vanished".into()))?;
+                Ok((s, id))
+            })
+            .collect()
+    }
+
+    /// Runs `f` in one transaction (bulk creation during an import).
+    pub fn transaction<T>(&mut self, f: impl FnOnce(&Keystore) -> Result<T>) -> Result<T> {
+        self.db.execute_batch("BEGIN")?;
+        match f(self) {
+            Ok(v) => {
+                self.db.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_source_id_same_keys_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keystore.db");
+        let (a, created) = Keystore::open(&path).unwrap().get_or_create("p1").unwrap();
+        assert!(created);
+        let ks = Keystore::open(&path).unwrap();
+        let (b, created) = ks.get_or_create("p1").unwrap();
+        assert!(!created);
+        assert_eq!(a.verifying_key(), b.verifying_key());
+        let (c, _) = ks.get_or_create("p2").unwrap();
+        assert_ne!(a.verifying_key(), c.verifying_key());
+        assert_eq!(ks.all().unwrap().len(), 2);
+    }
+}

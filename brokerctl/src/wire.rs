@@ -1,0 +1,517 @@
+//! The client's wire module: every call signed with the caller's identity (see
+//! [`pre_kms::request_auth`]), actors and studies answered as domain types. Used by
+//! `brokerctl`, the demo, benches and tests.
+
+use broker_proto::signed::signed;
+use broker_proto::v1 as pb;
+use pre_kms::Identity;
+use pre_kms::grant::Grant;
+use tonic::transport::{Channel, Endpoint};
+
+use broker_proto::convert::{
+    actor_from_pb, grant_to_pb, proposal_to_pb, role_to_pb, study_from_pb,
+};
+use broker_proto::methods as m;
+use model::Enrollment;
+use model::Role;
+use model::{Actor, Study, StudyProposal, decision_digest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The broker's refusal; shown as its code and message only (the status is not a
+    /// `source`, so error chains do not print it twice).
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+    #[error("{0}")]
+    Crypto(#[from] pre_kms::Error),
+    #[error("{0}")]
+    Keystore(#[from] crate::keystore::KeystoreError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unauthenticated => "not authenticated",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Internal => "internal error",
+        _ => "error",
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+pub type ClientResult<T> = Result<T, ClientError>;
+
+impl From<broker_proto::convert::Malformed> for ClientError {
+    fn from(e: broker_proto::convert::Malformed) -> Self {
+        ClientError::Invalid(format!("the broker sent a malformed answer: {e}"))
+    }
+}
+
+fn actor(a: pb::Actor) -> ClientResult<Actor> {
+    Ok(actor_from_pb(a)?)
+}
+
+fn study(s: pb::Study) -> ClientResult<Study> {
+    Ok(study_from_pb(s)?)
+}
+
+const LIMIT: usize = broker_proto::MAX_MESSAGE_BYTES;
+
+#[derive(Clone)]
+pub struct BrokerClient {
+    identity: Identity,
+    registry: pb::registry_client::RegistryClient<Channel>,
+    records: pb::records_client::RecordsClient<Channel>,
+    studies: pb::studies_client::StudiesClient<Channel>,
+    grants: pb::grants_client::GrantsClient<Channel>,
+    releases: pb::releases_client::ReleasesClient<Channel>,
+    audit: pb::audit_client::AuditClient<Channel>,
+    consents: pb::consents_client::ConsentsClient<Channel>,
+    feasibility: pb::feasibility_client::FeasibilityClient<Channel>,
+}
+
+impl BrokerClient {
+    pub async fn connect(url: &str, identity: Identity) -> ClientResult<BrokerClient> {
+        let connect_err = |reason: String| ClientError::Connect {
+            url: url.to_owned(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| connect_err(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| connect_err(format!("{e} (is `broker serve` running there?)")))?;
+        Ok(Self::from_channel(channel, identity))
+    }
+
+    pub fn from_channel(channel: Channel, identity: Identity) -> BrokerClient {
+        BrokerClient {
+            identity,
+            registry: pb::registry_client::RegistryClient::new(channel.clone()),
+            records: pb::records_client::RecordsClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            studies: pb::studies_client::StudiesClient::new(channel.clone()),
+            grants: pb::grants_client::GrantsClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            releases: pb::releases_client::ReleasesClient::new(channel.clone())
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            consents: pb::consents_client::ConsentsClient::new(channel.clone()),
+            feasibility: pb::feasibility_client::FeasibilityClient::new(channel.clone()),
+            audit: pb::audit_client::AuditClient::new(channel)
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The same connection, signing as another identity (a custodian's patients).
+    pub fn with_identity(&self, identity: Identity) -> BrokerClient {
+        BrokerClient {
+            identity,
+            ..self.clone()
+        }
+    }
+
+    fn sign<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
+        signed(&self.identity, method, message)
+    }
+
+    pub async fn register_actor(
+        &self,
+        role: Role,
+        name: &str,
+        organisation: &str,
+        verifying_key: Vec<u8>,
+    ) -> ClientResult<Actor> {
+        let req = pb::RegisterActorRequest {
+            role: role_to_pb(role) as i32,
+            name: name.to_owned(),
+            organisation: organisation.to_owned(),
+            verifying_key,
+        };
+        actor(
+            self.registry
+                .clone()
+                .register_actor(self.sign(m::REGISTER_ACTOR, req))
+                .await?
+                .into_inner(),
+        )
+    }
+
+    pub async fn list_actors(&self) -> ClientResult<Vec<Actor>> {
+        self.registry
+            .clone()
+            .list_actors(self.sign(m::LIST_ACTORS, pb::ListActorsRequest {}))
+            .await?
+            .into_inner()
+            .actors
+            .into_iter()
+            .map(actor)
+            .collect()
+    }
+
+    pub async fn whoami(&self) -> ClientResult<Actor> {
+        actor(
+            self.registry
+                .clone()
+                .whoami(self.sign(m::WHOAMI, pb::WhoamiRequest {}))
+                .await?
+                .into_inner(),
+        )
+    }
+
+    pub async fn list_proxies(&self) -> ClientResult<pb::ListProxiesResponse> {
+        Ok(self
+            .registry
+            .clone()
+            .list_proxies(self.sign(m::LIST_PROXIES, pb::ListProxiesRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    /// Enrolls patients (each signs its own enrollment; the call is by this client's
+    /// identity). Returns, per patient, whether it was enrolled now.
+    pub async fn enroll(&self, patients: &[&Identity]) -> ClientResult<Vec<bool>> {
+        self.enroll_prepared(
+            patients
+                .iter()
+                .map(|p| pre_kms::enrollment::enroll(p))
+                .collect(),
+        )
+        .await
+    }
+
+    pub async fn enroll_prepared(&self, enrollments: Vec<Enrollment>) -> ClientResult<Vec<bool>> {
+        let patients = enrollments
+            .into_iter()
+            .map(|e| pb::Enrollment {
+                pseudonym: e.pseudonym,
+                verifying_key: e.verifying_key,
+                category_keys: e
+                    .category_keys
+                    .into_iter()
+                    .map(|(c, k)| pb::CategoryKey {
+                        category: c.label().to_owned(),
+                        public_key: k,
+                    })
+                    .collect(),
+                signature: e.signature,
+            })
+            .collect();
+        let req = pb::EnrollRequest { patients };
+        Ok(self
+            .records
+            .clone()
+            .enroll(self.sign(m::ENROLL, req))
+            .await?
+            .into_inner()
+            .created)
+    }
+
+    pub async fn upload(
+        &self,
+        envelopes: Vec<pb::Envelope>,
+        index: Vec<pb::IndexRows>,
+    ) -> ClientResult<pb::UploadResponse> {
+        let req = pb::UploadRequest { envelopes, index };
+        Ok(self
+            .records
+            .clone()
+            .upload(self.sign(m::UPLOAD, req))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn propose_study(&self, proposal: &StudyProposal) -> ClientResult<Study> {
+        study(
+            self.studies
+                .clone()
+                .propose(self.sign(m::PROPOSE, proposal_to_pb(proposal)))
+                .await?
+                .into_inner(),
+        )
+    }
+
+    /// Approves or rejects, signing the study's full proposal and the decision.
+    pub async fn decide_study(
+        &self,
+        study_id: &str,
+        approve: bool,
+        overrides_abstain: bool,
+        reason: &str,
+    ) -> ClientResult<Study> {
+        let current = self.get_study(study_id).await?;
+        let signature = self.identity.sign(&decision_digest(
+            study_id,
+            &current.proposal,
+            approve,
+            overrides_abstain,
+        ));
+        let req = pb::DecideStudyRequest {
+            study_id: study_id.to_owned(),
+            approve,
+            reason: reason.to_owned(),
+            signature,
+            overrides_abstain,
+        };
+        study(
+            self.studies
+                .clone()
+                .decide(self.sign(m::DECIDE, req))
+                .await?
+                .into_inner(),
+        )
+    }
+
+    pub async fn list_studies(&self) -> ClientResult<Vec<Study>> {
+        self.studies
+            .clone()
+            .list(self.sign(m::LIST_STUDIES, pb::ListStudiesRequest {}))
+            .await?
+            .into_inner()
+            .studies
+            .into_iter()
+            .map(study)
+            .collect()
+    }
+
+    pub async fn get_study(&self, study_id: &str) -> ClientResult<Study> {
+        let req = pb::GetStudyRequest {
+            study_id: study_id.to_owned(),
+        };
+        study(
+            self.studies
+                .clone()
+                .get(self.sign(m::GET_STUDY, req))
+                .await?
+                .into_inner(),
+        )
+    }
+
+    /// Withdraws these (study id, pseudonym) grants; returns (withdrawn, proxies that
+    /// confirmed destroying the kfrags).
+    pub async fn withdraw_grants(
+        &self,
+        grants: &[(String, String)],
+        reason: &str,
+    ) -> ClientResult<(u32, u32)> {
+        let req = pb::WithdrawGrantsRequest {
+            grants: broker_proto::convert::grant_refs(grants),
+            reason: reason.to_owned(),
+        };
+        let r = self
+            .grants
+            .clone()
+            .withdraw(self.sign(m::WITHDRAW_GRANTS, req))
+            .await?
+            .into_inner();
+        Ok((r.withdrawn, r.proxies_confirmed))
+    }
+
+    pub async fn issue_grants(&self, grants: Vec<Grant>) -> ClientResult<Vec<String>> {
+        let req = pb::IssueGrantsRequest {
+            grants: grants.into_iter().map(grant_to_pb).collect(),
+        };
+        Ok(self
+            .grants
+            .clone()
+            .issue(self.sign(m::ISSUE_GRANTS, req))
+            .await?
+            .into_inner()
+            .grant_ids)
+    }
+
+    pub async fn request_release(&self, study_id: &str) -> ClientResult<pb::Release> {
+        let req = pb::RequestReleaseRequest {
+            study_id: study_id.to_owned(),
+        };
+        Ok(self
+            .releases
+            .clone()
+            .request(self.sign(m::REQUEST_RELEASE, req))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn fetch_release(
+        &self,
+        release_id: &str,
+    ) -> ClientResult<tonic::Streaming<pb::ReleaseItem>> {
+        let req = pb::FetchReleaseRequest {
+            release_id: release_id.to_owned(),
+        };
+        Ok(self
+            .releases
+            .clone()
+            .fetch(self.sign(m::FETCH_RELEASE, req))
+            .await?
+            .into_inner())
+    }
+
+    // ------------------------------------------------------------ access log
+
+    pub async fn log_checkpoint(&self) -> ClientResult<pb::CheckpointResponse> {
+        let req = self.sign(m::AUDIT_CHECKPOINT, pb::CheckpointRequest {});
+        Ok(self.audit.clone().checkpoint(req).await?.into_inner())
+    }
+
+    pub async fn log_checkpoints(&self, after_size: u64) -> ClientResult<Vec<String>> {
+        let req = self.sign(m::AUDIT_CHECKPOINTS, pb::CheckpointsRequest { after_size });
+        Ok(self
+            .audit
+            .clone()
+            .checkpoints(req)
+            .await?
+            .into_inner()
+            .checkpoints)
+    }
+
+    pub async fn log_consistency(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> ClientResult<Vec<Vec<u8>>> {
+        let req = self.sign(
+            m::AUDIT_CONSISTENCY,
+            pb::ConsistencyRequest { old_size, new_size },
+        );
+        Ok(self.audit.clone().consistency(req).await?.into_inner().path)
+    }
+
+    /// Every logged event matching `filter`, oldest first.
+    pub async fn log_events(
+        &self,
+        filter: pb::EventsRequest,
+    ) -> ClientResult<Vec<pb::LoggedEvent>> {
+        let req = self.sign(m::AUDIT_EVENTS, filter);
+        let mut stream = self.audit.clone().events(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = stream.message().await? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    pub async fn log_cosign(&self, checkpoint: String) -> ClientResult<u32> {
+        let req = self.sign(m::AUDIT_COSIGN, pb::CosignRequest { checkpoint });
+        Ok(self
+            .audit
+            .clone()
+            .cosign(req)
+            .await?
+            .into_inner()
+            .signatures)
+    }
+
+    pub async fn log_accesses(&self) -> ClientResult<pb::AccessesResponse> {
+        let req = self.sign(m::AUDIT_ACCESSES, pb::AccessesRequest {});
+        Ok(self.audit.clone().accesses(req).await?.into_inner())
+    }
+
+    pub async fn log_alerts(
+        &self,
+        acknowledge_through: Option<u64>,
+    ) -> ClientResult<pb::AlertsResponse> {
+        let req = self.sign(
+            m::AUDIT_ALERTS,
+            pb::AlertsRequest {
+                acknowledge_through: acknowledge_through.unwrap_or(0),
+                acknowledge: acknowledge_through.is_some(),
+            },
+        );
+        Ok(self.audit.clone().alerts(req).await?.into_inner())
+    }
+
+    // ------------------------------------------------------------ consents
+
+    /// Sets new policy versions, each already signed by its patient.
+    pub async fn set_consents(
+        &self,
+        consents: Vec<pb::ConsentSubmission>,
+    ) -> ClientResult<Vec<pb::ConsentReceipt>> {
+        let req = self.sign(m::SET_CONSENTS, pb::SetConsentsRequest { consents });
+        Ok(self.consents.clone().set(req).await?.into_inner().receipts)
+    }
+
+    pub async fn consent_history(&self, pseudonym: &str) -> ClientResult<Vec<pb::ConsentVersion>> {
+        let req = self.sign(
+            m::CONSENT_HISTORY,
+            pb::ConsentHistoryRequest {
+                pseudonym: pseudonym.to_owned(),
+            },
+        );
+        Ok(self
+            .consents
+            .clone()
+            .history(req)
+            .await?
+            .into_inner()
+            .versions)
+    }
+
+    // ------------------------------------------------------------ feasibility
+
+    /// A cohort count for a study: protected for its sponsor, exact for the board.
+    pub async fn count(
+        &self,
+        study_id: &str,
+        definition: &[u8],
+    ) -> ClientResult<pb::CountResponse> {
+        let req = self.sign(
+            m::COUNT,
+            pb::CountRequest {
+                study_id: study_id.to_owned(),
+                definition: definition.to_vec(),
+            },
+        );
+        Ok(self.feasibility.clone().count(req).await?.into_inner())
+    }
+
+    /// Adds ancestor → descendant code relations (`system:code`), in calls of at most
+    /// 10,000; returns how many were new and how many the broker holds.
+    pub async fn put_concepts(&self, relations: &[(String, String)]) -> ClientResult<(u64, u64)> {
+        let (mut added, mut total) = (0, 0);
+        for chunk in relations.chunks(10_000) {
+            let req = self.sign(
+                m::PUT_CONCEPTS,
+                pb::PutConceptsRequest {
+                    relations: chunk
+                        .iter()
+                        .map(|(a, d)| pb::ConceptRelation {
+                            ancestor: a.clone(),
+                            descendant: d.clone(),
+                        })
+                        .collect(),
+                },
+            );
+            let r = self
+                .feasibility
+                .clone()
+                .put_concepts(req)
+                .await?
+                .into_inner();
+            added += u64::from(r.added);
+            total = r.total;
+        }
+        Ok((added, total))
+    }
+}

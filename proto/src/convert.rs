@@ -1,0 +1,388 @@
+//! Conversions between broker.v1 messages and domain types, in one place for the server
+//! and the client alike.
+
+use model::{
+    Actor, Category, CodedEvent, Cohort, PatientIndex, Person, ResearchPurpose, Role, SearchField,
+    Study, StudyFocus, StudyProposal, StudyStatus,
+};
+use pre_kms::grant::{Grant, GrantCategory};
+use pre_kms::logged_release::{LoggedEvent, LoggedRelease};
+
+use crate::v1 as pb;
+
+/// A message that does not convert to its domain type; the message says which part and
+/// why, and carries no patient data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+type ServiceResult<T> = Result<T, Malformed>;
+
+fn category(label: &str) -> ServiceResult<Category> {
+    label
+        .parse()
+        .map_err(|e: model::UnknownCategory| Malformed(e.to_string()))
+}
+
+pub fn role_to_pb(r: Role) -> pb::Role {
+    match r {
+        Role::Patient => pb::Role::Patient,
+        Role::Custodian => pb::Role::Custodian,
+        Role::Sponsor => pb::Role::Sponsor,
+        Role::Researcher => pb::Role::Researcher,
+        Role::Board => pb::Role::Board,
+        Role::Clinician => pb::Role::Clinician,
+        Role::Operator => pb::Role::Operator,
+    }
+}
+
+pub fn role_from_pb(r: i32) -> ServiceResult<Role> {
+    Ok(
+        match pb::Role::try_from(r).unwrap_or(pb::Role::Unspecified) {
+            pb::Role::Patient => Role::Patient,
+            pb::Role::Custodian => Role::Custodian,
+            pb::Role::Sponsor => Role::Sponsor,
+            pb::Role::Researcher => Role::Researcher,
+            pb::Role::Board => Role::Board,
+            pb::Role::Clinician => Role::Clinician,
+            pb::Role::Operator => Role::Operator,
+            pb::Role::Unspecified => {
+                return Err(Malformed("a role is required".into()));
+            }
+        },
+    )
+}
+
+pub fn actor_to_pb(a: Actor) -> pb::Actor {
+    pb::Actor {
+        actor_id: a.actor_id,
+        role: role_to_pb(a.role) as i32,
+        name: a.name,
+        organisation: a.organisation,
+        verifying_key: a.verifying_key,
+    }
+}
+
+pub fn actor_from_pb(a: pb::Actor) -> ServiceResult<Actor> {
+    Ok(Actor {
+        actor_id: a.actor_id,
+        role: role_from_pb(a.role)?,
+        name: a.name,
+        organisation: a.organisation,
+        verifying_key: a.verifying_key,
+    })
+}
+
+fn event_to_pb(e: CodedEvent) -> pb::CodedEvent {
+    pb::CodedEvent {
+        system: e.system,
+        code: e.code,
+        date: e.date,
+        value: e.value,
+        unit: e.unit,
+    }
+}
+
+fn event_from_pb(e: pb::CodedEvent) -> CodedEvent {
+    CodedEvent {
+        system: e.system,
+        code: e.code,
+        date: e.date,
+        value: e.value,
+        unit: e.unit,
+    }
+}
+
+pub fn index_to_pb(pseudonym: String, i: PatientIndex) -> pb::IndexRows {
+    pb::IndexRows {
+        pseudonym,
+        person: Some(pb::Person {
+            birth_year: i.person.birth_year.unwrap_or(0),
+            sex: i.person.sex,
+        }),
+        conditions: i.conditions.into_iter().map(event_to_pb).collect(),
+        measurements: i.measurements.into_iter().map(event_to_pb).collect(),
+        drugs: i.drugs.into_iter().map(event_to_pb).collect(),
+        procedures: i.procedures.into_iter().map(event_to_pb).collect(),
+    }
+}
+
+pub fn index_from_pb(r: pb::IndexRows) -> (String, PatientIndex) {
+    let person = r.person.unwrap_or_default();
+    (
+        r.pseudonym,
+        PatientIndex {
+            person: Person {
+                birth_year: (person.birth_year != 0).then_some(person.birth_year),
+                sex: person.sex,
+            },
+            conditions: r.conditions.into_iter().map(event_from_pb).collect(),
+            measurements: r.measurements.into_iter().map(event_from_pb).collect(),
+            drugs: r.drugs.into_iter().map(event_from_pb).collect(),
+            procedures: r.procedures.into_iter().map(event_from_pb).collect(),
+        },
+    )
+}
+
+pub fn cohort_to_pb(c: &Cohort) -> pb::Cohort {
+    pb::Cohort {
+        condition_codes: c.condition_codes.clone(),
+        min_birth_year: c.min_birth_year.unwrap_or(0),
+        max_birth_year: c.max_birth_year.unwrap_or(0),
+        sex: c.sex.clone().unwrap_or_default(),
+    }
+}
+
+pub fn cohort_from_pb(c: pb::Cohort) -> Cohort {
+    Cohort {
+        condition_codes: c.condition_codes,
+        min_birth_year: (c.min_birth_year != 0).then_some(c.min_birth_year),
+        max_birth_year: (c.max_birth_year != 0).then_some(c.max_birth_year),
+        sex: (!c.sex.is_empty()).then_some(c.sex),
+    }
+}
+
+pub fn purpose_to_pb(p: &ResearchPurpose) -> pb::ResearchPurpose {
+    let (focus, diseases) = match &p.focus {
+        StudyFocus::Disease(codes) => ("disease", codes.clone()),
+        StudyFocus::Health => ("health", Vec::new()),
+        StudyFocus::General => ("general", Vec::new()),
+        StudyFocus::Ancestry => ("ancestry", Vec::new()),
+        StudyFocus::MethodsDevelopment => ("methods", Vec::new()),
+    };
+    pb::ResearchPurpose {
+        focus: focus.into(),
+        diseases,
+        commercial: p.commercial,
+        irb_approved: p.irb_approved,
+        will_publish: p.will_publish,
+        will_collaborate: p.will_collaborate,
+        will_return_data: p.will_return_data,
+        ends_at: p.ends_at.unwrap_or(0),
+        region: p.region.clone().unwrap_or_default(),
+        genetic: p.genetic,
+    }
+}
+
+pub fn purpose_from_pb(p: pb::ResearchPurpose) -> ServiceResult<ResearchPurpose> {
+    let focus = match p.focus.as_str() {
+        "disease" if p.diseases.is_empty() => {
+            return Err(Malformed(
+                "a disease-specific purpose needs at least one disease code".into(),
+            ));
+        }
+        "disease" => StudyFocus::Disease(p.diseases),
+        "health" => StudyFocus::Health,
+        "general" => StudyFocus::General,
+        "ancestry" => StudyFocus::Ancestry,
+        "methods" => StudyFocus::MethodsDevelopment,
+        other => {
+            return Err(Malformed(format!(
+                "unknown research focus {other:?}; use disease, health, general, ancestry or methods"
+            )));
+        }
+    };
+    Ok(ResearchPurpose {
+        focus,
+        commercial: p.commercial,
+        irb_approved: p.irb_approved,
+        will_publish: p.will_publish,
+        will_collaborate: p.will_collaborate,
+        will_return_data: p.will_return_data,
+        ends_at: (p.ends_at != 0).then_some(p.ends_at),
+        region: (!p.region.is_empty()).then_some(p.region),
+        genetic: p.genetic,
+    })
+}
+
+pub fn proposal_to_pb(p: &StudyProposal) -> pb::StudyProposal {
+    pb::StudyProposal {
+        title: p.title.clone(),
+        purpose: Some(purpose_to_pb(&p.purpose)),
+        fields: p.fields.iter().map(|f| f.as_str().to_owned()).collect(),
+        categories: p.categories.iter().map(|c| c.label().to_owned()).collect(),
+        researcher_id: p.researcher_id.clone(),
+        receiving_key: p.receiving_key.clone(),
+        not_before: p.not_before,
+        not_after: p.not_after,
+        cohort: Some(cohort_to_pb(&p.cohort)),
+    }
+}
+
+pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
+    Ok(StudyProposal {
+        title: p.title,
+        purpose: purpose_from_pb(
+            p.purpose
+                .ok_or_else(|| Malformed("a study needs a research purpose".into()))?,
+        )?,
+        fields: p
+            .fields
+            .iter()
+            .map(|f| {
+                f.parse::<SearchField>()
+                    .map_err(|e| Malformed(e.to_string()))
+            })
+            .collect::<ServiceResult<_>>()?,
+        categories: p
+            .categories
+            .iter()
+            .map(|c| category(c))
+            .collect::<ServiceResult<_>>()?,
+        researcher_id: p.researcher_id,
+        receiving_key: p.receiving_key,
+        not_before: p.not_before,
+        not_after: p.not_after,
+        cohort: cohort_from_pb(p.cohort.unwrap_or_default()),
+    })
+}
+
+pub fn status_to_pb(s: StudyStatus) -> pb::StudyStatus {
+    match s {
+        StudyStatus::Proposed => pb::StudyStatus::Proposed,
+        StudyStatus::Approved => pb::StudyStatus::Approved,
+        StudyStatus::Rejected => pb::StudyStatus::Rejected,
+    }
+}
+
+pub fn study_to_pb(s: Study) -> pb::Study {
+    pb::Study {
+        study_id: s.study_id,
+        proposal: Some(proposal_to_pb(&s.proposal)),
+        sponsor_id: s.sponsor_id,
+        status: status_to_pb(s.status) as i32,
+        board_id: s.board_id,
+        board_signature: s.board_signature,
+        reason: s.reason,
+        proposed_at: s.proposed_at,
+        decided_at: s.decided_at,
+        overrides_abstain: s.overrides_abstain,
+        sponsor_organisation: s.sponsor_organisation,
+    }
+}
+
+pub fn study_from_pb(s: pb::Study) -> ServiceResult<Study> {
+    let status = match pb::StudyStatus::try_from(s.status).unwrap_or(pb::StudyStatus::Unspecified) {
+        pb::StudyStatus::Approved => StudyStatus::Approved,
+        pb::StudyStatus::Rejected => StudyStatus::Rejected,
+        _ => StudyStatus::Proposed,
+    };
+    Ok(Study {
+        study_id: s.study_id,
+        proposal: proposal_from_pb(
+            s.proposal
+                .ok_or_else(|| Malformed("study without proposal".into()))?,
+        )?,
+        sponsor_id: s.sponsor_id,
+        status,
+        board_id: s.board_id,
+        board_signature: s.board_signature,
+        reason: s.reason,
+        proposed_at: s.proposed_at,
+        decided_at: s.decided_at,
+        overrides_abstain: s.overrides_abstain,
+        sponsor_organisation: s.sponsor_organisation,
+    })
+}
+
+pub fn grant_to_pb(g: Grant) -> pb::Grant {
+    pb::Grant {
+        study_id: g.study_id,
+        pseudonym: g.pseudonym,
+        threshold: g.threshold,
+        expires_at: g.expires_at,
+        categories: g
+            .categories
+            .into_iter()
+            .map(|c| pb::GrantCategory {
+                category: c.category.label().to_owned(),
+                sealed_kfrags: c.sealed_kfrags,
+            })
+            .collect(),
+        signature: g.signature,
+    }
+}
+
+pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
+    Ok(Grant {
+        study_id: g.study_id,
+        pseudonym: g.pseudonym,
+        threshold: g.threshold,
+        expires_at: g.expires_at,
+        categories: g
+            .categories
+            .into_iter()
+            .map(|c| {
+                Ok(GrantCategory {
+                    category: category(&c.category)?,
+                    sealed_kfrags: c.sealed_kfrags,
+                })
+            })
+            .collect::<ServiceResult<_>>()?,
+        signature: g.signature,
+    })
+}
+
+pub fn category_from_pb(label: &str) -> ServiceResult<Category> {
+    category(label)
+}
+
+/// (study id, pseudonym) pairs as grant references.
+pub fn grant_refs(grants: &[(String, String)]) -> Vec<pb::GrantRef> {
+    grants
+        .iter()
+        .map(|(study_id, pseudonym)| pb::GrantRef {
+            study_id: study_id.clone(),
+            pseudonym: pseudonym.clone(),
+        })
+        .collect()
+}
+
+impl From<Malformed> for tonic::Status {
+    fn from(e: Malformed) -> Self {
+        tonic::Status::invalid_argument(e.0)
+    }
+}
+
+pub fn logged_event_to_pb(e: &LoggedEvent) -> pb::LoggedEvent {
+    pb::LoggedEvent {
+        index: e.index,
+        leaf: e.leaf.clone(),
+        path: e.path.iter().map(|h| h.to_vec()).collect(),
+    }
+}
+
+pub fn logged_event_from_pb(e: pb::LoggedEvent) -> Result<LoggedEvent, Malformed> {
+    let path = e
+        .path
+        .iter()
+        .map(|h| h.as_slice().try_into())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            Malformed(format!(
+                "logged event {}: proof hashes must be 32 bytes",
+                e.index
+            ))
+        })?;
+    Ok(LoggedEvent {
+        index: e.index,
+        leaf: e.leaf,
+        path,
+    })
+}
+
+/// The evidence half of a re-encryption request.
+pub fn logged_release_from_pb(
+    release_id: String,
+    checkpoint: String,
+    events: Vec<pb::LoggedEvent>,
+) -> Result<LoggedRelease, Malformed> {
+    Ok(LoggedRelease {
+        release_id,
+        checkpoint,
+        events: events
+            .into_iter()
+            .map(logged_event_from_pb)
+            .collect::<Result<_, _>>()?,
+    })
+}

@@ -1,0 +1,197 @@
+//! The proxy node's gRPC adapter: `broker.v1.Proxy`, callable only by the broker's key.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use broker_proto::MAX_MESSAGE_BYTES;
+use broker_proto::convert::logged_release_from_pb;
+use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
+use broker_proto::signed;
+use broker_proto::v1 as pb;
+use pre_kms::grant::DepositClaim;
+use pre_kms::keys::{actor_id, public_key_bytes, public_key_from_bytes};
+use pre_kms::request_auth::{ReplayGuard, now_ms};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use umbral_pre::PublicKey;
+
+use crate::node::{Deposit, NodeError, ProxyNode, ReencryptRequest};
+
+pub struct ProxyService {
+    node: Arc<ProxyNode>,
+    broker_key: PublicKey,
+    broker_id: String,
+    guard: ReplayGuard,
+}
+
+impl ProxyService {
+    pub fn new(node: Arc<ProxyNode>, broker_key: PublicKey) -> Self {
+        ProxyService {
+            node,
+            broker_id: actor_id(&broker_key),
+            broker_key,
+            guard: ReplayGuard::default(),
+        }
+    }
+
+    fn authorize<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<(), Status> {
+        self.guard
+            .verify(&signed::call(request), method, |actor| {
+                (actor == self.broker_id).then_some(self.broker_key)
+            })
+            .map_err(|e| signed::unauthenticated(&e))?;
+        Ok(())
+    }
+}
+
+fn category(label: &str) -> Result<model::Category, Status> {
+    label
+        .parse()
+        .map_err(|e: model::UnknownCategory| Status::invalid_argument(e.to_string()))
+}
+
+fn key(bytes: &[u8], what: &str) -> Result<PublicKey, Status> {
+    public_key_from_bytes(bytes)
+        .map_err(|_| Status::invalid_argument(format!("{what} is not a public key")))
+}
+
+#[tonic::async_trait]
+impl pb::proxy_server::Proxy for ProxyService {
+    async fn info(
+        &self,
+        request: Request<pb::ProxyInfoRequest>,
+    ) -> Result<Response<pb::ProxyInfo>, Status> {
+        self.authorize(&request, PROXY_INFO)?;
+        let id = self.node.identity();
+        Ok(Response::new(pb::ProxyInfo {
+            proxy_id: id.actor_id(),
+            encryption_key: public_key_bytes(&id.encryption_public_key()),
+            verifying_key: public_key_bytes(&id.verifying_key()),
+        }))
+    }
+
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        self.authorize(&request, PROXY_DEPOSIT)?;
+        let index = self.node.index();
+        let deposits = request
+            .into_inner()
+            .deposits
+            .into_iter()
+            .map(|d| {
+                Ok(Deposit {
+                    grant_id: d.grant_id,
+                    claim: DepositClaim {
+                        study_id: d.study_id,
+                        pseudonym: d.pseudonym,
+                        category: category(&d.category)?,
+                        expires_at: d.expires_at,
+                        proxy_index: index,
+                        patient_verifying_key: key(
+                            &d.patient_verifying_key,
+                            "patient verifying key",
+                        )?,
+                        delegating_key: key(&d.delegating_key, "delegating key")?,
+                        receiving_key: key(&d.receiving_key, "receiving key")?,
+                    },
+                    sealed_kfrag: d.sealed_kfrag,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let node = self.node.clone();
+        let accepted = tokio::task::spawn_blocking(move || node.deposit(&deposits))
+            .await
+            .map_err(|_| Status::internal("deposit task failed"))?
+            .map_err(|e| match e {
+                NodeError::Rejected(_) => Status::invalid_argument(e.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        Ok(Response::new(pb::DepositResponse {
+            accepted: accepted as u32,
+        }))
+    }
+
+    async fn reencrypt(
+        &self,
+        request: Request<pb::ReencryptRequest>,
+    ) -> Result<Response<pb::ReencryptResponse>, Status> {
+        self.authorize(&request, PROXY_REENCRYPT)?;
+        let request = request.into_inner();
+        let logged =
+            logged_release_from_pb(request.release_id, request.checkpoint, request.events)?;
+        let items = request
+            .items
+            .into_iter()
+            .map(|i| {
+                Ok(ReencryptRequest {
+                    study_id: i.study_id,
+                    pseudonym: i.pseudonym,
+                    category: category(&i.category)?,
+                    capsule: i.capsule,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let node = self.node.clone();
+        let broker_key = self.broker_key;
+        let now = now_ms() / 1000;
+        let cfrags = tokio::task::spawn_blocking(move || {
+            let release = logged.verify(&broker_key).map_err(|e| {
+                tracing::warn!(error = %e, "re-encryption refused: release not provably logged");
+                Status::failed_precondition(format!(
+                    "refusing to re-encrypt: the release is not provably in the audit log ({e})"
+                ))
+            })?;
+            node.reencrypt(&release, &items, now)
+                .map_err(|e| Status::internal(e.to_string()))
+        })
+        .await
+        .map_err(|_| Status::internal("re-encryption task failed"))??;
+        Ok(Response::new(pb::ReencryptResponse {
+            cfrags: cfrags.into_iter().map(Option::unwrap_or_default).collect(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.authorize(&request, PROXY_REVOKE)?;
+        let grants: Vec<(String, String)> = request
+            .into_inner()
+            .grants
+            .into_iter()
+            .map(|g| (g.study_id, g.pseudonym))
+            .collect();
+        let node = self.node.clone();
+        let destroyed = tokio::task::spawn_blocking(move || node.revoke(&grants))
+            .await
+            .map_err(|_| Status::internal("revocation task failed"))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::RevokeResponse {
+            destroyed: destroyed as u32,
+        }))
+    }
+}
+
+/// Serves a proxy node on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<ProxyNode>,
+    broker_key: PublicKey,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let service = pb::proxy_server::ProxyServer::new(ProxyService::new(node, broker_key))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
