@@ -80,6 +80,18 @@ impl EventKind {
     }
 }
 
+/// Which leaves of the access log a reader (an ethics board) asks for: by time, study,
+/// actor and kind (by [`EventKind::name`]), from a leaf index on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub study: Option<String>,
+    pub actor: Option<String>,
+    pub kinds: Vec<String>,
+    pub from_leaf: u64,
+}
+
 /// The role an actor acted in: a registered role ([`model::Role`], its one definition), or
 /// one of the log's own non-actor parties. Serialized as the role's name (`researcher`,
 /// `proxy`, `system`, `unauthenticated`, ...).

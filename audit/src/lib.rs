@@ -195,7 +195,7 @@ pub use checkpoint::{
     SignedCheckpoint, witness_cosign,
 };
 pub use error::Error;
-pub use event::{AuditEvent, EventKind, PatientTag, PatientTagKey};
+pub use event::{AuditEvent, EventFilter, EventKind, PatientTag, PatientTagKey};
 pub use proof::{ConsistencyProof, InclusionProof, ProofError};
 pub use store::{
     AuditLog, Corruption, CorruptionKind, TornTail, VerifyError, VerifyReport,

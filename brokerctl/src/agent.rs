@@ -2,7 +2,6 @@
 //! sealing and uploading records, a patient agent issuing grants, a researcher
 //! verifying and decrypting a release. All cryptography here runs on the caller's side.
 
-use broker_proto::v1 as pb;
 use datasets::PatientRecord;
 use pre_kms::grant::{self, GrantPlan};
 use pre_kms::keys::public_key_from_bytes;
@@ -14,16 +13,15 @@ use tokio_stream::StreamExt;
 use consent_policy::{ConsentPolicy, PolicyHistory};
 
 use crate::wire::{BrokerClient, ClientError, ClientResult};
-use broker_proto::convert::index_to_pb;
-use consent_policy::{consent_digest, decide, grant_scope};
-use model::{Enrollment, Study};
+use consent_policy::{ConsentReceipt, ConsentSubmission, consent_digest, decide, grant_scope};
+use model::{Enrollment, PatientIndex, Release, Study, Upload, UploadedEnvelope};
 
 /// A patient's enrollment and sealed upload, prepared together so that each category
 /// key is derived once.
 pub struct PreparedPatient {
     pub enrollment: Enrollment,
-    pub envelopes: Vec<pb::Envelope>,
-    pub index: pb::IndexRows,
+    pub envelopes: Vec<UploadedEnvelope>,
+    pub index: (String, PatientIndex),
 }
 
 /// Derives the patient's category keys once, signs the enrollment, and seals each
@@ -43,9 +41,9 @@ pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<Pr
                 .find(|(c, _)| c == category)
                 .expect("every category has a key")
                 .1;
-            Ok(pb::Envelope {
+            Ok(UploadedEnvelope {
                 pseudonym: pseudonym.clone(),
-                category: category.label().to_owned(),
+                category: *category,
                 sealed: envelope::seal(key, plaintext)?,
                 content_tag: patient.content_tag(*category, plaintext).to_vec(),
             })
@@ -54,7 +52,7 @@ pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<Pr
     Ok(PreparedPatient {
         enrollment: pre_kms::enrollment::enroll_with_keys(patient, &keys),
         envelopes,
-        index: index_to_pb(pseudonym, record.index.clone()),
+        index: (pseudonym, record.index.clone()),
     })
 }
 
@@ -99,7 +97,7 @@ pub async fn ingest_batch(
         .into_iter()
         .filter(|c| *c)
         .count();
-    let reply = client.upload(envelopes, index).await?;
+    let reply = client.upload(Upload { envelopes, index }).await?;
     for r in reply.receipts {
         if r.unchanged {
             report.envelopes_unchanged += 1;
@@ -243,7 +241,7 @@ pub struct DecryptedRecord {
 
 #[derive(Debug, Clone, Default)]
 pub struct FetchReport {
-    pub release: pb::Release,
+    pub release: Release,
     pub records: usize,
     pub bytes: usize,
 }
@@ -318,12 +316,12 @@ pub async fn fetch_and_decrypt(
 // ---------------------------------------------------------------- consent
 
 /// Signs `policy` as `patient`'s next consent version, ready to submit.
-pub fn sign_consent(patient: &Identity, policy: &ConsentPolicy) -> pb::ConsentSubmission {
+pub fn sign_consent(patient: &Identity, policy: &ConsentPolicy) -> ConsentSubmission {
     let pseudonym = patient.pseudonym();
-    pb::ConsentSubmission {
+    ConsentSubmission {
         signature: patient.sign(&consent_digest(&pseudonym, policy.canonical_bytes())),
         pseudonym,
-        policy: policy.canonical_bytes().to_vec(),
+        policy_json: policy.canonical_bytes().to_vec(),
     }
 }
 
@@ -331,7 +329,7 @@ pub fn sign_consent(patient: &Identity, policy: &ConsentPolicy) -> pb::ConsentSu
 pub async fn set_consents(
     client: &BrokerClient,
     policies: &[(Identity, ConsentPolicy)],
-) -> ClientResult<Vec<pb::ConsentReceipt>> {
+) -> ClientResult<Vec<ConsentReceipt>> {
     let submissions = policies
         .par_iter()
         .map(|(id, policy)| sign_consent(id, policy))

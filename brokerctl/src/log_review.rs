@@ -11,13 +11,14 @@ use audit_log::event::Outcome;
 use audit_log::{
     AuditEvent, Checkpoint, ConsistencyProof, InclusionProof, MerkleTree, SignedCheckpoint,
 };
-use broker_proto::v1 as pb;
 use pre_kms::keys::{actor_id, public_key_bytes, public_key_from_bytes};
 use pre_kms::logged_release::CheckpointKeys;
 use serde::{Deserialize, Serialize};
 use umbral_pre::PublicKey;
 
-use crate::wire::{BrokerClient, ClientError};
+use crate::wire::{BrokerClient, ClientError, LogExcerpt};
+use audit_log::EventFilter;
+use pre_kms::logged_release::LoggedEvent;
 
 /// Where verification of the log failed. Messages name sizes, times and leaf indices.
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +257,7 @@ async fn recompute<'a>(
     let mut sizes: Vec<&Checkpoint> = checkpoints.collect();
     sizes.sort_by_key(|c| c.size);
     let target = sizes.last().map_or(0, |c| c.size);
-    let events = client.log_events(pb::EventsRequest::default()).await?;
+    let events = client.log_events(EventFilter::default()).await?;
     let mut tree: MerkleTree = MerkleTree::new();
     let mut next = sizes.iter().peekable();
     while let Some(c) = next.next_if(|c| c.size == 0) {
@@ -318,7 +319,7 @@ fn shown(index: u64, leaf: &[u8]) -> Result<ShownEvent, ReviewError> {
 /// Checks each event's inclusion proof against `checkpoint` (already signature-checked).
 fn check_included(
     checkpoint: &Checkpoint,
-    events: Vec<pb::LoggedEvent>,
+    events: Vec<LoggedEvent>,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
     events
         .into_iter()
@@ -326,7 +327,7 @@ fn check_included(
             let proof = InclusionProof {
                 leaf_index: e.index,
                 tree_size: checkpoint.size,
-                path: hashes(e.path)?,
+                path: e.path,
             };
             checkpoint
                 .verify_inclusion(&e.leaf, &proof)
@@ -343,14 +344,13 @@ fn check_included(
 async fn patient_view(
     client: &BrokerClient,
     pinned_key: Option<&PublicKey>,
-    checkpoint: &str,
-    events: Vec<pb::LoggedEvent>,
+    excerpt: LogExcerpt,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
     let pinned = pinned_key.map(|k| hex::encode(public_key_bytes(k)));
     let (_, key, _) = current(client, pinned.as_deref()).await?;
-    let c = parse_checkpoint(checkpoint)?;
+    let c = parse_checkpoint(&excerpt.checkpoint)?;
     check_signed(&c, &key)?;
-    check_included(&c.checkpoint, events)
+    check_included(&c.checkpoint, excerpt.events)
 }
 
 /// Every event about the calling patient, each proven to be in the broker-signed log.
@@ -358,8 +358,8 @@ pub async fn patient_accesses(
     client: &BrokerClient,
     pinned_key: Option<&PublicKey>,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
-    let resp = client.log_accesses().await?;
-    patient_view(client, pinned_key, &resp.checkpoint, resp.events).await
+    let excerpt = client.log_accesses().await?;
+    patient_view(client, pinned_key, excerpt).await
 }
 
 /// The calling patient's unread alerts (releases and break-glass access), proven; with
@@ -369,8 +369,8 @@ pub async fn patient_alerts(
     pinned_key: Option<&PublicKey>,
     acknowledge: bool,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
-    let resp = client.log_alerts(None).await?;
-    let shown = patient_view(client, pinned_key, &resp.checkpoint, resp.events).await?;
+    let excerpt = client.log_alerts(None).await?;
+    let shown = patient_view(client, pinned_key, excerpt).await?;
     if acknowledge && let Some(last) = shown.iter().map(|e| e.index).max() {
         client.log_alerts(Some(last)).await?;
     }
@@ -384,21 +384,21 @@ pub fn events_filter(
     study: Option<String>,
     actor: Option<String>,
     kinds: Vec<String>,
-) -> pb::EventsRequest {
-    pb::EventsRequest {
-        since: since.unwrap_or(0),
-        until: until.unwrap_or(0),
-        study_id: study.unwrap_or_default(),
-        actor_id: actor.unwrap_or_default(),
+) -> EventFilter {
+    EventFilter {
+        since,
+        until,
+        study,
+        actor,
         kinds,
-        from_index: 0,
+        from_leaf: 0,
     }
 }
 
 /// Events for the board, parsed (no proofs: `verify` checks the whole log).
 pub async fn board_events(
     client: &BrokerClient,
-    filter: pb::EventsRequest,
+    filter: EventFilter,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
     client
         .log_events(filter)

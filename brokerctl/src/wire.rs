@@ -8,13 +8,18 @@ use pre_kms::Identity;
 use pre_kms::grant::Grant;
 use tonic::transport::{Channel, Endpoint};
 
+use audit_log::EventFilter;
 use broker_proto::convert::{
-    actor_from_pb, grant_to_pb, proposal_to_pb, role_to_pb, study_from_pb,
+    actor_from_pb, consent_receipt_from_pb, consent_submission_to_pb, event_filter_to_pb,
+    grant_to_pb, logged_event_from_pb, proposal_to_pb, release_from_pb, role_to_pb, study_from_pb,
+    upload_receipt_from_pb, upload_to_pb,
 };
 use broker_proto::methods as m;
+use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::Enrollment;
 use model::Role;
-use model::{Actor, Study, StudyProposal, decision_digest};
+use model::{Actor, Release, Study, StudyProposal, Upload, UploadReceipt, decision_digest};
+use pre_kms::logged_release::LoggedEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -56,6 +61,26 @@ pub type ClientResult<T> = Result<T, ClientError>;
 impl From<broker_proto::convert::Malformed> for ClientError {
     fn from(e: broker_proto::convert::Malformed) -> Self {
         ClientError::Invalid(format!("the broker sent a malformed answer: {e}"))
+    }
+}
+
+/// Events with inclusion proofs and the signed checkpoint (note form) they are proven
+/// against, as the broker served them: not yet checked (`log_review` checks them).
+#[derive(Debug, Clone)]
+pub struct LogExcerpt {
+    pub checkpoint: String,
+    pub events: Vec<LoggedEvent>,
+}
+
+impl LogExcerpt {
+    fn from_pb(checkpoint: String, events: Vec<pb::LoggedEvent>) -> ClientResult<LogExcerpt> {
+        Ok(LogExcerpt {
+            checkpoint,
+            events: events
+                .into_iter()
+                .map(logged_event_from_pb)
+                .collect::<Result<_, _>>()?,
+        })
     }
 }
 
@@ -227,18 +252,15 @@ impl BrokerClient {
             .created)
     }
 
-    pub async fn upload(
-        &self,
-        envelopes: Vec<pb::Envelope>,
-        index: Vec<pb::IndexRows>,
-    ) -> ClientResult<pb::UploadResponse> {
-        let req = pb::UploadRequest { envelopes, index };
-        Ok(self
-            .records
-            .clone()
-            .upload(self.sign(m::UPLOAD, req))
-            .await?
-            .into_inner())
+    /// Uploads envelopes and index rows; answers with a receipt per envelope.
+    pub async fn upload(&self, upload: Upload) -> ClientResult<UploadReceipt> {
+        Ok(upload_receipt_from_pb(
+            self.records
+                .clone()
+                .upload(self.sign(m::UPLOAD, upload_to_pb(upload)))
+                .await?
+                .into_inner(),
+        )?)
     }
 
     pub async fn propose_study(&self, proposal: &StudyProposal) -> ClientResult<Study> {
@@ -340,16 +362,17 @@ impl BrokerClient {
             .grant_ids)
     }
 
-    pub async fn request_release(&self, study_id: &str) -> ClientResult<pb::Release> {
+    pub async fn request_release(&self, study_id: &str) -> ClientResult<Release> {
         let req = pb::RequestReleaseRequest {
             study_id: study_id.to_owned(),
         };
-        Ok(self
-            .releases
-            .clone()
-            .request(self.sign(m::REQUEST_RELEASE, req))
-            .await?
-            .into_inner())
+        Ok(release_from_pb(
+            self.releases
+                .clone()
+                .request(self.sign(m::REQUEST_RELEASE, req))
+                .await?
+                .into_inner(),
+        ))
     }
 
     pub async fn fetch_release(
@@ -398,15 +421,12 @@ impl BrokerClient {
     }
 
     /// Every logged event matching `filter`, oldest first.
-    pub async fn log_events(
-        &self,
-        filter: pb::EventsRequest,
-    ) -> ClientResult<Vec<pb::LoggedEvent>> {
-        let req = self.sign(m::AUDIT_EVENTS, filter);
+    pub async fn log_events(&self, filter: EventFilter) -> ClientResult<Vec<LoggedEvent>> {
+        let req = self.sign(m::AUDIT_EVENTS, event_filter_to_pb(filter));
         let mut stream = self.audit.clone().events(req).await?.into_inner();
         let mut out = Vec::new();
         while let Some(e) = stream.message().await? {
-            out.push(e);
+            out.push(logged_event_from_pb(e)?);
         }
         Ok(out)
     }
@@ -422,15 +442,13 @@ impl BrokerClient {
             .signatures)
     }
 
-    pub async fn log_accesses(&self) -> ClientResult<pb::AccessesResponse> {
+    pub async fn log_accesses(&self) -> ClientResult<LogExcerpt> {
         let req = self.sign(m::AUDIT_ACCESSES, pb::AccessesRequest {});
-        Ok(self.audit.clone().accesses(req).await?.into_inner())
+        let r = self.audit.clone().accesses(req).await?.into_inner();
+        LogExcerpt::from_pb(r.checkpoint, r.events)
     }
 
-    pub async fn log_alerts(
-        &self,
-        acknowledge_through: Option<u64>,
-    ) -> ClientResult<pb::AlertsResponse> {
+    pub async fn log_alerts(&self, acknowledge_through: Option<u64>) -> ClientResult<LogExcerpt> {
         let req = self.sign(
             m::AUDIT_ALERTS,
             pb::AlertsRequest {
@@ -438,7 +456,8 @@ impl BrokerClient {
                 acknowledge: acknowledge_through.is_some(),
             },
         );
-        Ok(self.audit.clone().alerts(req).await?.into_inner())
+        let r = self.audit.clone().alerts(req).await?.into_inner();
+        LogExcerpt::from_pb(r.checkpoint, r.events)
     }
 
     // ------------------------------------------------------------ consents
@@ -446,10 +465,20 @@ impl BrokerClient {
     /// Sets new policy versions, each already signed by its patient.
     pub async fn set_consents(
         &self,
-        consents: Vec<pb::ConsentSubmission>,
-    ) -> ClientResult<Vec<pb::ConsentReceipt>> {
+        consents: Vec<ConsentSubmission>,
+    ) -> ClientResult<Vec<ConsentReceipt>> {
+        let consents = consents.into_iter().map(consent_submission_to_pb).collect();
         let req = self.sign(m::SET_CONSENTS, pb::SetConsentsRequest { consents });
-        Ok(self.consents.clone().set(req).await?.into_inner().receipts)
+        Ok(self
+            .consents
+            .clone()
+            .set(req)
+            .await?
+            .into_inner()
+            .receipts
+            .into_iter()
+            .map(consent_receipt_from_pb)
+            .collect())
     }
 
     pub async fn consent_history(&self, pseudonym: &str) -> ClientResult<Vec<pb::ConsentVersion>> {

@@ -98,6 +98,7 @@ pub use policy::{
     PolicyHistory, Provision, SearchField, Sector,
 };
 pub use study::{
-    NoGrant, ReleaseScope, SignedPolicy, broad_research_policy, cohort_fields, consent_digest,
-    decide, exposed_index, grant_scope, history, release_scope, study_request,
+    ConsentReceipt, ConsentSubmission, NoGrant, ReleaseScope, SignedPolicy, broad_research_policy,
+    cohort_fields, consent_digest, decide, exposed_index, grant_scope, history, release_scope,
+    study_request,
 };

@@ -25,6 +25,24 @@ pub fn consent_digest(pseudonym: &str, canonical: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// A consent version submitted for a patient: the policy JSON and the patient's
+/// signature over [`consent_digest`] of its canonical form.
+#[derive(Debug, Clone)]
+pub struct ConsentSubmission {
+    pub pseudonym: String,
+    pub policy_json: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// What became of one submission at the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsentReceipt {
+    pub pseudonym: String,
+    pub version: u32,
+    pub policy_hash: String,
+    pub grants_withdrawn: usize,
+}
+
 /// One stored version of a patient's policy, with the patient's signature.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SignedPolicy {

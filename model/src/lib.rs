@@ -9,7 +9,8 @@
 //! - [`Cohort`] (a study's simple release cohort) and [`CohortDefinition`] (the
 //!   feasibility question), with [`Code`], [`CodeSystem`], [`Date`], [`Sex`] and the
 //!   concept relations ([`ConceptHierarchy`]);
-//! - [`ResearchPurpose`], [`StudyProposal`], [`Study`];
+//! - [`ResearchPurpose`], [`StudyProposal`], [`Study`]; an [`Upload`] and a fixed
+//!   [`Release`];
 //! - the digests parties sign: [`enrollment_digest`], [`decision_digest`].
 //!
 //! ```
@@ -29,8 +30,10 @@ pub mod hierarchy;
 pub mod index;
 pub mod purpose;
 pub mod quote;
+pub mod release;
 pub mod role;
 pub mod study;
+pub mod upload;
 
 pub use category::{Category, UnknownCategory};
 pub use cohort::Cohort;
@@ -46,5 +49,7 @@ pub use hierarchy::ConceptHierarchy;
 pub use index::{CodedEvent, PatientIndex, Person};
 pub use purpose::{ResearchPurpose, StudyFocus};
 pub use quote::excerpt;
+pub use release::Release;
 pub use role::{Actor, Caller, Role, UnknownRole};
 pub use study::{Study, StudyProposal, StudyStatus, decision_digest, purpose_label};
+pub use upload::{EnvelopeReceipt, Upload, UploadReceipt, UploadedEnvelope};

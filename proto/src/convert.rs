@@ -1,9 +1,12 @@
 //! Conversions between broker.v1 messages and domain types, in one place for the server
 //! and the client alike.
 
+use audit_log::EventFilter;
+use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::{
-    Actor, Category, CodedEvent, Cohort, PatientIndex, Person, ResearchPurpose, Role, SearchField,
-    Study, StudyFocus, StudyProposal, StudyStatus,
+    Actor, Category, CodedEvent, Cohort, EnvelopeReceipt, PatientIndex, Person, Release,
+    ResearchPurpose, Role, SearchField, Study, StudyFocus, StudyProposal, StudyStatus, Upload,
+    UploadReceipt, UploadedEnvelope,
 };
 use pre_kms::grant::{Grant, GrantCategory};
 use pre_kms::logged_release::{LoggedEvent, LoggedRelease};
@@ -336,6 +339,158 @@ pub fn grant_refs(grants: &[(String, String)]) -> Vec<pb::GrantRef> {
             pseudonym: pseudonym.clone(),
         })
         .collect()
+}
+
+pub fn upload_to_pb(u: Upload) -> pb::UploadRequest {
+    pb::UploadRequest {
+        envelopes: u
+            .envelopes
+            .into_iter()
+            .map(|e| pb::Envelope {
+                pseudonym: e.pseudonym,
+                category: e.category.label().to_owned(),
+                sealed: e.sealed,
+                content_tag: e.content_tag,
+            })
+            .collect(),
+        index: u
+            .index
+            .into_iter()
+            .map(|(pseudonym, i)| index_to_pb(pseudonym, i))
+            .collect(),
+    }
+}
+
+pub fn upload_from_pb(r: pb::UploadRequest) -> Result<Upload, Malformed> {
+    Ok(Upload {
+        envelopes: r
+            .envelopes
+            .into_iter()
+            .map(|e| {
+                Ok(UploadedEnvelope {
+                    pseudonym: e.pseudonym,
+                    category: category(&e.category)?,
+                    sealed: e.sealed,
+                    content_tag: e.content_tag,
+                })
+            })
+            .collect::<Result<_, Malformed>>()?,
+        index: r.index.into_iter().map(index_from_pb).collect(),
+    })
+}
+
+pub fn upload_receipt_to_pb(r: UploadReceipt) -> pb::UploadResponse {
+    pb::UploadResponse {
+        receipts: r
+            .receipts
+            .into_iter()
+            .map(|r| pb::EnvelopeReceipt {
+                pseudonym: r.pseudonym,
+                category: r.category.label().to_owned(),
+                version: r.version,
+                blob: r.blob,
+                unchanged: r.unchanged,
+            })
+            .collect(),
+        index_patients: r.index_patients as u32,
+    }
+}
+
+pub fn upload_receipt_from_pb(r: pb::UploadResponse) -> Result<UploadReceipt, Malformed> {
+    Ok(UploadReceipt {
+        receipts: r
+            .receipts
+            .into_iter()
+            .map(|r| {
+                Ok(EnvelopeReceipt {
+                    pseudonym: r.pseudonym,
+                    category: category(&r.category)?,
+                    version: r.version,
+                    blob: r.blob,
+                    unchanged: r.unchanged,
+                })
+            })
+            .collect::<Result<_, Malformed>>()?,
+        index_patients: r.index_patients as usize,
+    })
+}
+
+pub fn release_to_pb(r: Release) -> pb::Release {
+    pb::Release {
+        release_id: r.release_id,
+        study_id: r.study_id,
+        subjects: r.subjects,
+        envelopes: r.envelopes,
+        created_at: r.created_at,
+        threshold: r.threshold,
+    }
+}
+
+pub fn release_from_pb(r: pb::Release) -> Release {
+    Release {
+        release_id: r.release_id,
+        study_id: r.study_id,
+        subjects: r.subjects,
+        envelopes: r.envelopes,
+        created_at: r.created_at,
+        threshold: r.threshold,
+    }
+}
+
+pub fn consent_submission_to_pb(c: ConsentSubmission) -> pb::ConsentSubmission {
+    pb::ConsentSubmission {
+        pseudonym: c.pseudonym,
+        policy: c.policy_json,
+        signature: c.signature,
+    }
+}
+
+pub fn consent_submission_from_pb(c: pb::ConsentSubmission) -> ConsentSubmission {
+    ConsentSubmission {
+        pseudonym: c.pseudonym,
+        policy_json: c.policy,
+        signature: c.signature,
+    }
+}
+
+pub fn consent_receipt_to_pb(r: ConsentReceipt) -> pb::ConsentReceipt {
+    pb::ConsentReceipt {
+        pseudonym: r.pseudonym,
+        version: r.version,
+        policy_hash: r.policy_hash,
+        grants_withdrawn: r.grants_withdrawn as u32,
+    }
+}
+
+pub fn consent_receipt_from_pb(r: pb::ConsentReceipt) -> ConsentReceipt {
+    ConsentReceipt {
+        pseudonym: r.pseudonym,
+        version: r.version,
+        policy_hash: r.policy_hash,
+        grants_withdrawn: r.grants_withdrawn as usize,
+    }
+}
+
+pub fn event_filter_to_pb(f: EventFilter) -> pb::EventsRequest {
+    pb::EventsRequest {
+        since: f.since.unwrap_or(0),
+        until: f.until.unwrap_or(0),
+        study_id: f.study.unwrap_or_default(),
+        actor_id: f.actor.unwrap_or_default(),
+        kinds: f.kinds,
+        from_index: f.from_leaf,
+    }
+}
+
+pub fn event_filter_from_pb(r: pb::EventsRequest) -> EventFilter {
+    EventFilter {
+        since: (r.since != 0).then_some(r.since),
+        until: (r.until != 0).then_some(r.until),
+        study: (!r.study_id.is_empty()).then_some(r.study_id),
+        actor: (!r.actor_id.is_empty()).then_some(r.actor_id),
+        kinds: r.kinds,
+        from_leaf: r.from_index,
+    }
 }
 
 impl From<Malformed> for tonic::Status {

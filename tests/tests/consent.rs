@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use broker::service::now_secs;
 use broker_cli::demo::{Cast, Tally};
-use broker_proto::v1 as pb;
 use brokerctl::agent::{self, ConsentedGrants};
 use brokerctl::{ClientError, ClientResult};
 use consent_policy::{
@@ -115,7 +114,7 @@ impl World {
     async fn try_set(
         &self,
         policies: &[(usize, ConsentPolicy)],
-    ) -> ClientResult<Vec<pb::ConsentReceipt>> {
+    ) -> ClientResult<Vec<consent_policy::ConsentReceipt>> {
         let signed: Vec<(Identity, ConsentPolicy)> = policies
             .iter()
             .map(|(i, p)| (self.patients[*i].0.clone(), p.clone()))
@@ -123,7 +122,10 @@ impl World {
         agent::set_consents(&self.cast.custodian, &signed).await
     }
 
-    async fn set(&self, policies: &[(usize, ConsentPolicy)]) -> Vec<pb::ConsentReceipt> {
+    async fn set(
+        &self,
+        policies: &[(usize, ConsentPolicy)],
+    ) -> Vec<consent_policy::ConsentReceipt> {
         self.try_set(policies).await.expect("set consents")
     }
 

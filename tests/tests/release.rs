@@ -17,7 +17,7 @@ use datasets::{PatientRecord, Population};
 use integration_tests::{Sandbox, scan_for};
 use model::Cohort;
 use model::Role;
-use model::{Study, StudyProposal};
+use model::{Study, StudyProposal, Upload, UploadedEnvelope};
 use pre_kms::{Category, Identity};
 use proxy::ProxyNode;
 use proxy::ProxyService;
@@ -557,15 +557,15 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
     let reply = w
         .cast
         .custodian
-        .upload(
-            vec![pb::Envelope {
+        .upload(Upload {
+            envelopes: vec![UploadedEnvelope {
                 pseudonym: patient.pseudonym(),
-                category: Category::Conditions.label().into(),
+                category: Category::Conditions,
                 sealed,
                 content_tag: vec![7; 32],
             }],
-            vec![],
-        )
+            index: vec![],
+        })
         .await
         .expect("framing is valid");
     assert_eq!(reply.receipts[0].version, 2);
@@ -589,15 +589,15 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
     let err = w
         .cast
         .custodian
-        .upload(
-            vec![pb::Envelope {
+        .upload(Upload {
+            envelopes: vec![UploadedEnvelope {
                 pseudonym: patient.pseudonym(),
-                category: Category::Conditions.label().into(),
+                category: Category::Conditions,
                 sealed: b"not an envelope".to_vec(),
                 content_tag: vec![8; 32],
             }],
-            vec![],
-        )
+            index: vec![],
+        })
         .await
         .unwrap_err();
     assert!(

@@ -16,7 +16,7 @@ use broker_proto::signed;
 use model::{Actor, Caller, Enrollment};
 
 use crate::error::{ServiceError, ServiceResult};
-use crate::service::{Broker, Upload, UploadedEnvelope};
+use crate::service::Broker;
 
 #[derive(Clone)]
 pub struct Grpc(pub Arc<Broker>);
@@ -139,36 +139,13 @@ impl pb::records_server::Records for Grpc {
     ) -> Result<Response<pb::UploadResponse>, Status> {
         let caller = self.authorize(&req, m::UPLOAD)?;
         let r = req.into_inner();
-        let upload = Upload {
-            envelopes: r
-                .envelopes
-                .into_iter()
-                .map(|e| {
-                    Ok(UploadedEnvelope {
-                        pseudonym: e.pseudonym,
-                        category: category_from_pb(&e.category)?,
-                        sealed: e.sealed,
-                        content_tag: e.content_tag,
-                    })
-                })
-                .collect::<Result<_, Malformed>>()?,
-            index: r.index.into_iter().map(index_from_pb).collect(),
-        };
+        let upload = upload_from_pb(r)?;
         let b = self.0.clone();
         let (receipts, index_patients) = blocking(move || b.upload(&caller, upload)).await?;
-        Ok(Response::new(pb::UploadResponse {
-            receipts: receipts
-                .into_iter()
-                .map(|r| pb::EnvelopeReceipt {
-                    pseudonym: r.pseudonym,
-                    category: r.category.label().to_owned(),
-                    version: r.version,
-                    blob: r.blob,
-                    unchanged: r.unchanged,
-                })
-                .collect(),
-            index_patients: index_patients as u32,
-        }))
+        Ok(Response::new(upload_receipt_to_pb(model::UploadReceipt {
+            receipts,
+            index_patients,
+        })))
     }
 }
 
@@ -279,14 +256,14 @@ impl pb::releases_server::Releases for Grpc {
         let study_id = req.into_inner().study_id;
         let b = self.0.clone();
         let r = blocking(move || b.request_release(&caller, &study_id)).await?;
-        Ok(Response::new(pb::Release {
+        Ok(Response::new(release_to_pb(model::Release {
             release_id: r.release_id,
             study_id: r.study_id,
             subjects: r.subjects,
             envelopes: r.envelopes,
             created_at: r.created_at,
             threshold: self.0.threshold() as u32,
-        }))
+        })))
     }
 
     type FetchStream = ItemStream;
@@ -379,14 +356,7 @@ impl pb::audit_server::Audit for Grpc {
     ) -> Result<Response<EventStream>, Status> {
         self.authorize(&req, m::AUDIT_EVENTS)?;
         let r = req.into_inner();
-        let mut filter = crate::storage::db::AuditFilter {
-            since: (r.since != 0).then_some(r.since),
-            until: (r.until != 0).then_some(r.until),
-            study: (!r.study_id.is_empty()).then_some(r.study_id),
-            actor: (!r.actor_id.is_empty()).then_some(r.actor_id),
-            kinds: r.kinds,
-            from_leaf: r.from_index,
-        };
+        let mut filter = event_filter_from_pb(r);
         let (tx, rx) = tokio::sync::mpsc::channel(crate::service::EVENTS_PAGE);
         let b = self.0.clone();
         tokio::spawn(async move {
@@ -465,23 +435,11 @@ impl pb::consents_server::Consents for Grpc {
             .into_inner()
             .consents
             .into_iter()
-            .map(|c| crate::service::ConsentSubmission {
-                pseudonym: c.pseudonym,
-                policy_json: c.policy,
-                signature: c.signature,
-            })
+            .map(consent_submission_from_pb)
             .collect();
         let receipts = self.0.set_consents(caller, submissions).await?;
         Ok(Response::new(pb::SetConsentsResponse {
-            receipts: receipts
-                .into_iter()
-                .map(|r| pb::ConsentReceipt {
-                    pseudonym: r.pseudonym,
-                    version: r.version,
-                    policy_hash: r.policy_hash,
-                    grants_withdrawn: r.grants_withdrawn as u32,
-                })
-                .collect(),
+            receipts: receipts.into_iter().map(consent_receipt_to_pb).collect(),
         }))
     }
 

@@ -24,7 +24,8 @@ use pre_kms::logged_release::{CheckpointKeys, LoggedEvent};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::storage::db::{AuditFilter, AuditIndexRow, Db};
+use crate::storage::db::{AuditIndexRow, Db};
+use audit_log::EventFilter;
 use model::Caller;
 
 /// Leaves per page of a board's event stream.
@@ -286,7 +287,7 @@ impl Broker {
 
     /// A page of leaves matching `filter` (no proofs: the board checks the whole log
     /// against its checkpoints instead).
-    pub fn events_page(&self, filter: &AuditFilter) -> ServiceResult<Vec<LoggedEvent>> {
+    pub fn events_page(&self, filter: &EventFilter) -> ServiceResult<Vec<LoggedEvent>> {
         let leaves = self.db().audit_leaves(filter, EVENTS_PAGE)?;
         self.logged_events(&leaves, 0)
     }

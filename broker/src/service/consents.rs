@@ -11,25 +11,9 @@ use pre_kms::keys::{public_key_from_bytes, verify_signature};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
+use consent_policy::{ConsentReceipt, ConsentSubmission};
 use consent_policy::{SignedPolicy, consent_digest, decide, grant_scope, history};
 use model::Caller;
-
-/// A consent version submitted for a patient.
-#[derive(Debug, Clone)]
-pub struct ConsentSubmission {
-    pub pseudonym: String,
-    pub policy_json: Vec<u8>,
-    pub signature: Vec<u8>,
-}
-
-/// What became of one submission.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConsentReceipt {
-    pub pseudonym: String,
-    pub version: u32,
-    pub policy_hash: String,
-    pub grants_withdrawn: usize,
-}
 
 /// How far ahead of the broker's clock a policy may say it was issued.
 const CLOCK_SKEW: i64 = 300;

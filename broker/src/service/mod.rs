@@ -18,10 +18,8 @@ pub use pre_kms::request_auth::now_secs;
 use pre_kms::request_auth::{AuthError, ReplayGuard, SignedCall};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash};
-pub use consents::{ConsentReceipt, ConsentSubmission};
 pub use feasibility::{CountAnswer, Feasibility};
 pub use grants::GrantOutcome;
-pub use records::{Upload, UploadedEnvelope};
 pub use release::{ReleaseStream, ReleasedItem};
 
 use crate::error::{ServiceError, ServiceResult};

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use model::PatientIndex;
 use pre_kms::keys::{pseudonym, public_key_from_bytes};
 use pre_kms::{Category, envelope};
 use rayon::prelude::*;
@@ -11,26 +10,8 @@ use audit_log::{AuditEvent, EventKind};
 
 use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::storage::db::{NewEnvelope, PatientRow, Receipt};
-use model::{Caller, Enrollment, Role};
-
-/// One envelope of an upload.
-#[derive(Debug, Clone)]
-pub struct UploadedEnvelope {
-    pub pseudonym: String,
-    pub category: Category,
-    /// The sealed envelope (framing checked here, capsule parsed by the proxies).
-    pub sealed: Vec<u8>,
-    /// The custodian's keyed hash of the plaintext: an unchanged re-upload stores nothing.
-    pub content_tag: Vec<u8>,
-}
-
-/// What one `Records.Upload` call stores: envelopes and index rows, by pseudonym.
-#[derive(Debug, Clone, Default)]
-pub struct Upload {
-    pub envelopes: Vec<UploadedEnvelope>,
-    pub index: Vec<(String, PatientIndex)>,
-}
+use crate::storage::db::{NewEnvelope, PatientRow};
+use model::{Caller, Enrollment, EnvelopeReceipt, Role, Upload};
 
 impl Broker {
     /// Enrolls patients in one transaction. Every enrollment is checked first (keys,
@@ -165,7 +146,11 @@ impl Broker {
 
     /// Stores envelopes (blobs fsynced first) and index rows; returns one receipt per
     /// envelope once everything is durable.
-    pub fn upload(&self, caller: &Caller, upload: Upload) -> ServiceResult<(Vec<Receipt>, usize)> {
+    pub fn upload(
+        &self,
+        caller: &Caller,
+        upload: Upload,
+    ) -> ServiceResult<(Vec<EnvelopeReceipt>, usize)> {
         self.check_acts_for(
             caller,
             upload
@@ -221,7 +206,7 @@ impl Broker {
         let receipts = db.store_upload(&rows, &upload.index, now_secs())?;
         self.index_changed();
         // One event per patient with new envelopes: categories, count, content hashes.
-        let mut per_patient: BTreeMap<&str, Vec<&Receipt>> = BTreeMap::new();
+        let mut per_patient: BTreeMap<&str, Vec<&EnvelopeReceipt>> = BTreeMap::new();
         for r in receipts.iter().filter(|r| !r.unchanged) {
             per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
         }

@@ -1,6 +1,7 @@
 //! The access log's side index.
 
 use super::*;
+use audit_log::EventFilter;
 
 impl Db {
     /// The log leaf of each patient's event in a release.
@@ -93,7 +94,7 @@ impl Db {
     }
 
     /// Leaves matching `filter`, oldest first, at most `limit`.
-    pub fn audit_leaves(&self, filter: &AuditFilter, limit: usize) -> DbResult<Vec<u64>> {
+    pub fn audit_leaves(&self, filter: &EventFilter, limit: usize) -> DbResult<Vec<u64>> {
         let mut sql = String::from("SELECT leaf FROM audit_index WHERE leaf >= ?1");
         let mut args: Vec<rusqlite::types::Value> = vec![(filter.from_leaf as i64).into()];
         let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {

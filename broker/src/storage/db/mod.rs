@@ -16,7 +16,7 @@ use consent_policy::ConsentPolicy;
 
 use crate::storage::blobs::BlobLocation;
 use consent_policy::SignedPolicy;
-use model::{Actor, Role};
+use model::{Actor, EnvelopeReceipt, Role};
 use model::{Study, StudyProposal, StudyStatus};
 
 mod actors;
@@ -127,17 +127,6 @@ pub struct AuditIndexRow {
     pub tag: Option<[u8; 32]>,
 }
 
-/// Which leaves of the access log a board asks for.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AuditFilter {
-    pub since: Option<i64>,
-    pub until: Option<i64>,
-    pub study: Option<String>,
-    pub actor: Option<String>,
-    pub kinds: Vec<String>,
-    pub from_leaf: u64,
-}
-
 /// A patient as enrolled.
 #[derive(Debug, Clone)]
 pub struct PatientRow {
@@ -156,15 +145,6 @@ pub struct NewEnvelope {
     /// Where the blob was stored; `None` when the content tag says it is unchanged.
     pub at: Option<BlobLocation>,
     pub content_tag: Vec<u8>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Receipt {
-    pub pseudonym: String,
-    pub category: Category,
-    pub version: u32,
-    pub blob: String,
-    pub unchanged: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -67,7 +67,7 @@ impl Db {
         envelopes: &[NewEnvelope],
         index: &[(String, PatientIndex)],
         now: i64,
-    ) -> DbResult<Vec<Receipt>> {
+    ) -> DbResult<Vec<EnvelopeReceipt>> {
         let tx = self.conn.transaction()?;
         let receipts = add_envelopes(&tx, envelopes, now)?;
         put_index(&tx, index)?;
@@ -163,7 +163,7 @@ fn add_envelopes(
     tx: &rusqlite::Transaction<'_>,
     envelopes: &[NewEnvelope],
     now: i64,
-) -> DbResult<Vec<Receipt>> {
+) -> DbResult<Vec<EnvelopeReceipt>> {
     let mut receipts = Vec::with_capacity(envelopes.len());
     {
         let mut latest = tx.prepare_cached(
@@ -181,7 +181,7 @@ fn add_envelopes(
                 })
                 .optional()?;
             let receipt = match (prev, &e.at) {
-                (Some((version, blob, tag)), _) if tag == e.content_tag => Receipt {
+                (Some((version, blob, tag)), _) if tag == e.content_tag => EnvelopeReceipt {
                     pseudonym: e.pseudonym.clone(),
                     category: e.category,
                     version,
@@ -201,7 +201,7 @@ fn add_envelopes(
                         e.content_tag,
                         now
                     ])?;
-                    Receipt {
+                    EnvelopeReceipt {
                         pseudonym: e.pseudonym.clone(),
                         category: e.category,
                         version,

@@ -1,0 +1,290 @@
+//! `brokerctl board`: review, approve and reject studies, verify, read and export the
+//! access log, count cohorts exactly.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use brokerctl::log_review;
+use clap::{Args, Subcommand};
+use model::purpose_label;
+
+use super::conn::{Conn, connect, print};
+use super::sponsor::{self, CountArgs};
+
+#[derive(Subcommand)]
+pub enum BoardCmd {
+    /// Studies.
+    #[command(subcommand)]
+    Study(BoardStudyCmd),
+    /// The access log: verify, read, export.
+    #[command(subcommand)]
+    Log(BoardLogCmd),
+    /// The exact count of a cohort definition for a study, with its attrition.
+    Count(CountArgs),
+}
+
+#[derive(Subcommand)]
+pub enum BoardLogCmd {
+    /// Check the log since the last checkpoint this board saw: signatures, consistency,
+    /// and (unless --quick) every leaf against every checkpoint.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+        /// Where the last verified checkpoint is kept [default: KEY.log-state.json].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Skip re-hashing every leaf.
+        #[arg(long)]
+        quick: bool,
+        /// Co-sign the verified checkpoint as a witness.
+        #[arg(long)]
+        cosign: bool,
+    },
+    /// Show events, filtered.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: LogFilter,
+    },
+    /// Export events as JSON Lines, CSV or FHIR AuditEvent (NDJSON).
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: LogFilter,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Output file [default: standard output].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct LogFilter {
+    /// From this time on: YYYY-MM-DD or unix seconds.
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Up to this time: YYYY-MM-DD (the whole day) or unix seconds.
+    #[arg(long, value_parser = parse_until)]
+    until: Option<i64>,
+    #[arg(long)]
+    study: Option<String>,
+    /// Actor id.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Event kind (repeatable): enroll, upload, study_proposed, study_approved,
+    /// study_rejected, grant_issued, release, fetch, authorization_failed, ...
+    #[arg(long = "kind")]
+    kinds: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+    Fhir,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds"));
+    };
+    let (y, m, d): (i64, i64, i64) = match (y.parse(), m.parse(), d.parse()) {
+        (Ok(y), Ok(m), Ok(d)) if (1..=12).contains(&m) && (1..=31).contains(&d) => (y, m, d),
+        _ => return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds")),
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146_097 + doe - 719_468) * 86_400)
+}
+
+fn parse_until(s: &str) -> Result<i64, String> {
+    let t = parse_time(s)?;
+    Ok(if s.contains('-') { t + 86_399 } else { t })
+}
+
+#[derive(Subcommand)]
+pub enum BoardStudyCmd {
+    /// Every study and its status.
+    List(#[command(flatten)] Conn),
+    /// Approve a proposed study, signing it.
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        study: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Also approve the purpose for patients whose consent the DUO matcher cannot
+        /// decide (it abstains, e.g. a disease code in another vocabulary).
+        #[arg(long)]
+        override_abstain: bool,
+    },
+    /// Reject a proposed study, signing the rejection.
+    Reject {
+        #[command(flatten)]
+        conn: Conn,
+        study: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
+    match cmd {
+        BoardCmd::Study(BoardStudyCmd::List(conn)) => {
+            let studies = connect(&conn).await?.list_studies().await?;
+            let rows: Vec<_> = studies
+                .iter()
+                .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
+                    "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
+                .collect();
+            print(&conn, &rows, || {
+                studies
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}  {:<9} {} [{}]",
+                            s.study_id,
+                            s.status.as_str(),
+                            s.proposal.title,
+                            s.proposal
+                                .categories
+                                .iter()
+                                .map(|c| c.label())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        BoardCmd::Study(BoardStudyCmd::Approve {
+            conn,
+            study,
+            reason,
+            override_abstain,
+        }) => decide(&conn, &study, true, override_abstain, &reason).await?,
+        BoardCmd::Study(BoardStudyCmd::Reject {
+            conn,
+            study,
+            reason,
+        }) => decide(&conn, &study, false, false, &reason).await?,
+        BoardCmd::Log(BoardLogCmd::Verify {
+            conn,
+            state,
+            quick,
+            cosign,
+        }) => {
+            let client = connect(&conn).await?;
+            let state = match state {
+                Some(s) => s,
+                None => {
+                    let key = conn
+                        .key
+                        .as_ref()
+                        .context("give --state FILE or --key FILE")?;
+                    let mut p = key.as_os_str().to_owned();
+                    p.push(".log-state.json");
+                    PathBuf::from(p)
+                }
+            };
+            let report = log_review::verify_log(&client, &state, !quick, cosign)
+                .await
+                .context("the access log does NOT verify")?;
+            print(&conn, &report, || {
+                let mut out = match report.previous_size {
+                    Some(p) => format!(
+                        "verified: the log grew from {p} to {} events, consistently",
+                        report.size
+                    ),
+                    None => format!(
+                        "verified: {} events (first check; this checkpoint is now trusted)",
+                        report.size
+                    ),
+                };
+                out.push_str(&format!(
+                    "\n{} checkpoints signed by the broker and consistent; root {}",
+                    report.checkpoints_checked, report.root
+                ));
+                if let Some(n) = report.leaves_recomputed {
+                    out.push_str(&format!(
+                        "\nall {n} leaves re-hashed: every checkpoint's root matches"
+                    ));
+                }
+                if let Some(n) = report.cosignatures {
+                    out.push_str(&format!("\nco-signed as a witness ({n} signatures)"));
+                }
+                out.push_str(&format!("\nstate kept in {}", state.display()));
+                out
+            });
+        }
+        BoardCmd::Log(BoardLogCmd::Show { conn, filter }) => {
+            let client = connect(&conn).await?;
+            let shown = log_review::board_events(&client, log_filter(filter)).await?;
+            print(&conn, &shown, || {
+                let mut out = format!("{} events", shown.len());
+                for e in &shown {
+                    out.push('\n');
+                    out.push_str(&log_review::human_line(e));
+                }
+                out
+            });
+        }
+        BoardCmd::Log(BoardLogCmd::Export {
+            conn,
+            filter,
+            format,
+            out,
+        }) => {
+            let client = connect(&conn).await?;
+            let shown = log_review::board_events(&client, log_filter(filter)).await?;
+            let text = match format {
+                ExportFormat::Jsonl => log_review::to_jsonl(&shown),
+                ExportFormat::Csv => log_review::to_csv(&shown),
+                ExportFormat::Fhir => log_review::to_fhir_ndjson(&shown),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("{} events written to {}", shown.len(), path.display());
+                }
+                None => print!("{text}"),
+            }
+        }
+        BoardCmd::Count(args) => sponsor::count(args).await?,
+    }
+    Ok(())
+}
+
+/// A board member's signed decision on a study.
+async fn decide(
+    conn: &Conn,
+    study: &str,
+    approve: bool,
+    overrides_abstain: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    connect(conn)
+        .await?
+        .decide_study(study, approve, overrides_abstain, reason)
+        .await?;
+    println!("{} {study}", if approve { "approved" } else { "rejected" });
+    Ok(())
+}
+
+fn log_filter(f: LogFilter) -> audit_log::EventFilter {
+    log_review::events_filter(f.since, f.until, f.study, f.actor, f.kinds)
+}
