@@ -555,7 +555,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         .collect();
     for chunk in revocations.chunks(cfg.batch) {
         for r in agent::set_consents(&cast.custodian, chunk).await? {
-            summary.grants_withdrawn += r.grants_withdrawn as usize;
+            summary.grants_withdrawn += r.grants_withdrawn;
         }
     }
     for (&i, (_, policy)) in revoking.iter().zip(&revocations) {

@@ -12,7 +12,7 @@ use audit_log::event::Digest32;
 use cohort_query::{
     BrokerSecret, BudgetPolicy, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
     ConsentSnapshot, CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy,
-    QueryBudget, SearchField, protect,
+    QueryBudget, protect,
 };
 
 use super::{Broker, now_secs};
@@ -56,17 +56,6 @@ impl Feasibility {
 pub enum CountAnswer {
     Protected(ProtectedResult),
     Exact(CountResult),
-}
-
-fn searchable(f: SearchField) -> SearchField {
-    match f {
-        SearchField::BirthYear => SearchField::BirthYear,
-        SearchField::Sex => SearchField::Sex,
-        SearchField::Condition => SearchField::Condition,
-        SearchField::Measurement => SearchField::Measurement,
-        SearchField::Drug => SearchField::Drug,
-        SearchField::Procedure => SearchField::Procedure,
-    }
 }
 
 impl Broker {
@@ -197,7 +186,7 @@ impl Broker {
             };
             for field in access.fields().intersection(&study.proposal.fields) {
                 builder
-                    .grant(person as i64, searchable(*field))
+                    .grant(person as i64, *field)
                     .map_err(ServiceError::internal)?;
             }
         }
