@@ -32,6 +32,7 @@ pub mod purpose;
 pub mod quote;
 pub mod release;
 pub mod role;
+pub mod sensitive;
 pub mod study;
 pub mod upload;
 
