@@ -222,6 +222,17 @@ pub struct Details {
     /// Hashes of the ciphertexts, capsules or other contents involved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content_hashes: Vec<Digest32>,
+    /// What a protected feasibility count cost its sponsor's privacy budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetCharge>,
+}
+
+/// A charge to a sponsor's privacy budget: the units (fresh noisy counts) one feasibility
+/// count cost, and the units left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetCharge {
+    pub charged: u64,
+    pub remaining: u64,
 }
 
 /// One consequential event.

@@ -1,19 +1,26 @@
 //! The consent snapshot of one study: per patient, the searchable fields the patient
-//! consented to make searchable for the study's purpose.
+//! consented to make searchable for the study's purpose, and the sensitive categories
+//! (mental health, substance use, sexual health, genomics) the patient's consent permits
+//! the study.
 //!
 //! The broker derives the snapshot from the patients' consent policies and the study's
 //! purpose; the engine only reads it. A patient absent from the snapshot is invisible to
 //! every query; a field a patient did not consent is invisible for that patient (event rows
-//! are dropped, `birth_year`/`sex` read as NULL). See [`crate::engine`] for where this is
-//! enforced.
+//! are dropped, `birth_year`/`sex` read as NULL); an event row whose code is sensitive is
+//! invisible unless the patient also permitted every sensitive category of the code
+//! ([`crate::sensitivity`]). See [`crate::engine`] for where this is enforced.
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
+use model::Category;
+use model::sensitive::SENSITIVE_CATEGORIES;
 use roaring::RoaringBitmap;
 
 pub use model::SearchField;
+
+use crate::sensitivity::slot;
 
 /// A consent snapshot that cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,9 +28,15 @@ pub use model::SearchField;
 pub enum ConsentError {
     #[error(
         "`{0}` is not a searchable field; use birth_year, sex, condition, measurement, drug or \
-         procedure"
+         procedure (or a sensitive category: mental_health, substance_use, sexual_health, \
+         genomics)"
     )]
     UnknownField(String),
+    #[error(
+        "`{0}` is not a sensitive category; only mental_health, substance_use, sexual_health \
+         and genomics gate searchable codes"
+    )]
+    NotSensitive(Category),
     #[error("person_id {0} is out of range: the index holds ids from 0 to 4294967295")]
     PersonIdOutOfRange(i64),
 }
@@ -49,10 +62,13 @@ pub struct ConsentSnapshot {
 
 struct Inner {
     fields: [RoaringBitmap; 6],
+    /// Patients who permitted each sensitive category, in [`SENSITIVE_CATEGORIES`] order.
+    categories: [RoaringBitmap; 4],
     any: RoaringBitmap,
     hash: ConsentHash,
-    /// Dense bit vectors of the six fields and `any`, built on first use.
-    dense: [OnceLock<Option<Vec<u64>>>; 7],
+    /// Dense bit vectors of the six fields, `any` and the four categories, built on first
+    /// use.
+    dense: [OnceLock<Option<Vec<u64>>>; 11],
 }
 
 /// Ids up to this get a dense bit vector (at most 32 MiB per field) for membership tests.
@@ -143,11 +159,20 @@ impl ConsentSnapshot {
         Ok(b.build())
     }
 
-    /// Every field for every listed patient.
+    /// Every field and every sensitive category for every listed patient.
     pub fn everything(
         persons: impl IntoIterator<Item = i64>,
     ) -> Result<ConsentSnapshot, ConsentError> {
-        ConsentSnapshot::from_grants(persons.into_iter().map(|p| (p, SearchField::ALL)))
+        let mut b = ConsentBuilder::default();
+        for person in persons {
+            for field in SearchField::ALL {
+                b.grant(person, field)?;
+            }
+            for category in SENSITIVE_CATEGORIES {
+                b.permit(person, category)?;
+            }
+        }
+        Ok(b.build())
     }
 
     /// Hash of the contents: equal snapshots hash equally, whatever order they were built in.
@@ -158,6 +183,14 @@ impl ConsentSnapshot {
     /// Whether `person_id` consented `field`.
     pub fn allows(&self, person_id: i64, field: SearchField) -> bool {
         person_key(person_id).is_some_and(|k| self.inner.fields[field.index()].contains(k))
+    }
+
+    /// Whether `person_id` permitted the sensitive `category` (never, for a category that
+    /// is not sensitive).
+    pub fn permits(&self, person_id: i64, category: Category) -> bool {
+        slot(category).is_some_and(|i| {
+            person_key(person_id).is_some_and(|k| self.inner.categories[i].contains(k))
+        })
     }
 
     /// The fields `person_id` consented.
@@ -182,12 +215,36 @@ impl ConsentSnapshot {
         })
     }
 
+    /// Every `(person_id, category)` permit of a sensitive category, by category then
+    /// person.
+    pub fn permits_all(&self) -> impl Iterator<Item = (i64, Category)> + '_ {
+        SENSITIVE_CATEGORIES
+            .into_iter()
+            .zip(&self.inner.categories)
+            .flat_map(|(c, bitmap)| bitmap.iter().map(move |p| (i64::from(p), c)))
+    }
+
     /// Membership in a field's set (`None`: the patients with any field).
     pub(crate) fn members(&self, field: Option<SearchField>) -> Members<'_> {
-        let (bitmap, slot) = match field {
-            Some(f) => (&self.inner.fields[f.index()], f.index()),
-            None => (&self.inner.any, 6),
-        };
+        match field {
+            Some(f) => self.members_at(&self.inner.fields[f.index()], f.index()),
+            None => self.members_at(&self.inner.any, 6),
+        }
+    }
+
+    /// Membership in a sensitive category's set (empty for another category).
+    pub(crate) fn category_members(&self, category: Category) -> Members<'_> {
+        static NOBODY: LazyLock<RoaringBitmap> = LazyLock::new(RoaringBitmap::new);
+        match slot(category) {
+            Some(i) => self.members_at(&self.inner.categories[i], 7 + i),
+            None => Members {
+                bitmap: &NOBODY,
+                dense: None,
+            },
+        }
+    }
+
+    fn members_at<'a>(&'a self, bitmap: &'a RoaringBitmap, slot: usize) -> Members<'a> {
         let dense = self.inner.dense[slot].get_or_init(|| dense(bitmap));
         Members {
             bitmap,
@@ -200,6 +257,7 @@ impl ConsentSnapshot {
 #[derive(Debug, Default)]
 pub struct ConsentBuilder {
     fields: [RoaringBitmap; 6],
+    categories: [RoaringBitmap; 4],
 }
 
 impl ConsentBuilder {
@@ -210,15 +268,37 @@ impl ConsentBuilder {
         Ok(self)
     }
 
+    /// Records that `person_id` permits the study the sensitive `category`: rows whose
+    /// code is sensitive in it become visible for the patient (with the row's field).
+    pub fn permit(
+        &mut self,
+        person_id: i64,
+        category: Category,
+    ) -> Result<&mut Self, ConsentError> {
+        let i = slot(category).ok_or(ConsentError::NotSensitive(category))?;
+        let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
+        self.categories[i].insert(key);
+        Ok(self)
+    }
+
     /// The snapshot.
     pub fn build(self) -> ConsentSnapshot {
         let mut any = RoaringBitmap::new();
-        let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v1");
-        for (field, bitmap) in SearchField::ALL.iter().zip(&self.fields) {
-            any |= bitmap;
-            // Field name, count, then the sorted ids: independent of build order and of
-            // the bitmap's internal container layout.
-            hasher.update(field.as_str().as_bytes());
+        let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v2");
+        let named = SearchField::ALL
+            .iter()
+            .map(|f| f.as_str())
+            .zip(&self.fields)
+            .chain(
+                SENSITIVE_CATEGORIES
+                    .iter()
+                    .map(|c| c.label())
+                    .zip(&self.categories),
+            );
+        for (name, bitmap) in named {
+            // Name, count, then the sorted ids: independent of build order and of the
+            // bitmap's internal container layout.
+            hasher.update(name.as_bytes());
             hasher.update(&bitmap.len().to_le_bytes());
             let mut buf = Vec::with_capacity(4096);
             for id in bitmap.iter() {
@@ -230,9 +310,13 @@ impl ConsentBuilder {
             }
             hasher.update(&buf);
         }
+        for bitmap in &self.fields {
+            any |= bitmap;
+        }
         ConsentSnapshot {
             inner: Arc::new(Inner {
                 fields: self.fields,
+                categories: self.categories,
                 any,
                 hash: ConsentHash(*hasher.finalize().as_bytes()),
                 dense: Default::default(),
@@ -257,6 +341,36 @@ mod tests {
         let c = ConsentSnapshot::from_grants([(1, vec![Sex]), (7, vec![Drug])]).unwrap();
         assert_ne!(a.hash(), c.hash());
         assert_eq!(a.grants().count(), 3);
+    }
+
+    #[test]
+    fn sensitive_categories_are_permits_of_their_own() {
+        let mut b = ConsentSnapshot::builder();
+        b.grant(1, Condition).unwrap();
+        b.permit(1, Category::SexualHealth).unwrap();
+        // A permit without any field makes nobody visible.
+        b.permit(2, Category::MentalHealth).unwrap();
+        assert_eq!(
+            b.permit(1, Category::Conditions).unwrap_err(),
+            ConsentError::NotSensitive(Category::Conditions)
+        );
+        let s = b.build();
+        assert!(s.permits(1, Category::SexualHealth));
+        assert!(!s.permits(1, Category::MentalHealth) && !s.permits(3, Category::SexualHealth));
+        assert!(!s.permits(1, Category::Conditions));
+        assert_eq!(s.patients(), 1);
+        assert_eq!(
+            s.permits_all().collect::<Vec<_>>(),
+            [(2, Category::MentalHealth), (1, Category::SexualHealth)]
+        );
+        // The permit is part of the hash: the same fields without it hash differently.
+        let fields_only = ConsentSnapshot::from_grants([(1, vec![Condition])]).unwrap();
+        assert_ne!(s.hash(), fields_only.hash());
+        assert!(s.category_members(Category::SexualHealth).contains(1));
+        assert!(!s.category_members(Category::Genomics).contains(1));
+        assert!(!s.category_members(Category::Conditions).contains(1));
+        let all = ConsentSnapshot::everything([5]).unwrap();
+        assert!(SENSITIVE_CATEGORIES.iter().all(|c| all.permits(5, *c)));
     }
 
     #[test]

@@ -35,8 +35,9 @@
 //! assert!(engine.explain_blocking(&diabetes, &consent).unwrap().contains("consented("));
 //! ```
 
+use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
@@ -55,6 +56,7 @@ use crate::consent_filter::ConsentFilter;
 use crate::definition::{CohortDefinition, DefinitionError, Domain, Index};
 use crate::hierarchy::ConceptHierarchy;
 use crate::provider::{IndexTableProvider, SetKind, SetTableProvider, TableKind};
+use crate::sensitivity::Sensitivity;
 use crate::sets::decode;
 use crate::tables::{IndexError, IndexTables};
 
@@ -76,6 +78,10 @@ pub enum QueryError {
 fn engine_err(e: DataFusionError) -> QueryError {
     QueryError::Engine(e.to_string())
 }
+
+/// Stack of each engine thread: DataFusion plans, analyzes and optimizes recursively, and
+/// a definition of 128 criteria nests about as deep (debug builds need the most).
+const ENGINE_STACK_BYTES: usize = 64 << 20;
 
 /// How plans read the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,11 +134,28 @@ pub struct CountResult {
     pub attrition: Vec<AttritionStep>,
 }
 
+/// BLAKE3 of what an engine counts over: its index tables' contents and its concept
+/// relations. Protected counts draw fresh noise when it changes ([`crate::protect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IndexVersion(pub [u8; 32]);
+
+impl fmt::Display for IndexVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 struct Inner {
     tables: IndexTables,
     hierarchy: ConceptHierarchy,
+    /// Which sensitive categories gate each code, through `hierarchy`.
+    sensitivity: Arc<Sensitivity>,
     sources: Sources,
     state: SessionState,
+    version: OnceLock<IndexVersion>,
 }
 
 /// Answers cohort definitions over one set of index tables.
@@ -209,15 +232,18 @@ impl CohortEngine {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("cohort-engine")
+            .thread_stack_size(ENGINE_STACK_BYTES)
             .enable_time()
             .build()
             .expect("a tokio runtime for the cohort engine");
         CohortEngine {
             inner: Arc::new(Inner {
+                sensitivity: Arc::new(Sensitivity::new(&hierarchy)),
                 tables,
                 hierarchy,
                 sources,
                 state,
+                version: OnceLock::new(),
             }),
             runtime: Some(runtime),
         }
@@ -231,6 +257,30 @@ impl CohortEngine {
     /// The concept hierarchy.
     pub fn hierarchy(&self) -> &ConceptHierarchy {
         &self.inner.hierarchy
+    }
+
+    /// The version of what this engine counts over (computed once, on first use: a pass
+    /// over every row).
+    pub fn index_version(&self) -> IndexVersion {
+        *self.inner.version.get_or_init(|| {
+            let mut pairs: Vec<(String, String)> = self
+                .inner
+                .hierarchy
+                .pairs()
+                .map(|(a, d)| (a.to_string(), d.to_string()))
+                .collect();
+            pairs.sort_unstable();
+            let mut h = blake3::Hasher::new_derive_key("cohort-query 2026 index version v1");
+            h.update(&self.inner.tables.content_hash());
+            h.update(&(pairs.len() as u64).to_le_bytes());
+            for (a, d) in &pairs {
+                for code in [a, d] {
+                    h.update(&(code.len() as u64).to_le_bytes());
+                    h.update(code.as_bytes());
+                }
+            }
+            IndexVersion(*h.finalize().as_bytes())
+        })
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -248,19 +298,24 @@ impl CohortEngine {
     ) -> Result<Vec<RecordBatch>, QueryError> {
         definition.validate()?;
         let inner = self.inner.clone();
-        let plan =
-            compile(definition, &inner.hierarchy, &inner.sources, output).map_err(engine_err)?;
-        let plan = if explain != Explain::No {
-            LogicalPlanBuilder::from(plan)
-                .explain(false, explain == Explain::Analyze)
-                .and_then(LogicalPlanBuilder::build)
-                .map_err(engine_err)?
-        } else {
-            plan
-        };
+        let definition = definition.clone();
         let consent = consent.clone();
+        // Planning recurses through the plan tree (up to 128 criteria deep): it runs on the
+        // engine's threads, whose stacks are sized for it, not on the caller's.
         self.runtime()
-            .spawn(async move { execute(&inner.state, plan, &consent).await })
+            .spawn(async move {
+                let plan = compile(&definition, &inner.hierarchy, &inner.sources, output)
+                    .map_err(engine_err)?;
+                let plan = if explain != Explain::No {
+                    LogicalPlanBuilder::from(plan)
+                        .explain(false, explain == Explain::Analyze)
+                        .and_then(LogicalPlanBuilder::build)
+                        .map_err(engine_err)?
+                } else {
+                    plan
+                };
+                execute(&inner.state, plan, &consent, &inner.sensitivity).await
+            })
             .await
             .map_err(|_| QueryError::Stopped)?
     }
@@ -379,9 +434,10 @@ async fn execute(
     base: &SessionState,
     plan: LogicalPlan,
     consent: &ConsentSnapshot,
+    sensitivity: &Arc<Sensitivity>,
 ) -> Result<Vec<RecordBatch>, QueryError> {
     let mut state = base.clone();
-    state.add_analyzer_rule(Arc::new(ConsentFilter::new(consent)));
+    state.add_analyzer_rule(Arc::new(ConsentFilter::new(consent, sensitivity)));
     let physical = state
         .create_physical_plan(&plan)
         .await
@@ -471,7 +527,9 @@ mod tests {
             .build()
             .unwrap();
         let consent = ConsentSnapshot::everything([1]).unwrap();
-        let err = execute(&e.inner.state, plan, &consent).await.unwrap_err();
+        let err = execute(&e.inner.state, plan, &consent, &e.inner.sensitivity)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not an index table"), "{err}");
     }
 }

@@ -12,8 +12,12 @@
 //! * [`CohortEngine`] ([`engine`]): definitions compiled to DataFusion plans, with the
 //!   consent filter ([`ConsentSnapshot`]) as a mandatory analyzer rule; exact counts,
 //!   attrition, selected ids, `EXPLAIN`;
-//! * [`protect`]: `<11` suppression, keyed deterministic noise and rounding, and
-//!   [`QueryBudget`] per sponsor.
+//! * [`protect`]: `<11` suppression, keyed noise drawn once per normalized attrition step,
+//!   consent snapshot and index version (so equivalent questions share a draw and
+//!   averaging gains nothing), rounding, and [`QueryBudget`] per sponsor, charged per fresh
+//!   draw;
+//! * sensitive codes (mental health, substance use, sexual health, genomics, classified by
+//!   [`model::sensitive`]) count only for patients whose consent permits their category.
 //!
 //! ```text
 //!   definition JSON ──validate──▶ CohortDefinition ──compile──▶ LogicalPlan (person sets)
@@ -42,10 +46,11 @@ mod compile;
 mod consent_filter;
 mod parquet_files;
 mod provider;
+mod sensitivity;
 mod sets;
 
 pub use model::{
-    AtLeast, Code, CodeError, CodeSystem, CodedEvent, CohortDefinition, ConceptHierarchy,
+    AtLeast, Category, Code, CodeError, CodeSystem, CodedEvent, CohortDefinition, ConceptHierarchy,
     Criterion, Date, DateError, DefinitionError, DefinitionHash, Demographics, Domain,
     EventCriterion, Index, IntRange, NormalizedDefinition, Occurrence, PatientIndex, Person,
     Problem, SearchField, Sex, ValueRange, Window,
@@ -55,9 +60,12 @@ pub use model::{
 pub use model::{date, definition, hierarchy, index};
 
 pub use consent::{ConsentBuilder, ConsentError, ConsentHash, ConsentSnapshot};
-pub use engine::{Access, AttritionStep, CohortEngine, CountResult, EngineOptions, QueryError};
+pub use engine::{
+    Access, AttritionStep, CohortEngine, CountResult, EngineOptions, IndexVersion, QueryError,
+};
 pub use protect::{
-    BrokerSecret, BudgetError, BudgetPolicy, ProtectedCount, ProtectedResult, ProtectedStep,
-    ProtectionPolicy, QueryBudget, Remaining, protect, protect_count,
+    BrokerSecret, BudgetError, BudgetPolicy, Charge, CountBasis, DrawId, Draws, ProtectedCount,
+    ProtectedResult, ProtectedStep, ProtectionPolicy, QueryBudget, Remaining, protect,
+    protect_count,
 };
 pub use tables::{IndexBuilder, IndexError, IndexTables};

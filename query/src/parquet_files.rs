@@ -3,7 +3,7 @@
 //! A directory holds `person.parquet`, `condition.parquet`, `measurement.parquet`,
 //! `drug.parquet`, `procedure.parquet` with the columns of [`crate::tables`] (`code` and
 //! `unit` as plain `VARCHAR`), and optionally `consent.parquet(person_id BIGINT, field
-//! VARCHAR)` with one row per consented field. Other engines (PostgreSQL, DuckDB) load the
+//! VARCHAR)` with one row per consented field and per permitted sensitive category. Other engines (PostgreSQL, DuckDB) load the
 //! same files. Rows are numbered from 1 in error messages.
 
 use std::fs::File;
@@ -21,6 +21,7 @@ use parquet::file::properties::WriterProperties;
 use crate::consent::{ConsentBuilder, ConsentSnapshot, SearchField, person_key};
 use crate::definition::Domain;
 use crate::tables::{IndexBuilder, IndexError, IndexTables};
+use model::Category;
 
 const WRITE_ROWS: usize = 1 << 20;
 
@@ -247,13 +248,16 @@ impl IndexTables {
 
 impl ConsentSnapshot {
     /// Writes the snapshot as `consent.parquet(person_id BIGINT, field VARCHAR)`, one row
-    /// per consented field.
+    /// per consented field, then one per permitted sensitive category (`field` is then the
+    /// category: `mental_health`, `substance_use`, `sexual_health` or `genomics`).
     pub fn write_parquet(&self, path: &Path) -> Result<(), IndexError> {
-        let grants: Vec<(i64, SearchField)> = self.grants().collect();
-        let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(grants.iter().map(|g| g.0)));
-        let fields: ArrayRef = Arc::new(StringArray::from_iter_values(
-            grants.iter().map(|g| g.1.as_str()),
-        ));
+        let rows: Vec<(i64, &'static str)> = self
+            .grants()
+            .map(|(p, f)| (p, f.as_str()))
+            .chain(self.permits_all().map(|(p, c)| (p, c.label())))
+            .collect();
+        let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(rows.iter().map(|g| g.0)));
+        let fields: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|g| g.1)));
         let batch = RecordBatch::try_new(export_schema("consent"), vec![ids, fields])
             .map_err(|e| file_err(path, e))?;
         write_batches(path, "consent", &batch)
@@ -274,12 +278,17 @@ impl ConsentSnapshot {
                         return Err(value_err(path, "person_id", row, "missing value"));
                     }
                     let name = fields.value(i);
-                    let field: SearchField = name.parse().map_err(|_| {
-                        let e = crate::ConsentError::UnknownField(name.to_string());
-                        value_err(path, "field", row, e.to_string())
-                    })?;
-                    b.grant(ids.value(i), field)
-                        .map_err(|e| value_err(path, "person_id", row, e.to_string()))?;
+                    let granted = match (name.parse::<SearchField>(), name.parse::<Category>()) {
+                        (Ok(field), _) => b.grant(ids.value(i), field),
+                        (_, Ok(category)) if category.is_sensitive() => {
+                            b.permit(ids.value(i), category)
+                        }
+                        _ => {
+                            let e = crate::ConsentError::UnknownField(name.to_string());
+                            return Err(value_err(path, "field", row, e.to_string()));
+                        }
+                    };
+                    granted.map_err(|e| value_err(path, "person_id", row, e.to_string()))?;
                 }
                 Ok(())
             },

@@ -2,9 +2,12 @@
 //!
 //! Two kinds of scan filter are applied by the provider itself (pushed down as `Exact`):
 //!
-//! * the consent predicate `consented(person_id, scope)` inserted by
+//! * the consent predicate `consented(person_id, [code,] scope)` inserted by
 //!   [`ConsentFilter`](crate::consent_filter): required — a scan without the predicate for
-//!   its own table fails, so no plan can read an index table around the consent filter;
+//!   its own table (for event tables, the form by code) fails, so no plan can read an index
+//!   table around the consent filter or around the sensitive categories. Rows are read per
+//!   code, so each code's rows are restricted to the patients who consented the field and
+//!   permitted every sensitive category of the code;
 //! * with the code index on, `code = '...'` and `code IN (...)`: only the rows of those
 //!   codes are read, through the table's code directory (rows are sorted by code).
 //!
@@ -28,8 +31,11 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::consent::SearchField;
-use crate::consent_filter::{Scope, as_consent_predicate, as_set_consent_predicate, membership};
+use crate::consent_filter::{
+    ConsentPredicate, Scope, any_member, as_consent_predicate, as_set_consent_predicate, membership,
+};
 use crate::definition::Domain;
+use crate::sensitivity::Gates;
 use crate::tables::{IndexTables, SetTable, event_schema, person_schema};
 
 /// Which index table a provider serves.
@@ -47,10 +53,11 @@ impl TableKind {
         }
     }
 
-    fn required_scope(self) -> Scope {
+    /// The consent predicate a scan of the table requires: its scope, and whether by code.
+    fn required(self) -> (Scope, bool) {
         match self {
-            TableKind::Person => Scope::Any,
-            TableKind::Event(d) => Scope::Field(SearchField::of_domain(d)),
+            TableKind::Person => (Scope::Any, false),
+            TableKind::Event(d) => (Scope::Field(SearchField::of_domain(d)), true),
         }
     }
 }
@@ -79,6 +86,11 @@ impl SetKind {
             SetKind::Code(Domain::Drug) => "drug_by_code",
             SetKind::Code(Domain::Procedure) => "procedure_by_code",
         }
+    }
+
+    /// Whether the table's consent predicate is the form by code.
+    pub(crate) fn by_code(self) -> bool {
+        matches!(self, SetKind::Code(_))
     }
 
     /// The consent scope a row's persons are restricted to.
@@ -167,10 +179,10 @@ impl TableProvider for SetTableProvider {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let table = self.table();
         let mut rows: Vec<usize> = (0..table.sets.len()).collect();
-        let mut consents = Vec::new();
+        let mut consents: Vec<ConsentPredicate<'_>> = Vec::new();
         for f in filters {
-            if let Some((func, scope)) = as_set_consent_predicate(f) {
-                consents.push((func.members(scope), scope));
+            if let Some(p) = as_set_consent_predicate(f) {
+                consents.push(p);
                 continue;
             }
             let key = table.batch.column(0);
@@ -206,18 +218,26 @@ impl TableProvider for SetTableProvider {
         }
         if !consents
             .iter()
-            .any(|(_, scope)| *scope == self.kind.scope())
+            .any(|p| p.scope == self.kind.scope() && p.by_code == self.kind.by_code())
         {
             return plan_err!(
                 "refusing to scan person-set table `{}` without its consent filter",
                 self.kind.name()
             );
         }
-        // Keep rows with at least one consenting patient.
+        // Keep rows with at least one consenting patient (who, for a sensitive code, also
+        // permitted its categories).
+        let gates = |r: usize| match self.kind {
+            SetKind::Code(d) => consents.first().map_or(Gates::default(), |p| {
+                p.bound.gates(self.tables.event(d).code(r))
+            }),
+            _ => Gates::default(),
+        };
         rows.retain(|&r| {
+            let gates = gates(r);
             consents
                 .iter()
-                .all(|(m, _)| !table.sets[r].is_disjoint(m.bitmap()))
+                .all(|p| any_member(&table.sets[r], &p.members(gates)))
         });
         let rows = UInt32Array::from_iter_values(rows.into_iter().map(|r| r as u32));
         let batch = take_record_batch(&table.batch, &rows)?;
@@ -410,11 +430,11 @@ impl TableProvider for IndexTableProvider {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut consents = Vec::new();
+        let mut consents: Vec<ConsentPredicate<'_>> = Vec::new();
         let mut codes: Option<BTreeSet<String>> = None;
         for f in filters {
-            if let Some((func, scope)) = as_consent_predicate(f) {
-                consents.push(func.members(scope));
+            if let Some(p) = as_consent_predicate(f) {
+                consents.push(p);
             } else if let Some(set) = code_predicate(f) {
                 codes = Some(match codes {
                     Some(prev) => prev.intersection(&set).cloned().collect(),
@@ -424,10 +444,8 @@ impl TableProvider for IndexTableProvider {
                 return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
             }
         }
-        let required = filters
-            .iter()
-            .any(|f| as_consent_predicate(f).is_some_and(|(_, s)| s == self.kind.required_scope()));
-        if !required {
+        let required = self.kind.required();
+        if !consents.iter().any(|p| (p.scope, p.by_code) == required) {
             return plan_err!(
                 "refusing to scan index table `{}` without its consent filter",
                 self.kind.name()
@@ -435,13 +453,29 @@ impl TableProvider for IndexTableProvider {
         }
 
         let batch = self.batch();
-        let ranges: Vec<Range<usize>> = match (&codes, self.kind) {
-            (Some(codes), TableKind::Event(d)) => self
-                .tables
-                .event(d)
-                .ranges(codes.iter().map(String::as_str)),
-            _ => std::iter::once(0..batch.num_rows()).collect(),
-        };
+        // Row ranges with the categories gating them: per code for event tables (rows are
+        // sorted by code), neighbouring codes with the same gates merged.
+        let mut segments: Vec<(Range<usize>, Gates)> = Vec::new();
+        match self.kind {
+            TableKind::Event(d) => {
+                let table = self.tables.event(d);
+                let numbers: Vec<usize> = match &codes {
+                    Some(codes) => table.code_numbers(codes.iter().map(String::as_str)),
+                    None => (0..table.ranges.len()).collect(),
+                };
+                let bound = consents[0].bound;
+                for c in numbers {
+                    let (range, gates) = (table.ranges[c].clone(), bound.gates(table.code(c)));
+                    match segments.last_mut() {
+                        Some((last, g)) if *g == gates && last.end == range.start => {
+                            last.end = range.end
+                        }
+                        _ => segments.push((range, gates)),
+                    }
+                }
+            }
+            TableKind::Person => segments.push((0..batch.num_rows(), Gates::default())),
+        }
         // Read only the projected columns, plus person_id for the consent check.
         let mut columns: Vec<usize> = projection
             .cloned()
@@ -464,18 +498,17 @@ impl TableProvider for IndexTableProvider {
         let partitions = state.config().target_partitions().max(1);
         let mut out: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
         let mut next = 0;
-        for range in ranges {
+        for (range, gates) in segments {
+            let members: Vec<_> = consents.iter().flat_map(|p| p.members(gates)).collect();
             let mut start = range.start;
             while start < range.end {
                 let len = CHUNK_ROWS.min(range.end - start);
                 let mut chunk = batch.slice(start, len).project(&columns)?;
                 start += len;
-                for members in &consents {
-                    let ids = chunk.column(id_column).as_primitive::<Int64Type>();
-                    let mask = membership(ids, *members);
-                    if mask.true_count() < mask.len() {
-                        chunk = filter_record_batch(&chunk, &mask)?;
-                    }
+                let ids = chunk.column(id_column).as_primitive::<Int64Type>();
+                let mask = membership(ids, &members);
+                if mask.true_count() < mask.len() {
+                    chunk = filter_record_batch(&chunk, &mask)?;
                 }
                 if chunk.num_rows() == 0 {
                     continue;

@@ -7,8 +7,9 @@
 //! engine's exact counts against independent engines. The query returns one row with one
 //! column, `count`, and applies the consent filter by joining `consent(person_id, field)`
 //! exactly as the engine does: patients without any consent row are absent, event rows
-//! count only with a consent row for their table, `birth_year`/`sex` are NULL without a
-//! consent row for that field. An exclusion is set difference (a patient whose sex is
+//! count only with a consent row for their table (and, for a code that is sensitive, a
+//! consent row for each of its sensitive categories: `field = 'sexual_health'`, ...),
+//! `birth_year`/`sex` are NULL without a consent row for that field. An exclusion is set difference (a patient whose sex is
 //! masked is *not* female, so `NOT female` includes them), as in the engine.
 //!
 //! ```text
@@ -30,6 +31,7 @@ use crate::definition::{
     CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, Occurrence, Window,
 };
 use crate::hierarchy::ConceptHierarchy;
+use crate::sensitivity::{Gates, Sensitivity};
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -46,6 +48,7 @@ enum IndexSql {
 
 struct Renderer<'a> {
     hierarchy: &'a ConceptHierarchy,
+    sensitivity: Sensitivity,
     index: Option<IndexSql>,
     /// Derived tables of person ids, left-joined as `s1`, `s2`, ...
     sets: Vec<String>,
@@ -56,6 +59,7 @@ struct Renderer<'a> {
 pub fn to_sql(definition: &CohortDefinition, hierarchy: &ConceptHierarchy) -> String {
     let mut r = Renderer {
         hierarchy,
+        sensitivity: Sensitivity::new(hierarchy),
         index: None,
         sets: Vec::new(),
     };
@@ -167,13 +171,34 @@ impl Renderer<'_> {
     /// `FROM <table> e JOIN consent k ... WHERE <codes, window, value, unit>`.
     fn event_from_where(&self, domain: Domain, e: &EventCriterion) -> String {
         let table = domain.as_str();
-        let codes: Vec<String> = self
-            .hierarchy
-            .expand(&e.codes, e.include_descendants)
-            .iter()
-            .map(|c| quote(&c.to_string()))
+        // Codes grouped by the sensitive categories that gate them.
+        let mut groups: Vec<(Gates, Vec<String>)> = Vec::new();
+        for code in self.hierarchy.expand(&e.codes, e.include_descendants) {
+            let gates = self.sensitivity.gates_of(&code);
+            let quoted = quote(&code.to_string());
+            match groups.iter_mut().find(|(g, _)| *g == gates) {
+                Some((_, list)) => list.push(quoted),
+                None => groups.push((gates, vec![quoted])),
+            }
+        }
+        let alternatives: Vec<String> = groups
+            .into_iter()
+            .map(|(gates, codes)| {
+                let mut parts = vec![format!("e.code IN ({})", codes.join(", "))];
+                for category in gates.iter() {
+                    parts.push(format!(
+                        "EXISTS (SELECT 1 FROM consent kc WHERE kc.person_id = e.person_id \
+                         AND kc.field = {})",
+                        quote(category.label())
+                    ));
+                }
+                parts.join(" AND ")
+            })
             .collect();
-        let mut preds = vec![format!("e.code IN ({})", codes.join(", "))];
+        let mut preds = vec![match alternatives.as_slice() {
+            [one] => one.clone(),
+            _ => format!("({})", alternatives.join(" OR ")),
+        }];
         let window = match (e.window, &self.index) {
             (Some(Window::Between { from, to }), _) => Some((from, to)),
             (Some(Window::DaysFromIndex { from, to }), Some(IndexSql::Date(d))) => {

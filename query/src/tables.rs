@@ -157,12 +157,10 @@ impl EventTable {
         out
     }
 
-    /// Row ranges of the listed codes that occur, in row order.
-    pub fn ranges<'a>(&self, codes: impl IntoIterator<Item = &'a str>) -> Vec<Range<usize>> {
-        self.code_numbers(codes)
-            .into_iter()
-            .map(|c| self.ranges[c].clone())
-            .collect()
+    /// The `system:code` of code number `c` (its row of `by_code`).
+    pub fn code(&self, c: usize) -> &str {
+        use arrow::array::AsArray;
+        self.by_code.batch.column(0).as_string::<i32>().value(c)
     }
 }
 
@@ -212,6 +210,77 @@ impl IndexTables {
 
     pub(crate) fn event(&self, domain: Domain) -> &Arc<EventTable> {
         &self.events[domain as usize]
+    }
+
+    /// BLAKE3 of the tables' contents: every person row and every event row, in a fixed
+    /// order (persons by id, codes by name, a code's rows as sorted). Equal contents built
+    /// the same way hash equally; any change to a row changes the hash.
+    pub fn content_hash(&self) -> [u8; 32] {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+
+        fn text(h: &mut blake3::Hasher, v: Option<&str>) {
+            match v {
+                Some(v) => {
+                    h.update(&[1]);
+                    h.update(&(v.len() as u64).to_le_bytes());
+                    h.update(v.as_bytes());
+                }
+                None => {
+                    h.update(&[0]);
+                }
+            }
+        }
+        fn dict_value(column: &ArrayRef, row: usize) -> Option<&str> {
+            let dict = column.as_dictionary::<Int32Type>();
+            let values = dict.values().as_string::<i32>();
+            dict.key(row).map(|k| values.value(k))
+        }
+
+        let mut h = blake3::Hasher::new_derive_key("cohort-query 2026 index contents v1");
+        let p = &self.person.batch;
+        let ids = p.column(0).as_primitive::<Int64Type>();
+        let years = p.column(1).as_primitive::<Int32Type>();
+        h.update(&(p.num_rows() as u64).to_le_bytes());
+        for row in 0..p.num_rows() {
+            h.update(&ids.value(row).to_le_bytes());
+            match years.is_valid(row) {
+                true => h.update(&[1]).update(&years.value(row).to_le_bytes()),
+                false => h.update(&[0]),
+            };
+            text(&mut h, dict_value(p.column(2), row));
+        }
+        for domain in Domain::ALL {
+            let table = self.event(domain);
+            let batch = &table.batch;
+            h.update(domain.as_str().as_bytes());
+            h.update(&(batch.num_rows() as u64).to_le_bytes());
+            let persons = batch.column(0).as_primitive::<Int64Type>();
+            let dates = batch.column(2).as_primitive::<Date32Type>();
+            let values = (domain == Domain::Measurement)
+                .then(|| batch.column(3).as_primitive::<Float64Type>());
+            let mut codes: Vec<(&String, &usize)> = table.directory.iter().collect();
+            codes.sort_unstable();
+            for (code, &number) in codes {
+                let range = table.ranges[number].clone();
+                text(&mut h, Some(code));
+                h.update(&(range.len() as u64).to_le_bytes());
+                for row in range {
+                    h.update(&persons.value(row).to_le_bytes());
+                    h.update(&dates.value(row).to_le_bytes());
+                    if let Some(values) = values {
+                        match values.is_valid(row) {
+                            true => h
+                                .update(&[1])
+                                .update(&values.value(row).to_bits().to_le_bytes()),
+                            false => h.update(&[0]),
+                        };
+                        text(&mut h, dict_value(batch.column(4), row));
+                    }
+                }
+            }
+        }
+        *h.finalize().as_bytes()
     }
 
     /// Bytes held by the Arrow arrays (rows and person sets).
@@ -614,7 +683,8 @@ mod tests {
         let rows: Vec<(i64, i32)> = r.map(|i| (pid.value(i), date.value(i))).collect();
         assert!(rows.is_sorted());
         assert_eq!(rows[0].0, 3);
-        assert_eq!(cond.ranges(["snomed:1", "snomed:9"]).len(), 1);
+        assert_eq!(cond.code_numbers(["snomed:1", "snomed:9"]).len(), 1);
+        assert_eq!(cond.code(cond.directory["snomed:2"]), "snomed:2");
         assert!(t.event(Domain::Drug).batch.column(1).is_empty());
     }
 }

@@ -1,18 +1,20 @@
 //! Feasibility counts: how many patients match a cohort definition, over only the fields
-//! each patient's consent makes searchable for the study's purpose. Sponsors get
-//! protected counts (`<11`, keyed noise, rounding; the same for every attrition step),
-//! within a per-sponsor rate limit and budget; the ethics board gets exact counts. Every
-//! count is logged.
+//! each patient's consent makes searchable for the study's purpose, and — for codes the
+//! engine classifies as sensitive — only for patients whose consent permits the study the
+//! code's category. Sponsors get protected counts (`<11`, keyed noise drawn once per
+//! normalized attrition step, consent snapshot and index version, rounding), within a
+//! per-sponsor rate limit and a privacy budget charged one unit per fresh draw; the ethics
+//! board gets exact counts. Every count is logged, a sponsor's with its charge.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use audit_log::EventKind;
-use audit_log::event::Digest32;
+use audit_log::event::{BudgetCharge, Digest32};
 use cohort_query::{
-    BrokerSecret, BudgetPolicy, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
-    ConsentSnapshot, CountResult, IndexBuilder, ProtectedCount, ProtectedResult, ProtectionPolicy,
-    QueryBudget, protect,
+    BrokerSecret, BudgetPolicy, Charge, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
+    ConsentSnapshot, CountBasis, CountResult, Draws, IndexBuilder, ProtectedCount, ProtectedResult,
+    ProtectionPolicy, QueryBudget, protect,
 };
 
 use super::{Broker, now_secs};
@@ -84,29 +86,43 @@ impl Broker {
         }
         let definition = CohortDefinition::from_json(definition_json)
             .map_err(|e| ServiceError::InvalidArgument(format!("cohort definition: {e}")))?;
-        if caller.role == Role::Sponsor {
-            self.charge(&caller.actor_id)?;
-        }
         let (engine, consent) = self.engine_for(&study)?;
+        // What a sponsor's answer shows: one noise draw per normalized attrition step over
+        // this consent snapshot and index. Charged before counting; fresh draws only.
+        let sponsor = match caller.role {
+            Role::Sponsor => {
+                let basis = CountBasis::new(&consent.hash(), &engine.index_version());
+                let draws = Draws::of(&definition, &basis);
+                let charge = self.charge(&caller.actor_id, &draws)?;
+                Some((draws, charge))
+            }
+            _ => None,
+        };
         let result = engine
             .count_blocking(&definition, &consent)
             .map_err(|e| ServiceError::internal(format!("cohort engine: {e}")))?;
-        let answer = match caller.role {
-            Role::Board => CountAnswer::Exact(result),
-            _ => CountAnswer::Protected(protect(
-                &result,
-                &definition,
-                &consent.hash(),
-                &self.feasibility.secret,
-                &self.feasibility.protection,
-            )),
+        let (answer, purpose) = match &sponsor {
+            None => {
+                let purpose = format!("exact count for the board, answered {}", result.exact);
+                (CountAnswer::Exact(result), purpose)
+            }
+            Some((draws, charge)) => {
+                let protected = protect(
+                    &result,
+                    draws,
+                    &self.feasibility.secret,
+                    &self.feasibility.protection,
+                );
+                let purpose = format!(
+                    "feasibility count, answered {}; charged {} of the sponsor's budget, {} left",
+                    protected.count, charge.units, charge.remaining.total
+                );
+                (CountAnswer::Protected(protected), purpose)
+            }
         };
         let mut e = self.event(EventKind::FeasibilityCount, caller);
         e.why.study_id = Some(study_id.to_owned());
-        e.why.purpose = Some(match &answer {
-            CountAnswer::Protected(p) => format!("feasibility count, answered {}", p.count),
-            CountAnswer::Exact(r) => format!("exact count for the board, answered {}", r.exact),
-        });
+        e.why.purpose = Some(purpose);
         e.details.study_id = Some(study_id.to_owned());
         e.details.content_hashes = vec![Digest32(definition.normalized().hash.0)];
         e.details.record_count = match &answer {
@@ -116,12 +132,17 @@ impl Broker {
             },
             CountAnswer::Exact(r) => Some(r.exact),
         };
+        e.details.budget = sponsor.map(|(_, c)| BudgetCharge {
+            charged: c.units,
+            remaining: c.remaining.total,
+        });
         self.record(&[e])?;
         Ok(answer)
     }
 
-    /// Charges one count to the sponsor's budget, persisted.
-    fn charge(&self, sponsor: &str) -> ServiceResult<()> {
+    /// Charges a sponsor's count that shows `draws`: one call against the rate limit, one
+    /// unit per draw not charged before; persisted before the count runs.
+    fn charge(&self, sponsor: &str, draws: &Draws) -> ServiceResult<Charge> {
         let mut budgets = self
             .feasibility
             .budgets
@@ -138,12 +159,15 @@ impl Broker {
                 e.insert(b)
             }
         };
-        budget
-            .charge(std::time::SystemTime::now())
+        let mut next = budget.clone();
+        let charge = next
+            .charge(std::time::SystemTime::now(), draws)
             .map_err(|e| ServiceError::Exhausted(e.to_string()))?;
-        let json = serde_json::to_string(budget).map_err(ServiceError::internal)?;
+        let json = serde_json::to_string(&next).map_err(ServiceError::internal)?;
         self.db().put_query_budget(sponsor, &json)?;
-        Ok(())
+        // Only what is stored counts as charged.
+        *budget = next;
+        Ok(charge)
     }
 
     /// The engine over the current index, and the consent snapshot of `study`: each
@@ -187,6 +211,13 @@ impl Broker {
             for field in access.fields().intersection(&study.proposal.fields) {
                 builder
                     .grant(person as i64, *field)
+                    .map_err(ServiceError::internal)?;
+            }
+            // Sensitive codes count only under their category, permitted for this study
+            // (the decision releases only categories the study requested).
+            for category in access.categories().iter().filter(|c| c.is_sensitive()) {
+                builder
+                    .permit(person as i64, *category)
                     .map_err(ServiceError::internal)?;
             }
         }

@@ -242,16 +242,28 @@ fn day(s: &str) -> i32 {
 }
 
 impl Reference<'_> {
-    fn rows<'p>(&self, pt: &Patient<'p>, domain: Domain) -> &'p [CodedEvent] {
+    /// A patient's rows of a table that count: the field consented, and every sensitive
+    /// category of the row's code permitted.
+    fn rows<'p>(&self, pt: &Patient<'p>, domain: Domain) -> Vec<&'p CodedEvent> {
         if !self.consent.allows(pt.id, SearchField::of_domain(domain)) {
-            return &[];
+            return Vec::new();
         }
-        match domain {
+        let rows = match domain {
             Domain::Condition => &pt.p.conditions,
             Domain::Measurement => &pt.p.measurements,
             Domain::Drug => &pt.p.drugs,
             Domain::Procedure => &pt.p.procedures,
-        }
+        };
+        let sensitive = model::sensitive::SensitiveCodes::new(self.hierarchy);
+        rows.iter()
+            .filter(|r| {
+                let code: Code = format!("{}:{}", r.system, r.code).parse().unwrap();
+                sensitive
+                    .categories(&code)
+                    .into_iter()
+                    .all(|c| self.consent.permits(pt.id, c))
+            })
+            .collect()
     }
 
     fn matching(
@@ -268,7 +280,7 @@ impl Reference<'_> {
             .map(|c| c.to_string())
             .collect();
         self.rows(pt, domain)
-            .iter()
+            .into_iter()
             .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
             .filter(|r| {
                 let d = day(&r.date);
@@ -382,7 +394,7 @@ impl Reference<'_> {
                     .collect();
                 let first = self
                     .rows(&pt, domain)
-                    .iter()
+                    .into_iter()
                     .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
                     .filter(|r| {
                         let d = day(&r.date);

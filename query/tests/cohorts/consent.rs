@@ -147,20 +147,23 @@ fn every_scan_is_consent_filtered(plan: &str) -> usize {
             .unwrap();
         let want = match table {
             "person" => r#"consented(person.person_id, Utf8("any"))"#.to_string(),
+            // Event rows by code: the field and the code's sensitive categories.
             "condition" | "measurement" | "drug" | "procedure" => {
-                format!(r#"consented({table}.person_id, Utf8("{table}"))"#)
+                format!(r#"consented({table}.person_id, {table}.code, Utf8("{table}"))"#)
             }
             sets => {
-                let scope = match sets {
-                    "person_all" => "any",
-                    "person_by_sex" => "sex",
-                    "person_by_birth_year" => "birth_year",
-                    by_code => by_code.strip_suffix("_by_code").unwrap(),
+                let args = match sets {
+                    "person_all" => r#"Utf8("any")"#.to_string(),
+                    "person_by_sex" => r#"Utf8("sex")"#.to_string(),
+                    "person_by_birth_year" => r#"Utf8("birth_year")"#.to_string(),
+                    by_code => {
+                        let scope = by_code.strip_suffix("_by_code").unwrap();
+                        format!(r#"{by_code}.code, Utf8("{scope}")"#)
+                    }
                 };
-                let masked =
-                    format!(r#"consented_persons({sets}.persons, Utf8("{scope}")) AS persons"#);
+                let masked = format!(r#"consented_persons({sets}.persons, {args}) AS persons"#);
                 assert!(plan.contains(&masked), "`{masked}` missing\n{plan}");
-                format!(r#"any_consented({sets}.persons, Utf8("{scope}"))"#)
+                format!(r#"any_consented({sets}.persons, {args})"#)
             }
         };
         assert!(

@@ -1,8 +1,9 @@
 //! Tests of the cohort engine's public API: query results as data, the consent filter,
-//! protected counts, the SQL export against DataFusion's own SQL, Parquet round trips.
+//! protected counts, sensitive codes, the SQL export against DataFusion's own SQL, Parquet round trips.
 
 mod common;
 mod consent;
 mod export;
 mod protect;
 mod queries;
+mod sensitive;
