@@ -1,6 +1,7 @@
 //! Feasibility counts through the real server: only consented fields count, sponsors see
 //! protected counts that repeat exactly, the board sees exact counts, budgets run out with
-//! a clear error, and every count is logged.
+//! a clear error, and every count is logged (a sponsor's with its budget charge). Averaging,
+//! differencing and sensitive codes: `averaging.rs`.
 
 use audit_log::EventKind;
 use broker_cli::demo::Cast;
@@ -285,5 +286,12 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
             .iter()
             .all(|e| e.event.details.content_hashes.len() == 1)
     );
+    // The sponsor's answers carry their budget charge: the first count showed two fresh
+    // draws (the population and the criterion), its repeat none, the code nobody has one.
+    let charges: Vec<(u64, u64)> = counts
+        .iter()
+        .filter_map(|e| e.event.details.budget.map(|b| (b.charged, b.remaining)))
+        .collect();
+    assert_eq!(charges, [(2, 98), (0, 98), (1, 97)]);
     sandbox.stop().await;
 }
