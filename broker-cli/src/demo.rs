@@ -65,7 +65,7 @@ impl Scenario {
         config.operator = Some(operator.public("operator"));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let running = server::start(listener, config, std::future::pending()).await?;
-        let operator = BrokerClient::connect(&running.url(), operator).await?;
+        let operator = BrokerClient::connect(&running.url(), &running.client_tls, operator).await?;
         Ok(Scenario { running, operator })
     }
 
@@ -80,18 +80,33 @@ impl Scenario {
             (Role::Researcher, "Researcher"),
         ] {
             let id = Identity::generate();
-            let key = pre_kms::keys::public_key_bytes(&id.verifying_key());
-            op.register_actor(role, &format!("{org} {name}"), org, key)
-                .await?;
+            op.register_actor(
+                role,
+                &format!("{org} {name}"),
+                org,
+                &id.public(role.as_str()),
+            )
+            .await?;
             clients.push(op.with_identity(id));
         }
         let [custodian, sponsor, board, researcher] =
             <[BrokerClient; 4]>::try_from(clients).unwrap_or_else(|_| unreachable!("four roles"));
+        // The network manifest, as the operator drafts it and the board signs it; the
+        // custodian's agent grants through it.
+        let mut manifest = agent::draft_network(
+            &self.operator,
+            &self.running.public.verifying_key,
+            self.running.client_tls.pinned_pem(),
+        )
+        .await?;
+        manifest.sign(board.identity())?;
+        let network = manifest.verify()?;
         Ok(Cast {
             custodian,
             sponsor,
             board,
             researcher,
+            network,
         })
     }
 }
@@ -121,6 +136,8 @@ pub struct Cast {
     pub sponsor: BrokerClient,
     pub board: BrokerClient,
     pub researcher: BrokerClient,
+    /// The network the custodian pins, signed by the cast's board.
+    pub network: pre_kms::network::VerifiedNetwork,
 }
 
 impl Cast {
@@ -195,7 +212,7 @@ impl Cast {
         batch: usize,
         mut progress: impl FnMut(usize),
     ) -> ClientResult<usize> {
-        let plan = agent::grant_plan(&self.custodian, study).await?;
+        let plan = agent::grant_plan(&self.custodian, &self.network, study).await?;
         let mut grants = 0;
         for chunk in patients.chunks(batch.max(1)) {
             grants += agent::grant_batch(&self.custodian, &plan, chunk.to_vec()).await?;
@@ -416,7 +433,8 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         );
     }
     let custodian_dir = cfg.data_dir.join("custodian");
-    std::fs::create_dir_all(&custodian_dir)?;
+    pre_kms::private_fs::private_dir(&cfg.data_dir)?;
+    pre_kms::private_fs::private_dir(&custodian_dir)?;
     let scenario = Scenario::start(&cfg.data_dir.join("broker")).await?;
     eprintln!(
         "broker on {} with {} proxies on loopback; data in {}",
@@ -504,7 +522,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
 
     let progress = bar(cfg.progress, patients.len(), "grants");
     let started = Instant::now();
-    let plan = agent::grant_plan(&cast.custodian, &study).await?;
+    let plan = agent::grant_plan(&cast.custodian, &cast.network, &study).await?;
     for (chunk, hs) in patients.chunks(cfg.batch).zip(histories.chunks(cfg.batch)) {
         let list = chunk
             .iter()

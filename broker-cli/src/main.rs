@@ -36,18 +36,28 @@ enum Command {
         /// Proxy nodes to run in this process, each on its own loopback port.
         #[arg(long, default_value_t = 3)]
         proxies: usize,
-        /// External proxy nodes instead (`http://host:port`, in order; repeat the flag).
+        /// External proxy nodes instead (`https://host:port`, in order; repeat the flag).
         #[arg(long = "proxy-url")]
         proxy_urls: Vec<String>,
+        /// Each external proxy's certificate to pin (its directory's tls.crt), in the
+        /// order of --proxy-url.
+        #[arg(long = "proxy-cert")]
+        proxy_certs: Vec<PathBuf>,
         /// Proxies needed to re-encrypt (t of n).
         #[arg(long, default_value_t = 2)]
         threshold: usize,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
-    /// Create a data directory and the broker's identity (DATA_DIR/broker.key, and
-    /// DATA_DIR/broker.pub for the proxy nodes); `serve` also does this on first start.
+    /// Create a data directory, the broker's identity (DATA_DIR/broker.key, and
+    /// DATA_DIR/broker.pub for the proxy nodes) and its TLS certificate (DATA_DIR/tls.crt,
+    /// for clients to pin); `serve` also does this on first start.
     Init {
         #[arg(long, default_value = "broker-data")]
         data_dir: PathBuf,
+        /// Names (DNS or IP) clients reach the broker by, besides loopback; repeat the flag.
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
     },
     /// Check the access log of a stopped broker on disk: checkpoint signatures, and every
     /// record against every checkpoint.
@@ -67,6 +77,8 @@ enum Command {
         /// This node's position in the broker's --proxy-url list, from 0.
         #[arg(long)]
         index: u32,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Walk the whole flow on the embedded default and check every decrypted record.
     Demo {
@@ -83,13 +95,31 @@ enum Command {
     },
 }
 
-/// Makes the data directory and the broker's identity if missing; writes broker.pub.
-fn init(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(data_dir)
+/// How a server of this command is reached.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Names (DNS or IP) clients reach this server by, besides loopback, for its TLS
+    /// certificate (made on first start; repeat the flag).
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
+    /// Plain http instead of TLS, for tests on this machine only (loopback addresses).
+    #[arg(long)]
+    insecure_loopback: bool,
+}
+
+/// Makes the data directory, the broker's identity and its TLS certificate if missing;
+/// writes broker.pub.
+fn init(
+    data_dir: &std::path::Path,
+    tls_names: &[String],
+    insecure: bool,
+) -> anyhow::Result<PathBuf> {
+    pre_kms::private_fs::private_dir(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let identity = load_or_create_identity(&data_dir.join("broker.key"), "broker")?;
     let public_path = data_dir.join("broker.pub");
     identity.public("broker").write_file(&public_path)?;
+    server::server_tls(data_dir, tls_names, insecure)?;
     Ok(public_path)
 }
 
@@ -123,33 +153,47 @@ async fn run() -> anyhow::Result<()> {
             operator,
             proxies,
             proxy_urls,
+            proxy_certs,
             threshold,
+            tls,
         } => {
             let mut config = ServeConfig::new(&data_dir);
             config.embedded_proxies = proxies;
             config.proxy_urls = proxy_urls;
+            config.proxy_certs = proxy_certs;
             config.threshold = threshold;
+            config.tls_names = tls.tls_names.clone();
+            config.insecure_loopback = tls.insecure_loopback;
             config.operator = operator
                 .map(|p| PublicIdentity::read_file(&p))
                 .transpose()?;
-            let public_path = init(&data_dir)?;
+            let public_path = init(&data_dir, &tls.tls_names, tls.insecure_loopback)?;
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let running = server::start(listener, config, shutdown_signal()).await?;
+            let pin = if tls.insecure_loopback {
+                "plain http: not for real use".to_owned()
+            } else {
+                format!("clients pin {}", data_dir.join("tls.crt").display())
+            };
             eprintln!(
-                "broker listening on {} (data {}, broker key {})",
+                "broker listening on {} (data {}, broker key {}, {pin})",
                 running.url(),
                 data_dir.display(),
                 public_path.display()
             );
             running.wait().await?;
         }
-        Command::Init { data_dir } => {
-            let public = init(&data_dir)?;
+        Command::Init {
+            data_dir,
+            tls_names,
+        } => {
+            let public = init(&data_dir, &tls_names, false)?;
             println!(
-                "broker identity ready; give {} to the proxy nodes (--broker-key)",
-                public.display()
+                "broker identity ready; give {} to the proxy nodes (--broker-key) and {} to clients (--broker-cert)",
+                public.display(),
+                data_dir.join("tls.crt").display()
             );
         }
         Command::LogVerify { data_dir } => {
@@ -173,19 +217,31 @@ async fn run() -> anyhow::Result<()> {
             listen,
             broker_key,
             index,
+            tls,
         } => {
             let broker = PublicIdentity::read_file(&broker_key)?;
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            pre_kms::private_fs::private_dir(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
             let identity = load_or_create_identity(&dir.join("proxy.key"), "proxy")?;
             let node = Arc::new(proxy::ProxyNode::open(&dir, identity, index)?);
+            let server_tls = server::server_tls(&dir, &tls.tls_names, tls.insecure_loopback)?;
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             eprintln!(
-                "proxy {index} listening on http://{}",
-                listener.local_addr()?
+                "proxy {index} listening on {}://{} (the broker pins {})",
+                server_tls.scheme(),
+                listener.local_addr()?,
+                dir.join("tls.crt").display()
             );
-            proxy::serve(listener, node, broker.verifying_key, shutdown_signal()).await?;
+            proxy::serve(
+                listener,
+                node,
+                broker.verifying_key,
+                &server_tls,
+                shutdown_signal(),
+            )
+            .await?;
         }
         Command::Demo {
             patients,

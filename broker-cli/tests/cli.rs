@@ -52,6 +52,11 @@ impl Drop for Server {
 
 /// Starts `broker serve` on a free loopback port and waits until it says where it listens.
 fn serve(data: &Path, operator_pub: &Path) -> Server {
+    serve_armed(data, operator_pub, None)
+}
+
+/// [`serve`], with a crash point armed (`broker::crash`).
+fn serve_armed(data: &Path, operator_pub: &Path, crash_at: Option<&str>) -> Server {
     let mut args: Vec<std::ffi::OsString> =
         vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
     args.extend([
@@ -60,14 +65,77 @@ fn serve(data: &Path, operator_pub: &Path) -> Server {
         "--operator".into(),
         operator_pub.into(),
     ]);
-    spawn(&args, "broker listening on ")
+    let env: Vec<(&str, &str)> = crash_at
+        .map(|c| ("BROKER_CRASH_AT", c))
+        .into_iter()
+        .collect();
+    spawn_with(&args, "broker listening on ", &env)
+}
+
+/// The permission bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Every secret the broker, its proxies and the clients wrote is owner-only, though all
+/// of them ran under umask 000.
+fn assert_secrets_owner_only(data: &Path, keystore: &Path, keys: &[&Path], release: &Path) {
+    for dir in [data.to_owned(), data.join("proxies/0"), release.to_owned()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files = vec![
+        data.join("broker.db"),
+        data.join("broker.key"),
+        data.join("tls.key"),
+        data.join("LOCK"),
+        data.join("proxies/0/proxy.db"),
+        data.join("proxies/0/proxy.key"),
+        data.join("proxies/0/tls.key"),
+        keystore.to_owned(),
+        release.join("manifest.json"),
+    ];
+    files.extend(keys.iter().map(|k| k.to_path_buf()));
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    for entry in std::fs::read_dir(release).unwrap() {
+        let subject = entry.unwrap().path();
+        if subject.is_dir() {
+            assert_eq!(mode(&subject), 0o700, "{}", subject.display());
+            for f in std::fs::read_dir(&subject).unwrap() {
+                let f = f.unwrap().path();
+                assert_eq!(mode(&f), 0o600, "{}", f.display());
+            }
+        }
+    }
 }
 
 /// Runs `broker ARGS` and waits until it prints `announce` followed by its address.
 fn spawn(args: &[std::ffi::OsString], announce: &str) -> Server {
+    spawn_with(args, announce, &[])
+}
+
+/// A command that runs `program` under umask 000, so that only the program's own care
+/// keeps its secret files private.
+fn open_umask(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("umask 000; exec \"$0\" \"$@\"")
+        .arg(program);
+    c
+}
+
+/// [`spawn`] under umask 000, with `env` set.
+fn spawn_with(args: &[std::ffi::OsString], announce: &str, env: &[(&str, &str)]) -> Server {
     let announce = announce.to_owned();
-    let mut child = Command::new(BROKER)
+    let mut child = open_umask(BROKER)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -96,20 +164,31 @@ fn spawn(args: &[std::ffi::OsString], announce: &str) -> Server {
 
 struct Ctl<'a> {
     url: &'a str,
+    /// The broker's certificate, pinned by every command.
+    cert: PathBuf,
     /// Everything brokerctl wrote to stderr (errors, warnings).
     errors: std::cell::RefCell<String>,
+    /// The pinned network manifest, once [`Ctl::pin_network`] made it.
+    network: std::cell::RefCell<Option<PathBuf>>,
 }
 
 impl<'a> Ctl<'a> {
-    fn new(url: &'a str) -> Self {
+    fn new(url: &'a str, data: &Path) -> Self {
         Ctl {
             url,
+            cert: data.join("tls.crt"),
             errors: Default::default(),
+            network: Default::default(),
         }
     }
 
     fn run(&self, key: &Path, args: &[&str]) -> std::process::Output {
-        let out = Command::new(brokerctl())
+        let mut command = open_umask(brokerctl());
+        command.env("BROKER_CERT", &self.cert);
+        if let Some(network) = &*self.network.borrow() {
+            command.env("BROKER_NETWORK", network);
+        }
+        let out = command
             .args(args)
             .args(["--broker", self.url, "--key"])
             .arg(key)
@@ -170,6 +249,27 @@ impl<'a> Ctl<'a> {
         args.extend(extra);
         let study = self.json(sponsor, &args);
         study["study_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The operator drafts the network manifest from the broker in `data`, the board signs
+    /// it, and every later command pins it.
+    fn pin_network(&self, operator: &Path, board: &Path, data: &Path) {
+        let path = data.with_file_name("network.json");
+        let path_str = path.to_str().unwrap();
+        let broker_pub = data.join("broker.pub");
+        self.ok(
+            operator,
+            &[
+                "operator",
+                "network",
+                "--broker-key",
+                broker_pub.to_str().unwrap(),
+                "--out",
+                path_str,
+            ],
+        );
+        self.ok(board, &["board", "sign-network", path_str]);
+        *self.network.borrow_mut() = Some(path);
     }
 
     fn fails(&self, key: &Path, args: &[&str]) -> String {
@@ -249,8 +349,9 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let keystore = keystore.to_str().unwrap();
 
     let server = serve(&data, Path::new(&public(&operator)));
-    let ctl = Ctl::new(&server.url);
+    let ctl = Ctl::new(&server.url, &data);
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    ctl.pin_network(&operator, &board, &data);
     let who = ctl.json(&researcher, &["whoami"]);
     assert_eq!(who["name"], "researcher");
 
@@ -318,6 +419,12 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let out = d.join("release");
     let fetched = ctl.fetch(&researcher, &study_id, &out);
     assert_eq!(fetched["subjects"], 10, "{fetched}");
+    assert_secrets_owner_only(
+        &data,
+        Path::new(keystore),
+        &[&operator, &custodian, &sponsor, &board, &researcher],
+        &out,
+    );
 
     // What was decrypted is exactly the research copy the importer made.
     let report = datasets::import_path(&synthea(), &datasets::DeidConfig::default());
@@ -419,7 +526,8 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let first_errors = ctl.errors.borrow().clone();
     drop(server);
     let server = serve(&data, Path::new(&public(&operator)));
-    let ctl = Ctl::new(&server.url);
+    let ctl = Ctl::new(&server.url, &data);
+    *ctl.network.borrow_mut() = Some(data.with_file_name("network.json"));
     let out2 = d.join("release-after-restart");
     let again = ctl.fetch(&researcher, &study_id, &out2);
     assert_eq!(again["subjects"], 10);
@@ -603,16 +711,19 @@ fn a_release_through_three_proxy_processes() {
         "--operator".into(),
         public(&operator).into(),
     ]);
-    for p in &proxies {
+    for (i, p) in proxies.iter().enumerate() {
         args.extend(["--proxy-url".into(), p.url.clone().into()]);
+        let cert = d.join(format!("proxy{i}")).join("tls.crt");
+        args.extend(["--proxy-cert".into(), cert.into()]);
     }
     let server = spawn(&args, "broker listening on ");
-    let ctl = Ctl::new(&server.url);
+    let ctl = Ctl::new(&server.url, &data);
     let custodian = keygen(d, "custodian");
     let sponsor = keygen(d, "sponsor");
     let board = keygen(d, "board");
     let researcher = keygen(d, "researcher");
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    ctl.pin_network(&operator, &board, &data);
     let keystore = d.join("keystore.db");
     let keystore = keystore.to_str().unwrap();
     let src = synthea();
@@ -649,7 +760,7 @@ fn a_release_through_three_proxy_processes() {
     assert_eq!(fetched["subjects"], 10, "{fetched}");
     // The release went through the proxy processes: each holds the kfrags it verified.
     for (i, p) in proxies.iter().enumerate() {
-        assert!(p.url.starts_with("http://127.0.0.1:"), "{}", p.url);
+        assert!(p.url.starts_with("https://127.0.0.1:"), "{}", p.url);
         let db = rusqlite::Connection::open(d.join(format!("proxy{i}")).join("proxy.db")).unwrap();
         let kfrags: i64 = db
             .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))
@@ -700,8 +811,9 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
     let keystore = d.join("keystore.db");
     let keystore = keystore.to_str().unwrap();
     let server = serve(&d.join("data"), Path::new(&public(&operator)));
-    let ctl = Ctl::new(&server.url);
+    let ctl = Ctl::new(&server.url, &d.join("data"));
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    ctl.pin_network(&operator, &board, &d.join("data"));
 
     let src = eunomia();
     let import = || {
@@ -818,5 +930,163 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
         assert!((n - with_descendants).abs() <= 8, "{protected}");
     } else {
         assert_eq!(shown, "<11", "{protected}");
+    }
+}
+
+/// A crash between storing an upload and logging it, or between storing a consent change
+/// and withdrawing the grants it no longer permits, loses neither: at the next start the
+/// events are logged and the withdrawals done.
+#[test]
+fn a_crash_leaves_no_stored_record_unlogged_and_no_withdrawal_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let operator = keygen(d, "operator");
+    let custodian = keygen(d, "custodian");
+    let sponsor = keygen(d, "sponsor");
+    let board = keygen(d, "board");
+    let researcher = keygen(d, "researcher");
+    let keystore_path = d.join("keystore.db");
+    let keystore = keystore_path.to_str().unwrap();
+    let op_pub = public(&operator);
+    let server = serve(&data, Path::new(&op_pub));
+    let ctl = Ctl::new(&server.url, &data);
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    ctl.pin_network(&operator, &board, &data);
+    drop(ctl);
+    drop(server);
+    let db = || {
+        let c = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    };
+    let count = |sql: &str| -> i64 { db().query_row(sql, [], |r| r.get(0)).unwrap() };
+
+    // The import's upload commits, then the broker dies before the log append.
+    let mut server = serve_armed(
+        &data,
+        Path::new(&op_pub),
+        Some(broker::crash::UPLOAD_AFTER_COMMIT),
+    );
+    let ctl = Ctl::new(&server.url, &data);
+    let src = synthea();
+    let out = ctl.run(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert!(!out.status.success(), "the import saw the broker die");
+    assert!(
+        !server.child.wait().unwrap().success(),
+        "the broker aborted"
+    );
+    let stored = count("SELECT COUNT(DISTINCT pseudonym) FROM envelopes");
+    assert_eq!(stored, 10, "the upload was committed");
+    drop(ctl);
+
+    // At the next start, every stored patient's upload is in the log, once.
+    let server = serve(&data, Path::new(&op_pub));
+    let ctl = Ctl::new(&server.url, &data);
+    *ctl.network.borrow_mut() = Some(data.with_file_name("network.json"));
+    let uploads = ctl.json(&board, &["board", "log", "show", "--kind", "upload"]);
+    assert_eq!(uploads.as_array().unwrap().len(), 10, "{uploads}");
+    assert_eq!(count("SELECT COUNT(*) FROM log_intents"), 0);
+    // The re-import finds everything stored: nothing new, nothing logged twice.
+    let again = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            src.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(again["envelopes_stored"], 0, "{again}");
+    let uploads = ctl.json(&board, &["board", "log", "show", "--kind", "upload"]);
+    assert_eq!(uploads.as_array().unwrap().len(), 10, "{uploads}");
+
+    // Grants for a study, then a patient revokes and the broker dies before withdrawing.
+    let study_id = ctl.propose(&sponsor, "Crash", "conditions", &researcher, &[]);
+    ctl.ok(&board, &["board", "study", "approve", &study_id]);
+    ctl.json(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    let granted = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(granted["grants"], 10, "{granted}");
+    drop(ctl);
+    drop(server);
+    let mut server = serve_armed(
+        &data,
+        Path::new(&op_pub),
+        Some(broker::crash::CONSENT_BEFORE_WITHDRAWAL),
+    );
+    let ctl = Ctl::new(&server.url, &data);
+    let patient: String = rusqlite::Connection::open(&keystore_path)
+        .unwrap()
+        .query_row(
+            "SELECT source_id FROM patients ORDER BY source_id LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let out = ctl.run(
+        &custodian,
+        &[
+            "patient",
+            "consent",
+            "revoke",
+            "--keystore",
+            keystore,
+            "--patient",
+            &patient,
+        ],
+    );
+    assert!(!out.status.success(), "the revocation saw the broker die");
+    assert!(
+        !server.child.wait().unwrap().success(),
+        "the broker aborted"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM grants"),
+        10,
+        "stored, not yet withdrawn"
+    );
+    drop(ctl);
+
+    // At the next start the withdrawal is done, at the broker and at every proxy.
+    let _server = serve(&data, Path::new(&op_pub));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count("SELECT COUNT(*) FROM grants") != 9
+        || count("SELECT COUNT(*) FROM pending_revocations") != 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the withdrawal was not redone"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..3 {
+        let kfrags: i64 = rusqlite::Connection::open(data.join(format!("proxies/{i}/proxy.db")))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kfrags, 9, "proxy {i}");
     }
 }

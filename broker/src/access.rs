@@ -11,11 +11,14 @@ const SPONSOR: &[Role] = &[Role::Sponsor];
 const BOARD: &[Role] = &[Role::Board];
 const RESEARCHER: &[Role] = &[Role::Researcher];
 const PATIENT: &[Role] = &[Role::Patient];
+/// The board lists actors to check a study's researcher and receiving key before it
+/// signs an approval, and to draft the network manifest with the operator.
+const OPERATOR_OR_BOARD: &[Role] = &[Role::Operator, Role::Board];
 
 /// Every broker method and the roles that may call it.
 pub const ACCESS: &[(&str, &[Role])] = &[
     (m::REGISTER_ACTOR, OPERATOR),
-    (m::LIST_ACTORS, OPERATOR),
+    (m::LIST_ACTORS, OPERATOR_OR_BOARD),
     (m::WHOAMI, ANY),
     (m::LIST_PROXIES, ANY),
     (m::ENROLL, PATIENT_SIDE),

@@ -12,11 +12,13 @@
 //!   of [`error::ServiceError`] to a gRPC status)
 //! - [`storage`]: SQLite metadata and index, content-addressed blobs
 //! - [`proxy_pool`]: the broker's connections to its proxies
+//! - [`crash`]: the crash points the crash tests arm
 //!
 //! The client (`brokerctl`) is its own crate and meets this one only on the wire.
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod crash;
 pub mod error;
 pub mod grpc;
 pub mod proxy_pool;

@@ -6,12 +6,13 @@ use broker_proto::MAX_MESSAGE_BYTES;
 use broker_proto::convert::logged_event_to_pb;
 use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
 use broker_proto::signed::signed;
+use broker_proto::tls::ClientTls;
 use broker_proto::v1 as pb;
 use model::Category;
 use pre_kms::Identity;
 use pre_kms::logged_release::LoggedRelease;
 use proxy::ReencryptRequest;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::storage::db::ProxyRow;
@@ -74,11 +75,15 @@ pub struct ProxyPool {
 }
 
 impl ProxyPool {
-    /// Connects to each proxy and asks who it is.
-    pub async fn connect(identity: Identity, urls: &[String]) -> Result<ProxyPool, ProxyError> {
-        let mut proxies = Vec::with_capacity(urls.len());
-        for url in urls {
-            let channel = Endpoint::from_shared(url.clone())
+    /// Connects to each proxy (its certificate pinned) and asks who it is.
+    pub async fn connect(
+        identity: Identity,
+        proxies_at: &[(String, ClientTls)],
+    ) -> Result<ProxyPool, ProxyError> {
+        let mut proxies = Vec::with_capacity(proxies_at.len());
+        for (url, tls) in proxies_at {
+            let channel = tls
+                .endpoint(url)
                 .map_err(|e| ProxyError::Address {
                     url: url.clone(),
                     reason: e.to_string(),

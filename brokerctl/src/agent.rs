@@ -4,7 +4,8 @@
 
 use datasets::PatientRecord;
 use pre_kms::grant::{self, GrantPlan};
-use pre_kms::keys::public_key_from_bytes;
+use pre_kms::keys::{public_key_bytes, public_key_from_bytes};
+use pre_kms::network::{NetworkManifest, NetworkProxy, VerifiedNetwork};
 use pre_kms::reencrypt::{ReleasedEnvelope, decrypt_released};
 use pre_kms::{Category, Identity, envelope};
 use rayon::prelude::*;
@@ -157,22 +158,80 @@ impl IngestReport {
     }
 }
 
-/// The plan for a patient's grant to a study: the requested categories the patient
-/// has (intersected with `allowed`), expiring with the study.
-pub async fn grant_plan(client: &BrokerClient, study: &Study) -> ClientResult<GrantPlan> {
-    let proxies = client.list_proxies().await?;
+/// A draft manifest of the network this broker says it runs: its proxies in order, its
+/// threshold and its registered boards, with `broker_key` (from the broker's `.pub`) and
+/// the broker's TLS certificate.
+/// The operator writes it; a board member checks it against what the proxy operators
+/// say out of band and signs it; then it is handed to patients and custodians.
+pub async fn draft_network(
+    client: &BrokerClient,
+    broker_key: &umbral_pre::PublicKey,
+    broker_tls_cert: Option<&str>,
+) -> ClientResult<NetworkManifest> {
+    let listed = client.list_proxies().await?;
+    let proxies = listed
+        .proxies
+        .iter()
+        .map(|p| {
+            Ok(NetworkProxy {
+                proxy_id: p.proxy_id.clone(),
+                verifying_key: public_key_from_bytes(&p.verifying_key)?,
+                encryption_key: public_key_from_bytes(&p.encryption_key)?,
+            })
+        })
+        .collect::<ClientResult<Vec<_>>>()?;
+    let boards = client
+        .list_actors()
+        .await?
+        .into_iter()
+        .filter(|a| a.role == model::Role::Board)
+        .map(|a| Ok((a.name, public_key_from_bytes(&a.verifying_key)?)))
+        .collect::<ClientResult<Vec<_>>>()?;
+    Ok(NetworkManifest::new(
+        broker_key,
+        broker_tls_cert,
+        listed.threshold as usize,
+        &proxies,
+        &boards,
+    ))
+}
+
+/// The plan for a patient's grant to a study, from the pinned `network`, never from the
+/// broker's word: only for a study a pinned board approved (its signature over the
+/// proposal, receiving key included), sealed to the pinned proxies with the pinned
+/// threshold. A broker that lists other proxies or another threshold is refused.
+pub async fn grant_plan(
+    client: &BrokerClient,
+    network: &VerifiedNetwork,
+    study: &Study,
+) -> ClientResult<GrantPlan> {
+    network.check_approval(study)?;
+    let listed = client.list_proxies().await?;
+    let same = listed.threshold as usize == network.threshold
+        && listed.proxies.len() == network.proxies.len()
+        && listed.proxies.iter().zip(&network.proxies).all(|(l, p)| {
+            l.proxy_id == p.proxy_id
+                && l.encryption_key == public_key_bytes(&p.encryption_key)
+                && l.verifying_key == public_key_bytes(&p.verifying_key)
+        });
+    if !same {
+        return Err(pre_kms::Error::Network(format!(
+            "the broker lists {} proxies with threshold {}, not the {} proxies with threshold {} of the pinned network manifest; nothing granted (ask your ethics board which is right)",
+            listed.proxies.len(),
+            listed.threshold,
+            network.proxies.len(),
+            network.threshold
+        ))
+        .into());
+    }
     let proposal = &study.proposal;
     Ok(GrantPlan {
         study_id: study.study_id.clone(),
         receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
         categories: proposal.categories.clone(),
-        threshold: proxies.threshold as usize,
+        threshold: network.threshold,
         expires_at: proposal.not_after,
-        proxy_keys: proxies
-            .proxies
-            .iter()
-            .map(|p| public_key_from_bytes(&p.encryption_key))
-            .collect::<pre_kms::Result<_>>()?,
+        proxy_keys: network.proxies.iter().map(|p| p.encryption_key).collect(),
     })
 }
 
@@ -233,10 +292,42 @@ pub async fn grant_scoped(
 /// One decrypted research copy.
 #[derive(Debug, Clone)]
 pub struct DecryptedRecord {
+    /// The study pseudonym, checked by [`check_subject`]: safe as a file name.
     pub subject: String,
     pub category: Category,
     pub version: u32,
     pub plaintext: Vec<u8>,
+}
+
+impl DecryptedRecord {
+    /// Where the record goes under an output directory: `SUBJECT/CATEGORY.vVERSION.json`,
+    /// made only of checked parts, so it never leaves that directory.
+    pub fn relative_path(&self) -> std::path::PathBuf {
+        std::path::Path::new(&self.subject).join(format!(
+            "{}.v{}.json",
+            self.category.label(),
+            self.version
+        ))
+    }
+}
+
+/// A subject names a directory on the researcher's disk, and comes from the broker: it
+/// must be one plain name (letters, digits, `-`, `_`; at most 64), never a path.
+pub fn check_subject(subject: &str) -> ClientResult<()> {
+    let plain = !subject.is_empty()
+        && subject.len() <= 64
+        && !subject.starts_with('-')
+        && subject
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        Ok(())
+    } else {
+        Err(ClientError::Invalid(format!(
+            "the broker sent a subject that is not a plain name ({:?}); refusing the release",
+            model::quote::excerpt(subject)
+        )))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -276,6 +367,7 @@ pub async fn fetch_and_decrypt(
                 batch
                     .into_par_iter()
                     .map(|item| {
+                        check_subject(&item.subject)?;
                         let category: Category =
                             item.category.parse().map_err(|e: model::UnknownCategory| {
                                 ClientError::Invalid(e.to_string())
@@ -360,6 +452,31 @@ pub async fn consent_history(
         policies.push(policy);
     }
     PolicyHistory::new(policies).map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+/// [`consent_history`], checked against what this agent itself last set (`head`): the
+/// broker must not leave out the newest version, or an older, wider policy would decide.
+pub async fn consent_history_checked(
+    client: &BrokerClient,
+    patient: &Identity,
+    head: Option<&crate::consent_heads::ConsentHead>,
+) -> ClientResult<PolicyHistory> {
+    let history = consent_history(client, patient).await?;
+    if let Some(head) = head {
+        let newest = history.versions().last();
+        let holds = history
+            .versions()
+            .iter()
+            .any(|p| p.version() == head.version && p.policy_hash().to_hex() == head.policy_hash);
+        if !holds || newest.is_some_and(|p| p.version() < head.version) {
+            return Err(ClientError::Invalid(format!(
+                "the broker's consent history of patient {} lacks version {}, which this agent set: it is hiding the newest consent; nothing granted",
+                patient.pseudonym(),
+                head.version
+            )));
+        }
+    }
+    Ok(history)
 }
 
 /// The next version number for a patient's policy.

@@ -42,21 +42,23 @@ pub struct Keystore {
 
 impl Keystore {
     pub fn open(path: &Path) -> Result<Keystore> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)?;
+        if let Some(parent) = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+        {
+            pre_kms::private_fs::private_dir(parent)?;
         }
+        // Owner-only before the first secret lands in it.
+        pre_kms::private_fs::private_file(path)?;
         let db = Connection::open(path)
             .map_err(|e| Error::KeyFile(format!("cannot open keystore {}: {e}", path.display())))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
         db.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
              CREATE TABLE IF NOT EXISTS patients (
                  source_id TEXT PRIMARY KEY, seed BLOB NOT NULL, pseudonym TEXT NOT NULL UNIQUE,
-                 created_at INTEGER NOT NULL);",
+                 created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS consent_heads (
+                 pseudonym TEXT PRIMARY KEY, version INTEGER NOT NULL, policy_hash TEXT NOT NULL);",
         )
         .map_err(|e| Error::KeyFile(format!("{} is not a keystore: {e}", path.display())))?;
         Ok(Keystore {
@@ -120,6 +122,38 @@ impl Keystore {
                 Ok((s, id))
             })
             .collect()
+    }
+
+    /// The newest consent version set for a patient through this keystore.
+    pub fn consent_head(
+        &self,
+        pseudonym: &str,
+    ) -> Result<Option<crate::consent_heads::ConsentHead>> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT version, policy_hash FROM consent_heads WHERE pseudonym = ?1",
+                [pseudonym],
+                |r| {
+                    Ok(crate::consent_heads::ConsentHead {
+                        version: r.get(0)?,
+                        policy_hash: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn record_consent_heads(&self, receipts: &[consent_policy::ConsentReceipt]) -> Result<()> {
+        let mut stmt = self.db.prepare_cached(
+            "INSERT INTO consent_heads (pseudonym, version, policy_hash) VALUES (?1, ?2, ?3)
+             ON CONFLICT (pseudonym) DO UPDATE SET version = excluded.version, policy_hash = excluded.policy_hash
+             WHERE excluded.version > consent_heads.version",
+        )?;
+        for r in receipts {
+            stmt.execute(params![r.pseudonym, r.version, r.policy_hash])?;
+        }
+        Ok(())
     }
 
     /// Runs `f` in one transaction (bulk creation during an import).

@@ -6,10 +6,13 @@
 //! - [`agent`]: the flows of each role on top of it (a custodian's ingest, consent and
 //!   grants as each patient's consent permits, a researcher's verified decryption);
 //! - [`log_review`]: the board's and the patient's checks of the access log, exports;
-//! - [`keystore`]: the custodian's keys for its patients, which never leave it.
+//! - [`keystore`]: the custodian's keys for its patients, which never leave it;
+//! - [`consent_heads`]: the newest consent each patient's agent set, to catch a broker
+//!   that hides it.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod consent_heads;
 pub mod keystore;
 pub mod log_review;
 pub mod wire;

@@ -3,10 +3,12 @@
 //! `brokerctl`, the demo, benches and tests.
 
 use broker_proto::signed::signed;
+use broker_proto::tls::ClientTls;
 use broker_proto::v1 as pb;
-use pre_kms::Identity;
 use pre_kms::grant::Grant;
-use tonic::transport::{Channel, Endpoint};
+use pre_kms::keys::public_key_bytes;
+use pre_kms::{Identity, PublicIdentity};
+use tonic::transport::Channel;
 
 use audit_log::EventFilter;
 use broker_proto::convert::{
@@ -108,12 +110,19 @@ pub struct BrokerClient {
 }
 
 impl BrokerClient {
-    pub async fn connect(url: &str, identity: Identity) -> ClientResult<BrokerClient> {
+    /// Connects to the broker at `url` over TLS, accepting only the pinned certificate
+    /// (or plain http to loopback, for tests).
+    pub async fn connect(
+        url: &str,
+        tls: &ClientTls,
+        identity: Identity,
+    ) -> ClientResult<BrokerClient> {
         let connect_err = |reason: String| ClientError::Connect {
             url: url.to_owned(),
             reason,
         };
-        let channel = Endpoint::from_shared(url.to_owned())
+        let channel = tls
+            .endpoint(url)
             .map_err(|e| connect_err(e.to_string()))?
             .connect_timeout(std::time::Duration::from_secs(10))
             .connect()
@@ -165,13 +174,15 @@ impl BrokerClient {
         role: Role,
         name: &str,
         organisation: &str,
-        verifying_key: Vec<u8>,
+        keys: &PublicIdentity,
     ) -> ClientResult<Actor> {
         let req = pb::RegisterActorRequest {
             role: role_to_pb(role) as i32,
             name: name.to_owned(),
             organisation: organisation.to_owned(),
-            verifying_key,
+            verifying_key: public_key_bytes(&keys.verifying_key),
+            encryption_key: public_key_bytes(&keys.encryption_key),
+            key_binding: keys.key_binding.clone().unwrap_or_default(),
         };
         actor(
             self.registry
@@ -282,6 +293,24 @@ impl BrokerClient {
         reason: &str,
     ) -> ClientResult<Study> {
         let current = self.get_study(study_id).await?;
+        if approve {
+            // The approval signature vouches for the receiving key: check that it is the
+            // named researcher's own, as registered with its key binding.
+            let researcher = self
+                .list_actors()
+                .await?
+                .into_iter()
+                .find(|a| a.actor_id == current.proposal.researcher_id)
+                .ok_or_else(|| {
+                    ClientError::Invalid(format!(
+                        "refusing to approve study {study_id}: its researcher is not registered"
+                    ))
+                })?;
+            pre_kms::keys::check_receiving_key(&researcher, &current.proposal.receiving_key)
+                .map_err(|e| {
+                    ClientError::Invalid(format!("refusing to approve study {study_id}: {e}"))
+                })?;
+        }
         let signature = self.identity.sign(&decision_digest(
             study_id,
             &current.proposal,

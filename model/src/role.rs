@@ -73,6 +73,11 @@ pub struct Actor {
     pub name: String,
     pub organisation: String,
     pub verifying_key: Vec<u8>,
+    /// The key records are re-encrypted to (a researcher's receiving key); empty when
+    /// the actor registered none.
+    pub encryption_key: Vec<u8>,
+    /// The actor's proof that `encryption_key` is its own (`pre_kms::keys::key_binding`).
+    pub key_binding: Vec<u8>,
 }
 
 /// The authenticated caller of a request.

@@ -25,6 +25,9 @@ pub enum Error {
     Grant(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// The pinned network manifest is unusable, or the broker's word disagrees with it.
+    #[error("network: {0}")]
+    Network(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

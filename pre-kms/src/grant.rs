@@ -6,6 +6,12 @@
 //! the study, the patient, the category and the expiry, signed again by the patient,
 //! and sealed to one proxy's encryption key (magic `PKK1`), so that the broker relays
 //! kfrags without being able to read them.
+//!
+//! Every grant has a random id chosen by the patient and the time it was issued, both
+//! inside every signed kfrag payload: a proxy that has destroyed a grant's kfrags (the
+//! grant was revoked or superseded) keeps its id and refuses it, and refuses any grant of
+//! the same patient to the same study issued before the revocation, so a captured deposit
+//! re-sent later restores nothing.
 
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -37,6 +43,10 @@ pub struct GrantPlan {
 /// A signed grant as the broker receives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
+    /// `gr-` and 32 hex digits, random: the patient's name for this grant.
+    pub grant_id: String,
+    /// Unix milliseconds, by the patient's clock.
+    pub issued_at: i64,
     pub study_id: String,
     pub pseudonym: String,
     pub threshold: u32,
@@ -55,6 +65,8 @@ pub struct GrantCategory {
 /// The plaintext inside a sealed kfrag.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct KfragPayload {
+    grant_id: String,
+    issued_at: i64,
     study_id: String,
     pseudonym: String,
     category: Category,
@@ -66,37 +78,58 @@ struct KfragPayload {
     signature: String,
 }
 
-fn payload_digest(
-    study_id: &str,
-    pseudonym: &str,
+/// The fields of a kfrag payload that its signature covers, besides the kfrag.
+struct PayloadFields<'a> {
+    grant_id: &'a str,
+    issued_at: i64,
+    study_id: &'a str,
+    pseudonym: &'a str,
     category: Category,
     expires_at: i64,
     proxy_index: u32,
-    kfrag: &[u8],
-) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("pre-kms kfrag payload v1");
+}
+
+fn payload_digest(f: &PayloadFields<'_>, kfrag: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("pre-kms kfrag payload v2");
     for part in [
-        study_id.as_bytes(),
-        pseudonym.as_bytes(),
-        category.label().as_bytes(),
+        f.grant_id.as_bytes(),
+        f.study_id.as_bytes(),
+        f.pseudonym.as_bytes(),
+        f.category.label().as_bytes(),
     ] {
         h.update(&(part.len() as u64).to_be_bytes());
         h.update(part);
     }
-    h.update(&expires_at.to_be_bytes());
-    h.update(&proxy_index.to_be_bytes());
+    h.update(&f.issued_at.to_be_bytes());
+    h.update(&f.expires_at.to_be_bytes());
+    h.update(&f.proxy_index.to_be_bytes());
     h.update(&(kfrag.len() as u64).to_be_bytes());
     h.update(kfrag);
     *h.finalize().as_bytes()
 }
 
+/// Whether `id` has the form of a grant id (`gr-` and 32 lowercase hex digits).
+pub fn is_grant_id(id: &str) -> bool {
+    id.strip_prefix("gr-").is_some_and(|hex| {
+        hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// The digest a grant's signature covers: every field, and every sealed kfrag's hash.
 pub fn grant_digest(grant: &Grant) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("pre-kms grant v1");
-    for part in [grant.study_id.as_bytes(), grant.pseudonym.as_bytes()] {
+    let mut h = blake3::Hasher::new_derive_key("pre-kms grant v2");
+    for part in [
+        grant.grant_id.as_bytes(),
+        grant.study_id.as_bytes(),
+        grant.pseudonym.as_bytes(),
+    ] {
         h.update(&(part.len() as u64).to_be_bytes());
         h.update(part);
     }
+    h.update(&grant.issued_at.to_be_bytes());
     h.update(&grant.threshold.to_be_bytes());
     h.update(&grant.expires_at.to_be_bytes());
     h.update(&(grant.categories.len() as u64).to_be_bytes());
@@ -121,11 +154,13 @@ impl Grant {
     }
 }
 
-/// Makes a grant: kfrags per category, each sealed to its proxy, and signs it.
+/// Makes a grant issued at `issued_at` (unix ms): a fresh id from `rng`, kfrags per
+/// category, each sealed to its proxy, and signs it.
 pub fn issue_with_rng(
     rng: &mut (impl CryptoRng + RngCore),
     patient: &Identity,
     plan: &GrantPlan,
+    issued_at: i64,
 ) -> Result<Grant> {
     let shares = plan.proxy_keys.len();
     if plan.threshold == 0 || plan.threshold > shares {
@@ -135,6 +170,9 @@ pub fn issue_with_rng(
         )));
     }
     let pseudonym = patient.pseudonym();
+    let mut id = [0u8; 16];
+    rng.fill_bytes(&mut id);
+    let grant_id = format!("gr-{}", hex::encode(id));
     let signer = patient.signer();
     let mut categories = Vec::with_capacity(plan.categories.len());
     for &category in &plan.categories {
@@ -152,14 +190,20 @@ pub fn issue_with_rng(
         for (i, (kfrag, proxy_key)) in kfrags.iter().zip(&plan.proxy_keys).enumerate() {
             let kfrag_bytes = kfrag.to_bytes().expect("kfrag serialization cannot fail");
             let digest = payload_digest(
-                &plan.study_id,
-                &pseudonym,
-                category,
-                plan.expires_at,
-                i as u32,
+                &PayloadFields {
+                    grant_id: &grant_id,
+                    issued_at,
+                    study_id: &plan.study_id,
+                    pseudonym: &pseudonym,
+                    category,
+                    expires_at: plan.expires_at,
+                    proxy_index: i as u32,
+                },
                 &kfrag_bytes,
             );
             let payload = KfragPayload {
+                grant_id: grant_id.clone(),
+                issued_at,
                 study_id: plan.study_id.clone(),
                 pseudonym: pseudonym.clone(),
                 category,
@@ -177,6 +221,8 @@ pub fn issue_with_rng(
         });
     }
     let mut grant = Grant {
+        grant_id,
+        issued_at,
         study_id: plan.study_id.clone(),
         pseudonym,
         threshold: plan.threshold as u32,
@@ -188,13 +234,20 @@ pub fn issue_with_rng(
     Ok(grant)
 }
 
+/// Makes a grant issued now.
 pub fn issue(patient: &Identity, plan: &GrantPlan) -> Result<Grant> {
-    issue_with_rng(&mut rand::rngs::OsRng, patient, plan)
+    issue_with_rng(
+        &mut rand::rngs::OsRng,
+        patient,
+        plan,
+        crate::request_auth::now_ms(),
+    )
 }
 
 /// What the broker tells a proxy about one deposited kfrag.
 #[derive(Debug, Clone)]
 pub struct DepositClaim {
+    pub grant_id: String,
     pub study_id: String,
     pub pseudonym: String,
     pub category: Category,
@@ -209,6 +262,8 @@ pub struct DepositClaim {
 #[derive(Debug, Clone)]
 pub struct CheckedKfrag {
     pub kfrag: VerifiedKeyFrag,
+    /// When the patient issued the grant (unix ms), as the patient signed it.
+    pub issued_at: i64,
 }
 
 /// Opens a sealed kfrag with the proxy's key and checks everything it binds: the
@@ -221,7 +276,8 @@ pub fn open_deposit(proxy: &Identity, claim: &DepositClaim, sealed: &[u8]) -> Re
         .map_err(|_| Error::KfragRejected("not sealed to this proxy".into()))?;
     let payload: KfragPayload = serde_json::from_slice(&json)
         .map_err(|e| Error::KfragRejected(format!("payload does not parse: {e}")))?;
-    if payload.study_id != claim.study_id
+    if payload.grant_id != claim.grant_id
+        || payload.study_id != claim.study_id
         || payload.pseudonym != claim.pseudonym
         || payload.category != claim.category
         || payload.expires_at != claim.expires_at
@@ -236,11 +292,15 @@ pub fn open_deposit(proxy: &Identity, claim: &DepositClaim, sealed: &[u8]) -> Re
     let signature = hex::decode(&payload.signature)
         .map_err(|_| Error::KfragRejected("signature is not hex".into()))?;
     let digest = payload_digest(
-        &payload.study_id,
-        &payload.pseudonym,
-        payload.category,
-        payload.expires_at,
-        payload.proxy_index,
+        &PayloadFields {
+            grant_id: &payload.grant_id,
+            issued_at: payload.issued_at,
+            study_id: &payload.study_id,
+            pseudonym: &payload.pseudonym,
+            category: payload.category,
+            expires_at: payload.expires_at,
+            proxy_index: payload.proxy_index,
+        },
         &kfrag_bytes,
     );
     if !verify_signature(&claim.patient_verifying_key, &digest, &signature) {
@@ -257,7 +317,10 @@ pub fn open_deposit(proxy: &Identity, claim: &DepositClaim, sealed: &[u8]) -> Re
             Some(&claim.receiving_key),
         )
         .map_err(|(e, _)| Error::KfragRejected(e.to_string()))?;
-    Ok(CheckedKfrag { kfrag })
+    Ok(CheckedKfrag {
+        kfrag,
+        issued_at: payload.issued_at,
+    })
 }
 
 pub fn kfrag_bytes(kfrag: &VerifiedKeyFrag) -> Vec<u8> {

@@ -159,7 +159,24 @@ impl Identity {
             role: role.to_owned(),
             verifying_key: self.verifying_key(),
             encryption_key: self.encryption_public_key(),
+            key_binding: Some(self.key_binding()),
         }
+    }
+
+    /// Proof that this identity's encryption key belongs with its verifying key: the
+    /// signing key signs the pair (so nobody can attach another encryption key to this
+    /// identity), and the encryption key's own secret signs it too (so this identity
+    /// cannot claim someone else's encryption key). See [`verify_key_binding`].
+    pub fn key_binding(&self) -> Vec<u8> {
+        let digest = key_binding_digest(&self.verifying_key(), &self.encryption_public_key());
+        let mut proof = self.sign(&digest);
+        proof.extend(
+            Signer::new(self.encryption_key())
+                .sign(&digest)
+                .to_be_bytes()
+                .iter(),
+        );
+        proof
     }
 
     /// Writes `PREKMS-SECRET-1 <role> <hex seed>` with owner-only permissions.
@@ -214,6 +231,9 @@ pub struct PublicIdentity {
     pub role: String,
     pub verifying_key: PublicKey,
     pub encryption_key: PublicKey,
+    /// [`Identity::key_binding`], checked when read; files written before it existed
+    /// have none.
+    pub key_binding: Option<Vec<u8>>,
 }
 
 impl PublicIdentity {
@@ -222,8 +242,13 @@ impl PublicIdentity {
     }
 
     pub fn to_line(&self) -> String {
+        let binding = self
+            .key_binding
+            .as_ref()
+            .map(|b| format!(" {}", hex::encode(b)))
+            .unwrap_or_default();
         format!(
-            "{PUBLIC_PREFIX} {} {} {}\n",
+            "{PUBLIC_PREFIX} {} {} {}{binding}\n",
             self.role,
             hex::encode(self.verifying_key.to_compressed_bytes()),
             hex::encode(self.encryption_key.to_compressed_bytes())
@@ -265,10 +290,26 @@ impl PublicIdentity {
             .next()
             .ok_or("missing encryption key")
             .and_then(|h| public_key_from_hex(h).map_err(|_| "bad encryption key"))?;
+        let key_binding = match words.next() {
+            None => None,
+            Some(h) => {
+                let proof = hex::decode(h).map_err(|_| "bad key binding")?;
+                if !verify_key_binding(&verifying_key, &encryption_key, &proof) {
+                    return Err(
+                        "the key binding does not verify: the keys do not belong together".into(),
+                    );
+                }
+                Some(proof)
+            }
+        };
+        if words.next().is_some() {
+            return Err("unexpected words after the key binding".into());
+        }
         Ok(PublicIdentity {
             role,
             verifying_key,
             encryption_key,
+            key_binding,
         })
     }
 }
@@ -354,10 +395,100 @@ pub fn verify_signature(key: &PublicKey, message: &[u8], signature: &[u8]) -> bo
     Signature::try_from_be_bytes(signature).is_ok_and(|s| s.verify(key, message))
 }
 
+/// Why an actor's keys cannot receive records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyBindingError {
+    #[error("{0} is not a researcher")]
+    NotAResearcher(String),
+    #[error("researcher {0} registered no encryption key with a valid key binding")]
+    Unbound(String),
+    #[error(
+        "the receiving key is not researcher {0}'s own registered key: records can be re-encrypted only to the named researcher"
+    )]
+    NotTheResearchers(String),
+}
+
+/// Checks that an actor registered its encryption key with a valid binding to its
+/// verifying key (and that its id is that key's).
+pub fn check_actor_keys(actor: &model::Actor) -> std::result::Result<(), KeyBindingError> {
+    let unbound = || KeyBindingError::Unbound(actor.actor_id.clone());
+    let vk = public_key_from_bytes(&actor.verifying_key).map_err(|_| unbound())?;
+    let ek = public_key_from_bytes(&actor.encryption_key).map_err(|_| unbound())?;
+    if actor_id(&vk) != actor.actor_id || !verify_key_binding(&vk, &ek, &actor.key_binding) {
+        return Err(unbound());
+    }
+    Ok(())
+}
+
+/// Checks that `receiving_key` is the registered, bound encryption key of `researcher`,
+/// a researcher: what the broker checks when a study is proposed and the board's client
+/// checks again before it signs an approval.
+pub fn check_receiving_key(
+    researcher: &model::Actor,
+    receiving_key: &[u8],
+) -> std::result::Result<(), KeyBindingError> {
+    if researcher.role != model::Role::Researcher {
+        return Err(KeyBindingError::NotAResearcher(researcher.actor_id.clone()));
+    }
+    check_actor_keys(researcher)?;
+    if researcher.encryption_key != receiving_key {
+        return Err(KeyBindingError::NotTheResearchers(
+            researcher.actor_id.clone(),
+        ));
+    }
+    Ok(())
+}
+
+fn key_binding_digest(verifying_key: &PublicKey, encryption_key: &PublicKey) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("pre-kms key binding v1");
+    h.update(&verifying_key.to_compressed_bytes());
+    h.update(&encryption_key.to_compressed_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Whether `proof` ([`Identity::key_binding`]) binds `encryption_key` to the identity
+/// of `verifying_key`: signed by both keys' secrets.
+pub fn verify_key_binding(
+    verifying_key: &PublicKey,
+    encryption_key: &PublicKey,
+    proof: &[u8],
+) -> bool {
+    if !proof.len().is_multiple_of(2) {
+        return false;
+    }
+    let (by_signer, by_encryption_key) = proof.split_at(proof.len() / 2);
+    let digest = key_binding_digest(verifying_key, encryption_key);
+    verify_signature(verifying_key, &digest, by_signer)
+        && verify_signature(encryption_key, &digest, by_encryption_key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_key_binding_ties_one_encryption_key_to_one_identity() {
+        let researcher = Identity::generate();
+        let sponsor = Identity::generate();
+        let (vk, ek) = (
+            researcher.verifying_key(),
+            researcher.encryption_public_key(),
+        );
+        let proof = researcher.key_binding();
+        assert!(verify_key_binding(&vk, &ek, &proof));
+        // The sponsor's encryption key under the researcher's identity: neither the
+        // researcher's proof nor one the sponsor makes verifies.
+        let theirs = sponsor.encryption_public_key();
+        assert!(!verify_key_binding(&vk, &theirs, &proof));
+        assert!(!verify_key_binding(&vk, &theirs, &sponsor.key_binding()));
+        assert!(!verify_key_binding(&vk, &ek, &proof[..proof.len() - 1]));
+        // In a public key file, a binding that does not verify is refused.
+        let mut forged = researcher.public("researcher");
+        forged.encryption_key = theirs;
+        let err = PublicIdentity::parse(&forged.to_line()).unwrap_err();
+        assert!(err.contains("do not belong together"), "{err}");
+    }
 
     #[test]
     fn key_files_round_trip_and_reject_garbage() {

@@ -4,7 +4,8 @@
 //! ([`grant`]: signed t-of-n kfrag sets sealed to proxies), re-encryption and the
 //! researcher's verification and decryption ([`reencrypt`]), what a proxy checks before it
 //! re-encrypts ([`logged_release`]) and signed requests ([`request_auth`]). It does no
-//! I/O beyond reading and writing key files: the proxy node that stores kfrags is the
+//! I/O beyond reading and writing key files and making secret files owner-only
+//! ([`private_fs`]): the proxy node that stores kfrags is the
 //! `pre-kms-proxy` crate, the custodian's keystore lives with the client.
 //!
 //! ```text
@@ -33,6 +34,7 @@
 //! let mut cfrags = Vec::new();
 //! for (i, proxy) in proxies.iter().enumerate().take(2) {
 //!     let claim = grant::DepositClaim {
+//!         grant_id: g.grant_id.clone(),
 //!         study_id: "s1".into(), pseudonym: patient.pseudonym(), category: Category::Conditions,
 //!         expires_at: i64::MAX, proxy_index: i as u32,
 //!         patient_verifying_key: patient.verifying_key(),
@@ -55,6 +57,8 @@ pub mod error;
 pub mod grant;
 pub mod keys;
 pub mod logged_release;
+pub mod network;
+pub mod private_fs;
 pub mod reencrypt;
 pub mod request_auth;
 pub mod sealed;

@@ -42,8 +42,9 @@ fn plan(s: &Setup, categories: Vec<Category>, t: usize) -> GrantPlan {
     }
 }
 
-fn claim(s: &Setup, category: Category, i: usize) -> DepositClaim {
+fn claim(s: &Setup, g: &grant::Grant, category: Category, i: usize) -> DepositClaim {
     DepositClaim {
+        grant_id: g.grant_id.clone(),
         study_id: "st-test".into(),
         pseudonym: s.patient.pseudonym(),
         category,
@@ -72,9 +73,12 @@ fn cfrags(
     which
         .iter()
         .flat_map(|&i| {
-            let k =
-                grant::open_deposit(&s.proxies[i], &claim(s, category, i), &gc.sealed_kfrags[i])
-                    .unwrap();
+            let k = grant::open_deposit(
+                &s.proxies[i],
+                &claim(s, g, category, i),
+                &gc.sealed_kfrags[i],
+            )
+            .unwrap();
             reencrypt_batch(&[(capsule.clone(), k.kfrag)])
         })
         .collect()
@@ -175,26 +179,43 @@ fn proxies_refuse_kfrags_that_do_not_match_their_claim() {
     let g = grant::issue(&s.patient, &plan(&s, vec![Category::Conditions], 2)).unwrap();
     let sealed = &g.categories[0].sealed_kfrags[0];
     assert!(
-        grant::open_deposit(&s.proxies[0], &claim(&s, Category::Conditions, 0), sealed).is_ok()
+        grant::open_deposit(
+            &s.proxies[0],
+            &claim(&s, &g, Category::Conditions, 0),
+            sealed
+        )
+        .is_ok()
     );
     // Sealed to proxy 0, offered to proxy 1.
     assert!(
-        grant::open_deposit(&s.proxies[1], &claim(&s, Category::Conditions, 1), sealed).is_err()
+        grant::open_deposit(
+            &s.proxies[1],
+            &claim(&s, &g, Category::Conditions, 1),
+            sealed
+        )
+        .is_err()
     );
     // The broker lies about the category, the study, the expiry or the receiving key.
-    let mut c = claim(&s, Category::Conditions, 0);
+    let mut c = claim(&s, &g, Category::Conditions, 0);
     c.category = Category::Observations;
     c.delegating_key = s.patient.category_public_key(Category::Observations);
     assert!(grant::open_deposit(&s.proxies[0], &c, sealed).is_err());
-    let mut c = claim(&s, Category::Conditions, 0);
+    let mut c = claim(&s, &g, Category::Conditions, 0);
     c.study_id = "st-other".into();
     assert!(grant::open_deposit(&s.proxies[0], &c, sealed).is_err());
-    let mut c = claim(&s, Category::Conditions, 0);
+    let mut c = claim(&s, &g, Category::Conditions, 0);
     c.expires_at += 1;
     assert!(grant::open_deposit(&s.proxies[0], &c, sealed).is_err());
-    let mut c = claim(&s, Category::Conditions, 0);
+    let mut c = claim(&s, &g, Category::Conditions, 0);
     c.receiving_key = Identity::generate().encryption_public_key();
     assert!(grant::open_deposit(&s.proxies[0], &c, sealed).is_err());
+    // ... or about which grant the kfrag belongs to.
+    let mut c = claim(&s, &g, Category::Conditions, 0);
+    c.grant_id = format!("gr-{}", "0".repeat(32));
+    assert!(grant::open_deposit(&s.proxies[0], &c, sealed).is_err());
+    assert!(grant::is_grant_id(&g.grant_id), "{}", g.grant_id);
+    let again = grant::issue(&s.patient, &plan(&s, vec![Category::Conditions], 2)).unwrap();
+    assert_ne!(again.grant_id, g.grant_id, "every grant has its own id");
     // A grant whose content changed no longer carries the patient's signature.
     assert!(g.verify_signature(&s.patient.verifying_key()).is_ok());
     let mut forged = g.clone();
@@ -245,6 +266,7 @@ fn compute_vectors() -> serde_json::Value {
             expires_at: 1_900_000_000,
             proxy_keys: proxies.iter().map(|p| p.encryption_public_key()).collect(),
         },
+        1_800_000_000_000,
     )
     .unwrap();
     serde_json::json!({

@@ -63,6 +63,8 @@ pub fn actor_to_pb(a: Actor) -> pb::Actor {
         name: a.name,
         organisation: a.organisation,
         verifying_key: a.verifying_key,
+        encryption_key: a.encryption_key,
+        key_binding: a.key_binding,
     }
 }
 
@@ -73,6 +75,8 @@ pub fn actor_from_pb(a: pb::Actor) -> ServiceResult<Actor> {
         name: a.name,
         organisation: a.organisation,
         verifying_key: a.verifying_key,
+        encryption_key: a.encryption_key,
+        key_binding: a.key_binding,
     })
 }
 
@@ -290,6 +294,8 @@ pub fn study_from_pb(s: pb::Study) -> ServiceResult<Study> {
 
 pub fn grant_to_pb(g: Grant) -> pb::Grant {
     pb::Grant {
+        grant_id: g.grant_id,
+        issued_at: g.issued_at,
         study_id: g.study_id,
         pseudonym: g.pseudonym,
         threshold: g.threshold,
@@ -307,7 +313,12 @@ pub fn grant_to_pb(g: Grant) -> pb::Grant {
 }
 
 pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
+    if !pre_kms::grant::is_grant_id(&g.grant_id) {
+        return Err(Malformed("grant_id must be gr- and 32 hex digits".into()));
+    }
     Ok(Grant {
+        grant_id: g.grant_id,
+        issued_at: g.issued_at,
         study_id: g.study_id,
         pseudonym: g.pseudonym,
         threshold: g.threshold,

@@ -1,7 +1,7 @@
 //! `broker.v1`: the protobuf messages and tonic services of the broker and its proxies,
 //! the method paths a signature covers ([`methods`]), signed calls in gRPC metadata
-//! ([`signed`]), the wire limits, and the one conversion between messages and the
-//! domain types ([`convert`]).
+//! ([`signed`]), TLS with pinned certificates ([`tls`]), the wire limits, and the one
+//! conversion between messages and the domain types ([`convert`]).
 //!
 //! Generated at build time from `proto/broker/v1/broker.proto` with `protox`, so no
 //! system `protoc` is needed. Domain crates never see these types: the broker's gRPC
@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod methods;
 pub mod signed;
+pub mod tls;
 
 /// The largest message either side encodes or decodes (a batch of envelopes, a bulk
 /// upload).

@@ -40,7 +40,8 @@ pub fn call<T: Message>(request: &tonic::Request<T>) -> SignedCall {
     }
 }
 
-fn credentials(md: &MetadataMap) -> Result<Credentials, AuthError> {
+/// The credentials in a call's metadata, or why they are unusable.
+pub fn credentials(md: &MetadataMap) -> Result<Credentials, AuthError> {
     let actor = header(md, ACTOR)?.to_owned();
     let timestamp: i64 = header(md, TIMESTAMP)?
         .parse()

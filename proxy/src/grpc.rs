@@ -7,12 +7,14 @@ use broker_proto::MAX_MESSAGE_BYTES;
 use broker_proto::convert::logged_release_from_pb;
 use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
 use broker_proto::signed;
+use broker_proto::tls::{ServerTls, TlsError};
 use broker_proto::v1 as pb;
 use pre_kms::grant::DepositClaim;
 use pre_kms::keys::{actor_id, public_key_bytes, public_key_from_bytes};
 use pre_kms::request_auth::{ReplayGuard, now_ms};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use umbral_pre::PublicKey;
 
@@ -22,7 +24,7 @@ pub struct ProxyService {
     node: Arc<ProxyNode>,
     broker_key: PublicKey,
     broker_id: String,
-    guard: ReplayGuard,
+    guard: Arc<ReplayGuard>,
 }
 
 impl ProxyService {
@@ -31,7 +33,23 @@ impl ProxyService {
             node,
             broker_id: actor_id(&broker_key),
             broker_key,
-            guard: ReplayGuard::default(),
+            guard: Arc::new(ReplayGuard::default()),
+        }
+    }
+
+    /// An interceptor that refuses, before a (large) body is decoded, any call that is not
+    /// fresh and from the broker's actor id; [`ProxyService`] then checks the signature.
+    pub fn precheck(
+        &self,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+        let (guard, broker_id) = (self.guard.clone(), self.broker_id.clone());
+        move |req: Request<()>| {
+            let credentials =
+                signed::credentials(req.metadata()).map_err(|e| signed::unauthenticated(&e))?;
+            guard
+                .precheck(&credentials, |actor| actor == broker_id)
+                .map_err(|e| signed::unauthenticated(&e))?;
+            Ok(req)
         }
     }
 
@@ -87,8 +105,8 @@ impl pb::proxy_server::Proxy for ProxyService {
             .into_iter()
             .map(|d| {
                 Ok(Deposit {
-                    grant_id: d.grant_id,
                     claim: DepositClaim {
+                        grant_id: d.grant_id,
                         study_id: d.study_id,
                         pseudonym: d.pseudonym,
                         category: category(&d.category)?,
@@ -170,7 +188,7 @@ impl pb::proxy_server::Proxy for ProxyService {
             .map(|g| (g.study_id, g.pseudonym))
             .collect();
         let node = self.node.clone();
-        let destroyed = tokio::task::spawn_blocking(move || node.revoke(&grants))
+        let destroyed = tokio::task::spawn_blocking(move || node.revoke(&grants, now_ms()))
             .await
             .map_err(|_| Status::internal("revocation task failed"))?
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -180,18 +198,38 @@ impl pb::proxy_server::Proxy for ProxyService {
     }
 }
 
-/// Serves a proxy node on an already bound listener until `shutdown` resolves.
+/// Why a proxy stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// Serves a proxy node on an already bound listener, over `tls`, until `shutdown`
+/// resolves.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<ProxyNode>,
     broker_key: PublicKey,
+    tls: &ServerTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let service = pb::proxy_server::ProxyServer::new(ProxyService::new(node, broker_key))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+) -> Result<(), ServeError> {
+    let proxy = ProxyService::new(node, broker_key);
+    let precheck = proxy.precheck();
+    let service = InterceptedService::new(
+        pb::proxy_server::ProxyServer::new(proxy)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        precheck,
+    );
+    let addr = listener.local_addr()?;
+    tls.apply(tonic::transport::Server::builder(), addr)?
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await?;
+    Ok(())
 }

@@ -3,6 +3,14 @@
 //!
 //! Kfrags are kept in the node's own SQLite file (`proxy.db` in its directory), written
 //! in one transaction per deposit batch before the deposit is acknowledged.
+//!
+//! Revocation sticks: when a grant's kfrags are destroyed (the grant was revoked, or a
+//! newer grant of the same patient to the same study superseded it) the node keeps the
+//! grant's id, and for a revocation the time, and refuses any later deposit of that id
+//! or of a grant of that patient to that study issued (by the patient's signed clock)
+//! before the revocation; a newer grant also shuts out every older one. Both survive a
+//! restart, so a captured deposit re-sent by a broker, or replayed byte for byte,
+//! restores nothing.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -14,6 +22,7 @@ use model::Category;
 use pre_kms::grant::{self, DepositClaim};
 use pre_kms::keys::Identity;
 use pre_kms::logged_release::VerifiedRelease;
+use pre_kms::private_fs::{DirLock, LockError, private_dir, private_file};
 use pre_kms::reencrypt::reencrypt_one;
 use pre_kms::sealed::parse_capsule;
 
@@ -28,6 +37,8 @@ pub enum NodeError {
     Store(#[from] rusqlite::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Locked(#[from] LockError),
 }
 
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
@@ -35,7 +46,6 @@ pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 /// One kfrag to deposit.
 #[derive(Debug, Clone)]
 pub struct Deposit {
-    pub grant_id: String,
     pub claim: DepositClaim,
     pub sealed_kfrag: Vec<u8>,
 }
@@ -53,25 +63,37 @@ pub struct ProxyNode {
     identity: Identity,
     index: u32,
     db: Mutex<Connection>,
+    _lock: DirLock,
 }
 
 impl ProxyNode {
     /// Opens (or creates) the node's store in `dir`. `index` is the node's position in
     /// the broker's proxy list, which every kfrag payload names.
     pub fn open(dir: &Path, identity: Identity, index: u32) -> Result<ProxyNode> {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
+        let lock = DirLock::acquire(dir)?;
+        // Kfrags are secrets: a reader of this file with t−1 others could re-encrypt.
+        private_file(&dir.join("proxy.db"))?;
         let db = Connection::open(dir.join("proxy.db"))?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS kfrags (
                  study_id TEXT NOT NULL, pseudonym TEXT NOT NULL, category TEXT NOT NULL,
                  grant_id TEXT NOT NULL, expires_at INTEGER NOT NULL, kfrag BLOB NOT NULL,
-                 PRIMARY KEY (study_id, pseudonym, category));",
+                 PRIMARY KEY (study_id, pseudonym, category));
+             -- Grants whose kfrags were destroyed here: never taken again.
+             CREATE TABLE IF NOT EXISTS destroyed_grants (
+                 grant_id TEXT PRIMARY KEY, destroyed_at INTEGER NOT NULL);
+             -- Per (study, patient), keyed by a hash of the pair: grants issued at or
+             -- before floor_ms (unix ms) are refused.
+             CREATE TABLE IF NOT EXISTS grant_floors (
+                 pair BLOB PRIMARY KEY, floor_ms INTEGER NOT NULL);",
         )?;
         Ok(ProxyNode {
             identity,
             index,
             db: Mutex::new(db),
+            _lock: lock,
         })
     }
 
@@ -88,7 +110,9 @@ impl ProxyNode {
     }
 
     /// Verifies every kfrag, then stores all of them in one transaction; if any fails,
-    /// none is stored and the error names its position in the batch.
+    /// none is stored and the error names its position in the batch. A kfrag of a grant
+    /// this node destroyed, or issued before the floor of its patient and study, is
+    /// refused like one that does not verify.
     pub fn deposit(&self, deposits: &[Deposit]) -> Result<usize> {
         let checked = deposits
             .par_iter()
@@ -101,31 +125,64 @@ impl ProxyNode {
                     )));
                 }
                 grant::open_deposit(&self.identity, &d.claim, &d.sealed_kfrag)
-                    .map(|k| grant::kfrag_bytes(&k.kfrag))
+                    .map(|k| (grant::kfrag_bytes(&k.kfrag), k.issued_at))
                     .map_err(|e| NodeError::Rejected(format!("deposit {i}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut db = self.db();
         let tx = db.transaction()?;
         {
-            // A grant supersedes the patient's earlier grant to the same study: categories
-            // it no longer names lose their kfrags here.
+            let mut destroyed =
+                tx.prepare_cached("SELECT 1 FROM destroyed_grants WHERE grant_id = ?1")?;
+            for (i, (d, (_, issued_at))) in deposits.iter().zip(&checked).enumerate() {
+                if destroyed.exists([&d.claim.grant_id])? {
+                    return Err(NodeError::Rejected(format!(
+                        "deposit {i}: grant {} was revoked or superseded here; the patient must issue a new grant",
+                        d.claim.grant_id
+                    )));
+                }
+                if *issued_at <= floor(&tx, &d.claim.study_id, &d.claim.pseudonym)? {
+                    return Err(NodeError::Rejected(format!(
+                        "deposit {i}: grant {} was issued before this patient's grant to the study was revoked or replaced; the patient must issue a new grant",
+                        d.claim.grant_id
+                    )));
+                }
+            }
+            // A grant supersedes the patient's earlier grants to the same study: they lose
+            // their kfrags here, are remembered as destroyed, and no grant issued before
+            // this one is taken any more.
             let mut superseded = tx.prepare_cached(
-                "DELETE FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND grant_id != ?3",
+                "SELECT DISTINCT grant_id FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2 AND grant_id != ?3",
             )?;
-            for d in deposits {
-                superseded.execute(params![d.claim.study_id, d.claim.pseudonym, d.grant_id])?;
+            let mut delete = tx.prepare_cached("DELETE FROM kfrags WHERE grant_id = ?1")?;
+            for (d, (_, issued_at)) in deposits.iter().zip(&checked) {
+                let old: Vec<String> = superseded
+                    .query_map(
+                        params![d.claim.study_id, d.claim.pseudonym, d.claim.grant_id],
+                        |r| r.get(0),
+                    )?
+                    .collect::<rusqlite::Result<_>>()?;
+                for id in old {
+                    delete.execute([&id])?;
+                    remember_destroyed(&tx, &id)?;
+                }
+                raise_floor(
+                    &tx,
+                    &d.claim.study_id,
+                    &d.claim.pseudonym,
+                    issued_at.saturating_sub(1),
+                )?;
             }
             let mut stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO kfrags (study_id, pseudonym, category, grant_id, expires_at, kfrag)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (d, kfrag) in deposits.iter().zip(&checked) {
+            for (d, (kfrag, _)) in deposits.iter().zip(&checked) {
                 stmt.execute(params![
                     d.claim.study_id,
                     d.claim.pseudonym,
                     d.claim.category.label(),
-                    d.grant_id,
+                    d.claim.grant_id,
                     d.claim.expires_at,
                     kfrag
                 ])?;
@@ -182,20 +239,42 @@ impl ProxyNode {
     }
 
     /// Destroys every kfrag of the grants of these patients to these studies, in one
-    /// transaction (the store overwrites deleted content). Returns how many were held.
-    pub fn revoke(&self, grants: &[(String, String)]) -> Result<usize> {
+    /// transaction (the store overwrites deleted content), remembers the grants as
+    /// destroyed and refuses from now on any grant of these patients to these studies
+    /// issued before now. Returns how many kfrags were held.
+    pub fn revoke(&self, grants: &[(String, String)], now_ms: i64) -> Result<usize> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let mut destroyed = 0;
         {
+            let mut held = tx.prepare_cached(
+                "SELECT DISTINCT grant_id FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2",
+            )?;
             let mut stmt =
                 tx.prepare_cached("DELETE FROM kfrags WHERE study_id = ?1 AND pseudonym = ?2")?;
             for (study, pseudonym) in grants {
+                let ids: Vec<String> = held
+                    .query_map(params![study, pseudonym], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for id in ids {
+                    remember_destroyed(&tx, &id)?;
+                }
                 destroyed += stmt.execute(params![study, pseudonym])?;
+                // Above the held grant's own time too, should the patient's clock be
+                // ahead of this node's.
+                let floor = floor(&tx, study, pseudonym)?.saturating_add(1).max(now_ms);
+                raise_floor(&tx, study, pseudonym, floor)?;
             }
         }
         tx.commit()?;
         Ok(destroyed)
+    }
+
+    /// Number of grants this node remembers as destroyed (for operators and tests).
+    pub fn destroyed_grant_count(&self) -> Result<i64> {
+        Ok(self
+            .db()
+            .query_row("SELECT COUNT(*) FROM destroyed_grants", [], |r| r.get(0))?)
     }
 
     /// Number of kfrags held (for operators and tests).
@@ -204,4 +283,39 @@ impl ProxyNode {
             .db()
             .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))?)
     }
+}
+
+/// The key of a (study, patient) pair in `grant_floors`: a hash, so that the table lists
+/// no pseudonym.
+fn pair_key(study_id: &str, pseudonym: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("pre-kms proxy grant floor v1");
+    h.update(&(study_id.len() as u64).to_be_bytes());
+    h.update(study_id.as_bytes());
+    h.update(pseudonym.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+fn floor(db: &Connection, study_id: &str, pseudonym: &str) -> Result<i64> {
+    Ok(db
+        .prepare_cached("SELECT floor_ms FROM grant_floors WHERE pair = ?1")?
+        .query_row([pair_key(study_id, pseudonym).as_slice()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(i64::MIN))
+}
+
+fn raise_floor(db: &Connection, study_id: &str, pseudonym: &str, floor_ms: i64) -> Result<()> {
+    db.prepare_cached(
+        "INSERT INTO grant_floors (pair, floor_ms) VALUES (?1, ?2)
+         ON CONFLICT (pair) DO UPDATE SET floor_ms = MAX(floor_ms, excluded.floor_ms)",
+    )?
+    .execute(params![pair_key(study_id, pseudonym).as_slice(), floor_ms])?;
+    Ok(())
+}
+
+fn remember_destroyed(db: &Connection, grant_id: &str) -> Result<()> {
+    db.prepare_cached(
+        "INSERT OR IGNORE INTO destroyed_grants (grant_id, destroyed_at) VALUES (?1, ?2)",
+    )?
+    .execute(params![grant_id, pre_kms::request_auth::now_secs()])?;
+    Ok(())
 }

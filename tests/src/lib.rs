@@ -4,10 +4,14 @@
 use std::path::PathBuf;
 
 use broker::server::{self, RunningBroker, ServeConfig};
+use broker_cli::demo::Cast;
+use broker_proto::tls::ClientTls;
 use brokerctl::BrokerClient;
 use model::Role;
 use pre_kms::Identity;
+use pre_kms::network::VerifiedNetwork;
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
@@ -54,7 +58,22 @@ impl Sandbox {
     }
 
     pub async fn client(&self, identity: Identity) -> BrokerClient {
-        BrokerClient::connect(&self.url, identity)
+        BrokerClient::connect(&self.url, &self.client_tls(), identity)
+            .await
+            .expect("connect")
+    }
+
+    /// How to reach the running broker (its certificate pinned).
+    pub fn client_tls(&self) -> ClientTls {
+        self.running.as_ref().expect("running").client_tls.clone()
+    }
+
+    /// A raw gRPC channel to the running broker, over its pinned TLS.
+    pub async fn channel(&self) -> Channel {
+        self.client_tls()
+            .endpoint(&self.url)
+            .expect("endpoint")
+            .connect()
             .await
             .expect("connect")
     }
@@ -66,13 +85,48 @@ impl Sandbox {
     /// A new identity registered under `role`, and its client.
     pub async fn actor(&self, role: Role) -> BrokerClient {
         let id = Identity::generate();
-        let key = pre_kms::keys::public_key_bytes(&id.verifying_key());
         self.operator()
             .await
-            .register_actor(role, &format!("test {role}"), "Test Org", key)
+            .register_actor(
+                role,
+                &format!("test {role}"),
+                "Test Org",
+                &id.public(role.as_str()),
+            )
             .await
             .expect("register");
         self.client(id).await
+    }
+
+    /// A custodian, a sponsor, a board member and a researcher, each registered, and the
+    /// network manifest the operator drafts and the board member signs.
+    pub async fn cast(&self) -> Cast {
+        let custodian = self.actor(Role::Custodian).await;
+        let sponsor = self.actor(Role::Sponsor).await;
+        let board = self.actor(Role::Board).await;
+        let researcher = self.actor(Role::Researcher).await;
+        let network = self.network(&board).await;
+        Cast {
+            custodian,
+            sponsor,
+            board,
+            researcher,
+            network,
+        }
+    }
+
+    /// The network as the running broker lists it, signed by `board`.
+    pub async fn network(&self, board: &BrokerClient) -> VerifiedNetwork {
+        let running = self.running.as_ref().expect("running");
+        let mut manifest = brokerctl::agent::draft_network(
+            &self.operator().await,
+            &running.public.verifying_key,
+            running.client_tls.pinned_pem(),
+        )
+        .await
+        .expect("draft the network manifest");
+        manifest.sign(board.identity()).expect("the board signs");
+        manifest.verify().expect("a signed manifest verifies")
     }
 
     pub async fn stop(mut self) {

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use audit_log::EventKind;
 use broker::server::{ServeConfig, check_access_log};
-use broker_cli::demo::Cast;
 use brokerctl::BrokerClient;
 use brokerctl::log_review::{self, ShownEvent};
 use datasets::{PatientRecord, Population};
@@ -30,12 +29,7 @@ fn count(events: &[ShownEvent], kind: EventKind) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     let sandbox = Sandbox::start().await;
-    let cast = Cast {
-        custodian: sandbox.actor(Role::Custodian).await,
-        sponsor: sandbox.actor(Role::Sponsor).await,
-        board: sandbox.actor(Role::Board).await,
-        researcher: sandbox.actor(Role::Researcher).await,
-    };
+    let cast = sandbox.cast().await;
     let population = Population::new(5, 4);
     let patients: Vec<(Identity, PatientRecord)> = (0..4)
         .map(|i| (Identity::generate(), population.patient(i)))

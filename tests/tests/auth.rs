@@ -256,11 +256,7 @@ async fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_refuses_missing_forged_replayed_and_wrong_role_calls() {
     let sandbox = Sandbox::start().await;
-    let channel = Channel::from_shared(sandbox.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = sandbox.channel().await;
     let stranger = Identity::generate();
     for c in CALLS {
         let wrong = sandbox.actor(c.wrong_role).await;
@@ -333,10 +329,13 @@ async fn proxies_refuse_everyone_but_the_broker() {
     };
     let dir = tempfile::tempdir().unwrap();
     let broker = Identity::generate();
-    let proxy = broker::server::start_proxy(&dir.path().join("p0"), 0, &broker.public("broker"))
-        .await
-        .unwrap();
-    let channel = Channel::from_shared(proxy.url.clone())
+    let proxy =
+        broker::server::start_proxy(&dir.path().join("p0"), 0, &broker.public("broker"), false)
+            .await
+            .unwrap();
+    let channel = proxy
+        .client_tls
+        .endpoint(&proxy.url)
         .unwrap()
         .connect()
         .await

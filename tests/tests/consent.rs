@@ -49,12 +49,7 @@ struct World {
 /// A custodian, sponsor, board and researcher of `SPONSOR_ORG`, and `n` ingested patients
 /// who have set no consent yet.
 async fn world(sandbox: &Sandbox, seed: u64, n: usize) -> World {
-    let cast = Cast {
-        custodian: sandbox.actor(Role::Custodian).await,
-        sponsor: sandbox.actor(Role::Sponsor).await,
-        board: sandbox.actor(Role::Board).await,
-        researcher: sandbox.actor(Role::Researcher).await,
-    };
+    let cast = sandbox.cast().await;
     let population = Population::new(seed, n);
     let patients: Vec<(Identity, PatientRecord)> = (0..n)
         .map(|i| (Identity::generate(), population.patient(i)))
@@ -138,7 +133,7 @@ impl World {
 
     /// Grants `study` what each listed patient's stored consent permits.
     async fn grant(&self, study: &Study, who: &[usize]) -> ConsentedGrants {
-        let plan = agent::grant_plan(&self.cast.custodian, study)
+        let plan = agent::grant_plan(&self.cast.custodian, &self.cast.network, study)
             .await
             .expect("plan");
         let mut patients = Vec::with_capacity(who.len());
@@ -836,7 +831,7 @@ async fn revocation_and_expiry_take_effect_on_the_next_release() {
         Some(Period::new(Some(start - 60), Some(end))),
     );
     w.set(&[(expiring, ending)]).await;
-    let plan = agent::grant_plan(&w.cast.custodian, &study)
+    let plan = agent::grant_plan(&w.cast.custodian, &w.cast.network, &study)
         .await
         .expect("plan");
     let patient = w.patients[expiring].0.clone();
@@ -925,7 +920,7 @@ async fn refusals_are_clear_and_carry_no_patient_data() {
         )
         .await
         .expect("propose and approve");
-    let plan = agent::grant_plan(&w.cast.custodian, &study)
+    let plan = agent::grant_plan(&w.cast.custodian, &w.cast.network, &study)
         .await
         .expect("plan");
     let (unconsenting, conditions_only, third) = (0, 1, 2);

@@ -4,7 +4,6 @@
 //! differencing and sensitive codes: `averaging.rs`.
 
 use audit_log::EventKind;
-use broker_cli::demo::Cast;
 use brokerctl::ClientError;
 use consent_policy::broad_research_policy;
 use consent_policy::{ConsentPolicy, SearchField};
@@ -47,12 +46,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
             }
         })
         .await;
-    let cast = Cast {
-        custodian: sandbox.actor(Role::Custodian).await,
-        sponsor: sandbox.actor(Role::Sponsor).await,
-        board: sandbox.actor(Role::Board).await,
-        researcher: sandbox.actor(Role::Researcher).await,
-    };
+    let cast = sandbox.cast().await;
     let n = 60;
     let population = Population::new(17, n);
     let patients: Vec<(Identity, PatientRecord)> = (0..n)

@@ -3,7 +3,6 @@
 
 use integration_tests::Sandbox;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -14,11 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer() {
     let sandbox = Sandbox::start().await;
-    let channel = Channel::from_shared(sandbox.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = sandbox.channel().await;
 
     let status = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {

@@ -7,12 +7,10 @@
 
 use std::path::PathBuf;
 
-use broker_cli::demo::Cast;
 use brokerctl::agent;
 use datasets::Population;
 use integration_tests::Sandbox;
 use model::Cohort;
-use model::Role;
 use pre_kms::{Category, Identity};
 use tokio_stream::StreamExt;
 
@@ -25,12 +23,7 @@ async fn the_pypi_umbral_package_decrypts_a_release() {
         return;
     };
     let sandbox = Sandbox::start().await;
-    let cast = Cast {
-        custodian: sandbox.actor(Role::Custodian).await,
-        sponsor: sandbox.actor(Role::Sponsor).await,
-        board: sandbox.actor(Role::Board).await,
-        researcher: sandbox.actor(Role::Researcher).await,
-    };
+    let cast = sandbox.cast().await;
     let population = Population::new(11, 5);
     let patients: Vec<_> = (0..5)
         .map(|i| (Identity::generate(), population.patient(i)))

@@ -36,12 +36,7 @@ struct World {
 }
 
 async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
-    let cast = Cast {
-        custodian: sandbox.actor(Role::Custodian).await,
-        sponsor: sandbox.actor(Role::Sponsor).await,
-        board: sandbox.actor(Role::Board).await,
-        researcher: sandbox.actor(Role::Researcher).await,
-    };
+    let cast = sandbox.cast().await;
     let population = Population::new(seed, n);
     let patients: Vec<(Identity, PatientRecord)> = (0..n)
         .map(|i| (Identity::generate(), population.patient(i)))
@@ -137,7 +132,27 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
         .propose_study(&proposal(&w, Cohort::default()))
         .await
         .unwrap();
-    let plan = agent::grant_plan(&w.cast.custodian, &study).await.unwrap();
+    // The agent refuses to plan a grant for it; a client that skips that check (as a
+    // buggy or hostile agent would) is refused by the broker.
+    let refused = agent::grant_plan(&w.cast.custodian, &w.cast.network, &study)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("not approved"), "{refused}");
+    let plan = pre_kms::grant::GrantPlan {
+        study_id: study.study_id.clone(),
+        receiving_key: pre_kms::keys::public_key_from_bytes(&study.proposal.receiving_key).unwrap(),
+        categories: study.proposal.categories.clone(),
+        threshold: w.cast.network.threshold,
+        expires_at: study.proposal.not_after,
+        proxy_keys: w
+            .cast
+            .network
+            .proxies
+            .iter()
+            .map(|p| p.encryption_key)
+            .collect(),
+    };
     let err = agent::grant_batch(
         &w.cast.custodian,
         &plan,
@@ -305,7 +320,8 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     let broker_id =
         load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
     let public = broker_id.public("broker");
-    let honest0 = start_proxy(&dir.join("0"), 0, &public).await.unwrap();
+    // The liar serves plain http on loopback; so do the others and the broker here.
+    let honest0 = start_proxy(&dir.join("0"), 0, &public, true).await.unwrap();
     let liar_node = Arc::new(ProxyNode::open(&dir.join("1"), Identity::generate(), 1).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let liar_url = format!("http://{}", listener.local_addr().unwrap());
@@ -316,9 +332,14 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     });
-    let honest2 = start_proxy(&dir.join("2"), 2, &public).await.unwrap();
+    let honest2 = start_proxy(&dir.join("2"), 2, &public, true).await.unwrap();
     let urls = vec![honest0.url.clone(), liar_url.clone(), honest2.url.clone()];
-    sandbox.restart_with(|c| c.proxy_urls = urls).await;
+    sandbox
+        .restart_with(|c| {
+            c.proxy_urls = urls;
+            c.insecure_loopback = true;
+        })
+        .await;
 
     let w = world(&sandbox, 12, 9).await;
     let study = approved_study(&w, Cohort::default()).await;
@@ -502,7 +523,13 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
                 .await
         });
     }
-    sandbox.restart_with(|c| c.proxy_urls = urls).await;
+    // The man in the middle serves plain http on loopback; so does the broker here.
+    sandbox
+        .restart_with(|c| {
+            c.proxy_urls = urls;
+            c.insecure_loopback = true;
+        })
+        .await;
 
     let w = world(&sandbox, 6, 21).await;
     let study = approved_study(&w, Cohort::default()).await;
@@ -628,6 +655,7 @@ async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to()
                 &sandbox.dir.path().join(format!("other{i}")),
                 i,
                 &broker_key,
+                false,
             )
             .await
             .unwrap(),
@@ -635,6 +663,9 @@ async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to()
     }
     let mut config = broker::server::ServeConfig::new(sandbox.data_dir());
     config.proxy_urls = others.iter().map(|p| p.url.clone()).collect();
+    config.proxy_certs = (0..3)
+        .map(|i| sandbox.dir.path().join(format!("other{i}")).join("tls.crt"))
+        .collect();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refused = broker::server::start(listener, config, std::future::pending()).await;
     let Err(e) = refused else {

@@ -33,6 +33,18 @@ impl Grpc {
     }
 }
 
+/// An interceptor for the services that take large bodies: it checks the credentials as
+/// far as they go without the body (well-formed, fresh, a known actor), so that nothing
+/// is decoded for a caller who cannot be who it claims.
+pub fn precheck(
+    broker: Arc<Broker>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        broker.precheck(&signed::credentials(req.metadata()))?;
+        Ok(req)
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ServiceResult<T> + Send + 'static,
 ) -> Result<T, Status> {
@@ -55,6 +67,8 @@ impl pb::registry_server::Registry for Grpc {
             name: r.name,
             organisation: r.organisation,
             verifying_key: r.verifying_key,
+            encryption_key: r.encryption_key,
+            key_binding: r.key_binding,
         };
         let b = self.0.clone();
         Ok(Response::new(actor_to_pb(

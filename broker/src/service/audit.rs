@@ -11,6 +11,7 @@
 //! secret and a per-patient salt, so that erasing the salt unlinks a patient's events
 //! while every proof still verifies.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -119,6 +120,19 @@ impl Broker {
         )
     }
 
+    /// An event by the broker itself (work it redoes at start), now.
+    pub(crate) fn system_event(&self, kind: EventKind) -> AuditEvent {
+        AuditEvent::new(
+            kind,
+            now_secs(),
+            LogActor {
+                id: self.audit.signer.actor_id(),
+                role: ActorRole::System,
+                organisation: None,
+            },
+        )
+    }
+
     /// The log tags of patients, by pseudonym. Takes the metadata lock: call it before
     /// [`Broker::record`], never while holding that lock.
     pub(crate) fn patient_tags(
@@ -156,22 +170,18 @@ impl Broker {
         Ok(leaves)
     }
 
-    /// Records a refused call. Failures to log are logged and otherwise ignored: the
-    /// refusal stands either way.
-    pub(crate) fn record_refusal(&self, actor: &str, method: &str, reason: &str) {
-        let id: String = actor
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-            .take(64)
-            .collect();
-        let known = self.actor(&id);
+    /// Records a call refused after its caller authenticated (a role refusal), in the
+    /// caller's name. Failures to log are logged and otherwise ignored: the refusal
+    /// stands either way.
+    pub(crate) fn record_refusal(&self, caller: &Caller, method: &str, reason: &str) {
+        let known = self.actor(&caller.actor_id);
         let mut e = AuditEvent::new(
             EventKind::AuthorizationFailed,
             now_secs(),
             LogActor {
-                id: if id.is_empty() { "-".into() } else { id },
-                role: known.map_or(ActorRole::Unauthenticated, |a| a.role.into()),
-                organisation: None,
+                id: caller.actor_id.clone(),
+                role: ActorRole::Registered(caller.role),
+                organisation: known.map(|a| a.organisation).filter(|o| !o.is_empty()),
             },
         );
         e.why.purpose = Some(format!("call {method}"));
@@ -181,6 +191,87 @@ impl Broker {
         if let Err(err) = self.record(&[e]) {
             tracing::error!(error = %err, "could not log a refused call");
         }
+    }
+
+    /// Writes the calls refused before they authenticated, counted since the last
+    /// flush, as one event per method and reason, attributed to no one. Returns the
+    /// number of events written. On failure the counts are kept for the next flush.
+    pub fn flush_refusals(&self) -> ServiceResult<usize> {
+        let counts = self.refusals.take();
+        if counts.is_empty() {
+            return Ok(0);
+        }
+        let events: Vec<AuditEvent> = counts
+            .iter()
+            .map(|((method, reason), n)| {
+                let mut e = AuditEvent::new(
+                    EventKind::AuthorizationFailed,
+                    now_secs(),
+                    LogActor {
+                        id: "-".into(),
+                        role: ActorRole::Unauthenticated,
+                        organisation: None,
+                    },
+                );
+                e.why.purpose = Some(format!("call {method}"));
+                e.details.record_count = Some(*n);
+                e.outcome = Outcome::Refused {
+                    reason: format!("{n} unauthenticated calls: {reason}"),
+                };
+                e
+            })
+            .collect();
+        match self.record(&events) {
+            Ok(_) => Ok(events.len()),
+            Err(e) => {
+                self.refusals.restore(counts);
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends events whose intents were written with the state they describe, then
+    /// clears the intents.
+    pub(crate) fn record_intended(
+        &self,
+        events: &[AuditEvent],
+        intents: &[i64],
+    ) -> ServiceResult<Vec<u64>> {
+        let leaves = self.record(events)?;
+        self.db().clear_intents(intents)?;
+        Ok(leaves)
+    }
+
+    /// Appends the events of intents a crash left behind: state stored, event not yet in
+    /// the log. An intent whose event already is in the log (the crash came after the
+    /// append) is only cleared, so nothing is logged twice.
+    pub(crate) fn recover_intents(&self) -> ServiceResult<usize> {
+        let intents = self.db().intents()?;
+        if intents.is_empty() {
+            return Ok(0);
+        }
+        let missing: Vec<AuditEvent> = {
+            let log = self.audit.lock();
+            let mut missing = Vec::new();
+            for (_, log_size, event) in &intents {
+                let logged =
+                    (*log_size..log.size()).any(|i| log.event(i).is_ok_and(|e| e == *event));
+                if !logged {
+                    missing.push(event.clone());
+                }
+            }
+            missing
+        };
+        self.record(&missing)?;
+        let seqs: Vec<i64> = intents.iter().map(|(s, _, _)| *s).collect();
+        self.db().clear_intents(&seqs)?;
+        if !missing.is_empty() {
+            tracing::warn!(
+                events = missing.len(),
+                "logged events of state stored before a crash"
+            );
+        }
+        Ok(missing.len())
     }
 
     /// Brings the side index up to the log after a crash between append and index.
@@ -368,5 +459,38 @@ impl Broker {
         let checkpoint = self.checkpoint()?;
         let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
         Ok((checkpoint, events))
+    }
+}
+
+/// Calls refused before their caller authenticated, counted per (method, reason) between
+/// flushes ([`Broker::flush_refusals`]): anonymous traffic grows the log by at most one
+/// leaf per method and reason per flush, never by one per call, costs no disk write on
+/// the request path, and is never written in a registered actor's name (whoever sent it
+/// could not prove to be that actor). Methods and reasons come from fixed sets, so the
+/// map stays small.
+#[derive(Debug, Default)]
+pub(crate) struct UnauthenticatedRefusals(Mutex<BTreeMap<(String, String), u64>>);
+
+impl UnauthenticatedRefusals {
+    fn map(&self) -> MutexGuard<'_, BTreeMap<(String, String), u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn count(&self, method: &str, reason: &str) {
+        *self
+            .map()
+            .entry((method.to_owned(), reason.to_owned()))
+            .or_default() += 1;
+    }
+
+    fn take(&self) -> BTreeMap<(String, String), u64> {
+        std::mem::take(&mut *self.map())
+    }
+
+    fn restore(&self, counts: BTreeMap<(String, String), u64>) {
+        let mut map = self.map();
+        for (k, n) in counts {
+            *map.entry(k).or_default() += n;
+        }
     }
 }

@@ -37,6 +37,9 @@ impl Broker {
             tokio::task::spawn_blocking(move || this.store_consents(&who, submissions))
                 .await
                 .map_err(ServiceError::internal)??;
+        if to_withdraw.iter().any(|g| !g.is_empty()) {
+            crate::crash::point(crate::crash::CONSENT_BEFORE_WITHDRAWAL);
+        }
         for (i, grants) in to_withdraw.into_iter().enumerate() {
             if !grants.is_empty() {
                 let (n, _) = self
@@ -45,7 +48,51 @@ impl Broker {
                 receipts[i].grants_withdrawn = n;
             }
         }
+        let done: Vec<String> = receipts.iter().map(|r| r.pseudonym.clone()).collect();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.db().consents_reconciled(&done))
+            .await
+            .map_err(ServiceError::internal)??;
         Ok(receipts)
+    }
+
+    /// Withdraws the grants that the current consent of each patient marked for
+    /// reconciliation no longer permits: the consent was stored, but a crash came before
+    /// its withdrawals were done. Run at start. Returns the grants withdrawn.
+    pub async fn reconcile_consents(self: &Arc<Self>) -> ServiceResult<usize> {
+        let this = self.clone();
+        let (pending, to_withdraw) = tokio::task::spawn_blocking(move || {
+            let pending = this.db().consents_to_reconcile()?;
+            let now = now_secs();
+            let mut to_withdraw = Vec::new();
+            for p in &pending {
+                let history = this.patient_history(p)?;
+                to_withdraw.extend(this.grants_not_permitted(p, &history, now)?);
+            }
+            Ok::<_, ServiceError>((pending, to_withdraw))
+        })
+        .await
+        .map_err(ServiceError::internal)??;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let withdrawn = if to_withdraw.is_empty() {
+            0
+        } else {
+            let by = self.system_event(EventKind::GrantWithdrawn);
+            self.withdraw(
+                by,
+                to_withdraw,
+                "consent changed (redone after a restart)".into(),
+            )
+            .await?
+            .0
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.db().consents_reconciled(&pending))
+            .await
+            .map_err(ServiceError::internal)??;
+        Ok(withdrawn)
     }
 
     /// Stores the versions; returns receipts and, per submission, the grants to withdraw.
@@ -112,11 +159,11 @@ impl Broker {
                 accepted.push((s.pseudonym, version));
             }
         }
-        // Store all in one transaction, then log: a crash in between leaves stored
-        // consents without their events, never an event without its consent.
+        // The versions, their events (as intents) and the marks that their grants are to
+        // be reconciled, in one transaction: a crash after it loses neither the events
+        // (logged at start) nor the withdrawals (redone at start).
         let tags = {
-            let mut db = self.db();
-            db.insert_consents(&accepted)?;
+            let db = self.db();
             let pseudonyms: Vec<&str> = accepted.iter().map(|(p, _)| p.as_str()).collect();
             self.patient_tags(&db, &pseudonyms)?
         };
@@ -134,7 +181,12 @@ impl Broker {
                 e
             })
             .collect();
-        self.record(&events)?;
+        let intents = {
+            let mut db = self.db();
+            let log_size = self.audit.size();
+            db.insert_consents(&accepted, log_size, &events)?
+        };
+        self.record_intended(&events, &intents)?;
         let receipts = accepted
             .iter()
             .map(|(p, v)| ConsentReceipt {

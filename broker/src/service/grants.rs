@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use pre_kms::grant::{Grant, grant_digest};
+use pre_kms::grant::Grant;
 use pre_kms::keys::public_key_from_bytes;
 use rayon::prelude::*;
 
@@ -19,10 +19,6 @@ use model::Caller;
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrantOutcome {
     pub grant_ids: Vec<String>,
-}
-
-pub fn grant_id(grant: &Grant) -> String {
-    format!("gr-{}", &blake3::hash(&grant_digest(grant)).to_hex()[..24])
 }
 
 impl Broker {
@@ -56,8 +52,7 @@ impl Broker {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let tags = {
-                let mut db = this.db();
-                db.put_grants(&rows, now_secs())?;
+                let db = this.db();
                 let pseudonyms: Vec<&str> = rows.iter().map(|r| r.pseudonym.as_str()).collect();
                 this.patient_tags(&db, &pseudonyms)?
             };
@@ -74,7 +69,13 @@ impl Broker {
                     e
                 })
                 .collect();
-            this.record(&events)
+            // The grants and their events (as intents) in one transaction.
+            let intents = {
+                let mut db = this.db();
+                let log_size = this.audit.size();
+                db.put_grants(&rows, now_secs(), log_size, &events)?
+            };
+            this.record_intended(&events, &intents)
         })
         .await
         .map_err(ServiceError::internal)??;
@@ -97,6 +98,17 @@ impl Broker {
             ));
         }
         self.check_acts_for(&caller, grants.iter().map(|(_, p)| p))?;
+        let by = self.event(EventKind::GrantWithdrawn, &caller);
+        self.withdraw(by, grants, reason).await
+    }
+
+    /// Withdraws grants, each logged as a copy of the event `by` (which says who).
+    pub(crate) async fn withdraw(
+        self: &Arc<Self>,
+        by: AuditEvent,
+        grants: Vec<(String, String)>,
+        reason: String,
+    ) -> ServiceResult<(usize, usize)> {
         let this = self.clone();
         let withdrawn = tokio::task::spawn_blocking(move || {
             let (existed, tags) = {
@@ -109,7 +121,7 @@ impl Broker {
             let events: Vec<AuditEvent> = existed
                 .iter()
                 .map(|(study, pseudonym, grant)| {
-                    let mut e = this.event(EventKind::GrantWithdrawn, &caller);
+                    let mut e = by.clone();
                     e.patient = tags.get(pseudonym).copied();
                     e.why.purpose = Some(reason.clone()).filter(|r| !r.is_empty());
                     e.why.study_id = Some(study.clone());
@@ -247,7 +259,7 @@ impl Broker {
                         "grant {i}: the patient's signature does not verify"
                     ))
                 })?;
-                let grant_id = grant_id(g);
+                let grant_id = g.grant_id.clone();
                 let mut deposits = vec![Vec::new(); self.proxies.len()];
                 for c in &g.categories {
                     let delegating = patient.category_keys.get(&c.category).ok_or_else(|| {

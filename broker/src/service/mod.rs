@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use model::{Actor, Caller, Role};
 pub use pre_kms::request_auth::now_secs;
-use pre_kms::request_auth::{AuthError, ReplayGuard, SignedCall};
+use pre_kms::request_auth::{AuthError, Credentials, ReplayGuard, SignedCall};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash};
 pub use feasibility::{CountAnswer, Feasibility};
@@ -32,6 +32,7 @@ pub struct Broker {
     proxies: ProxyPool,
     threshold: usize,
     guard: ReplayGuard,
+    refusals: audit::UnauthenticatedRefusals,
     actors: RwLock<HashMap<String, Actor>>,
     subject_secret: [u8; 32],
     audit: AccessLog,
@@ -62,6 +63,7 @@ impl Broker {
             proxies,
             threshold,
             guard: ReplayGuard::default(),
+            refusals: Default::default(),
             actors: RwLock::new(actors),
             subject_secret,
             audit,
@@ -69,6 +71,7 @@ impl Broker {
             index_generation: AtomicU64::new(1),
         });
         broker.reindex_log()?;
+        broker.recover_intents()?;
         Ok(broker)
     }
 
@@ -94,21 +97,51 @@ impl Broker {
 
     /// Authenticates a signed call and checks the caller's role against the access
     /// table ([`crate::access`]). Registered actors call in their role; an enrolled
-    /// patient's own key calls as a patient. Every refusal is written to the access log.
+    /// patient's own key calls as a patient. Every refusal reaches the access log: a
+    /// role refusal at once, in the authenticated caller's name; a call that did not
+    /// authenticate only counted, and written with the others at the next flush.
     pub fn authorize(&self, call: &SignedCall, method: &str) -> ServiceResult<Caller> {
-        let result = self.authorize_unlogged(call, method, crate::access::allowed(method));
-        if let Err(e) = &result {
-            self.record_refusal(&call.presented_actor, method, &e.to_string());
+        let caller = match self.authenticate(call, method) {
+            Ok(caller) => caller,
+            Err(e) => {
+                self.refusals.count(method, &e.to_string());
+                return Err(e);
+            }
+        };
+        let roles = crate::access::allowed(method);
+        if !roles.contains(&caller.role) {
+            let allowed = roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ");
+            let e = ServiceError::PermissionDenied(format!(
+                "the {} role may not call {method}; it needs {allowed}",
+                caller.role
+            ));
+            self.record_refusal(&caller, method, &e.to_string());
+            return Err(e);
         }
-        result
+        Ok(caller)
     }
 
-    fn authorize_unlogged(
-        &self,
-        call: &SignedCall,
-        method: &str,
-        roles: &[Role],
-    ) -> ServiceResult<Caller> {
+    /// What can be checked of a call's credentials before its body is decoded (see
+    /// [`ReplayGuard::precheck`]); a refusal is counted like any unauthenticated one.
+    pub fn precheck(&self, credentials: &Result<Credentials, AuthError>) -> ServiceResult<()> {
+        let result = credentials.as_ref().map_err(Clone::clone).and_then(|c| {
+            self.guard.precheck(c, |id| {
+                self.actor(id).is_some() || self.db().patient_by_actor(id).ok().flatten().is_some()
+            })
+        });
+        result.map_err(|e| {
+            self.refusals
+                .count("(before the body was read)", &e.to_string());
+            ServiceError::Unauthenticated(e)
+        })
+    }
+
+    /// Who signed the call: a registered actor, or an enrolled patient's own key.
+    fn authenticate(&self, call: &SignedCall, method: &str) -> ServiceResult<Caller> {
         let mut patient = false;
         let actor_id = self.guard.verify(call, method, |id| {
             let key = {
@@ -129,16 +162,6 @@ impl Broker {
                 .map(|a| a.role)
                 .ok_or(ServiceError::Unauthenticated(AuthError::UnknownActor))?
         };
-        if !roles.contains(&role) {
-            let allowed = roles
-                .iter()
-                .map(|r| r.as_str())
-                .collect::<Vec<_>>()
-                .join(" or ");
-            return Err(ServiceError::PermissionDenied(format!(
-                "the {role} role may not call {method}; it needs {allowed}"
-            )));
-        }
         Ok(Caller { actor_id, role })
     }
 
@@ -176,6 +199,15 @@ impl Broker {
             actor_id: actor_id.clone(),
             ..actor
         };
+        // Records are re-encrypted to researchers' encryption keys: a researcher proves
+        // that its key is its own when it registers. Other roles may register one too.
+        if actor.role == Role::Researcher || !actor.encryption_key.is_empty() {
+            pre_kms::keys::check_actor_keys(&actor).map_err(|_| {
+                ServiceError::InvalidArgument(
+                    "the encryption key and key binding do not verify: register with the .pub file that `brokerctl keygen` wrote (it carries both)".into(),
+                )
+            })?;
+        }
         self.db().insert_actor(&actor, now_secs())?;
         self.actors
             .write()

@@ -1,6 +1,6 @@
 //! Enrollment and upload of envelopes and index rows.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use pre_kms::keys::{pseudonym, public_key_from_bytes};
 use pre_kms::{Category, envelope};
@@ -10,8 +10,8 @@ use audit_log::{AuditEvent, EventKind};
 
 use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
-use crate::storage::db::{NewEnvelope, PatientRow};
-use model::{Caller, Enrollment, EnvelopeReceipt, Role, Upload};
+use crate::storage::db::{NewEnvelope, PatientRow, StoredContent};
+use model::{Caller, Enrollment, EnvelopeReceipt, PatientIndex, Role, Upload};
 
 impl Broker {
     /// Enrolls patients in one transaction. Every enrollment is checked first (keys,
@@ -171,19 +171,32 @@ impl Broker {
             envelope::split_capsule(&e.sealed)
                 .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
-        // A re-upload of unchanged content writes no blob (encryption is randomized, so
-        // the bytes differ even when the plaintext does not). The metadata lock is held
-        // from this check to the commit, so that no other upload moves the latest version
-        // in between.
+        // Content a stored version already holds writes no blob (encryption is
+        // randomized, so the bytes differ even when the plaintext does not). The metadata
+        // lock is held from this check to the commit, so that no other upload moves the
+        // versions in between.
         let mut db = self.db();
-        let unchanged = upload
+        let stored = upload
             .envelopes
             .iter()
-            .map(|e| {
-                let latest = db.latest_tag(&e.pseudonym, e.category)?;
-                Ok(latest.as_deref() == Some(e.content_tag.as_slice()))
-            })
-            .collect::<ServiceResult<Vec<bool>>>()?;
+            .map(|e| Ok(db.stored_content(&e.pseudonym, e.category, &e.content_tag)?))
+            .collect::<ServiceResult<Vec<StoredContent>>>()?;
+        let unchanged: Vec<bool> = stored.iter().map(|s| *s != StoredContent::New).collect();
+        // An upload carrying an older version's content is stale (replayed, or re-sent
+        // late): its index snapshot is older than what is stored and is not applied.
+        let stale: BTreeSet<&str> = upload
+            .envelopes
+            .iter()
+            .zip(&stored)
+            .filter(|(_, s)| matches!(s, StoredContent::Older(_)))
+            .map(|(e, _)| e.pseudonym.as_str())
+            .collect();
+        let index: Vec<(String, PatientIndex)> = upload
+            .index
+            .iter()
+            .filter(|(p, _)| !stale.contains(p.as_str()))
+            .cloned()
+            .collect();
         let fresh: Vec<&[u8]> = upload
             .envelopes
             .iter()
@@ -203,29 +216,35 @@ impl Broker {
                 content_tag: e.content_tag.clone(),
             })
             .collect();
-        let receipts = db.store_upload(&rows, &upload.index, now_secs())?;
-        self.index_changed();
-        // One event per patient with new envelopes: categories, count, content hashes.
-        let mut per_patient: BTreeMap<&str, Vec<&EnvelopeReceipt>> = BTreeMap::new();
-        for r in receipts.iter().filter(|r| !r.unchanged) {
-            per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
-        }
-        let pseudonyms: Vec<&str> = per_patient.keys().copied().collect();
-        let tags = self.patient_tags(&db, &pseudonyms)?;
+        let pseudonyms: BTreeSet<&str> = rows.iter().map(|r| r.pseudonym.as_str()).collect();
+        let tags = self.patient_tags(&db, &pseudonyms.into_iter().collect::<Vec<_>>())?;
+        // The events are written with the envelopes, as intents, so that no stored
+        // envelope is ever left unlogged by a crash before the log append.
+        let (receipts, events, intents) =
+            db.store_upload(&rows, &index, now_secs(), self.audit.size(), |receipts| {
+                // One event per patient with new envelopes: categories, count, content hashes.
+                let mut per_patient: BTreeMap<&str, Vec<&EnvelopeReceipt>> = BTreeMap::new();
+                for r in receipts.iter().filter(|r| !r.unchanged) {
+                    per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
+                }
+                per_patient
+                    .iter()
+                    .map(|(p, rs)| {
+                        let mut e = self.event(EventKind::Upload, caller);
+                        e.patient = tags.get(*p).copied();
+                        e.details.categories =
+                            rs.iter().map(|r| r.category.label().to_owned()).collect();
+                        e.details.record_count = Some(rs.len() as u64);
+                        e.details.content_hashes =
+                            rs.iter().filter_map(|r| content_hash(&r.blob)).collect();
+                        e
+                    })
+                    .collect()
+            })?;
         drop(db);
-        let events: Vec<AuditEvent> = per_patient
-            .iter()
-            .map(|(p, rs)| {
-                let mut e = self.event(EventKind::Upload, caller);
-                e.patient = tags.get(*p).copied();
-                e.details.categories = rs.iter().map(|r| r.category.label().to_owned()).collect();
-                e.details.record_count = Some(rs.len() as u64);
-                e.details.content_hashes =
-                    rs.iter().filter_map(|r| content_hash(&r.blob)).collect();
-                e
-            })
-            .collect();
-        self.record(&events)?;
-        Ok((receipts, upload.index.len()))
+        self.index_changed();
+        crate::crash::point(crate::crash::UPLOAD_AFTER_COMMIT);
+        self.record_intended(&events, &intents)?;
+        Ok((receipts, index.len()))
     }
 }

@@ -1,7 +1,7 @@
 //! Studies: the sponsor proposes, the board decides with its signature.
 
 use audit_log::{AuditEvent, EventKind};
-use pre_kms::keys::{public_key_from_bytes, verify_signature};
+use pre_kms::keys::{check_receiving_key, public_key_from_bytes, verify_signature};
 
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
@@ -29,7 +29,12 @@ impl Broker {
             ServiceError::InvalidArgument("receiving_key is not a public key".into())
         })?;
         match self.actor(&proposal.researcher_id) {
-            Some(a) if a.role == Role::Researcher => {}
+            Some(a) if a.role == Role::Researcher => {
+                // The sponsor names the researcher; the records go to the researcher's
+                // own key, never to one the sponsor chose.
+                check_receiving_key(&a, &proposal.receiving_key)
+                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+            }
             _ => {
                 return Err(ServiceError::InvalidArgument(
                     "researcher_id must name a registered researcher".into(),

@@ -8,7 +8,7 @@ use brokerctl::log_review;
 use clap::{Args, Subcommand};
 use model::purpose_label;
 
-use super::conn::{Conn, connect, print};
+use super::conn::{Conn, connect, load_key, print};
 use super::sponsor::{self, CountArgs};
 
 #[derive(Subcommand)]
@@ -21,6 +21,13 @@ pub enum BoardCmd {
     Log(BoardLogCmd),
     /// The exact count of a cohort definition for a study, with its attrition.
     Count(CountArgs),
+    /// Check a network manifest (from `brokerctl operator network`) and sign it with your
+    /// key, in place. Compare the proxy ids it shows with their operators first.
+    SignNetwork {
+        #[command(flatten)]
+        conn: Conn,
+        manifest: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,19 +149,46 @@ pub enum BoardStudyCmd {
 
 pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
     match cmd {
+        BoardCmd::SignNetwork { conn, manifest } => {
+            let me = load_key(&conn)?;
+            let mut m = pre_kms::network::NetworkManifest::read(&manifest)?;
+            m.sign(&me)?;
+            let verified = m.verify()?;
+            m.write(&manifest)?;
+            print(
+                &conn,
+                &serde_json::json!({"manifest": manifest, "threshold": verified.threshold,
+                    "proxies": m.proxies.iter().map(|p| &p.proxy_id).collect::<Vec<_>>(),
+                    "signatures": m.signatures.len()}),
+                || {
+                    format!(
+                        "signed {}: threshold {} of proxies {}; {} board signatures",
+                        manifest.display(),
+                        verified.threshold,
+                        m.proxies
+                            .iter()
+                            .map(|p| p.proxy_id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        m.signatures.len()
+                    )
+                },
+            );
+        }
         BoardCmd::Study(BoardStudyCmd::List(conn)) => {
             let studies = connect(&conn).await?.list_studies().await?;
             let rows: Vec<_> = studies
                 .iter()
                 .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
-                    "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id}))
+                    "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id,
+                    "receiving_key": hex::encode(&s.proposal.receiving_key)}))
                 .collect();
             print(&conn, &rows, || {
                 studies
                     .iter()
                     .map(|s| {
                         format!(
-                            "{}  {:<9} {} [{}]",
+                            "{}  {:<9} {} [{}] for researcher {} (receiving key {})",
                             s.study_id,
                             s.status.as_str(),
                             s.proposal.title,
@@ -163,7 +197,9 @@ pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
                                 .iter()
                                 .map(|c| c.label())
                                 .collect::<Vec<_>>()
-                                .join(",")
+                                .join(","),
+                            s.proposal.researcher_id,
+                            hex::encode(&s.proposal.receiving_key)
                         )
                     })
                     .collect::<Vec<_>>()

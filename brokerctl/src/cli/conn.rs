@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use broker_proto::tls::ClientTls;
 use brokerctl::{BrokerClient, Keystore};
 use clap::Args;
 use pre_kms::Identity;
@@ -14,20 +15,39 @@ pub struct Conn {
     #[arg(
         long,
         env = "BROKER_URL",
-        default_value = "http://127.0.0.1:50051",
+        default_value = "https://127.0.0.1:50051",
         global = true
     )]
     pub broker: String,
+    /// The broker's TLS certificate to pin (its data directory's tls.crt); not needed
+    /// with --network, whose manifest pins it.
+    #[arg(long, env = "BROKER_CERT", global = true)]
+    pub broker_cert: Option<PathBuf>,
+    /// Plain http to a broker on this machine, for tests: no TLS, nothing pinned.
+    #[arg(long, env = "BROKER_INSECURE_LOOPBACK", global = true)]
+    pub insecure_loopback: bool,
     /// Your secret key file (from `brokerctl keygen`).
     #[arg(long, env = "BROKER_KEY", global = true)]
     pub key: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The network manifest your ethics board signed (`brokerctl board sign-network`):
+    /// it pins the proxies, the threshold and the board keys. Needed to grant.
+    #[arg(long, env = "BROKER_NETWORK", global = true)]
+    pub network: Option<PathBuf>,
+}
+
+/// The pinned network, read and verified: granting trusts it, not the broker.
+pub fn pinned_network(conn: &Conn) -> anyhow::Result<pre_kms::network::VerifiedNetwork> {
+    let path = conn.network.as_ref().context(
+        "granting needs the network manifest your ethics board signed: --network FILE (or BROKER_NETWORK)",
+    )?;
+    Ok(pre_kms::network::VerifiedNetwork::load(path)?)
 }
 
 /// A patient whose key a custodian keeps, instead of `--key`.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 pub struct AsPatient {
     /// The custodian keystore holding the patient's key.
     #[arg(long, requires = "patient")]
@@ -37,7 +57,7 @@ pub struct AsPatient {
     patient: Option<String>,
 }
 
-fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
+pub fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
     let path = conn
         .key
         .as_ref()
@@ -45,8 +65,29 @@ fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
     Ok(Identity::read_key_file(path)?.0)
 }
 
+/// How to reach the broker: its certificate pinned from --broker-cert or the network
+/// manifest, or plain http on loopback with --insecure-loopback.
+pub fn client_tls(conn: &Conn) -> anyhow::Result<ClientTls> {
+    if conn.insecure_loopback {
+        return Ok(ClientTls::InsecureLoopback);
+    }
+    if let Some(path) = &conn.broker_cert {
+        return Ok(ClientTls::pinned_file(path)?);
+    }
+    if let Some(path) = &conn.network {
+        let network = pre_kms::network::VerifiedNetwork::load(path)?;
+        if let Some(pem) = network.broker_tls_cert {
+            return Ok(ClientTls::Pinned(pem));
+        }
+    }
+    bail!(
+        "give the broker's certificate to pin with --broker-cert FILE (its data directory's tls.crt) or --network FILE"
+    )
+}
+
 pub async fn connect(conn: &Conn) -> anyhow::Result<BrokerClient> {
-    Ok(BrokerClient::connect(&conn.broker, load_key(conn)?).await?)
+    let identity = load_key(conn)?;
+    Ok(BrokerClient::connect(&conn.broker, &client_tls(conn)?, identity).await?)
 }
 
 /// Connects as a patient: with their own key file, or with their key from a custodian's
@@ -61,7 +102,23 @@ pub async fn connect_as(conn: &Conn, who: &AsPatient) -> anyhow::Result<BrokerCl
     let identity = Keystore::open(keystore)?
         .get(patient)?
         .with_context(|| format!("no patient {patient:?} in keystore {}", keystore.display()))?;
-    Ok(BrokerClient::connect(&conn.broker, identity).await?)
+    Ok(BrokerClient::connect(&conn.broker, &client_tls(conn)?, identity).await?)
+}
+
+/// Where this agent keeps the newest consent it set for the patient `who` names: the
+/// custodian's keystore, or a file beside the patient's key file.
+pub fn head_store(
+    conn: &Conn,
+    who: &AsPatient,
+) -> anyhow::Result<Box<dyn brokerctl::consent_heads::HeadStore>> {
+    if let Some(keystore) = &who.keystore {
+        return Ok(Box::new(Keystore::open(keystore)?));
+    }
+    let key = conn
+        .key
+        .as_ref()
+        .context("give your key file with --key FILE (or BROKER_KEY)")?;
+    Ok(Box::new(brokerctl::consent_heads::HeadFile::beside(key)))
 }
 
 pub fn print<T: serde::Serialize>(conn: &Conn, value: &T, human: impl FnOnce() -> String) {

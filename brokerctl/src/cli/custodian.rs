@@ -9,7 +9,7 @@ use clap::Subcommand;
 use datasets::DeidConfig;
 use pre_kms::Category;
 
-use super::conn::{Conn, connect, print, progress};
+use super::conn::{Conn, connect, pinned_network, print, progress};
 use super::patient::{PolicySource, read_policy};
 
 #[derive(Subcommand)]
@@ -154,13 +154,20 @@ pub async fn run(cmd: CustodianCmd) -> anyhow::Result<()> {
             for chunk in patients.chunks(batch.max(1)) {
                 let mut policies = Vec::with_capacity(chunk.len());
                 for (_, id) in chunk {
-                    let history = agent::consent_history(&client, id).await?;
+                    let history = agent::consent_history_checked(
+                        &client,
+                        id,
+                        ks.consent_head(&id.pseudonym())?.as_ref(),
+                    )
+                    .await?;
                     policies.push((
                         id.clone(),
                         read_policy(&source, agent::next_version(&history))?,
                     ));
                 }
-                set += agent::set_consents(&client, &policies).await?.len();
+                let receipts = agent::set_consents(&client, &policies).await?;
+                ks.record_consent_heads(&receipts)?;
+                set += receipts.len();
                 pb.inc(chunk.len() as u64);
             }
             pb.finish_and_clear();
@@ -174,6 +181,7 @@ pub async fn run(cmd: CustodianCmd) -> anyhow::Result<()> {
             keystore,
             batch,
         } => {
+            let network = pinned_network(&conn)?;
             let client = connect(&conn).await?;
             let now = pre_kms::request_auth::now_secs();
             let studies = match &study {
@@ -185,17 +193,19 @@ pub async fn run(cmd: CustodianCmd) -> anyhow::Result<()> {
                     .filter(|s| s.closed_because(now).is_none())
                     .collect(),
             };
-            let patients = Keystore::open(&keystore)?.all()?;
+            let ks = Keystore::open(&keystore)?;
+            let patients = ks.all()?;
             let pb = progress(patients.len(), "consents");
             let mut histories = Vec::with_capacity(patients.len());
             for (_, id) in &patients {
-                histories.push(agent::consent_history(&client, id).await?);
+                let head = ks.consent_head(&id.pseudonym())?;
+                histories.push(agent::consent_history_checked(&client, id, head.as_ref()).await?);
                 pb.inc(1);
             }
             pb.finish_and_clear();
             let mut rows = Vec::new();
             for s in &studies {
-                let plan = agent::grant_plan(&client, s).await?;
+                let plan = agent::grant_plan(&client, &network, s).await?;
                 let pb = progress(patients.len(), "grants");
                 let mut total = agent::ConsentedGrants::default();
                 for (chunk, hs) in patients

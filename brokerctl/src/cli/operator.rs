@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
+use brokerctl::agent;
 use clap::Subcommand;
 use model::Role;
 use pre_kms::PublicIdentity;
 
-use super::conn::{Conn, connect, print};
+use super::conn::{Conn, client_tls, connect, print};
 
 #[derive(Subcommand)]
 pub enum OperatorCmd {
@@ -25,6 +26,17 @@ pub enum OperatorCmd {
     },
     /// List registered actors.
     Actors(#[command(flatten)] Conn),
+    /// Write a draft network manifest (the broker's key, its proxies and threshold, its
+    /// boards) for a board member to check and sign (`brokerctl board sign-network`).
+    Network {
+        #[command(flatten)]
+        conn: Conn,
+        /// The broker's public key file (broker.pub, written by `broker init`).
+        #[arg(long)]
+        broker_key: PathBuf,
+        #[arg(long, default_value = "network.json")]
+        out: PathBuf,
+    },
 }
 
 pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
@@ -37,14 +49,43 @@ pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
             organisation,
         } => {
             let public = PublicIdentity::read_file(&public_key)?;
-            let key = pre_kms::keys::public_key_bytes(&public.verifying_key);
             let a = connect(&conn)
                 .await?
-                .register_actor(role, &name, &organisation, key)
+                .register_actor(role, &name, &organisation, &public)
                 .await?;
             print(&conn, &serde_json::json!({"actor_id": a.actor_id}), || {
                 format!("registered {name} as {role}: actor {}", a.actor_id)
             });
+        }
+        OperatorCmd::Network {
+            conn,
+            broker_key,
+            out,
+        } => {
+            let broker = PublicIdentity::read_file(&broker_key)?;
+            // The certificate this connection pinned is the one the manifest pins.
+            let tls = client_tls(&conn)?;
+            let manifest = agent::draft_network(
+                &connect(&conn).await?,
+                &broker.verifying_key,
+                tls.pinned_pem(),
+            )
+            .await?;
+            manifest.write(&out)?;
+            print(
+                &conn,
+                &serde_json::json!({"manifest": out, "proxies": manifest.proxies.len(),
+                    "threshold": manifest.threshold, "boards": manifest.boards.len()}),
+                || {
+                    format!(
+                        "wrote {}: {} proxies, threshold {}, {} boards; unsigned until a board member signs it",
+                        out.display(),
+                        manifest.proxies.len(),
+                        manifest.threshold,
+                        manifest.boards.len()
+                    )
+                },
+            );
         }
         OperatorCmd::Actors(conn) => {
             let actors = connect(&conn).await?.list_actors().await?;

@@ -10,7 +10,7 @@ use consent_policy::ConsentPolicy;
 use datasets::DeidConfig;
 use pre_kms::Category;
 
-use super::conn::{AsPatient, Conn, connect, connect_as, print};
+use super::conn::{AsPatient, Conn, connect, connect_as, head_store, pinned_network, print};
 use super::custodian::report_errors;
 
 #[derive(Subcommand)]
@@ -145,9 +145,11 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
         PatientCmd::Grant { conn, study } => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
+            let network = pinned_network(&conn)?;
             let s = client.get_study(&study).await?;
-            let plan = agent::grant_plan(&client, &s).await?;
-            let history = agent::consent_history(&client, &me).await?;
+            let plan = agent::grant_plan(&client, &network, &s).await?;
+            let head = head_store(&conn, &AsPatient::default())?.head(&me.pseudonym())?;
+            let history = agent::consent_history_checked(&client, &me, head.as_ref()).await?;
             let r = agent::consented_grants(
                 &client,
                 &plan,
@@ -244,7 +246,9 @@ async fn consent_command(cmd: ConsentCmd) -> anyhow::Result<()> {
     };
     let client = connect_as(&conn, &who).await?;
     let me = client.identity().clone();
-    let history = agent::consent_history(&client, &me).await?;
+    let heads = head_store(&conn, &who)?;
+    let history =
+        agent::consent_history_checked(&client, &me, heads.head(&me.pseudonym())?.as_ref()).await?;
     let next = agent::next_version(&history);
     let now = pre_kms::request_auth::now_secs();
     let policy = match cmd {
@@ -294,6 +298,7 @@ async fn consent_command(cmd: ConsentCmd) -> anyhow::Result<()> {
         .await?
         .pop()
         .context("the broker returned no receipt")?;
+    heads.record(std::slice::from_ref(&receipt))?;
     print(
         &conn,
         &serde_json::json!({"version": receipt.version, "policy_hash": receipt.policy_hash,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use brokerctl::agent;
 use clap::Subcommand;
+use pre_kms::private_fs::{private_dir, write_private};
 
 use super::conn::{Conn, connect, print};
 
@@ -26,7 +27,10 @@ pub async fn run(cmd: ResearcherCmd) -> anyhow::Result<()> {
         ResearcherCmd::Fetch { conn, study, out } => {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            // Decrypted records are patient data: everything written here is owner-only.
+            if !out.exists() {
+                private_dir(&out).with_context(|| format!("creating {}", out.display()))?;
+            }
             let mut manifest = Vec::new();
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -37,21 +41,21 @@ pub async fn run(cmd: ResearcherCmd) -> anyhow::Result<()> {
             );
             let report = agent::fetch_and_decrypt(&client, &me, &study, |r| {
                 bar.inc(1);
-                let dir = out.join(&r.subject);
-                std::fs::create_dir_all(&dir)?;
-                let name = format!("{}.v{}.json", r.category.label(), r.version);
-                std::fs::write(dir.join(&name), &r.plaintext)?;
+                // The path is made of parts the agent checked, never taken from the server.
+                let file = r.relative_path();
+                private_dir(&out.join(&r.subject))?;
+                write_private(&out.join(&file), &r.plaintext)?;
                 manifest.push(serde_json::json!({"subject": r.subject, "category": r.category, "version": r.version,
-                    "file": format!("{}/{}", r.subject, name), "blake3": blake3::hash(&r.plaintext).to_hex().to_string()}));
+                    "file": file.to_string_lossy(), "blake3": blake3::hash(&r.plaintext).to_hex().to_string()}));
                 Ok(())
             })
             .await?;
             bar.finish_and_clear();
             let summary = serde_json::json!({"release_id": report.release.release_id, "study_id": study,
                 "subjects": report.release.subjects, "records": report.records, "files": manifest});
-            std::fs::write(
-                out.join("manifest.json"),
-                serde_json::to_vec_pretty(&summary)?,
+            write_private(
+                &out.join("manifest.json"),
+                &serde_json::to_vec_pretty(&summary)?,
             )?;
             print(&conn, &summary, || {
                 format!(

@@ -5,9 +5,10 @@ use super::*;
 impl Db {
     pub fn insert_actor(&self, actor: &Actor, now: i64) -> DbResult<bool> {
         let n = self.conn.execute(
-            "INSERT OR IGNORE INTO actors (actor_id, role, name, organisation, verifying_key, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![actor.actor_id, actor.role.as_str(), actor.name, actor.organisation, actor.verifying_key, now],
+            "INSERT OR IGNORE INTO actors (actor_id, role, name, organisation, verifying_key, encryption_key, key_binding, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![actor.actor_id, actor.role.as_str(), actor.name, actor.organisation, actor.verifying_key,
+                actor.encryption_key, actor.key_binding, now],
         )?;
         Ok(n == 1)
     }
@@ -15,7 +16,7 @@ impl Db {
     pub fn actor(&self, actor_id: &str) -> DbResult<Option<Actor>> {
         self.conn
             .query_row(
-                "SELECT actor_id, role, name, organisation, verifying_key FROM actors WHERE actor_id = ?1",
+                "SELECT actor_id, role, name, organisation, verifying_key, encryption_key, key_binding FROM actors WHERE actor_id = ?1",
                 [actor_id],
                 actor_row,
             )
@@ -25,7 +26,7 @@ impl Db {
     pub fn actors(&self) -> DbResult<Vec<Actor>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT actor_id, role, name, organisation, verifying_key FROM actors ORDER BY created_at, actor_id")?;
+            .prepare("SELECT actor_id, role, name, organisation, verifying_key, encryption_key, key_binding FROM actors ORDER BY created_at, actor_id")?;
         stmt.query_map([], actor_row)?.collect()
     }
 
@@ -68,5 +69,7 @@ fn actor_row(r: &rusqlite::Row<'_>) -> DbResult<Actor> {
         name: r.get(2)?,
         organisation: r.get(3)?,
         verifying_key: r.get(4)?,
+        encryption_key: r.get(5)?,
+        key_binding: r.get(6)?,
     })
 }

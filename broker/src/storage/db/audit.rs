@@ -1,9 +1,65 @@
 //! The access log's side index.
 
 use super::*;
-use audit_log::EventFilter;
+use audit_log::{AuditEvent, EventFilter};
+
+fn encoding_failed(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+/// Writes `events` as intents in the transaction `tx` of the state they describe; the log
+/// then held `log_size` leaves (so they land at that position or later). Returns their
+/// sequence numbers, for [`Db::clear_intents`] once they are in the log.
+pub(crate) fn add_intents(
+    tx: &Connection,
+    log_size: u64,
+    events: &[AuditEvent],
+) -> DbResult<Vec<i64>> {
+    let mut stmt =
+        tx.prepare_cached("INSERT INTO log_intents (log_size, event) VALUES (?1, ?2)")?;
+    events
+        .iter()
+        .map(|e| {
+            let bytes = e.to_leaf_bytes().map_err(encoding_failed)?;
+            stmt.execute(params![log_size as i64, bytes])?;
+            Ok(tx.last_insert_rowid())
+        })
+        .collect()
+}
 
 impl Db {
+    /// Intents not yet cleared, oldest first: (sequence, log size then, event).
+    pub fn intents(&self) -> DbResult<Vec<(i64, u64, AuditEvent)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, log_size, event FROM log_intents ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (seq, size, bytes) = row?;
+            let event = AuditEvent::from_leaf_bytes(&bytes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, e.into())
+            })?;
+            Ok((seq, size as u64, event))
+        })
+        .collect()
+    }
+
+    pub fn clear_intents(&self, seqs: &[i64]) -> DbResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM log_intents WHERE seq = ?1")?;
+        for s in seqs {
+            stmt.execute([s])?;
+        }
+        Ok(())
+    }
+
     /// The log leaf of each patient's event in a release.
     pub fn release_event_leaves(
         &self,

@@ -4,9 +4,23 @@ use super::*;
 
 impl Db {
     /// Stores new policy versions (the caller has checked them), all or none.
-    pub fn insert_consents(&mut self, versions: &[(String, SignedPolicy)]) -> DbResult<()> {
+    /// Stores new policy versions, with their log events as intents and each patient
+    /// marked for grant reconciliation, in one transaction. Returns the intents.
+    pub fn insert_consents(
+        &mut self,
+        versions: &[(String, SignedPolicy)],
+        log_size: u64,
+        events: &[audit_log::AuditEvent],
+    ) -> DbResult<Vec<i64>> {
         let tx = self.conn.transaction()?;
+        let intents = super::audit::add_intents(&tx, log_size, events)?;
         {
+            let mut reconcile = tx.prepare_cached(
+                "INSERT OR IGNORE INTO consent_reconcile (pseudonym) VALUES (?1)",
+            )?;
+            for (pseudonym, _) in versions {
+                reconcile.execute([pseudonym])?;
+            }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO consents (pseudonym, version, policy, signature, policy_hash, issued_at, set_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -24,7 +38,26 @@ impl Db {
                 ])?;
             }
         }
-        tx.commit()
+        tx.commit()?;
+        Ok(intents)
+    }
+
+    /// Patients whose new consent may still have grants to withdraw.
+    pub fn consents_to_reconcile(&self) -> DbResult<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pseudonym FROM consent_reconcile ORDER BY pseudonym")?;
+        stmt.query_map([], |r| r.get(0))?.collect()
+    }
+
+    pub fn consents_reconciled(&self, pseudonyms: &[String]) -> DbResult<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM consent_reconcile WHERE pseudonym = ?1")?;
+        for p in pseudonyms {
+            stmt.execute([p])?;
+        }
+        Ok(())
     }
 
     /// Every stored policy version of a patient, oldest first.

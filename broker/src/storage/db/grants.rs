@@ -4,9 +4,16 @@ use super::*;
 
 impl Db {
     /// Stores grants in one transaction, each replacing an earlier grant of the same
-    /// patient to the same study.
-    pub fn put_grants(&mut self, grants: &[GrantRow], now: i64) -> DbResult<()> {
+    /// patient to the same study, with their log events as intents. Returns the intents.
+    pub fn put_grants(
+        &mut self,
+        grants: &[GrantRow],
+        now: i64,
+        log_size: u64,
+        events: &[audit_log::AuditEvent],
+    ) -> DbResult<Vec<i64>> {
         let tx = self.conn.transaction()?;
+        let intents = super::audit::add_intents(&tx, log_size, events)?;
         {
             let mut del =
                 tx.prepare_cached("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2")?;
@@ -33,7 +40,8 @@ impl Db {
                 }
             }
         }
-        tx.commit()
+        tx.commit()?;
+        Ok(intents)
     }
 
     /// Deletes these (study, pseudonym) grants and queues their destruction at each of

@@ -28,6 +28,8 @@ mod records;
 mod releases;
 mod studies;
 
+pub use records::StoredContent;
+
 pub type DbResult<T> = Result<T, rusqlite::Error>;
 
 pub struct Db {
@@ -35,7 +37,7 @@ pub struct Db {
 }
 
 /// The metadata schema this broker reads and writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
@@ -44,7 +46,14 @@ PRAGMA foreign_keys=ON;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS actors (
     actor_id TEXT PRIMARY KEY, role TEXT NOT NULL, name TEXT NOT NULL,
-    organisation TEXT NOT NULL, verifying_key BLOB NOT NULL, created_at INTEGER NOT NULL);
+    organisation TEXT NOT NULL, verifying_key BLOB NOT NULL, encryption_key BLOB NOT NULL,
+    key_binding BLOB NOT NULL, created_at INTEGER NOT NULL);
+-- Log events written in the transaction of the state they describe, until they are in
+-- the access log (recovered at start: see Broker::recover_intents).
+CREATE TABLE IF NOT EXISTS log_intents (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, log_size INTEGER NOT NULL, event BLOB NOT NULL);
+-- Patients whose new consent's grant withdrawals are not yet done (redone at start).
+CREATE TABLE IF NOT EXISTS consent_reconcile (pseudonym TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS proxies (
     idx INTEGER PRIMARY KEY, proxy_id TEXT NOT NULL, encryption_key BLOB NOT NULL,
     verifying_key BLOB NOT NULL);

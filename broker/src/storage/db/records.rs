@@ -60,29 +60,36 @@ impl Db {
         }))
     }
 
-    /// Records an upload in one transaction: its new envelope versions and the index
-    /// rows of each patient, which replace the previous ones.
+    /// Records an upload in one transaction: its new envelope versions, the index rows
+    /// of each patient (which replace the previous ones), and the log events `describe`
+    /// makes of the receipts, as intents ([`super::audit::add_intents`]). Returns the
+    /// receipts, the events and their intents.
     pub fn store_upload(
         &mut self,
         envelopes: &[NewEnvelope],
         index: &[(String, PatientIndex)],
         now: i64,
-    ) -> DbResult<Vec<EnvelopeReceipt>> {
+        log_size: u64,
+        describe: impl FnOnce(&[EnvelopeReceipt]) -> Vec<audit_log::AuditEvent>,
+    ) -> DbResult<(Vec<EnvelopeReceipt>, Vec<audit_log::AuditEvent>, Vec<i64>)> {
         let tx = self.conn.transaction()?;
         let receipts = add_envelopes(&tx, envelopes, now)?;
         put_index(&tx, index)?;
+        let events = describe(&receipts);
+        let intents = super::audit::add_intents(&tx, log_size, &events)?;
         tx.commit()?;
-        Ok(receipts)
+        Ok((receipts, events, intents))
     }
 
-    /// The content tag of the latest version of a patient's category, if any.
-    pub fn latest_tag(&self, pseudonym: &str, category: Category) -> DbResult<Option<Vec<u8>>> {
-        self.conn
-            .prepare_cached(
-                "SELECT content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2 ORDER BY version DESC LIMIT 1",
-            )?
-            .query_row(params![pseudonym, category.label()], |r| r.get(0))
-            .optional()
+    /// Whether a version of a patient's category already holds this content, and
+    /// whether that version is the latest.
+    pub fn stored_content(
+        &self,
+        pseudonym: &str,
+        category: Category,
+        content_tag: &[u8],
+    ) -> DbResult<StoredContent> {
+        stored_content(&self.conn, pseudonym, category, content_tag)
     }
 
     pub fn index(&self, pseudonym: &str) -> DbResult<PatientIndex> {
@@ -157,8 +164,44 @@ impl Db {
     }
 }
 
-/// New envelope versions; one whose content tag equals the latest version's is not
-/// stored again.
+/// What the store holds of one upload's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredContent {
+    /// No version holds it: it becomes the next version.
+    New,
+    /// The latest version holds it already: a re-upload, nothing to store.
+    Latest(u32),
+    /// An older version holds it: storing it again would roll the record back (a replayed
+    /// or stale upload), so nothing is stored.
+    Older(u32),
+}
+
+fn stored_content(
+    conn: &Connection,
+    pseudonym: &str,
+    category: Category,
+    content_tag: &[u8],
+) -> DbResult<StoredContent> {
+    let row: Option<(u32, u32)> = conn
+        .prepare_cached(
+            "SELECT e.version, (SELECT MAX(version) FROM envelopes m WHERE m.pseudonym = e.pseudonym AND m.category = e.category)
+             FROM envelopes e WHERE e.pseudonym = ?1 AND e.category = ?2 AND e.content_tag = ?3
+             ORDER BY e.version DESC LIMIT 1",
+        )?
+        .query_row(params![pseudonym, category.label(), content_tag], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(match row {
+        None => StoredContent::New,
+        Some((v, latest)) if v == latest => StoredContent::Latest(v),
+        Some((v, _)) => StoredContent::Older(v),
+    })
+}
+
+/// New envelope versions. Content that a stored version already holds (the latest or an
+/// older one) is not stored again, so an upload replayed or re-sent late never rolls a
+/// correction back.
 fn add_envelopes(
     tx: &rusqlite::Transaction<'_>,
     envelopes: &[NewEnvelope],
@@ -167,29 +210,34 @@ fn add_envelopes(
     let mut receipts = Vec::with_capacity(envelopes.len());
     {
         let mut latest = tx.prepare_cached(
-                "SELECT version, blob, content_tag FROM envelopes WHERE pseudonym = ?1 AND category = ?2
-                 ORDER BY version DESC LIMIT 1",
-            )?;
+            "SELECT MAX(version) FROM envelopes WHERE pseudonym = ?1 AND category = ?2",
+        )?;
+        let mut blob_of = tx.prepare_cached(
+            "SELECT blob FROM envelopes WHERE pseudonym = ?1 AND category = ?2 AND version = ?3",
+        )?;
         let mut insert = tx.prepare_cached(
                 "INSERT INTO envelopes (pseudonym, category, version, blob, pack, offset, length, content_tag, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
         for e in envelopes {
-            let prev: Option<(u32, String, Vec<u8>)> = latest
-                .query_row(params![e.pseudonym, e.category.label()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let receipt = match (prev, &e.at) {
-                (Some((version, blob, tag)), _) if tag == e.content_tag => EnvelopeReceipt {
-                    pseudonym: e.pseudonym.clone(),
-                    category: e.category,
-                    version,
-                    blob,
-                    unchanged: true,
-                },
-                (prev, Some(at)) => {
-                    let version = prev.map_or(1, |p| p.0 + 1);
+            let stored = stored_content(tx, &e.pseudonym, e.category, &e.content_tag)?;
+            let receipt = match (stored, &e.at) {
+                (StoredContent::Latest(version) | StoredContent::Older(version), _) => {
+                    EnvelopeReceipt {
+                        pseudonym: e.pseudonym.clone(),
+                        category: e.category,
+                        version,
+                        blob: blob_of
+                            .query_row(params![e.pseudonym, e.category.label(), version], |r| {
+                                r.get(0)
+                            })?,
+                        unchanged: true,
+                    }
+                }
+                (StoredContent::New, Some(at)) => {
+                    let prev: Option<u32> =
+                        latest.query_row(params![e.pseudonym, e.category.label()], |r| r.get(0))?;
+                    let version = prev.map_or(1, |v| v + 1);
                     insert.execute(params![
                         e.pseudonym,
                         e.category.label(),
@@ -209,12 +257,12 @@ fn add_envelopes(
                         unchanged: false,
                     }
                 }
-                // The caller found the tag unchanged and wrote no blob, but the latest
-                // version differs now: only possible if the caller did not hold the lock
-                // between its check and this call. Refuse rather than record nothing.
-                (_, None) => {
+                // The caller found the content stored and wrote no blob, but it is not
+                // stored now: only possible if the caller did not hold the lock between
+                // its check and this call. Refuse rather than record nothing.
+                (StoredContent::New, None) => {
                     return Err(rusqlite::Error::InvalidParameterName(
-                        "envelope without a blob whose content changed".into(),
+                        "envelope without a blob whose content is not stored".into(),
                     ));
                 }
             };
