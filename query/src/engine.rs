@@ -495,6 +495,39 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn the_largest_definition_counts_without_exhausting_the_stack() {
+        // 128 criteria, the most a definition may have: the plan nests as deep, and
+        // planning it must not overflow a thread's stack (that would abort the process).
+        let criteria: Vec<String> = (0..crate::definition::MAX_CRITERIA)
+            .map(|i| format!(r#"{{"not": {{"drug": {{"codes": ["rxnorm:{i}"]}}}}}}"#))
+            .collect();
+        let json = format!(r#"{{"criteria": [{}]}}"#, criteria.join(","));
+        // `not` counts as a node of its own: half as many exclusions fill the limit.
+        let half = &criteria[..criteria.len() / 2];
+        let json_half = format!(r#"{{"criteria": [{}]}}"#, half.join(","));
+        assert!(CohortDefinition::from_json(json.as_bytes()).is_err());
+        let d = CohortDefinition::from_json(json_half.as_bytes()).unwrap();
+        let consent = ConsentSnapshot::everything([1]).unwrap();
+        let r = engine().count_blocking(&d, &consent).unwrap();
+        assert_eq!(r.attrition.len(), 65);
+        assert!(r.attrition.iter().all(|s| s.exact == 1));
+        let plain: Vec<String> = (0..crate::definition::MAX_CRITERIA)
+            .map(|i| {
+                format!(
+                    r#"{{"drug": {{"codes": ["rxnorm:{i}"], "occurrence": {{"at_most": 0}}}}}}"#
+                )
+            })
+            .collect();
+        let d = CohortDefinition::from_json(
+            format!(r#"{{"criteria": [{}]}}"#, plain.join(",")).as_bytes(),
+        )
+        .unwrap();
+        let r = engine().count_blocking(&d, &consent).unwrap();
+        assert_eq!(r.attrition.len(), 129);
+        assert_eq!(r.exact, 1);
+    }
+
     #[tokio::test]
     async fn a_plan_run_without_the_consent_filter_cannot_scan() {
         let e = engine();

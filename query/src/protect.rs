@@ -516,9 +516,31 @@ impl QueryBudget {
             .collect()
     }
 
+    /// Whether a call at `now` would pass the rate limit (charging nothing): lets a caller
+    /// refuse before doing the work of finding a count's draws.
+    pub fn rate_check(&self, now: SystemTime) -> Result<(), BudgetError> {
+        let now = millis(now);
+        let recent: Vec<u64> = self
+            .recent
+            .iter()
+            .copied()
+            .filter(|&t| t.saturating_add(MINUTE_MS) > now)
+            .collect();
+        if recent.len() >= self.policy.per_minute as usize {
+            let oldest = recent.first().copied().unwrap_or(now);
+            let wait = oldest.saturating_add(MINUTE_MS).saturating_sub(now);
+            return Err(BudgetError::RateLimited {
+                per_minute: self.policy.per_minute,
+                retry_after: Duration::from_millis(wait),
+            });
+        }
+        Ok(())
+    }
+
     /// Charges a count at `now` whose answer shows `draws`: one call against the rate
     /// limit, and one unit per draw not charged before. Or says why not, charging nothing.
     pub fn charge(&mut self, now: SystemTime, draws: &Draws) -> Result<Charge, BudgetError> {
+        self.rate_check(now)?;
         let now = millis(now);
         while self
             .recent
@@ -526,14 +548,6 @@ impl QueryBudget {
             .is_some_and(|&t| t.saturating_add(MINUTE_MS) <= now)
         {
             self.recent.pop_front();
-        }
-        if self.recent.len() >= self.policy.per_minute as usize {
-            let oldest = self.recent.front().copied().unwrap_or(now);
-            let wait = oldest.saturating_add(MINUTE_MS).saturating_sub(now);
-            return Err(BudgetError::RateLimited {
-                per_minute: self.policy.per_minute,
-                retry_after: Duration::from_millis(wait),
-            });
         }
         let fresh = self.unpaid(draws);
         let needed = fresh.len() as u64;
@@ -800,7 +814,9 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("try again in 58 s"));
+        assert_eq!(b.rate_check(t0 + Duration::from_secs(2)), Err(err));
         assert_eq!(b.spent(), 2);
+        assert!(b.rate_check(t0 + Duration::from_secs(60)).is_ok());
         assert!(b.charge(t0 + Duration::from_secs(60), &draws).is_ok());
     }
 

@@ -86,6 +86,10 @@ impl Broker {
         }
         let definition = CohortDefinition::from_json(definition_json)
             .map_err(|e| ServiceError::InvalidArgument(format!("cohort definition: {e}")))?;
+        if caller.role == Role::Sponsor {
+            // Past the rate limit, refuse before building the study's consent snapshot.
+            self.rate_check(&caller.actor_id)?;
+        }
         let (engine, consent) = self.engine_for(&study)?;
         // What a sponsor's answer shows: one noise draw per normalized attrition step over
         // this consent snapshot and index. Charged before counting; fresh draws only.
@@ -143,12 +147,42 @@ impl Broker {
     /// Charges a sponsor's count that shows `draws`: one call against the rate limit, one
     /// unit per draw not charged before; persisted before the count runs.
     fn charge(&self, sponsor: &str, draws: &Draws) -> ServiceResult<Charge> {
-        let mut budgets = self
-            .feasibility
+        let mut budgets = self.budgets();
+        let budget = self.budget_of(&mut budgets, sponsor)?;
+        let mut next = budget.clone();
+        let charge = next
+            .charge(std::time::SystemTime::now(), draws)
+            .map_err(|e| ServiceError::Exhausted(e.to_string()))?;
+        let json = serde_json::to_string(&next).map_err(ServiceError::internal)?;
+        self.db().put_query_budget(sponsor, &json)?;
+        // Only what is stored counts as charged; the lock is held throughout, so
+        // concurrent counts of one sponsor are charged one after the other.
+        *budget = next;
+        Ok(charge)
+    }
+
+    /// Refuses a sponsor past the rate limit, charging nothing.
+    fn rate_check(&self, sponsor: &str) -> ServiceResult<()> {
+        let mut budgets = self.budgets();
+        self.budget_of(&mut budgets, sponsor)?
+            .rate_check(std::time::SystemTime::now())
+            .map_err(|e| ServiceError::Exhausted(e.to_string()))
+    }
+
+    fn budgets(&self) -> std::sync::MutexGuard<'_, HashMap<String, QueryBudget>> {
+        self.feasibility
             .budgets
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let budget = match budgets.entry(sponsor.to_owned()) {
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sponsor's budget, loaded from the database on first use.
+    fn budget_of<'a>(
+        &self,
+        budgets: &'a mut HashMap<String, QueryBudget>,
+        sponsor: &str,
+    ) -> ServiceResult<&'a mut QueryBudget> {
+        Ok(match budgets.entry(sponsor.to_owned()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let stored = self.db().query_budget(sponsor)?;
@@ -158,16 +192,7 @@ impl Broker {
                 b.set_policy(self.feasibility.budget_policy);
                 e.insert(b)
             }
-        };
-        let mut next = budget.clone();
-        let charge = next
-            .charge(std::time::SystemTime::now(), draws)
-            .map_err(|e| ServiceError::Exhausted(e.to_string()))?;
-        let json = serde_json::to_string(&next).map_err(ServiceError::internal)?;
-        self.db().put_query_budget(sponsor, &json)?;
-        // Only what is stored counts as charged.
-        *budget = next;
-        Ok(charge)
+        })
     }
 
     /// The engine over the current index, and the consent snapshot of `study`: each
