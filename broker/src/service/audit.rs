@@ -133,6 +133,11 @@ impl Broker {
         )
     }
 
+    /// The log tag of a patient with this salt.
+    pub(crate) fn patient_tag(&self, salt: &[u8; 32], pseudonym: &str) -> PatientTag {
+        self.audit.tags.tag(&PatientSalt(*salt), pseudonym)
+    }
+
     /// The log tags of patients, by pseudonym. Takes the metadata lock: call it before
     /// [`Broker::record`], never while holding that lock.
     pub(crate) fn patient_tags(

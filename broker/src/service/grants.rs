@@ -111,26 +111,29 @@ impl Broker {
     ) -> ServiceResult<(usize, usize)> {
         let this = self.clone();
         let withdrawn = tokio::task::spawn_blocking(move || {
-            let (existed, tags) = {
+            // The withdrawals, their queued revocations and their events (as intents) in
+            // one transaction.
+            let (existed, events, intents) = {
                 let mut db = this.db();
-                let existed = db.withdraw_grants(&grants, this.proxies.len())?;
-                let pseudonyms: Vec<&str> = existed.iter().map(|(_, p, _)| p.as_str()).collect();
+                let pseudonyms: Vec<&str> = grants.iter().map(|(_, p)| p.as_str()).collect();
                 let tags = this.patient_tags(&db, &pseudonyms)?;
-                (existed, tags)
+                let log_size = this.audit.size();
+                db.withdraw_grants(&grants, this.proxies.len(), log_size, |existed| {
+                    existed
+                        .iter()
+                        .map(|(study, pseudonym, grant)| {
+                            let mut e = by.clone();
+                            e.patient = tags.get(pseudonym).copied();
+                            e.why.purpose = Some(reason.clone()).filter(|r| !r.is_empty());
+                            e.why.study_id = Some(study.clone());
+                            e.details.study_id = Some(study.clone());
+                            e.details.grant_id = Some(grant.clone());
+                            e
+                        })
+                        .collect()
+                })?
             };
-            let events: Vec<AuditEvent> = existed
-                .iter()
-                .map(|(study, pseudonym, grant)| {
-                    let mut e = by.clone();
-                    e.patient = tags.get(pseudonym).copied();
-                    e.why.purpose = Some(reason.clone()).filter(|r| !r.is_empty());
-                    e.why.study_id = Some(study.clone());
-                    e.details.study_id = Some(study.clone());
-                    e.details.grant_id = Some(grant.clone());
-                    e
-                })
-                .collect();
-            this.record(&events)?;
+            this.record_intended(&events, &intents)?;
             Ok::<_, ServiceError>(existed.len())
         })
         .await

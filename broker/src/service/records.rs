@@ -61,19 +61,21 @@ impl Broker {
                 }
             }
         }
-        db.enroll_all(&fresh, now_secs())?;
-        let pseudonyms: Vec<&str> = fresh.iter().map(|p| p.pseudonym.as_str()).collect();
-        let tags = self.patient_tags(&db, &pseudonyms)?;
-        drop(db);
-        let events: Vec<AuditEvent> = pseudonyms
+        // The new patients, their log salts and their events (as intents), in one
+        // transaction.
+        let salts: Vec<[u8; 32]> = fresh.iter().map(|_| rand::random()).collect();
+        let events: Vec<AuditEvent> = fresh
             .iter()
-            .map(|p| {
+            .zip(&salts)
+            .map(|(p, salt)| {
                 let mut e = self.event(EventKind::Enroll, caller);
-                e.patient = tags.get(*p).copied();
+                e.patient = Some(self.patient_tag(salt, &p.pseudonym));
                 e
             })
             .collect();
-        self.record(&events)?;
+        let intents = db.enroll_all(&fresh, &salts, now_secs(), self.audit.size(), &events)?;
+        drop(db);
+        self.record_intended(&events, &intents)?;
         Ok(created)
     }
 

@@ -64,8 +64,12 @@ impl Broker {
                 .map(|a| a.organisation)
                 .unwrap_or_default(),
         };
-        self.db().insert_study(&study)?;
-        self.record(&[self.study_event(EventKind::StudyProposed, caller, &study)])?;
+        let event = self.study_event(EventKind::StudyProposed, caller, &study);
+        let intents = {
+            let mut db = self.db();
+            db.insert_study(&study, self.audit.size(), &event)?
+        };
+        self.record_intended(&[event], &intents)?;
         Ok(study)
     }
 
@@ -119,13 +123,17 @@ impl Broker {
         study.reason = reason;
         study.decided_at = now_secs();
         study.overrides_abstain = approve && overrides_abstain;
-        self.db().decide_study(&study)?;
         let kind = if approve {
             EventKind::StudyApproved
         } else {
             EventKind::StudyRejected
         };
-        self.record(&[self.study_event(kind, caller, &study)])?;
+        let event = self.study_event(kind, caller, &study);
+        let intents = {
+            let mut db = self.db();
+            db.decide_study(&study, self.audit.size(), &event)?
+        };
+        self.record_intended(&[event], &intents)?;
         Ok(study)
     }
 

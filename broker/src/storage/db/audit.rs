@@ -28,6 +28,21 @@ pub(crate) fn add_intents(
 }
 
 impl Db {
+    /// Runs `f` in one transaction together with writing `events` as intents (the log
+    /// then held `log_size` leaves). Returns what `f` returned and the intents.
+    pub(crate) fn with_intents<T>(
+        &mut self,
+        log_size: u64,
+        events: &[AuditEvent],
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> DbResult<T>,
+    ) -> DbResult<(T, Vec<i64>)> {
+        let tx = self.conn.transaction()?;
+        let intents = add_intents(&tx, log_size, events)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok((out, intents))
+    }
+
     /// Intents not yet cleared, oldest first: (sequence, log size then, event).
     pub fn intents(&self) -> DbResult<Vec<(i64, u64, AuditEvent)>> {
         let mut stmt = self

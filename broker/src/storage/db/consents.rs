@@ -3,8 +3,7 @@
 use super::*;
 
 impl Db {
-    /// Stores new policy versions (the caller has checked them), all or none.
-    /// Stores new policy versions, with their log events as intents and each patient
+    /// Stores new policy versions (the caller has checked them), with their log events as intents and each patient
     /// marked for grant reconciliation, in one transaction. Returns the intents.
     pub fn insert_consents(
         &mut self,
@@ -12,9 +11,7 @@ impl Db {
         log_size: u64,
         events: &[audit_log::AuditEvent],
     ) -> DbResult<Vec<i64>> {
-        let tx = self.conn.transaction()?;
-        let intents = super::audit::add_intents(&tx, log_size, events)?;
-        {
+        self.with_intents(log_size, events, |tx| {
             let mut reconcile = tx.prepare_cached(
                 "INSERT OR IGNORE INTO consent_reconcile (pseudonym) VALUES (?1)",
             )?;
@@ -37,9 +34,9 @@ impl Db {
                     v.set_at
                 ])?;
             }
-        }
-        tx.commit()?;
-        Ok(intents)
+            Ok(())
+        })
+        .map(|(_, intents)| intents)
     }
 
     /// Patients whose new consent may still have grants to withdraw.

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// A withdrawn grant: (study id, pseudonym, grant id).
+pub type WithdrawnGrant = (String, String, String);
+
 impl Db {
     /// Stores grants in one transaction, each replacing an earlier grant of the same
     /// patient to the same study, with their log events as intents. Returns the intents.
@@ -12,9 +15,7 @@ impl Db {
         log_size: u64,
         events: &[audit_log::AuditEvent],
     ) -> DbResult<Vec<i64>> {
-        let tx = self.conn.transaction()?;
-        let intents = super::audit::add_intents(&tx, log_size, events)?;
-        {
+        self.with_intents(log_size, events, |tx| {
             let mut del =
                 tx.prepare_cached("DELETE FROM grants WHERE study_id = ?1 AND pseudonym = ?2")?;
             let mut grant = tx.prepare_cached(
@@ -39,18 +40,21 @@ impl Db {
                     cat.execute(params![g.grant_id, c.label()])?;
                 }
             }
-        }
-        tx.commit()?;
-        Ok(intents)
+            Ok(())
+        })
+        .map(|(_, intents)| intents)
     }
 
     /// Deletes these (study, pseudonym) grants and queues their destruction at each of
-    /// `proxies` proxies, in one transaction. Returns the grants that existed.
+    /// `proxies` proxies, with the log events `describe` makes of the grants that existed
+    /// as intents, in one transaction. Returns those grants, the events and the intents.
     pub fn withdraw_grants(
         &mut self,
         grants: &[(String, String)],
         proxies: usize,
-    ) -> DbResult<Vec<(String, String, String)>> {
+        log_size: u64,
+        describe: impl FnOnce(&[WithdrawnGrant]) -> Vec<audit_log::AuditEvent>,
+    ) -> DbResult<(Vec<WithdrawnGrant>, Vec<audit_log::AuditEvent>, Vec<i64>)> {
         let tx = self.conn.transaction()?;
         let mut existed = Vec::new();
         {
@@ -74,8 +78,10 @@ impl Db {
                 }
             }
         }
+        let events = describe(&existed);
+        let intents = super::audit::add_intents(&tx, log_size, &events)?;
         tx.commit()?;
-        Ok(existed)
+        Ok((existed, events, intents))
     }
 
     /// Revocations not yet confirmed by a proxy, per proxy.

@@ -3,10 +3,17 @@
 use super::*;
 
 impl Db {
-    /// Enrolls new patients in one transaction.
-    pub fn enroll_all(&mut self, patients: &[PatientRow], now: i64) -> DbResult<()> {
-        let tx = self.conn.transaction()?;
-        {
+    /// Enrolls new patients with their log salts (`salts[i]` is `patients[i]`'s) in one
+    /// transaction, with their log events as intents.
+    pub fn enroll_all(
+        &mut self,
+        patients: &[PatientRow],
+        salts: &[[u8; 32]],
+        now: i64,
+        log_size: u64,
+        events: &[audit_log::AuditEvent],
+    ) -> DbResult<Vec<i64>> {
+        self.with_intents(log_size, events, |tx| {
             let mut patient = tx.prepare_cached(
                 "INSERT OR IGNORE INTO patients (pseudonym, verifying_key, enrolled_by, created_at) VALUES (?1, ?2, ?3, ?4)",
             )?;
@@ -19,17 +26,17 @@ impl Db {
             let mut salt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO audit_salts (pseudonym, salt) VALUES (?1, ?2)",
             )?;
-            for p in patients {
+            for (p, s) in patients.iter().zip(salts) {
                 patient.execute(params![p.pseudonym, p.verifying_key, p.enrolled_by, now])?;
                 actor.execute(params![p.actor_id, p.pseudonym])?;
-                let fresh: [u8; 32] = rand::random();
-                salt.execute(params![p.pseudonym, fresh.as_slice()])?;
+                salt.execute(params![p.pseudonym, s.as_slice()])?;
                 for (c, k) in &p.category_keys {
                     key.execute(params![p.pseudonym, c.label(), k])?;
                 }
             }
-        }
-        tx.commit()
+            Ok(())
+        })
+        .map(|(_, intents)| intents)
     }
 
     pub fn patient(&self, pseudonym: &str) -> DbResult<Option<PatientRow>> {

@@ -3,29 +3,39 @@
 use super::*;
 
 impl Db {
-    pub fn insert_study(&self, s: &Study) -> DbResult<()> {
-        self.conn.execute(
-            "INSERT INTO studies (study_id, sponsor_id, proposal, status, proposed_at, sponsor_organisation)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                s.study_id,
-                s.sponsor_id,
-                serde_json::to_string(&s.proposal).expect("proposal serializes"),
-                s.status.as_str(),
-                s.proposed_at,
-                s.sponsor_organisation
-            ],
-        )?;
-        Ok(())
+    /// Stores a proposed study with its log event as an intent, in one transaction.
+    pub fn insert_study(
+        &mut self,
+        s: &Study,
+        log_size: u64,
+        event: &audit_log::AuditEvent,
+    ) -> DbResult<Vec<i64>> {
+        let proposal = serde_json::to_string(&s.proposal).expect("proposal serializes");
+        self.with_intents(log_size, std::slice::from_ref(event), |tx| {
+            tx.execute(
+                "INSERT INTO studies (study_id, sponsor_id, proposal, status, proposed_at, sponsor_organisation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![s.study_id, s.sponsor_id, proposal, s.status.as_str(), s.proposed_at, s.sponsor_organisation],
+            )
+        })
+        .map(|(_, intents)| intents)
     }
 
-    pub fn decide_study(&self, s: &Study) -> DbResult<()> {
-        self.conn.execute(
-            "UPDATE studies SET status = ?2, board_id = ?3, board_signature = ?4, reason = ?5, decided_at = ?6,
-             overrides_abstain = ?7 WHERE study_id = ?1",
-            params![s.study_id, s.status.as_str(), s.board_id, s.board_signature, s.reason, s.decided_at, s.overrides_abstain],
-        )?;
-        Ok(())
+    /// Stores a board's decision with its log event as an intent, in one transaction.
+    pub fn decide_study(
+        &mut self,
+        s: &Study,
+        log_size: u64,
+        event: &audit_log::AuditEvent,
+    ) -> DbResult<Vec<i64>> {
+        self.with_intents(log_size, std::slice::from_ref(event), |tx| {
+            tx.execute(
+                "UPDATE studies SET status = ?2, board_id = ?3, board_signature = ?4, reason = ?5, decided_at = ?6,
+                 overrides_abstain = ?7 WHERE study_id = ?1",
+                params![s.study_id, s.status.as_str(), s.board_id, s.board_signature, s.reason, s.decided_at, s.overrides_abstain],
+            )
+        })
+        .map(|(_, intents)| intents)
     }
 
     pub fn study(&self, study_id: &str) -> DbResult<Option<Study>> {
