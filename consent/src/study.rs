@@ -139,20 +139,20 @@ pub fn release_scope(
         .intersection(&study.proposal.fields)
         .copied()
         .collect();
-    if !study
-        .proposal
-        .cohort
-        .matches(&exposed_index(index, &fields))
-    {
-        return None;
-    }
-    let categories = study
+    let categories: BTreeSet<Category> = study
         .proposal
         .categories
         .iter()
         .copied()
         .filter(|c| access.categories().contains(c))
         .collect();
+    if !study
+        .proposal
+        .cohort
+        .matches(&exposed_index(index, &fields, &categories))
+    {
+        return None;
+    }
     Some(ReleaseScope {
         categories,
         policy_hash: access.policy_hash(),
@@ -187,10 +187,27 @@ pub fn cohort_fields(cohort: &Cohort) -> BTreeSet<SearchField> {
     fields
 }
 
-/// The part of a patient's index a study may search: only `fields`; the rest reads as
-/// unknown (no birth year, sex `unknown`, no events).
-pub fn exposed_index(index: PatientIndex, fields: &BTreeSet<SearchField>) -> PatientIndex {
+/// The part of a patient's index a study may search: only `fields`, and of their coded
+/// events only those whose code is not sensitive or whose sensitive category is among
+/// `released` (the categories the consent releases to the study; the classifier is
+/// `model::sensitive`'s); the rest reads as unknown (no birth year, sex `unknown`, no
+/// events).
+pub fn exposed_index(
+    index: PatientIndex,
+    fields: &BTreeSet<SearchField>,
+    released: &BTreeSet<Category>,
+) -> PatientIndex {
     let has = |f| fields.contains(&f);
+    let visible = |events: Vec<model::CodedEvent>| -> Vec<model::CodedEvent> {
+        events
+            .into_iter()
+            .filter(|e| {
+                model::CodeSystem::from_name(&e.system)
+                    .and_then(|s| model::sensitive::sensitive_category(s, &e.code))
+                    .is_none_or(|c| released.contains(&c))
+            })
+            .collect()
+    };
     PatientIndex {
         person: Person {
             birth_year: index
@@ -204,22 +221,22 @@ pub fn exposed_index(index: PatientIndex, fields: &BTreeSet<SearchField>) -> Pat
             },
         },
         conditions: if has(SearchField::Condition) {
-            index.conditions
+            visible(index.conditions)
         } else {
             Vec::new()
         },
         measurements: if has(SearchField::Measurement) {
-            index.measurements
+            visible(index.measurements)
         } else {
             Vec::new()
         },
         drugs: if has(SearchField::Drug) {
-            index.drugs
+            visible(index.drugs)
         } else {
             Vec::new()
         },
         procedures: if has(SearchField::Procedure) {
-            index.procedures
+            visible(index.procedures)
         } else {
             Vec::new()
         },
@@ -253,12 +270,13 @@ mod tests {
             ..Default::default()
         };
         let all: BTreeSet<SearchField> = SearchField::ALL.into_iter().collect();
-        assert!(cohort.matches(&exposed_index(index.clone(), &all)));
+        let none = BTreeSet::new();
+        assert!(cohort.matches(&exposed_index(index.clone(), &all, &none)));
         for hidden in [SearchField::Condition, SearchField::Sex] {
             let mut fields = all.clone();
             fields.remove(&hidden);
             assert!(
-                !cohort.matches(&exposed_index(index.clone(), &fields)),
+                !cohort.matches(&exposed_index(index.clone(), &fields, &none)),
                 "{hidden} still selects"
             );
         }
@@ -266,6 +284,29 @@ mod tests {
             cohort_fields(&cohort),
             BTreeSet::from([SearchField::Condition, SearchField::Sex])
         );
+    }
+
+    #[test]
+    fn a_sensitive_code_selects_only_where_its_category_is_released() {
+        let index = PatientIndex {
+            conditions: vec![CodedEvent {
+                system: "snomed".into(),
+                code: "86406008".into(), // HIV disease: sexual_health
+                date: "2020-01-01".into(),
+                value: None,
+                unit: String::new(),
+            }],
+            ..Default::default()
+        };
+        let cohort = Cohort {
+            condition_codes: vec!["86406008".into()],
+            ..Default::default()
+        };
+        let all: BTreeSet<SearchField> = SearchField::ALL.into_iter().collect();
+        let without = BTreeSet::from([Category::Conditions]);
+        assert!(!cohort.matches(&exposed_index(index.clone(), &all, &without)));
+        let with = BTreeSet::from([Category::Conditions, Category::SexualHealth]);
+        assert!(cohort.matches(&exposed_index(index, &all, &with)));
     }
 
     #[test]
