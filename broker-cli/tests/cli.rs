@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+#[path = "../../tests/src/hostile.rs"]
+mod hostile;
 #[path = "../../tests/src/scan.rs"]
 mod scan;
 
@@ -294,6 +296,11 @@ fn keygen(dir: &Path, role: &str) -> PathBuf {
     key
 }
 
+/// A key file for each role, in `d`: operator, custodian, sponsor, board, researcher.
+fn keys(d: &Path) -> [PathBuf; 5] {
+    ["operator", "custodian", "sponsor", "board", "researcher"].map(|role| keygen(d, role))
+}
+
 /// The operator registers each key file under the role it was made for (its file stem).
 fn register(ctl: &Ctl<'_>, operator: &Path, keys: [&PathBuf; 4]) {
     for key in keys {
@@ -340,11 +347,7 @@ fn every_role_through_brokerctl_on_synthea_data() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = d.join("data");
-    let operator = keygen(d, "operator");
-    let custodian = keygen(d, "custodian");
-    let sponsor = keygen(d, "sponsor");
-    let board = keygen(d, "board");
-    let researcher = keygen(d, "researcher");
+    let [operator, custodian, sponsor, board, researcher] = keys(d);
     let keystore = d.join("custodian-keystore.db");
     let keystore = keystore.to_str().unwrap();
 
@@ -702,7 +705,7 @@ fn a_release_through_three_proxy_processes() {
             spawn(&args, &format!("proxy {i} listening on "))
         })
         .collect();
-    let operator = keygen(d, "operator");
+    let [operator, custodian, sponsor, board, researcher] = keys(d);
     let mut args: Vec<std::ffi::OsString> =
         vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into()];
     args.extend([
@@ -718,10 +721,6 @@ fn a_release_through_three_proxy_processes() {
     }
     let server = spawn(&args, "broker listening on ");
     let ctl = Ctl::new(&server.url, &data);
-    let custodian = keygen(d, "custodian");
-    let sponsor = keygen(d, "sponsor");
-    let board = keygen(d, "board");
-    let researcher = keygen(d, "researcher");
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
     ctl.pin_network(&operator, &board, &data);
     let keystore = d.join("keystore.db");
@@ -803,11 +802,7 @@ fn eunomia_sql(sql: &str) -> i64 {
 fn omop_import_through_brokerctl_counts_like_plain_sql() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let operator = keygen(d, "operator");
-    let custodian = keygen(d, "custodian");
-    let sponsor = keygen(d, "sponsor");
-    let board = keygen(d, "board");
-    let researcher = keygen(d, "researcher");
+    let [operator, custodian, sponsor, board, researcher] = keys(d);
     let keystore = d.join("keystore.db");
     let keystore = keystore.to_str().unwrap();
     let server = serve(&d.join("data"), Path::new(&public(&operator)));
@@ -941,11 +936,7 @@ fn a_crash_leaves_no_stored_record_unlogged_and_no_withdrawal_undone() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = d.join("data");
-    let operator = keygen(d, "operator");
-    let custodian = keygen(d, "custodian");
-    let sponsor = keygen(d, "sponsor");
-    let board = keygen(d, "board");
-    let researcher = keygen(d, "researcher");
+    let [operator, custodian, sponsor, board, researcher] = keys(d);
     let keystore_path = d.join("keystore.db");
     let keystore = keystore_path.to_str().unwrap();
     let op_pub = public(&operator);
@@ -1088,5 +1079,56 @@ fn a_crash_leaves_no_stored_record_unlogged_and_no_withdrawal_undone() {
             .query_row("SELECT COUNT(*) FROM kfrags", [], |r| r.get(0))
             .unwrap();
         assert_eq!(kfrags, 9, "proxy {i}");
+    }
+}
+
+/// `brokerctl researcher fetch` from a broker that names subjects like paths fails
+/// clearly and writes nothing, inside `--out` or outside it.
+#[test]
+fn researcher_fetch_writes_nothing_where_a_hostile_broker_points() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let researcher = keygen(d, "researcher");
+    let escape = d.join("escaped");
+    let absolute = format!("{}", d.join("absolute").display());
+    for subject in ["../escaped", absolute.as_str(), "x/../../escaped", ".."] {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(broker_proto::v1::releases_server::ReleasesServer::new(
+                    hostile::HostileReleases {
+                        subjects: vec![subject.to_owned()],
+                    },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let out = d.join("out");
+        let o = Command::new(brokerctl())
+            .args(["researcher", "fetch", "--study", "st-x", "--out"])
+            .arg(&out)
+            .args(["--broker", &url, "--insecure-loopback", "--key"])
+            .arg(&researcher)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{subject:?}");
+        assert!(err.contains("not a plain name"), "{subject:?}: {err}");
+        assert!(
+            !escape.exists() && !Path::new(&absolute).exists(),
+            "{subject:?}"
+        );
+        let written: Vec<_> = std::fs::read_dir(&out)
+            .map(|r| r.count())
+            .into_iter()
+            .collect();
+        assert!(
+            written.iter().all(|n| *n == 0),
+            "{subject:?}: nothing inside --out either"
+        );
+        server.abort();
     }
 }

@@ -7,6 +7,7 @@ use broker::server::{self, RunningBroker, ServeConfig};
 use broker_cli::demo::Cast;
 use broker_proto::tls::ClientTls;
 use brokerctl::BrokerClient;
+use datasets::{PatientRecord, Population};
 use model::Role;
 use pre_kms::Identity;
 use pre_kms::network::VerifiedNetwork;
@@ -115,6 +116,23 @@ impl Sandbox {
         }
     }
 
+    /// [`Sandbox::cast`], and `n` patients of the seeded synthetic population enrolled
+    /// and uploaded by its custodian, each with the broad research consent.
+    pub async fn populated(&self, n: usize, seed: u64) -> (Cast, Vec<(Identity, PatientRecord)>) {
+        let cast = self.cast().await;
+        let population = Population::new(seed, n);
+        let patients: Vec<(Identity, PatientRecord)> = (0..n)
+            .map(|i| (Identity::generate(), population.patient(i)))
+            .collect();
+        let report = brokerctl::agent::ingest_batch(&cast.custodian, patients.clone())
+            .await
+            .expect("ingest");
+        assert_eq!(report.newly_enrolled, n);
+        let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
+        cast.consent_broadly(&ids).await.expect("consent");
+        (cast, patients)
+    }
+
     /// The network as the running broker lists it, signed by `board`.
     pub async fn network(&self, board: &BrokerClient) -> VerifiedNetwork {
         let running = self.running.as_ref().expect("running");
@@ -136,5 +154,6 @@ impl Sandbox {
     }
 }
 
+pub mod hostile;
 pub mod scan;
 pub use scan::{files_under, scan_for};

@@ -25,16 +25,7 @@ struct World {
 }
 
 async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
-    let cast = sandbox.cast().await;
-    let population = Population::new(seed, n);
-    let patients: Vec<(Identity, PatientRecord)> = (0..n)
-        .map(|i| (Identity::generate(), population.patient(i)))
-        .collect();
-    agent::ingest_batch(&cast.custodian, patients.clone())
-        .await
-        .expect("ingest");
-    let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
-    cast.consent_broadly(&ids).await.expect("consent");
+    let (cast, patients) = sandbox.populated(n, seed).await;
     World { cast, patients }
 }
 
@@ -636,51 +627,6 @@ async fn a_large_body_from_an_unknown_caller_is_refused_before_it_is_decoded() {
     sandbox.stop().await;
 }
 
-/// A broker that answers releases with subjects of its choosing.
-struct HostileReleases {
-    subjects: Vec<String>,
-}
-
-#[tonic::async_trait]
-impl pb::releases_server::Releases for HostileReleases {
-    async fn request(
-        &self,
-        _: tonic::Request<pb::RequestReleaseRequest>,
-    ) -> Result<tonic::Response<pb::Release>, tonic::Status> {
-        Ok(tonic::Response::new(pb::Release {
-            release_id: "rel-x".into(),
-            study_id: "st-x".into(),
-            subjects: self.subjects.len() as u32,
-            envelopes: self.subjects.len() as u32,
-            created_at: 0,
-            threshold: 2,
-        }))
-    }
-
-    type FetchStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::ReleaseItem, tonic::Status>> + Send>,
-    >;
-
-    async fn fetch(
-        &self,
-        _: tonic::Request<pb::FetchReleaseRequest>,
-    ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
-        let items: Vec<Result<pb::ReleaseItem, tonic::Status>> = self
-            .subjects
-            .iter()
-            .map(|s| {
-                Ok(pb::ReleaseItem {
-                    subject: s.clone(),
-                    category: "conditions".into(),
-                    version: 1,
-                    ..Default::default()
-                })
-            })
-            .collect();
-        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
-    }
-}
-
 /// Promise: a release is written only inside the researcher's output directory.
 /// Adversary: the broker, naming subjects like paths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,9 +644,11 @@ async fn hostile_subjects_never_reach_the_researchers_disk() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(pb::releases_server::ReleasesServer::new(HostileReleases {
-                    subjects: vec![subject.to_owned()],
-                }))
+                .add_service(pb::releases_server::ReleasesServer::new(
+                    integration_tests::hostile::HostileReleases {
+                        subjects: vec![subject.to_owned()],
+                    },
+                ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let channel = broker_proto::tls::ClientTls::InsecureLoopback

@@ -13,7 +13,7 @@ use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use brokerctl::ClientError;
 use brokerctl::agent;
-use datasets::{PatientRecord, Population};
+use datasets::PatientRecord;
 use integration_tests::{Sandbox, scan_for};
 use model::Cohort;
 use model::Role;
@@ -36,17 +36,7 @@ struct World {
 }
 
 async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
-    let cast = sandbox.cast().await;
-    let population = Population::new(seed, n);
-    let patients: Vec<(Identity, PatientRecord)> = (0..n)
-        .map(|i| (Identity::generate(), population.patient(i)))
-        .collect();
-    let report = agent::ingest_batch(&cast.custodian, patients.clone())
-        .await
-        .expect("ingest");
-    assert_eq!(report.newly_enrolled, n);
-    let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
-    cast.consent_broadly(&ids).await.expect("consent");
+    let (cast, patients) = sandbox.populated(n, seed).await;
     World { cast, patients }
 }
 
