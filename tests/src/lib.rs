@@ -14,6 +14,12 @@ use pre_kms::network::VerifiedNetwork;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+/// A cast and its patients, each with its identity and synthetic record.
+pub struct World {
+    pub cast: Cast,
+    pub patients: Vec<(Identity, PatientRecord)>,
+}
+
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
     pub running: Option<RunningBroker>,
@@ -118,7 +124,7 @@ impl Sandbox {
 
     /// [`Sandbox::cast`], and `n` patients of the seeded synthetic population enrolled
     /// and uploaded by its custodian, each with the broad research consent.
-    pub async fn populated(&self, n: usize, seed: u64) -> (Cast, Vec<(Identity, PatientRecord)>) {
+    pub async fn world(&self, n: usize, seed: u64) -> World {
         let cast = self.cast().await;
         let population = Population::new(seed, n);
         let patients: Vec<(Identity, PatientRecord)> = (0..n)
@@ -130,7 +136,7 @@ impl Sandbox {
         assert_eq!(report.newly_enrolled, n);
         let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
         cast.consent_broadly(&ids).await.expect("consent");
-        (cast, patients)
+        World { cast, patients }
     }
 
     /// The network as the running broker lists it, signed by `board`.

@@ -10,24 +10,14 @@ use broker_proto::methods as m;
 use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use brokerctl::{ClientError, agent};
-use datasets::{PatientRecord, Population};
-use integration_tests::Sandbox;
+use datasets::Population;
+use integration_tests::{Sandbox, World};
 use model::{Cohort, Role, Study, Upload, UploadedEnvelope};
 use pre_kms::grant::{self, Grant};
 use pre_kms::{Category, Identity};
 use tonic::Code;
 
 const CATS: [Category; 2] = [Category::Demographics, Category::Conditions];
-
-struct World {
-    cast: Cast,
-    patients: Vec<(Identity, PatientRecord)>,
-}
-
-async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
-    let (cast, patients) = sandbox.populated(n, seed).await;
-    World { cast, patients }
-}
 
 fn db(sandbox: &Sandbox) -> rusqlite::Connection {
     let db = rusqlite::Connection::open(sandbox.data_dir().join("broker.db")).unwrap();
@@ -79,7 +69,7 @@ fn rewrite_study(sandbox: &Sandbox, study_id: &str, sql_set: &str, param: &dyn r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_broker_gets_no_grant_for_an_approval_the_board_did_not_sign() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 4, 41).await;
+    let w = sandbox.world(4, 41).await;
     let proposal = w.cast.proposal("liar", &CATS, Cohort::default());
 
     // 1. A study the board never saw, listed as approved with no signature.
@@ -140,7 +130,7 @@ async fn a_lying_broker_gets_no_grant_for_an_approval_the_board_did_not_sign() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_broker_with_its_own_proxies_and_threshold_one_gets_no_grant() {
     let mut sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 3, 42).await;
+    let w = sandbox.world(3, 42).await;
     let study = w
         .cast
         .approved_study("own proxies", &CATS, Cohort::default())
@@ -192,7 +182,7 @@ async fn a_lying_broker_with_its_own_proxies_and_threshold_one_gets_no_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sponsor_cannot_choose_who_decrypts() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 2, 43).await;
+    let w = sandbox.world(2, 43).await;
     let sponsor_key = w.cast.sponsor.identity().encryption_public_key();
     let mut proposal = w.cast.proposal("sponsor's key", &CATS, Cohort::default());
     proposal.receiving_key = pre_kms::keys::public_key_bytes(&sponsor_key);
@@ -286,7 +276,7 @@ fn deposit_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
     let mut sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 1, 44).await;
+    let w = sandbox.world(1, 44).await;
     let study = w
         .cast
         .approved_study("revocation", &CATS, Cohort::default())
@@ -535,7 +525,7 @@ async fn a_second_broker_on_the_same_directory_refuses_to_start() {
 async fn a_broker_hiding_the_newest_consent_gets_no_grant() {
     use brokerctl::consent_heads::HeadStore;
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 1, 46).await;
+    let w = sandbox.world(1, 46).await;
     let keystore = brokerctl::Keystore::open(&sandbox.dir.path().join("keystore.db")).unwrap();
     let patient = w.patients[0].0.clone();
     // The agent's own record of what it set: version 2 revokes everything.

@@ -13,8 +13,7 @@ use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use brokerctl::ClientError;
 use brokerctl::agent;
-use datasets::PatientRecord;
-use integration_tests::{Sandbox, scan_for};
+use integration_tests::{Sandbox, World, scan_for};
 use model::Cohort;
 use model::Role;
 use model::{Study, StudyProposal, Upload, UploadedEnvelope};
@@ -29,16 +28,6 @@ const CATS: [Category; 3] = [
     Category::Conditions,
     Category::Observations,
 ];
-
-struct World {
-    cast: Cast,
-    patients: Vec<(Identity, PatientRecord)>,
-}
-
-async fn world(sandbox: &Sandbox, n: usize, seed: u64) -> World {
-    let (cast, patients) = sandbox.populated(n, seed).await;
-    World { cast, patients }
-}
 
 fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
     let mut p = w.cast.proposal("test study", &CATS, cohort);
@@ -81,7 +70,7 @@ fn expected(w: &World, who: &[usize], categories: &[Category], cohort: &Cohort) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_granted_categories_of_granting_patients_are_released() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 24, 5).await;
+    let w = sandbox.world(24, 5).await;
     let cohort = Cohort::default();
     let study = approved_study(&w, cohort.clone()).await;
     // Patients 0..8 grant everything, 8..16 only conditions, 16..24 nothing.
@@ -115,7 +104,7 @@ async fn only_granted_categories_of_granting_patients_are_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 4, 6).await;
+    let w = sandbox.world(4, 6).await;
     let study = w
         .cast
         .sponsor
@@ -197,7 +186,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_uploads_and_grants_survive_a_restart() {
     let mut sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 10, 7).await;
+    let w = sandbox.world(10, 7).await;
     let study = approved_study(&w, Cohort::default()).await;
     let who: Vec<usize> = (0..10).collect();
     grant(&w, &study, &who, &CATS).await;
@@ -229,7 +218,7 @@ async fn acknowledged_uploads_and_grants_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 30, 8).await;
+    let w = sandbox.world(30, 8).await;
     let study = approved_study(&w, Cohort::default()).await;
     grant(&w, &study, &(0..30).collect::<Vec<_>>(), &CATS).await;
     fetch(&w, &study).await.unwrap();
@@ -331,7 +320,7 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
         })
         .await;
 
-    let w = world(&sandbox, 12, 9).await;
+    let w = sandbox.world(12, 9).await;
     let study = approved_study(&w, Cohort::default()).await;
     let who: Vec<usize> = (0..12).collect();
     grant(&w, &study, &who, &CATS).await;
@@ -374,7 +363,7 @@ fn kfrags_held(sandbox: &Sandbox) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 5, 33).await;
+    let w = sandbox.world(5, 33).await;
     let study = approved_study(&w, Cohort::default()).await;
     let who: Vec<usize> = (0..5).collect();
     grant(&w, &study, &who, &CATS).await;
@@ -521,7 +510,7 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
         })
         .await;
 
-    let w = world(&sandbox, 6, 21).await;
+    let w = sandbox.world(6, 21).await;
     let study = approved_study(&w, Cohort::default()).await;
     let who: Vec<usize> = (0..6).collect();
     grant(&w, &study, &who, &CATS).await;
@@ -555,7 +544,7 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
     let sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 6, 10).await;
+    let w = sandbox.world(6, 10).await;
     // A new version of a patient's conditions whose capsule is damaged but whose framing
     // is intact: accepted at upload (the broker checks framing only).
     let damaged = w
@@ -627,7 +616,7 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to() {
     let mut sandbox = Sandbox::start().await;
-    let w = world(&sandbox, 2, 12).await;
+    let w = sandbox.world(2, 12).await;
     let study = approved_study(&w, Cohort::default()).await;
     grant(&w, &study, &[0, 1], &CATS).await;
     if let Some(r) = sandbox.running.take() {
