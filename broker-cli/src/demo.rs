@@ -8,7 +8,7 @@
 //! The pieces ([`Scenario`], [`Cast`], [`Tally`]) are shared with the end-to-end
 //! benchmark, so that both measure the same path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,11 +16,14 @@ use broker::server::{self, RunningBroker, ServeConfig};
 
 use brokerctl::{BrokerClient, ClientResult, Keystore, agent};
 use consent_policy::{
-    Categories, ConsentPolicy, PolicyDraft, PolicyHistory, broad_research_policy, release_scope,
+    Categories, ConsentPolicy, PolicyDraft, PolicyHistory, broad_research_policy, decide,
+    grant_scope,
 };
 use datasets::{PatientRecord, Population};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{Cohort, ResearchPurpose, Role, SearchField, Study, StudyFocus, StudyProposal};
+use model::{
+    CohortDefinition, ResearchPurpose, Role, SearchField, Study, StudyFocus, StudyProposal,
+};
 use pre_kms::request_auth::now_secs;
 use pre_kms::{Category, Identity};
 use tokio::net::TcpListener;
@@ -42,13 +45,13 @@ pub const DEMO_CATEGORIES: [Category; 4] = [
     Category::Medications,
 ];
 
-pub fn demo_cohort() -> Cohort {
-    Cohort {
-        condition_codes: vec!["38341003".into()],
-        min_birth_year: Some(1930),
-        max_birth_year: Some(1975),
-        sex: None,
-    }
+pub fn demo_cohort() -> CohortDefinition {
+    CohortDefinition::from_json(
+        br#"{"title": "Adults born 1930-1975 with hypertension",
+             "criteria": [{"demographics": {"birth_year": {"min": 1930, "max": 1975}}},
+                          {"condition": {"codes": ["snomed:38341003"]}}]}"#,
+    )
+    .expect("the demo cohort is a valid definition")
 }
 
 /// A broker with its embedded proxies on loopback, and its operator.
@@ -143,7 +146,12 @@ pub struct Cast {
 impl Cast {
     /// A health-research study (DUO HMB, IRB-approved, will publish) for the cast's
     /// researcher, open for 90 days, searching every field.
-    pub fn proposal(&self, title: &str, categories: &[Category], cohort: Cohort) -> StudyProposal {
+    pub fn proposal(
+        &self,
+        title: &str,
+        categories: &[Category],
+        cohort: CohortDefinition,
+    ) -> StudyProposal {
         let now = now_secs();
         let researcher = self.researcher.identity();
         let mut purpose = ResearchPurpose::new(StudyFocus::Health);
@@ -179,7 +187,7 @@ impl Cast {
         &self,
         title: &str,
         categories: &[Category],
-        cohort: Cohort,
+        cohort: CohortDefinition,
     ) -> ClientResult<Study> {
         self.approve(&self.proposal(title, categories, cohort), false)
             .await
@@ -223,11 +231,29 @@ impl Cast {
 
     /// The researcher fetches, verifies and decrypts the study's release.
     pub async fn fetch(&self, study: &Study) -> ClientResult<(agent::FetchReport, Tally)> {
-        let mut got = Tally::default();
+        let (report, got) = self.fetch_records(study).await?;
+        let mut tally = Tally::default();
+        for (_, _, hash) in &got {
+            tally.add_hash(*hash);
+        }
+        Ok((report, tally))
+    }
+
+    /// The researcher fetches, verifies and decrypts the study's release: each record's
+    /// subject, category and plaintext hash.
+    pub async fn fetch_records(
+        &self,
+        study: &Study,
+    ) -> ClientResult<(agent::FetchReport, Vec<(String, Category, [u8; 32])>)> {
+        let mut got = Vec::new();
         let researcher = self.researcher.identity().clone();
         let report =
             agent::fetch_and_decrypt(&self.researcher, &researcher, &study.study_id, |r| {
-                got.add(&r.plaintext);
+                got.push((
+                    r.subject,
+                    r.category,
+                    *blake3::hash(&r.plaintext).as_bytes(),
+                ));
                 Ok(())
             })
             .await?;
@@ -241,43 +267,18 @@ pub struct Tally(BTreeMap<[u8; 32], usize>);
 
 impl Tally {
     pub fn add(&mut self, plaintext: &[u8]) {
-        *self
-            .0
-            .entry(*blake3::hash(plaintext).as_bytes())
-            .or_default() += 1;
+        self.add_hash(*blake3::hash(plaintext).as_bytes());
     }
 
-    /// The research copies of the records matching `cohort`, in `categories`.
-    /// The research copies a study may release of `record` under the patient's consent:
-    /// permitted ∩ requested categories, if the cohort matches the consented fields.
-    pub fn add_consented(
-        &mut self,
-        record: &PatientRecord,
-        history: &PolicyHistory,
-        study: &Study,
-        now: i64,
-    ) {
-        let Some(scope) = release_scope(history, study, record.index.clone(), now) else {
-            return;
-        };
+    pub fn add_hash(&mut self, hash: [u8; 32]) {
+        *self.0.entry(hash).or_default() += 1;
+    }
+
+    /// The research copies of `record` in `categories`.
+    pub fn add_record(&mut self, record: &PatientRecord, categories: &[Category]) {
         for (c, plaintext) in &record.categories {
-            if scope.categories.contains(c) {
+            if categories.contains(c) {
                 self.add(plaintext);
-            }
-        }
-    }
-
-    pub fn add_expected(
-        &mut self,
-        record: &PatientRecord,
-        categories: &[Category],
-        cohort: &Cohort,
-    ) {
-        if cohort.matches(&record.index) {
-            for (c, plaintext) in &record.categories {
-                if categories.contains(c) {
-                    self.add(plaintext);
-                }
             }
         }
     }
@@ -309,6 +310,120 @@ impl Tally {
     }
 }
 
+/// What a release may hold, checked without choosing patients (the broker's cohort engine
+/// alone does that): every decrypted record is an original research copy, in its own
+/// category, of one patient, in a category that patient's consent releases to the study;
+/// each subject is one patient and brings every such record of theirs; no excluded
+/// (revoked) patient appears; and there are as many subjects as the board's exact count
+/// of the study's cohort.
+pub struct ReleaseCheck {
+    /// Plaintext hash → the patients and categories it is an original of.
+    originals: HashMap<[u8; 32], Vec<(usize, Category)>>,
+    /// Per patient, the categories a release of the study may bring (permitted by the
+    /// consent, requested, and held).
+    releasable: Vec<BTreeSet<Category>>,
+}
+
+impl ReleaseCheck {
+    pub fn new<'a>(
+        records: impl IntoIterator<Item = &'a PatientRecord>,
+        histories: &[PolicyHistory],
+        study: &Study,
+        now: i64,
+    ) -> ReleaseCheck {
+        let mut originals: HashMap<[u8; 32], Vec<(usize, Category)>> = HashMap::new();
+        let mut releasable = Vec::new();
+        for (i, (record, history)) in records.into_iter().zip(histories).enumerate() {
+            let permitted: BTreeSet<Category> = grant_scope(&decide(history, study, now), study)
+                .map(|(c, _)| c.into_iter().collect())
+                .unwrap_or_default();
+            for (c, plaintext) in &record.categories {
+                originals
+                    .entry(*blake3::hash(plaintext).as_bytes())
+                    .or_default()
+                    .push((i, *c));
+            }
+            releasable.push(
+                record
+                    .categories
+                    .keys()
+                    .copied()
+                    .filter(|c| permitted.contains(c))
+                    .collect(),
+            );
+        }
+        ReleaseCheck {
+            originals,
+            releasable,
+        }
+    }
+
+    /// Checks `got` (subject, category, plaintext hash) against the originals; returns the
+    /// patients released.
+    pub fn check(
+        &self,
+        got: &[(String, Category, [u8; 32])],
+        exact_count: &str,
+        excluded: &BTreeSet<usize>,
+    ) -> Result<BTreeSet<usize>, String> {
+        let mut by_subject: BTreeMap<&str, Vec<(Category, [u8; 32])>> = BTreeMap::new();
+        for (subject, category, hash) in got {
+            by_subject
+                .entry(subject.as_str())
+                .or_default()
+                .push((*category, *hash));
+        }
+        let mut released = BTreeSet::new();
+        for (subject, records) in &by_subject {
+            // The patients every record of this subject is an original of.
+            let mut candidates: Option<BTreeSet<usize>> = None;
+            for (category, hash) in records {
+                let of: BTreeSet<usize> = self
+                    .originals
+                    .get(hash)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, c)| c == category)
+                    .map(|(i, _)| *i)
+                    .collect();
+                if of.is_empty() {
+                    return Err(format!(
+                        "subject {subject}: a {category} record that is not an original"
+                    ));
+                }
+                candidates = Some(match candidates {
+                    None => of,
+                    Some(c) => c.intersection(&of).copied().collect(),
+                });
+            }
+            let categories: BTreeSet<Category> = records.iter().map(|(c, _)| *c).collect();
+            let patient = candidates
+                .unwrap_or_default()
+                .into_iter()
+                .find(|&i| self.releasable[i] == categories && records.len() == categories.len())
+                .ok_or_else(|| {
+                    format!(
+                        "subject {subject}: its {} records are not exactly one patient's records in the categories the consent releases (missing, extra, beyond consent or mixed)",
+                        records.len()
+                    )
+                })?;
+            if excluded.contains(&patient) {
+                return Err(format!("subject {subject}: a revoked patient's records"));
+            }
+            if !released.insert(patient) {
+                return Err(format!("one patient under two subjects ({subject})"));
+            }
+        }
+        if exact_count != released.len().to_string() {
+            return Err(format!(
+                "{} subjects released, but the board's exact count of the study's cohort is {exact_count}",
+                released.len()
+            ));
+        }
+        Ok(released)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
     pub patients: usize,
@@ -317,6 +432,9 @@ pub struct DemoSummary {
     pub count_protected: String,
     pub count_exact: String,
     pub count_time: Duration,
+    /// The normalized hash of the study's cohort definition, as the board approved it.
+    pub cohort_hash: String,
+    pub count_exact_after_revocation: String,
     /// Patients who set a consent policy.
     pub consents: usize,
     /// Patients whose consent does not permit the study.
@@ -385,8 +503,11 @@ impl std::fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "release              {:>8} subjects, {} envelopes re-encrypted, verified and decrypted",
-            self.subjects, self.released
+            "release              {:>8} subjects (the board's exact count of the study's cohort {}: {}), {} envelopes re-encrypted, verified and decrypted",
+            self.subjects,
+            &self.cohort_hash[..self.cohort_hash.len().min(16)],
+            self.count_exact,
+            self.released
         )?;
         writeln!(
             f,
@@ -396,13 +517,16 @@ impl std::fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "revocation           {:>8}  patients revoked, {} grants withdrawn at the proxies; next release: {} subjects",
-            self.revoked, self.grants_withdrawn, self.subjects_after_revocation
+            "revocation           {:>8}  patients revoked, {} grants withdrawn at the proxies; next release: {} subjects (exact count now {})",
+            self.revoked,
+            self.grants_withdrawn,
+            self.subjects_after_revocation,
+            self.count_exact_after_revocation
         )?;
         match &self.mismatch {
             None => write!(
                 f,
-                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; none of the revoked patients' records after revocation",
+                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; each release is exactly the board's exact count of the study's cohort; none of the revoked patients' records after revocation",
                 self.expected
             ),
             Some(m) => write!(f, "check                FAILED: {m}"),
@@ -496,6 +620,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         .map(|i| PolicyHistory::new(demo_policy(i, now)).expect("one version"))
         .collect();
 
+    // The study carries its cohort; the board approves it with the definition's hash.
     let study = cast
         .approve(
             &cast.proposal(
@@ -506,19 +631,13 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
             false,
         )
         .await?;
+    summary.cohort_hash = study.proposal.cohort.normalized().hash.to_string();
 
-    // Feasibility: the demo cohort as a definition, over the fields each patient consented.
-    let definition = serde_json::to_vec(&serde_json::json!({"criteria": [
-        {"demographics": {"birth_year": {"min": 1930, "max": 1975}}},
-        {"condition": {"codes": ["snomed:38341003"]}}]}))?;
+    // Feasibility: the study's own cohort, over the fields each patient consented.
     let started = Instant::now();
-    summary.count_protected = cast
-        .sponsor
-        .count(&study.study_id, &definition)
-        .await?
-        .count;
+    summary.count_protected = cast.sponsor.count(&study.study_id, &[]).await?.count;
     summary.count_time = started.elapsed();
-    summary.count_exact = cast.board.count(&study.study_id, &definition).await?.count;
+    summary.count_exact = cast.board.count(&study.study_id, &[]).await?.count;
 
     let progress = bar(cfg.progress, patients.len(), "grants");
     let started = Instant::now();
@@ -537,31 +656,26 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     progress.finish_and_clear();
     summary.grant_time = started.elapsed();
 
+    // The release: exactly the board's exact count of the study's cohort (every counted
+    // patient holds a grant), each with every record the consent releases.
     let started = Instant::now();
-    let (fetched, got) = cast.fetch(&study).await?;
+    let (fetched, got) = cast.fetch_records(&study).await?;
     summary.release_time = started.elapsed();
     summary.subjects = fetched.release.subjects;
     summary.released = fetched.records;
-    let expect = |histories: &[PolicyHistory]| {
-        let mut want = Tally::default();
-        let now = now_secs();
-        for (i, h) in histories.iter().enumerate() {
-            want.add_consented(&population.patient(i), h, &study, now);
+    summary.expected = got.len();
+    let records = || (0..cfg.patients).map(|i| population.patient(i));
+    let check = ReleaseCheck::new(&records().collect::<Vec<_>>(), &histories, &study, now);
+    let released = match check.check(&got, &summary.count_exact, &BTreeSet::new()) {
+        Ok(released) => released,
+        Err(m) => {
+            summary.mismatch = Some(m);
+            BTreeSet::new()
         }
-        want
     };
-    let want = expect(&histories);
-    summary.expected = want.total();
-    summary.mismatch = want.check(&got).err();
 
-    // Every tenth released patient revokes; the next release leaves them out.
-    let released: Vec<usize> = (0..cfg.patients)
-        .filter(|&i| {
-            let mut one = Tally::default();
-            one.add_consented(&population.patient(i), &histories[i], &study, now);
-            one.total() > 0
-        })
-        .collect();
+    // Every tenth released patient revokes; the next release leaves them out, and equals
+    // the board's new exact count.
     let revoking: Vec<usize> = released.iter().copied().step_by(10).collect();
     let revocations: Vec<(Identity, ConsentPolicy)> = revoking
         .iter()
@@ -582,12 +696,14 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
         histories[i] = PolicyHistory::new(versions)?;
     }
     summary.revoked = revoking.len();
-    let (after, got) = cast.fetch(&study).await?;
+    summary.count_exact_after_revocation = cast.board.count(&study.study_id, &[]).await?.count;
+    let (after, got) = cast.fetch_records(&study).await?;
     summary.subjects_after_revocation = after.release.subjects;
-    let want = expect(&histories);
     if summary.mismatch.is_none() {
-        summary.mismatch = want
-            .check(&got)
+        let check = ReleaseCheck::new(&records().collect::<Vec<_>>(), &histories, &study, now);
+        let excluded: BTreeSet<usize> = revoking.iter().copied().collect();
+        summary.mismatch = check
+            .check(&got, &summary.count_exact_after_revocation, &excluded)
             .err()
             .map(|m| format!("after revocation: {m}"));
     }

@@ -98,7 +98,6 @@ pub use policy::{
     PolicyHistory, Provision, SearchField, Sector,
 };
 pub use study::{
-    ConsentReceipt, ConsentSubmission, NoGrant, ReleaseScope, SignedPolicy, broad_research_policy,
-    cohort_fields, consent_digest, decide, exposed_index, grant_scope, history, release_scope,
-    study_request,
+    ConsentReceipt, ConsentSubmission, NoGrant, SignedPolicy, StudyAccess, broad_research_policy,
+    consent_digest, decide, grant_scope, history, study_access, study_request,
 };

@@ -691,6 +691,33 @@ impl PolicyHistory {
     pub fn versions(&self) -> &[ConsentPolicy] {
         &self.versions
     }
+
+    /// The earliest instant after `now` at which a decision under this history may change
+    /// by the clock alone: a version taking effect, a policy's or a provision's period
+    /// starting or ending, a DUO time limit passing. Until then [`PolicyHistory::evaluate`]
+    /// answers a request as it does at `now`, so a decision may be kept until this instant.
+    pub fn next_change_after(&self, now: i64) -> Option<i64> {
+        fn period(p: Option<Period>, out: &mut Vec<i64>) {
+            if let Some(p) = p {
+                out.extend(p.start);
+                out.extend(p.end);
+            }
+        }
+        fn provisions(list: &[Provision], out: &mut Vec<i64>) {
+            for p in list {
+                period(p.period, out);
+                out.extend(p.data_use.as_ref().and_then(DataUse::time_limit));
+                provisions(&p.provisions, out);
+            }
+        }
+        let mut instants = Vec::new();
+        for policy in &self.versions {
+            instants.push(policy.issued_at());
+            period(policy.period(), &mut instants);
+            provisions(policy.provisions(), &mut instants);
+        }
+        instants.into_iter().filter(|&t| t > now).min()
+    }
 }
 
 #[cfg(test)]
@@ -717,6 +744,26 @@ mod tests {
 
     fn with_provision(provision: &str) -> String {
         format!(r#"{{"version": 1, "issued_at": 0, "provisions": [{provision}]}}"#)
+    }
+
+    #[test]
+    fn a_decision_can_change_by_the_clock_only_at_the_instants_the_history_names() {
+        let mut p = parse(EXAMPLE).unwrap().into_draft();
+        p.provisions[0].provisions[0].period = Some(Period::new(Some(1_800_000_000), None));
+        p.provisions[0].data_use = Some(
+            p.provisions[0]
+                .data_use
+                .clone()
+                .unwrap()
+                .with(Modifier::Ts(1_900_000_000)),
+        );
+        let h = PolicyHistory::new([p.check().unwrap()]).unwrap();
+        assert_eq!(h.next_change_after(0), Some(1_767_225_600));
+        assert_eq!(h.next_change_after(1_767_225_600), Some(1_800_000_000));
+        assert_eq!(h.next_change_after(1_800_000_000), Some(1_900_000_000));
+        assert_eq!(h.next_change_after(1_900_000_000), Some(1_924_992_000));
+        assert_eq!(h.next_change_after(1_924_992_000), None);
+        assert_eq!(PolicyHistory::default().next_change_after(0), None);
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! Consent as the broker and the patient's agent both apply it: what a patient signs,
-//! the access request a study makes of a patient, what a grant may hold, and the part of
-//! a patient's index a study may search.
+//! the access request a study makes of a patient, and what a study may search and take of
+//! a patient (and so what a grant may hold).
 //!
 //! The policy model and its evaluation are the rest of this crate; this module binds them
 //! to studies, patients and grants, once, for the server and the client alike.
 
 use std::collections::BTreeSet;
 
-use model::{Category, Cohort, PatientIndex, Person, SearchField, Study};
+use model::{Category, SearchField, Study};
 
 use crate::{
     AccessRequest, Categories, ConsentPolicy, DataUse, Decision, Period, PolicyDraft, PolicyError,
@@ -92,71 +92,61 @@ pub enum NoGrant {
     NoCategory,
 }
 
-/// The categories and expiry a grant to `study` may have under `decision`, or why none.
-pub fn grant_scope(decision: &Decision, study: &Study) -> Result<(Vec<Category>, i64), NoGrant> {
+/// What a patient's consent lets a study search and take, now: the searchable fields the
+/// consent allows and the study requested, the categories the study requested and the
+/// consent releases (a sensitive code is searchable only under its released category), and
+/// the consent version that decided. The one rule the broker's consent snapshot, its
+/// release selection and the patient's agent all apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyAccess {
+    pub fields: BTreeSet<SearchField>,
+    pub categories: BTreeSet<Category>,
+    pub policy_hash: PolicyHash,
+    /// When the consent stops permitting the study, if it says.
+    pub expiry: Option<i64>,
+}
+
+/// The access `decision` gives `study`, or why it gives none.
+pub fn study_access(decision: &Decision, study: &Study) -> Result<StudyAccess, NoGrant> {
     let access = decision
         .permit()
         .ok_or_else(|| NoGrant::NotPermitted(decision.reason().to_string()))?;
-    let categories: Vec<Category> = study
-        .proposal
-        .categories
-        .iter()
-        .copied()
-        .filter(|c| access.categories().contains(c))
-        .collect();
-    if categories.is_empty() {
+    Ok(StudyAccess {
+        fields: access
+            .fields()
+            .intersection(&study.proposal.fields)
+            .copied()
+            .collect(),
+        categories: study
+            .proposal
+            .categories
+            .iter()
+            .copied()
+            .filter(|c| access.categories().contains(c))
+            .collect(),
+        policy_hash: access.policy_hash(),
+        expiry: access.expiry(),
+    })
+}
+
+/// The categories and expiry a grant to `study` may have under `decision`, or why none.
+pub fn grant_scope(decision: &Decision, study: &Study) -> Result<(Vec<Category>, i64), NoGrant> {
+    let access = study_access(decision, study)?;
+    if access.categories.is_empty() {
         return Err(NoGrant::NoCategory);
     }
-    let expiry = access.expiry().map_or(study.proposal.not_after, |e| {
+    let expiry = access.expiry.map_or(study.proposal.not_after, |e| {
         e.min(study.proposal.not_after)
     });
-    Ok((categories, expiry))
-}
-
-/// What a release of a study may take of one patient, as the patient's consent stands
-/// now: the categories the study requested and the consent permits, and the consent
-/// version that decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseScope {
-    pub categories: BTreeSet<Category>,
-    pub policy_hash: PolicyHash,
-}
-
-/// The release rule, for the broker that applies it and anyone who checks it: the
-/// patient's consent must permit the study now, and the study's cohort must match the
-/// patient's index as seen through only the fields that consent makes searchable and the
-/// study requested. `None` when the patient is not released.
-pub fn release_scope(
-    history: &PolicyHistory,
-    study: &Study,
-    index: PatientIndex,
-    now: i64,
-) -> Option<ReleaseScope> {
-    let decision = decide(history, study, now);
-    let access = decision.permit()?;
-    let fields: BTreeSet<SearchField> = access
-        .fields()
-        .intersection(&study.proposal.fields)
-        .copied()
-        .collect();
-    let categories: BTreeSet<Category> = study
+    // In the order the study requested them.
+    let categories = study
         .proposal
         .categories
         .iter()
         .copied()
-        .filter(|c| access.categories().contains(c))
+        .filter(|c| access.categories.contains(c))
         .collect();
-    if !study
-        .proposal
-        .cohort
-        .matches(&exposed_index(index, &fields, &categories))
-    {
-        return None;
-    }
-    Some(ReleaseScope {
-        categories,
-        policy_hash: access.policy_hash(),
-    })
+    Ok((categories, expiry))
 }
 
 /// A broad research consent, as a starting point: research of any purpose (DUO GRU) by
@@ -172,142 +162,9 @@ pub fn broad_research_policy(version: u32, issued_at: i64) -> ConsentPolicy {
     draft.check().expect("a valid policy")
 }
 
-/// The fields a cohort's criteria search.
-pub fn cohort_fields(cohort: &Cohort) -> BTreeSet<SearchField> {
-    let mut fields = BTreeSet::new();
-    if cohort.min_birth_year.is_some() || cohort.max_birth_year.is_some() {
-        fields.insert(SearchField::BirthYear);
-    }
-    if cohort.sex.is_some() {
-        fields.insert(SearchField::Sex);
-    }
-    if !cohort.condition_codes.is_empty() {
-        fields.insert(SearchField::Condition);
-    }
-    fields
-}
-
-/// The part of a patient's index a study may search: only `fields`, and of their coded
-/// events only those whose code is not sensitive or whose sensitive category is among
-/// `released` (the categories the consent releases to the study; the classifier is
-/// `model::sensitive`'s); the rest reads as unknown (no birth year, sex `unknown`, no
-/// events).
-pub fn exposed_index(
-    index: PatientIndex,
-    fields: &BTreeSet<SearchField>,
-    released: &BTreeSet<Category>,
-) -> PatientIndex {
-    let has = |f| fields.contains(&f);
-    let visible = |events: Vec<model::CodedEvent>| -> Vec<model::CodedEvent> {
-        events
-            .into_iter()
-            .filter(|e| {
-                model::CodeSystem::from_name(&e.system)
-                    .and_then(|s| model::sensitive::sensitive_category(s, &e.code))
-                    .is_none_or(|c| released.contains(&c))
-            })
-            .collect()
-    };
-    PatientIndex {
-        person: Person {
-            birth_year: index
-                .person
-                .birth_year
-                .filter(|_| has(SearchField::BirthYear)),
-            sex: if has(SearchField::Sex) {
-                index.person.sex
-            } else {
-                "unknown".into()
-            },
-        },
-        conditions: if has(SearchField::Condition) {
-            visible(index.conditions)
-        } else {
-            Vec::new()
-        },
-        measurements: if has(SearchField::Measurement) {
-            visible(index.measurements)
-        } else {
-            Vec::new()
-        },
-        drugs: if has(SearchField::Drug) {
-            visible(index.drugs)
-        } else {
-            Vec::new()
-        },
-        procedures: if has(SearchField::Procedure) {
-            visible(index.procedures)
-        } else {
-            Vec::new()
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::CodedEvent;
-
-    #[test]
-    fn an_unconsented_field_cannot_select_a_patient() {
-        let index = PatientIndex {
-            person: Person {
-                birth_year: Some(1960),
-                sex: "female".into(),
-            },
-            conditions: vec![CodedEvent {
-                system: "snomed".into(),
-                code: "44054006".into(),
-                date: "2020-01-01".into(),
-                value: None,
-                unit: String::new(),
-            }],
-            ..Default::default()
-        };
-        let cohort = Cohort {
-            condition_codes: vec!["44054006".into()],
-            sex: Some("female".into()),
-            ..Default::default()
-        };
-        let all: BTreeSet<SearchField> = SearchField::ALL.into_iter().collect();
-        let none = BTreeSet::new();
-        assert!(cohort.matches(&exposed_index(index.clone(), &all, &none)));
-        for hidden in [SearchField::Condition, SearchField::Sex] {
-            let mut fields = all.clone();
-            fields.remove(&hidden);
-            assert!(
-                !cohort.matches(&exposed_index(index.clone(), &fields, &none)),
-                "{hidden} still selects"
-            );
-        }
-        assert_eq!(
-            cohort_fields(&cohort),
-            BTreeSet::from([SearchField::Condition, SearchField::Sex])
-        );
-    }
-
-    #[test]
-    fn a_sensitive_code_selects_only_where_its_category_is_released() {
-        let index = PatientIndex {
-            conditions: vec![CodedEvent {
-                system: "snomed".into(),
-                code: "86406008".into(), // HIV disease: sexual_health
-                date: "2020-01-01".into(),
-                value: None,
-                unit: String::new(),
-            }],
-            ..Default::default()
-        };
-        let cohort = Cohort {
-            condition_codes: vec!["86406008".into()],
-            ..Default::default()
-        };
-        let all: BTreeSet<SearchField> = SearchField::ALL.into_iter().collect();
-        let without = BTreeSet::from([Category::Conditions]);
-        assert!(!cohort.matches(&exposed_index(index.clone(), &all, &without)));
-        let with = BTreeSet::from([Category::Conditions, Category::SexualHealth]);
-        assert!(cohort.matches(&exposed_index(index, &all, &with)));
-    }
 
     #[test]
     fn the_consent_signature_binds_the_patient() {

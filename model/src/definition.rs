@@ -37,6 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::date::Date;
+use crate::field::SearchField;
 
 /// Deepest nesting of groups and exclusions accepted.
 pub const MAX_DEPTH: usize = 8;
@@ -561,6 +562,45 @@ impl CohortDefinition {
         }
     }
 
+    /// Every patient with consent: no index, no criteria.
+    pub fn everyone() -> CohortDefinition {
+        CohortDefinition {
+            title: None,
+            index: None,
+            criteria: Vec::new(),
+        }
+    }
+
+    /// The searchable fields the definition reads: a study must request each of them, or
+    /// no patient's consent can make the criterion true.
+    pub fn fields(&self) -> BTreeSet<SearchField> {
+        fn walk(c: &Criterion, out: &mut BTreeSet<SearchField>) {
+            match c {
+                Criterion::All(v) | Criterion::Any(v) => v.iter().for_each(|c| walk(c, out)),
+                Criterion::AtLeast(a) => a.of.iter().for_each(|c| walk(c, out)),
+                Criterion::Not(c) => walk(c, out),
+                Criterion::Demographics(d) => {
+                    if !d.sex.is_empty() {
+                        out.insert(SearchField::Sex);
+                    }
+                    if d.age.is_some() || d.birth_year.is_some() {
+                        out.insert(SearchField::BirthYear);
+                    }
+                }
+                event => {
+                    let (domain, _) = event.as_event().expect("every other criterion is an event");
+                    out.insert(SearchField::of_domain(domain));
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        if let Some(Index::FirstEvent(c)) = &self.index {
+            walk(c, &mut out);
+        }
+        self.criteria.iter().for_each(|c| walk(c, &mut out));
+        out
+    }
+
     /// The normalized form: canonical JSON of an equivalent definition (title dropped,
     /// defaults explicit, codes sorted and deduplicated, `all`/`any` flattened, sorted and
     /// deduplicated, top-level criteria sorted, `at_least 1` as `any`, `at_least n of n` as
@@ -918,6 +958,26 @@ pub(crate) fn canonical_json(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_definition_reads_the_fields_of_its_criteria_and_its_index() {
+        let d = CohortDefinition::from_json(
+            br#"{"index": {"first_event": {"drug": {"codes": ["rxnorm:1"]}}},
+                 "criteria": [{"not": {"any": [{"demographics": {"age": {"min": 40}}},
+                                               {"measurement": {"codes": ["loinc:1-8"]}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.fields(),
+            BTreeSet::from([
+                SearchField::BirthYear,
+                SearchField::Measurement,
+                SearchField::Drug
+            ])
+        );
+        assert!(CohortDefinition::everyone().fields().is_empty());
+        assert!(CohortDefinition::everyone().validate().is_ok());
+    }
 
     fn def(json: &str) -> Result<CohortDefinition, DefinitionError> {
         CohortDefinition::from_json(json.as_bytes())

@@ -6,9 +6,9 @@
 //! - [`SearchField`]: what a consent can make searchable;
 //! - [`Role`], [`Actor`], [`Caller`]: who calls;
 //! - [`PatientIndex`]: a patient's searchable rows, as importers extract them;
-//! - [`Cohort`] (a study's simple release cohort) and [`CohortDefinition`] (the
-//!   feasibility question), with [`Code`], [`CodeSystem`], [`Date`], [`Sex`] and the
-//!   concept relations ([`ConceptHierarchy`]);
+//! - [`CohortDefinition`] (a study's cohort, and a sponsor's feasibility question), with
+//!   [`Code`], [`CodeSystem`], [`Date`], [`Sex`] and the concept relations
+//!   ([`ConceptHierarchy`]);
 //! - [`ResearchPurpose`], [`StudyProposal`], [`Study`]; an [`Upload`] and a fixed
 //!   [`Release`];
 //! - the digests parties sign: [`enrollment_digest`], [`decision_digest`].
@@ -21,7 +21,6 @@
 #![forbid(unsafe_code)]
 
 pub mod category;
-pub mod cohort;
 pub mod date;
 pub mod definition;
 pub mod enrollment;
@@ -37,7 +36,6 @@ pub mod study;
 pub mod upload;
 
 pub use category::{Category, UnknownCategory};
-pub use cohort::Cohort;
 pub use date::{Date, DateError};
 pub use definition::{
     AtLeast, Code, CodeError, CodeSystem, CohortDefinition, Criterion, DefinitionError,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::category::Category;
-use crate::cohort::Cohort;
+use crate::definition::CohortDefinition;
 use crate::field::SearchField;
 use crate::purpose::{ResearchPurpose, StudyFocus};
 
@@ -14,14 +14,16 @@ pub struct StudyProposal {
     pub title: String,
     pub purpose: ResearchPurpose,
     pub categories: Vec<Category>,
-    /// The searchable fields the cohort needs.
+    /// The searchable fields the study may search: at least those its cohort reads.
     pub fields: BTreeSet<SearchField>,
     pub researcher_id: String,
     /// Compressed umbral public key the records are re-encrypted to.
     pub receiving_key: Vec<u8>,
     pub not_before: i64,
     pub not_after: i64,
-    pub cohort: Cohort,
+    /// The study's cohort (docs/COHORTS.md): the board's exact count counts it, and a
+    /// release selects exactly its patients, through the same engine and consent.
+    pub cohort: CohortDefinition,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,8 +91,9 @@ impl Study {
     }
 }
 
-/// What a board member signs to approve or reject: the study id, the full proposal, the
-/// decision and whether it overrides the DUO matcher's abstentions.
+/// What a board member signs to approve or reject: the study id, the decision, whether it
+/// overrides the DUO matcher's abstentions, the normalized hash of the study's cohort
+/// definition (what `board study list` shows) and the full proposal.
 pub fn decision_digest(
     study_id: &str,
     proposal: &StudyProposal,
@@ -98,9 +101,10 @@ pub fn decision_digest(
     overrides_abstain: bool,
 ) -> [u8; 32] {
     let json = serde_json::to_vec(proposal).expect("proposal serializes");
-    let mut h = blake3::Hasher::new_derive_key("broker study decision v2");
+    let mut h = blake3::Hasher::new_derive_key("broker study decision v3");
     h.update(study_id.as_bytes());
     h.update(&[0, approve as u8, overrides_abstain as u8]);
+    h.update(&proposal.cohort.normalized().hash.0);
     h.update(&json);
     *h.finalize().as_bytes()
 }

@@ -4,7 +4,7 @@
 use audit_log::EventFilter;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::{
-    Actor, Category, CodedEvent, Cohort, EnvelopeReceipt, PatientIndex, Person, Release,
+    Actor, Category, CodedEvent, CohortDefinition, EnvelopeReceipt, PatientIndex, Person, Release,
     ResearchPurpose, Role, SearchField, Study, StudyFocus, StudyProposal, StudyStatus, Upload,
     UploadReceipt, UploadedEnvelope,
 };
@@ -131,24 +131,6 @@ pub fn index_from_pb(r: pb::IndexRows) -> (String, PatientIndex) {
     )
 }
 
-pub fn cohort_to_pb(c: &Cohort) -> pb::Cohort {
-    pb::Cohort {
-        condition_codes: c.condition_codes.clone(),
-        min_birth_year: c.min_birth_year.unwrap_or(0),
-        max_birth_year: c.max_birth_year.unwrap_or(0),
-        sex: c.sex.clone().unwrap_or_default(),
-    }
-}
-
-pub fn cohort_from_pb(c: pb::Cohort) -> Cohort {
-    Cohort {
-        condition_codes: c.condition_codes,
-        min_birth_year: (c.min_birth_year != 0).then_some(c.min_birth_year),
-        max_birth_year: (c.max_birth_year != 0).then_some(c.max_birth_year),
-        sex: (!c.sex.is_empty()).then_some(c.sex),
-    }
-}
-
 pub fn purpose_to_pb(p: &ResearchPurpose) -> pb::ResearchPurpose {
     let (focus, diseases) = match &p.focus {
         StudyFocus::Disease(codes) => ("disease", codes.clone()),
@@ -212,11 +194,19 @@ pub fn proposal_to_pb(p: &StudyProposal) -> pb::StudyProposal {
         receiving_key: p.receiving_key.clone(),
         not_before: p.not_before,
         not_after: p.not_after,
-        cohort: Some(cohort_to_pb(&p.cohort)),
+        cohort_definition: p.cohort.to_json().into_bytes(),
     }
 }
 
 pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
+    if p.cohort_definition.is_empty() {
+        return Err(Malformed(
+            "a study needs a cohort definition (`{\"criteria\": []}` for every consenting patient)"
+                .into(),
+        ));
+    }
+    let cohort = CohortDefinition::from_json(&p.cohort_definition)
+        .map_err(|e| Malformed(format!("the study's cohort: {e}")))?;
     Ok(StudyProposal {
         title: p.title,
         purpose: purpose_from_pb(
@@ -240,7 +230,7 @@ pub fn proposal_from_pb(p: pb::StudyProposal) -> ServiceResult<StudyProposal> {
         receiving_key: p.receiving_key,
         not_before: p.not_before,
         not_after: p.not_after,
-        cohort: cohort_from_pb(p.cohort.unwrap_or_default()),
+        cohort,
     })
 }
 

@@ -180,6 +180,11 @@ impl ConsentSnapshot {
         self.inner.hash
     }
 
+    /// Whether `person_id` is in the population (see [`ConsentBuilder::include`]).
+    pub fn includes(&self, person_id: i64) -> bool {
+        person_key(person_id).is_some_and(|k| self.inner.any.contains(k))
+    }
+
     /// Whether `person_id` consented `field`.
     pub fn allows(&self, person_id: i64, field: SearchField) -> bool {
         person_key(person_id).is_some_and(|k| self.inner.fields[field.index()].contains(k))
@@ -201,7 +206,8 @@ impl ConsentSnapshot {
             .collect()
     }
 
-    /// Patients with at least one consented field.
+    /// Patients in the snapshot (included, or with at least one consented field): the
+    /// population every count starts from.
     pub fn patients(&self) -> u64 {
         self.inner.any.len()
     }
@@ -258,9 +264,19 @@ impl ConsentSnapshot {
 pub struct ConsentBuilder {
     fields: [RoaringBitmap; 6],
     categories: [RoaringBitmap; 4],
+    included: RoaringBitmap,
 }
 
 impl ConsentBuilder {
+    /// Records that `person_id` is in the population (its consent permits the study),
+    /// whatever fields it consented: with none, the patient is counted at step 0 and
+    /// matches only criteria that read no field of theirs (e.g. exclusions).
+    pub fn include(&mut self, person_id: i64) -> Result<&mut Self, ConsentError> {
+        let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
+        self.included.insert(key);
+        Ok(self)
+    }
+
     /// Records that `person_id` consented `field`.
     pub fn grant(&mut self, person_id: i64, field: SearchField) -> Result<&mut Self, ConsentError> {
         let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
@@ -283,8 +299,11 @@ impl ConsentBuilder {
 
     /// The snapshot.
     pub fn build(self) -> ConsentSnapshot {
-        let mut any = RoaringBitmap::new();
-        let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v2");
+        let mut any = self.included;
+        for bitmap in &self.fields {
+            any |= bitmap;
+        }
+        let mut hasher = blake3::Hasher::new_derive_key("cohort-query 2026 consent snapshot v3");
         let named = SearchField::ALL
             .iter()
             .map(|f| f.as_str())
@@ -294,7 +313,8 @@ impl ConsentBuilder {
                     .iter()
                     .map(|c| c.label())
                     .zip(&self.categories),
-            );
+            )
+            .chain([("population", &any)]);
         for (name, bitmap) in named {
             // Name, count, then the sorted ids: independent of build order and of the
             // bitmap's internal container layout.
@@ -309,9 +329,6 @@ impl ConsentBuilder {
                 }
             }
             hasher.update(&buf);
-        }
-        for bitmap in &self.fields {
-            any |= bitmap;
         }
         ConsentSnapshot {
             inner: Arc::new(Inner {
@@ -341,6 +358,19 @@ mod tests {
         let c = ConsentSnapshot::from_grants([(1, vec![Sex]), (7, vec![Drug])]).unwrap();
         assert_ne!(a.hash(), c.hash());
         assert_eq!(a.grants().count(), 3);
+    }
+
+    #[test]
+    fn an_included_patient_without_fields_is_in_the_population_only() {
+        let mut b = ConsentSnapshot::builder();
+        b.grant(1, Condition).unwrap();
+        b.include(2).unwrap();
+        let s = b.build();
+        assert_eq!(s.patients(), 2);
+        assert!(s.fields_of(2).is_empty());
+        let without = ConsentSnapshot::from_grants([(1, vec![Condition])]).unwrap();
+        assert_ne!(s.hash(), without.hash());
+        assert_eq!(without.patients(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use brokerctl::BrokerClient;
 use brokerctl::log_review::{self, ShownEvent};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
-use model::Cohort;
+use model::CohortDefinition;
 use model::Role;
 use pre_kms::{Category, Identity};
 
@@ -40,7 +40,7 @@ async fn boards_verify_and_read_the_log_and_patients_see_their_own_accesses() {
     let ids: Vec<Identity> = patients.iter().map(|(id, _)| id.clone()).collect();
     cast.consent_broadly(&ids).await.unwrap();
     let study = cast
-        .approved_study("log study", &CATS, Cohort::default())
+        .approved_study("log study", &CATS, CohortDefinition::everyone())
         .await
         .unwrap();
     // Patients 0..3 grant; patient 3 does not.

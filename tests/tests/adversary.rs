@@ -12,7 +12,7 @@ use broker_proto::v1 as pb;
 use brokerctl::{ClientError, agent};
 use datasets::Population;
 use integration_tests::{Sandbox, World};
-use model::{Cohort, Role, Study, Upload, UploadedEnvelope};
+use model::{CohortDefinition, Role, Study, Upload, UploadedEnvelope};
 use pre_kms::grant::{self, Grant};
 use pre_kms::{Category, Identity};
 use tonic::Code;
@@ -70,7 +70,7 @@ fn rewrite_study(sandbox: &Sandbox, study_id: &str, sql_set: &str, param: &dyn r
 async fn a_lying_broker_gets_no_grant_for_an_approval_the_board_did_not_sign() {
     let sandbox = Sandbox::start().await;
     let w = sandbox.world(4, 41).await;
-    let proposal = w.cast.proposal("liar", &CATS, Cohort::default());
+    let proposal = w.cast.proposal("liar", &CATS, CohortDefinition::everyone());
 
     // 1. A study the board never saw, listed as approved with no signature.
     let unsigned = w.cast.sponsor.propose_study(&proposal).await.unwrap();
@@ -133,7 +133,7 @@ async fn a_lying_broker_with_its_own_proxies_and_threshold_one_gets_no_grant() {
     let w = sandbox.world(3, 42).await;
     let study = w
         .cast
-        .approved_study("own proxies", &CATS, Cohort::default())
+        .approved_study("own proxies", &CATS, CohortDefinition::everyone())
         .await
         .unwrap();
     // The operator forgets the proxies the grants were sealed to and runs one of its own.
@@ -184,7 +184,9 @@ async fn a_sponsor_cannot_choose_who_decrypts() {
     let sandbox = Sandbox::start().await;
     let w = sandbox.world(2, 43).await;
     let sponsor_key = w.cast.sponsor.identity().encryption_public_key();
-    let mut proposal = w.cast.proposal("sponsor's key", &CATS, Cohort::default());
+    let mut proposal = w
+        .cast
+        .proposal("sponsor's key", &CATS, CohortDefinition::everyone());
     proposal.receiving_key = pre_kms::keys::public_key_bytes(&sponsor_key);
     // The broker refuses the pairing.
     let err = w.cast.sponsor.propose_study(&proposal).await.unwrap_err();
@@ -198,7 +200,10 @@ async fn a_sponsor_cannot_choose_who_decrypts() {
     let honest = w
         .cast
         .sponsor
-        .propose_study(&w.cast.proposal("honest", &CATS, Cohort::default()))
+        .propose_study(
+            &w.cast
+                .proposal("honest", &CATS, CohortDefinition::everyone()),
+        )
         .await
         .unwrap();
     let json = serde_json::to_string(&proposal).unwrap();
@@ -279,7 +284,7 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
     let w = sandbox.world(1, 44).await;
     let study = w
         .cast
-        .approved_study("revocation", &CATS, Cohort::default())
+        .approved_study("revocation", &CATS, CohortDefinition::everyone())
         .await
         .unwrap();
     let patient = w.patients[0].0.clone();

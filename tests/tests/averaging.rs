@@ -28,7 +28,6 @@ use cohort_query::{
 use consent_policy::{Categories, ConsentPolicy, broad_research_policy};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
-use model::Cohort;
 use pre_kms::{Category, Identity};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -371,7 +370,11 @@ async fn equivalent_questions_share_one_draw_and_each_fresh_draw_is_charged_and_
         .await
         .unwrap();
     let study = cast
-        .approved_study("averaging", &[Category::Conditions], Cohort::default())
+        .approved_study(
+            "averaging",
+            &[Category::Conditions],
+            CohortDefinition::everyone(),
+        )
         .await
         .unwrap();
 
@@ -552,12 +555,16 @@ async fn sensitive_codes_count_only_where_the_consent_permits_their_category() {
         .approved_study(
             "with sexual health",
             &[Category::Conditions, Category::SexualHealth],
-            Cohort::default(),
+            CohortDefinition::everyone(),
         )
         .await
         .unwrap();
     let without = cast
-        .approved_study("without", &[Category::Conditions], Cohort::default())
+        .approved_study(
+            "without",
+            &[Category::Conditions],
+            CohortDefinition::everyone(),
+        )
         .await
         .unwrap();
     // A custodian's vocabulary puts HIV under a non-sensitive parent.

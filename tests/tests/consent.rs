@@ -12,6 +12,7 @@ use broker::service::now_secs;
 use broker_cli::demo::{Cast, Tally};
 use brokerctl::agent::{self, ConsentedGrants};
 use brokerctl::{ClientError, ClientResult};
+use cohort_query::{CohortDefinition, ConceptHierarchy, ConsentSnapshot};
 use consent_policy::{
     AccessRequest, Actor, Categories, ConsentPolicy, DataUse, Modifier, Period, PolicyDraft,
     Primary, Provision, Requester, ResearchPurpose, SearchField, Sector, StudyFocus, evaluate,
@@ -20,12 +21,17 @@ use consent_policy::{broad_research_policy, consent_digest};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
 use model::Role;
+use model::Study;
 use model::StudyProposal;
-use model::{Cohort, PatientIndex, Study};
 use pre_kms::{Category, Identity};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tonic::Code;
+
+/// The cohort engine's reference evaluator (patient by patient, without DataFusion), the
+/// same file the engine's own tests compare against.
+#[path = "../../query/tests/cohorts/reference.rs"]
+mod reference;
 
 /// The organisation `Sandbox::actor` registers every actor under, the sponsor included.
 const SPONSOR_ORG: &str = "Test Org";
@@ -196,66 +202,64 @@ fn research_request(p: &StudyProposal, board_overrides_abstain: bool) -> AccessR
     request
 }
 
-/// The fields a cohort's criteria search. Written out here rather than calling
-/// `consent_policy::cohort_fields`: the oracle must not share the code it checks.
-fn cohort_fields(cohort: &Cohort) -> BTreeSet<SearchField> {
-    let mut fields = BTreeSet::new();
-    if cohort.min_birth_year.is_some() || cohort.max_birth_year.is_some() {
-        fields.insert(SearchField::BirthYear);
-    }
-    if cohort.sex.is_some() {
-        fields.insert(SearchField::Sex);
-    }
-    if !cohort.condition_codes.is_empty() {
-        fields.insert(SearchField::Condition);
-    }
-    fields
-}
-
-/// Whether `cohort` selects a patient when only `visible` fields may be searched: a
-/// criterion on a hidden field selects no one.
-fn selects(cohort: &Cohort, index: &PatientIndex, visible: &BTreeSet<SearchField>) -> bool {
-    cohort_fields(cohort).is_subset(visible) && cohort.matches(index)
-}
-
-/// What patient `i`'s policy (`None`: no consent) lets a study have.
-#[derive(Default)]
-struct Consented {
-    /// The records a release must hold: those in permitted ∩ requested categories, if
-    /// the cohort selects the patient on permitted ∩ requested fields.
-    records: Vec<(usize, Category)>,
-    /// Whether a grant is due: the consent permits a requested category the patient has.
-    granted: bool,
-}
-
-fn consented(
-    w: &World,
-    i: usize,
+/// What patient `i`'s policy (`None`: no consent) lets a study have, as the oracle reads
+/// the policy: the searchable fields (permitted ∩ requested) and the categories (permitted
+/// ∩ requested), or `None` if it does not permit the study.
+fn access(
     policy: Option<&ConsentPolicy>,
     proposal: &StudyProposal,
     request: &AccessRequest,
     now: i64,
-) -> Consented {
-    let Some(access) = policy.and_then(|p| evaluate(p, request, now).permit()) else {
-        return Consented::default();
-    };
-    let categories: Vec<Category> = proposal
+) -> Option<(BTreeSet<SearchField>, Vec<Category>)> {
+    let access = policy.and_then(|p| evaluate(p, request, now).permit())?;
+    let categories = proposal
         .categories
         .iter()
         .copied()
         .filter(|c| access.categories().contains(c))
         .collect();
-    let granted = w.records(i, &categories);
-    let visible: BTreeSet<SearchField> = access
+    let fields = access
         .fields()
         .intersection(&proposal.fields)
         .copied()
         .collect();
-    let selected = selects(&proposal.cohort, &w.patients[i].1.index, &visible);
-    Consented {
-        granted: !granted.is_empty(),
-        records: if selected { granted } else { Vec::new() },
+    Some((fields, categories))
+}
+
+/// The patients `cohort` selects, by the reference evaluator, when each patient shows
+/// only what `visible` says (`None`: not in the population): the fields, and the
+/// sensitive categories among the released ones. Also the count after each step.
+fn reference_selection(
+    w: &World,
+    cohort: &CohortDefinition,
+    visible: &[Option<(BTreeSet<SearchField>, Vec<Category>)>],
+) -> Vec<BTreeSet<i64>> {
+    let mut b = ConsentSnapshot::builder();
+    for (i, v) in visible.iter().enumerate() {
+        let Some((fields, categories)) = v else {
+            continue;
+        };
+        b.include(i as i64).unwrap();
+        for f in fields {
+            b.grant(i as i64, *f).unwrap();
+        }
+        for c in categories.iter().filter(|c| SENSITIVE.contains(c)) {
+            b.permit(i as i64, *c).unwrap();
+        }
     }
+    let consent = b.build();
+    let hierarchy = ConceptHierarchy::new();
+    let patients: Vec<(i64, model::PatientIndex)> = w
+        .patients
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| (i as i64, r.index.clone()))
+        .collect();
+    reference::Reference {
+        hierarchy: &hierarchy,
+        consent: &consent,
+    }
+    .steps(&patients, cohort)
 }
 
 // ------------------------------------------------------------------ generated cases
@@ -354,7 +358,7 @@ impl PolicySpec {
 struct StudySpec {
     purpose: ResearchPurpose,
     categories: Vec<Category>,
-    cohort: Cohort,
+    cohort: CohortDefinition,
     extra_fields: Vec<SearchField>,
     overrides_abstain: bool,
 }
@@ -364,6 +368,8 @@ struct Case {
     seed: u64,
     /// One per patient; `None`: the patient never consented.
     policies: Vec<Option<PolicySpec>>,
+    /// One per patient: whether the patient's agent issues the grants its consent permits.
+    grants: Vec<bool>,
     study: StudySpec,
 }
 
@@ -534,23 +540,68 @@ fn purpose() -> impl Strategy<Value = ResearchPurpose> {
         })
 }
 
-fn cohort() -> impl Strategy<Value = Cohort> {
-    let years = prop_oneof![
-        1 => Just((None, None)),
-        1 => (1940..2010i32).prop_map(|y| (Some(y), None)),
-        1 => (1960..2020i32).prop_map(|y| (None, Some(y))),
+/// Codes the synthetic population has (and one it never has).
+const CONDITION_CODES: [&str; 5] = [HYPERTENSION, DIABETES, "15777000", "55822004", "35489007"];
+const DRUG_CODES: [&str; 3] = ["314076", "617312", "312940"];
+const MEASUREMENT_CODES: [&str; 2] = ["4548-4", "39156-5"];
+
+/// One cohort criterion as JSON: demographics, a condition, drug or measurement (with
+/// windows, counts and values), an exclusion or a choice of two.
+fn criterion() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    let window = prop_oneof![
+        3 => Just(None),
+        1 => (2000..2024i32).prop_map(|y| Some(json!({"between": {"from": format!("{y}-01-01")}}))),
+        1 => (1990..2024i32).prop_map(|y| Some(json!({"between": {"to": format!("{y}-12-31")}}))),
     ];
-    (
-        prop::option::weighted(0.3, prop::sample::select(&["female", "male"][..])),
-        years,
-        prop::option::weighted(0.2, prop::sample::select(&[HYPERTENSION, DIABETES][..])),
-    )
-        .prop_map(|(sex, (min, max), condition)| Cohort {
-            condition_codes: condition.into_iter().map(Into::into).collect(),
-            min_birth_year: min,
-            max_birth_year: max,
-            sex: sex.map(Into::into),
-        })
+    let event = |domain: &'static str, codes: &'static [&'static str]| {
+        (
+            prop::sample::subsequence(codes.to_vec(), 1..=2),
+            window.clone(),
+            prop_oneof![3 => Just(None), 1 => (2..4u32).prop_map(Some)],
+        )
+            .prop_map(move |(codes, window, at_least)| {
+                let system = if domain == "drug" { "rxnorm" } else if domain == "measurement" { "loinc" } else { "snomed" };
+                let mut e = json!({"codes": codes.iter().map(|c| format!("{system}:{c}")).collect::<Vec<_>>()});
+                if let Some(w) = window {
+                    e["window"] = w;
+                }
+                if let Some(n) = at_least {
+                    e["occurrence"] = json!({"at_least": n});
+                }
+                json!({ domain: e })
+            })
+    };
+    let demographics = prop_oneof![
+        prop::sample::select(&["female", "male"][..])
+            .prop_map(|s| json!({"demographics": {"sex": [s]}})),
+        (1930..2010i32, 0..40i32).prop_map(
+            |(y, span)| json!({"demographics": {"birth_year": {"min": y, "max": y + span}}})
+        ),
+    ];
+    let measurement = (prop::sample::select(&MEASUREMENT_CODES[..]), 4.0..40.0f64).prop_map(|(c, min)| {
+        json!({"measurement": {"codes": [format!("loinc:{c}")], "value": {"min": (min * 10.0).round() / 10.0}}})
+    });
+    let leaf = prop_oneof![
+        3 => demographics,
+        4 => event("condition", &CONDITION_CODES),
+        2 => event("drug", &DRUG_CODES),
+        2 => measurement,
+    ];
+    leaf.prop_recursive(2, 6, 2, |inner| {
+        prop_oneof![
+            2 => inner.clone().prop_map(|c| json!({"not": c})),
+            1 => (inner.clone(), inner).prop_map(|(a, b)| json!({"any": [a, b]})),
+        ]
+    })
+}
+
+fn cohort() -> impl Strategy<Value = CohortDefinition> {
+    prop::collection::vec(criterion(), 0..=2).prop_map(|criteria| {
+        let json = serde_json::json!({ "criteria": criteria });
+        CohortDefinition::from_json(json.to_string().as_bytes())
+            .expect("generated definitions are valid")
+    })
 }
 
 fn study() -> impl Strategy<Value = StudySpec> {
@@ -575,32 +626,37 @@ fn study() -> impl Strategy<Value = StudySpec> {
 fn case() -> impl Strategy<Value = Case> {
     (
         any::<u64>(),
-        prop::collection::vec(policy(), 6..10),
+        prop::collection::vec((policy(), prop::bool::weighted(0.8)), 8..14),
         study(),
     )
-        .prop_map(|(seed, policies, study)| Case {
+        .prop_map(|(seed, patients, study)| Case {
             seed,
-            policies,
+            policies: patients.iter().map(|(p, _)| p.clone()).collect(),
+            grants: patients.iter().map(|(_, g)| *g).collect(),
             study,
         })
 }
 
-/// What one case released and should have released, and how often each part of the
-/// property was exercised.
+/// What one case released and should have released, the board's exact count and the
+/// reference's, and how often each part of the property was exercised.
 #[derive(Default)]
 struct Outcome {
     got: Released,
     want: Released,
+    /// The board's exact count of the study's cohort, step by step, and the reference's.
+    exact: Vec<String>,
+    reference: Vec<String>,
     issued: usize,
-    /// Patients whose consent permits a requested category they have.
+    /// Patients whose agent grants and whose consent permits a requested category they
+    /// have.
     permitted: usize,
     /// Patients released.
     included: usize,
-    /// Patients the cohort selects on their full index, with records in the requested
-    /// categories, whom their consent leaves out.
+    /// Patients the cohort selects on their full index, granting, with records in the
+    /// requested categories, whom their consent leaves out.
     excluded: usize,
-    /// Of those, patients whose consent permits categories but hides a field the cohort
-    /// needs.
+    /// Of those, patients whose consent permits categories but hides what the cohort
+    /// needs to select them.
     hidden: usize,
 }
 
@@ -627,42 +683,75 @@ async fn run_case(case: &Case) -> Outcome {
         .cast
         .proposal("consent property", &spec.categories, spec.cohort.clone());
     proposal.purpose = spec.purpose.clone();
-    proposal.fields = cohort_fields(&spec.cohort);
+    proposal.fields = spec.cohort.fields();
     proposal.fields.extend(spec.extra_fields.iter().copied());
     let study = w
         .cast
         .approve(&proposal, spec.overrides_abstain)
         .await
         .expect("propose and approve");
-    let everyone: Vec<usize> = (0..w.patients.len()).collect();
-    let grants = w.grant(&study, &everyone).await;
+    let granting: Vec<usize> = (0..w.patients.len()).filter(|&i| case.grants[i]).collect();
+    let grants = w.grant(&study, &granting).await;
+    let count = w
+        .cast
+        .board
+        .count(&study.study_id, &[])
+        .await
+        .expect("the board's exact count of the study's cohort");
     let got = w.release(&study).await;
     sandbox.stop().await;
 
     let request = research_request(&proposal, spec.overrides_abstain);
     let now = now_secs();
+    let visible: Vec<_> = policies
+        .iter()
+        .map(|p| access(p.as_ref(), &proposal, &request, now))
+        .collect();
+    let steps = reference_selection(&w, &spec.cohort, &visible);
+    let selected = steps.last().expect("step 0");
+    let everything: Vec<_> = (0..w.patients.len())
+        .map(|_| {
+            Some((
+                SearchField::ALL.into_iter().collect(),
+                spec.categories.clone(),
+            ))
+        })
+        .collect();
+    let unconstrained = reference_selection(&w, &spec.cohort, &everything)
+        .pop()
+        .expect("step 0");
     let mut outcome = Outcome {
         got,
+        exact: count.attrition.iter().map(|s| s.count.clone()).collect(),
+        reference: steps.iter().map(|s| s.len().to_string()).collect(),
         issued: grants.issued,
         ..Outcome::default()
     };
     let mut want = Vec::new();
-    for (i, policy) in policies.iter().enumerate() {
-        let c = consented(&w, i, policy.as_ref(), &proposal, &request, now);
-        let wanted = spec.cohort.matches(&w.patients[i].1.index)
+    for (i, v) in visible.iter().enumerate() {
+        let records = v
+            .as_ref()
+            .map(|(_, categories)| w.records(i, categories))
+            .unwrap_or_default();
+        let granted = case.grants[i] && !records.is_empty();
+        let released = granted && selected.contains(&(i as i64));
+        let wanted = case.grants[i]
+            && unconstrained.contains(&(i as i64))
             && !w.records(i, &spec.categories).is_empty();
-        outcome.permitted += usize::from(c.granted);
-        outcome.included += usize::from(!c.records.is_empty());
-        outcome.excluded += usize::from(wanted && c.records.is_empty());
-        outcome.hidden += usize::from(wanted && c.granted && c.records.is_empty());
-        want.extend(c.records);
+        outcome.permitted += usize::from(granted);
+        outcome.included += usize::from(released);
+        outcome.excluded += usize::from(wanted && !released);
+        outcome.hidden += usize::from(wanted && granted && !released);
+        if released {
+            want.extend(records);
+        }
     }
     outcome.want = w.expect(want);
     outcome
 }
 
 /// Each case starts its own broker and takes about a second in a debug build.
-const CASES: u32 = 16;
+const CASES: u32 = 24;
 
 #[test]
 fn no_release_outside_what_each_policy_permits() {
@@ -683,7 +772,16 @@ fn no_release_outside_what_each_policy_permits() {
             .build()
             .expect("runtime");
         let outcome = runtime.block_on(run_case(&case));
-        prop_assert_eq!(&outcome.got, &outcome.want, "released vs consented");
+        prop_assert_eq!(
+            &outcome.exact,
+            &outcome.reference,
+            "the board's exact count (each step) vs the reference's"
+        );
+        prop_assert_eq!(
+            &outcome.got,
+            &outcome.want,
+            "released vs consented ∩ cohort ∩ grants"
+        );
         prop_assert_eq!(
             outcome.issued,
             outcome.permitted,
@@ -702,7 +800,7 @@ fn no_release_outside_what_each_policy_permits() {
     }
     eprintln!(
         "{} patients released; {} selected by the cohort but excluded by consent, {} of them by a \
-         hidden field; {} of {CASES} cases with both released and excluded patients",
+         hidden field or category; {} of {CASES} cases with both released and excluded patients",
         included.get(),
         excluded.get(),
         hidden.get(),
@@ -748,7 +846,8 @@ async fn revocation_and_expiry_take_effect_on_the_next_release() {
     let study = w
         .cast
         .approve(
-            &w.cast.proposal("consent changes", &CATS, Cohort::default()),
+            &w.cast
+                .proposal("consent changes", &CATS, CohortDefinition::everyone()),
             false,
         )
         .await
@@ -915,7 +1014,8 @@ async fn refusals_are_clear_and_carry_no_patient_data() {
     let study = w
         .cast
         .approve(
-            &w.cast.proposal("refusals", &CATS, Cohort::default()),
+            &w.cast
+                .proposal("refusals", &CATS, CohortDefinition::everyone()),
             false,
         )
         .await
@@ -992,10 +1092,8 @@ async fn refusals_are_clear_and_carry_no_patient_data() {
     let mut proposal = w.cast.proposal(
         "unrequested field",
         &CATS,
-        Cohort {
-            sex: Some("female".into()),
-            ..Default::default()
-        },
+        CohortDefinition::from_json(br#"{"criteria": [{"demographics": {"sex": ["female"]}}]}"#)
+            .unwrap(),
     );
     proposal.fields = BTreeSet::from([SearchField::Condition]);
     let err = w
@@ -1032,7 +1130,8 @@ async fn a_call_with_conflicting_consent_versions_is_refused_whole() {
     let study = w
         .cast
         .approve(
-            &w.cast.proposal("one call", &CATS, Cohort::default()),
+            &w.cast
+                .proposal("one call", &CATS, CohortDefinition::everyone()),
             false,
         )
         .await

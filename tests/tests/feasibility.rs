@@ -9,7 +9,7 @@ use consent_policy::broad_research_policy;
 use consent_policy::{ConsentPolicy, SearchField};
 use datasets::{PatientRecord, Population};
 use integration_tests::Sandbox;
-use model::Cohort;
+use model::CohortDefinition;
 use model::Role;
 use pre_kms::{Category, Identity};
 use tonic::Code;
@@ -70,7 +70,11 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
         .await
         .unwrap();
     let study = cast
-        .approved_study("feasibility", &[Category::Conditions], Cohort::default())
+        .approved_study(
+            "feasibility",
+            &[Category::Conditions],
+            CohortDefinition::everyone(),
+        )
         .await
         .unwrap();
 
@@ -278,7 +282,7 @@ async fn counts_use_only_consented_fields_and_protect_what_sponsors_see() {
     assert!(
         counts
             .iter()
-            .all(|e| e.event.details.content_hashes.len() == 1)
+            .all(|e| e.event.details.definition_hash.is_some())
     );
     // The sponsor's answers carry their budget charge: the first count showed two fresh
     // draws (the population and the criterion), its repeat none, the code nobody has one.

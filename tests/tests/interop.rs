@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use brokerctl::agent;
 use datasets::Population;
 use integration_tests::Sandbox;
-use model::Cohort;
+use model::CohortDefinition;
 use pre_kms::{Category, Identity};
 use tokio_stream::StreamExt;
 
@@ -35,7 +35,7 @@ async fn the_pypi_umbral_package_decrypts_a_release() {
     cast.consent_broadly(&ids).await.unwrap();
     let categories = vec![Category::Conditions, Category::Observations];
     let study = cast
-        .approved_study("interop", &categories, Cohort::default())
+        .approved_study("interop", &categories, CohortDefinition::everyone())
         .await
         .unwrap();
     let granting: Vec<_> = patients

@@ -14,7 +14,7 @@ use broker_proto::v1 as pb;
 use brokerctl::ClientError;
 use brokerctl::agent;
 use integration_tests::{Sandbox, World, scan_for};
-use model::Cohort;
+use model::CohortDefinition;
 use model::Role;
 use model::{Study, StudyProposal, Upload, UploadedEnvelope};
 use pre_kms::{Category, Identity};
@@ -29,13 +29,13 @@ const CATS: [Category; 3] = [
     Category::Observations,
 ];
 
-fn proposal(w: &World, cohort: Cohort) -> StudyProposal {
+fn proposal(w: &World, cohort: CohortDefinition) -> StudyProposal {
     let mut p = w.cast.proposal("test study", &CATS, cohort);
     p.not_after = broker::service::now_secs() + 3600;
     p
 }
 
-async fn approved_study(w: &World, cohort: Cohort) -> Study {
+async fn approved_study(w: &World, cohort: CohortDefinition) -> Study {
     w.cast
         .approved_study("test study", &CATS, cohort)
         .await
@@ -59,10 +59,10 @@ async fn fetch(w: &World, study: &Study) -> Result<Tally, ClientError> {
 }
 
 /// What the researcher must receive: these patients' records in these categories.
-fn expected(w: &World, who: &[usize], categories: &[Category], cohort: &Cohort) -> Tally {
+fn expected(w: &World, who: &[usize], categories: &[Category]) -> Tally {
     let mut want = Tally::default();
     for &i in who {
-        want.add_expected(&w.patients[i].1, categories, cohort);
+        want.add_record(&w.patients[i].1, categories);
     }
     want
 }
@@ -71,16 +71,15 @@ fn expected(w: &World, who: &[usize], categories: &[Category], cohort: &Cohort) 
 async fn only_granted_categories_of_granting_patients_are_released() {
     let sandbox = Sandbox::start().await;
     let w = sandbox.world(24, 5).await;
-    let cohort = Cohort::default();
-    let study = approved_study(&w, cohort.clone()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     // Patients 0..8 grant everything, 8..16 only conditions, 16..24 nothing.
     let all: Vec<usize> = (0..8).collect();
     let cond: Vec<usize> = (8..16).collect();
     grant(&w, &study, &all, &CATS).await;
     grant(&w, &study, &cond, &[Category::Conditions]).await;
-    let mut want = expected(&w, &all, &CATS, &cohort);
+    let mut want = expected(&w, &all, &CATS);
     for &i in &cond {
-        want.add_expected(&w.patients[i].1, &[Category::Conditions], &cohort);
+        want.add_record(&w.patients[i].1, &[Category::Conditions]);
     }
     assert!(want.total() > 0);
     let got = fetch(&w, &study).await.expect("fetch");
@@ -90,14 +89,19 @@ async fn only_granted_categories_of_granting_patients_are_released() {
     );
 
     // A cohort criterion narrows the release to matching patients only.
-    let narrow = Cohort {
-        sex: Some("female".into()),
-        ..Default::default()
-    };
-    let study2 = approved_study(&w, narrow.clone()).await;
+    let narrow =
+        CohortDefinition::from_json(br#"{"criteria": [{"demographics": {"sex": ["female"]}}]}"#)
+            .unwrap();
+    let study2 = approved_study(&w, narrow).await;
     grant(&w, &study2, &all, &CATS).await;
     let got = fetch(&w, &study2).await.expect("fetch");
-    assert_eq!(got, expected(&w, &all, &CATS, &narrow));
+    let women: Vec<usize> = all
+        .iter()
+        .copied()
+        .filter(|&i| w.patients[i].1.index.person.sex == "female")
+        .collect();
+    assert!(!women.is_empty() && women.len() < all.len());
+    assert_eq!(got, expected(&w, &women, &CATS));
     sandbox.stop().await;
 }
 
@@ -108,7 +112,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
     let study = w
         .cast
         .sponsor
-        .propose_study(&proposal(&w, Cohort::default()))
+        .propose_study(&proposal(&w, CohortDefinition::everyone()))
         .await
         .unwrap();
     // The agent refuses to plan a grant for it; a client that skips that check (as a
@@ -173,7 +177,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
     );
 
     // Another researcher cannot take an approved study's release.
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let other = sandbox.actor(Role::Researcher).await;
     let err = other.request_release(&study.study_id).await.unwrap_err();
     assert!(
@@ -187,7 +191,7 @@ async fn nothing_is_granted_or_released_for_a_study_the_board_has_not_approved()
 async fn acknowledged_uploads_and_grants_survive_a_restart() {
     let mut sandbox = Sandbox::start().await;
     let w = sandbox.world(10, 7).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let who: Vec<usize> = (0..10).collect();
     grant(&w, &study, &who, &CATS).await;
     let before = fetch(&w, &study).await.unwrap();
@@ -203,7 +207,7 @@ async fn acknowledged_uploads_and_grants_survive_a_restart() {
     };
     let after = fetch(&w, &study).await.expect("release after restart");
     assert_eq!(before, after);
-    assert_eq!(after, expected(&w, &who, &CATS, &Cohort::default()));
+    assert_eq!(after, expected(&w, &who, &CATS));
 
     // Re-uploading the same records stores nothing new.
     let custodian = sandbox.client(w.cast.custodian.identity().clone()).await;
@@ -219,7 +223,7 @@ async fn acknowledged_uploads_and_grants_survive_a_restart() {
 async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
     let sandbox = Sandbox::start().await;
     let w = sandbox.world(30, 8).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     grant(&w, &study, &(0..30).collect::<Vec<_>>(), &CATS).await;
     fetch(&w, &study).await.unwrap();
     let mut needles: Vec<String> = w
@@ -321,7 +325,7 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
         .await;
 
     let w = sandbox.world(12, 9).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let who: Vec<usize> = (0..12).collect();
     grant(&w, &study, &who, &CATS).await;
     assert!(
@@ -332,7 +336,7 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     let got = fetch(&w, &study)
         .await
         .expect("release despite a lying proxy");
-    assert_eq!(got, expected(&w, &who, &CATS, &Cohort::default()));
+    assert_eq!(got, expected(&w, &who, &CATS));
 
     // With one honest proxy down, only one honest fragment per envelope exists: below
     // the threshold, nothing is released.
@@ -364,7 +368,7 @@ fn kfrags_held(sandbox: &Sandbox) -> Vec<i64> {
 async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() {
     let sandbox = Sandbox::start().await;
     let w = sandbox.world(5, 33).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let who: Vec<usize> = (0..5).collect();
     grant(&w, &study, &who, &CATS).await;
     assert_eq!(
@@ -392,8 +396,8 @@ async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() 
     assert_eq!((withdrawn, confirmed), (2, 3));
     assert_eq!(kfrags_held(&sandbox), vec![8; 3]);
     let got = fetch(&w, &study).await.unwrap();
-    let mut want = expected(&w, &[3, 4], &CATS, &Cohort::default());
-    want.add_expected(&w.patients[0].1, &CATS[..2], &Cohort::default());
+    let mut want = expected(&w, &[3, 4], &CATS);
+    want.add_record(&w.patients[0].1, &CATS[..2]);
     assert_eq!(got, want);
 
     // Only whoever acts for a patient may withdraw their grants.
@@ -511,7 +515,7 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
         .await;
 
     let w = sandbox.world(6, 21).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let who: Vec<usize> = (0..6).collect();
     grant(&w, &study, &who, &CATS).await;
     for (m, what) in [
@@ -537,7 +541,7 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
     }
     mode.store(PASS, Ordering::SeqCst);
     let got = fetch(&w, &study).await.expect("logged release");
-    assert_eq!(got, expected(&w, &who, &CATS, &Cohort::default()));
+    assert_eq!(got, expected(&w, &who, &CATS));
     sandbox.stop().await;
 }
 
@@ -576,7 +580,7 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
         .expect("framing is valid");
     assert_eq!(reply.receipts[0].version, 2);
 
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     let who: Vec<usize> = (0..6).collect();
     grant(&w, &study, &who, &CATS).await;
     let got = fetch(&w, &study).await.expect("the release goes on");
@@ -587,7 +591,7 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
             .copied()
             .filter(|c| i != damaged || *c != Category::Conditions)
             .collect();
-        want.add_expected(r, &categories, &Cohort::default());
+        want.add_record(r, &categories);
     }
     assert_eq!(got, want, "everything but the damaged envelope");
 
@@ -617,7 +621,7 @@ async fn a_corrupt_capsule_withholds_only_its_own_envelope() {
 async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to() {
     let mut sandbox = Sandbox::start().await;
     let w = sandbox.world(2, 12).await;
-    let study = approved_study(&w, Cohort::default()).await;
+    let study = approved_study(&w, CohortDefinition::everyone()).await;
     grant(&w, &study, &[0, 1], &CATS).await;
     if let Some(r) = sandbox.running.take() {
         r.stop().await;
@@ -670,7 +674,7 @@ async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to()
     };
     assert_eq!(
         fetch(&w, &study).await.unwrap(),
-        expected(&w, &[0, 1], &CATS, &Cohort::default())
+        expected(&w, &[0, 1], &CATS)
     );
     sandbox.stop().await;
 }

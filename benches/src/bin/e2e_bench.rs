@@ -20,7 +20,7 @@ use broker_cli::demo::{Scenario, Tally};
 use brokerctl::agent;
 use clap::Parser;
 use datasets::{PatientRecord, Population};
-use model::Cohort;
+use model::CohortDefinition;
 use pre_kms::{Category, Identity};
 use rayon::prelude::*;
 
@@ -134,7 +134,7 @@ async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
     .await?;
     let mut want = Tally::default();
     for (_, record) in &records {
-        want.add_expected(record, &STUDY_CATEGORIES, &Cohort::default());
+        want.add_record(record, &STUDY_CATEGORIES);
     }
     let granting: Vec<(Identity, Vec<Category>)> = records
         .iter()
@@ -169,7 +169,11 @@ async fn run_pipeline(args: &Args) -> anyhow::Result<Pipeline> {
 
     // Every granting patient (empty cohort), four categories.
     let study = cast
-        .approved_study("End-to-end benchmark", &STUDY_CATEGORIES, Cohort::default())
+        .approved_study(
+            "End-to-end benchmark",
+            &STUDY_CATEGORIES,
+            CohortDefinition::everyone(),
+        )
         .await?;
     let started = Instant::now();
     out.grants = cast

@@ -186,6 +186,7 @@ impl Broker {
             let log_size = self.audit.size();
             db.insert_consents(&accepted, log_size, &events)?
         };
+        self.consents_changed();
         self.record_intended(&events, &intents)?;
         let receipts = accepted
             .iter()

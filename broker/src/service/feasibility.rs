@@ -7,34 +7,22 @@
 //! board gets exact counts. Every count is logged, a sponsor's with its charge.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use audit_log::EventKind;
 use audit_log::event::{BudgetCharge, Digest32};
 use cohort_query::{
-    BrokerSecret, BudgetPolicy, Charge, Code, CohortDefinition, CohortEngine, ConceptHierarchy,
-    ConsentSnapshot, CountBasis, CountResult, Draws, IndexBuilder, ProtectedCount, ProtectedResult,
-    ProtectionPolicy, QueryBudget, protect,
+    BrokerSecret, BudgetPolicy, Charge, Code, CohortDefinition, CountBasis, CountResult, Draws,
+    ProtectedCount, ProtectedResult, ProtectionPolicy, QueryBudget, protect,
 };
 
-use super::{Broker, now_secs};
+use super::Broker;
 use crate::error::{ServiceError, ServiceResult};
-use consent_policy::{decide, history};
+use model::StudyStatus;
 use model::{Caller, Role};
-use model::{Study, StudyStatus};
 
-/// The cohort engine over the index as of one index generation, and which patient each
-/// engine `person_id` is.
-struct IndexedEngine {
-    generation: u64,
-    engine: Arc<CohortEngine>,
-    pseudonyms: Arc<Vec<String>>,
-}
-
-/// The broker's feasibility state: the engine (rebuilt when the index changed), the
-/// sponsors' budgets and the noise secret.
+/// The broker's feasibility state: the sponsors' budgets and the noise secret.
 pub struct Feasibility {
-    engine: Mutex<Option<IndexedEngine>>,
     budgets: Mutex<HashMap<String, QueryBudget>>,
     budget_policy: BudgetPolicy,
     protection: ProtectionPolicy,
@@ -44,7 +32,6 @@ pub struct Feasibility {
 impl Feasibility {
     pub fn new(secret: [u8; 32], budget_policy: BudgetPolicy) -> Feasibility {
         Feasibility {
-            engine: Mutex::new(None),
             budgets: Mutex::new(HashMap::new()),
             budget_policy,
             protection: ProtectionPolicy::default(),
@@ -61,8 +48,9 @@ pub enum CountAnswer {
 }
 
 impl Broker {
-    /// Counts `definition_json` for `study_id`: protected for its sponsor (charged to the
-    /// sponsor's budget), exact for a board member. Logged either way.
+    /// Counts `definition_json` (empty: the study's own cohort) for `study_id`: protected
+    /// for its sponsor (charged to the sponsor's budget), exact for a board member. Logged
+    /// either way.
     pub fn count_cohort(
         &self,
         caller: &Caller,
@@ -84,13 +72,18 @@ impl Broker {
                 "study {study_id} was rejected by the board: nothing is counted for it"
             )));
         }
-        let definition = CohortDefinition::from_json(definition_json)
-            .map_err(|e| ServiceError::InvalidArgument(format!("cohort definition: {e}")))?;
+        let definition = if definition_json.is_empty() {
+            study.proposal.cohort.clone()
+        } else {
+            CohortDefinition::from_json(definition_json)
+                .map_err(|e| ServiceError::InvalidArgument(format!("cohort definition: {e}")))?
+        };
         if caller.role == Role::Sponsor {
             // Past the rate limit, refuse before building the study's consent snapshot.
             self.rate_check(&caller.actor_id)?;
         }
-        let (engine, consent) = self.engine_for(&study)?;
+        let view = self.cohort_view(&study)?;
+        let (engine, consent) = (&view.engine, &view.consent.snapshot);
         // What a sponsor's answer shows: one noise draw per normalized attrition step over
         // this consent snapshot and index. Charged before counting; fresh draws only.
         let sponsor = match caller.role {
@@ -103,7 +96,7 @@ impl Broker {
             _ => None,
         };
         let result = engine
-            .count_blocking(&definition, &consent)
+            .count_blocking(&definition, consent)
             .map_err(|e| ServiceError::internal(format!("cohort engine: {e}")))?;
         let (answer, purpose) = match &sponsor {
             None => {
@@ -128,7 +121,7 @@ impl Broker {
         e.why.study_id = Some(study_id.to_owned());
         e.why.purpose = Some(purpose);
         e.details.study_id = Some(study_id.to_owned());
-        e.details.content_hashes = vec![Digest32(definition.normalized().hash.0)];
+        e.details.definition_hash = Some(Digest32(definition.normalized().hash.0));
         e.details.record_count = match &answer {
             CountAnswer::Protected(p) => match p.count {
                 ProtectedCount::About(n) => Some(n),
@@ -195,60 +188,6 @@ impl Broker {
         })
     }
 
-    /// The engine over the current index, and the consent snapshot of `study`: each
-    /// patient whose current policy permits the study, with the fields it makes
-    /// searchable that the study requested.
-    fn engine_for(&self, study: &Study) -> ServiceResult<(Arc<CohortEngine>, ConsentSnapshot)> {
-        let generation = self.index_generation();
-        let (engine, pseudonyms) = {
-            let mut cached = self
-                .feasibility
-                .engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match cached.as_ref() {
-                Some(c) if c.generation == generation => (c.engine.clone(), c.pseudonyms.clone()),
-                _ => {
-                    let (engine, pseudonyms) = self.build_engine()?;
-                    let built = IndexedEngine {
-                        generation,
-                        engine: Arc::new(engine),
-                        pseudonyms: Arc::new(pseudonyms),
-                    };
-                    let out = (built.engine.clone(), built.pseudonyms.clone());
-                    *cached = Some(built);
-                    out
-                }
-            }
-        };
-        let now = now_secs();
-        let db = self.db();
-        let mut builder = ConsentSnapshot::builder();
-        for (person, pseudonym) in pseudonyms.iter().enumerate() {
-            let versions = db.consents(pseudonym)?;
-            if versions.is_empty() {
-                continue;
-            }
-            let history = history(&versions).map_err(ServiceError::internal)?;
-            let Some(access) = decide(&history, study, now).permit() else {
-                continue;
-            };
-            for field in access.fields().intersection(&study.proposal.fields) {
-                builder
-                    .grant(person as i64, *field)
-                    .map_err(ServiceError::internal)?;
-            }
-            // Sensitive codes count only under their category, permitted for this study
-            // (the decision releases only categories the study requested).
-            for category in access.categories().iter().filter(|c| c.is_sensitive()) {
-                builder
-                    .permit(person as i64, *category)
-                    .map_err(ServiceError::internal)?;
-            }
-        }
-        Ok((engine, builder.build()))
-    }
-
     /// Adds ancestor → descendant code relations (a custodian's or the operator's
     /// vocabulary, e.g. OMOP `concept_ancestor`) for `include_descendants`; returns how
     /// many were new and how many are held.
@@ -274,24 +213,5 @@ impl Broker {
             self.index_changed();
         }
         Ok((added, total))
-    }
-
-    fn build_engine(&self) -> ServiceResult<(CohortEngine, Vec<String>)> {
-        let db = self.db();
-        let hierarchy = ConceptHierarchy::from_pairs(
-            db.concept_relations()?
-                .into_iter()
-                .filter_map(|(a, d)| Some((a.parse().ok()?, d.parse().ok()?))),
-        );
-        let pseudonyms = db.pseudonyms()?;
-        let mut builder = IndexBuilder::new();
-        for (person, p) in pseudonyms.iter().enumerate() {
-            builder
-                .add(person as i64, &db.index(p)?)
-                .map_err(|e| ServiceError::internal(format!("index: {e}")))?;
-        }
-        drop(db);
-        let engine = CohortEngine::from_index(builder.build(), hierarchy);
-        Ok((engine, pseudonyms))
     }
 }

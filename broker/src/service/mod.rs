@@ -2,6 +2,7 @@
 //! The gRPC adapter in [`crate::grpc`] converts messages and calls these.
 
 mod audit;
+mod cohort;
 mod consents;
 mod feasibility;
 mod grants;
@@ -37,6 +38,7 @@ pub struct Broker {
     subject_secret: [u8; 32],
     audit: AccessLog,
     feasibility: Feasibility,
+    cohorts: cohort::Cohorts,
     /// Bumped whenever the searchable index changes, so the cohort engine is rebuilt.
     index_generation: AtomicU64,
 }
@@ -68,6 +70,7 @@ impl Broker {
             subject_secret,
             audit,
             feasibility,
+            cohorts: Default::default(),
             index_generation: AtomicU64::new(1),
         });
         broker.reindex_log()?;

@@ -1,5 +1,5 @@
-//! Releases: the exact cohort of an open study ∩ its active grants, fixed when the
-//! researcher requests it; then streamed in batches, each batch re-encrypted by the
+//! Releases: the cohort engine's selection of an open study's own definition ∩ its active
+//! grants, fixed when the researcher requests it; then streamed in batches, each batch re-encrypted by the
 //! proxies, every capsule fragment verified before it is passed on.
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use audit_log::event::Digest32;
 use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
-use consent_policy::{history, release_scope};
+use consent_policy::StudyAccess;
 use model::Caller;
 use model::{Study, purpose_label};
 use pre_kms::logged_release::LoggedRelease;
@@ -76,15 +76,22 @@ impl Broker {
         format!("sub-{}", &h.finalize().to_hex()[..24])
     }
 
-    /// Fixes a release: cohort ∩ active grants, latest envelope of each granted and
-    /// requested category. One `release` event per patient is logged, and a checkpoint
-    /// signed, before the release exists: the proxies re-encrypt nothing else.
+    /// Fixes a release: the study's cohort as the engine selects it under the study's
+    /// consent (the same view the board's exact count of the study's definition counts
+    /// over) ∩ active grants, and of each patient the latest envelope of each category
+    /// both the grant and the consent, as it stands now, allow. One `release` event per
+    /// patient is logged, with the definition's hash, and a checkpoint signed, before the
+    /// release exists: the proxies re-encrypt nothing else.
     pub fn request_release(&self, caller: &Caller, study_id: &str) -> ServiceResult<ReleaseRow> {
         let study = self.open_study_for(caller, study_id)?;
         let now = now_secs();
         let mut id = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let release_id = format!("rel-{}", hex::encode(id));
+        let definition_hash = Digest32(study.proposal.cohort.normalized().hash.0);
+        let view = self.cohort_view(&study)?;
+        let cohort: HashMap<&str, &StudyAccess> =
+            view.select(&study.proposal.cohort)?.into_iter().collect();
         let mut items = Vec::new();
         let mut events = Vec::new();
         let mut subjects = Vec::new();
@@ -92,23 +99,18 @@ impl Broker {
             let db = self.db();
             let mut selected = Vec::new();
             for grant in db.active_grants(study_id, now)? {
-                // The patient's consent as it stands now decides again: which categories,
-                // and which of their searchable fields the cohort may look at.
-                let versions = db.consents(&grant.pseudonym)?;
-                let history = history(&versions).map_err(ServiceError::internal)?;
-                let Some(scope) = release_scope(&history, &study, db.index(&grant.pseudonym)?, now)
-                else {
+                let Some(access) = cohort.get(grant.pseudonym.as_str()) else {
                     continue;
                 };
                 let categories: Vec<Category> = grant
                     .categories
                     .iter()
                     .copied()
-                    .filter(|c| scope.categories.contains(c))
+                    .filter(|c| access.categories.contains(c))
                     .collect();
                 let envelopes = db.latest_envelopes(&grant.pseudonym, &categories)?;
                 if !envelopes.is_empty() {
-                    selected.push((grant, envelopes, scope.policy_hash));
+                    selected.push((grant, envelopes, access.policy_hash));
                 }
             }
             let pseudonyms: Vec<&str> = selected
@@ -125,6 +127,7 @@ impl Broker {
                 e.details.study_id = Some(study_id.to_owned());
                 e.details.release_id = Some(release_id.clone());
                 e.details.grant_id = Some(grant.grant_id.clone());
+                e.details.definition_hash = Some(definition_hash);
                 e.details.categories = envelopes
                     .iter()
                     .map(|(c, ..)| c.label().to_owned())

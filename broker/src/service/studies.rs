@@ -41,8 +41,7 @@ impl Broker {
                 ));
             }
         }
-        let cohort_needs = consent_policy::cohort_fields(&proposal.cohort);
-        if let Some(missing) = cohort_needs.difference(&proposal.fields).next() {
+        if let Some(missing) = proposal.cohort.fields().difference(&proposal.fields).next() {
             return Err(ServiceError::InvalidArgument(format!(
                 "the cohort searches {missing}, which the study does not request as a searchable field"
             )));

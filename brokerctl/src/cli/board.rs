@@ -123,8 +123,15 @@ fn parse_until(s: &str) -> Result<i64, String> {
 
 #[derive(Subcommand)]
 pub enum BoardStudyCmd {
-    /// Every study and its status.
+    /// Every study and its status, with its cohort's hash (what an approval signs).
     List(#[command(flatten)] Conn),
+    /// One study in full: purpose, categories, fields, researcher, period and its cohort
+    /// definition (normalized) with the hash an approval signs.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        study: String,
+    },
     /// Approve a proposed study, signing it.
     Approve {
         #[command(flatten)]
@@ -177,18 +184,13 @@ pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
         }
         BoardCmd::Study(BoardStudyCmd::List(conn)) => {
             let studies = connect(&conn).await?.list_studies().await?;
-            let rows: Vec<_> = studies
-                .iter()
-                .map(|s| serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
-                    "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields, "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id,
-                    "receiving_key": hex::encode(&s.proposal.receiving_key)}))
-                .collect();
+            let rows: Vec<_> = studies.iter().map(study_json).collect();
             print(&conn, &rows, || {
                 studies
                     .iter()
                     .map(|s| {
                         format!(
-                            "{}  {:<9} {} [{}] for researcher {} (receiving key {})",
+                            "{}  {:<9} {} [{}] cohort {} for researcher {} (receiving key {})",
                             s.study_id,
                             s.status.as_str(),
                             s.proposal.title,
@@ -198,12 +200,50 @@ pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
                                 .map(|c| c.label())
                                 .collect::<Vec<_>>()
                                 .join(","),
+                            &s.proposal.cohort.normalized().hash.to_string()[..16],
                             s.proposal.researcher_id,
                             hex::encode(&s.proposal.receiving_key)
                         )
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
+            });
+        }
+        BoardCmd::Study(BoardStudyCmd::Show { conn, study }) => {
+            let s = connect(&conn).await?.get_study(&study).await?;
+            let normalized = s.proposal.cohort.normalized();
+            print(&conn, &study_json(&s), || {
+                let p = &s.proposal;
+                let mut out = format!(
+                    "{}  {}\n  title:      {}\n  purpose:    {}\n  categories: {}\n  fields:     {}\n  researcher: {} (receiving key {})\n  period:     {} to {}\n  cohort:     {}\n",
+                    s.study_id,
+                    s.status.as_str(),
+                    p.title,
+                    purpose_label(&p.purpose),
+                    p.categories
+                        .iter()
+                        .map(|c| c.label())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.fields
+                        .iter()
+                        .map(|f| f.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.researcher_id,
+                    hex::encode(&p.receiving_key),
+                    p.not_before,
+                    p.not_after,
+                    normalized.hash,
+                );
+                if p.cohort.criteria.is_empty() {
+                    out.push_str("              every patient whose consent permits the study\n");
+                }
+                for c in &p.cohort.criteria {
+                    out.push_str(&format!("              - {}\n", c.describe()));
+                }
+                out.push_str(&format!("  definition: {}", normalized.json));
+                out
             });
         }
         BoardCmd::Study(BoardStudyCmd::Approve {
@@ -323,4 +363,15 @@ async fn decide(
 
 fn log_filter(f: LogFilter) -> audit_log::EventFilter {
     log_review::events_filter(f.since, f.until, f.study, f.actor, f.kinds)
+}
+
+/// A study as `board study list --json` and `board study show --json` print it.
+fn study_json(s: &model::Study) -> serde_json::Value {
+    let normalized = s.proposal.cohort.normalized();
+    serde_json::json!({"study_id": s.study_id, "status": s.status.as_str(), "title": s.proposal.title,
+        "purpose": purpose_label(&s.proposal.purpose), "fields": s.proposal.fields,
+        "categories": s.proposal.categories, "researcher_id": s.proposal.researcher_id,
+        "receiving_key": hex::encode(&s.proposal.receiving_key),
+        "not_before": s.proposal.not_before, "not_after": s.proposal.not_after,
+        "cohort_hash": normalized.hash.to_string(), "cohort": s.proposal.cohort})
 }

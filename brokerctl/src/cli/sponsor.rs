@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use model::{Cohort, ResearchPurpose, SearchField, StudyFocus, StudyProposal};
+use model::{CohortDefinition, ResearchPurpose, SearchField, StudyFocus, StudyProposal};
 use pre_kms::{Category, PublicIdentity};
 
 use super::conn::{Conn, connect, print};
@@ -27,9 +27,10 @@ pub struct CountArgs {
     conn: Conn,
     #[arg(long)]
     study: String,
-    /// The cohort definition (JSON).
+    /// A cohort definition (JSON, docs/COHORTS.md) to count [default: the study's own
+    /// cohort, the one its release selects].
     #[arg(long)]
-    definition: PathBuf,
+    definition: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -47,7 +48,7 @@ pub enum SponsorStudyCmd {
         purpose: StudyFocus,
         #[command(flatten)]
         commitments: Commitments,
-        /// Searchable fields the cohort needs [default: those its criteria use].
+        /// Searchable fields the study may search [default: those its cohort reads].
         #[arg(long, value_delimiter = ',')]
         fields: Vec<SearchField>,
         /// Categories to release, comma-separated (e.g. conditions,observations).
@@ -59,15 +60,11 @@ pub enum SponsorStudyCmd {
         /// Length of the approval period in days, from now.
         #[arg(long, default_value_t = 365)]
         days: i64,
-        /// Cohort: any of these condition codes (repeat the flag).
-        #[arg(long = "condition")]
-        conditions: Vec<String>,
+        /// The study's cohort: a cohort definition (JSON, docs/COHORTS.md). The board
+        /// approves it with the study, counts it exactly, and a release selects exactly
+        /// its patients [default: every patient whose consent permits the study].
         #[arg(long)]
-        born_from: Option<i32>,
-        #[arg(long)]
-        born_to: Option<i32>,
-        #[arg(long)]
-        sex: Option<String>,
+        cohort: Option<PathBuf>,
     },
 }
 
@@ -125,26 +122,22 @@ pub async fn run(cmd: SponsorCmd) -> anyhow::Result<()> {
             categories,
             researcher_key,
             days,
-            conditions,
-            born_from,
-            born_to,
-            sex,
+            cohort,
         }) => {
+            let cohort = match &cohort {
+                Some(path) => {
+                    let json = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    CohortDefinition::from_json(&json)
+                        .with_context(|| format!("{}: not a cohort definition", path.display()))?
+                }
+                None => CohortDefinition::everyone(),
+            };
             let client = connect(&conn).await?;
             let researcher = PublicIdentity::read_file(&researcher_key)?;
             let now = pre_kms::request_auth::now_secs();
             let fields = if fields.is_empty() {
-                let mut used = std::collections::BTreeSet::new();
-                if born_from.is_some() || born_to.is_some() {
-                    used.insert(SearchField::BirthYear);
-                }
-                if sex.is_some() {
-                    used.insert(SearchField::Sex);
-                }
-                if !conditions.is_empty() {
-                    used.insert(SearchField::Condition);
-                }
-                used
+                cohort.fields()
             } else {
                 fields.into_iter().collect()
             };
@@ -167,17 +160,15 @@ pub async fn run(cmd: SponsorCmd) -> anyhow::Result<()> {
                 receiving_key: pre_kms::keys::public_key_bytes(&researcher.encryption_key),
                 not_before: now - 60,
                 not_after: now + days * 24 * 3600,
-                cohort: Cohort {
-                    condition_codes: conditions,
-                    min_birth_year: born_from,
-                    max_birth_year: born_to,
-                    sex,
-                },
+                cohort,
             };
             let s = client.propose_study(&proposal).await?;
-            print(&conn, &serde_json::json!({"study_id": s.study_id}), || {
-                format!("proposed study {}", s.study_id)
-            });
+            let hash = s.proposal.cohort.normalized().hash.to_string();
+            print(
+                &conn,
+                &serde_json::json!({"study_id": s.study_id, "cohort_hash": hash}),
+                || format!("proposed study {} (cohort {})", s.study_id, &hash[..16]),
+            );
         }
         SponsorCmd::Count(args) => count(args).await?,
     }
@@ -188,8 +179,10 @@ pub async fn run(cmd: SponsorCmd) -> anyhow::Result<()> {
 /// caller: protected for a sponsor, exact for the board.
 pub async fn count(args: CountArgs) -> anyhow::Result<()> {
     let client = connect(&args.conn).await?;
-    let definition = std::fs::read(&args.definition)
-        .with_context(|| format!("reading {}", args.definition.display()))?;
+    let definition = match &args.definition {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => Vec::new(),
+    };
     let r = client.count(&args.study, &definition).await?;
     let attrition: Vec<_> = r
         .attrition

@@ -113,7 +113,7 @@ fn patients_without_consent_are_invisible() {
         assert!(r.attrition.iter().all(|s| s.exact == 0), "{name}: {r:?}");
         // Sex alone: every patient is visible, and only sex can match.
         let r = engine.count_blocking(&d, &only_sex).unwrap();
-        let reference = common::Reference {
+        let reference = crate::reference::Reference {
             hierarchy: &common::hierarchy(),
             consent: &only_sex,
         };

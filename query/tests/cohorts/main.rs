@@ -6,4 +6,5 @@ mod consent;
 mod export;
 mod protect;
 mod queries;
+mod reference;
 mod sensitive;

@@ -7,7 +7,8 @@ use cohort_query::{
     IndexBuilder, PatientIndex, Person, SearchField,
 };
 
-use crate::common::{self, Reference, def};
+use crate::common::{self, def};
+use crate::reference::Reference;
 
 fn ev(code: &str, date: &str) -> CodedEvent {
     let (system, code) = code.split_once(':').unwrap();

@@ -154,7 +154,7 @@ fn sensitive_codes_count_only_where_their_category_is_permitted() {
     let consent = consent(41, n);
     let tables = common::tables(&patients);
     let h = hierarchy();
-    let reference = common::Reference {
+    let reference = crate::reference::Reference {
         hierarchy: &h,
         consent: &consent,
     };
