@@ -222,6 +222,9 @@ pub struct Details {
     /// Hashes of the ciphertexts, capsules or other contents involved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content_hashes: Vec<Digest32>,
+    /// The normalized hash of the cohort definition counted, or that selected a release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_hash: Option<Digest32>,
     /// What a protected feasibility count cost its sponsor's privacy budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetCharge>,
