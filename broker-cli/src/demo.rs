@@ -46,12 +46,8 @@ pub const DEMO_CATEGORIES: [Category; 4] = [
 ];
 
 pub fn demo_cohort() -> CohortDefinition {
-    CohortDefinition::from_json(
-        br#"{"title": "Adults born 1930-1975 with hypertension",
-             "criteria": [{"demographics": {"birth_year": {"min": 1930, "max": 1975}}},
-                          {"condition": {"codes": ["snomed:38341003"]}}]}"#,
-    )
-    .expect("the demo cohort is a valid definition")
+    CohortDefinition::from_json(include_bytes!("../../docs/examples/hypertension.json"))
+        .expect("the demo cohort is a valid definition")
 }
 
 /// A broker with its embedded proxies on loopback, and its operator.

@@ -31,8 +31,8 @@
 //!                     CountResult { exact, attrition } ──protect──▶ "<11" / "1235"
 //! ```
 //!
-//! The older `model::Cohort` (condition codes, birth years, sex, evaluated per patient)
-//! stays for the release path until the broker moves to the engine.
+//! The broker selects a study's release with the same engine, under the same snapshot,
+//! through [`CohortEngine::select`]: there is no other way to pick patients.
 //!
 //! See [`engine`] for an end-to-end example.
 
