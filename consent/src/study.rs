@@ -97,7 +97,7 @@ pub enum NoGrant {
 /// consent releases (a sensitive code is searchable only under its released category), and
 /// the consent version that decided. The one rule the broker's consent snapshot, its
 /// release selection and the patient's agent all apply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StudyAccess {
     pub fields: BTreeSet<SearchField>,
     pub categories: BTreeSet<Category>,

@@ -259,8 +259,10 @@ impl ConsentSnapshot {
     }
 }
 
-/// Collects grants into a [`ConsentSnapshot`].
-#[derive(Debug, Default)]
+/// Collects grants into a [`ConsentSnapshot`]; kept, it is a study's consent maintained
+/// patient by patient ([`ConsentBuilder::remove`], then the patient's new grants), with a
+/// snapshot taken whenever one is needed ([`ConsentBuilder::snapshot`]).
+#[derive(Debug, Default, Clone)]
 pub struct ConsentBuilder {
     fields: [RoaringBitmap; 6],
     categories: [RoaringBitmap; 4],
@@ -295,6 +297,22 @@ impl ConsentBuilder {
         let key = person_key(person_id).ok_or(ConsentError::PersonIdOutOfRange(person_id))?;
         self.categories[i].insert(key);
         Ok(self)
+    }
+
+    /// Forgets everything recorded of `person_id`.
+    pub fn remove(&mut self, person_id: i64) -> &mut Self {
+        if let Some(key) = person_key(person_id) {
+            for bitmap in self.fields.iter_mut().chain(&mut self.categories) {
+                bitmap.remove(key);
+            }
+            self.included.remove(key);
+        }
+        self
+    }
+
+    /// A snapshot of what is recorded so far; the builder stays as it is.
+    pub fn snapshot(&self) -> ConsentSnapshot {
+        self.clone().build()
     }
 
     /// The snapshot.
@@ -371,6 +389,17 @@ mod tests {
         let without = ConsentSnapshot::from_grants([(1, vec![Condition])]).unwrap();
         assert_ne!(s.hash(), without.hash());
         assert_eq!(without.patients(), 1);
+        // Removing a patient leaves what the builder would have held without them.
+        let mut b = ConsentSnapshot::builder();
+        b.grant(1, Condition).unwrap();
+        b.include(2).unwrap();
+        b.grant(2, Sex)
+            .unwrap()
+            .permit(2, Category::MentalHealth)
+            .unwrap();
+        assert_eq!(b.snapshot().patients(), 2);
+        b.remove(2);
+        assert_eq!(b.snapshot(), without);
     }
 
     #[test]

@@ -186,7 +186,8 @@ impl Broker {
             let log_size = self.audit.size();
             db.insert_consents(&accepted, log_size, &events)?
         };
-        self.consents_changed();
+        let changed: Vec<&str> = accepted.iter().map(|(p, _)| p.as_str()).collect();
+        self.consents_changed(&changed)?;
         self.record_intended(&events, &intents)?;
         let receipts = accepted
             .iter()

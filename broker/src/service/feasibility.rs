@@ -83,7 +83,7 @@ impl Broker {
             self.rate_check(&caller.actor_id)?;
         }
         let view = self.cohort_view(&study)?;
-        let (engine, consent) = (&view.engine, &view.consent.snapshot);
+        let (engine, consent) = (&view.engine, &view.snapshot);
         // What a sponsor's answer shows: one noise draw per normalized attrition step over
         // this consent snapshot and index. Charged before counting; fresh draws only.
         let sponsor = match caller.role {

@@ -80,6 +80,54 @@ impl Db {
         .collect()
     }
 
+    /// Every patient's policy versions, oldest first, by person number: `f(person_id,
+    /// versions)` for each patient with a stored policy. Each distinct policy is parsed
+    /// once (many patients share one, e.g. a custodian's broad consent).
+    pub fn for_each_consent_history(
+        &self,
+        mut f: impl FnMut(i64, &[ConsentPolicy]),
+    ) -> DbResult<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT p.person_id, c.policy_hash, c.policy FROM consents c
+             JOIN patients p ON p.pseudonym = c.pseudonym ORDER BY p.person_id, c.version",
+        )?;
+        let mut parsed: HashMap<String, ConsentPolicy> = HashMap::new();
+        let mut current: Option<i64> = None;
+        let mut versions: Vec<ConsentPolicy> = Vec::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let person: i64 = r.get(0)?;
+            let hash: String = r.get(1)?;
+            if current != Some(person) {
+                if let Some(p) = current {
+                    f(p, &versions);
+                }
+                versions.clear();
+                current = Some(person);
+            }
+            let policy = match parsed.get(&hash) {
+                Some(p) => p.clone(),
+                None => {
+                    let bytes: Vec<u8> = r.get(2)?;
+                    let p = ConsentPolicy::from_json(&bytes).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Blob,
+                            Box::new(e),
+                        )
+                    })?;
+                    parsed.insert(hash, p.clone());
+                    p
+                }
+            };
+            versions.push(policy);
+        }
+        if let Some(p) = current {
+            f(p, &versions);
+        }
+        Ok(())
+    }
+
     /// A patient's grants: (study id, categories, expiry).
     pub fn patient_grants(&self, pseudonym: &str) -> DbResult<Vec<(String, Vec<Category>, i64)>> {
         let mut stmt = self.conn.prepare_cached(

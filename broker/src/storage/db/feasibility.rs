@@ -3,12 +3,27 @@
 use super::*;
 
 impl Db {
-    /// Every enrolled patient's pseudonym, in a fixed order.
-    pub fn pseudonyms(&self) -> DbResult<Vec<String>> {
+    /// Every enrolled patient's number in the cohort engine and pseudonym, by number.
+    pub fn persons(&self) -> DbResult<Vec<(i64, String)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT pseudonym FROM patients ORDER BY pseudonym")?;
-        stmt.query_map([], |r| r.get(0))?.collect()
+            .prepare_cached("SELECT person_id, pseudonym FROM patients ORDER BY person_id")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+    }
+
+    /// The numbers of these patients in the cohort engine (unknown pseudonyms are left out).
+    pub fn person_ids(&self, pseudonyms: &[&str]) -> DbResult<Vec<(i64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT person_id FROM patients WHERE pseudonym = ?1")?;
+        let mut out = Vec::with_capacity(pseudonyms.len());
+        for p in pseudonyms {
+            if let Some(id) = stmt.query_row([p], |r| r.get(0)).optional()? {
+                out.push((id, (*p).to_owned()));
+            }
+        }
+        Ok(out)
     }
 
     /// A sponsor's stored query budget (JSON).

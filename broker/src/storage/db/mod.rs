@@ -37,7 +37,7 @@ pub struct Db {
 }
 
 /// The metadata schema this broker reads and writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
@@ -57,9 +57,10 @@ CREATE TABLE IF NOT EXISTS consent_reconcile (pseudonym TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS proxies (
     idx INTEGER PRIMARY KEY, proxy_id TEXT NOT NULL, encryption_key BLOB NOT NULL,
     verifying_key BLOB NOT NULL);
+-- person_id: the patient's number in the cohort engine, never reused.
 CREATE TABLE IF NOT EXISTS patients (
-    pseudonym TEXT PRIMARY KEY, verifying_key BLOB NOT NULL, enrolled_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL);
+    person_id INTEGER PRIMARY KEY AUTOINCREMENT, pseudonym TEXT NOT NULL UNIQUE,
+    verifying_key BLOB NOT NULL, enrolled_by TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS patient_keys (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), category TEXT NOT NULL,
     public_key BLOB NOT NULL, PRIMARY KEY (pseudonym, category));
@@ -227,7 +228,7 @@ impl Db {
             if version != Some(SCHEMA_VERSION) {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
                     "this data directory has metadata schema {} but this broker uses schema {SCHEMA_VERSION} \
-                     (studies now carry a DUO research purpose, patients signed consent policies); \
+                     (studies now carry a cohort definition, patients a number in the cohort engine); \
                      nothing was changed: start a new data directory",
                     version.map_or("1".to_string(), |v| v.to_string())
                 )));
