@@ -158,10 +158,59 @@ struct Inner {
     version: OnceLock<IndexVersion>,
 }
 
+impl Inner {
+    fn new(tables: IndexTables, hierarchy: ConceptHierarchy, options: &EngineOptions) -> Inner {
+        let threads = options.threads.max(1);
+        let code_index = options.access != Access::FullScan;
+        let provider = |kind| -> Arc<dyn TableProvider> {
+            Arc::new(IndexTableProvider::new(kind, tables.clone(), code_index))
+        };
+        let sets = |kind| provider_as_source(Arc::new(SetTableProvider::new(kind, tables.clone())));
+        let sources = Sources {
+            person: provider_as_source(provider(TableKind::Person)),
+            events: Domain::ALL.map(|d| provider_as_source(provider(TableKind::Event(d)))),
+            sets: (options.access == Access::PersonSets).then(|| SetSources {
+                all: sets(SetKind::All),
+                sex: sets(SetKind::Sex),
+                birth_year: sets(SetKind::BirthYear),
+                by_code: Domain::ALL.map(|d| sets(SetKind::Code(d))),
+            }),
+        };
+        let mut config = SessionConfig::new()
+            .with_target_partitions(threads)
+            .with_batch_size(64 * 1024);
+        // Compiled plans are small and already in shape (filters directly above their
+        // scans): one optimizer pass reaches the same plans, for about half the time.
+        config.options_mut().optimizer.max_passes = 1;
+        let state = SessionStateBuilder::new().with_config(config).build();
+        Inner {
+            sensitivity: Arc::new(Sensitivity::new(&hierarchy)),
+            tables,
+            hierarchy,
+            sources,
+            state,
+            version: OnceLock::new(),
+        }
+    }
+}
+
 /// Answers cohort definitions over one set of index tables.
 pub struct CohortEngine {
     inner: Arc<Inner>,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Arc<EngineRuntime>,
+    options: EngineOptions,
+}
+
+/// The engine's own threads, shared by the engines [`CohortEngine::with_tables`] makes.
+struct EngineRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; an engine may be dropped inside async code.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for CohortEngine {
@@ -170,15 +219,6 @@ impl std::fmt::Debug for CohortEngine {
             .field("persons", &self.inner.tables.persons())
             .field("concept_relations", &self.inner.hierarchy.len())
             .finish()
-    }
-}
-
-impl Drop for CohortEngine {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks; an engine may be dropped inside async code.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -207,28 +247,6 @@ impl CohortEngine {
         options: EngineOptions,
     ) -> CohortEngine {
         let threads = options.threads.max(1);
-        let code_index = options.access != Access::FullScan;
-        let provider = |kind| -> Arc<dyn TableProvider> {
-            Arc::new(IndexTableProvider::new(kind, tables.clone(), code_index))
-        };
-        let sets = |kind| provider_as_source(Arc::new(SetTableProvider::new(kind, tables.clone())));
-        let sources = Sources {
-            person: provider_as_source(provider(TableKind::Person)),
-            events: Domain::ALL.map(|d| provider_as_source(provider(TableKind::Event(d)))),
-            sets: (options.access == Access::PersonSets).then(|| SetSources {
-                all: sets(SetKind::All),
-                sex: sets(SetKind::Sex),
-                birth_year: sets(SetKind::BirthYear),
-                by_code: Domain::ALL.map(|d| sets(SetKind::Code(d))),
-            }),
-        };
-        let mut config = SessionConfig::new()
-            .with_target_partitions(threads)
-            .with_batch_size(64 * 1024);
-        // Compiled plans are small and already in shape (filters directly above their
-        // scans): one optimizer pass reaches the same plans, for about half the time.
-        config.options_mut().optimizer.max_passes = 1;
-        let state = SessionStateBuilder::new().with_config(config).build();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("cohort-engine")
@@ -237,15 +255,23 @@ impl CohortEngine {
             .build()
             .expect("a tokio runtime for the cohort engine");
         CohortEngine {
-            inner: Arc::new(Inner {
-                sensitivity: Arc::new(Sensitivity::new(&hierarchy)),
+            inner: Arc::new(Inner::new(tables, hierarchy, &options)),
+            runtime: Arc::new(EngineRuntime(Some(runtime))),
+            options,
+        }
+    }
+
+    /// An engine over `tables` with this engine's concept relations, options and threads:
+    /// cheap, for tables that grew by a segment or were compacted.
+    pub fn with_tables(&self, tables: IndexTables) -> CohortEngine {
+        CohortEngine {
+            inner: Arc::new(Inner::new(
                 tables,
-                hierarchy,
-                sources,
-                state,
-                version: OnceLock::new(),
-            }),
-            runtime: Some(runtime),
+                self.inner.hierarchy.clone(),
+                &self.options,
+            )),
+            runtime: self.runtime.clone(),
+            options: self.options.clone(),
         }
     }
 
@@ -285,6 +311,7 @@ impl CohortEngine {
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime
+            .0
             .as_ref()
             .expect("runtime lives as long as the engine")
     }
@@ -481,7 +508,7 @@ fn one_row(batches: &[RecordBatch]) -> Result<&RecordBatch, QueryError> {
 mod tests {
     use super::*;
     use crate::index::PatientIndex;
-    use crate::tables::IndexBuilder;
+    use crate::tables::{IndexBuilder, IndexError};
     use datafusion::catalog::MemTable;
 
     fn engine() -> CohortEngine {
@@ -528,6 +555,132 @@ mod tests {
         assert_eq!(r.exact, 1);
     }
 
+    /// A small deterministic population: patient `i`'s rows depend on `i` and `version`.
+    fn patient(i: i64, version: i64) -> PatientIndex {
+        use crate::index::{CodedEvent, Person};
+        let ev = |system: &str, code: String, day: i64, value: Option<f64>| CodedEvent {
+            system: system.into(),
+            code,
+            date: format!("20{:02}-0{}-1{}", 10 + (day % 12), 1 + day % 9, day % 10),
+            value,
+            unit: if value.is_some() {
+                "%".into()
+            } else {
+                String::new()
+            },
+        };
+        let k = i * 7 + version * 3;
+        PatientIndex {
+            person: Person {
+                birth_year: Some(1940 + (k % 60) as i32),
+                sex: if k % 2 == 0 { "female" } else { "male" }.into(),
+            },
+            conditions: (0..(k % 4))
+                .map(|j| ev("snomed", format!("{}", 100 + (k + j) % 5), k + j, None))
+                .collect(),
+            measurements: (0..(k % 3))
+                .map(|j| ev("loinc", "4548-4".into(), k * j, Some(((k + j) % 12) as f64)))
+                .collect(),
+            drugs: (0..(k % 2))
+                .map(|j| ev("rxnorm", format!("{}", 7 + (k + j) % 3), k + 2 * j, None))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn definitions() -> Vec<CohortDefinition> {
+        [
+            r#"{"criteria": []}"#,
+            r#"{"criteria": [{"condition": {"codes": ["snomed:101", "snomed:103"]}}]}"#,
+            r#"{"criteria": [{"demographics": {"sex": ["female"], "birth_year": {"min": 1960}}},
+                             {"not": {"drug": {"codes": ["rxnorm:8"]}}}]}"#,
+            r#"{"index": {"first_event": {"condition": {"codes": ["snomed:102"]}}},
+                "criteria": [{"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 6.5},
+                                              "window": {"days_from_index": {"from": -400, "to": 400}}}}]}"#,
+        ]
+        .iter()
+        .map(|j| CohortDefinition::from_json(j.as_bytes()).unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn segments_and_retired_ids_answer_as_one_build_of_the_live_patients() {
+        // Patients 0..60, then a segment re-adding 10..20 under new ids 100..110 (their
+        // next version) and adding 60..70; the old ids of 10..20 retired.
+        let mut base = IndexBuilder::new();
+        for i in 0..60 {
+            base.add(i, &patient(i, 0)).unwrap();
+        }
+        let base = base.build();
+        let mut more = IndexBuilder::new();
+        for i in 10..20 {
+            more.add(90 + i, &patient(i, 1)).unwrap();
+        }
+        for i in 60..70 {
+            more.add(i, &patient(i, 0)).unwrap();
+        }
+        let grown = base.append(more.build()).unwrap().retire(10..20);
+        assert_eq!(grown.segments(), 2);
+        assert_eq!(grown.persons(), 70);
+        assert!(!grown.holds(15) && grown.holds(105) && grown.holds(65));
+        // An id already held, retired or not, cannot come back.
+        let mut again = IndexBuilder::new();
+        again.add(15, &patient(15, 2)).unwrap();
+        assert!(matches!(
+            grown.append(again.build()),
+            Err(IndexError::DuplicatePerson(15))
+        ));
+
+        let mut whole = IndexBuilder::new();
+        for i in (0..10).chain(20..70) {
+            whole.add(i, &patient(i, 0)).unwrap();
+        }
+        for i in 10..20 {
+            whole.add(90 + i, &patient(i, 1)).unwrap();
+        }
+        let whole = whole.build();
+        assert_eq!(grown.content_hash(), whole.content_hash());
+        let compacted = grown.compact();
+        assert_eq!(compacted.segments(), 1);
+        assert_eq!(compacted.content_hash(), whole.content_hash());
+        assert_eq!(
+            compacted.rows(Domain::Condition),
+            whole.rows(Domain::Condition)
+        );
+        assert_ne!(base.content_hash(), whole.content_hash());
+
+        // Consent even for the retired ids: they stay invisible.
+        let everyone = ConsentSnapshot::everything(0..200).unwrap();
+        let reference = CohortEngine::from_index(whole, ConceptHierarchy::new());
+        let engines = [
+            CohortEngine::from_index(grown, ConceptHierarchy::new()),
+            reference.with_tables(compacted),
+        ];
+        for (access, d) in [Access::FullScan, Access::CodeRows, Access::PersonSets]
+            .into_iter()
+            .flat_map(|a| definitions().into_iter().map(move |d| (a, d)))
+        {
+            let want = reference.count_blocking(&d, &everyone).unwrap();
+            let ids = reference.select_blocking(&d, &everyone).unwrap();
+            for e in &engines {
+                let e = CohortEngine::with_options(
+                    e.tables().clone(),
+                    ConceptHierarchy::new(),
+                    EngineOptions { access, threads: 1 },
+                );
+                assert_eq!(e.count_blocking(&d, &everyone).unwrap(), want, "{access:?}");
+                assert_eq!(e.select_blocking(&d, &everyone).unwrap(), ids, "{access:?}");
+            }
+        }
+        assert!(
+            reference
+                .count_blocking(&definitions()[0], &everyone)
+                .unwrap()
+                .exact
+                == 70
+        );
+    }
+
     #[tokio::test]
     async fn a_plan_run_without_the_consent_filter_cannot_scan() {
         let e = engine();
@@ -553,7 +706,7 @@ mod tests {
     #[tokio::test]
     async fn the_consent_filter_refuses_tables_that_are_not_index_tables() {
         let e = engine();
-        let batch = e.inner.tables.person.batch.clone();
+        let batch = e.inner.tables.segments[0].person.batch.clone();
         let other = MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap();
         let plan = LogicalPlanBuilder::scan("person", provider_as_source(Arc::new(other)), None)
             .unwrap()

@@ -139,13 +139,22 @@ fn read_columns(
 }
 
 impl IndexTables {
-    /// Writes the tables as Parquet files into `dir` (created if missing).
+    /// Writes the tables as Parquet files into `dir` (created if missing): one file per
+    /// table, compacted (without retired ids' rows).
     pub fn write_parquet_dir(&self, dir: &Path) -> Result<(), IndexError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        write_batches(&dir.join("person.parquet"), "person", &self.person.batch)?;
+        let compacted;
+        let tables = if self.segments.len() == 1 && self.retired.is_empty() {
+            self
+        } else {
+            compacted = self.compact();
+            &compacted
+        };
+        let segment = &tables.segments[0];
+        write_batches(&dir.join("person.parquet"), "person", &segment.person.batch)?;
         for domain in Domain::ALL {
             let path = dir.join(format!("{}.parquet", domain.as_str()));
-            write_batches(&path, domain.as_str(), &self.event(domain).batch)?;
+            write_batches(&path, domain.as_str(), &segment.event(domain).batch)?;
         }
         Ok(())
     }

@@ -13,14 +13,14 @@
 //!
 //! Every other predicate stays in DataFusion's `FilterExec` above the scan.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{filter_record_batch, take_record_batch};
-use arrow::datatypes::{Int32Type, Int64Type, SchemaRef};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, Int32Array, RecordBatch, StringArray};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Int32Type, Int64Type, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{Result, ScalarValue, plan_err};
@@ -29,6 +29,7 @@ use datafusion::logical_expr::{
     BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType, expr::InList,
 };
 use datafusion::physical_plan::ExecutionPlan;
+use roaring::RoaringBitmap;
 
 use crate::consent::SearchField;
 use crate::consent_filter::{
@@ -36,7 +37,7 @@ use crate::consent_filter::{
 };
 use crate::definition::Domain;
 use crate::sensitivity::Gates;
-use crate::tables::{IndexTables, SetTable, event_schema, person_schema};
+use crate::tables::{IndexTables, Segment, SetTable, event_schema, person_schema};
 
 /// Which index table a provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,12 +132,12 @@ impl SetTableProvider {
         self.kind
     }
 
-    fn table(&self) -> &SetTable {
-        match self.kind {
-            SetKind::All => &self.tables.person.all,
-            SetKind::Sex => &self.tables.person.by_sex,
-            SetKind::BirthYear => &self.tables.person.by_birth_year,
-            SetKind::Code(d) => &self.tables.event(d).by_code,
+    fn table(segment: &Segment, kind: SetKind) -> &SetTable {
+        match kind {
+            SetKind::All => &segment.person.all,
+            SetKind::Sex => &segment.person.by_sex,
+            SetKind::BirthYear => &segment.person.by_birth_year,
+            SetKind::Code(d) => &segment.event(d).by_code,
         }
     }
 
@@ -154,7 +155,9 @@ impl SetTableProvider {
 #[async_trait]
 impl TableProvider for SetTableProvider {
     fn schema(&self) -> SchemaRef {
-        self.table().batch.schema()
+        SetTableProvider::table(&self.tables.segments[0], self.kind)
+            .batch
+            .schema()
     }
 
     fn table_type(&self) -> TableType {
@@ -177,43 +180,12 @@ impl TableProvider for SetTableProvider {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let table = self.table();
-        let mut rows: Vec<usize> = (0..table.sets.len()).collect();
         let mut consents: Vec<ConsentPredicate<'_>> = Vec::new();
+        let mut keys: Vec<&Expr> = Vec::new();
         for f in filters {
-            if let Some(p) = as_set_consent_predicate(f) {
-                consents.push(p);
-                continue;
-            }
-            let key = table.batch.column(0);
-            match self.kind {
-                SetKind::Code(d) => {
-                    let Some(codes) = code_predicate(f) else {
-                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
-                    };
-                    let wanted = self
-                        .tables
-                        .event(d)
-                        .code_numbers(codes.iter().map(String::as_str));
-                    rows.retain(|r| wanted.binary_search(r).is_ok());
-                }
-                SetKind::Sex => {
-                    let Some(values) = text_predicate(f, "sex") else {
-                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
-                    };
-                    let key = key.as_string::<i32>();
-                    rows.retain(|&r| values.contains(key.value(r)));
-                }
-                SetKind::BirthYear => {
-                    let Some((low, high)) = year_predicate(f) else {
-                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
-                    };
-                    let key = key.as_primitive::<Int32Type>();
-                    rows.retain(|&r| (low..=high).contains(&i64::from(key.value(r))));
-                }
-                SetKind::All => {
-                    return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
-                }
+            match as_set_consent_predicate(f) {
+                Some(p) => consents.push(p),
+                None => keys.push(f),
             }
         }
         if !consents
@@ -225,22 +197,87 @@ impl TableProvider for SetTableProvider {
                 self.kind.name()
             );
         }
+        // Each segment's rows the key filters select, merged by key across segments:
+        // a key's persons are the union of its rows, without retired ids.
+        let mut merged: Vec<(SetKey, RoaringBitmap)> = Vec::new();
+        let mut at: HashMap<SetKey, usize> = HashMap::new();
+        for segment in self.tables.segments.iter() {
+            let table = SetTableProvider::table(segment, self.kind);
+            let mut rows: Vec<usize> = (0..table.sets.len()).collect();
+            for f in &keys {
+                let key = table.batch.column(0);
+                match self.kind {
+                    SetKind::Code(d) => {
+                        let Some(codes) = code_predicate(f) else {
+                            return plan_err!(
+                                "unexpected scan filter on `{}`: {f}",
+                                self.kind.name()
+                            );
+                        };
+                        let wanted = segment
+                            .event(d)
+                            .code_numbers(codes.iter().map(String::as_str));
+                        rows.retain(|r| wanted.binary_search(r).is_ok());
+                    }
+                    SetKind::Sex => {
+                        let Some(values) = text_predicate(f, "sex") else {
+                            return plan_err!(
+                                "unexpected scan filter on `{}`: {f}",
+                                self.kind.name()
+                            );
+                        };
+                        let key = key.as_string::<i32>();
+                        rows.retain(|&r| values.contains(key.value(r)));
+                    }
+                    SetKind::BirthYear => {
+                        let Some((low, high)) = year_predicate(f) else {
+                            return plan_err!(
+                                "unexpected scan filter on `{}`: {f}",
+                                self.kind.name()
+                            );
+                        };
+                        let key = key.as_primitive::<Int32Type>();
+                        rows.retain(|&r| (low..=high).contains(&i64::from(key.value(r))));
+                    }
+                    SetKind::All => {
+                        return plan_err!("unexpected scan filter on `{}`: {f}", self.kind.name());
+                    }
+                }
+            }
+            for r in rows {
+                let key = match self.kind {
+                    SetKind::All => SetKey::All,
+                    SetKind::BirthYear => {
+                        SetKey::Year(table.batch.column(0).as_primitive::<Int32Type>().value(r))
+                    }
+                    _ => SetKey::Text(table.batch.column(0).as_string::<i32>().value(r).to_owned()),
+                };
+                match at.get(&key) {
+                    Some(&i) => merged[i].1 |= &table.sets[r],
+                    None => {
+                        at.insert(key.clone(), merged.len());
+                        merged.push((key, table.sets[r].clone()));
+                    }
+                }
+            }
+        }
+        if !self.tables.retired.is_empty() {
+            for (_, set) in &mut merged {
+                *set -= &*self.tables.retired;
+            }
+        }
         // Keep rows with at least one consenting patient (who, for a sensitive code, also
         // permitted its categories).
-        let gates = |r: usize| match self.kind {
-            SetKind::Code(d) => consents.first().map_or(Gates::default(), |p| {
-                p.bound.gates(self.tables.event(d).code(r))
-            }),
-            _ => Gates::default(),
-        };
-        rows.retain(|&r| {
-            let gates = gates(r);
-            consents
-                .iter()
-                .all(|p| any_member(&table.sets[r], &p.members(gates)))
+        merged.retain(|(key, set)| {
+            let gates = match (self.kind, key) {
+                (SetKind::Code(_), SetKey::Text(code)) => consents
+                    .first()
+                    .map_or(Gates::default(), |p| p.bound.gates(code)),
+                _ => Gates::default(),
+            };
+            consents.iter().all(|p| any_member(set, &p.members(gates)))
         });
-        let rows = UInt32Array::from_iter_values(rows.into_iter().map(|r| r as u32));
-        let batch = take_record_batch(&table.batch, &rows)?;
+        let batch = set_batch(self.kind, merged)?;
         let exec = MemorySourceConfig::try_new_exec(
             &[vec![batch.clone()]],
             batch.schema(),
@@ -248,6 +285,41 @@ impl TableProvider for SetTableProvider {
         )?;
         Ok(exec)
     }
+}
+
+/// The key of a person-set row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SetKey {
+    All,
+    Text(String),
+    Year(i32),
+}
+
+/// A person-set table's rows as a batch of its schema.
+fn set_batch(kind: SetKind, rows: Vec<(SetKey, RoaringBitmap)>) -> Result<RecordBatch> {
+    let (keys, sets): (Vec<SetKey>, Vec<RoaringBitmap>) = rows.into_iter().unzip();
+    let key = match kind {
+        SetKind::All => None,
+        SetKind::BirthYear => Some((
+            "birth_year",
+            DataType::Int32,
+            Arc::new(Int32Array::from_iter_values(keys.iter().map(|k| match k {
+                SetKey::Year(y) => *y,
+                _ => 0,
+            }))) as ArrayRef,
+        )),
+        SetKind::Sex | SetKind::Code(_) => Some((
+            if kind == SetKind::Sex { "sex" } else { "code" },
+            DataType::Utf8,
+            Arc::new(StringArray::from_iter_values(keys.iter().map(
+                |k| match k {
+                    SetKey::Text(t) => t.as_str(),
+                    _ => "",
+                },
+            ))) as ArrayRef,
+        )),
+    };
+    Ok(SetTable::new(key, sets).batch)
 }
 
 /// Rows handed to DataFusion per batch.
@@ -288,10 +360,10 @@ impl IndexTableProvider {
         self.kind
     }
 
-    fn batch(&self) -> &RecordBatch {
+    fn batch<'a>(&self, segment: &'a Segment) -> &'a RecordBatch {
         match self.kind {
-            TableKind::Person => &self.tables.person.batch,
-            TableKind::Event(d) => &self.tables.event(d).batch,
+            TableKind::Person => &segment.person.batch,
+            TableKind::Event(d) => &segment.event(d).batch,
         }
     }
 }
@@ -452,30 +524,6 @@ impl TableProvider for IndexTableProvider {
             );
         }
 
-        let batch = self.batch();
-        // Row ranges with the categories gating them: per code for event tables (rows are
-        // sorted by code), neighbouring codes with the same gates merged.
-        let mut segments: Vec<(Range<usize>, Gates)> = Vec::new();
-        match self.kind {
-            TableKind::Event(d) => {
-                let table = self.tables.event(d);
-                let numbers: Vec<usize> = match &codes {
-                    Some(codes) => table.code_numbers(codes.iter().map(String::as_str)),
-                    None => (0..table.ranges.len()).collect(),
-                };
-                let bound = consents[0].bound;
-                for c in numbers {
-                    let (range, gates) = (table.ranges[c].clone(), bound.gates(table.code(c)));
-                    match segments.last_mut() {
-                        Some((last, g)) if *g == gates && last.end == range.start => {
-                            last.end = range.end
-                        }
-                        _ => segments.push((range, gates)),
-                    }
-                }
-            }
-            TableKind::Person => segments.push((0..batch.num_rows(), Gates::default())),
-        }
         // Read only the projected columns, plus person_id for the consent check.
         let mut columns: Vec<usize> = projection
             .cloned()
@@ -498,23 +546,58 @@ impl TableProvider for IndexTableProvider {
         let partitions = state.config().target_partitions().max(1);
         let mut out: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
         let mut next = 0;
-        for (range, gates) in segments {
-            let members: Vec<_> = consents.iter().flat_map(|p| p.members(gates)).collect();
-            let mut start = range.start;
-            while start < range.end {
-                let len = CHUNK_ROWS.min(range.end - start);
-                let mut chunk = batch.slice(start, len).project(&columns)?;
-                start += len;
-                let ids = chunk.column(id_column).as_primitive::<Int64Type>();
-                let mask = membership(ids, &members);
-                if mask.true_count() < mask.len() {
-                    chunk = filter_record_batch(&chunk, &mask)?;
+        let retired = &*self.tables.retired;
+        for segment in self.tables.segments.iter() {
+            let batch = self.batch(segment);
+            // Row ranges with the categories gating them: per code for event tables (rows
+            // are sorted by code), neighbouring codes with the same gates merged.
+            let mut ranges: Vec<(Range<usize>, Gates)> = Vec::new();
+            match self.kind {
+                TableKind::Event(d) => {
+                    let table = segment.event(d);
+                    let numbers: Vec<usize> = match &codes {
+                        Some(codes) => table.code_numbers(codes.iter().map(String::as_str)),
+                        None => (0..table.ranges.len()).collect(),
+                    };
+                    let bound = consents[0].bound;
+                    for c in numbers {
+                        let (range, gates) = (table.ranges[c].clone(), bound.gates(table.code(c)));
+                        match ranges.last_mut() {
+                            Some((last, g)) if *g == gates && last.end == range.start => {
+                                last.end = range.end
+                            }
+                            _ => ranges.push((range, gates)),
+                        }
+                    }
                 }
-                if chunk.num_rows() == 0 {
-                    continue;
+                TableKind::Person => ranges.push((0..batch.num_rows(), Gates::default())),
+            }
+            for (range, gates) in ranges {
+                let members: Vec<_> = consents.iter().flat_map(|p| p.members(gates)).collect();
+                let mut start = range.start;
+                while start < range.end {
+                    let len = CHUNK_ROWS.min(range.end - start);
+                    let mut chunk = batch.slice(start, len).project(&columns)?;
+                    start += len;
+                    let ids = chunk.column(id_column).as_primitive::<Int64Type>();
+                    let mut mask = membership(ids, &members);
+                    if !retired.is_empty() {
+                        let live = BooleanArray::from_iter(
+                            ids.values()
+                                .iter()
+                                .map(|&id| Some(!retired.contains(id as u32))),
+                        );
+                        mask = arrow::compute::and(&mask, &live)?;
+                    }
+                    if mask.true_count() < mask.len() {
+                        chunk = filter_record_batch(&chunk, &mask)?;
+                    }
+                    if chunk.num_rows() == 0 {
+                        continue;
+                    }
+                    out[next % partitions].push(chunk);
+                    next += 1;
                 }
-                out[next % partitions].push(chunk);
-                next += 1;
             }
         }
         out.retain(|p| !p.is_empty());

@@ -119,7 +119,10 @@ pub(crate) struct SetTable {
 }
 
 impl SetTable {
-    fn new(key: Option<(&str, DataType, ArrayRef)>, sets: Vec<RoaringBitmap>) -> SetTable {
+    pub(crate) fn new(
+        key: Option<(&str, DataType, ArrayRef)>,
+        sets: Vec<RoaringBitmap>,
+    ) -> SetTable {
         let mut columns = Vec::new();
         let schema = set_schema(key.as_ref().map(|(n, t, _)| (*n, t.clone())));
         if let Some((_, _, values)) = key {
@@ -184,107 +187,38 @@ pub(crate) fn set_schema(key: Option<(&str, DataType)>) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// The index tables an engine runs on. Build with [`IndexBuilder`] or read with
-/// [`IndexTables::read_parquet_dir`].
-#[derive(Debug, Clone)]
-pub struct IndexTables {
-    pub(crate) person: Arc<PersonTable>,
-    pub(crate) events: [Arc<EventTable>; 4],
+/// One segment of the index: the tables built from one batch of patients.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub person: PersonTable,
+    pub events: [EventTable; 4],
+    /// Per person row, in the person table's order: the hash of the patient's rows (see
+    /// [`IndexTables::content_hash`]).
+    pub person_hashes: Vec<Lanes>,
 }
 
-impl IndexTables {
-    /// Number of patients.
-    pub fn persons(&self) -> usize {
-        self.person.batch.num_rows()
-    }
-
-    /// Number of rows of an event table.
-    pub fn rows(&self, domain: Domain) -> usize {
-        self.event(domain).batch.num_rows()
-    }
-
-    /// Distinct codes of an event table.
-    pub fn codes(&self, domain: Domain) -> usize {
-        self.event(domain).directory.len()
-    }
-
-    pub(crate) fn event(&self, domain: Domain) -> &Arc<EventTable> {
+impl Segment {
+    pub(crate) fn event(&self, domain: Domain) -> &EventTable {
         &self.events[domain as usize]
     }
 
-    /// BLAKE3 of the tables' contents: every person row and every event row, in a fixed
-    /// order (persons by id, codes by name, a code's rows as sorted). Equal contents built
-    /// the same way hash equally; any change to a row changes the hash.
-    pub fn content_hash(&self) -> [u8; 32] {
-        use arrow::array::{Array, AsArray};
-        use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
-
-        fn text(h: &mut blake3::Hasher, v: Option<&str>) {
-            match v {
-                Some(v) => {
-                    h.update(&[1]);
-                    h.update(&(v.len() as u64).to_le_bytes());
-                    h.update(v.as_bytes());
-                }
-                None => {
-                    h.update(&[0]);
-                }
-            }
-        }
-        fn dict_value(column: &ArrayRef, row: usize) -> Option<&str> {
-            let dict = column.as_dictionary::<Int32Type>();
-            let values = dict.values().as_string::<i32>();
-            dict.key(row).map(|k| values.value(k))
-        }
-
-        let mut h = blake3::Hasher::new_derive_key("cohort-query 2026 index contents v1");
-        let p = &self.person.batch;
-        let ids = p.column(0).as_primitive::<Int64Type>();
-        let years = p.column(1).as_primitive::<Int32Type>();
-        h.update(&(p.num_rows() as u64).to_le_bytes());
-        for row in 0..p.num_rows() {
-            h.update(&ids.value(row).to_le_bytes());
-            match years.is_valid(row) {
-                true => h.update(&[1]).update(&years.value(row).to_le_bytes()),
-                false => h.update(&[0]),
-            };
-            text(&mut h, dict_value(p.column(2), row));
-        }
-        for domain in Domain::ALL {
-            let table = self.event(domain);
-            let batch = &table.batch;
-            h.update(domain.as_str().as_bytes());
-            h.update(&(batch.num_rows() as u64).to_le_bytes());
-            let persons = batch.column(0).as_primitive::<Int64Type>();
-            let dates = batch.column(2).as_primitive::<Date32Type>();
-            let values = (domain == Domain::Measurement)
-                .then(|| batch.column(3).as_primitive::<Float64Type>());
-            let mut codes: Vec<(&String, &usize)> = table.directory.iter().collect();
-            codes.sort_unstable();
-            for (code, &number) in codes {
-                let range = table.ranges[number].clone();
-                text(&mut h, Some(code));
-                h.update(&(range.len() as u64).to_le_bytes());
-                for row in range {
-                    h.update(&persons.value(row).to_le_bytes());
-                    h.update(&dates.value(row).to_le_bytes());
-                    if let Some(values) = values {
-                        match values.is_valid(row) {
-                            true => h
-                                .update(&[1])
-                                .update(&values.value(row).to_bits().to_le_bytes()),
-                            false => h.update(&[0]),
-                        };
-                        text(&mut h, dict_value(batch.column(4), row));
-                    }
-                }
-            }
-        }
-        *h.finalize().as_bytes()
+    fn person_ids(&self) -> &Int64Array {
+        use arrow::array::AsArray;
+        self.person
+            .batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
     }
 
-    /// Bytes held by the Arrow arrays (rows and person sets).
-    pub fn memory_size(&self) -> usize {
+    /// The row of `person` in the person table, if the segment holds the patient.
+    fn person_row(&self, person: u32) -> Option<usize> {
+        self.person_ids()
+            .values()
+            .binary_search(&i64::from(person))
+            .ok()
+    }
+
+    fn memory_size(&self) -> usize {
         let p = &self.person;
         [
             &p.batch,
@@ -300,6 +234,228 @@ impl IndexTables {
                 .iter()
                 .map(|e| e.batch.get_array_memory_size() + e.by_code.batch.get_array_memory_size())
                 .sum::<usize>()
+            + self.person_hashes.len() * std::mem::size_of::<Lanes>()
+    }
+}
+
+/// A 256-bit sum of hashes, four wrapping 64-bit lanes.
+pub(crate) type Lanes = [u64; 4];
+
+fn add_lanes(a: &mut Lanes, b: &Lanes) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = x.wrapping_add(*y);
+    }
+}
+
+fn sub_lanes(a: &mut Lanes, b: &Lanes) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = x.wrapping_sub(*y);
+    }
+}
+
+fn lanes(hash: &blake3::Hash) -> Lanes {
+    let b = hash.as_bytes();
+    std::array::from_fn(|i| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes")))
+}
+
+/// The index tables an engine runs on: segments of patients, each added whole. A patient
+/// is added once under each `person_id`; a later version of a patient's index is added
+/// under a new id and the old one [retired](IndexTables::retire): a retired id's rows are
+/// invisible to every query, whatever the consent, until [`IndexTables::compact`] drops
+/// them. Build with [`IndexBuilder`] or read with [`IndexTables::read_parquet_dir`].
+#[derive(Debug, Clone)]
+pub struct IndexTables {
+    pub(crate) segments: Arc<[Arc<Segment>]>,
+    pub(crate) retired: Arc<RoaringBitmap>,
+    /// The sum of the person hashes of every patient held and not retired.
+    sum: Lanes,
+    /// Ids held, retired or not.
+    held: u64,
+}
+
+impl IndexTables {
+    fn from_segments(segments: Vec<Arc<Segment>>, retired: RoaringBitmap) -> IndexTables {
+        let mut sum = [0u64; 4];
+        let mut held = 0u64;
+        for segment in &segments {
+            let ids = segment.person_ids();
+            held += ids.len() as u64;
+            for (row, hash) in segment.person_hashes.iter().enumerate() {
+                if !retired.contains(ids.value(row) as u32) {
+                    add_lanes(&mut sum, hash);
+                }
+            }
+        }
+        IndexTables {
+            segments: segments.into(),
+            retired: Arc::new(retired),
+            sum,
+            held,
+        }
+    }
+
+    /// Number of patients (ids held and not retired).
+    pub fn persons(&self) -> usize {
+        (self.held - self.retired.len()) as usize
+    }
+
+    /// Number of rows held by an event table (retired ids' rows included, until
+    /// compaction).
+    pub fn rows(&self, domain: Domain) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.event(domain).batch.num_rows())
+            .sum()
+    }
+
+    /// Distinct codes of an event table.
+    pub fn codes(&self, domain: Domain) -> usize {
+        let mut codes: std::collections::HashSet<&str> = Default::default();
+        for s in self.segments.iter() {
+            codes.extend(s.event(domain).directory.keys().map(String::as_str));
+        }
+        codes.len()
+    }
+
+    /// Number of segments.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether `person_id` is held and not retired.
+    pub fn holds(&self, person_id: i64) -> bool {
+        person_key(person_id).is_some_and(|k| {
+            !self.retired.contains(k) && self.segments.iter().any(|s| s.person_row(k).is_some())
+        })
+    }
+
+    /// These tables and the patients of `more`, as one more segment. Fails, changing
+    /// nothing, if `more` holds an id these tables already hold (retired or not): a new
+    /// version of a patient's index takes a new id.
+    pub fn append(&self, more: IndexTables) -> Result<IndexTables, IndexError> {
+        for added in more.segments.iter() {
+            for &id in added.person_ids().values() {
+                let key = id as u32;
+                if self.segments.iter().any(|s| s.person_row(key).is_some()) {
+                    return Err(IndexError::DuplicatePerson(id));
+                }
+            }
+        }
+        let mut segments: Vec<Arc<Segment>> = self.segments.to_vec();
+        segments.extend(more.segments.iter().cloned());
+        let mut retired = (*self.retired).clone();
+        retired |= &*more.retired;
+        let mut sum = self.sum;
+        add_lanes(&mut sum, &more.sum);
+        Ok(IndexTables {
+            segments: segments.into(),
+            retired: Arc::new(retired),
+            sum,
+            held: self.held + more.held,
+        })
+    }
+
+    /// These tables with `ids` retired: their rows are invisible from now on. Ids not
+    /// held, or retired already, are ignored.
+    pub fn retire(&self, ids: impl IntoIterator<Item = i64>) -> IndexTables {
+        let mut retired = (*self.retired).clone();
+        let mut sum = self.sum;
+        for id in ids {
+            let Some(key) = person_key(id) else { continue };
+            if retired.contains(key) {
+                continue;
+            }
+            for s in self.segments.iter() {
+                if let Some(row) = s.person_row(key) {
+                    sub_lanes(&mut sum, &s.person_hashes[row]);
+                    retired.insert(key);
+                    break;
+                }
+            }
+        }
+        IndexTables {
+            segments: self.segments.clone(),
+            retired: Arc::new(retired),
+            sum,
+            held: self.held,
+        }
+    }
+
+    /// The same contents in one segment without the retired ids' rows: what the engine
+    /// answers does not change (nor does [`IndexTables::content_hash`]), scans get shorter.
+    pub fn compact(&self) -> IndexTables {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+        let mut b = IndexBuilder::new();
+        for s in self.segments.iter() {
+            let ids = s.person_ids();
+            let years = s.person.batch.column(1).as_primitive::<Int32Type>();
+            let sexes = s.person.batch.column(2).as_dictionary::<Int32Type>();
+            let sex_values = sexes.values().as_string::<i32>();
+            for row in 0..ids.len() {
+                let key = ids.value(row) as u32;
+                if self.retired.contains(key) {
+                    continue;
+                }
+                b.mark_seen(key);
+                let year = years.is_valid(row).then(|| years.value(row));
+                let sex = sexes.key(row).map(|k| sex_values.value(k));
+                b.push_person(key, year, sex);
+            }
+            for domain in Domain::ALL {
+                let table = s.event(domain);
+                let batch = &table.batch;
+                let persons = batch.column(0).as_primitive::<Int64Type>();
+                let codes = batch.column(1).as_dictionary::<Int32Type>();
+                let code_values = codes.values().as_string::<i32>();
+                let dates = batch.column(2).as_primitive::<Date32Type>();
+                let measurement = (domain == Domain::Measurement).then(|| {
+                    (
+                        batch.column(3).as_primitive::<Float64Type>(),
+                        batch.column(4).as_dictionary::<Int32Type>(),
+                    )
+                });
+                for row in 0..batch.num_rows() {
+                    let key = persons.value(row) as u32;
+                    if self.retired.contains(key) {
+                        continue;
+                    }
+                    let code = code_values.value(codes.key(row).expect("codes are not null"));
+                    let (value, unit) = match &measurement {
+                        Some((values, units)) => (
+                            values.is_valid(row).then(|| values.value(row)),
+                            units
+                                .key(row)
+                                .map(|k| units.values().as_string::<i32>().value(k)),
+                        ),
+                        None => (None, None),
+                    };
+                    b.push_event(domain, key, code, dates.value(row), value, unit);
+                }
+            }
+        }
+        let tables = b.build();
+        debug_assert_eq!(tables.sum, self.sum);
+        tables
+    }
+
+    /// BLAKE3 of the tables' contents: a sum, over every patient held and not retired, of
+    /// a hash of the patient's id, person row and every event row (each row hashed on its
+    /// own, so neither row order nor segmentation matters). Equal contents hash equally,
+    /// however they were added or compacted; any change to a row changes the hash.
+    pub fn content_hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("cohort-query 2026 index contents v2");
+        h.update(&self.persons().to_le_bytes());
+        for lane in self.sum {
+            h.update(&lane.to_le_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Bytes held by the Arrow arrays (rows and person sets) and the person hashes.
+    pub fn memory_size(&self) -> usize {
+        self.segments.iter().map(|s| s.memory_size()).sum::<usize>()
+            + self.retired.serialized_size()
     }
 }
 
@@ -523,13 +679,74 @@ impl IndexBuilder {
                 by_year.into_values().collect(),
             ),
         };
-        let mut events = events.into_iter();
-        let events = Domain::ALL
-            .map(|domain| Arc::new(build_events(domain, events.next().expect("four tables"))));
-        IndexTables {
-            person: Arc::new(person),
-            events,
+        // Each patient's hash: a sum of keyed hashes of their person row and of each of
+        // their event rows (IndexTables::content_hash).
+        let sorted: Vec<u32> = order.iter().map(|&i| person_id[i]).collect();
+        let key = blake3::derive_key("cohort-query 2026 index row v1", &[]);
+        let digest = |s: &str| -> [u8; 16] {
+            blake3::hash(s.as_bytes()).as_bytes()[..16]
+                .try_into()
+                .expect("16 bytes")
+        };
+        let sex_digests: Vec<[u8; 16]> = sexes.values.iter().map(|v| digest(v)).collect();
+        let mut person_hashes: Vec<Lanes> = order
+            .iter()
+            .map(|&i| {
+                let mut row = [0u8; 32];
+                row[0] = 0xff;
+                row[1..5].copy_from_slice(&person_id[i].to_le_bytes());
+                if let Some(y) = birth_year[i] {
+                    row[5] = 1;
+                    row[6..10].copy_from_slice(&y.to_le_bytes());
+                }
+                if let Some(x) = sex[i] {
+                    row[10] = 1;
+                    row[11..27].copy_from_slice(&sex_digests[x as usize]);
+                }
+                lanes(&blake3::keyed_hash(&key, &row))
+            })
+            .collect();
+        for (domain, cols) in Domain::ALL.iter().zip(&events) {
+            let codes: Vec<[u8; 16]> = cols.codes.values.iter().map(|v| digest(v)).collect();
+            let units: Vec<[u8; 16]> = cols.units.values.iter().map(|v| digest(v)).collect();
+            for r in 0..cols.code.len() {
+                let Ok(at) = sorted.binary_search(&cols.person[r]) else {
+                    continue;
+                };
+                let mut row = [0u8; 64];
+                row[0] = *domain as u8;
+                row[1..5].copy_from_slice(&cols.person[r].to_le_bytes());
+                row[5..21].copy_from_slice(&codes[cols.code[r] as usize]);
+                row[21..25].copy_from_slice(&cols.date[r].to_le_bytes());
+                if *domain == Domain::Measurement {
+                    let v = cols.value[r];
+                    if !v.is_nan() {
+                        row[25] = 1;
+                        row[26..34].copy_from_slice(&v.to_bits().to_le_bytes());
+                    }
+                    let u = cols.unit[r];
+                    if u != NO_UNIT {
+                        row[34] = 1;
+                        row[35..51].copy_from_slice(&units[u as usize]);
+                    }
+                }
+                add_lanes(
+                    &mut person_hashes[at],
+                    &lanes(&blake3::keyed_hash(&key, &row)),
+                );
+            }
         }
+        let mut events = events.into_iter();
+        let events =
+            Domain::ALL.map(|domain| build_events(domain, events.next().expect("four tables")));
+        IndexTables::from_segments(
+            vec![Arc::new(Segment {
+                person,
+                events,
+                person_hashes,
+            })],
+            RoaringBitmap::new(),
+        )
     }
 }
 
@@ -660,8 +877,9 @@ mod tests {
             b.add(-4, &p(&[])),
             Err(IndexError::PersonIdOutOfRange(-4))
         ));
-        let t = b.build();
-        assert_eq!(t.persons(), 2);
+        let tables = b.build();
+        assert_eq!(tables.persons(), 2);
+        let t = &tables.segments[0];
         let persons = t
             .person
             .batch
