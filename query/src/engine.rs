@@ -652,9 +652,20 @@ mod tests {
         // Consent even for the retired ids: they stay invisible.
         let everyone = ConsentSnapshot::everything(0..200).unwrap();
         let reference = CohortEngine::from_index(whole, ConceptHierarchy::new());
+        // The retired ids are in the first segment: merging only the last drops nothing,
+        // merging both drops their rows.
+        let tail = grown.merge_tail(1);
+        assert_eq!((tail.segments(), tail.persons()), (2, 70));
+        assert_eq!(tail.rows(Domain::Condition), grown.rows(Domain::Condition));
+        let both = grown.merge_tail(2);
+        assert_eq!((both.segments(), both.persons()), (1, 70));
+        assert_eq!(both.content_hash(), grown.content_hash());
+        assert!(both.rows(Domain::Condition) < grown.rows(Domain::Condition));
         let engines = [
             CohortEngine::from_index(grown, ConceptHierarchy::new()),
             reference.with_tables(compacted),
+            reference.with_tables(tail),
+            reference.with_tables(both),
         ];
         for (access, d) in [Access::FullScan, Access::CodeRows, Access::PersonSets]
             .into_iter()

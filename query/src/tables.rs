@@ -384,61 +384,105 @@ impl IndexTables {
     /// The same contents in one segment without the retired ids' rows: what the engine
     /// answers does not change (nor does [`IndexTables::content_hash`]), scans get shorter.
     pub fn compact(&self) -> IndexTables {
-        use arrow::array::{Array, AsArray};
-        use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
-        let mut b = IndexBuilder::new();
-        for s in self.segments.iter() {
-            let ids = s.person_ids();
-            let years = s.person.batch.column(1).as_primitive::<Int32Type>();
-            let sexes = s.person.batch.column(2).as_dictionary::<Int32Type>();
-            let sex_values = sexes.values().as_string::<i32>();
-            for row in 0..ids.len() {
-                let key = ids.value(row) as u32;
-                if self.retired.contains(key) {
-                    continue;
-                }
-                b.mark_seen(key);
-                let year = years.is_valid(row).then(|| years.value(row));
-                let sex = sexes.key(row).map(|k| sex_values.value(k));
-                b.push_person(key, year, sex);
-            }
-            for domain in Domain::ALL {
-                let table = s.event(domain);
-                let batch = &table.batch;
-                let persons = batch.column(0).as_primitive::<Int64Type>();
-                let codes = batch.column(1).as_dictionary::<Int32Type>();
-                let code_values = codes.values().as_string::<i32>();
-                let dates = batch.column(2).as_primitive::<Date32Type>();
-                let measurement = (domain == Domain::Measurement).then(|| {
-                    (
-                        batch.column(3).as_primitive::<Float64Type>(),
-                        batch.column(4).as_dictionary::<Int32Type>(),
-                    )
-                });
-                for row in 0..batch.num_rows() {
-                    let key = persons.value(row) as u32;
-                    if self.retired.contains(key) {
-                        continue;
-                    }
-                    let code = code_values.value(codes.key(row).expect("codes are not null"));
-                    let (value, unit) = match &measurement {
-                        Some((values, units)) => (
-                            values.is_valid(row).then(|| values.value(row)),
-                            units
-                                .key(row)
-                                .map(|k| units.values().as_string::<i32>().value(k)),
-                        ),
-                        None => (None, None),
-                    };
-                    b.push_event(domain, key, code, dates.value(row), value, unit);
-                }
-            }
-        }
-        let tables = b.build();
+        let tables = merge(&self.segments, &self.retired);
         debug_assert_eq!(tables.sum, self.sum);
         tables
     }
 
+    /// The last `k` segments merged into one, without their retired ids' rows (the others
+    /// stay as they are). Appending a segment at a time and merging the tail whenever it
+    /// grows as large as the segment before it keeps a logarithmic number of segments for
+    /// linear work per row, amortized.
+    pub fn merge_tail(&self, k: usize) -> IndexTables {
+        let n = self.segments.len();
+        let k = k.clamp(1, n);
+        if k == 1 && self.retired.is_empty() {
+            return self.clone();
+        }
+        let tail = &self.segments[n - k..];
+        let merged = merge(tail, &self.retired);
+        // Retired ids whose rows the merge dropped are no longer held.
+        let mut retired = (*self.retired).clone();
+        let mut dropped = 0u64;
+        for s in tail {
+            for &id in s.person_ids().values() {
+                if retired.remove(id as u32) {
+                    dropped += 1;
+                }
+            }
+        }
+        let mut segments: Vec<Arc<Segment>> = self.segments[..n - k].to_vec();
+        segments.extend(merged.segments.iter().cloned());
+        IndexTables {
+            segments: segments.into(),
+            retired: Arc::new(retired),
+            sum: self.sum,
+            held: self.held - dropped,
+        }
+    }
+
+    /// Patients held per segment (retired ones included), oldest first.
+    pub fn segment_sizes(&self) -> Vec<usize> {
+        self.segments.iter().map(|s| s.person_ids().len()).collect()
+    }
+}
+
+/// One segment made of `segments`, without `retired` ids' rows.
+fn merge(segments: &[Arc<Segment>], retired: &RoaringBitmap) -> IndexTables {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+    let mut b = IndexBuilder::new();
+    for s in segments.iter() {
+        let ids = s.person_ids();
+        let years = s.person.batch.column(1).as_primitive::<Int32Type>();
+        let sexes = s.person.batch.column(2).as_dictionary::<Int32Type>();
+        let sex_values = sexes.values().as_string::<i32>();
+        for row in 0..ids.len() {
+            let key = ids.value(row) as u32;
+            if retired.contains(key) {
+                continue;
+            }
+            b.mark_seen(key);
+            let year = years.is_valid(row).then(|| years.value(row));
+            let sex = sexes.key(row).map(|k| sex_values.value(k));
+            b.push_person(key, year, sex);
+        }
+        for domain in Domain::ALL {
+            let table = s.event(domain);
+            let batch = &table.batch;
+            let persons = batch.column(0).as_primitive::<Int64Type>();
+            let codes = batch.column(1).as_dictionary::<Int32Type>();
+            let code_values = codes.values().as_string::<i32>();
+            let dates = batch.column(2).as_primitive::<Date32Type>();
+            let measurement = (domain == Domain::Measurement).then(|| {
+                (
+                    batch.column(3).as_primitive::<Float64Type>(),
+                    batch.column(4).as_dictionary::<Int32Type>(),
+                )
+            });
+            for row in 0..batch.num_rows() {
+                let key = persons.value(row) as u32;
+                if retired.contains(key) {
+                    continue;
+                }
+                let code = code_values.value(codes.key(row).expect("codes are not null"));
+                let (value, unit) = match &measurement {
+                    Some((values, units)) => (
+                        values.is_valid(row).then(|| values.value(row)),
+                        units
+                            .key(row)
+                            .map(|k| units.values().as_string::<i32>().value(k)),
+                    ),
+                    None => (None, None),
+                };
+                b.push_event(domain, key, code, dates.value(row), value, unit);
+            }
+        }
+    }
+    b.build()
+}
+
+impl IndexTables {
     /// BLAKE3 of the tables' contents: a sum, over every patient held and not retired, of
     /// a hash of the patient's id, person row and every event row (each row hashed on its
     /// own, so neither row order nor segmentation matters). Equal contents hash equally,
