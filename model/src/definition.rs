@@ -244,8 +244,8 @@ impl Default for Occurrence {
 }
 
 /// When an event must have happened (inclusive bounds; either may be open).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Window {
     /// Between two calendar dates.
     Between {
@@ -261,6 +261,27 @@ pub enum Window {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<i32>,
     },
+    /// Between two day offsets from *any* event of the same patient that matches `event`
+    /// (the anchor; negative: before it): the event counts if some anchor has
+    /// `from <= event date - anchor date <= to`. The anchor is a plain event criterion:
+    /// codes, descendants, value, unit and at most a `between` window.
+    DaysFromEvent {
+        event: Box<Criterion>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<i32>,
+    },
+}
+
+impl Window {
+    /// The anchor event criterion of a window relative to each of its events.
+    pub fn anchor(&self) -> Option<(Domain, &EventCriterion)> {
+        match self {
+            Window::DaysFromEvent { event, .. } => event.as_event(),
+            _ => None,
+        }
+    }
 }
 
 /// Events of one table: a code set, and optionally descendants, an occurrence count, a
@@ -397,16 +418,26 @@ impl Criterion {
                     let unit = e.unit.as_deref().unwrap_or("");
                     text.push_str(&format!(", value {} {unit}", float_range_text(v)));
                 }
-                match e.window {
+                let days = |from: Option<i32>, to: Option<i32>| {
+                    format!(
+                        "days {} to {}",
+                        from.map_or("-inf".into(), |d| d.to_string()),
+                        to.map_or("+inf".into(), |d| d.to_string())
+                    )
+                };
+                match &e.window {
                     Some(Window::Between { from, to }) => text.push_str(&format!(
                         ", {} to {}",
                         from.map_or("any time".into(), |d| d.to_string()),
                         to.map_or("any time".into(), |d| d.to_string())
                     )),
-                    Some(Window::DaysFromIndex { from, to }) => text.push_str(&format!(
-                        ", days {} to {} from index",
-                        from.map_or("-inf".into(), |d| d.to_string()),
-                        to.map_or("+inf".into(), |d| d.to_string())
+                    Some(Window::DaysFromIndex { from, to }) => {
+                        text.push_str(&format!(", {} from index", days(*from, *to)))
+                    }
+                    Some(Window::DaysFromEvent { event, from, to }) => text.push_str(&format!(
+                        ", {} from any ({})",
+                        days(*from, *to),
+                        event.describe()
                     )),
                     None => {}
                 }
@@ -508,6 +539,21 @@ pub enum Problem {
     IndexNotEvent,
     #[error("the index first event must not have an occurrence count or a relative window")]
     IndexEventShape,
+    #[error(
+        "the `days_from_event` anchor must be a condition, measurement, drug or procedure \
+         criterion; to combine anchors, write one criterion per anchor inside `any`"
+    )]
+    AnchorNotEvent,
+    #[error(
+        "the `days_from_event` anchor must not have an occurrence count: any one matching \
+         event anchors the window; count the outer events with their own `occurrence`"
+    )]
+    AnchorOccurrence,
+    #[error(
+        "the `days_from_event` anchor may only have a `between` window (calendar dates), \
+         not a window relative to the index or to another event"
+    )]
+    AnchorRelativeWindow,
     #[error("nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
     #[error("more than {MAX_CRITERIA} criteria in one definition")]
@@ -540,7 +586,10 @@ impl CohortDefinition {
                 .as_event()
                 .ok_or_else(|| invalid(at, Problem::IndexNotEvent))?;
             if e.occurrence != Occurrence::default()
-                || matches!(e.window, Some(Window::DaysFromIndex { .. }))
+                || matches!(
+                    e.window,
+                    Some(Window::DaysFromIndex { .. } | Window::DaysFromEvent { .. })
+                )
             {
                 return Err(invalid(at, Problem::IndexEventShape));
             }
@@ -588,8 +637,12 @@ impl CohortDefinition {
                     }
                 }
                 event => {
-                    let (domain, _) = event.as_event().expect("every other criterion is an event");
+                    let (domain, e) = event.as_event().expect("every other criterion is an event");
                     out.insert(SearchField::of_domain(domain));
+                    // A window relative to other events reads the anchor's field too.
+                    if let Some(Window::DaysFromEvent { event, .. }) = &e.window {
+                        walk(event, out);
+                    }
                 }
             }
         }
@@ -727,13 +780,19 @@ impl Validator {
             other => {
                 let (domain, e) = other.as_event().expect("event criterion");
                 let at = format!("{at}.{domain}");
-                self.event(domain, e, &at)?;
+                self.event(domain, e, &at, depth)?;
             }
         }
         Ok(())
     }
 
-    fn event(&self, domain: Domain, e: &EventCriterion, at: &str) -> Result<(), DefinitionError> {
+    fn event(
+        &mut self,
+        domain: Domain,
+        e: &EventCriterion,
+        at: &str,
+        depth: usize,
+    ) -> Result<(), DefinitionError> {
         if e.codes.is_empty() {
             return Err(invalid(&format!("{at}.codes"), Problem::NoCodes));
         }
@@ -747,7 +806,7 @@ impl Validator {
             return Err(invalid(&format!("{at}.occurrence"), Problem::AtLeastZero));
         }
         let wat = format!("{at}.window");
-        match e.window {
+        match &e.window {
             Some(Window::Between { from, to }) => match (from, to) {
                 (None, None) => return Err(invalid(&wat, Problem::EmptyWindow)),
                 (Some(a), Some(b)) if a > b => {
@@ -766,6 +825,38 @@ impl Validator {
                     }
                     _ => {}
                 }
+            }
+            Some(Window::DaysFromEvent { event, from, to }) => {
+                let wat = format!("{wat}.days_from_event");
+                match (from, to) {
+                    (None, None) => return Err(invalid(&wat, Problem::EmptyWindow)),
+                    (Some(a), Some(b)) if a > b => {
+                        return Err(invalid(&wat, Problem::ReversedWindow));
+                    }
+                    _ => {}
+                }
+                let eat = format!("{wat}.event");
+                let (anchor_domain, anchor) = event
+                    .as_event()
+                    .ok_or_else(|| invalid(&eat, Problem::AnchorNotEvent))?;
+                let aat = format!("{eat}.{anchor_domain}");
+                if anchor.occurrence != Occurrence::default() {
+                    return Err(invalid(
+                        &format!("{aat}.occurrence"),
+                        Problem::AnchorOccurrence,
+                    ));
+                }
+                if matches!(
+                    anchor.window,
+                    Some(Window::DaysFromIndex { .. } | Window::DaysFromEvent { .. })
+                ) {
+                    return Err(invalid(
+                        &format!("{aat}.window"),
+                        Problem::AnchorRelativeWindow,
+                    ));
+                }
+                // The anchor is one more criterion (a subplan of its own), one level down.
+                self.criterion(event, &eat, depth + 1)?;
             }
             None => {}
         }
@@ -894,7 +985,14 @@ fn normalize(c: &Criterion) -> Criterion {
                     Occurrence::Exactly(0) => Occurrence::AtMost(0),
                     o => o,
                 },
-                window: e.window,
+                window: e.window.as_ref().map(|w| match w {
+                    Window::DaysFromEvent { event, from, to } => Window::DaysFromEvent {
+                        event: Box::new(normalize(event)),
+                        from: *from,
+                        to: *to,
+                    },
+                    other => other.clone(),
+                }),
                 value: e.value.map(|v| ValueRange {
                     min: v.min.map(zero),
                     max: v.max.map(zero),

@@ -70,6 +70,8 @@ pub(crate) enum Output {
 const INDEX_DATE: &str = "index_date";
 /// Alias of the index-event subplan when joined.
 const INDEX_ALIAS: &str = "index_event";
+/// Alias of the anchor events of a window relative to each event of another criterion.
+const ANCHOR_ALIAS: &str = "anchor_event";
 
 enum IndexPlan {
     Date(Date),
@@ -166,6 +168,16 @@ fn leaf_name(i: usize) -> String {
 
 pub(crate) fn step_name(i: usize) -> String {
     format!("step_{i}")
+}
+
+/// `from <= days AND days <= to` for the bounds given (`None`: neither).
+fn days_between(days: Expr, from: Option<i32>, to: Option<i32>) -> Option<Expr> {
+    let low = from.map(|f| days.clone().gt_eq(lit(f)));
+    let high = to.map(|t| days.lt_eq(lit(t)));
+    match (low, high) {
+        (Some(l), Some(h)) => Some(l.and(h)),
+        (l, h) => l.or(h),
+    }
 }
 
 fn date_lit(d: Date) -> Expr {
@@ -392,8 +404,8 @@ impl Compiler<'_> {
         } else {
             qcol(table, "code").in_list(codes, false)
         };
-        let window = match (e.window, &self.index) {
-            (Some(Window::Between { from, to }), _) => Some((from, to)),
+        let window = match (&e.window, &self.index) {
+            (Some(Window::Between { from, to }), _) => Some((*from, *to)),
             // Relative to a fixed date: a calendar window.
             (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Date(d))) => {
                 Some((from.map(|f| d.add_days(f)), to.map(|t| d.add_days(t))))
@@ -450,38 +462,54 @@ impl Compiler<'_> {
         }
         let table = domain.as_str();
         let mut rows = self.event_rows(domain, e)?;
-        if let (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Event(plan))) =
-            (e.window, &self.index)
-        {
-            let index = LogicalPlanBuilder::from(plan.clone())
-                .alias(INDEX_ALIAS)?
-                .build()?;
-            rows = rows.join(
-                index,
-                JoinType::Inner,
-                (
-                    vec![Column::new(Some(table), "person_id")],
-                    vec![Column::new(Some(INDEX_ALIAS), "person_id")],
-                ),
-                None,
-            )?;
-            let days = cast(qcol(table, "date"), DataType::Int32)
-                - cast(qcol(INDEX_ALIAS, INDEX_DATE), DataType::Int32);
-            let mut pred: Option<Expr> = None;
-            if let Some(from) = from {
-                pred = Some(days.clone().gt_eq(lit(from)));
+        match (&e.window, &self.index) {
+            (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Event(plan))) => {
+                let index = LogicalPlanBuilder::from(plan.clone())
+                    .alias(INDEX_ALIAS)?
+                    .build()?;
+                rows = rows.join(
+                    index,
+                    JoinType::Inner,
+                    (
+                        vec![Column::new(Some(table), "person_id")],
+                        vec![Column::new(Some(INDEX_ALIAS), "person_id")],
+                    ),
+                    None,
+                )?;
+                let days = cast(qcol(table, "date"), DataType::Int32)
+                    - cast(qcol(INDEX_ALIAS, INDEX_DATE), DataType::Int32);
+                if let Some(p) = days_between(days, *from, *to) {
+                    rows = rows.filter(p)?;
+                }
+                rows = rows.project(vec![qcol(table, "person_id")])?;
             }
-            if let Some(to) = to {
-                let p = days.lt_eq(lit(to));
-                pred = Some(match pred {
-                    Some(q) => q.and(p),
-                    None => p,
-                });
+            (Some(Window::DaysFromEvent { event, from, to }), _) => {
+                // Keep each row that has at least one anchor event of the same patient in
+                // the window: a semi join, so a row counts once however many anchors it
+                // has, and the occurrence below counts rows.
+                let (anchor_domain, anchor) = event.as_event().expect("validated: an event");
+                let anchor_table = anchor_domain.as_str();
+                let anchors = self
+                    .event_rows(anchor_domain, anchor)?
+                    .project(vec![
+                        qcol(anchor_table, "person_id"),
+                        qcol(anchor_table, "date"),
+                    ])?
+                    .alias(ANCHOR_ALIAS)?
+                    .build()?;
+                let days = cast(qcol(table, "date"), DataType::Int32)
+                    - cast(qcol(ANCHOR_ALIAS, "date"), DataType::Int32);
+                rows = rows.join(
+                    anchors,
+                    JoinType::LeftSemi,
+                    (
+                        vec![Column::new(Some(table), "person_id")],
+                        vec![Column::new(Some(ANCHOR_ALIAS), "person_id")],
+                    ),
+                    Some(days_between(days, *from, *to).expect("validated: a bound")),
+                )?;
             }
-            if let Some(p) = pred {
-                rows = rows.filter(p)?;
-            }
-            rows = rows.project(vec![qcol(table, "person_id")])?;
+            _ => {}
         }
         let per_person = |rows: LogicalPlanBuilder, keep: fn(Expr, Expr) -> Expr, n: u32| {
             rows.aggregate(

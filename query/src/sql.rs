@@ -170,7 +170,19 @@ impl Renderer<'_> {
 
     /// `FROM <table> e JOIN consent k ... WHERE <codes, window, value, unit>`.
     fn event_from_where(&self, domain: Domain, e: &EventCriterion) -> String {
+        self.rows_from_where(domain, e, "e")
+    }
+
+    /// [`Self::event_from_where`] with the event table as `alias` (its consent rows are
+    /// `{alias}k` and `{alias}kc`, so that an anchor's subquery inside an event's does not
+    /// shadow the event's).
+    fn rows_from_where(&self, domain: Domain, e: &EventCriterion, alias: &str) -> String {
         let table = domain.as_str();
+        let (k, kc) = if alias == "e" {
+            ("k".to_string(), "kc".to_string())
+        } else {
+            (format!("{alias}k"), format!("{alias}kc"))
+        };
         // Codes grouped by the sensitive categories that gate them.
         let mut groups: Vec<(Gates, Vec<String>)> = Vec::new();
         for code in self.hierarchy.expand(&e.codes, e.include_descendants) {
@@ -184,11 +196,11 @@ impl Renderer<'_> {
         let alternatives: Vec<String> = groups
             .into_iter()
             .map(|(gates, codes)| {
-                let mut parts = vec![format!("e.code IN ({})", codes.join(", "))];
+                let mut parts = vec![format!("{alias}.code IN ({})", codes.join(", "))];
                 for category in gates.iter() {
                     parts.push(format!(
-                        "EXISTS (SELECT 1 FROM consent kc WHERE kc.person_id = e.person_id \
-                         AND kc.field = {})",
+                        "EXISTS (SELECT 1 FROM consent {kc} WHERE {kc}.person_id = \
+                         {alias}.person_id AND {kc}.field = {})",
                         quote(category.label())
                     ));
                 }
@@ -199,8 +211,8 @@ impl Renderer<'_> {
             [one] => one.clone(),
             _ => format!("({})", alternatives.join(" OR ")),
         }];
-        let window = match (e.window, &self.index) {
-            (Some(Window::Between { from, to }), _) => Some((from, to)),
+        let window = match (&e.window, &self.index) {
+            (Some(Window::Between { from, to }), _) => Some((*from, *to)),
             (Some(Window::DaysFromIndex { from, to }), Some(IndexSql::Date(d))) => {
                 Some((from.map(|f| d.add_days(f)), to.map(|t| d.add_days(t))))
             }
@@ -208,37 +220,68 @@ impl Renderer<'_> {
         };
         if let Some((from, to)) = window {
             if let Some(from) = from {
-                preds.push(format!("e.date >= {}", date(from)));
+                preds.push(format!("{alias}.date >= {}", date(from)));
             }
             if let Some(to) = to {
-                preds.push(format!("e.date <= {}", date(to)));
+                preds.push(format!("{alias}.date <= {}", date(to)));
             }
         }
         if let Some(v) = e.value {
             if let Some(min) = v.min {
-                preds.push(format!("e.value >= {min:?}"));
+                preds.push(format!("{alias}.value >= {min:?}"));
             }
             if let Some(max) = v.max {
-                preds.push(format!("e.value <= {max:?}"));
+                preds.push(format!("{alias}.value <= {max:?}"));
             }
         }
         if let Some(unit) = &e.unit {
-            preds.push(format!("e.unit = {}", quote(unit)));
+            preds.push(format!("{alias}.unit = {}", quote(unit)));
         }
         let mut joins = format!(
-            "FROM {table} e\n  JOIN consent k ON k.person_id = e.person_id AND k.field = {}",
+            "FROM {table} {alias}\n  JOIN consent {k} ON {k}.person_id = {alias}.person_id \
+             AND {k}.field = {}",
             quote(table)
         );
-        if let (Some(Window::DaysFromIndex { from, to }), Some(IndexSql::Event)) =
-            (e.window, &self.index)
-        {
-            joins.push_str("\n  JOIN idx i ON i.person_id = e.person_id");
-            if let Some(from) = from {
-                preds.push(format!("e.date >= i.index_date + INTERVAL '{from} days'"));
+        match (&e.window, &self.index) {
+            (Some(Window::DaysFromIndex { from, to }), Some(IndexSql::Event)) => {
+                joins.push_str(&format!(
+                    "\n  JOIN idx i ON i.person_id = {alias}.person_id"
+                ));
+                if let Some(from) = from {
+                    preds.push(format!(
+                        "{alias}.date >= i.index_date + INTERVAL '{from} days'"
+                    ));
+                }
+                if let Some(to) = to {
+                    preds.push(format!(
+                        "{alias}.date <= i.index_date + INTERVAL '{to} days'"
+                    ));
+                }
             }
-            if let Some(to) = to {
-                preds.push(format!("e.date <= i.index_date + INTERVAL '{to} days'"));
+            (Some(Window::DaysFromEvent { event, from, to }), _) => {
+                // EXISTS, not a join: a row counts once however many anchors it has.
+                let (anchor_domain, anchor) = event.as_event().expect("validated: an event");
+                let a = format!("{alias}a");
+                let mut exists = format!(
+                    "EXISTS (SELECT 1 {}\n    AND {a}.person_id = {alias}.person_id",
+                    self.rows_from_where(anchor_domain, anchor, &a)
+                );
+                if let Some(from) = from {
+                    let _ = write!(
+                        exists,
+                        " AND {alias}.date >= {a}.date + INTERVAL '{from} days'"
+                    );
+                }
+                if let Some(to) = to {
+                    let _ = write!(
+                        exists,
+                        " AND {alias}.date <= {a}.date + INTERVAL '{to} days'"
+                    );
+                }
+                exists.push(')');
+                preds.push(exists);
             }
+            _ => {}
         }
         format!("{joins}\n  WHERE {}", preds.join(" AND "))
     }

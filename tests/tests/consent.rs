@@ -553,6 +553,16 @@ fn criterion() -> impl Strategy<Value = serde_json::Value> {
         3 => Just(None),
         1 => (2000..2024i32).prop_map(|y| Some(json!({"between": {"from": format!("{y}-01-01")}}))),
         1 => (1990..2024i32).prop_map(|y| Some(json!({"between": {"to": format!("{y}-12-31")}}))),
+        // Relative to each of the patient's events of another criterion (an anchor).
+        2 => (
+            prop_oneof![
+                prop::sample::select(&DRUG_CODES[..]).prop_map(|c| json!({"drug": {"codes": [format!("rxnorm:{c}")]}})),
+                prop::sample::select(&CONDITION_CODES[..]).prop_map(|c| json!({"condition": {"codes": [format!("snomed:{c}")]}})),
+            ],
+            -3650..365i32,
+            0..3650i32,
+        )
+            .prop_map(|(anchor, from, span)| Some(json!({"days_from_event": {"event": anchor, "from": from, "to": from + span}}))),
     ];
     let event = |domain: &'static str, codes: &'static [&'static str]| {
         (

@@ -8,8 +8,10 @@ use cohort_query::{
     Code, CodedEvent, CohortDefinition, ConceptHierarchy, ConsentSnapshot, Date, IndexBuilder,
     IndexTables, PatientIndex, Person, SearchField,
 };
+use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
 
 pub const CONDITIONS: [&str; 6] = [
     "snomed:73211009",
@@ -221,6 +223,41 @@ pub fn definitions() -> Vec<(&'static str, &'static str)> {
                 {"demographics": {"age": {"min": 30, "max": 80}}},
                 {"not": {"condition": {"codes": ["snomed:38341003"], "window": {"days_from_index": {"to": -1}}}}}]}"#,
         ),
+        (
+            "relative to each drug",
+            r#"{"criteria": [{"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 7.0},
+                "window": {"days_from_event": {"event": {"drug": {"codes": ["rxnorm:860975"]}}, "from": 0, "to": 90}}}}]}"#,
+        ),
+        (
+            "relative to each drug, before, twice",
+            r#"{"criteria": [{"condition": {"codes": ["snomed:73211009"], "include_descendants": true,
+                "occurrence": {"at_least": 2},
+                "window": {"days_from_event": {"event": {"drug": {"codes": ["rxnorm:197361", "rxnorm:617312"],
+                    "window": {"between": {"from": "2019-01-01"}}}}, "from": -365, "to": -1}}}}]}"#,
+        ),
+        (
+            "relative to each event of the same table, at most once",
+            r#"{"criteria": [{"condition": {"codes": ["snomed:38341003", "snomed:195967001"], "occurrence": {"at_most": 1},
+                "window": {"days_from_event": {"event": {"condition": {"codes": ["snomed:73211009"], "include_descendants": true}},
+                    "from": -200, "to": 200}}}}]}"#,
+        ),
+        (
+            "relative to each lab, open, excluded",
+            r#"{"criteria": [{"drug": {"codes": ["rxnorm:860975", "rxnorm:197361"]}},
+                {"not": {"procedure": {"codes": ["snomed:73761001", "snomed:80146002"],
+                "window": {"days_from_event": {"event": {"measurement": {"codes": ["loinc:39156-5"], "value": {"min": 12.0}, "unit": "kg/m2"}},
+                    "from": 0}}}}}]}"#,
+        ),
+        (
+            "relative to each event in a group, with an index",
+            r#"{"index": {"first_event": {"condition": {"codes": ["snomed:73211009"], "include_descendants": true}}},
+                "criteria": [{"at_least": {"n": 2, "of": [
+                {"drug": {"codes": ["rxnorm:860975"], "window": {"days_from_index": {"from": 0}}}},
+                {"measurement": {"codes": ["loinc:4548-4"], "occurrence": {"exactly": 1},
+                    "window": {"days_from_event": {"event": {"drug": {"codes": ["rxnorm:860975", "rxnorm:617312"]}}, "to": 30}}}},
+                {"any": [{"demographics": {"sex": ["female"]}},
+                         {"drug": {"codes": ["rxnorm:617312"], "window": {"days_from_event": {"event": {"condition": {"codes": ["snomed:38341003"]}}, "from": -1000, "to": 1000}}}}]}]}}]}"#,
+        ),
     ]
 }
 
@@ -235,4 +272,164 @@ pub fn by_name() -> BTreeMap<&'static str, CohortDefinition> {
         .into_iter()
         .map(|(n, j)| (n, def(j)))
         .collect()
+}
+
+/// A code set of one domain: 1 or 2 codes of its vocabulary, for conditions with or
+/// without descendants.
+fn codes(domain: &'static str) -> BoxedStrategy<Value> {
+    let vocabulary: Vec<&'static str> = match domain {
+        "condition" => CONDITIONS.to_vec(),
+        "measurement" => MEASUREMENTS.iter().map(|(c, _)| *c).collect(),
+        "drug" => DRUGS.to_vec(),
+        _ => PROCEDURES.to_vec(),
+    };
+    (prop::sample::subsequence(vocabulary, 1..=2), any::<bool>())
+        .prop_map(move |(codes, descendants)| {
+            let mut e = json!({ "codes": codes });
+            if descendants && domain == "condition" {
+                e["include_descendants"] = json!(true);
+            }
+            e
+        })
+        .boxed()
+}
+
+/// A day range with at least one bound, from `from` to `from + span` (or open on one side).
+fn days() -> impl Strategy<Value = Value> {
+    (-400..200i32, 0..400i32, 0..3u8).prop_map(|(from, span, open)| match open {
+        0 => json!({"from": from, "to": from + span}),
+        1 => json!({"from": from}),
+        _ => json!({"to": from + span}),
+    })
+}
+
+/// A calendar window (`between`) with at least one bound, or none.
+fn calendar() -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => (0..1500i32, 0..800i32, any::<bool>()).prop_map(|(start, span, open)| {
+            let base = "2018-01-01".parse::<Date>().unwrap().days();
+            let from = Date::from_days(base + start).unwrap().to_string();
+            let to = Date::from_days(base + start + span).unwrap().to_string();
+            Some(if open {
+                json!({"between": {"from": from}})
+            } else {
+                json!({"between": {"from": from, "to": to}})
+            })
+        }),
+    ]
+}
+
+/// A plain event criterion (codes, descendants, a calendar window, a value and unit): what
+/// an index first event or a `days_from_event` anchor may be. `(domain, body)`.
+fn plain_event() -> impl Strategy<Value = (&'static str, Value)> {
+    prop::sample::select(vec!["condition", "measurement", "drug", "procedure"])
+        .prop_flat_map(|domain| {
+            let value = prop_oneof![
+                2 => Just(None),
+                1 => (20..200i32, any::<bool>()).prop_map(|(min, unit)| Some((f64::from(min) / 10.0, unit))),
+            ];
+            (Just(domain), codes(domain), calendar(), value)
+        })
+        .prop_map(|(domain, mut e, window, value)| {
+            if let Some(w) = window {
+                e["window"] = w;
+            }
+            if let (Some((min, unit)), "measurement") = (value, domain) {
+                e["value"] = json!({ "min": min });
+                if unit {
+                    let code = e["codes"][0].as_str().unwrap();
+                    let unit = MEASUREMENTS.iter().find(|(c, _)| *c == code).unwrap().1;
+                    e["unit"] = json!(unit);
+                }
+            }
+            (domain, e)
+        })
+}
+
+/// An event criterion with an occurrence count and any window: none, calendar, relative to
+/// the index (when there is one) or relative to each event of a plain anchor criterion.
+fn event_criterion(has_index: bool) -> impl Strategy<Value = Value> {
+    let occurrence = prop::sample::select(vec![
+        None,
+        None,
+        None,
+        Some(json!({"at_least": 2})),
+        Some(json!({"at_most": 0})),
+        Some(json!({"at_most": 1})),
+        Some(json!({"exactly": 1})),
+    ]);
+    let window = prop_oneof![
+        2 => Just(None),
+        1 => calendar(),
+        1 => days().prop_map(move |d| has_index.then(|| json!({"days_from_index": d}))),
+        3 => (plain_event(), days()).prop_map(|((domain, anchor), mut d)| {
+            d["event"] = json!({ domain: anchor });
+            Some(json!({"days_from_event": d}))
+        }),
+    ];
+    (plain_event(), occurrence, window).prop_map(|((domain, mut e), occurrence, window)| {
+        if let Some(o) = occurrence {
+            e["occurrence"] = o;
+        }
+        if let Some(w) = window {
+            e["window"] = w;
+        }
+        json!({ domain: e })
+    })
+}
+
+fn demographics(has_index: bool) -> impl Strategy<Value = Value> {
+    let sex = prop::sample::subsequence(vec!["female", "male", "other", "unknown"], 1..=2);
+    prop_oneof![
+        sex.prop_map(|s| json!({"demographics": {"sex": s}})),
+        (1930..2010i32, 0..40i32).prop_map(
+            |(y, span)| json!({"demographics": {"birth_year": {"min": y, "max": y + span}}})
+        ),
+        (20..70i32).prop_map(move |min| if has_index {
+            json!({"demographics": {"age": {"min": min}}})
+        } else {
+            json!({"demographics": {"birth_year": {"max": 2020 - min}}})
+        }),
+    ]
+}
+
+fn criterion(has_index: bool) -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        1 => demographics(has_index),
+        3 => event_criterion(has_index),
+    ];
+    leaf.prop_recursive(3, 10, 3, |inner| {
+        prop_oneof![
+            2 => inner.clone().prop_map(|c| json!({"not": c})),
+            1 => prop::collection::vec(inner.clone(), 2..=3).prop_map(|v| json!({"any": v})),
+            1 => prop::collection::vec(inner.clone(), 2..=3).prop_map(|v| json!({"all": v})),
+            1 => prop::collection::vec(inner, 2..=3)
+                .prop_flat_map(|v| (1..=v.len() as u32, Just(v)))
+                .prop_map(|(n, v)| json!({"at_least": {"n": n, "of": v}})),
+        ]
+    })
+}
+
+/// Random valid definitions over the common vocabulary: an optional index (a date or a
+/// first event), 1 to 3 top-level criteria of every kind, groups up to 3 deep, and event
+/// windows of every form, `days_from_event` the most often.
+pub fn arbitrary_definition() -> impl Strategy<Value = CohortDefinition> {
+    let index = prop_oneof![
+        2 => Just(None),
+        1 => Just(Some(json!({"date": "2020-01-01"}))),
+        1 => plain_event().prop_map(|(domain, e)| Some(json!({"first_event": { domain: e }}))),
+    ];
+    index
+        .prop_flat_map(|index| {
+            let criteria = prop::collection::vec(criterion(index.is_some()), 1..=3);
+            (Just(index), criteria)
+        })
+        .prop_map(|(index, criteria)| {
+            let mut d = json!({ "criteria": criteria });
+            if let Some(i) = index {
+                d["index"] = i;
+            }
+            def(&d.to_string())
+        })
 }

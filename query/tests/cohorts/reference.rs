@@ -69,7 +69,7 @@ impl Reference<'_> {
             .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
             .filter(|r| {
                 let d = day(&r.date);
-                match e.window {
+                match &e.window {
                     None => true,
                     Some(Window::Between { from, to }) => {
                         from.is_none_or(|f| d >= f.days()) && to.is_none_or(|t| d <= t.days())
@@ -82,6 +82,15 @@ impl Reference<'_> {
                         // Fixed dates clamp like Date::add_days; irrelevant for these ranges.
                         from.is_none_or(|f| d - index >= f) && to.is_none_or(|t| d - index <= t)
                     }
+                    Some(Window::DaysFromEvent { event, from, to }) => {
+                        // Some anchor of the patient's, `from..=to` days before this row.
+                        let (anchor_domain, anchor) = event.as_event().unwrap();
+                        self.anchor_days(pt, anchor_domain, anchor)
+                            .into_iter()
+                            .any(|a| {
+                                from.is_none_or(|f| d - a >= f) && to.is_none_or(|t| d - a <= t)
+                            })
+                    }
                 }
             })
             .filter(|r| match e.value {
@@ -92,6 +101,39 @@ impl Reference<'_> {
             })
             .filter(|r| e.unit.as_ref().is_none_or(|u| &r.unit == u))
             .count()
+    }
+
+    /// The days of a patient's visible rows matching a plain event criterion (codes,
+    /// calendar window, value, unit; no occurrence, no relative window).
+    fn anchor_days(&self, pt: &Patient<'_>, domain: Domain, e: &EventCriterion) -> Vec<i32> {
+        let codes: BTreeSet<String> = self
+            .hierarchy
+            .expand(&e.codes, e.include_descendants)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        self.rows(pt, domain)
+            .into_iter()
+            .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
+            .filter(|r| {
+                let d = day(&r.date);
+                match &e.window {
+                    None => true,
+                    Some(Window::Between { from, to }) => {
+                        from.is_none_or(|f| d >= f.days()) && to.is_none_or(|t| d <= t.days())
+                    }
+                    Some(other) => panic!("not a plain event criterion: {other:?}"),
+                }
+            })
+            .filter(|r| match e.value {
+                None => true,
+                Some(v) => r
+                    .value
+                    .is_some_and(|x| v.min.is_none_or(|m| x >= m) && v.max.is_none_or(|m| x <= m)),
+            })
+            .filter(|r| e.unit.as_ref().is_none_or(|u| &r.unit == u))
+            .map(|r| day(&r.date))
+            .collect()
     }
 
     fn demographics(&self, pt: &Patient<'_>, d: &Demographics, index_year: Option<i32>) -> bool {
@@ -171,35 +213,7 @@ impl Reference<'_> {
             };
             if let Some(Index::FirstEvent(event)) = &d.index {
                 let (domain, e) = event.as_event().unwrap();
-                let codes: BTreeSet<String> = self
-                    .hierarchy
-                    .expand(&e.codes, e.include_descendants)
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect();
-                let first = self
-                    .rows(&pt, domain)
-                    .into_iter()
-                    .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
-                    .filter(|r| {
-                        let d = day(&r.date);
-                        match e.window {
-                            Some(Window::Between { from, to }) => {
-                                from.is_none_or(|f| d >= f.days())
-                                    && to.is_none_or(|t| d <= t.days())
-                            }
-                            _ => true,
-                        }
-                    })
-                    .filter(|r| match e.value {
-                        None => true,
-                        Some(v) => r.value.is_some_and(|x| {
-                            v.min.is_none_or(|m| x >= m) && v.max.is_none_or(|m| x <= m)
-                        }),
-                    })
-                    .filter(|r| e.unit.as_ref().is_none_or(|u| &r.unit == u))
-                    .map(|r| day(&r.date))
-                    .min();
+                let first = self.anchor_days(&pt, domain, e).into_iter().min();
                 match first {
                     Some(f) => pt.index_day = Some(f),
                     None => continue,
