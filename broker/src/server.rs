@@ -7,6 +7,7 @@
 //!   broker.db         SQLite metadata, index, studies, grants, releases, log side index
 //!   audit/            the access log: leaves.log and checkpoints.log
 //!   blobs/            content-addressed envelope blobs
+//!   index/            Parquet snapshots of the cohort index (a cache of broker.db's)
 //!   proxies/N/        embedded proxy nodes: proxy.key and proxy.db each
 //! ```
 //!
@@ -30,7 +31,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::grpc::{Grpc, precheck};
 use crate::service::{AccessLog, Broker};
 use crate::storage::db::ProxyRow;
-use crate::storage::{BlobStore, Db};
+use crate::storage::{BlobStore, Db, IndexSnapshots};
 use model::{Actor, Role};
 use tonic::service::interceptor::InterceptedService;
 
@@ -238,6 +239,8 @@ impl RunningBroker {
     async fn finish(self) {
         self.refusal_flusher.abort();
         flush_refusals(&self.broker).await;
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.snapshot_on_stop()).await;
         for p in self.proxies {
             p.stop().await;
         }
@@ -343,8 +346,14 @@ pub async fn start(
         config.threshold,
         audit,
         config.count_budget,
+        Some(IndexSnapshots::new(dir.join("index"))),
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
+    // The cohort engine loads while the server starts answering.
+    tokio::task::spawn_blocking({
+        let broker = broker.clone();
+        move || broker.warm_cohort_engine()
+    });
     // Withdrawals a crash interrupted are redone, and revocations a proxy could not
     // confirm before are retried, now.
     tokio::spawn({

@@ -322,6 +322,15 @@ impl IndexTables {
         self.segments.len()
     }
 
+    /// The ids held and not retired.
+    pub fn ids(&self) -> RoaringBitmap {
+        let mut ids = RoaringBitmap::new();
+        for s in self.segments.iter() {
+            ids.extend(s.person_ids().values().iter().map(|&id| id as u32));
+        }
+        ids - &*self.retired
+    }
+
     /// Whether `person_id` is held and not retired.
     pub fn holds(&self, person_id: i64) -> bool {
         person_key(person_id).is_some_and(|k| {

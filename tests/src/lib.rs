@@ -64,6 +64,11 @@ impl Sandbox {
         self.running = Some(running);
     }
 
+    /// The running broker's service.
+    pub fn broker(&self) -> std::sync::Arc<broker::service::Broker> {
+        self.running.as_ref().expect("running").broker.clone()
+    }
+
     pub async fn client(&self, identity: Identity) -> BrokerClient {
         BrokerClient::connect(&self.url, &self.client_tls(), identity)
             .await

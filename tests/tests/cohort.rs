@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use broker::service::IndexLoad;
 use broker_cli::demo::{Cast, Tally};
 use brokerctl::agent;
 use cohort_query::CohortDefinition;
@@ -112,7 +113,56 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
     assert_eq!(report.release.subjects as usize, want.len());
     assert_eq!(got, expected(&w, want.iter().copied()));
 
-    // A restart decides every consent again from the database: the same answers.
+    // Uploads while the engine is live: new patients (with consent) join the count at
+    // once; patients re-uploaded without their hypertension leave it; a re-sent index
+    // that holds what is stored changes nothing.
+    let population = datasets::Population::new(99, 80);
+    let newcomers: Vec<(Identity, datasets::PatientRecord)> = (0..80)
+        .map(|i| (Identity::generate(), population.patient(i)))
+        .collect();
+    agent::ingest_batch(&w.cast.custodian, newcomers.clone())
+        .await
+        .expect("ingest newcomers");
+    let ids: Vec<Identity> = newcomers.iter().map(|(id, _)| id.clone()).collect();
+    w.cast.consent_broadly(&ids).await.expect("consent");
+    let cured: Vec<usize> = selected
+        .iter()
+        .copied()
+        .filter(|i| !hidden.contains(i))
+        .take(5)
+        .collect();
+    let mut w = World {
+        patients: w.patients.into_iter().chain(newcomers).collect(),
+        ..w
+    };
+    let resent: Vec<(Identity, datasets::PatientRecord)> = cured
+        .iter()
+        .map(|&i| {
+            w.patients[i]
+                .1
+                .index
+                .conditions
+                .retain(|c| c.code != HYPERTENSION);
+            w.patients[i].clone()
+        })
+        .collect();
+    agent::ingest_batch(&w.cast.custodian, resent.clone())
+        .await
+        .expect("re-upload");
+    agent::ingest_batch(&w.cast.custodian, resent)
+        .await
+        .expect("re-send the same");
+    let selected = oracle(&w, &hidden);
+    assert!(selected.iter().any(|&i| i >= 600), "a newcomer is selected");
+    assert!(cured.iter().all(|i| !selected.contains(i)));
+    assert_eq!(exact(&w, &study).await, selected.len() as u64);
+    let want: Vec<usize> = selected.intersection(&granted).copied().collect();
+    let (report, got) = w.cast.fetch(&study).await.expect("release");
+    assert_eq!(report.release.subjects as usize, want.len());
+    assert_eq!(got, expected(&w, want.iter().copied()));
+
+    // A restart loads the index snapshot the stop wrote and decides every consent again
+    // from the database: the same answers.
     let sponsor_before = w
         .cast
         .sponsor
@@ -120,15 +170,11 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
         .await
         .expect("protected count");
     sandbox.restart_with(|_| {}).await;
-    let w = World {
-        cast: Cast {
-            board: sandbox.client(w.cast.board.identity().clone()).await,
-            sponsor: sandbox.client(w.cast.sponsor.identity().clone()).await,
-            researcher: sandbox.client(w.cast.researcher.identity().clone()).await,
-            ..w.cast
-        },
+    let mut w = World {
+        cast: reconnect(&sandbox, &w.cast).await,
         ..w
     };
+    let everyone = w.patients.len() as u64;
     assert_eq!(exact(&w, &study).await, selected.len() as u64);
     let sponsor_after = w
         .cast
@@ -142,5 +188,109 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
     );
     let (_, after) = w.cast.fetch(&study).await.expect("release after restart");
     assert_eq!(after, got);
+    assert_eq!(
+        sandbox.broker().index_load(),
+        Some(IndexLoad {
+            from_snapshot: everyone,
+            from_database: 0
+        })
+    );
+
+    // A snapshot older than the database (as a crash leaves it): the versions stored
+    // after it are read from the database, the ones they replaced retired.
+    let index = sandbox.data_dir().join("index");
+    let older = sandbox.dir.path().join("older-index");
+    copy_dir(&index, &older);
+    let touched: Vec<usize> = (0..3).collect();
+    let changed: Vec<(Identity, datasets::PatientRecord)> = touched
+        .iter()
+        .map(|&i| {
+            // A code no definition here asks for: the selection stays as it is.
+            w.patients[i].1.index.conditions.push(model::CodedEvent {
+                system: "snomed".into(),
+                code: "840539006".into(),
+                date: "2021-03-01".into(),
+                value: None,
+                unit: String::new(),
+            });
+            w.patients[i].clone()
+        })
+        .collect();
+    agent::ingest_batch(&w.cast.custodian, changed)
+        .await
+        .expect("re-upload");
+    sandbox
+        .restart_with(|_| {
+            std::fs::remove_dir_all(&index).unwrap();
+            std::fs::rename(&older, &index).unwrap();
+        })
+        .await;
+    let w = World {
+        cast: reconnect(&sandbox, &w.cast).await,
+        ..w
+    };
+    assert_eq!(exact(&w, &study).await, selected.len() as u64);
+    let (_, after) = w.cast.fetch(&study).await.expect("release after restart");
+    assert_eq!(after, got);
+    assert_eq!(
+        sandbox.broker().index_load(),
+        Some(IndexLoad {
+            from_snapshot: everyone - touched.len() as u64,
+            from_database: touched.len() as u64
+        })
+    );
+
+    // A damaged snapshot is refused and the whole index read from the database: still
+    // the same answers. (The broker is stopped, its snapshot written, when this runs.)
+    sandbox
+        .restart_with(|_| {
+            for entry in std::fs::read_dir(&index).unwrap() {
+                let dir = entry.unwrap().path();
+                if dir.is_dir() {
+                    let person = dir.join("person.parquet");
+                    let bytes = std::fs::read(&person).unwrap();
+                    std::fs::write(&person, &bytes[..bytes.len() / 2]).unwrap();
+                }
+            }
+        })
+        .await;
+    let w = World {
+        cast: reconnect(&sandbox, &w.cast).await,
+        ..w
+    };
+    assert_eq!(exact(&w, &study).await, selected.len() as u64);
+    let (_, after) = w.cast.fetch(&study).await.expect("release after restart");
+    assert_eq!(after, got);
+    assert_eq!(
+        sandbox.broker().index_load(),
+        Some(IndexLoad {
+            from_snapshot: 0,
+            from_database: everyone
+        })
+    );
     sandbox.stop().await;
+}
+
+/// The cast's clients, connected to the restarted broker.
+async fn reconnect(sandbox: &Sandbox, cast: &Cast) -> Cast {
+    Cast {
+        custodian: sandbox.client(cast.custodian.identity().clone()).await,
+        board: sandbox.client(cast.board.identity().clone()).await,
+        sponsor: sandbox.client(cast.sponsor.identity().clone()).await,
+        researcher: sandbox.client(cast.researcher.identity().clone()).await,
+        network: cast.network.clone(),
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
 }

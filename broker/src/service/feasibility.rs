@@ -210,7 +210,7 @@ impl Broker {
         let (added, total) = self.db().put_concept_relations(&relations)?;
         if added > 0 {
             // The engine expands descendants at compile time: rebuild it.
-            self.index_changed();
+            self.engine_outdated();
         }
         Ok((added, total))
     }

@@ -11,7 +11,6 @@ mod release;
 mod studies;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use model::{Actor, Caller, Role};
@@ -19,13 +18,14 @@ pub use pre_kms::request_auth::now_secs;
 use pre_kms::request_auth::{AuthError, Credentials, ReplayGuard, SignedCall};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash};
+pub use cohort::IndexLoad;
 pub use feasibility::{CountAnswer, Feasibility};
 pub use grants::GrantOutcome;
 pub use release::{ReleaseStream, ReleasedItem};
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::proxy_pool::ProxyPool;
-use crate::storage::{BlobStore, Db};
+use crate::storage::{BlobStore, Db, IndexSnapshots};
 
 pub struct Broker {
     db: Mutex<Db>,
@@ -39,8 +39,6 @@ pub struct Broker {
     audit: AccessLog,
     feasibility: Feasibility,
     cohorts: cohort::Cohorts,
-    /// Bumped whenever the searchable index changes, so the cohort engine is rebuilt.
-    index_generation: AtomicU64,
 }
 
 impl Broker {
@@ -51,6 +49,7 @@ impl Broker {
         threshold: usize,
         audit: AccessLog,
         count_budget: cohort_query::BudgetPolicy,
+        index_snapshots: Option<IndexSnapshots>,
     ) -> ServiceResult<Arc<Broker>> {
         let actors = db
             .actors()?
@@ -70,8 +69,7 @@ impl Broker {
             subject_secret,
             audit,
             feasibility,
-            cohorts: Default::default(),
-            index_generation: AtomicU64::new(1),
+            cohorts: cohort::Cohorts::new(index_snapshots),
         });
         broker.reindex_log()?;
         broker.recover_intents()?;
@@ -80,14 +78,6 @@ impl Broker {
 
     fn db(&self) -> MutexGuard<'_, Db> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn index_generation(&self) -> u64 {
-        self.index_generation.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn index_changed(&self) {
-        self.index_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn threshold(&self) -> usize {

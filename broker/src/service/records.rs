@@ -222,31 +222,30 @@ impl Broker {
         let tags = self.patient_tags(&db, &pseudonyms.into_iter().collect::<Vec<_>>())?;
         // The events are written with the envelopes, as intents, so that no stored
         // envelope is ever left unlogged by a crash before the log append.
-        let (receipts, events, intents) =
-            db.store_upload(&rows, &index, now_secs(), self.audit.size(), |receipts| {
-                // One event per patient with new envelopes: categories, count, content hashes.
-                let mut per_patient: BTreeMap<&str, Vec<&EnvelopeReceipt>> = BTreeMap::new();
-                for r in receipts.iter().filter(|r| !r.unchanged) {
-                    per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
-                }
-                per_patient
-                    .iter()
-                    .map(|(p, rs)| {
-                        let mut e = self.event(EventKind::Upload, caller);
-                        e.patient = tags.get(*p).copied();
-                        e.details.categories =
-                            rs.iter().map(|r| r.category.label().to_owned()).collect();
-                        e.details.record_count = Some(rs.len() as u64);
-                        e.details.content_hashes =
-                            rs.iter().filter_map(|r| content_hash(&r.blob)).collect();
-                        e
-                    })
-                    .collect()
-            })?;
+        let stored = db.store_upload(&rows, &index, now_secs(), self.audit.size(), |receipts| {
+            // One event per patient with new envelopes: categories, count, content hashes.
+            let mut per_patient: BTreeMap<&str, Vec<&EnvelopeReceipt>> = BTreeMap::new();
+            for r in receipts.iter().filter(|r| !r.unchanged) {
+                per_patient.entry(r.pseudonym.as_str()).or_default().push(r);
+            }
+            per_patient
+                .iter()
+                .map(|(p, rs)| {
+                    let mut e = self.event(EventKind::Upload, caller);
+                    e.patient = tags.get(*p).copied();
+                    e.details.categories =
+                        rs.iter().map(|r| r.category.label().to_owned()).collect();
+                    e.details.record_count = Some(rs.len() as u64);
+                    e.details.content_hashes =
+                        rs.iter().filter_map(|r| content_hash(&r.blob)).collect();
+                    e
+                })
+                .collect()
+        })?;
         drop(db);
-        self.index_changed();
+        self.index_changed(&stored.changes)?;
         crate::crash::point(crate::crash::UPLOAD_AFTER_COMMIT);
-        self.record_intended(&events, &intents)?;
-        Ok((receipts, index.len()))
+        self.record_intended(&stored.events, &stored.intents)?;
+        Ok((stored.receipts, index.len()))
     }
 }

@@ -90,7 +90,7 @@ impl Broker {
         let release_id = format!("rel-{}", hex::encode(id));
         let definition_hash = Digest32(study.proposal.cohort.normalized().hash.0);
         let view = self.cohort_view(&study)?;
-        let cohort: HashMap<&str, &StudyAccess> =
+        let cohort: HashMap<String, &StudyAccess> =
             view.select(&study.proposal.cohort)?.into_iter().collect();
         let mut items = Vec::new();
         let mut events = Vec::new();

@@ -80,16 +80,17 @@ impl Db {
         .collect()
     }
 
-    /// Every patient's policy versions, oldest first, by person number: `f(person_id,
-    /// versions)` for each patient with a stored policy. Each distinct policy is parsed
-    /// once (many patients share one, e.g. a custodian's broad consent).
+    /// Every indexed patient's policy versions, oldest first, by the number of the
+    /// patient's index in the cohort engine: `f(index_id, versions)` for each patient with
+    /// an index and a stored policy. Each distinct policy is parsed once (many patients
+    /// share one, e.g. a custodian's broad consent).
     pub fn for_each_consent_history(
         &self,
         mut f: impl FnMut(i64, &[ConsentPolicy]),
     ) -> DbResult<()> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT p.person_id, c.policy_hash, c.policy FROM consents c
-             JOIN patients p ON p.pseudonym = c.pseudonym ORDER BY p.person_id, c.version",
+            "SELECT p.index_id, c.policy_hash, c.policy FROM consents c
+             JOIN index_person p ON p.pseudonym = c.pseudonym ORDER BY p.index_id, c.version",
         )?;
         let mut parsed: HashMap<String, ConsentPolicy> = HashMap::new();
         let mut current: Option<i64> = None;

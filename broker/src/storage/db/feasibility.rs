@@ -3,20 +3,28 @@
 use super::*;
 
 impl Db {
-    /// Every enrolled patient's number in the cohort engine and pseudonym, by number.
-    pub fn persons(&self) -> DbResult<Vec<(i64, String)>> {
+    /// Every patient with an index: the number of its current index version in the cohort
+    /// engine and its pseudonym, by number.
+    pub fn indexed_patients(&self) -> DbResult<Vec<(i64, String)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT person_id, pseudonym FROM patients ORDER BY person_id")?;
+            .prepare_cached("SELECT index_id, pseudonym FROM index_person ORDER BY index_id")?;
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()
     }
 
-    /// The numbers of these patients in the cohort engine (unknown pseudonyms are left out).
-    pub fn person_ids(&self, pseudonyms: &[&str]) -> DbResult<Vec<(i64, String)>> {
+    /// The number of the newest index version stored (0: none yet). Versions are
+    /// numbered consecutively in the order their uploads committed.
+    pub fn last_index_id(&self) -> DbResult<i64> {
+        Ok(super::records::next_index_id(&self.conn)? - 1)
+    }
+
+    /// The numbers of these patients' current index versions in the cohort engine
+    /// (patients without an index are left out).
+    pub fn index_ids(&self, pseudonyms: &[&str]) -> DbResult<Vec<(i64, String)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT person_id FROM patients WHERE pseudonym = ?1")?;
+            .prepare_cached("SELECT index_id FROM index_person WHERE pseudonym = ?1")?;
         let mut out = Vec::with_capacity(pseudonyms.len());
         for p in pseudonyms {
             if let Some(id) = stmt.query_row([p], |r| r.get(0)).optional()? {

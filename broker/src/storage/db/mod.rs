@@ -28,7 +28,7 @@ mod records;
 mod releases;
 mod studies;
 
-pub use records::StoredContent;
+pub use records::{IndexChange, Stored, StoredContent};
 
 pub type DbResult<T> = Result<T, rusqlite::Error>;
 
@@ -57,10 +57,9 @@ CREATE TABLE IF NOT EXISTS consent_reconcile (pseudonym TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS proxies (
     idx INTEGER PRIMARY KEY, proxy_id TEXT NOT NULL, encryption_key BLOB NOT NULL,
     verifying_key BLOB NOT NULL);
--- person_id: the patient's number in the cohort engine, never reused.
 CREATE TABLE IF NOT EXISTS patients (
-    person_id INTEGER PRIMARY KEY AUTOINCREMENT, pseudonym TEXT NOT NULL UNIQUE,
-    verifying_key BLOB NOT NULL, enrolled_by TEXT NOT NULL, created_at INTEGER NOT NULL);
+    pseudonym TEXT PRIMARY KEY, verifying_key BLOB NOT NULL, enrolled_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS patient_keys (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), category TEXT NOT NULL,
     public_key BLOB NOT NULL, PRIMARY KEY (pseudonym, category));
@@ -69,8 +68,11 @@ CREATE TABLE IF NOT EXISTS envelopes (
     version INTEGER NOT NULL, blob TEXT NOT NULL, pack TEXT NOT NULL, offset INTEGER NOT NULL,
     length INTEGER NOT NULL, content_tag BLOB NOT NULL, created_at INTEGER NOT NULL,
     PRIMARY KEY (pseudonym, category, version));
+-- index_id: the number of this version of the patient's index in the cohort engine,
+-- from meta 'next_index_id', never reused; index_hash: what the version holds.
 CREATE TABLE IF NOT EXISTS index_person (
-    pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), birth_year INTEGER, sex TEXT NOT NULL);
+    pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), birth_year INTEGER, sex TEXT NOT NULL,
+    index_id INTEGER NOT NULL UNIQUE, index_hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS index_event (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), kind TEXT NOT NULL,
     system TEXT NOT NULL, code TEXT NOT NULL, date TEXT NOT NULL, value REAL, unit TEXT NOT NULL);
@@ -228,7 +230,7 @@ impl Db {
             if version != Some(SCHEMA_VERSION) {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
                     "this data directory has metadata schema {} but this broker uses schema {SCHEMA_VERSION} \
-                     (studies now carry a cohort definition, patients a number in the cohort engine); \
+                     (studies now carry a cohort definition, index versions a number in the cohort engine); \
                      nothing was changed: start a new data directory",
                     version.map_or("1".to_string(), |v| v.to_string())
                 )));

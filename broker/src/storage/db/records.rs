@@ -68,9 +68,9 @@ impl Db {
     }
 
     /// Records an upload in one transaction: its new envelope versions, the index rows
-    /// of each patient (which replace the previous ones), and the log events `describe`
-    /// makes of the receipts, as intents ([`super::audit::add_intents`]). Returns the
-    /// receipts, the events and their intents.
+    /// of each patient (a new version replacing the previous one, unless it holds the
+    /// same), and the log events `describe` makes of the receipts, as intents
+    /// ([`super::audit::add_intents`]).
     pub fn store_upload(
         &mut self,
         envelopes: &[NewEnvelope],
@@ -78,14 +78,19 @@ impl Db {
         now: i64,
         log_size: u64,
         describe: impl FnOnce(&[EnvelopeReceipt]) -> Vec<audit_log::AuditEvent>,
-    ) -> DbResult<(Vec<EnvelopeReceipt>, Vec<audit_log::AuditEvent>, Vec<i64>)> {
+    ) -> DbResult<Stored> {
         let tx = self.conn.transaction()?;
         let receipts = add_envelopes(&tx, envelopes, now)?;
-        put_index(&tx, index)?;
+        let changes = put_index(&tx, index)?;
         let events = describe(&receipts);
         let intents = super::audit::add_intents(&tx, log_size, &events)?;
         tx.commit()?;
-        Ok((receipts, events, intents))
+        Ok(Stored {
+            receipts,
+            events,
+            intents,
+            changes,
+        })
     }
 
     /// Whether a version of a patient's category already holds this content, and
@@ -280,24 +285,89 @@ fn add_envelopes(
 }
 
 /// Replaces the index rows of each patient with the given snapshot.
-fn put_index(tx: &rusqlite::Transaction<'_>, rows: &[(String, PatientIndex)]) -> DbResult<()> {
+/// What [`Db::store_upload`] stored.
+pub struct Stored {
+    pub receipts: Vec<EnvelopeReceipt>,
+    pub events: Vec<audit_log::AuditEvent>,
+    pub intents: Vec<i64>,
+    pub changes: Vec<IndexChange>,
+}
+
+/// A patient's index as one upload changed it: the new version's number in the cohort
+/// engine, and the number of the version it replaces.
+#[derive(Debug, Clone)]
+pub struct IndexChange {
+    pub pseudonym: String,
+    pub replaced: Option<i64>,
+    pub index_id: i64,
+    pub index: PatientIndex,
+}
+
+/// The number the next index version stored will take.
+pub(super) fn next_index_id(conn: &rusqlite::Connection) -> DbResult<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'next_index_id'",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .optional()?
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+        .unwrap_or(1))
+}
+
+/// What an index version holds, to tell a re-sent one from a new one.
+fn index_hash(index: &PatientIndex) -> [u8; 32] {
+    let json = serde_json::to_vec(index).expect("an index serializes");
+    *blake3::Hasher::new_derive_key("broker index version v1")
+        .update(&json)
+        .finalize()
+        .as_bytes()
+}
+
+/// Stores each patient's index as its new version, under a new number, unless it holds
+/// what the stored version holds.
+fn put_index(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[(String, PatientIndex)],
+) -> DbResult<Vec<IndexChange>> {
+    let mut changes = Vec::new();
     {
+        let mut current = tx
+            .prepare_cached("SELECT index_id, index_hash FROM index_person WHERE pseudonym = ?1")?;
         let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
         let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
         let mut person = tx.prepare_cached(
-            "INSERT INTO index_person (pseudonym, birth_year, sex) VALUES (?1, ?2, ?3)",
+            "INSERT INTO index_person (pseudonym, birth_year, sex, index_id, index_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut event = tx.prepare_cached(
                 "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
+        let mut next = next_index_id(tx)?;
         for (pseudonym, index) in rows {
+            let hash = index_hash(index);
+            let stored: Option<(i64, Vec<u8>)> = current
+                .query_row([pseudonym], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if stored.as_ref().is_some_and(|(_, h)| h.as_slice() == hash) {
+                continue;
+            }
             del_person.execute([pseudonym])?;
             del_events.execute([pseudonym])?;
             person.execute(params![
                 pseudonym,
                 index.person.birth_year,
-                index.person.sex
+                index.person.sex,
+                next,
+                hash.as_slice()
             ])?;
+            changes.push(IndexChange {
+                pseudonym: pseudonym.clone(),
+                replaced: stored.map(|(id, _)| id),
+                index_id: next,
+                index: index.clone(),
+            });
+            next += 1;
             for (kind, events) in [
                 ("condition", &index.conditions),
                 ("measurement", &index.measurements),
@@ -311,6 +381,10 @@ fn put_index(tx: &rusqlite::Transaction<'_>, rows: &[(String, PatientIndex)]) ->
                 }
             }
         }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_index_id', ?1)",
+            [next.to_string().into_bytes()],
+        )?;
     }
-    Ok(())
+    Ok(changes)
 }
