@@ -16,6 +16,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use datasets::Population;
+use model::CohortDefinition;
 use pre_kms::reencrypt::ReleasedEnvelope;
 use pre_kms::{Category, Identity, envelope};
 use umbral_pre::{
@@ -321,6 +322,53 @@ pub fn measure_ops(
         release_envelopes: release.len(),
         passes,
     }
+}
+
+/// The five cohort definitions every cohort benchmark times (`cohort-bench` on the engine,
+/// `service-bench` through the server), by name.
+pub fn definitions() -> Vec<(&'static str, CohortDefinition)> {
+    let d = |json: &str| CohortDefinition::from_json(json.as_bytes()).expect("valid definition");
+    vec![
+        (
+            "a_simple_code",
+            d(r#"{"criteria": [{"condition": {"codes": ["snomed:44054006"]}}]}"#),
+        ),
+        (
+            "b_age_sex_condition",
+            d(r#"{"index": {"date": "2024-01-01"}, "criteria": [
+                {"demographics": {"sex": ["female"], "age": {"min": 40, "max": 65}}},
+                {"condition": {"codes": ["snomed:38341003"]}}]}"#),
+        ),
+        (
+            "c_condition_lab_window",
+            d(r#"{"criteria": [
+                {"condition": {"codes": ["snomed:73211009"], "include_descendants": true}},
+                {"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 7.0}, "unit": "%",
+                    "window": {"between": {"from": "2020-01-01", "to": "2023-12-31"}}}}]}"#),
+        ),
+        (
+            "d_exclusion",
+            d(r#"{"criteria": [
+                {"condition": {"codes": ["snomed:44054006"]}},
+                {"not": {"drug": {"codes": ["rxnorm:860975"]}}}]}"#),
+        ),
+        (
+            "e_at_least_2_of_3",
+            d(r#"{"criteria": [{"at_least": {"n": 2, "of": [
+                {"condition": {"codes": ["snomed:38341003"]}},
+                {"condition": {"codes": ["snomed:55822004"]}},
+                {"measurement": {"codes": ["loinc:39156-5"], "value": {"min": 30.0}}}]}}]}"#),
+        ),
+    ]
+}
+
+/// The peak resident set of process `pid` (`"self"`: this one) in MiB, from
+/// `/proc/PID/status` (`VmHWM`); `None` where there is no such file.
+pub fn peak_rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 #[cfg(test)]

@@ -70,43 +70,13 @@ impl Scenario {
 
     /// Registers a custodian, a sponsor, a board member and a researcher of `org`.
     pub async fn cast(&self, org: &str) -> ClientResult<Cast> {
-        let op = &self.operator;
-        let mut clients = Vec::new();
-        for (role, name) in [
-            (Role::Custodian, "Hospital"),
-            (Role::Sponsor, "Sponsor"),
-            (Role::Board, "Ethics Board"),
-            (Role::Researcher, "Researcher"),
-        ] {
-            let id = Identity::generate();
-            op.register_actor(
-                role,
-                &format!("{org} {name}"),
-                org,
-                &id.public(role.as_str()),
-            )
-            .await?;
-            clients.push(op.with_identity(id));
-        }
-        let [custodian, sponsor, board, researcher] =
-            <[BrokerClient; 4]>::try_from(clients).unwrap_or_else(|_| unreachable!("four roles"));
-        // The network manifest, as the operator drafts it and the board signs it; the
-        // custodian's agent grants through it.
-        let mut manifest = agent::draft_network(
+        Cast::register(
             &self.operator,
             &self.running.public.verifying_key,
             self.running.client_tls.pinned_pem(),
+            org,
         )
-        .await?;
-        manifest.sign(board.identity())?;
-        let network = manifest.verify()?;
-        Ok(Cast {
-            custodian,
-            sponsor,
-            board,
-            researcher,
-            network,
-        })
+        .await
     }
 }
 
@@ -140,6 +110,48 @@ pub struct Cast {
 }
 
 impl Cast {
+    /// Registers, through `operator`, a custodian, a sponsor, a board member and a
+    /// researcher of `org` at the broker whose key is `broker_key` and whose TLS
+    /// certificate is `broker_cert`; the board member signs the network manifest the
+    /// operator drafts, and the custodian's agent pins it.
+    pub async fn register(
+        operator: &BrokerClient,
+        broker_key: &umbral_pre::PublicKey,
+        broker_cert: Option<&str>,
+        org: &str,
+    ) -> ClientResult<Cast> {
+        let mut clients = Vec::new();
+        for (role, name) in [
+            (Role::Custodian, "Hospital"),
+            (Role::Sponsor, "Sponsor"),
+            (Role::Board, "Ethics Board"),
+            (Role::Researcher, "Researcher"),
+        ] {
+            let id = Identity::generate();
+            operator
+                .register_actor(
+                    role,
+                    &format!("{org} {name}"),
+                    org,
+                    &id.public(role.as_str()),
+                )
+                .await?;
+            clients.push(operator.with_identity(id));
+        }
+        let [custodian, sponsor, board, researcher] =
+            <[BrokerClient; 4]>::try_from(clients).unwrap_or_else(|_| unreachable!("four roles"));
+        let mut manifest = agent::draft_network(operator, broker_key, broker_cert).await?;
+        manifest.sign(board.identity())?;
+        let network = manifest.verify()?;
+        Ok(Cast {
+            custodian,
+            sponsor,
+            board,
+            researcher,
+            network,
+        })
+    }
+
     /// A health-research study (DUO HMB, IRB-approved, will publish) for the cast's
     /// researcher, open for 90 days, searching every field.
     pub fn proposal(

@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
+use benches::{definitions, peak_rss_mib};
 use clap::Parser;
 use cohort_query::{
     Access, CodedEvent, CohortDefinition, CohortEngine, ConceptHierarchy, ConsentBuilder,
@@ -314,50 +315,6 @@ fn hierarchy() -> ConceptHierarchy {
     ])
 }
 
-/// The five benchmark definitions.
-fn definitions() -> Vec<(&'static str, CohortDefinition)> {
-    let d = |json: &str| CohortDefinition::from_json(json.as_bytes()).expect("valid definition");
-    vec![
-        (
-            "a_simple_code",
-            d(r#"{"criteria": [{"condition": {"codes": ["snomed:44054006"]}}]}"#),
-        ),
-        (
-            "b_age_sex_condition",
-            d(r#"{"index": {"date": "2024-01-01"}, "criteria": [
-                {"demographics": {"sex": ["female"], "age": {"min": 40, "max": 65}}},
-                {"condition": {"codes": ["snomed:38341003"]}}]}"#),
-        ),
-        (
-            "c_condition_lab_window",
-            d(r#"{"criteria": [
-                {"condition": {"codes": ["snomed:73211009"], "include_descendants": true}},
-                {"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 7.0}, "unit": "%",
-                    "window": {"between": {"from": "2020-01-01", "to": "2023-12-31"}}}}]}"#),
-        ),
-        (
-            "d_exclusion",
-            d(r#"{"criteria": [
-                {"condition": {"codes": ["snomed:44054006"]}},
-                {"not": {"drug": {"codes": ["rxnorm:860975"]}}}]}"#),
-        ),
-        (
-            "e_at_least_2_of_3",
-            d(r#"{"criteria": [{"at_least": {"n": 2, "of": [
-                {"condition": {"codes": ["snomed:38341003"]}},
-                {"condition": {"codes": ["snomed:55822004"]}},
-                {"measurement": {"codes": ["loinc:39156-5"], "value": {"min": 30.0}}}]}}]}"#),
-        ),
-    ]
-}
-
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -455,7 +412,7 @@ fn main() -> anyhow::Result<()> {
 
     // 2. Timing: the indexed engine first, so its peak memory is measured before any
     // baseline's full-table scans.
-    let rss_built = peak_rss_mib();
+    let rss_built = peak_rss_mib("self");
     let selected: Vec<(&str, CohortDefinition)> = definitions()
         .into_iter()
         .filter(|(name, _)| args.only.as_ref().is_none_or(|o| name.contains(o.as_str())))
@@ -471,7 +428,7 @@ fn main() -> anyhow::Result<()> {
         }
         timed.push((exact, median(ms)));
     }
-    let rss_indexed = peak_rss_mib();
+    let rss_indexed = peak_rss_mib("self");
     let mut results = Vec::new();
     eprintln!(
         "\n{:<24} {:>10} {:>14} {:>14} {:>14}",
@@ -502,7 +459,7 @@ fn main() -> anyhow::Result<()> {
             "median_ms_code_rows": before.get(1),
         }));
     }
-    let rss_all = peak_rss_mib();
+    let rss_all = peak_rss_mib("self");
     let mib = |v: Option<f64>| v.map_or("unknown".into(), |m| format!("{m:.0} MiB"));
     eprintln!(
         "\npeak RSS: {} after generating and indexing, {} after the indexed runs, {} after \
