@@ -170,6 +170,27 @@ pub(crate) fn step_name(i: usize) -> String {
     format!("step_{i}")
 }
 
+/// `rows` (of `table`) joined to the index-event subplan `plan` by `person_id`: each row
+/// gains its patient's `index_event.index_date`; patients without an index event drop out.
+fn join_index(
+    rows: LogicalPlanBuilder,
+    table: &str,
+    plan: &LogicalPlan,
+) -> Result<LogicalPlanBuilder> {
+    let index = LogicalPlanBuilder::from(plan.clone())
+        .alias(INDEX_ALIAS)?
+        .build()?;
+    rows.join(
+        index,
+        JoinType::Inner,
+        (
+            vec![Column::new(Some(table), "person_id")],
+            vec![Column::new(Some(INDEX_ALIAS), "person_id")],
+        ),
+        None,
+    )
+}
+
 /// `from <= days AND days <= to` for the bounds given (`None`: neither).
 fn days_between(days: Expr, from: Option<i32>, to: Option<i32>) -> Option<Expr> {
     let low = from.map(|f| days.clone().gt_eq(lit(f)));
@@ -361,18 +382,7 @@ impl Compiler<'_> {
                     }
                 }
                 Some(IndexPlan::Event(plan)) => {
-                    let index = LogicalPlanBuilder::from(plan.clone())
-                        .alias(INDEX_ALIAS)?
-                        .build()?;
-                    rows = rows.join(
-                        index,
-                        JoinType::Inner,
-                        (
-                            vec![Column::new(Some(person), "person_id")],
-                            vec![Column::new(Some(INDEX_ALIAS), "person_id")],
-                        ),
-                        None,
-                    )?;
+                    rows = join_index(rows, person, plan)?;
                     let age = cast(
                         date_part(lit("year"), qcol(INDEX_ALIAS, INDEX_DATE)),
                         DataType::Int64,
@@ -464,18 +474,7 @@ impl Compiler<'_> {
         let mut rows = self.event_rows(domain, e)?;
         match (&e.window, &self.index) {
             (Some(Window::DaysFromIndex { from, to }), Some(IndexPlan::Event(plan))) => {
-                let index = LogicalPlanBuilder::from(plan.clone())
-                    .alias(INDEX_ALIAS)?
-                    .build()?;
-                rows = rows.join(
-                    index,
-                    JoinType::Inner,
-                    (
-                        vec![Column::new(Some(table), "person_id")],
-                        vec![Column::new(Some(INDEX_ALIAS), "person_id")],
-                    ),
-                    None,
-                )?;
+                rows = join_index(rows, table, plan)?;
                 let days = cast(qcol(table, "date"), DataType::Int32)
                     - cast(qcol(INDEX_ALIAS, INDEX_DATE), DataType::Int32);
                 if let Some(p) = days_between(days, *from, *to) {

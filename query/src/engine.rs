@@ -275,6 +275,20 @@ impl CohortEngine {
         }
     }
 
+    /// This engine's tables, options and threads with other concept relations: cheap,
+    /// for relations that were added.
+    pub fn with_hierarchy(&self, hierarchy: ConceptHierarchy) -> CohortEngine {
+        CohortEngine {
+            inner: Arc::new(Inner::new(
+                self.inner.tables.clone(),
+                hierarchy,
+                &self.options,
+            )),
+            runtime: self.runtime.clone(),
+            options: self.options.clone(),
+        }
+    }
+
     /// The index tables.
     pub fn tables(&self) -> &IndexTables {
         &self.inner.tables

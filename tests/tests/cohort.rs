@@ -225,13 +225,7 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
             std::fs::rename(&older, &index).unwrap();
         })
         .await;
-    let w = World {
-        cast: reconnect(&sandbox, &w.cast).await,
-        ..w
-    };
-    assert_eq!(exact(&w, &study).await, selected.len() as u64);
-    let (_, after) = w.cast.fetch(&study).await.expect("release after restart");
-    assert_eq!(after, got);
+    let w = same_answers(&sandbox, w, &study, selected.len(), &got).await;
     assert_eq!(
         sandbox.broker().index_load(),
         Some(IndexLoad {
@@ -254,13 +248,7 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
             }
         })
         .await;
-    let w = World {
-        cast: reconnect(&sandbox, &w.cast).await,
-        ..w
-    };
-    assert_eq!(exact(&w, &study).await, selected.len() as u64);
-    let (_, after) = w.cast.fetch(&study).await.expect("release after restart");
-    assert_eq!(after, got);
+    same_answers(&sandbox, w, &study, selected.len(), &got).await;
     assert_eq!(
         sandbox.broker().index_load(),
         Some(IndexLoad {
@@ -269,6 +257,25 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
         })
     );
     sandbox.stop().await;
+}
+
+/// After a restart: the board's exact count of the study is `selected` and its release
+/// decrypts to `released`. Returns the world with its clients reconnected.
+async fn same_answers(
+    sandbox: &Sandbox,
+    w: World,
+    study: &Study,
+    selected: usize,
+    released: &Tally,
+) -> World {
+    let w = World {
+        cast: reconnect(sandbox, &w.cast).await,
+        ..w
+    };
+    assert_eq!(exact(&w, study).await, selected as u64);
+    let (_, after) = w.cast.fetch(study).await.expect("release after restart");
+    assert_eq!(&after, released);
+    w
 }
 
 /// The cast's clients, connected to the restarted broker.
@@ -293,4 +300,75 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(&path, &target).unwrap();
         }
     }
+}
+
+/// Uploads of the same patients racing each other: whatever order their reports reach the
+/// live engine in, it ends up holding what the database holds, one version per patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_uploads_leave_the_live_engine_equal_to_the_database() {
+    let mut sandbox = Sandbox::start().await;
+    let w = sandbox.world(60, 5).await;
+    let study = w
+        .cast
+        .approved_study("racing uploads", &CATS, cohort())
+        .await
+        .expect("propose and approve");
+    let everyone = w.patients.len() as u64;
+    // Six uploads of the same 30 patients at once, alternately with and without
+    // hypertension (each a new index version of every one of them).
+    let mut uploads = Vec::new();
+    for round in 0..6 {
+        let batch: Vec<(Identity, datasets::PatientRecord)> = w.patients[..30]
+            .iter()
+            .map(|(id, record)| {
+                let mut record = record.clone();
+                record.index.conditions.retain(|c| c.code != HYPERTENSION);
+                if round % 2 == 0 {
+                    record.index.conditions.push(model::CodedEvent {
+                        system: "snomed".into(),
+                        code: HYPERTENSION.into(),
+                        date: format!("20{:02}-01-01", 10 + round),
+                        value: None,
+                        unit: String::new(),
+                    });
+                }
+                (id.clone(), record)
+            })
+            .collect();
+        let custodian = w.cast.custodian.clone();
+        uploads.push(tokio::spawn(async move {
+            agent::ingest_batch(&custodian, batch).await
+        }));
+    }
+    for u in uploads {
+        u.await.unwrap().expect("upload");
+    }
+    let all = CohortDefinition::everyone();
+    let count = |w: &World, d: &CohortDefinition| {
+        let json = serde_json::to_vec(d).unwrap();
+        let board = w.cast.board.clone();
+        let study = study.study_id.clone();
+        async move {
+            let r = board.count(&study, &json).await.expect("count");
+            r.count.parse::<u64>().expect("exact")
+        }
+    };
+    let live = (count(&w, &all).await, count(&w, &cohort()).await);
+    assert_eq!(live.0, everyone, "one version per patient");
+    // The database's answer: a start without a snapshot reads every current version.
+    let index = sandbox.data_dir().join("index");
+    sandbox
+        .restart_with(|_| std::fs::remove_dir_all(&index).unwrap())
+        .await;
+    let w = World {
+        cast: reconnect(&sandbox, &w.cast).await,
+        ..w
+    };
+    let stored = (count(&w, &all).await, count(&w, &cohort()).await);
+    assert_eq!(
+        sandbox.broker().index_load().map(|l| l.from_database),
+        Some(everyone)
+    );
+    assert_eq!(live, stored);
+    sandbox.stop().await;
 }

@@ -390,13 +390,29 @@ impl Broker {
         Ok(())
     }
 
-    /// The cohort engine must be built again (its concept relations changed).
-    pub(crate) fn engine_outdated(&self) {
-        *self
+    /// The concept relations changed: the live engine takes them (descendants are
+    /// expanded when a plan is compiled, so its tables stay as they are).
+    pub(crate) fn concepts_changed(&self) -> ServiceResult<()> {
+        let mut live = self
             .cohorts
             .engine
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = live.as_mut() {
+            let hierarchy = self.concept_hierarchy()?;
+            current.engine = Arc::new(current.engine.with_hierarchy(hierarchy));
+        }
+        Ok(())
+    }
+
+    /// The concept relations custodians uploaded.
+    fn concept_hierarchy(&self) -> ServiceResult<ConceptHierarchy> {
+        Ok(ConceptHierarchy::from_pairs(
+            self.db()
+                .concept_relations()?
+                .into_iter()
+                .filter_map(|(a, d)| Some((a.parse().ok()?, d.parse().ok()?))),
+        ))
     }
 
     /// The engine over the current index and `study`'s consent as it stands now.
@@ -504,8 +520,16 @@ impl Broker {
         let Some(current) = live.as_mut().filter(|l| l.since_snapshot > 0) else {
             return;
         };
+        let started = std::time::Instant::now();
         match snapshots.write(current.engine.tables()) {
-            Ok(()) => current.since_snapshot = 0,
+            Ok(()) => {
+                current.since_snapshot = 0;
+                tracing::info!(
+                    patients = current.engine.tables().persons(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "index snapshot written at stop"
+                );
+            }
             Err(e) => tracing::warn!(error = %e, "index snapshot not written"),
         }
     }
@@ -549,12 +573,8 @@ impl Broker {
             }
             None => None,
         };
+        let hierarchy = self.concept_hierarchy()?;
         let db = self.db();
-        let hierarchy = ConceptHierarchy::from_pairs(
-            db.concept_relations()?
-                .into_iter()
-                .filter_map(|(a, d)| Some((a.parse().ok()?, d.parse().ok()?))),
-        );
         let through = db.last_index_id()?;
         let indexed = db.indexed_patients()?;
         let current: RoaringBitmap = indexed
@@ -570,13 +590,39 @@ impl Broker {
                 .pseudonyms
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            for (id, p) in &indexed {
-                if !held.contains(*id as u32) {
-                    builder
-                        .add(*id, &db.index(p)?)
-                        .map_err(|e| ServiceError::internal(format!("index: {e}")))?;
-                    read += 1;
+            let missing = indexed
+                .iter()
+                .filter(|(id, _)| !held.contains(*id as u32))
+                .count();
+            let mut add = |id: i64, index: &model::PatientIndex| -> ServiceResult<()> {
+                builder
+                    .add(id, index)
+                    .map_err(|e| ServiceError::internal(format!("index: {e}")))?;
+                read += 1;
+                Ok(())
+            };
+            if missing * 4 > indexed.len() {
+                // Most of the index: one pass over the tables in order.
+                let mut failed = None;
+                db.for_each_index(|id, _, index| {
+                    if !held.contains(id as u32)
+                        && let Err(e) = add(id, &index)
+                    {
+                        failed.get_or_insert(e);
+                    }
+                    Ok(())
+                })?;
+                if let Some(e) = failed {
+                    return Err(e);
                 }
+            } else {
+                for (id, p) in &indexed {
+                    if !held.contains(*id as u32) {
+                        add(*id, &db.index(p)?)?;
+                    }
+                }
+            }
+            for (id, p) in &indexed {
                 name(&mut pseudonyms, *id, p)?;
             }
         }

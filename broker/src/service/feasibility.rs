@@ -209,8 +209,7 @@ impl Broker {
         }
         let (added, total) = self.db().put_concept_relations(&relations)?;
         if added > 0 {
-            // The engine expands descendants at compile time: rebuild it.
-            self.engine_outdated();
+            self.concepts_changed()?;
         }
         Ok((added, total))
     }

@@ -58,15 +58,8 @@ impl Reference<'_> {
         e: &EventCriterion,
         fixed: Option<Date>,
     ) -> usize {
-        let codes: BTreeSet<String> = self
-            .hierarchy
-            .expand(&e.codes, e.include_descendants)
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        self.rows(pt, domain)
+        self.plain_rows(pt, domain, e)
             .into_iter()
-            .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
             .filter(|r| {
                 let d = day(&r.date);
                 match &e.window {
@@ -93,19 +86,16 @@ impl Reference<'_> {
                     }
                 }
             })
-            .filter(|r| match e.value {
-                None => true,
-                Some(v) => r
-                    .value
-                    .is_some_and(|x| v.min.is_none_or(|m| x >= m) && v.max.is_none_or(|m| x <= m)),
-            })
-            .filter(|r| e.unit.as_ref().is_none_or(|u| &r.unit == u))
             .count()
     }
 
-    /// The days of a patient's visible rows matching a plain event criterion (codes,
-    /// calendar window, value, unit; no occurrence, no relative window).
-    fn anchor_days(&self, pt: &Patient<'_>, domain: Domain, e: &EventCriterion) -> Vec<i32> {
+    /// A patient's visible rows of the criterion's codes, value range and unit (any date).
+    fn plain_rows<'p>(
+        &self,
+        pt: &Patient<'p>,
+        domain: Domain,
+        e: &EventCriterion,
+    ) -> Vec<&'p CodedEvent> {
         let codes: BTreeSet<String> = self
             .hierarchy
             .expand(&e.codes, e.include_descendants)
@@ -115,16 +105,6 @@ impl Reference<'_> {
         self.rows(pt, domain)
             .into_iter()
             .filter(|r| codes.contains(&format!("{}:{}", r.system, r.code)))
-            .filter(|r| {
-                let d = day(&r.date);
-                match &e.window {
-                    None => true,
-                    Some(Window::Between { from, to }) => {
-                        from.is_none_or(|f| d >= f.days()) && to.is_none_or(|t| d <= t.days())
-                    }
-                    Some(other) => panic!("not a plain event criterion: {other:?}"),
-                }
-            })
             .filter(|r| match e.value {
                 None => true,
                 Some(v) => r
@@ -132,7 +112,22 @@ impl Reference<'_> {
                     .is_some_and(|x| v.min.is_none_or(|m| x >= m) && v.max.is_none_or(|m| x <= m)),
             })
             .filter(|r| e.unit.as_ref().is_none_or(|u| &r.unit == u))
+            .collect()
+    }
+
+    /// The days of a patient's visible rows matching a plain event criterion (codes,
+    /// calendar window, value, unit; no occurrence, no relative window).
+    fn anchor_days(&self, pt: &Patient<'_>, domain: Domain, e: &EventCriterion) -> Vec<i32> {
+        self.plain_rows(pt, domain, e)
+            .into_iter()
             .map(|r| day(&r.date))
+            .filter(|&d| match &e.window {
+                None => true,
+                Some(Window::Between { from, to }) => {
+                    from.is_none_or(|f| d >= f.days()) && to.is_none_or(|t| d <= t.days())
+                }
+                Some(other) => panic!("not a plain event criterion: {other:?}"),
+            })
             .collect()
     }
 

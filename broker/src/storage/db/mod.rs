@@ -42,6 +42,8 @@ const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
 PRAGMA synchronous=FULL;
+-- 128 MiB of page cache: uploads insert into B-trees keyed by random pseudonyms.
+PRAGMA cache_size=-131072;
 PRAGMA foreign_keys=ON;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS actors (
@@ -73,11 +75,13 @@ CREATE TABLE IF NOT EXISTS envelopes (
 CREATE TABLE IF NOT EXISTS index_person (
     pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), birth_year INTEGER, sex TEXT NOT NULL,
     index_id INTEGER NOT NULL UNIQUE, index_hash BLOB NOT NULL);
+-- The rows of each index version, by its number: numbers only grow, so an upload's rows
+-- go at the end of the table and of its index (no random B-tree inserts), and a start
+-- that reads the whole index reads it in order.
 CREATE TABLE IF NOT EXISTS index_event (
-    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), kind TEXT NOT NULL,
+    index_id INTEGER NOT NULL, kind TEXT NOT NULL,
     system TEXT NOT NULL, code TEXT NOT NULL, date TEXT NOT NULL, value REAL, unit TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS index_event_patient ON index_event (pseudonym);
-CREATE INDEX IF NOT EXISTS index_event_code ON index_event (kind, code);
+CREATE INDEX IF NOT EXISTS index_event_version ON index_event (index_id);
 CREATE TABLE IF NOT EXISTS studies (
     study_id TEXT PRIMARY KEY, sponsor_id TEXT NOT NULL, proposal TEXT NOT NULL,
     status TEXT NOT NULL, board_id TEXT NOT NULL DEFAULT '', board_signature BLOB NOT NULL DEFAULT x'',
@@ -92,6 +96,7 @@ CREATE TABLE IF NOT EXISTS grants (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), threshold INTEGER NOT NULL,
     expires_at INTEGER NOT NULL, signature BLOB NOT NULL, created_at INTEGER NOT NULL,
     UNIQUE (study_id, pseudonym));
+CREATE INDEX IF NOT EXISTS grants_patient ON grants (pseudonym);
 CREATE TABLE IF NOT EXISTS grant_categories (
     grant_id TEXT NOT NULL REFERENCES grants(grant_id) ON DELETE CASCADE, category TEXT NOT NULL,
     PRIMARY KEY (grant_id, category));
@@ -106,6 +111,9 @@ CREATE TABLE IF NOT EXISTS release_items (
     PRIMARY KEY (release_id, seq));
 CREATE TABLE IF NOT EXISTS patient_actors (
     actor_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL REFERENCES patients(pseudonym));
+-- A patient's row is read with its actor id on every upload and consent: without this
+-- index each read scanned the whole table.
+CREATE INDEX IF NOT EXISTS patient_actors_patient ON patient_actors (pseudonym);
 CREATE TABLE IF NOT EXISTS audit_salts (
     pseudonym TEXT PRIMARY KEY REFERENCES patients(pseudonym), salt BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS release_events (

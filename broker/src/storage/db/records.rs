@@ -104,43 +104,79 @@ impl Db {
         stored_content(&self.conn, pseudonym, category, content_tag)
     }
 
+    /// A patient's current index (empty if none was uploaded).
     pub fn index(&self, pseudonym: &str) -> DbResult<PatientIndex> {
-        let person = self
+        let current = self
             .conn
-            .prepare_cached("SELECT birth_year, sex FROM index_person WHERE pseudonym = ?1")?
+            .prepare_cached(
+                "SELECT index_id, birth_year, sex FROM index_person WHERE pseudonym = ?1",
+            )?
             .query_row([pseudonym], |r| {
-                Ok(Person {
-                    birth_year: r.get(0)?,
-                    sex: r.get(1)?,
-                })
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    Person {
+                        birth_year: r.get(1)?,
+                        sex: r.get(2)?,
+                    },
+                ))
             })
-            .optional()?
-            .unwrap_or_default();
+            .optional()?;
+        let Some((id, person)) = current else {
+            return Ok(PatientIndex::default());
+        };
         let mut index = PatientIndex {
             person,
             ..Default::default()
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT kind, system, code, date, value, unit FROM index_event WHERE pseudonym = ?1 ORDER BY rowid")?;
-        let mut rows = stmt.query([pseudonym])?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, system, code, date, value, unit FROM index_event WHERE index_id = ?1 ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([id])?;
         while let Some(r) = rows.next()? {
-            let kind: String = r.get(0)?;
-            let e = CodedEvent {
-                system: r.get(1)?,
-                code: r.get(2)?,
-                date: r.get(3)?,
-                value: r.get(4)?,
-                unit: r.get(5)?,
-            };
-            match kind.as_str() {
-                "condition" => index.conditions.push(e),
-                "measurement" => index.measurements.push(e),
-                "drug" => index.drugs.push(e),
-                _ => index.procedures.push(e),
-            }
+            push_event(&mut index, r, 0)?;
         }
         Ok(index)
+    }
+
+    /// Every patient's current index, in the order of their numbers: `f(index_id,
+    /// pseudonym, index)`. One pass over each table in order, for building the whole
+    /// cohort index.
+    pub fn for_each_index(
+        &self,
+        mut f: impl FnMut(i64, String, PatientIndex) -> DbResult<()>,
+    ) -> DbResult<()> {
+        let mut persons = self.conn.prepare(
+            "SELECT index_id, pseudonym, birth_year, sex FROM index_person ORDER BY index_id",
+        )?;
+        let mut events = self.conn.prepare(
+            "SELECT index_id, kind, system, code, date, value, unit FROM index_event ORDER BY index_id, rowid",
+        )?;
+        let mut persons = persons.query([])?;
+        let mut events = events.query([])?;
+        let mut event = events.next()?;
+        while let Some(p) = persons.next()? {
+            let id: i64 = p.get(0)?;
+            let mut index = PatientIndex {
+                person: Person {
+                    birth_year: p.get(2)?,
+                    sex: p.get(3)?,
+                },
+                ..Default::default()
+            };
+            // Rows of replaced versions are deleted with them; any left are skipped.
+            while let Some(r) = event {
+                let of: i64 = r.get(0)?;
+                if of > id {
+                    break;
+                }
+                if of == id {
+                    push_event(&mut index, r, 1)?;
+                }
+                event = events.next()?;
+            }
+            f(id, p.get(1)?, index)?;
+        }
+        Ok(())
     }
 
     /// The latest version of each of a patient's envelopes in the given categories.
@@ -303,6 +339,26 @@ pub struct IndexChange {
     pub index: PatientIndex,
 }
 
+/// Adds an `index_event` row (its columns `kind, system, code, date, value, unit` from
+/// column `first` on) to `index`.
+fn push_event(index: &mut PatientIndex, r: &rusqlite::Row<'_>, first: usize) -> DbResult<()> {
+    let kind: String = r.get(first)?;
+    let e = CodedEvent {
+        system: r.get(first + 1)?,
+        code: r.get(first + 2)?,
+        date: r.get(first + 3)?,
+        value: r.get(first + 4)?,
+        unit: r.get(first + 5)?,
+    };
+    match kind.as_str() {
+        "condition" => index.conditions.push(e),
+        "measurement" => index.measurements.push(e),
+        "drug" => index.drugs.push(e),
+        _ => index.procedures.push(e),
+    }
+    Ok(())
+}
+
 /// The number the next index version stored will take.
 pub(super) fn next_index_id(conn: &rusqlite::Connection) -> DbResult<i64> {
     Ok(conn
@@ -336,12 +392,12 @@ fn put_index(
         let mut current = tx
             .prepare_cached("SELECT index_id, index_hash FROM index_person WHERE pseudonym = ?1")?;
         let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
-        let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE pseudonym = ?1")?;
+        let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE index_id = ?1")?;
         let mut person = tx.prepare_cached(
             "INSERT INTO index_person (pseudonym, birth_year, sex, index_id, index_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut event = tx.prepare_cached(
-                "INSERT INTO index_event (pseudonym, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO index_event (index_id, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
         let mut next = next_index_id(tx)?;
         for (pseudonym, index) in rows {
@@ -353,7 +409,9 @@ fn put_index(
                 continue;
             }
             del_person.execute([pseudonym])?;
-            del_events.execute([pseudonym])?;
+            if let Some((old, _)) = &stored {
+                del_events.execute([old])?;
+            }
             person.execute(params![
                 pseudonym,
                 index.person.birth_year,
@@ -361,13 +419,6 @@ fn put_index(
                 next,
                 hash.as_slice()
             ])?;
-            changes.push(IndexChange {
-                pseudonym: pseudonym.clone(),
-                replaced: stored.map(|(id, _)| id),
-                index_id: next,
-                index: index.clone(),
-            });
-            next += 1;
             for (kind, events) in [
                 ("condition", &index.conditions),
                 ("measurement", &index.measurements),
@@ -376,10 +427,17 @@ fn put_index(
             ] {
                 for e in events {
                     event.execute(params![
-                        pseudonym, kind, e.system, e.code, e.date, e.value, e.unit
+                        next, kind, e.system, e.code, e.date, e.value, e.unit
                     ])?;
                 }
             }
+            changes.push(IndexChange {
+                pseudonym: pseudonym.clone(),
+                replaced: stored.map(|(id, _)| id),
+                index_id: next,
+                index: index.clone(),
+            });
+            next += 1;
         }
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_index_id', ?1)",
