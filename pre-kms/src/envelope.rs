@@ -21,8 +21,26 @@ pub fn seal_with_rng(
     category_key: &PublicKey,
     plaintext: &[u8],
 ) -> Result<Vec<u8>> {
-    let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL)?;
+    let compressed = compress(plaintext)?;
     Ok(Sealed::seal_with_rng(rng, category_key, &compressed)?.to_bytes(MAGIC))
+}
+
+thread_local! {
+    /// One compression context per thread: making a context costs more than compressing
+    /// a small research copy. The output is the same as a fresh context's.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(plaintext: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = match cell.as_mut() {
+            Some(c) => c,
+            None => cell.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        compressor.compress(plaintext)
+    })
 }
 
 pub fn seal(category_key: &PublicKey, plaintext: &[u8]) -> Result<Vec<u8>> {
