@@ -324,6 +324,13 @@ pub fn measure_ops(
     }
 }
 
+/// The concept relations (ancestor, descendant) the definitions expand through: diabetes
+/// mellitus → type 2, type 1.
+pub const CONCEPT_RELATIONS: [(&str, &str); 2] = [
+    ("snomed:73211009", "snomed:44054006"),
+    ("snomed:73211009", "snomed:46635009"),
+];
+
 /// The five cohort definitions every cohort benchmark times (`cohort-bench` on the engine,
 /// `service-bench` through the server), by name.
 pub fn definitions() -> Vec<(&'static str, CohortDefinition)> {

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
-use benches::{definitions, peak_rss_mib};
+use benches::{CONCEPT_RELATIONS, definitions, peak_rss_mib};
 use clap::Parser;
 use cohort_query::{
     Access, CodedEvent, CohortDefinition, CohortEngine, ConceptHierarchy, ConsentBuilder,
@@ -308,11 +308,11 @@ fn consent_of(seed: u64, id: u64) -> Vec<SearchField> {
 
 fn hierarchy() -> ConceptHierarchy {
     let c = |s: &str| s.parse().expect("code");
-    ConceptHierarchy::from_pairs([
-        // diabetes mellitus → type 2, type 1
-        (c("snomed:73211009"), c("snomed:44054006")),
-        (c("snomed:73211009"), c("snomed:46635009")),
-    ])
+    ConceptHierarchy::from_pairs(
+        CONCEPT_RELATIONS
+            .iter()
+            .map(|(ancestor, descendant)| (c(ancestor), c(descendant))),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use benches::{STUDY_CATEGORIES, definitions, peak_rss_mib};
+use benches::{CONCEPT_RELATIONS, STUDY_CATEGORIES, definitions, peak_rss_mib};
 use broker_cli::demo::{Cast, demo_cohort, demo_policy};
 use broker_proto::tls::ClientTls;
 use brokerctl::{BrokerClient, agent};
@@ -125,16 +125,18 @@ impl Server {
         self.child.id().to_string()
     }
 
-    /// The log lines printed so far that contain `needle`.
-    fn said(&self, needle: &str) -> Vec<String> {
+    /// The log lines printed since the last call about the cohort index (loads and
+    /// snapshot writes).
+    fn index_log(&self) -> Vec<String> {
         self.lines
             .try_iter()
-            .filter(|l| l.contains(needle))
+            .filter(|l| l.contains("cohort index loaded") || l.contains("index snapshot"))
             .collect()
     }
 
-    /// Stops the broker as an operator does (SIGINT) and waits for it.
-    fn stop(mut self) -> anyhow::Result<Duration> {
+    /// Stops the broker as an operator does (SIGINT) and waits for it; returns how long
+    /// that took and its last index log lines.
+    fn stop(mut self) -> anyhow::Result<(Duration, Vec<String>)> {
         let started = Instant::now();
         let status = Command::new("kill")
             .args(["-INT", &self.pid()])
@@ -142,8 +144,15 @@ impl Server {
             .context("kill -INT")?;
         ensure!(status.success(), "kill -INT failed");
         let exit = self.child.wait()?;
+        let took = started.elapsed();
         ensure!(exit.success(), "the broker exited with {exit}");
-        Ok(started.elapsed())
+        // The reader thread ends with the broker's stderr.
+        let rest = self
+            .lines
+            .iter()
+            .filter(|l| l.contains("cohort index loaded") || l.contains("index snapshot"))
+            .collect();
+        Ok((took, rest))
     }
 }
 
@@ -263,6 +272,11 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
     let broker_key = PublicIdentity::read_file(&data.join("broker.pub"))?.verifying_key;
     let tls_pem = std::fs::read_to_string(data.join("tls.crt"))?;
     let cast = Cast::register(&op, &broker_key, Some(&tls_pem), "Bench").await?;
+    let relations: Vec<(String, String)> = CONCEPT_RELATIONS
+        .iter()
+        .map(|(a, d)| (a.to_string(), d.to_string()))
+        .collect();
+    op.put_concepts(&relations).await?;
 
     // 1. Ingest, batches generated as they are needed (memory stays flat).
     let population = Population::new(args.seed, args.patients);
@@ -345,7 +359,9 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
     let rss = peak_rss_mib(&server.pid());
 
     // 6. Restart.
-    let stop = server.stop()?;
+    let mut index_log = server.index_log();
+    let (stop, last) = server.stop()?;
+    index_log.extend(last);
     let started = Instant::now();
     let server = Server::start(broker, data, &operator_pub)?;
     let listening = started.elapsed();
@@ -357,7 +373,7 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         exact_count(&first)? == cohort_size,
         "the study's count changed across the restart"
     );
-    let loaded = server.said("cohort index loaded");
+    index_log.extend(server.index_log());
     let after = time_counts(&board, &study.study_id, args.runs).await?;
     ensure!(
         after.exact == before.exact,
@@ -430,7 +446,8 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         listening.as_secs_f64(),
         restart.as_secs_f64()
     );
-    for line in loaded {
+    println!("index log (the broker's own lines on loading and snapshotting its index)");
+    for line in index_log {
         println!("  {line}");
     }
     if let Some(path) = &args.json {
