@@ -497,7 +497,7 @@ impl std::fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "feasibility count    {:>8}  for the sponsor (protected: noise, rounding, <11), in {:.1} ms with the engine's first build; exact for the board: {}",
+            "feasibility count    {:>8}  for the sponsor (protected: noise, rounding, <11), in {:.1} ms over gRPC; exact for the board: {}",
             self.count_protected,
             self.count_time.as_secs_f64() * 1e3,
             self.count_exact
