@@ -15,6 +15,8 @@ use pre_kms::{Category, Identity};
 
 const CATS: [Category; 2] = [Category::Demographics, Category::Conditions];
 const HYPERTENSION: &str = "38341003";
+/// Patients of the main test: a few thousand, so that restarts load a real snapshot.
+const PATIENTS: usize = 2_000;
 
 /// Born 1940–1980 with hypertension.
 fn cohort() -> CohortDefinition {
@@ -63,7 +65,7 @@ async fn exact(w: &World, study: &Study) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once() {
     let mut sandbox = Sandbox::start().await;
-    let w = sandbox.world(600, 12).await;
+    let w = sandbox.world(PATIENTS, 12).await;
     let study = w
         .cast
         .approved_study("cohort", &CATS, cohort())
@@ -153,7 +155,10 @@ async fn a_release_is_the_exact_count_of_its_cohort_and_follows_consent_at_once(
         .await
         .expect("re-send the same");
     let selected = oracle(&w, &hidden);
-    assert!(selected.iter().any(|&i| i >= 600), "a newcomer is selected");
+    assert!(
+        selected.iter().any(|&i| i >= PATIENTS),
+        "a newcomer is selected"
+    );
     assert!(cured.iter().all(|i| !selected.contains(i)));
     assert_eq!(exact(&w, &study).await, selected.len() as u64);
     let want: Vec<usize> = selected.intersection(&granted).copied().collect();
