@@ -196,6 +196,11 @@ const SNAPSHOT_AFTER: usize = 20_000;
 const MAX_PENDING_UPLOADS: usize = 64;
 
 impl Cohorts {
+    /// The live engine, held.
+    fn live(&self) -> std::sync::MutexGuard<'_, Option<LiveEngine>> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn new(snapshots: Option<IndexSnapshots>) -> Cohorts {
         Cohorts {
             snapshots,
@@ -271,11 +276,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         {
-            let mut live = self
-                .cohorts
-                .engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut live = self.cohorts.live();
             if let Some(current) = live.as_mut() {
                 // An upload that committed before the engine was built is in it already.
                 if changes[0].index_id > current.through {
@@ -393,11 +394,7 @@ impl Broker {
     /// The concept relations changed: the live engine takes them (descendants are
     /// expanded when a plan is compiled, so its tables stay as they are).
     pub(crate) fn concepts_changed(&self) -> ServiceResult<()> {
-        let mut live = self
-            .cohorts
-            .engine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut live = self.cohorts.live();
         if let Some(current) = live.as_mut() {
             let hierarchy = self.concept_hierarchy()?;
             current.engine = Arc::new(current.engine.with_hierarchy(hierarchy));
@@ -512,11 +509,7 @@ impl Broker {
         let Some(snapshots) = &self.cohorts.snapshots else {
             return;
         };
-        let mut live = self
-            .cohorts
-            .engine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut live = self.cohorts.live();
         let Some(current) = live.as_mut().filter(|l| l.since_snapshot > 0) else {
             return;
         };
@@ -545,11 +538,7 @@ impl Broker {
 
     /// The live engine, built if there is none yet.
     fn live_engine(&self) -> ServiceResult<Arc<CohortEngine>> {
-        let mut live = self
-            .cohorts
-            .engine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut live = self.cohorts.live();
         if let Some(l) = live.as_ref() {
             return Ok(l.engine.clone());
         }
