@@ -68,7 +68,14 @@ fn export_schema(table: &str) -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn write_batches(path: &Path, table: &str, batch: &RecordBatch) -> Result<(), IndexError> {
+/// Writes `batches` (whose first column is `person_id`) as one Parquet file, without the
+/// rows of `retired` patients, one batch (and one filtered copy of it) at a time.
+fn write_batches(
+    path: &Path,
+    table: &str,
+    batches: &[&RecordBatch],
+    retired: &roaring::RoaringBitmap,
+) -> Result<(), IndexError> {
     let schema = export_schema(table);
     let file = File::create(path).map_err(io(path))?;
     let props = WriterProperties::builder()
@@ -76,20 +83,37 @@ fn write_batches(path: &Path, table: &str, batch: &RecordBatch) -> Result<(), In
         .build();
     let mut writer =
         ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| file_err(path, e))?;
-    let mut start = 0;
-    while start < batch.num_rows().max(1) {
-        let len = WRITE_ROWS.min(batch.num_rows() - start);
-        let chunk = batch.slice(start, len);
-        let columns = schema
-            .fields()
-            .iter()
-            .zip(chunk.columns())
-            .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
-            .collect::<Result<Vec<ArrayRef>, _>>()
-            .map_err(|e| file_err(path, e))?;
-        let out = RecordBatch::try_new(schema.clone(), columns).map_err(|e| file_err(path, e))?;
-        writer.write(&out).map_err(|e| file_err(path, e))?;
-        start += len.max(1);
+    for batch in batches {
+        let kept;
+        let batch = if retired.is_empty() {
+            *batch
+        } else {
+            let ids = batch.column(0).as_primitive::<Int64Type>();
+            let keep: arrow::array::BooleanArray = ids
+                .values()
+                .iter()
+                .map(|&id| Some(!retired.contains(id as u32)))
+                .collect();
+            kept =
+                arrow::compute::filter_record_batch(batch, &keep).map_err(|e| file_err(path, e))?;
+            &kept
+        };
+        let mut start = 0;
+        while start < batch.num_rows() {
+            let len = WRITE_ROWS.min(batch.num_rows() - start);
+            let chunk = batch.slice(start, len);
+            let columns = schema
+                .fields()
+                .iter()
+                .zip(chunk.columns())
+                .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
+                .collect::<Result<Vec<ArrayRef>, _>>()
+                .map_err(|e| file_err(path, e))?;
+            let out =
+                RecordBatch::try_new(schema.clone(), columns).map_err(|e| file_err(path, e))?;
+            writer.write(&out).map_err(|e| file_err(path, e))?;
+            start += len;
+        }
     }
     writer.close().map_err(|e| file_err(path, e))?;
     Ok(())
@@ -140,21 +164,25 @@ fn read_columns(
 
 impl IndexTables {
     /// Writes the tables as Parquet files into `dir` (created if missing): one file per
-    /// table, compacted (without retired ids' rows).
+    /// table, without retired ids' rows, segment after segment (no compacted copy of the
+    /// whole index is made).
     pub fn write_parquet_dir(&self, dir: &Path) -> Result<(), IndexError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let compacted;
-        let tables = if self.segments.len() == 1 && self.retired.is_empty() {
-            self
-        } else {
-            compacted = self.compact();
-            &compacted
-        };
-        let segment = &tables.segments[0];
-        write_batches(&dir.join("person.parquet"), "person", &segment.person.batch)?;
+        let persons: Vec<&RecordBatch> = self.segments.iter().map(|s| &s.person.batch).collect();
+        write_batches(
+            &dir.join("person.parquet"),
+            "person",
+            &persons,
+            &self.retired,
+        )?;
         for domain in Domain::ALL {
             let path = dir.join(format!("{}.parquet", domain.as_str()));
-            write_batches(&path, domain.as_str(), &segment.event(domain).batch)?;
+            let rows: Vec<&RecordBatch> = self
+                .segments
+                .iter()
+                .map(|s| &s.event(domain).batch)
+                .collect();
+            write_batches(&path, domain.as_str(), &rows, &self.retired)?;
         }
         Ok(())
     }
@@ -269,7 +297,7 @@ impl ConsentSnapshot {
         let fields: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|g| g.1)));
         let batch = RecordBatch::try_new(export_schema("consent"), vec![ids, fields])
             .map_err(|e| file_err(path, e))?;
-        write_batches(path, "consent", &batch)
+        write_batches(path, "consent", &[&batch], &roaring::RoaringBitmap::new())
     }
 
     /// Reads a snapshot written by [`ConsentSnapshot::write_parquet`].
