@@ -155,16 +155,6 @@ impl IndexSnapshots {
         }
         Ok(())
     }
-
-    /// Removes every snapshot (for a data directory whose index must not outlive a
-    /// deletion).
-    pub fn clear(&self) -> Result<(), SnapshotError> {
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&self.dir, e)),
-        }
-    }
 }
 
 fn is_snapshot_name(name: &str) -> bool {
