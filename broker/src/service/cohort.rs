@@ -14,7 +14,6 @@
 //! period). Patients who share a policy history share one decision.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use roaring::RoaringBitmap;
@@ -166,8 +165,7 @@ pub struct Cohorts {
     engine: Mutex<Option<LiveEngine>>,
     /// Where the engine's tables are snapshotted (none: never).
     snapshots: Option<IndexSnapshots>,
-    /// A snapshot is being written, on this thread.
-    writing: Arc<AtomicBool>,
+    /// The thread that writes (or last wrote) a snapshot.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// How the engine was last built.
     loaded: Mutex<Option<IndexLoad>>,
@@ -201,6 +199,11 @@ impl Cohorts {
         self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Which patient each engine id is, for writing.
+    fn pseudonyms_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<String>> {
+        self.pseudonyms.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn new(snapshots: Option<IndexSnapshots>) -> Cohorts {
         Cohorts {
             snapshots,
@@ -214,15 +217,14 @@ impl Cohorts {
         let Some(snapshots) = self.snapshots.clone() else {
             return false;
         };
-        if self.writing.swap(true, Ordering::AcqRel) {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if writer.as_ref().is_some_and(|w| !w.is_finished()) {
             return false;
         }
-        let writing = self.writing.clone();
-        let tables = tables.clone();
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(done) = writer.take() {
             let _ = done.join();
         }
+        let tables = tables.clone();
         *writer = Some(std::thread::spawn(move || {
             let started = std::time::Instant::now();
             match snapshots.write(&tables) {
@@ -233,7 +235,6 @@ impl Cohorts {
                 ),
                 Err(e) => tracing::warn!(error = %e, "index snapshot not written"),
             }
-            writing.store(false, Ordering::Release);
         }));
         true
     }
@@ -325,11 +326,7 @@ impl Broker {
             .retire(changes.iter().filter_map(|c| c.replaced));
         let tables = merge_grown_tail(grown);
         {
-            let mut pseudonyms = self
-                .cohorts
-                .pseudonyms
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pseudonyms = self.cohorts.pseudonyms_mut();
             for c in changes {
                 name(&mut pseudonyms, c.index_id, &c.pseudonym)?;
             }
@@ -574,11 +571,7 @@ impl Broker {
         let mut builder = IndexBuilder::new();
         let mut read = 0usize;
         {
-            let mut pseudonyms = self
-                .cohorts
-                .pseudonyms
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pseudonyms = self.cohorts.pseudonyms_mut();
             let missing = indexed
                 .iter()
                 .filter(|(id, _)| !held.contains(*id as u32))
@@ -592,18 +585,13 @@ impl Broker {
             };
             if missing * 4 > indexed.len() {
                 // Most of the index: one pass over the tables in order.
-                let mut failed = None;
                 db.for_each_index(|id, _, index| {
-                    if !held.contains(id as u32)
-                        && let Err(e) = add(id, &index)
-                    {
-                        failed.get_or_insert(e);
+                    if held.contains(id as u32) {
+                        Ok(())
+                    } else {
+                        add(id, &index)
                     }
-                    Ok(())
                 })?;
-                if let Some(e) = failed {
-                    return Err(e);
-                }
             } else {
                 for (id, p) in &indexed {
                     if !held.contains(*id as u32) {

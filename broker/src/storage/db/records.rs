@@ -141,10 +141,10 @@ impl Db {
     /// Every patient's current index, in the order of their numbers: `f(index_id,
     /// pseudonym, index)`. One pass over each table in order, for building the whole
     /// cohort index.
-    pub fn for_each_index(
+    pub fn for_each_index<E: From<rusqlite::Error>>(
         &self,
-        mut f: impl FnMut(i64, String, PatientIndex) -> DbResult<()>,
-    ) -> DbResult<()> {
+        mut f: impl FnMut(i64, String, PatientIndex) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut persons = self.conn.prepare(
             "SELECT index_id, pseudonym, birth_year, sex FROM index_person ORDER BY index_id",
         )?;
