@@ -162,7 +162,7 @@ pub enum PolicyError {
     CriticalInProvision { at: ProvisionPath },
     /// A searchable field name we do not know.
     #[error(
-        "provision {at}: unknown searchable field {name:?}; use birth_year, sex, condition, measurement, drug or procedure"
+        "provision {at}: unknown searchable field {name:?}; use birth_year, sex, condition, measurement, drug, procedure or observation_period"
     )]
     UnknownSearchField { at: ProvisionPath, name: String },
     /// An actor's organisation id is empty, too long or has control characters.

@@ -10,13 +10,16 @@
 //!   gives its own row under the component's code;
 //! * drugs: MedicationRequest (`authoredOn`) and MedicationStatement (`effective[x]`,
 //!   `dateAsserted`), coded by `medicationCodeableConcept` or the referenced Medication;
-//! * procedures: Procedure, dated by `performedDateTime` or `performedPeriod.start`.
+//! * procedures: Procedure, dated by `performedDateTime` or `performedPeriod.start`;
+//! * observation period: FHIR has none, so one is derived as OHDSI's conversion of Synthea
+//!   data to OMOP derives it: from the earliest `Encounter.period.start` to the latest
+//!   `period.end` (or `start`, for an encounter without an end). None without encounters.
 //!
 //! Codes come from the first coding that has a code; systems are shortened by
 //! [`system_short_name`]. Dates are `YYYY-MM-DD` (partial dates padded with `01`); rows
 //! without a usable date or code are left out. Immunizations are not indexed.
 
-use model::{CodedEvent, PatientIndex, Person};
+use model::{CodedEvent, ObservationPeriod, PatientIndex, Person};
 use serde_json::Value;
 
 use crate::categorize::Lookup;
@@ -127,8 +130,21 @@ pub(crate) fn extract(
         person: person(patient, cfg),
         ..PatientIndex::default()
     };
+    // The span of the encounters (ISO dates compare as text).
+    let mut observed: Option<(String, String)> = None;
     for r in resources {
         match util::resource_type(r) {
+            Some("Encounter") => {
+                if let Some(start) = first_date(r, &[&["period", "start"]]) {
+                    let end = first_date(r, &[&["period", "end"]])
+                        .filter(|end| *end >= start)
+                        .unwrap_or_else(|| start.clone());
+                    observed = Some(match observed {
+                        Some((from, to)) => (from.min(start), to.max(end)),
+                        None => (start, end),
+                    });
+                }
+            }
             Some("Condition") => {
                 if let Some(date) = first_date(
                     r,
@@ -191,6 +207,11 @@ pub(crate) fn extract(
             _ => {}
         }
     }
+    if let Some((start, end)) = observed {
+        index
+            .observation_periods
+            .push(ObservationPeriod { start, end });
+    }
     index
 }
 
@@ -216,6 +237,9 @@ mod tests {
     fn rows() {
         let patient = json!({"resourceType": "Patient", "id": "p", "birthDate": "1930-01-01", "gender": "female"});
         let resources = vec![
+            json!({"resourceType": "Encounter", "period": {"start": "2009-12-31T23:00:00Z", "end": "2010-01-01T01:00:00Z"}}),
+            json!({"resourceType": "Encounter", "period": {"start": "2001-02-03T04:00:00Z"}}),
+            json!({"resourceType": "Encounter", "period": {"start": "2012-06-07T00:00:00Z", "end": "2011-01-01"}}),
             json!({"resourceType": "Condition", "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
                    "onsetDateTime": "2001-02-03T04:05:06Z"}),
             json!({"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
@@ -252,5 +276,16 @@ mod tests {
         assert_eq!(idx.drugs[0].system, "rxnorm");
         assert_eq!(idx.drugs[0].date, "2011-05-01");
         assert_eq!(idx.procedures[0].date, "2012-06-07");
+        // From the first encounter's start to the last encounter's end; an end before its
+        // start counts as the start.
+        assert_eq!(
+            idx.observation_periods,
+            [ObservationPeriod {
+                start: "2001-02-03".into(),
+                end: "2012-06-07".into()
+            }]
+        );
+        let none = extract(&patient, &resources[3..], &resolver, &DeidConfig::new(2026));
+        assert!(none.observation_periods.is_empty());
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Tables read (file `<table>.parquet` or `<table>.csv`, names matched case-insensitively):
 //! `person`, `condition_occurrence`, `measurement`, `drug_exposure`,
-//! `procedure_occurrence`, `concept`, `concept_ancestor`.
+//! `procedure_occurrence`, `concept`, `concept_ancestor`, and `observation_period` when
+//! present (without it, no patient has an observation period, and observation-period
+//! criteria match nobody; [`OmopImport::rows`] has no `observation_period` entry).
 //!
 //! ## Types, and the quirks of real exports
 //!
@@ -28,7 +30,10 @@
 //! * The index ([`PatientIndex`]): birth year (the 90+ bucket for patients over 89 at the
 //!   reference year), sex from `gender_concept_id` (8507 male, 8532 female, 8521 other,
 //!   else unknown), and one coded event per condition, measurement (value and UCUM unit
-//!   when present), drug exposure and procedure, with the full date. Codes are the
+//!   when present), drug exposure and procedure, with the full date, and the patient's
+//!   observation periods (start and end dates; a period ending before it starts is an
+//!   error, a period of a person without a person row is not indexed and is counted in
+//!   [`OmopImport::not_indexed`], as Eunomia's subset keeps such periods). Codes are the
 //!   concepts' `concept_code` in their vocabulary: SNOMED → `snomed`, LOINC → `loinc`,
 //!   RxNorm → `rxnorm`, ICD10CM → `icd10`.
 //! * The research copy: the rows as minimal FHIR R4 resources (Patient, Condition,
@@ -49,7 +54,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Date32Type, Field, Float64Type, Int64Type, Schema};
-use model::{Code, CodeSystem, CodedEvent, ConceptHierarchy, Date, PatientIndex, Person};
+use model::{
+    Code, CodeSystem, CodedEvent, ConceptHierarchy, Date, ObservationPeriod, PatientIndex, Person,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 use serde_json::{Value, json};
@@ -75,7 +82,8 @@ pub struct OmopImport {
     /// Rows read per table.
     pub rows: BTreeMap<&'static str, usize>,
     /// Event rows per table left out of the index: concept 0, or a concept outside
-    /// SNOMED, LOINC, RxNorm and ICD10CM.
+    /// SNOMED, LOINC, RxNorm and ICD10CM; for `observation_period`, periods of persons
+    /// without a person row.
     pub not_indexed: BTreeMap<&'static str, usize>,
 }
 
@@ -814,6 +822,55 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
         not_indexed.insert(t.table, skipped);
     }
 
+    // Observation periods: searchable spans, not part of the research copy.
+    match find_table(dir, "observation_period") {
+        Ok(path) => {
+            let cols = [
+                req("person_id", Spec::Integer),
+                req("observation_period_start_date", Spec::Date),
+                req("observation_period_end_date", Spec::Date),
+            ];
+            let reader = Reader { path, cols: &cols };
+            let (mut n, mut skipped) = (0, 0);
+            reader.for_each(|v, first, len| {
+                n += len;
+                for i in 0..len {
+                    let row = first + i;
+                    let person = v[0].int(i).expect("required");
+                    // Exports cut to a subset of persons (OHDSI Eunomia) keep the periods
+                    // of persons they left out: not indexed, and counted.
+                    let Some(rows) = people.get_mut(&person) else {
+                        skipped += 1;
+                        continue;
+                    };
+                    let date = |c: usize, column: &'static str| {
+                        Date::from_days(v[c].date(i).expect("required")).ok_or_else(|| {
+                            reader.err(column, row, "date outside the years 1 to 9999")
+                        })
+                    };
+                    let start = date(1, "observation_period_start_date")?;
+                    let end = date(2, "observation_period_end_date")?;
+                    if end < start {
+                        return Err(reader.err(
+                            "observation_period_end_date",
+                            row,
+                            format!("the period ends ({end}) before it starts ({start})"),
+                        ));
+                    }
+                    rows.index.observation_periods.push(ObservationPeriod {
+                        start: start.to_string(),
+                        end: end.to_string(),
+                    });
+                }
+                Ok(())
+            })?;
+            rows_read.insert("observation_period", n);
+            not_indexed.insert("observation_period", skipped);
+        }
+        Err(OmopError::MissingTable { .. }) => {}
+        Err(e) => return Err(e),
+    }
+
     let people: Vec<(i64, Rows)> = people.into_iter().collect();
     if let Some((id, _)) = people.iter().find(|(_, r)| r.patient.is_none()) {
         // Unreachable: events of unknown persons are refused above.
@@ -935,6 +992,71 @@ mod tests {
                 assert!(!text.contains("2019-03-04"), "{category:?}: {text}");
             }
         }
+    }
+
+    #[test]
+    fn observation_periods_are_indexed_when_the_table_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        minimal(dir.path());
+        let import = import_dir(dir.path(), &DeidConfig::new(2026)).unwrap();
+        assert!(!import.rows.contains_key("observation_period"));
+        assert!(
+            import.patients[0]
+                .record
+                .index
+                .observation_periods
+                .is_empty()
+        );
+        write(
+            dir.path(),
+            "observation_period.csv",
+            "observation_period_id,person_id,observation_period_start_date,observation_period_end_date\n\
+             1,10,2015-01-01,2019-12-31\n2,10,2021-01-01,2021-06-30 00:00:00\n3,11,2010-05-05,2010-05-05\n",
+        );
+        let import = import_dir(dir.path(), &DeidConfig::new(2026)).unwrap();
+        assert_eq!(import.rows["observation_period"], 3);
+        let periods: Vec<(&str, &str)> = import.patients[0]
+            .record
+            .index
+            .observation_periods
+            .iter()
+            .map(|p| (p.start.as_str(), p.end.as_str()))
+            .collect();
+        assert_eq!(
+            periods,
+            [("2015-01-01", "2019-12-31"), ("2021-01-01", "2021-06-30")]
+        );
+        assert_eq!(import.patients[1].record.index.observation_periods.len(), 1);
+        // Not in the research copy.
+        for bytes in import.patients[0].record.categories.values() {
+            assert!(!String::from_utf8_lossy(bytes).contains("2015-01-01"));
+        }
+
+        write(
+            dir.path(),
+            "observation_period.csv",
+            "person_id,observation_period_start_date,observation_period_end_date\n\
+             10,2015-01-01,2019-12-31\n11,2012-01-01,2011-01-01\n",
+        );
+        let err = import_dir(dir.path(), &DeidConfig::new(2026))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("observation_period.csv: column `observation_period_end_date`, row 2: the period ends"),
+            "{err}"
+        );
+        write(
+            dir.path(),
+            "observation_period.csv",
+            "person_id,observation_period_start_date,observation_period_end_date\n\
+             12,2015-01-01,2019-12-31\n10,2015-01-01,2019-12-31\n",
+        );
+        // A period of a person without a person row (Eunomia's subset keeps them): not
+        // indexed, counted.
+        let import = import_dir(dir.path(), &DeidConfig::new(2026)).unwrap();
+        assert_eq!(import.rows["observation_period"], 2);
+        assert_eq!(import.not_indexed["observation_period"], 1);
+        assert_eq!(import.patients[0].record.index.observation_periods.len(), 1);
     }
 
     #[test]

@@ -186,11 +186,13 @@ pub(crate) fn index_date(s: &str) -> Option<String> {
     if !is_fhir_date(s) {
         return None;
     }
-    Some(match s.len() {
+    let date = match s.len() {
         4 => format!("{s}-01-01"),
         7 => format!("{s}-01"),
         _ => s[..10].to_string(),
-    })
+    };
+    // A calendar date only (not 2019-02-30, not year 0): the cohort engine holds no other.
+    date.parse::<model::Date>().is_ok().then_some(date)
 }
 
 /// The year of a FHIR date/dateTime.
@@ -268,6 +270,10 @@ mod tests {
             index_date("2003-03-03T13:55:10-05:00").as_deref(),
             Some("2003-03-03")
         );
+        // Shaped like a date, but not one: the row is left out of the index.
+        assert_eq!(index_date("2019-02-30"), None);
+        assert_eq!(index_date("0000-01-01"), None);
+        assert_eq!(index_date("2020-02-29").as_deref(), Some("2020-02-29"));
         assert_eq!(year_of("1986-01-13"), Some(1986));
     }
 }

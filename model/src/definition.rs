@@ -7,7 +7,8 @@
 //! `at_least`), an exclusion (`not`), demographics, or an event criterion on one of the
 //! four event tables (`condition`, `measurement`, `drug`, `procedure`) with a code set,
 //! optional descendants through the concept hierarchy, an occurrence count, a time window
-//! and, for measurements, a value range and unit.
+//! and, for measurements, a value range and unit, or an observation-period requirement
+//! (continuous observation around the index date, as OHDSI's observation window).
 //!
 //! ```
 //! use model::CohortDefinition;
@@ -45,6 +46,8 @@ pub const MAX_DEPTH: usize = 8;
 pub const MAX_CRITERIA: usize = 128;
 /// Most codes listed in one criterion (before descendant expansion).
 pub const MAX_CODES: usize = 1_000;
+/// Most days of observation required before or after the index date (a century).
+pub const MAX_OBSERVATION_DAYS: u32 = 36_525;
 
 /// A code system the index is searchable by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -338,6 +341,19 @@ pub struct Demographics {
     pub birth_year: Option<IntRange>,
 }
 
+/// Continuous observation around the index date (OHDSI's observation window): some
+/// observation period of the patient starts at least `prior_days` before the index date
+/// and ends at least `post_days` after it. Patients without observation periods in the
+/// index (or who did not consent the field) never meet it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationWindow {
+    #[serde(default)]
+    pub prior_days: u32,
+    #[serde(default)]
+    pub post_days: u32,
+}
+
 /// `n` or more of `of` must hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +379,8 @@ pub enum Criterion {
     Measurement(EventCriterion),
     Drug(EventCriterion),
     Procedure(EventCriterion),
+    /// Observed continuously around the index date.
+    ObservationPeriod(ObservationWindow),
 }
 
 impl Criterion {
@@ -398,6 +416,10 @@ impl Criterion {
                 }
                 parts.join(", ")
             }
+            Criterion::ObservationPeriod(w) => format!(
+                "observed from {} days before to {} days after index",
+                w.prior_days, w.post_days
+            ),
             other => {
                 let (domain, e) = other.as_event().expect("event criterion");
                 let mut codes: Vec<String> = e.codes.iter().take(3).map(Code::to_string).collect();
@@ -554,6 +576,13 @@ pub enum Problem {
          not a window relative to the index or to another event"
     )]
     AnchorRelativeWindow,
+    #[error(
+        "`observation_period` needs an `index` (a date or a first event) in the definition: \
+         observation is required around the index date"
+    )]
+    ObservationWithoutIndex,
+    #[error("at most {MAX_OBSERVATION_DAYS} days of observation can be required, not {0}")]
+    ObservationDays(u32),
     #[error("nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
     #[error("more than {MAX_CRITERIA} criteria in one definition")]
@@ -635,6 +664,9 @@ impl CohortDefinition {
                     if d.age.is_some() || d.birth_year.is_some() {
                         out.insert(SearchField::BirthYear);
                     }
+                }
+                Criterion::ObservationPeriod(_) => {
+                    out.insert(SearchField::ObservationPeriod);
                 }
                 event => {
                     let (domain, e) = event.as_event().expect("every other criterion is an event");
@@ -775,6 +807,20 @@ impl Validator {
                 }
                 if let Some(r) = d.birth_year {
                     int_range(r, &format!("{at}.birth_year"))?;
+                }
+            }
+            Criterion::ObservationPeriod(w) => {
+                let at = format!("{at}.observation_period");
+                if !self.has_index {
+                    return Err(invalid(&at, Problem::ObservationWithoutIndex));
+                }
+                for (name, days) in [("prior_days", w.prior_days), ("post_days", w.post_days)] {
+                    if days > MAX_OBSERVATION_DAYS {
+                        return Err(invalid(
+                            &format!("{at}.{name}"),
+                            Problem::ObservationDays(days),
+                        ));
+                    }
                 }
             }
             other => {
@@ -974,6 +1020,7 @@ fn normalize(c: &Criterion) -> Criterion {
                 birth_year: d.birth_year,
             })
         }
+        Criterion::ObservationPeriod(w) => Criterion::ObservationPeriod(*w),
         other => {
             let (domain, e) = other.as_event().expect("event criterion");
             let codes: BTreeSet<Code> = e.codes.iter().cloned().collect();
@@ -1074,6 +1121,28 @@ mod tests {
             ])
         );
         assert!(CohortDefinition::everyone().fields().is_empty());
+        let observed = CohortDefinition::from_json(
+            br#"{"index": {"date": "2020-01-01"},
+                 "criteria": [{"not": {"observation_period": {"prior_days": 365}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            observed.fields(),
+            BTreeSet::from([SearchField::ObservationPeriod])
+        );
+        assert_eq!(
+            observed.criteria[0].describe(),
+            "not (observed from 365 days before to 0 days after index)"
+        );
+        // Defaults are explicit in the normalized form.
+        assert!(
+            observed
+                .normalized()
+                .json
+                .contains(r#"{"observation_period":{"post_days":0,"prior_days":365}}"#),
+            "{}",
+            observed.normalized().json
+        );
         assert!(CohortDefinition::everyone().validate().is_ok());
     }
 
@@ -1154,6 +1223,22 @@ mod tests {
             (
                 r#"{"criteria":[{"condition":{"codes":["snomed:1"],"window":{"between":{"from":"2020-02-30"}}}}]}"#,
                 "`2020-02-30` is not a date",
+            ),
+            (
+                r#"{"criteria":[{"observation_period":{"prior_days":365}}]}"#,
+                "criteria[0].observation_period: `observation_period` needs an `index`",
+            ),
+            (
+                r#"{"index":{"date":"2020-01-01"},"criteria":[{"any":[{"observation_period":{"post_days":99999}}]}]}"#,
+                "criteria[0].any[0].observation_period.post_days: at most 36525 days",
+            ),
+            (
+                r#"{"index":{"date":"2020-01-01"},"criteria":[{"observation_period":{"prior_days":-1}}]}"#,
+                "invalid value: integer `-1`",
+            ),
+            (
+                r#"{"index":{"date":"2020-01-01"},"criteria":[{"observation_period":{"prior":30}}]}"#,
+                "unknown field `prior`",
             ),
         ];
         for (json, want) in cases {

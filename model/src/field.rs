@@ -20,20 +20,24 @@ pub enum SearchField {
     Measurement,
     Drug,
     Procedure,
+    /// The spans of time the source's records cover (OMOP `observation_period`).
+    ObservationPeriod,
 }
 
 impl SearchField {
     /// Every searchable field, in order.
-    pub const ALL: [SearchField; 6] = [
+    pub const ALL: [SearchField; 7] = [
         SearchField::BirthYear,
         SearchField::Sex,
         SearchField::Condition,
         SearchField::Measurement,
         SearchField::Drug,
         SearchField::Procedure,
+        SearchField::ObservationPeriod,
     ];
 
-    /// The field's name: `birth_year`, `sex`, `condition`, `measurement`, `drug`, `procedure`.
+    /// The field's name: `birth_year`, `sex`, `condition`, `measurement`, `drug`,
+    /// `procedure`, `observation_period`.
     pub fn as_str(self) -> &'static str {
         match self {
             SearchField::BirthYear => "birth_year",
@@ -42,6 +46,7 @@ impl SearchField {
             SearchField::Measurement => "measurement",
             SearchField::Drug => "drug",
             SearchField::Procedure => "procedure",
+            SearchField::ObservationPeriod => "observation_period",
         }
     }
 
@@ -70,7 +75,8 @@ impl fmt::Display for SearchField {
 /// A name that is not a [`SearchField`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown searchable field {0:?}; use birth_year, sex, condition, measurement, drug or procedure"
+    "unknown searchable field {0:?}; use birth_year, sex, condition, measurement, drug, \
+     procedure or observation_period"
 )]
 pub struct UnknownSearchField(pub String);
 

@@ -40,12 +40,12 @@ pub use date::{Date, DateError};
 pub use definition::{
     AtLeast, Code, CodeError, CodeSystem, CohortDefinition, Criterion, DefinitionError,
     DefinitionHash, Demographics, Domain, EventCriterion, Index, IntRange, NormalizedDefinition,
-    Occurrence, Problem, Sex, ValueRange, Window,
+    ObservationWindow, Occurrence, Problem, Sex, ValueRange, Window,
 };
 pub use enrollment::{Enrollment, enrollment_digest};
 pub use field::{SearchField, UnknownSearchField};
 pub use hierarchy::ConceptHierarchy;
-pub use index::{CodedEvent, PatientIndex, Person};
+pub use index::{CodedEvent, IndexRowError, ObservationPeriod, PatientIndex, Person};
 pub use purpose::{ResearchPurpose, StudyFocus};
 pub use quote::excerpt;
 pub use release::Release;

@@ -4,9 +4,9 @@
 use audit_log::EventFilter;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::{
-    Actor, Category, CodedEvent, CohortDefinition, EnvelopeReceipt, PatientIndex, Person, Release,
-    ResearchPurpose, Role, SearchField, Study, StudyFocus, StudyProposal, StudyStatus, Upload,
-    UploadReceipt, UploadedEnvelope,
+    Actor, Category, CodedEvent, CohortDefinition, EnvelopeReceipt, ObservationPeriod,
+    PatientIndex, Person, Release, ResearchPurpose, Role, SearchField, Study, StudyFocus,
+    StudyProposal, StudyStatus, Upload, UploadReceipt, UploadedEnvelope,
 };
 use pre_kms::grant::{Grant, GrantCategory};
 use pre_kms::logged_release::{LoggedEvent, LoggedRelease};
@@ -111,6 +111,14 @@ pub fn index_to_pb(pseudonym: String, i: PatientIndex) -> pb::IndexRows {
         measurements: i.measurements.into_iter().map(event_to_pb).collect(),
         drugs: i.drugs.into_iter().map(event_to_pb).collect(),
         procedures: i.procedures.into_iter().map(event_to_pb).collect(),
+        observation_periods: i
+            .observation_periods
+            .into_iter()
+            .map(|p| pb::ObservationPeriod {
+                start: p.start,
+                end: p.end,
+            })
+            .collect(),
     }
 }
 
@@ -127,6 +135,14 @@ pub fn index_from_pb(r: pb::IndexRows) -> (String, PatientIndex) {
             measurements: r.measurements.into_iter().map(event_from_pb).collect(),
             drugs: r.drugs.into_iter().map(event_from_pb).collect(),
             procedures: r.procedures.into_iter().map(event_from_pb).collect(),
+            observation_periods: r
+                .observation_periods
+                .into_iter()
+                .map(|p| ObservationPeriod {
+                    start: p.start,
+                    end: p.end,
+                })
+                .collect(),
         },
     )
 }

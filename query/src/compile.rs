@@ -33,7 +33,8 @@ use datafusion::logical_expr::{
 
 use crate::date::Date;
 use crate::definition::{
-    CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, Occurrence, Window,
+    CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, ObservationWindow,
+    Occurrence, Window,
 };
 use crate::hierarchy::ConceptHierarchy;
 use crate::provider::{SetKind, TableKind};
@@ -44,6 +45,7 @@ use crate::sets::{person_set, set_and, set_at_least, set_count, set_minus, set_o
 pub(crate) struct Sources {
     pub person: Arc<dyn TableSource>,
     pub events: [Arc<dyn TableSource>; 4],
+    pub observation_period: Arc<dyn TableSource>,
     /// The person-set tables, when the engine uses them.
     pub sets: Option<SetSources>,
 }
@@ -214,6 +216,7 @@ impl Compiler<'_> {
         let source = match kind {
             TableKind::Person => self.sources.person.clone(),
             TableKind::Event(d) => self.sources.events[d as usize].clone(),
+            TableKind::ObservationPeriod => self.sources.observation_period.clone(),
         };
         LogicalPlanBuilder::scan(kind.name(), source, None)
     }
@@ -341,6 +344,7 @@ impl Compiler<'_> {
                 set_minus(self.population(), inner)
             }
             Criterion::Demographics(d) => self.demographics(d)?,
+            Criterion::ObservationPeriod(w) => self.observation(w)?,
             other => {
                 let (domain, e) = other.as_event().expect("event criterion");
                 self.event(domain, e)?
@@ -401,6 +405,36 @@ impl Compiler<'_> {
             rows = rows.filter(p)?;
         }
         self.leaf(rows, person)
+    }
+
+    /// Patients with an observation period from at least `prior_days` before their index
+    /// date to at least `post_days` after it.
+    fn observation(&mut self, w: &ObservationWindow) -> Result<Expr> {
+        let table = TableKind::ObservationPeriod.name();
+        let prior = i32::try_from(w.prior_days).expect("validated: at most a century");
+        let post = i32::try_from(w.post_days).expect("validated: at most a century");
+        let (start, end) = (qcol(table, "start_date"), qcol(table, "end_date"));
+        let mut rows = self.scan(TableKind::ObservationPeriod)?;
+        match &self.index {
+            Some(IndexPlan::Date(d)) => {
+                rows = rows.filter(
+                    start
+                        .lt_eq(date_lit(d.add_days(-prior)))
+                        .and(end.gt_eq(date_lit(d.add_days(post)))),
+                )?;
+            }
+            Some(IndexPlan::Event(plan)) => {
+                rows = join_index(rows, table, plan)?;
+                let index = cast(qcol(INDEX_ALIAS, INDEX_DATE), DataType::Int32);
+                let before = index.clone() - cast(start, DataType::Int32);
+                let after = cast(end, DataType::Int32) - index;
+                rows = rows
+                    .filter(before.gt_eq(lit(prior)).and(after.gt_eq(lit(post))))?
+                    .project(vec![qcol(table, "person_id")])?;
+            }
+            None => unreachable!("validated: an observation period needs an index"),
+        }
+        self.leaf(rows, table)
     }
 
     /// The rows of `domain` matching the criterion's codes, absolute window, value and unit

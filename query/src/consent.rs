@@ -60,15 +60,21 @@ pub struct ConsentSnapshot {
     inner: Arc<Inner>,
 }
 
+/// Number of searchable fields.
+const FIELDS: usize = SearchField::ALL.len();
+/// Dense-vector slots: the fields, `any`, then the sensitive categories.
+const ANY_SLOT: usize = FIELDS;
+const CATEGORY_SLOT: usize = FIELDS + 1;
+
 struct Inner {
-    fields: [RoaringBitmap; 6],
+    fields: [RoaringBitmap; FIELDS],
     /// Patients who permitted each sensitive category, in [`SENSITIVE_CATEGORIES`] order.
     categories: [RoaringBitmap; 4],
     any: RoaringBitmap,
     hash: ConsentHash,
-    /// Dense bit vectors of the six fields, `any` and the four categories, built on first
+    /// Dense bit vectors of the fields, `any` and the four categories, built on first
     /// use.
-    dense: [OnceLock<Option<Vec<u64>>>; 11],
+    dense: [OnceLock<Option<Vec<u64>>>; CATEGORY_SLOT + 4],
 }
 
 /// Ids up to this get a dense bit vector (at most 32 MiB per field) for membership tests.
@@ -234,7 +240,7 @@ impl ConsentSnapshot {
     pub(crate) fn members(&self, field: Option<SearchField>) -> Members<'_> {
         match field {
             Some(f) => self.members_at(&self.inner.fields[f.index()], f.index()),
-            None => self.members_at(&self.inner.any, 6),
+            None => self.members_at(&self.inner.any, ANY_SLOT),
         }
     }
 
@@ -242,7 +248,7 @@ impl ConsentSnapshot {
     pub(crate) fn category_members(&self, category: Category) -> Members<'_> {
         static NOBODY: LazyLock<RoaringBitmap> = LazyLock::new(RoaringBitmap::new);
         match slot(category) {
-            Some(i) => self.members_at(&self.inner.categories[i], 7 + i),
+            Some(i) => self.members_at(&self.inner.categories[i], CATEGORY_SLOT + i),
             None => Members {
                 bitmap: &NOBODY,
                 dense: None,
@@ -264,7 +270,7 @@ impl ConsentSnapshot {
 /// snapshot taken whenever one is needed ([`ConsentBuilder::snapshot`]).
 #[derive(Debug, Default, Clone)]
 pub struct ConsentBuilder {
-    fields: [RoaringBitmap; 6],
+    fields: [RoaringBitmap; FIELDS],
     categories: [RoaringBitmap; 4],
     included: RoaringBitmap,
 }
@@ -468,7 +474,8 @@ mod tests {
                 "condition",
                 "measurement",
                 "drug",
-                "procedure"
+                "procedure",
+                "observation_period"
             ]
         );
         assert_eq!("drug".parse::<SearchField>().unwrap(), Drug);

@@ -544,6 +544,10 @@ impl ConsentFilter {
                     .project(wanted.into_iter().map(Expr::Column))?
                     .build()?
             }
+            TableKind::ObservationPeriod => LogicalPlanBuilder::from(full)
+                .filter(self.predicate(&scan, Scope::Field(SearchField::ObservationPeriod)))?
+                .project(wanted.into_iter().map(Expr::Column))?
+                .build()?,
             TableKind::Person => {
                 let masked = |c: Column| -> Result<Expr> {
                     let field = match c.name.as_str() {

@@ -169,6 +169,7 @@ impl Inner {
         let sources = Sources {
             person: provider_as_source(provider(TableKind::Person)),
             events: Domain::ALL.map(|d| provider_as_source(provider(TableKind::Event(d)))),
+            observation_period: provider_as_source(provider(TableKind::ObservationPeriod)),
             sets: (options.access == Access::PersonSets).then(|| SetSources {
                 all: sets(SetKind::All),
                 sex: sets(SetKind::Sex),
@@ -571,7 +572,7 @@ mod tests {
 
     /// A small deterministic population: patient `i`'s rows depend on `i` and `version`.
     fn patient(i: i64, version: i64) -> PatientIndex {
-        use crate::index::{CodedEvent, Person};
+        use crate::index::{CodedEvent, ObservationPeriod, Person};
         let ev = |system: &str, code: String, day: i64, value: Option<f64>| CodedEvent {
             system: system.into(),
             code,
@@ -598,6 +599,12 @@ mod tests {
             drugs: (0..(k % 2))
                 .map(|j| ev("rxnorm", format!("{}", 7 + (k + j) % 3), k + 2 * j, None))
                 .collect(),
+            observation_periods: (0..(k % 3))
+                .map(|j| ObservationPeriod {
+                    start: format!("20{:02}-01-01", 10 + 4 * j + k % 3),
+                    end: format!("20{:02}-06-30", 12 + 4 * j + k % 2),
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -611,6 +618,10 @@ mod tests {
             r#"{"index": {"first_event": {"condition": {"codes": ["snomed:102"]}}},
                 "criteria": [{"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 6.5},
                                               "window": {"days_from_index": {"from": -400, "to": 400}}}}]}"#,
+            r#"{"index": {"date": "2015-03-01"},
+                "criteria": [{"observation_period": {"prior_days": 400, "post_days": 100}}]}"#,
+            r#"{"index": {"first_event": {"condition": {"codes": ["snomed:101", "snomed:104"]}}},
+                "criteria": [{"not": {"observation_period": {"prior_days": 30}}}]}"#,
         ]
         .iter()
         .map(|j| CohortDefinition::from_json(j.as_bytes()).unwrap())

@@ -6,7 +6,9 @@
 //!
 //! * [`CohortDefinition`] ([`definition`]): criteria groups, exclusions, demographics,
 //!   condition/measurement/drug/procedure criteria with code sets, descendants, occurrence
-//!   counts and time windows; JSON in, validated, with a normalized form and hash;
+//!   counts and time windows (absolute, from the index, from each event of another
+//!   criterion), observation around the index date; JSON in, validated, with a normalized
+//!   form and hash;
 //! * [`IndexBuilder`] / [`IndexTables`] ([`tables`]): the index as Arrow tables keyed by an
 //!   integer `person_id`, from [`PatientIndex`] rows or Parquet files;
 //! * [`CohortEngine`] ([`engine`]): definitions compiled to DataFusion plans, with the
@@ -52,8 +54,8 @@ mod sets;
 pub use model::{
     AtLeast, Category, Code, CodeError, CodeSystem, CodedEvent, CohortDefinition, ConceptHierarchy,
     Criterion, Date, DateError, DefinitionError, DefinitionHash, Demographics, Domain,
-    EventCriterion, Index, IntRange, NormalizedDefinition, Occurrence, PatientIndex, Person,
-    Problem, SearchField, Sex, ValueRange, Window,
+    EventCriterion, Index, IntRange, NormalizedDefinition, ObservationPeriod, ObservationWindow,
+    Occurrence, PatientIndex, Person, Problem, SearchField, Sex, ValueRange, Window,
 };
 /// The vocabulary the engine shares with the broker, the consent crate and the importers
 /// (cohort definitions, codes, dates, the patient index, concept relations), re-exported.

@@ -1,8 +1,8 @@
 //! Index tables and consent snapshots as Parquet files.
 //!
 //! A directory holds `person.parquet`, `condition.parquet`, `measurement.parquet`,
-//! `drug.parquet`, `procedure.parquet` with the columns of [`crate::tables`] (`code` and
-//! `unit` as plain `VARCHAR`), and optionally `consent.parquet(person_id BIGINT, field
+//! `drug.parquet`, `procedure.parquet` and `observation_period.parquet` with the columns of
+//! [`crate::tables`] (`code` and `unit` as plain `VARCHAR`), and optionally `consent.parquet(person_id BIGINT, field
 //! VARCHAR)` with one row per consented field and per permitted sensitive category. Other engines (PostgreSQL, DuckDB) load the
 //! same files. Rows are numbered from 1 in error messages.
 
@@ -56,6 +56,10 @@ fn export_schema(table: &str) -> Arc<Schema> {
             fields.push(Field::new("sex", DataType::Utf8, true));
         }
         "consent" => fields.push(Field::new("field", DataType::Utf8, false)),
+        "observation_period" => {
+            fields.push(Field::new("start_date", DataType::Date32, false));
+            fields.push(Field::new("end_date", DataType::Date32, false));
+        }
         other => {
             fields.push(Field::new("code", DataType::Utf8, false));
             fields.push(Field::new("date", DataType::Date32, false));
@@ -184,7 +188,13 @@ impl IndexTables {
                 .collect();
             write_batches(&path, domain.as_str(), &rows, &self.retired)?;
         }
-        Ok(())
+        let periods: Vec<&RecordBatch> = self.segments.iter().map(|s| &s.periods).collect();
+        write_batches(
+            &dir.join("observation_period.parquet"),
+            "observation_period",
+            &periods,
+            &self.retired,
+        )
     }
 
     /// Reads tables written by [`IndexTables::write_parquet_dir`] (or by any tool, with
@@ -279,6 +289,45 @@ impl IndexTables {
                 Ok(())
             })?;
         }
+        let path = dir.join("observation_period.parquet");
+        read_columns(
+            &path,
+            &[
+                ("person_id", DataType::Int64),
+                ("start_date", DataType::Date32),
+                ("end_date", DataType::Date32),
+            ],
+            |cols, first| {
+                let ids = cols[0].as_primitive::<Int64Type>();
+                let starts = cols[1].as_primitive::<Date32Type>();
+                let ends = cols[2].as_primitive::<Date32Type>();
+                for i in 0..ids.len() {
+                    let row = first + i;
+                    let key = (!ids.is_null(i))
+                        .then(|| person_key(ids.value(i)))
+                        .flatten()
+                        .filter(|k| persons.contains(*k))
+                        .ok_or_else(|| {
+                            value_err(&path, "person_id", row, "no person row with this person_id")
+                        })?;
+                    for (name, dates) in [("start_date", starts), ("end_date", ends)] {
+                        if dates.is_null(i) {
+                            return Err(value_err(&path, name, row, "missing date"));
+                        }
+                    }
+                    if ends.value(i) < starts.value(i) {
+                        return Err(value_err(
+                            &path,
+                            "end_date",
+                            row,
+                            "the period ends before it starts",
+                        ));
+                    }
+                    b.push_period(key, starts.value(i), ends.value(i));
+                }
+                Ok(())
+            },
+        )?;
         Ok(b.build())
     }
 }

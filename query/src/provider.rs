@@ -37,13 +37,14 @@ use crate::consent_filter::{
 };
 use crate::definition::Domain;
 use crate::sensitivity::Gates;
-use crate::tables::{IndexTables, Segment, SetTable, event_schema, person_schema};
+use crate::tables::{IndexTables, Segment, SetTable, event_schema, period_schema, person_schema};
 
 /// Which index table a provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TableKind {
     Person,
     Event(Domain),
+    ObservationPeriod,
 }
 
 impl TableKind {
@@ -51,6 +52,7 @@ impl TableKind {
         match self {
             TableKind::Person => "person",
             TableKind::Event(d) => d.as_str(),
+            TableKind::ObservationPeriod => "observation_period",
         }
     }
 
@@ -59,6 +61,7 @@ impl TableKind {
         match self {
             TableKind::Person => (Scope::Any, false),
             TableKind::Event(d) => (Scope::Field(SearchField::of_domain(d)), true),
+            TableKind::ObservationPeriod => (Scope::Field(SearchField::ObservationPeriod), false),
         }
     }
 }
@@ -347,6 +350,7 @@ impl IndexTableProvider {
         let schema = match kind {
             TableKind::Person => person_schema(),
             TableKind::Event(d) => event_schema(d),
+            TableKind::ObservationPeriod => period_schema(),
         };
         IndexTableProvider {
             kind,
@@ -364,6 +368,7 @@ impl IndexTableProvider {
         match self.kind {
             TableKind::Person => &segment.person.batch,
             TableKind::Event(d) => &segment.event(d).batch,
+            TableKind::ObservationPeriod => &segment.periods,
         }
     }
 }
@@ -570,7 +575,9 @@ impl TableProvider for IndexTableProvider {
                         }
                     }
                 }
-                TableKind::Person => ranges.push((0..batch.num_rows(), Gates::default())),
+                TableKind::Person | TableKind::ObservationPeriod => {
+                    ranges.push((0..batch.num_rows(), Gates::default()))
+                }
             }
             for (range, gates) in ranges {
                 let members: Vec<_> = consents.iter().flat_map(|p| p.members(gates)).collect();

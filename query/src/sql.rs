@@ -28,7 +28,8 @@ use std::fmt::Write;
 
 use crate::date::Date;
 use crate::definition::{
-    CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, Occurrence, Window,
+    CohortDefinition, Criterion, Demographics, Domain, EventCriterion, Index, ObservationWindow,
+    Occurrence, Window,
 };
 use crate::hierarchy::ConceptHierarchy;
 use crate::sensitivity::{Gates, Sensitivity};
@@ -128,11 +129,40 @@ impl Renderer<'_> {
             }
             Criterion::Not(inner) => format!("(NOT {})", self.criterion(inner)),
             Criterion::Demographics(d) => self.demographics(d),
+            Criterion::ObservationPeriod(w) => self.observation(w),
             other => {
                 let (domain, e) = other.as_event().expect("event criterion");
                 self.event(domain, e)
             }
         }
+    }
+
+    fn observation(&mut self, w: &ObservationWindow) -> String {
+        let (prior, post) = (w.prior_days, w.post_days);
+        let mut query = "SELECT DISTINCT o.person_id FROM observation_period o\n  \
+             JOIN consent k ON k.person_id = o.person_id AND k.field = 'observation_period'"
+            .to_string();
+        match &self.index {
+            Some(IndexSql::Date(d)) => {
+                let _ = write!(
+                    query,
+                    "\n  WHERE o.start_date <= {} AND o.end_date >= {}",
+                    date(d.add_days(-(prior as i32))),
+                    date(d.add_days(post as i32))
+                );
+            }
+            Some(IndexSql::Event) => {
+                let _ = write!(
+                    query,
+                    "\n  JOIN idx i ON i.person_id = o.person_id\n  \
+                     WHERE o.start_date <= i.index_date - INTERVAL '{prior} days' \
+                     AND o.end_date >= i.index_date + INTERVAL '{post} days'"
+                );
+            }
+            None => unreachable!("validated: an observation period needs an index"),
+        }
+        self.sets.push(query);
+        format!("(s{}.person_id IS NOT NULL)", self.sets.len())
     }
 
     fn demographics(&self, d: &Demographics) -> String {

@@ -7,6 +7,7 @@
 //! | `measurement` | `person_id BIGINT`, `code VARCHAR`, `date DATE`, `value DOUBLE NULL`, `unit VARCHAR NULL` |
 //! | `drug` | `person_id BIGINT`, `code VARCHAR`, `date DATE` |
 //! | `procedure` | `person_id BIGINT`, `code VARCHAR`, `date DATE` |
+//! | `observation_period` | `person_id BIGINT`, `start_date DATE`, `end_date DATE` |
 //!
 //! `code` is one column holding `system:code` (e.g. `snomed:44054006`, `loinc:4548-4`):
 //! a code set is then one `IN` list, and a system is never compared apart from its code.
@@ -56,6 +57,12 @@ pub enum IndexError {
         table: &'static str,
         date: String,
     },
+    #[error("person_id {person_id}: an observation period ends ({end}) before it starts ({start})")]
+    ReversedPeriod {
+        person_id: i64,
+        start: String,
+        end: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -96,6 +103,14 @@ pub(crate) fn event_schema(domain: Domain) -> SchemaRef {
         fields.push(Field::new("unit", dict_utf8(), true));
     }
     Arc::new(Schema::new(fields))
+}
+
+pub(crate) fn period_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("person_id", DataType::Int64, false),
+        Field::new("start_date", DataType::Date32, false),
+        Field::new("end_date", DataType::Date32, false),
+    ]))
 }
 
 /// The person table: one row per patient, sorted by `person_id`.
@@ -192,6 +207,8 @@ pub(crate) fn set_schema(key: Option<(&str, DataType)>) -> SchemaRef {
 pub(crate) struct Segment {
     pub person: PersonTable,
     pub events: [EventTable; 4],
+    /// `observation_period`, sorted by `(person_id, start_date, end_date)`.
+    pub periods: RecordBatch,
     /// Per person row, in the person table's order: the hash of the patient's rows (see
     /// [`IndexTables::content_hash`]).
     pub person_hashes: Vec<Lanes>,
@@ -234,6 +251,7 @@ impl Segment {
                 .iter()
                 .map(|e| e.batch.get_array_memory_size() + e.by_code.batch.get_array_memory_size())
                 .sum::<usize>()
+            + self.periods.get_array_memory_size()
             + self.person_hashes.len() * std::mem::size_of::<Lanes>()
     }
 }
@@ -487,6 +505,15 @@ fn merge(segments: &[Arc<Segment>], retired: &RoaringBitmap) -> IndexTables {
                 b.push_event(domain, key, code, dates.value(row), value, unit);
             }
         }
+        let persons = s.periods.column(0).as_primitive::<Int64Type>();
+        let starts = s.periods.column(1).as_primitive::<Date32Type>();
+        let ends = s.periods.column(2).as_primitive::<Date32Type>();
+        for row in 0..s.periods.num_rows() {
+            let key = persons.value(row) as u32;
+            if !retired.contains(key) {
+                b.push_period(key, starts.value(row), ends.value(row));
+            }
+        }
     }
     b.build()
 }
@@ -546,6 +573,13 @@ struct EventColumns {
 /// The unit id of a measurement without a unit.
 const NO_UNIT: i32 = -1;
 
+#[derive(Default)]
+struct PeriodColumns {
+    person: Vec<u32>,
+    start: Vec<i32>,
+    end: Vec<i32>,
+}
+
 /// Builds [`IndexTables`] from `(person_id, PatientIndex)` pairs.
 ///
 /// ```
@@ -575,6 +609,7 @@ pub struct IndexBuilder {
     sex: Vec<Option<i32>>,
     sexes: Interner,
     events: [EventColumns; 4],
+    periods: PeriodColumns,
     code_buf: String,
 }
 
@@ -593,7 +628,8 @@ impl IndexBuilder {
     }
 
     /// Adds one patient's index rows under `person_id`. Fails, adding nothing, on an id out
-    /// of range, an id added before, or an event date that is not `YYYY-MM-DD`.
+    /// of range, an id added before, an event or period date that is not `YYYY-MM-DD`, or
+    /// an observation period that ends before it starts.
     pub fn add(&mut self, person_id: i64, index: &PatientIndex) -> Result<&mut Self, IndexError> {
         let key = person_key(person_id).ok_or(IndexError::PersonIdOutOfRange(person_id))?;
         if self.seen.contains(key) {
@@ -617,6 +653,27 @@ impl IndexBuilder {
                 dates.push(d.days());
             }
         }
+        let mut periods: Vec<(i32, i32)> = Vec::with_capacity(index.observation_periods.len());
+        for p in &index.observation_periods {
+            let day = |date: &str| -> Result<i32, IndexError> {
+                date.parse::<Date>()
+                    .map(|d| d.days())
+                    .map_err(|_| IndexError::BadDate {
+                        person_id,
+                        table: "observation_period",
+                        date: date.to_string(),
+                    })
+            };
+            let (start, end) = (day(&p.start)?, day(&p.end)?);
+            if end < start {
+                return Err(IndexError::ReversedPeriod {
+                    person_id,
+                    start: p.start.clone(),
+                    end: p.end.clone(),
+                });
+            }
+            periods.push((start, end));
+        }
         self.seen.insert(key);
         let sex = Some(index.person.sex.as_str()).filter(|s| !s.is_empty());
         self.push_person(key, index.person.birth_year, sex);
@@ -634,7 +691,16 @@ impl IndexBuilder {
                 self.code_buf = code;
             }
         }
+        for (start, end) in periods {
+            self.push_period(key, start, end);
+        }
         Ok(self)
+    }
+
+    pub(crate) fn push_period(&mut self, person: u32, start: i32, end: i32) {
+        self.periods.person.push(person);
+        self.periods.start.push(start);
+        self.periods.end.push(end);
     }
 
     pub(crate) fn push_person(&mut self, key: u32, birth_year: Option<i32>, sex: Option<&str>) {
@@ -681,6 +747,7 @@ impl IndexBuilder {
             sex,
             sexes,
             events,
+            periods,
             ..
         } = self;
         let mut order: Vec<usize> = (0..person_id.len()).collect();
@@ -789,6 +856,21 @@ impl IndexBuilder {
                 );
             }
         }
+        // Observation periods: kind 0xfe, person, start, end.
+        for r in 0..periods.person.len() {
+            let Ok(at) = sorted.binary_search(&periods.person[r]) else {
+                continue;
+            };
+            let mut row = [0u8; 16];
+            row[0] = 0xfe;
+            row[1..5].copy_from_slice(&periods.person[r].to_le_bytes());
+            row[5..9].copy_from_slice(&periods.start[r].to_le_bytes());
+            row[9..13].copy_from_slice(&periods.end[r].to_le_bytes());
+            add_lanes(
+                &mut person_hashes[at],
+                &lanes(&blake3::keyed_hash(&key, &row)),
+            );
+        }
         let mut events = events.into_iter();
         let events =
             Domain::ALL.map(|domain| build_events(domain, events.next().expect("four tables")));
@@ -796,11 +878,29 @@ impl IndexBuilder {
             vec![Arc::new(Segment {
                 person,
                 events,
+                periods: build_periods(periods),
                 person_hashes,
             })],
             RoaringBitmap::new(),
         )
     }
+}
+
+fn build_periods(cols: PeriodColumns) -> RecordBatch {
+    let mut order: Vec<usize> = (0..cols.person.len()).collect();
+    order.sort_unstable_by_key(|&r| (cols.person[r], cols.start[r], cols.end[r]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            order.iter().map(|&r| i64::from(cols.person[r])),
+        )),
+        Arc::new(Date32Array::from_iter_values(
+            order.iter().map(|&r| cols.start[r]),
+        )),
+        Arc::new(Date32Array::from_iter_values(
+            order.iter().map(|&r| cols.end[r]),
+        )),
+    ];
+    RecordBatch::try_new(period_schema(), columns).expect("period columns")
 }
 
 fn build_events(domain: Domain, cols: EventColumns) -> EventTable {

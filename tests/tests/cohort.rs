@@ -377,3 +377,113 @@ async fn racing_uploads_leave_the_live_engine_equal_to_the_database() {
     assert_eq!(live, stored);
     sandbox.stop().await;
 }
+
+/// Observation around an index date through the real server: the board's exact count is
+/// the number of patients (all consenting every field) with an observation period
+/// covering a year before the date and a month after it, read off their plain index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observation_period_criterion_counts_the_patients_observed_around_the_index() {
+    let sandbox = Sandbox::start().await;
+    let w = sandbox.world(120, 8).await;
+    let study = w
+        .cast
+        .approved_study("observed", &CATS, CohortDefinition::everyone())
+        .await
+        .expect("propose and approve");
+    let json = br#"{"index": {"date": "2024-07-01"},
+                    "criteria": [{"observation_period": {"prior_days": 365, "post_days": 30}}]}"#;
+    let index = "2024-07-01".parse::<model::Date>().unwrap().days();
+    let day = |s: &str| s.parse::<model::Date>().unwrap().days();
+    let observed = w
+        .patients
+        .iter()
+        .filter(|(_, r)| {
+            r.index
+                .observation_periods
+                .iter()
+                .any(|p| index - day(&p.start) >= 365 && day(&p.end) - index >= 30)
+        })
+        .count() as u64;
+    let unobserved = w
+        .patients
+        .iter()
+        .filter(|(_, r)| r.index.observation_periods.is_empty())
+        .count();
+    assert!(
+        observed > 10 && observed < w.patients.len() as u64,
+        "the criterion must split the population: {observed} observed"
+    );
+    let r = w
+        .cast
+        .board
+        .count(&study.study_id, json)
+        .await
+        .expect("count");
+    assert_eq!(r.count.parse::<u64>().unwrap(), observed);
+    // Synthetic patients nearly all have encounters in their last three years, hence a
+    // period each; the few without one are never observed.
+    assert!(
+        unobserved < w.patients.len() / 10,
+        "{unobserved} without a period"
+    );
+    sandbox.stop().await;
+}
+
+/// An upload whose index rows the engine could not hold (a date that is not a calendar
+/// date, an observation period that ends before it starts) is refused whole, with an
+/// error that names the row and not its value, and nothing of it is stored: counts and a
+/// start from the database alone are as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_rows_the_engine_cannot_hold_are_refused_and_nothing_is_stored() {
+    use brokerctl::ClientError;
+    let mut sandbox = Sandbox::start().await;
+    let w = sandbox.world(40, 9).await;
+    let study = w
+        .cast
+        .approved_study("bad rows", &CATS, cohort())
+        .await
+        .expect("propose and approve");
+    let before = exact(&w, &study).await;
+    let mut bad_date = w.patients[1].clone();
+    bad_date.1.index.conditions.push(model::CodedEvent {
+        system: "snomed".into(),
+        code: HYPERTENSION.into(),
+        date: "2019-02-30".into(),
+        value: None,
+        unit: String::new(),
+    });
+    let mut reversed = w.patients[2].clone();
+    reversed.1.index.observation_periods = vec![model::ObservationPeriod {
+        start: "2012-03-04".into(),
+        end: "2011-03-04".into(),
+    }];
+    for (bad, row) in [
+        (bad_date, "condition row"),
+        (reversed, "observation period 0: it ends before it starts"),
+    ] {
+        // A good patient first: the whole upload is refused, not just the bad patient.
+        let upload = vec![w.patients[0].clone(), bad];
+        let err = agent::ingest_batch(&w.cast.custodian, upload)
+            .await
+            .expect_err("refused");
+        let ClientError::Status(status) = &err else {
+            panic!("not a status: {err:?}");
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(row), "{status:?}");
+        for value in ["2019-02-30", "2012-03-04", "2011-03-04"] {
+            assert!(!status.message().contains(value), "{status:?}");
+        }
+    }
+    assert_eq!(exact(&w, &study).await, before);
+    let index = sandbox.data_dir().join("index");
+    sandbox
+        .restart_with(|_| std::fs::remove_dir_all(&index).unwrap())
+        .await;
+    let w = World {
+        cast: reconnect(&sandbox, &w.cast).await,
+        ..w
+    };
+    assert_eq!(exact(&w, &study).await, before);
+    sandbox.stop().await;
+}

@@ -606,9 +606,27 @@ fn criterion() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// 0 to 2 criteria; half the time an index date too, and then, half of those, a
+/// requirement of observation around it (the synthetic patients' observation periods span
+/// their encounters, which are in their last three years before 2026).
 fn cohort() -> impl Strategy<Value = CohortDefinition> {
-    prop::collection::vec(criterion(), 0..=2).prop_map(|criteria| {
-        let json = serde_json::json!({ "criteria": criteria });
+    use serde_json::json;
+    let observed = prop_oneof![
+        2 => Just(None),
+        1 => (2021..2027i32, 0..1000u32, 0..500u32).prop_map(|(year, prior, post)| {
+            Some((format!("{year}-07-01"), json!({"observation_period": {"prior_days": prior, "post_days": post}})))
+        }),
+        1 => (2000..2027i32).prop_map(|year| Some((format!("{year}-07-01"), json!(null)))),
+    ];
+    (prop::collection::vec(criterion(), 0..=2), observed).prop_map(|(mut criteria, observed)| {
+        let mut json = json!({});
+        if let Some((date, observation)) = observed {
+            json["index"] = json!({ "date": date });
+            if !observation.is_null() {
+                criteria.push(observation);
+            }
+        }
+        json["criteria"] = json!(criteria);
         CohortDefinition::from_json(json.to_string().as_bytes())
             .expect("generated definitions are valid")
     })

@@ -33,6 +33,20 @@ fn row_counts_match_the_data_readme() {
     assert_eq!(import.rows["drug_exposure"], 67_707);
     assert_eq!(import.rows["measurement"], 44_053);
     assert_eq!(import.patients.len(), 2_694);
+    let periods: usize = import
+        .patients
+        .iter()
+        .map(|p| p.record.index.observation_periods.len())
+        .sum();
+    eprintln!(
+        "observation periods: {} rows, {periods} indexed, {} of persons without a person row",
+        import.rows["observation_period"], import.not_indexed["observation_period"]
+    );
+    assert_eq!(
+        periods + import.not_indexed["observation_period"],
+        import.rows["observation_period"]
+    );
+    assert!(periods >= 2_694, "{periods} observation periods");
     let indexed: usize = import
         .patients
         .iter()
@@ -116,6 +130,7 @@ async fn raw_context() -> SessionContext {
         "measurement",
         "concept",
         "concept_ancestor",
+        "observation_period",
     ] {
         let path = eunomia_dir().join(format!("{table}.parquet"));
         ctx.register_parquet(table, path.to_str().unwrap(), ParquetReadOptions::default())
@@ -284,6 +299,31 @@ async fn engine_counts_equal_plain_sql_over_the_raw_files() {
                  WHERE CAST(de.drug_concept_id AS BIGINT) = {drug_concept} \
                  AND CAST(de.drug_exposure_start_date AS DATE) >= idx.first_day \
                  AND CAST(de.drug_exposure_start_date AS DATE) <= idx.first_day + INTERVAL '30 days'"
+            ),
+        ),
+        (
+            "observed a year before and after 2010-01-01",
+            r#"{"index": {"date": "2010-01-01"},
+                "criteria": [{"observation_period": {"prior_days": 365, "post_days": 365}}]}"#
+                .to_string(),
+            "SELECT COUNT(DISTINCT CAST(person_id AS BIGINT)) FROM observation_period \
+             WHERE CAST(observation_period_start_date AS DATE) <= DATE '2009-01-01' \
+             AND CAST(observation_period_end_date AS DATE) >= DATE '2011-01-01' \
+             AND CAST(person_id AS BIGINT) IN (SELECT CAST(person_id AS BIGINT) FROM person)"
+                .to_string(),
+        ),
+        (
+            "observed 180 days before a first GI bleed",
+            format!(
+                r#"{{"index": {{"first_event": {{"condition": {{"codes": ["snomed:{gi_bleed}"], "include_descendants": true}}}}}},
+                    "criteria": [{{"observation_period": {{"prior_days": 180}}}}]}}"#
+            ),
+            format!(
+                "WITH idx AS (SELECT person_id, MIN(d) AS first_day FROM ({gi_bleed_rows}) g GROUP BY person_id) \
+                 SELECT COUNT(DISTINCT idx.person_id) FROM idx \
+                 JOIN observation_period op ON CAST(op.person_id AS BIGINT) = idx.person_id \
+                 WHERE CAST(op.observation_period_start_date AS DATE) <= idx.first_day - INTERVAL '180 days' \
+                 AND CAST(op.observation_period_end_date AS DATE) >= idx.first_day"
             ),
         ),
         (

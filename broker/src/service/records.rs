@@ -173,6 +173,12 @@ impl Broker {
             envelope::split_capsule(&e.sealed)
                 .map_err(|e| ServiceError::InvalidArgument(format!("envelope {i}: {e}")))?;
         }
+        // Rows the cohort engine could not hold are refused before anything is stored.
+        for (i, (_, index)) in upload.index.iter().enumerate() {
+            index
+                .check()
+                .map_err(|e| ServiceError::InvalidArgument(format!("index {i}: {e}")))?;
+        }
         // Content a stored version already holds writes no blob (encryption is
         // randomized, so the bytes differ even when the plaintext does not). The metadata
         // lock is held from this check to the commit, so that no other upload moves the

@@ -11,8 +11,9 @@
 //! Layout under `DATA_DIR/index/`:
 //!
 //! ```text
-//! CURRENT          {"format":1,"snapshot":"snap-…","persons":N,"content_hash":"…"}
+//! CURRENT          {"format":2,"snapshot":"snap-…","persons":N,"content_hash":"…"}
 //! snap-<id>/       person.parquet condition.parquet measurement.parquet drug.parquet procedure.parquet
+//!                  observation_period.parquet
 //! ```
 //!
 //! A snapshot is written whole into a new directory, synced, and only then named by
@@ -20,8 +21,8 @@
 //! at any point leaves the previous snapshot current. A snapshot whose tables do not hash
 //! to the manifest's `content_hash` is refused, and the engine is built from SQLite.
 //!
-//! The files hold what `index_person` and `index_event` hold (searchable fields under the
-//! engine's numbers), so they are owner-only like the database.
+//! The files hold what `index_person`, `index_event` and `index_period` hold (searchable
+//! fields under the engine's numbers), so they are owner-only like the database.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,8 @@ use cohort_query::IndexTables;
 use pre_kms::private_fs::{FILE_MODE, private_dir, write_private};
 use serde::{Deserialize, Serialize};
 
-const FORMAT: u32 = 1;
+// Format 2 added `observation_period.parquet`.
+const FORMAT: u32 = 2;
 const MANIFEST: &str = "CURRENT";
 
 /// Why a snapshot could not be read or written.

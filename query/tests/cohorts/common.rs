@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cohort_query::{
     Code, CodedEvent, CohortDefinition, ConceptHierarchy, ConsentSnapshot, Date, IndexBuilder,
-    IndexTables, PatientIndex, Person, SearchField,
+    IndexTables, ObservationPeriod, PatientIndex, Person, SearchField,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -91,9 +91,28 @@ pub fn population(seed: u64, n: usize) -> Vec<(i64, PatientIndex)> {
                 let c = PROCEDURES[rng.gen_range(0..PROCEDURES.len())];
                 p.procedures.push(event(c, base + rng.gen_range(0..1500)));
             }
+            p.observation_periods = observation_periods(seed, id, base);
             (id as i64, p)
         })
         .collect()
+}
+
+/// 0 to 2 observation periods around the event days, from a generator of their own (so
+/// the rest of the population is what it was before periods existed).
+fn observation_periods(seed: u64, id: usize, base: i32) -> Vec<ObservationPeriod> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0b5e_u64 ^ ((id as u64) << 20));
+    let mut start = base - 400 + rng.gen_range(0..900);
+    let mut out = Vec::new();
+    for _ in 0..rng.gen_range(0..3) {
+        let end = start + rng.gen_range(0..1200);
+        let day = |d: i32| Date::from_days(d).unwrap().to_string();
+        out.push(ObservationPeriod {
+            start: day(start),
+            end: day(end),
+        });
+        start = end + 1 + rng.gen_range(0..300);
+    }
+    out
 }
 
 /// Random consent: about 10% of patients nothing, the rest each field with `p`.
@@ -204,6 +223,18 @@ pub fn definitions() -> Vec<(&'static str, &'static str)> {
                 {"condition": {"codes": ["snomed:38341003"]}},
                 {"drug": {"codes": ["rxnorm:617312"]}},
                 {"measurement": {"codes": ["loinc:39156-5"], "value": {"min": 12.0}}}]}}]}"#,
+        ),
+        (
+            "observed a year before a date and half a year after",
+            r#"{"index": {"date": "2020-01-01"}, "criteria": [
+                {"observation_period": {"prior_days": 365, "post_days": 180}},
+                {"condition": {"codes": ["snomed:73211009"], "include_descendants": true}}]}"#,
+        ),
+        (
+            "observed around the first event, or not",
+            r#"{"index": {"first_event": {"drug": {"codes": ["rxnorm:860975", "rxnorm:197361"]}}}, "criteria": [
+                {"any": [{"observation_period": {"prior_days": 180}},
+                         {"not": {"observation_period": {"post_days": 30}}}]}]}"#,
         ),
         (
             "relative to a date",
@@ -394,9 +425,26 @@ fn demographics(has_index: bool) -> impl Strategy<Value = Value> {
     ]
 }
 
+/// Observation around the index (demographics when there is no index).
+fn observation(has_index: bool) -> impl Strategy<Value = Value> {
+    (0..500u32, 0..500u32, 0..3u8, demographics(false)).prop_map(
+        move |(prior, post, which, fallback)| {
+            if !has_index {
+                return fallback;
+            }
+            match which {
+                0 => json!({"observation_period": {"prior_days": prior}}),
+                1 => json!({"observation_period": {"post_days": post}}),
+                _ => json!({"observation_period": {"prior_days": prior, "post_days": post}}),
+            }
+        },
+    )
+}
+
 fn criterion(has_index: bool) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         1 => demographics(has_index),
+        1 => observation(has_index),
         3 => event_criterion(has_index),
     ];
     leaf.prop_recursive(3, 10, 3, |inner| {

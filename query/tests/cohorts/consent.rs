@@ -44,6 +44,9 @@ fn flip_unconsented(
             if !allows(SearchField::Procedure) {
                 p.procedures = other.procedures;
             }
+            if !allows(SearchField::ObservationPeriod) {
+                p.observation_periods = other.observation_periods;
+            }
             (*id, p)
         })
         .collect()
@@ -147,6 +150,9 @@ fn every_scan_is_consent_filtered(plan: &str) -> usize {
             .unwrap();
         let want = match table {
             "person" => r#"consented(person.person_id, Utf8("any"))"#.to_string(),
+            "observation_period" => {
+                r#"consented(observation_period.person_id, Utf8("observation_period"))"#.to_string()
+            }
             // Event rows by code: the field and the code's sensitive categories.
             "condition" | "measurement" | "drug" | "procedure" => {
                 format!(r#"consented({table}.person_id, {table}.code, Utf8("{table}"))"#)
@@ -183,11 +189,12 @@ fn explain_shows_the_consent_filter_on_every_scan() {
             {"condition": {"codes": ["snomed:44054006"]}},
             {"not": {"drug": {"codes": ["rxnorm:860975"]}}},
             {"measurement": {"codes": ["loinc:4548-4"], "value": {"min": 7.0}}},
-            {"procedure": {"codes": ["snomed:73761001"], "occurrence": {"at_least": 2}}}]}"#);
+            {"procedure": {"codes": ["snomed:73761001"], "occurrence": {"at_least": 2}}},
+            {"observation_period": {"prior_days": 30}}]}"#);
     // Person sets where they answer, rows where values, dates or counts are needed.
     let engine = CohortEngine::from_index(common::tables(&patients), common::hierarchy());
     let plan = engine.explain_blocking(&d, &consent).unwrap();
-    assert_eq!(every_scan_is_consent_filtered(&plan), 7, "{plan}");
+    assert_eq!(every_scan_is_consent_filtered(&plan), 8, "{plan}");
     for table in [
         "person_all",
         "person_by_sex",
@@ -196,6 +203,7 @@ fn explain_shows_the_consent_filter_on_every_scan() {
         "drug_by_code",
         "measurement",
         "procedure",
+        "observation_period",
     ] {
         assert!(
             plan.contains(&format!("TableScan: {table} ")),
@@ -214,7 +222,7 @@ fn explain_shows_the_consent_filter_on_every_scan() {
         },
     );
     let plan = rows.explain_blocking(&d, &consent).unwrap();
-    assert_eq!(every_scan_is_consent_filtered(&plan), 6, "{plan}");
+    assert_eq!(every_scan_is_consent_filtered(&plan), 7, "{plan}");
     for want in [
         r#"CASE WHEN consented(person.person_id, Utf8("sex")) THEN person.sex END"#,
         r#"CASE WHEN consented(person.person_id, Utf8("birth_year")) THEN person.birth_year END"#,

@@ -53,6 +53,7 @@ async fn sql_over_the_parquet_export_gives_the_engine_counts() {
         "measurement",
         "drug",
         "procedure",
+        "observation_period",
         "consent",
     ] {
         let path = dir.path().join(format!("{table}.parquet"));

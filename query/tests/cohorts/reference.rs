@@ -174,6 +174,19 @@ impl Reference<'_> {
             }
             Criterion::Not(c) => !self.eval(pt, c, fixed),
             Criterion::Demographics(d) => self.demographics(pt, d, index_year),
+            Criterion::ObservationPeriod(w) => {
+                if !self.consent.allows(pt.id, SearchField::ObservationPeriod) {
+                    return false;
+                }
+                let index = match fixed {
+                    Some(f) => f.days(),
+                    None => pt.index_day.expect("in population"),
+                };
+                let (prior, post) = (w.prior_days as i32, w.post_days as i32);
+                pt.p.observation_periods
+                    .iter()
+                    .any(|p| index - day(&p.start) >= prior && day(&p.end) - index >= post)
+            }
             other => {
                 let (domain, e) = other.as_event().unwrap();
                 let n = self.matching(pt, domain, e, fixed) as u32;

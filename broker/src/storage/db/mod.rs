@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use model::{CodedEvent, PatientIndex, Person};
+use model::{CodedEvent, ObservationPeriod, PatientIndex, Person};
 use pre_kms::Category;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS index_event (
     index_id INTEGER NOT NULL, kind TEXT NOT NULL,
     system TEXT NOT NULL, code TEXT NOT NULL, date TEXT NOT NULL, value REAL, unit TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS index_event_version ON index_event (index_id);
+-- The observation periods of each index version (inclusive ISO dates), kept like its events.
+CREATE TABLE IF NOT EXISTS index_period (
+    index_id INTEGER NOT NULL, start_date TEXT NOT NULL, end_date TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS index_period_version ON index_period (index_id);
 CREATE TABLE IF NOT EXISTS studies (
     study_id TEXT PRIMARY KEY, sponsor_id TEXT NOT NULL, proposal TEXT NOT NULL,
     status TEXT NOT NULL, board_id TEXT NOT NULL DEFAULT '', board_signature BLOB NOT NULL DEFAULT x'',

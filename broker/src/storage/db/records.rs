@@ -135,6 +135,13 @@ impl Db {
         while let Some(r) = rows.next()? {
             push_event(&mut index, r, 0)?;
         }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT start_date, end_date FROM index_period WHERE index_id = ?1 ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([id])?;
+        while let Some(r) = rows.next()? {
+            push_period(&mut index, r, 0)?;
+        }
         Ok(index)
     }
 
@@ -151,9 +158,14 @@ impl Db {
         let mut events = self.conn.prepare(
             "SELECT index_id, kind, system, code, date, value, unit FROM index_event ORDER BY index_id, rowid",
         )?;
+        let mut periods = self.conn.prepare(
+            "SELECT index_id, start_date, end_date FROM index_period ORDER BY index_id, rowid",
+        )?;
         let mut persons = persons.query([])?;
         let mut events = events.query([])?;
         let mut event = events.next()?;
+        let mut periods = periods.query([])?;
+        let mut period = periods.next()?;
         while let Some(p) = persons.next()? {
             let id: i64 = p.get(0)?;
             let mut index = PatientIndex {
@@ -173,6 +185,16 @@ impl Db {
                     push_event(&mut index, r, 1)?;
                 }
                 event = events.next()?;
+            }
+            while let Some(r) = period {
+                let of: i64 = r.get(0)?;
+                if of > id {
+                    break;
+                }
+                if of == id {
+                    push_period(&mut index, r, 1)?;
+                }
+                period = periods.next()?;
             }
             f(id, p.get(1)?, index)?;
         }
@@ -359,6 +381,16 @@ fn push_event(index: &mut PatientIndex, r: &rusqlite::Row<'_>, first: usize) -> 
     Ok(())
 }
 
+/// Adds an `index_period` row (its columns `start_date, end_date` from column `first` on)
+/// to `index`.
+fn push_period(index: &mut PatientIndex, r: &rusqlite::Row<'_>, first: usize) -> DbResult<()> {
+    index.observation_periods.push(ObservationPeriod {
+        start: r.get(first)?,
+        end: r.get(first + 1)?,
+    });
+    Ok(())
+}
+
 /// The number the next index version stored will take.
 pub(super) fn next_index_id(conn: &rusqlite::Connection) -> DbResult<i64> {
     Ok(conn
@@ -393,12 +425,16 @@ fn put_index(
             .prepare_cached("SELECT index_id, index_hash FROM index_person WHERE pseudonym = ?1")?;
         let mut del_person = tx.prepare_cached("DELETE FROM index_person WHERE pseudonym = ?1")?;
         let mut del_events = tx.prepare_cached("DELETE FROM index_event WHERE index_id = ?1")?;
+        let mut del_periods = tx.prepare_cached("DELETE FROM index_period WHERE index_id = ?1")?;
         let mut person = tx.prepare_cached(
             "INSERT INTO index_person (pseudonym, birth_year, sex, index_id, index_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut event = tx.prepare_cached(
                 "INSERT INTO index_event (index_id, kind, system, code, date, value, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
+        let mut period = tx.prepare_cached(
+            "INSERT INTO index_period (index_id, start_date, end_date) VALUES (?1, ?2, ?3)",
+        )?;
         let mut next = next_index_id(tx)?;
         for (pseudonym, index) in rows {
             let hash = index_hash(index);
@@ -411,6 +447,7 @@ fn put_index(
             del_person.execute([pseudonym])?;
             if let Some((old, _)) = &stored {
                 del_events.execute([old])?;
+                del_periods.execute([old])?;
             }
             person.execute(params![
                 pseudonym,
@@ -430,6 +467,9 @@ fn put_index(
                         next, kind, e.system, e.code, e.date, e.value, e.unit
                     ])?;
                 }
+            }
+            for p in &index.observation_periods {
+                period.execute(params![next, p.start, p.end])?;
             }
             changes.push(IndexChange {
                 pseudonym: pseudonym.clone(),
