@@ -166,6 +166,21 @@ fn read_columns(
     Ok(())
 }
 
+/// The person of row `i` of a table whose `person_id` must have a person row.
+fn person_row(
+    ids: &Int64Array,
+    i: usize,
+    persons: &roaring::RoaringBitmap,
+    path: &Path,
+    row: usize,
+) -> Result<u32, IndexError> {
+    (!ids.is_null(i))
+        .then(|| person_key(ids.value(i)))
+        .flatten()
+        .filter(|k| persons.contains(*k))
+        .ok_or_else(|| value_err(path, "person_id", row, "no person row with this person_id"))
+}
+
 impl IndexTables {
     /// Writes the tables as Parquet files into `dir` (created if missing): one file per
     /// table, without retired ids' rows, segment after segment (no compacted copy of the
@@ -262,13 +277,7 @@ impl IndexTables {
                 let units = cols.get(4).map(|c| c.as_string::<i32>());
                 for i in 0..ids.len() {
                     let row = first + i;
-                    let key = (!ids.is_null(i))
-                        .then(|| person_key(ids.value(i)))
-                        .flatten()
-                        .filter(|k| persons.contains(*k))
-                        .ok_or_else(|| {
-                            value_err(&path, "person_id", row, "no person row with this person_id")
-                        })?;
+                    let key = person_row(ids, i, &persons, &path, row)?;
                     if codes.is_null(i) {
                         return Err(value_err(&path, "code", row, "missing code"));
                     }
@@ -303,13 +312,7 @@ impl IndexTables {
                 let ends = cols[2].as_primitive::<Date32Type>();
                 for i in 0..ids.len() {
                     let row = first + i;
-                    let key = (!ids.is_null(i))
-                        .then(|| person_key(ids.value(i)))
-                        .flatten()
-                        .filter(|k| persons.contains(*k))
-                        .ok_or_else(|| {
-                            value_err(&path, "person_id", row, "no person row with this person_id")
-                        })?;
+                    let key = person_row(ids, i, &persons, &path, row)?;
                     for (name, dates) in [("start_date", starts), ("end_date", ends)] {
                         if dates.is_null(i) {
                             return Err(value_err(&path, name, row, "missing date"));

@@ -294,6 +294,19 @@ async fn reconnect(sandbox: &Sandbox, cast: &Cast) -> Cast {
     }
 }
 
+/// Restarts the broker without its index snapshot, so that it reads the whole index from
+/// SQLite, and reconnects the cast.
+async fn restart_from_the_database(sandbox: &mut Sandbox, w: World) -> World {
+    let index = sandbox.data_dir().join("index");
+    sandbox
+        .restart_with(|_| std::fs::remove_dir_all(&index).unwrap())
+        .await;
+    World {
+        cast: reconnect(sandbox, &w.cast).await,
+        ..w
+    }
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -361,14 +374,7 @@ async fn racing_uploads_leave_the_live_engine_equal_to_the_database() {
     let live = (count(&w, &all).await, count(&w, &cohort()).await);
     assert_eq!(live.0, everyone, "one version per patient");
     // The database's answer: a start without a snapshot reads every current version.
-    let index = sandbox.data_dir().join("index");
-    sandbox
-        .restart_with(|_| std::fs::remove_dir_all(&index).unwrap())
-        .await;
-    let w = World {
-        cast: reconnect(&sandbox, &w.cast).await,
-        ..w
-    };
+    let w = restart_from_the_database(&mut sandbox, w).await;
     let stored = (count(&w, &all).await, count(&w, &cohort()).await);
     assert_eq!(
         sandbox.broker().index_load().map(|l| l.from_database),
@@ -476,14 +482,7 @@ async fn index_rows_the_engine_cannot_hold_are_refused_and_nothing_is_stored() {
         }
     }
     assert_eq!(exact(&w, &study).await, before);
-    let index = sandbox.data_dir().join("index");
-    sandbox
-        .restart_with(|_| std::fs::remove_dir_all(&index).unwrap())
-        .await;
-    let w = World {
-        cast: reconnect(&sandbox, &w.cast).await,
-        ..w
-    };
+    let w = restart_from_the_database(&mut sandbox, w).await;
     assert_eq!(exact(&w, &study).await, before);
     sandbox.stop().await;
 }
