@@ -17,21 +17,63 @@ use crate::wire::{BrokerClient, ClientError, ClientResult};
 use consent_policy::{ConsentReceipt, ConsentSubmission, consent_digest, decide, grant_scope};
 use model::{Enrollment, PatientIndex, Release, Study, Upload, UploadedEnvelope};
 
+/// What a custodian already knows of a patient from an earlier import (its keystore keeps
+/// it), so that a re-import does not redo it.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The patient's category public keys, in [`Category::ALL`] order: not derived again.
+    pub category_keys: Option<Vec<umbral_pre::PublicKey>>,
+    /// The broker acknowledged the patient's enrollment: it is not signed and sent again
+    /// (should the broker not know the patient after all, the batch is enrolled and sent
+    /// again).
+    pub enrolled: bool,
+}
+
+/// What an ingested batch established about one of its patients, for the keystore: the
+/// patient is enrolled at the broker, and these are its category keys when they were
+/// derived in this batch.
+#[derive(Debug, Clone)]
+pub struct Learned {
+    pub pseudonym: String,
+    pub category_keys: Option<Vec<umbral_pre::PublicKey>>,
+}
+
 /// A patient's enrollment and sealed upload, prepared together so that each category
 /// key is derived once.
 pub struct PreparedPatient {
-    pub enrollment: Enrollment,
+    /// `None` when the broker already has the patient's enrollment.
+    pub enrollment: Option<Enrollment>,
     pub envelopes: Vec<UploadedEnvelope>,
     pub index: (String, PatientIndex),
+    /// The category keys, in [`Category::ALL`] order.
+    pub keys: Vec<(Category, umbral_pre::PublicKey)>,
+    /// Whether `keys` were derived now (not taken from [`Known`]).
+    pub derived: bool,
 }
 
-/// Derives the patient's category keys once, signs the enrollment, and seals each
-/// category of the record with its content tag.
-pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<PreparedPatient> {
-    let keys: Vec<(Category, umbral_pre::PublicKey)> = Category::ALL
-        .iter()
-        .map(|c| (*c, patient.category_public_key(*c)))
-        .collect();
+/// Derives the patient's category keys once (or takes the known ones), signs the
+/// enrollment unless the broker has it, and seals each category of the record with its
+/// content tag.
+pub fn prepare(
+    patient: &Identity,
+    record: &PatientRecord,
+    known: &Known,
+) -> pre_kms::Result<PreparedPatient> {
+    let cached = known
+        .category_keys
+        .as_ref()
+        .filter(|k| k.len() == Category::ALL.len());
+    let keys: Vec<(Category, umbral_pre::PublicKey)> = match cached {
+        Some(keys) => Category::ALL
+            .iter()
+            .copied()
+            .zip(keys.iter().copied())
+            .collect(),
+        None => Category::ALL
+            .iter()
+            .map(|c| (*c, patient.category_public_key(*c)))
+            .collect(),
+    };
     let pseudonym = patient.pseudonym();
     let envelopes = record
         .categories
@@ -51,9 +93,12 @@ pub fn prepare(patient: &Identity, record: &PatientRecord) -> pre_kms::Result<Pr
         })
         .collect::<pre_kms::Result<Vec<_>>>()?;
     Ok(PreparedPatient {
-        enrollment: pre_kms::enrollment::enroll_with_keys(patient, &keys),
+        enrollment: (!known.enrolled)
+            .then(|| pre_kms::enrollment::enroll_with_keys(patient, &keys)),
         envelopes,
         index: (pseudonym, record.index.clone()),
+        keys,
+        derived: cached.is_none(),
     })
 }
 
@@ -64,6 +109,11 @@ pub struct IngestReport {
     pub envelopes_stored: usize,
     pub envelopes_unchanged: usize,
     pub bytes: usize,
+    /// Patients whose category keys were derived (not known from an earlier import).
+    pub keys_derived: usize,
+    /// Enrollments signed and sent (patients not known to be enrolled, and any the broker
+    /// turned out not to know).
+    pub enrollments_sent: usize,
 }
 
 /// Enrolls and uploads one batch of patients (the caller acts for all of them).
@@ -71,34 +121,79 @@ pub async fn ingest_batch(
     client: &BrokerClient,
     batch: Vec<(Identity, PatientRecord)>,
 ) -> ClientResult<IngestReport> {
+    let batch = batch
+        .into_iter()
+        .map(|(p, r)| (p, r, Known::default()))
+        .collect();
+    Ok(ingest_known(client, batch).await?.0)
+}
+
+/// [`ingest_batch`] for patients the custodian may know from an earlier import: known
+/// category keys are not derived again, known enrollments are not sent again. Returns
+/// what the batch established, for the keystore.
+pub async fn ingest_known(
+    client: &BrokerClient,
+    batch: Vec<(Identity, PatientRecord, Known)>,
+) -> ClientResult<(IngestReport, Vec<Learned>)> {
     let mut report = IngestReport {
         patients: batch.len(),
         ..Default::default()
     };
-    let prepared = tokio::task::spawn_blocking(move || {
-        batch
+    let (batch, prepared) = tokio::task::spawn_blocking(move || {
+        let prepared = batch
             .par_iter()
-            .map(|(p, r)| prepare(p, r))
-            .collect::<pre_kms::Result<Vec<_>>>()
+            .map(|(p, r, k)| prepare(p, r, k))
+            .collect::<pre_kms::Result<Vec<_>>>();
+        (batch, prepared)
     })
     .await
-    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    .map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let prepared = prepared?;
     let mut enrollments = Vec::with_capacity(prepared.len());
     let mut envelopes = Vec::new();
     let mut index = Vec::with_capacity(prepared.len());
+    let mut learned = Vec::with_capacity(prepared.len());
+    let mut keys = Vec::with_capacity(prepared.len());
     for p in prepared {
         report.bytes += p.envelopes.iter().map(|e| e.sealed.len()).sum::<usize>();
-        enrollments.push(p.enrollment);
+        report.keys_derived += usize::from(p.derived);
+        enrollments.extend(p.enrollment);
         envelopes.extend(p.envelopes);
+        learned.push(Learned {
+            pseudonym: p.index.0.clone(),
+            category_keys: p.derived.then(|| p.keys.iter().map(|(_, k)| *k).collect()),
+        });
         index.push(p.index);
+        keys.push(p.keys);
     }
-    report.newly_enrolled = client
-        .enroll_prepared(enrollments)
-        .await?
-        .into_iter()
-        .filter(|c| *c)
-        .count();
-    let reply = client.upload(Upload { envelopes, index }).await?;
+    report.enrollments_sent = enrollments.len();
+    if !enrollments.is_empty() {
+        report.newly_enrolled = count_new(client.enroll_prepared(enrollments).await?);
+    }
+    let upload = Upload { envelopes, index };
+    // Kept for a second try only when an enrollment was taken as known.
+    let again = batch
+        .iter()
+        .any(|(_, _, k)| k.enrolled)
+        .then(|| upload.clone());
+    let reply = match (client.upload(upload).await, again) {
+        // A patient the keystore took for enrolled is unknown to this broker (another
+        // broker, a new data directory): enroll the ones not sent, then upload again.
+        (Err(ClientError::Status(s)), Some(upload))
+            if s.code() == tonic::Code::FailedPrecondition =>
+        {
+            let late: Vec<Enrollment> = batch
+                .iter()
+                .zip(&keys)
+                .filter(|((_, _, k), _)| k.enrolled)
+                .map(|((p, _, _), keys)| pre_kms::enrollment::enroll_with_keys(p, keys))
+                .collect();
+            report.enrollments_sent += late.len();
+            report.newly_enrolled += count_new(client.enroll_prepared(late).await?);
+            client.upload(upload).await?
+        }
+        (other, _) => other?,
+    };
     for r in reply.receipts {
         if r.unchanged {
             report.envelopes_unchanged += 1;
@@ -106,7 +201,11 @@ pub async fn ingest_batch(
             report.envelopes_stored += 1;
         }
     }
-    Ok(report)
+    Ok((report, learned))
+}
+
+fn count_new(enrolled: Vec<bool>) -> usize {
+    enrolled.into_iter().filter(|c| *c).count()
 }
 
 /// Ingests batches with two in flight, so that sealing one batch overlaps the upload
@@ -114,36 +213,60 @@ pub async fn ingest_batch(
 pub async fn ingest_all<E>(
     client: &BrokerClient,
     batches: impl IntoIterator<Item = Result<Vec<(Identity, PatientRecord)>, E>>,
+    progress: impl FnMut(usize),
+) -> ClientResult<IngestReport>
+where
+    ClientError: From<E>,
+{
+    let batches = batches.into_iter().map(|b| {
+        b.map(|v| {
+            v.into_iter()
+                .map(|(p, r)| (p, r, Known::default()))
+                .collect()
+        })
+    });
+    ingest_all_known(client, batches, progress, |_| {}).await
+}
+
+/// [`ingest_all`] for patients the custodian may know ([`ingest_known`]); `learned` is
+/// told what each batch established, in order, once the batch is stored.
+pub async fn ingest_all_known<E>(
+    client: &BrokerClient,
+    batches: impl IntoIterator<Item = Result<Vec<(Identity, PatientRecord, Known)>, E>>,
     mut progress: impl FnMut(usize),
+    mut learned: impl FnMut(Vec<Learned>),
 ) -> ClientResult<IngestReport>
 where
     ClientError: From<E>,
 {
     let mut total = IngestReport::default();
     let mut in_flight = std::collections::VecDeque::new();
+    let mut finish = |done: (IngestReport, Vec<Learned>), total: &mut IngestReport| {
+        total.add(&done.0);
+        learned(done.1);
+        progress(total.patients);
+    };
     for batch in batches {
         let batch = batch?;
         let client = client.clone();
         in_flight.push_back(tokio::spawn(
-            async move { ingest_batch(&client, batch).await },
+            async move { ingest_known(&client, batch).await },
         ));
         if in_flight.len() >= 2 {
             let done = in_flight.pop_front().expect("two in flight");
-            total.add(
-                &done
-                    .await
+            finish(
+                done.await
                     .map_err(|e| ClientError::Invalid(e.to_string()))??,
+                &mut total,
             );
-            progress(total.patients);
         }
     }
     while let Some(done) = in_flight.pop_front() {
-        total.add(
-            &done
-                .await
+        finish(
+            done.await
                 .map_err(|e| ClientError::Invalid(e.to_string()))??,
+            &mut total,
         );
-        progress(total.patients);
     }
     Ok(total)
 }
@@ -155,6 +278,8 @@ impl IngestReport {
         self.envelopes_stored += other.envelopes_stored;
         self.envelopes_unchanged += other.envelopes_unchanged;
         self.bytes += other.bytes;
+        self.keys_derived += other.keys_derived;
+        self.enrollments_sent += other.enrollments_sent;
     }
 }
 

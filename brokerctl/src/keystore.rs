@@ -6,13 +6,34 @@
 //! broker pseudonym derived from it. The same `source_id` always yields the same keys,
 //! which makes re-imports idempotent. The file holds secrets: it stays with the
 //! custodian and never goes to the broker.
+//!
+//! Beside the seeds it remembers what an import established, so that a re-import does
+//! not redo it: each patient's category public keys (derived once; public, but derived
+//! at the cost of a scalar multiplication each) and that the broker acknowledged the
+//! patient's enrollment ([`crate::agent::Known`]).
 
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use zeroize::Zeroizing;
 
-use pre_kms::keys::{Identity, SEED_LEN};
+use pre_kms::Category;
+use pre_kms::keys::{Identity, SEED_LEN, public_key_bytes, public_key_from_bytes};
+
+use crate::agent::{Known, Learned};
+
+/// Bytes of a compressed public key.
+const PUBLIC_KEY_LEN: usize = 33;
+
+/// Binds stored category keys to the patient's seed: keys that do not carry the tag their
+/// seed gives are not the patient's.
+fn keys_tag(patient: &Identity, keys: &[u8]) -> blake3::Hash {
+    let key = Zeroizing::new(blake3::derive_key(
+        "brokerctl keystore category keys v1",
+        patient.seed().as_slice(),
+    ));
+    blake3::keyed_hash(&key, keys)
+}
 
 /// Why the keystore cannot be used. Messages name the file, never a key.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +79,9 @@ impl Keystore {
                  source_id TEXT PRIMARY KEY, seed BLOB NOT NULL, pseudonym TEXT NOT NULL UNIQUE,
                  created_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS consent_heads (
-                 pseudonym TEXT PRIMARY KEY, version INTEGER NOT NULL, policy_hash TEXT NOT NULL);",
+                 pseudonym TEXT PRIMARY KEY, version INTEGER NOT NULL, policy_hash TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS known (
+                 pseudonym TEXT PRIMARY KEY, category_keys BLOB, enrolled INTEGER NOT NULL);",
         )
         .map_err(|e| Error::KeyFile(format!("{} is not a keystore: {e}", path.display())))?;
         Ok(Keystore {
@@ -156,6 +179,55 @@ impl Keystore {
         Ok(())
     }
 
+    /// What an earlier import established about the patient (nothing, for a new one).
+    /// Category keys that are not the ones this patient's seed recorded (a damaged row, or
+    /// a version with other categories) are not used: they are derived again, so that no
+    /// record is ever sealed to a key the patient does not hold.
+    pub fn known(&self, patient: &Identity) -> Result<Known> {
+        let row: Option<(Option<Vec<u8>>, bool)> = self
+            .db
+            .prepare_cached("SELECT category_keys, enrolled FROM known WHERE pseudonym = ?1")?
+            .query_row([patient.pseudonym()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((stored, enrolled)) = row else {
+            return Ok(Known::default());
+        };
+        let category_keys = stored.and_then(|bytes| {
+            let (keys, tag) = bytes.split_at_checked(Category::ALL.len() * PUBLIC_KEY_LEN)?;
+            if tag != keys_tag(patient, keys).as_bytes() {
+                return None;
+            }
+            keys.chunks(PUBLIC_KEY_LEN)
+                .map(|k| public_key_from_bytes(k).ok())
+                .collect::<Option<Vec<_>>>()
+        });
+        Ok(Known {
+            category_keys,
+            enrolled,
+        })
+    }
+
+    /// Records what an ingested batch of `patients` established: every patient enrolled,
+    /// and the category keys derived in it.
+    pub fn record_learned(&self, patients: &[Identity], learned: &[Learned]) -> Result<()> {
+        let mut stmt = self.db.prepare_cached(
+            "INSERT INTO known (pseudonym, category_keys, enrolled) VALUES (?1, ?2, 1)
+             ON CONFLICT (pseudonym) DO UPDATE SET enrolled = 1,
+                 category_keys = COALESCE(excluded.category_keys, known.category_keys)",
+        )?;
+        for (patient, l) in patients.iter().zip(learned) {
+            debug_assert_eq!(patient.pseudonym(), l.pseudonym);
+            let keys: Option<Vec<u8>> = l.category_keys.as_ref().map(|keys| {
+                let mut bytes: Vec<u8> = keys.iter().flat_map(public_key_bytes).collect();
+                let tag = keys_tag(patient, &bytes);
+                bytes.extend_from_slice(tag.as_bytes());
+                bytes
+            });
+            stmt.execute(params![l.pseudonym, keys])?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` in one transaction (bulk creation during an import).
     pub fn transaction<T>(&mut self, f: impl FnOnce(&Keystore) -> Result<T>) -> Result<T> {
         self.db.execute_batch("BEGIN")?;
@@ -189,5 +261,69 @@ mod tests {
         let (c, _) = ks.get_or_create("p2").unwrap();
         assert_ne!(a.verifying_key(), c.verifying_key());
         assert_eq!(ks.all().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn known_keys_are_used_only_when_they_are_the_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::open(&dir.path().join("keystore.db")).unwrap();
+        let (a, _) = ks.get_or_create("a").unwrap();
+        let (b, _) = ks.get_or_create("b").unwrap();
+        assert!(ks.known(&a).unwrap().category_keys.is_none());
+        assert!(!ks.known(&a).unwrap().enrolled);
+        let keys = |p: &Identity| -> Vec<umbral_pre::PublicKey> {
+            Category::ALL
+                .iter()
+                .map(|c| p.category_public_key(*c))
+                .collect()
+        };
+        let learned = |p: &Identity, keys: Option<Vec<umbral_pre::PublicKey>>| Learned {
+            pseudonym: p.pseudonym(),
+            category_keys: keys,
+        };
+        ks.record_learned(
+            &[a.clone(), b.clone()],
+            &[learned(&a, Some(keys(&a))), learned(&b, None)],
+        )
+        .unwrap();
+        let known = ks.known(&a).unwrap();
+        assert!(known.enrolled);
+        assert_eq!(known.category_keys, Some(keys(&a)));
+        // Enrolled without keys; a later batch that derived them keeps them.
+        assert!(ks.known(&b).unwrap().enrolled);
+        assert!(ks.known(&b).unwrap().category_keys.is_none());
+        ks.record_learned(std::slice::from_ref(&b), &[learned(&b, Some(keys(&b)))])
+            .unwrap();
+        assert_eq!(ks.known(&b).unwrap().category_keys, Some(keys(&b)));
+        ks.record_learned(std::slice::from_ref(&b), &[learned(&b, None)])
+            .unwrap();
+        assert_eq!(ks.known(&b).unwrap().category_keys, Some(keys(&b)));
+        // Another patient's keys, or a damaged byte, are not taken for this patient's.
+        let swap = |from: &Identity, to: &Identity| {
+            ks.db
+                .execute(
+                    "UPDATE known SET category_keys = (SELECT category_keys FROM known WHERE pseudonym = ?1) WHERE pseudonym = ?2",
+                    params![from.pseudonym(), to.pseudonym()],
+                )
+                .unwrap();
+        };
+        swap(&a, &b);
+        assert!(ks.known(&b).unwrap().category_keys.is_none());
+        let mut stored: Vec<u8> = ks
+            .db
+            .query_row(
+                "SELECT category_keys FROM known WHERE pseudonym = ?1",
+                [a.pseudonym()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        stored[40] ^= 1;
+        ks.db
+            .execute(
+                "UPDATE known SET category_keys = ?1 WHERE pseudonym = ?2",
+                params![stored, a.pseudonym()],
+            )
+            .unwrap();
+        assert!(ks.known(&a).unwrap().category_keys.is_none());
     }
 }

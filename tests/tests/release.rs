@@ -678,3 +678,89 @@ async fn a_data_directory_refuses_other_proxies_than_its_grants_were_sealed_to()
     );
     sandbox.stop().await;
 }
+
+/// A custodian's re-import through its keystore: the second import derives no category
+/// key and sends no enrollment (the keystore remembers both), and stores nothing new; the
+/// same keystore against a broker that has never seen the patients (its hint of enrollment
+/// wrong) enrolls them on the way and stores everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reimport_through_the_keystore_redoes_no_key_derivation_and_no_enrollment() {
+    use brokerctl::Keystore;
+    let dir = tempfile::tempdir().unwrap();
+    let keystore_path = dir.path().join("keystore.db");
+    let population = datasets::Population::new(17, 30);
+    let records: Vec<datasets::PatientRecord> = (0..30).map(|i| population.patient(i)).collect();
+    let envelopes: usize = records.iter().map(|r| r.categories.len()).sum();
+
+    async fn import(
+        custodian: &brokerctl::BrokerClient,
+        keystore: &std::path::Path,
+        records: &[datasets::PatientRecord],
+    ) -> agent::IngestReport {
+        let ks = Keystore::open(keystore).unwrap();
+        let batch: Vec<(Identity, datasets::PatientRecord, agent::Known)> = records
+            .iter()
+            .map(|r| {
+                let (id, _) = ks.get_or_create(&r.source_id).unwrap();
+                let known = ks.known(&id).unwrap();
+                (id, r.clone(), known)
+            })
+            .collect();
+        let patients: Vec<Identity> = batch.iter().map(|(id, _, _)| id.clone()).collect();
+        // Two batches, as the CLI pipelines them.
+        let (first, second) = batch.split_at(batch.len() / 2);
+        let mut learned = Vec::new();
+        let report = agent::ingest_all_known(
+            custodian,
+            [first.to_vec(), second.to_vec()].map(Ok::<_, ClientError>),
+            |_| {},
+            |l| learned.extend(l),
+        )
+        .await
+        .expect("import");
+        ks.record_learned(&patients, &learned).unwrap();
+        report
+    }
+
+    let sandbox = Sandbox::start().await;
+    let cast = sandbox.cast().await;
+    let first = import(&cast.custodian, &keystore_path, &records).await;
+    assert_eq!(
+        (
+            first.keys_derived,
+            first.enrollments_sent,
+            first.newly_enrolled
+        ),
+        (30, 30, 30)
+    );
+    assert_eq!(first.envelopes_stored, envelopes);
+    let again = import(&cast.custodian, &keystore_path, &records).await;
+    assert_eq!(
+        (
+            again.keys_derived,
+            again.enrollments_sent,
+            again.newly_enrolled
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (again.envelopes_stored, again.envelopes_unchanged),
+        (0, envelopes)
+    );
+    sandbox.stop().await;
+
+    // Another broker: the keystore's enrollments are not its; the import still goes in.
+    let other = Sandbox::start().await;
+    let cast = other.cast().await;
+    let elsewhere = import(&cast.custodian, &keystore_path, &records).await;
+    assert_eq!(
+        (
+            elsewhere.keys_derived,
+            elsewhere.enrollments_sent,
+            elsewhere.newly_enrolled
+        ),
+        (0, 30, 30)
+    );
+    assert_eq!(elsewhere.envelopes_stored, envelopes);
+    other.stop().await;
+}

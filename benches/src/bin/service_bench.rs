@@ -31,7 +31,8 @@ use anyhow::{Context, bail, ensure};
 use benches::{CONCEPT_RELATIONS, STUDY_CATEGORIES, definitions, peak_rss_mib};
 use broker_cli::demo::{Cast, demo_cohort, demo_policy};
 use broker_proto::tls::ClientTls;
-use brokerctl::{BrokerClient, agent};
+use brokerctl::BrokerClient;
+use brokerctl::agent::{self, Known};
 use clap::Parser;
 use datasets::{PatientRecord, Population};
 use pre_kms::request_auth::now_secs;
@@ -68,6 +69,12 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the ingest, import every patient again twice, as a custodian's re-import:
+    /// first as if nothing were known of them (category keys derived and enrollments sent
+    /// again, as before the keystore remembered them), then with what the first ingest
+    /// established (as `brokerctl custodian import` with its keystore).
+    #[arg(long)]
+    reimport: bool,
 }
 
 /// A `broker serve` child process and what it said.
@@ -167,6 +174,28 @@ fn identity(seed: u64, i: usize) -> Identity {
     h.update(&seed.to_le_bytes());
     h.update(&(i as u64).to_le_bytes());
     Identity::from_seed(*h.finalize().as_bytes())
+}
+
+/// The population in upload batches, generated as they are needed (memory stays flat),
+/// each patient with what is `known` of it (nothing past the end of `known`).
+fn batches<'a>(
+    population: &'a Population,
+    seed: u64,
+    batch: usize,
+    known: &'a [Known],
+) -> impl Iterator<Item = Result<Vec<(Identity, PatientRecord, Known)>, brokerctl::ClientError>> + 'a
+{
+    let n = population.len();
+    (0..n).step_by(batch).map(move |start| {
+        let end = (start + batch).min(n);
+        Ok((start..end)
+            .into_par_iter()
+            .map(|i| {
+                let known = known.get(i).cloned().unwrap_or_default();
+                (identity(seed, i), population.patient(i), known)
+            })
+            .collect())
+    })
 }
 
 /// Each definition's exact counts, and every timed count's latency in ms.
@@ -278,33 +307,62 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         .collect();
     op.put_concepts(&relations).await?;
 
-    // 1. Ingest, batches generated as they are needed (memory stays flat).
+    // 1. Ingest.
     let population = Population::new(args.seed, args.patients);
     let seed = args.seed;
     let batch = args.batch;
     let n = args.patients;
-    let batches = (0..n).step_by(batch).map(|start| {
-        let end = (start + batch).min(n);
-        Ok::<_, brokerctl::ClientError>(
-            (start..end)
-                .into_par_iter()
-                .map(|i| (identity(seed, i), population.patient(i)))
-                .collect::<Vec<(Identity, PatientRecord)>>(),
-        )
-    });
     let started = Instant::now();
     let mut next_report = n / 10;
-    let report = agent::ingest_all(&cast.custodian, batches, |done| {
-        if done >= next_report {
-            eprintln!(
-                "ingested {done} of {n} patients ({:.0} s)",
-                started.elapsed().as_secs_f64()
-            );
-            next_report = done + n / 10;
-        }
-    })
+    let mut learned: Vec<Known> = Vec::new();
+    let report = agent::ingest_all_known(
+        &cast.custodian,
+        batches(&population, seed, batch, &[]),
+        |done| {
+            if done >= next_report {
+                eprintln!(
+                    "ingested {done} of {n} patients ({:.0} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                next_report = done + n / 10;
+            }
+        },
+        |batch| {
+            if args.reimport {
+                learned.extend(batch.into_iter().map(|l| Known {
+                    category_keys: l.category_keys,
+                    enrolled: true,
+                }));
+            }
+        },
+    )
     .await?;
     let ingest = started.elapsed();
+    // 1b. Re-imports: as if nothing were known, then with what the ingest established.
+    let reimport = if args.reimport {
+        let mut times = Vec::new();
+        for known in [&[][..], &learned[..]] {
+            let started = Instant::now();
+            let r = agent::ingest_all_known(
+                &cast.custodian,
+                batches(&population, seed, batch, known),
+                |_| {},
+                |_| {},
+            )
+            .await?;
+            ensure!(
+                r.envelopes_stored == 0 && r.newly_enrolled == 0,
+                "a re-import stored {} envelopes and enrolled {} patients",
+                r.envelopes_stored,
+                r.newly_enrolled
+            );
+            times.push((started.elapsed(), r));
+        }
+        eprintln!("re-imports done");
+        Some(times)
+    } else {
+        None
+    };
     let envelopes = report.envelopes_stored + report.envelopes_unchanged;
     ensure!(
         report.newly_enrolled == n,
@@ -406,6 +464,25 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         envelopes as f64 / ingest.as_secs_f64(),
         n as f64 / ingest.as_secs_f64()
     );
+    if let Some(times) = &reimport {
+        for ((elapsed, r), what) in times.iter().zip([
+            "nothing known (keys derived, enrollments sent)",
+            "keys and enrollments known",
+        ]) {
+            println!(
+                "re-import      {:.1} s: {:.0} patients/s; {} keys derived, {} enrollments sent, {} envelopes unchanged ({what})",
+                elapsed.as_secs_f64(),
+                n as f64 / elapsed.as_secs_f64(),
+                r.keys_derived,
+                r.enrollments_sent,
+                r.envelopes_unchanged
+            );
+        }
+        println!(
+            "re-import      known / nothing known: {:.2}x the time",
+            times[1].0.as_secs_f64() / times[0].0.as_secs_f64()
+        );
+    }
     println!(
         "consent        {consented} first versions in {:.1} s",
         consent.as_secs_f64()
@@ -462,6 +539,7 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
             "release_select_ms": release_ms,
             "broker_peak_rss_mib": rss,
             "restart_to_first_count_seconds": restart.as_secs_f64(),
+            "reimport_seconds": reimport.as_ref().map(|t| t.iter().map(|(e, _)| e.as_secs_f64()).collect::<Vec<_>>()),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use brokerctl::{BrokerClient, Keystore, agent};
 use clap::Subcommand;
 use datasets::DeidConfig;
-use pre_kms::Category;
+use pre_kms::{Category, Identity};
 
 use super::conn::{Conn, connect, pinned_network, print, progress};
 use super::patient::{PolicySource, read_policy};
@@ -276,6 +276,7 @@ async fn import_fhir(
     let (total, created) = ingest_records(&client, report.patients, keystore, batch).await?;
     let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
         "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
+        "keys_derived": total.keys_derived, "enrollments_sent": total.enrollments_sent,
         "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
     print(conn, &summary, || {
         format!(
@@ -303,21 +304,51 @@ async fn ingest_records(
     let pb = progress(records.len(), "import");
     let mut created = 0;
     let mut records = records.into_iter().peekable();
+    // The patients of each batch in flight, in order, until what it established is kept:
+    // by the next batch's transaction, and after the last one.
+    let in_flight: std::cell::RefCell<std::collections::VecDeque<Vec<Identity>>> =
+        Default::default();
+    let learned: std::cell::RefCell<Vec<(Vec<Identity>, Vec<agent::Learned>)>> = Default::default();
+    let keep = |ks: &Keystore| -> brokerctl::keystore::Result<()> {
+        for (patients, learned) in learned.borrow_mut().drain(..) {
+            ks.record_learned(&patients, &learned)?;
+        }
+        Ok(())
+    };
     let batches = std::iter::from_fn(|| {
         records.peek()?;
         let chunk: Vec<_> = records.by_ref().take(batch).collect();
         Some(keystore.transaction(|ks| {
-            chunk
+            keep(ks)?;
+            let batch = chunk
                 .into_iter()
                 .map(|record| {
                     let (id, new) = ks.get_or_create(&record.source_id)?;
                     created += new as usize;
-                    Ok((id, record))
+                    let known = ks.known(&id)?;
+                    Ok((id, record, known))
                 })
-                .collect::<brokerctl::keystore::Result<Vec<_>>>()
+                .collect::<brokerctl::keystore::Result<Vec<_>>>()?;
+            in_flight
+                .borrow_mut()
+                .push_back(batch.iter().map(|(id, _, _)| id.clone()).collect());
+            Ok(batch)
         }))
     });
-    let total = agent::ingest_all(client, batches, |done| pb.set_position(done as u64)).await?;
+    let total = agent::ingest_all_known(
+        client,
+        batches,
+        |done| pb.set_position(done as u64),
+        |batch| {
+            let patients = in_flight
+                .borrow_mut()
+                .pop_front()
+                .expect("a batch in flight");
+            learned.borrow_mut().push((patients, batch));
+        },
+    )
+    .await?;
+    keystore.transaction(|ks| keep(ks))?;
     pb.finish_and_clear();
     Ok((total, created))
 }
