@@ -19,8 +19,15 @@
 //! other files import; a malformed resource (not an object, no `resourceType`, a Condition
 //! without a code, a date that is not a date, a quantity whose value is not a number, a
 //! subject that names no known Patient, …) gives one error naming the file, line (NDJSON),
-//! resource type and id, and the rest of its patient still imports. A Patient with a bad
-//! element still imports without that element. Errors name elements, never their values.
+//! resource type and id (and, in a Bundle, the entry's index), and the rest of its patient
+//! still imports. A Patient with a bad element still imports without that element. Errors
+//! name elements, never their values.
+//!
+//! Nothing is left out silently: resources of FHIR R4 types outside the research copy
+//! (Organization, Claim, …) are counted per type in [`ImportReport::not_imported`];
+//! resources whose `resourceType` is not a FHIR R4 type are counted per file and type in
+//! [`ImportReport::unknown_types`]; skipped files are named with the reason in
+//! [`ImportReport::skipped_files`] (`brokerctl` prints all three).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -53,6 +60,12 @@ pub struct ImportReport {
     pub resources: usize,
     /// Files not imported, with the reason (no Patient in a Bundle, not a JSON file).
     pub skipped_files: Vec<(PathBuf, String)>,
+    /// Resources of FHIR R4 types that are not part of the research copy (Organization,
+    /// Practitioner, Claim, Provenance, …), counted per type: read, and left out.
+    pub not_imported: BTreeMap<String, usize>,
+    /// Resources whose `resourceType` is not a FHIR R4 resource type, counted per file and
+    /// per type (as written, at most 64 characters): left out.
+    pub unknown_types: BTreeMap<PathBuf, BTreeMap<String, usize>>,
 }
 
 impl ImportReport {
@@ -62,6 +75,15 @@ impl ImportReport {
         self.files += other.files;
         self.resources += other.resources;
         self.skipped_files.extend(other.skipped_files);
+        for (ty, n) in other.not_imported {
+            *self.not_imported.entry(ty).or_default() += n;
+        }
+        for (file, types) in other.unknown_types {
+            let counts = self.unknown_types.entry(file).or_default();
+            for (ty, n) in types {
+                *counts.entry(ty).or_default() += n;
+            }
+        }
     }
 }
 
@@ -72,6 +94,8 @@ pub struct ImportError {
     pub file: PathBuf,
     /// 1-based line: of the NDJSON record, or of a JSON syntax error.
     pub line: Option<usize>,
+    /// 0-based index of the Bundle entry in error, for a resource of a Bundle.
+    pub entry: Option<usize>,
     /// The type of the resource in error, when known.
     pub resource_type: Option<String>,
     /// The id of the resource in error, when known.
@@ -85,6 +109,9 @@ impl fmt::Display for ImportError {
         write!(f, "{}", self.file.display())?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
+        }
+        if let Some(entry) = self.entry {
+            write!(f, ": Bundle.entry[{entry}]")?;
         }
         match (&self.resource_type, &self.resource_id) {
             (Some(t), Some(id)) => write!(f, ": {t}/{id}")?,
@@ -186,6 +213,7 @@ pub fn import_bundle_json(bytes: &[u8], origin: &Path, cfg: &DeidConfig) -> Impo
             report.errors.push(ImportError {
                 file: origin.to_path_buf(),
                 line: Some(e.line()),
+                entry: None,
                 resource_type: None,
                 resource_id: None,
                 reason: format!(
@@ -221,18 +249,27 @@ pub fn import_bundle_json(bytes: &[u8], origin: &Path, cfg: &DeidConfig) -> Impo
                     {
                         continue;
                     }
+                    let at = At {
+                        line: None,
+                        entry: Some(i),
+                    };
                     match entry.get("resource") {
                         Some(resource) => {
                             report.resources += 1;
                             let full_url = entry.get("fullUrl").and_then(Value::as_str);
-                            pool.add(resource.clone(), full_url, file, None, &mut report);
+                            pool.add(resource.clone(), full_url, file, at, &mut report);
                         }
                         None => report.errors.push(ImportError {
                             file: origin.to_path_buf(),
                             line: None,
+                            entry: Some(i),
                             resource_type: None,
                             resource_id: None,
-                            reason: format!("Bundle.entry[{i}] has no resource"),
+                            reason: if entry.is_object() {
+                                "the entry has no resource".into()
+                            } else {
+                                "the entry is not an object".into()
+                            },
                         }),
                     }
                 }
@@ -245,7 +282,7 @@ pub fn import_bundle_json(bytes: &[u8], origin: &Path, cfg: &DeidConfig) -> Impo
         }
     } else {
         report.resources += 1;
-        pool.add(doc, None, file, None, &mut report);
+        pool.add(doc, None, file, At::default(), &mut report);
     }
     let resources = report.resources;
     assemble(pool, cfg, &mut report, |report| {
@@ -336,6 +373,7 @@ fn file_error(file: &Path, line: Option<usize>, reason: String) -> ImportError {
     ImportError {
         file: file.to_path_buf(),
         line,
+        entry: None,
         resource_type: None,
         resource_id: None,
         reason,
@@ -371,7 +409,16 @@ fn read_ndjson<R: BufRead>(
         }
         report.resources += 1;
         match canonical::parse(&buf) {
-            Ok(v) => pool.add(v, None, file, Some(line_no), report),
+            Ok(v) => pool.add(
+                v,
+                None,
+                file,
+                At {
+                    line: Some(line_no),
+                    entry: None,
+                },
+                report,
+            ),
             Err(ParseError::Json(e)) => report.errors.push(file_error(
                 origin,
                 Some(line_no),
@@ -390,11 +437,18 @@ fn read_ndjson<R: BufRead>(
     }
 }
 
+/// Where a resource is in its file: the NDJSON line, or the Bundle entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct At {
+    line: Option<usize>,
+    entry: Option<usize>,
+}
+
 /// A resource waiting to be grouped, with where it came from.
 struct Item {
     resource: Value,
     file: usize,
-    line: Option<usize>,
+    at: At,
 }
 
 /// Resources read so far, waiting to be grouped by patient.
@@ -416,16 +470,11 @@ impl Pool {
         self.files.len() - 1
     }
 
-    fn error(
-        &self,
-        item_file: usize,
-        line: Option<usize>,
-        resource: &Value,
-        reason: String,
-    ) -> ImportError {
+    fn error(&self, item_file: usize, at: At, resource: &Value, reason: String) -> ImportError {
         ImportError {
             file: self.files.get(item_file).cloned().unwrap_or_default(),
-            line,
+            line: at.line,
+            entry: at.entry,
             resource_type: util::resource_type(resource).map(|t| util::clip(t, 64)),
             resource_id: util::resource_id(resource).map(|i| util::clip(i, 64)),
             reason,
@@ -438,13 +487,13 @@ impl Pool {
         mut resource: Value,
         full_url: Option<&str>,
         file: usize,
-        line: Option<usize>,
+        at: At,
         report: &mut ImportReport,
     ) {
         if let Err(p) = validate::check_envelope(&resource) {
             report
                 .errors
-                .push(self.error(file, line, &resource, p.reason));
+                .push(self.error(file, at, &resource, p.reason));
             return;
         }
         // Transaction bundles may carry the id in fullUrl only.
@@ -472,9 +521,7 @@ impl Pool {
         if ty == "Patient" {
             // Keep the patient, without the offending elements.
             if let Some(reason) = reason {
-                report
-                    .errors
-                    .push(self.error(file, line, &resource, reason));
+                report.errors.push(self.error(file, at, &resource, reason));
                 if let Some(obj) = resource.as_object_mut() {
                     for p in &problems {
                         if let Some(el) = &p.element {
@@ -486,7 +533,7 @@ impl Pool {
             let Some(id) = util::resource_id(&resource) else {
                 report
                     .errors
-                    .push(self.error(file, line, &resource, "Patient has no id".into()));
+                    .push(self.error(file, at, &resource, "Patient has no id".into()));
                 return;
             };
             // References may use the entry's `urn:uuid:` fullUrl rather than the id.
@@ -495,29 +542,25 @@ impl Pool {
             {
                 self.patient_aliases.push((uuid, id.to_string()));
             }
-            self.patients.push(Item {
-                resource,
-                file,
-                line,
-            });
+            self.patients.push(Item { resource, file, at });
             return;
         }
         if let Some(reason) = reason {
-            report
-                .errors
-                .push(self.error(file, line, &resource, reason));
+            report.errors.push(self.error(file, at, &resource, reason));
             return;
         }
         if ty == "Medication" {
             self.shared.push(resource);
         } else if research_category_of_type(&ty).is_some() {
-            self.clinical.push(Item {
-                resource,
-                file,
-                line,
-            });
+            self.clinical.push(Item { resource, file, at });
+        } else if is_r4_resource_type(&ty) {
+            // Providers, billing, provenance, …: read, and left out.
+            *report.not_imported.entry(ty).or_default() += 1;
+        } else {
+            let path = self.files.get(file).cloned().unwrap_or_default();
+            let counts = report.unknown_types.entry(path).or_default();
+            *counts.entry(util::clip(&ty, 64)).or_default() += 1;
         }
-        // Anything else (providers, billing, provenance, unknown types) is not imported.
     }
 }
 
@@ -543,7 +586,7 @@ fn assemble(
         if by_id.contains_key(&id) {
             report.errors.push(pool.error(
                 item.file,
-                item.line,
+                item.at,
                 &item.resource,
                 "duplicate Patient id; the first one was imported".into(),
             ));
@@ -571,7 +614,7 @@ fn assemble(
             Err(reason) => {
                 report
                     .errors
-                    .push(pool.error(item.file, item.line, &item.resource, reason.into()))
+                    .push(pool.error(item.file, item.at, &item.resource, reason.into()))
             }
         }
     }
@@ -599,4 +642,178 @@ fn assemble(
         })
         .collect();
     report.patients.extend(records);
+}
+
+/// The resource types of FHIR R4 (4.0.1).
+const R4_RESOURCE_TYPES: [&str; 148] = [
+    "Account",
+    "ActivityDefinition",
+    "AdverseEvent",
+    "AllergyIntolerance",
+    "Appointment",
+    "AppointmentResponse",
+    "AuditEvent",
+    "Basic",
+    "Binary",
+    "BiologicallyDerivedProduct",
+    "BodyStructure",
+    "Bundle",
+    "CapabilityStatement",
+    "CarePlan",
+    "CareTeam",
+    "CatalogEntry",
+    "ChargeItem",
+    "ChargeItemDefinition",
+    "Claim",
+    "ClaimResponse",
+    "ClinicalImpression",
+    "CodeSystem",
+    "Communication",
+    "CommunicationRequest",
+    "CompartmentDefinition",
+    "Composition",
+    "ConceptMap",
+    "Condition",
+    "Consent",
+    "Contract",
+    "Coverage",
+    "CoverageEligibilityRequest",
+    "CoverageEligibilityResponse",
+    "DetectedIssue",
+    "Device",
+    "DeviceDefinition",
+    "DeviceMetric",
+    "DeviceRequest",
+    "DeviceUseStatement",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "DomainResource",
+    "EffectEvidenceSynthesis",
+    "Encounter",
+    "Endpoint",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "EpisodeOfCare",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "ExampleScenario",
+    "ExplanationOfBenefit",
+    "FamilyMemberHistory",
+    "Flag",
+    "Goal",
+    "GraphDefinition",
+    "Group",
+    "GuidanceResponse",
+    "HealthcareService",
+    "ImagingStudy",
+    "Immunization",
+    "ImmunizationEvaluation",
+    "ImmunizationRecommendation",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Invoice",
+    "Library",
+    "Linkage",
+    "List",
+    "Location",
+    "Measure",
+    "MeasureReport",
+    "Media",
+    "Medication",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationKnowledge",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicinalProduct",
+    "MedicinalProductAuthorization",
+    "MedicinalProductContraindication",
+    "MedicinalProductIndication",
+    "MedicinalProductIngredient",
+    "MedicinalProductInteraction",
+    "MedicinalProductManufactured",
+    "MedicinalProductPackaged",
+    "MedicinalProductPharmaceutical",
+    "MedicinalProductUndesirableEffect",
+    "MessageDefinition",
+    "MessageHeader",
+    "MolecularSequence",
+    "NamingSystem",
+    "NutritionOrder",
+    "Observation",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "OperationOutcome",
+    "Organization",
+    "OrganizationAffiliation",
+    "Parameters",
+    "Patient",
+    "PaymentNotice",
+    "PaymentReconciliation",
+    "Person",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Procedure",
+    "Provenance",
+    "Questionnaire",
+    "QuestionnaireResponse",
+    "RelatedPerson",
+    "RequestGroup",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "ResearchStudy",
+    "ResearchSubject",
+    "Resource",
+    "RiskAssessment",
+    "RiskEvidenceSynthesis",
+    "Schedule",
+    "SearchParameter",
+    "ServiceRequest",
+    "Slot",
+    "Specimen",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Subscription",
+    "Substance",
+    "SubstanceNucleicAcid",
+    "SubstancePolymer",
+    "SubstanceProtein",
+    "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial",
+    "SubstanceSpecification",
+    "SupplyDelivery",
+    "SupplyRequest",
+    "Task",
+    "TerminologyCapabilities",
+    "TestReport",
+    "TestScript",
+    "ValueSet",
+    "VerificationResult",
+    "VisionPrescription",
+];
+
+/// Whether `ty` is a FHIR R4 resource type (abstract `Resource` and `DomainResource`
+/// included: they are R4 names, though never concrete).
+fn is_r4_resource_type(ty: &str) -> bool {
+    R4_RESOURCE_TYPES.binary_search(&ty).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_r4_type_list_is_sorted_for_binary_search() {
+        assert!(R4_RESOURCE_TYPES.is_sorted());
+        for ty in ["Patient", "Organization", "VisionPrescription", "Account"] {
+            assert!(is_r4_resource_type(ty), "{ty}");
+        }
+        for ty in ["Pokemon", "patient", "", "MedicationUsage"] {
+            assert!(!is_r4_resource_type(ty), "{ty}");
+        }
+    }
 }

@@ -151,10 +151,11 @@ fn malformed_resources_are_reported_and_the_rest_of_the_patient_imports() {
     assert_eq!(e.resource_type.as_deref(), Some("Observation"));
     assert_eq!(e.resource_id.as_deref(), Some(weight_id.as_str()));
     assert_eq!(e.file, file);
+    let entry = e.entry.expect("a Bundle entry names its index");
     assert_eq!(
         e.to_string(),
         format!(
-            "{}: Observation/{weight_id}: valueQuantity.value is not a number",
+            "{}: Bundle.entry[{entry}]: Observation/{weight_id}: valueQuantity.value is not a number",
             file.display()
         )
     );
@@ -493,4 +494,54 @@ fn a_bundle_without_patient_is_skipped_not_an_error() {
     assert!(report.errors.is_empty());
     assert!(report.patients.is_empty());
     assert_eq!(report.skipped_files.len(), 1);
+}
+
+#[test]
+fn unknown_types_are_counted_per_file_and_entry_errors_name_their_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1", "gender": "female"}},
+        {"resource": {"resourceType": "Pokemon", "id": "x"}},
+        {"resource": {"resourceType": "Organization", "id": "o"}},
+        42,
+        {"resource": "not an object"},
+        {"resource": {"resourceType": "Pokemon"}},
+        {"fullUrl": "urn:uuid:1"},
+    ]});
+    write_json(&dir.path().join("a.json"), &bundle);
+    write_json(
+        &dir.path().join("b.json"),
+        &json!({"resourceType": "Digimon", "id": "d"}),
+    );
+    let report = import_path(dir.path(), &cfg());
+    assert_eq!(report.patients.len(), 1);
+    let a = dir.path().join("a.json");
+    let b = dir.path().join("b.json");
+    assert_eq!(report.unknown_types[&a]["Pokemon"], 2);
+    assert_eq!(report.unknown_types[&b]["Digimon"], 1);
+    assert_eq!(report.unknown_types.len(), 2);
+    assert_eq!(report.not_imported["Organization"], 1);
+    // b.json has no Patient: named among the skipped files, with its reason.
+    assert!(
+        report
+            .skipped_files
+            .iter()
+            .any(|(f, why)| f == &b && why.contains("no Patient")),
+        "{:?}",
+        report.skipped_files
+    );
+    let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+    for (entry, what) in [
+        (3, "the entry is not an object"),
+        (4, "resource is not a JSON object"),
+        (6, "the entry has no resource"),
+    ] {
+        let want = format!("a.json: Bundle.entry[{entry}]: ");
+        assert!(
+            errors.iter().any(|e| e.contains(&want) && e.contains(what)),
+            "no `{want}…{what}` in {errors:#?}"
+        );
+    }
+    assert_eq!(report.errors.len(), 3, "{errors:#?}");
+    assert!(report.errors.iter().all(|e| e.entry.is_some()));
 }

@@ -255,9 +255,22 @@ pub async fn run(cmd: CustodianCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn report_errors(errors: &[datasets::ImportError]) {
-    for e in errors {
+/// Prints, on standard error, everything of the input that was not imported: resources
+/// in error, files skipped (with why), and resources whose type is not a FHIR R4 type.
+pub fn report_problems(report: &datasets::ImportReport) {
+    for e in &report.errors {
         eprintln!("skipped: {e}");
+    }
+    for (file, why) in &report.skipped_files {
+        eprintln!("skipped file: {}: {why}", file.display());
+    }
+    for (file, types) in &report.unknown_types {
+        let types: Vec<String> = types.iter().map(|(t, n)| format!("{t:?} ×{n}")).collect();
+        eprintln!(
+            "skipped: {}: resources of types that are not FHIR R4 resource types: {}",
+            file.display(),
+            types.join(", ")
+        );
     }
 }
 
@@ -272,20 +285,30 @@ async fn import_fhir(
         bail!("{} does not exist", path.display());
     }
     let report = datasets::import_path(path, &DeidConfig::default());
-    report_errors(&report.errors);
+    report_problems(&report);
     let (total, created) = ingest_records(&client, report.patients, keystore, batch).await?;
     let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
         "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
         "keys_derived": total.keys_derived, "enrollments_sent": total.enrollments_sent,
-        "errors": report.errors.len(), "skipped_files": report.skipped_files.len()});
+        "errors": report.errors.len(), "skipped_files": report.skipped_files.len(),
+        "not_imported": report.not_imported,
+        "unknown_types": report.unknown_types.values().flat_map(|t| t.values()).sum::<usize>()});
     print(conn, &summary, || {
         format!(
-            "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors; keys in {}",
+            "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors, \
+             {} files skipped, {} resources of unknown types; {} resources of other FHIR types not imported; keys in {}",
             total.patients,
             report.files,
             total.envelopes_stored,
             total.envelopes_unchanged,
             report.errors.len(),
+            report.skipped_files.len(),
+            report
+                .unknown_types
+                .values()
+                .flat_map(|t| t.values())
+                .sum::<usize>(),
+            report.not_imported.values().sum::<usize>(),
             keystore.display()
         )
     });

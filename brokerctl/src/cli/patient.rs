@@ -11,7 +11,7 @@ use datasets::DeidConfig;
 use pre_kms::Category;
 
 use super::conn::{AsPatient, Conn, connect, connect_as, head_store, pinned_network, print};
-use super::custodian::report_errors;
+use super::custodian::report_problems;
 
 #[derive(Subcommand)]
 pub enum PatientCmd {
@@ -128,7 +128,7 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
             let client = connect(&conn).await?;
             let me = client.identity().clone();
             let report = datasets::import_path(&path, &DeidConfig::default());
-            report_errors(&report.errors);
+            report_problems(&report);
             let [record] = <[_; 1]>::try_from(report.patients).map_err(|v| {
                 anyhow::anyhow!(
                     "{} holds {} patients; a patient uploads only their own record",
