@@ -7,7 +7,8 @@
 //!   race, ethnicity and birth-sex extensions (codes only). Its id becomes `subject`. Names,
 //!   addresses, telecom, identifiers, photo, contacts, links, the narrative and every other
 //!   extension (mother's maiden name, birthplace, Synthea's DALY/QALY, …) are gone.
-//! * **Ages over 89** (reference year − birth year > 89): `birthDate` is removed and marked
+//! * **Ages over 89** (the year of death, or the reference year for the living, minus the
+//!   birth year, > 89: someone who died at 80 is never 90+): `birthDate` is removed and marked
 //!   twice: `_birthDate` carries the standard data-absent-reason extension with code
 //!   `masked`, and the Patient carries the extension [`AGE_90_PLUS_EXTENSION_URL`] with
 //!   `valueString` `"90+"`. `…Age` elements (e.g. `Condition.onsetAge`) are dropped for
@@ -63,16 +64,23 @@ impl DeidConfig {
         DeidConfig { reference_year }
     }
 
-    /// Whether someone born in `birth_year` is over 89 at the reference year.
-    pub fn is_over_89(&self, birth_year: i32) -> bool {
-        self.reference_year.saturating_sub(birth_year) > 89
+    /// The year a patient's age is taken at: the reference year, or the year of death
+    /// when the patient died before it.
+    fn age_year(&self, death_year: Option<i32>) -> i32 {
+        death_year.map_or(self.reference_year, |d| d.min(self.reference_year))
     }
 
-    /// The birth year the index reports: the year itself, or `reference_year - 90` for the
-    /// 90+ bucket.
-    pub fn index_birth_year(&self, birth_year: i32) -> i32 {
-        if self.is_over_89(birth_year) {
-            self.reference_year - 90
+    /// Whether someone born in `birth_year` is over 89 at the reference year or, having
+    /// died (`death_year`), at death: someone who died at 80 is never 90+.
+    pub fn is_over_89(&self, birth_year: i32, death_year: Option<i32>) -> bool {
+        self.age_year(death_year).saturating_sub(birth_year) > 89
+    }
+
+    /// The birth year the index reports: the year itself, or for the 90+ bucket the year
+    /// that makes the patient 90 at the year their age is taken at.
+    pub fn index_birth_year(&self, birth_year: i32, death_year: Option<i32>) -> i32 {
+        if self.is_over_89(birth_year, death_year) {
+            self.age_year(death_year) - 90
         } else {
             birth_year
         }
@@ -83,6 +91,17 @@ impl Default for DeidConfig {
     fn default() -> Self {
         DeidConfig::new(Self::DEFAULT_REFERENCE_YEAR)
     }
+}
+
+/// A (raw) Patient's year of birth and, when it gives `deceasedDateTime`, of death.
+pub(crate) fn life_years(patient: &Value) -> (Option<i32>, Option<i32>) {
+    let year = |key: &str| {
+        patient
+            .get(key)
+            .and_then(Value::as_str)
+            .and_then(util::year_of)
+    };
+    (year("birthDate"), year("deceasedDateTime"))
 }
 
 /// URL of the Patient extension that marks the 90+ age bucket (`valueString: "90+"`).
@@ -217,12 +236,10 @@ impl<'a> Deidentifier<'a> {
         if let Some(g) = patient.get("gender").and_then(Value::as_str) {
             out.insert("gender".into(), json!(g));
         }
-        let birth_year = patient
-            .get("birthDate")
-            .and_then(Value::as_str)
-            .and_then(util::year_of);
+        let (birth_year, death_year) = life_years(patient);
+        let over_89 = birth_year.is_some_and(|y| self.cfg.is_over_89(y, death_year));
         match birth_year {
-            Some(y) if self.cfg.is_over_89(y) => {
+            Some(_) if over_89 => {
                 out.insert(
                     "_birthDate".into(),
                     json!({"extension": [{"url": DATA_ABSENT_REASON_URL, "valueCode": "masked"}]}),
@@ -279,7 +296,7 @@ impl<'a> Deidentifier<'a> {
             .flatten()
             .filter_map(clean_demographic_extension)
             .collect();
-        if birth_year.is_some_and(|y| self.cfg.is_over_89(y)) {
+        if over_89 {
             extensions.push(json!({"url": AGE_90_PLUS_EXTENSION_URL, "valueString": "90+"}));
         }
         if !extensions.is_empty() {
@@ -681,10 +698,19 @@ mod tests {
     #[test]
     fn ages_over_89_are_bucketed() {
         let cfg = DeidConfig::new(2026);
-        assert!(cfg.is_over_89(1936));
-        assert!(!cfg.is_over_89(1937));
-        assert_eq!(cfg.index_birth_year(1920), 1936);
-        assert_eq!(cfg.index_birth_year(1950), 1950);
+        assert!(cfg.is_over_89(1936, None));
+        assert!(!cfg.is_over_89(1937, None));
+        assert_eq!(cfg.index_birth_year(1920, None), 1936);
+        assert_eq!(cfg.index_birth_year(1950, None), 1950);
+        // Age at death: died at 55, 80 and 88 is not 90+; died at 95 is, bucketed at death.
+        for (born, died) in [(1926, 1981), (1900, 1980), (1930, 2018)] {
+            assert!(!cfg.is_over_89(born, Some(died)), "{born}-{died}");
+            assert_eq!(cfg.index_birth_year(born, Some(died)), born);
+        }
+        assert!(cfg.is_over_89(1895, Some(1990)));
+        assert_eq!(cfg.index_birth_year(1895, Some(1990)), 1900);
+        // A death year after the reference year counts as the reference year.
+        assert!(cfg.is_over_89(1930, Some(2030)));
         let patient = synthea_like_patient("1921-02-03");
         let resolver = Resolver::new(&patient, &[], None);
         let d = Deidentifier::new(cfg, "p-1", true, &resolver);

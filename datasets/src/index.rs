@@ -1,7 +1,7 @@
 //! Extraction of the searchable index rows ([`PatientIndex`]) from a patient's resources.
 //!
-//! * person: birth year (the 90+ bucket year, `reference_year - 90`, for patients over 89)
-//!   and `Patient.gender` (`unknown` when absent);
+//! * person: birth year (for patients over 89 at the reference year, or at death, the
+//!   bucket year that makes them 90 then) and `Patient.gender` (`unknown` when absent);
 //! * conditions: every Condition, sensitive or not (consent decides elsewhere what the
 //!   broker may search); date from `onsetDateTime`, `onsetPeriod.start` or `recordedDate`;
 //! * measurements: Observations with a `valueQuantity` (value and UCUM unit) or a
@@ -45,12 +45,9 @@ pub fn system_short_name(url: &str) -> &str {
 
 /// The person row of a (raw) Patient.
 pub(crate) fn person(patient: &Value, cfg: &DeidConfig) -> Person {
+    let (birth_year, death_year) = crate::deidentify::life_years(patient);
     Person {
-        birth_year: patient
-            .get("birthDate")
-            .and_then(Value::as_str)
-            .and_then(util::year_of)
-            .map(|y| cfg.index_birth_year(y)),
+        birth_year: birth_year.map(|y| cfg.index_birth_year(y, death_year)),
         sex: patient
             .get("gender")
             .and_then(Value::as_str)

@@ -683,7 +683,8 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
             }
             entry.patient = Some((year, month, day, sex, source));
             entry.index.person = Person {
-                birth_year: Some(cfg.index_birth_year(year)),
+                // The `death` table is not read: the age is taken at the reference year.
+                birth_year: Some(cfg.index_birth_year(year, None)),
                 sex: sex.to_string(),
             };
         }

@@ -60,11 +60,8 @@ impl PatientRecord {
         let source_id = util::resource_id(patient).unwrap_or_default().to_string();
         let resolver =
             Resolver::new(patient, resources, shared).with_patient_aliases(patient_aliases);
-        let over_89 = patient
-            .get("birthDate")
-            .and_then(Value::as_str)
-            .and_then(util::year_of)
-            .is_some_and(|y| cfg.is_over_89(y));
+        let (birth_year, death_year) = deidentify::life_years(patient);
+        let over_89 = birth_year.is_some_and(|y| cfg.is_over_89(y, death_year));
         let deid = Deidentifier::new(*cfg, &source_id, over_89, &resolver);
         let identifiers = deidentify::identifiers_of(patient);
 

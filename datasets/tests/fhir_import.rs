@@ -390,6 +390,35 @@ fn patients_over_89_are_bucketed() {
         p.bundle(Category::Demographics).unwrap()["entry"][0]["resource"]["birthDate"],
         "1937"
     );
+    // The age is taken at death: born 1926, died at 55, 80 or 88, never 90+; died at 95
+    // in 1990, bucketed as 90 then.
+    let deceased = |born: &str, died: &str| {
+        let mut bundle = tiny_bundle(born);
+        bundle["entry"][0]["resource"]["deceasedDateTime"] = json!(died);
+        let bytes = serde_json::to_vec(&bundle).unwrap();
+        import_bundle_json(&bytes, Path::new("deceased.json"), &cfg())
+            .patients
+            .remove(0)
+    };
+    for (born, died) in [
+        ("1926-02-03", "1981-05-05"),
+        ("1900-01-01", "1980-01-01T10:00:00Z"),
+        ("1930-06-01", "2018-06-01"),
+    ] {
+        let p = deceased(born, died);
+        let year: i32 = born[..4].parse().unwrap();
+        assert_eq!(p.index.person.birth_year, Some(year), "{born} {died}");
+        assert_eq!(
+            p.bundle(Category::Demographics).unwrap()["entry"][0]["resource"]["birthDate"],
+            born[..4],
+            "{born} {died}"
+        );
+    }
+    let p = deceased("1895-03-04", "1990-07-08");
+    assert_eq!(p.index.person.birth_year, Some(1900));
+    let patient = &p.bundle(Category::Demographics).unwrap()["entry"][0]["resource"];
+    assert!(patient.get("birthDate").is_none(), "{patient}");
+    assert_eq!(patient["_birthDate"]["extension"][0]["valueCode"], "masked");
 }
 
 #[test]
