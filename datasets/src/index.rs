@@ -7,7 +7,8 @@
 //! * measurements: Observations with a `valueQuantity` (value and UCUM unit) or a
 //!   `valueCodeableConcept` (no value), dated by `effectiveDateTime`,
 //!   `effectivePeriod.start` or `issued`; each `component` (blood pressure, survey items)
-//!   gives its own row under the component's code;
+//!   gives its own row under the component's code; a value over 89 in years (an age over
+//!   89, e.g. LOINC 30525-0 `Age` of 99 `a`) is not indexed;
 //! * drugs: MedicationRequest (`authoredOn`) and MedicationStatement (`effective[x]`,
 //!   `dateAsserted`), coded by `medicationCodeableConcept` or the referenced Medication;
 //! * procedures: Procedure, dated by `performedDateTime` or `performedPeriod.start`;
@@ -93,8 +94,27 @@ fn quantity(q: &Value) -> (Option<f64>, String) {
     (value, unit.to_string())
 }
 
-/// The measurement rows of one Observation.
+/// Whether a measurement states an age over 89 (Safe Harbor removes those): a value
+/// above 89 in years (UCUM `a`, or `yr`/`year`/`years` as written), whatever the code.
+fn is_age_over_89(value: Option<f64>, unit: &str) -> bool {
+    value.is_some_and(|v| v > 89.0)
+        && matches!(
+            unit.trim_matches(|c| c == '{' || c == '}'),
+            "a" | "yr" | "year" | "years" | "Years"
+        )
+}
+
+/// The measurement rows of one Observation; none that states an age over 89.
 fn measurements(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
+    let mut rows = Vec::new();
+    measurement_rows(obs, date, &mut rows);
+    out.extend(
+        rows.into_iter()
+            .filter(|r| !is_age_over_89(r.value, &r.unit)),
+    );
+}
+
+fn measurement_rows(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
     if let Some(q) = obs.get("valueQuantity") {
         let (value, unit) = quantity(q);
         out.extend(event(obs.get("code"), date, value, &unit));
@@ -284,5 +304,32 @@ mod tests {
         );
         let none = extract(&patient, &resources[3..], &resolver, &DeidConfig::new(2026));
         assert!(none.observation_periods.is_empty());
+    }
+
+    #[test]
+    fn no_age_over_89_is_indexed() {
+        let patient = json!({"resourceType": "Patient", "id": "p", "birthDate": "1925-01-01"});
+        let age = |value: f64, unit: &str| {
+            json!({"resourceType": "Observation", "effectiveDateTime": "2024-01-01",
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "30525-0"}]},
+                   "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
+        };
+        let resources = vec![
+            age(99.0, "a"),
+            age(89.0, "a"),
+            age(95.0, "{years}"),
+            // Not an age: a weight of 99 kg stays.
+            json!({"resourceType": "Observation", "effectiveDateTime": "2024-01-01",
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+                   "valueQuantity": {"value": 99.0, "code": "kg"}}),
+        ];
+        let resolver = Resolver::new(&patient, &resources, None);
+        let idx = extract(&patient, &resources, &resolver, &DeidConfig::new(2026));
+        let rows: Vec<(&str, Option<f64>)> = idx
+            .measurements
+            .iter()
+            .map(|m| (m.code.as_str(), m.value))
+            .collect();
+        assert_eq!(rows, [("30525-0", Some(89.0)), ("29463-7", Some(99.0))]);
     }
 }
