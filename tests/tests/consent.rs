@@ -4,7 +4,7 @@
 //! refusals say what is wrong and carry no patient data.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -102,13 +102,41 @@ impl World {
     }
 
     fn expect(&self, records: impl IntoIterator<Item = (usize, Category)>) -> Released {
+        let mut by_patient: BTreeMap<usize, Vec<(Category, [u8; 32])>> = BTreeMap::new();
         let mut want = Released::default();
         for (i, c) in records {
-            want.tally.add(&self.patients[i].1.categories[&c]);
-            want.records.push((i, c));
+            let plaintext = &self.patients[i].1.categories[&c];
+            want.tally.add(plaintext);
+            by_patient
+                .entry(i)
+                .or_default()
+                .push((c, *blake3::hash(plaintext).as_bytes()));
+        }
+        for records in by_patient.values() {
+            want.records
+                .extend(self.name(records).into_iter().flatten());
         }
         want.records.sort();
         want
+    }
+
+    /// Names one subject's released records by patient: the first patient whose research
+    /// copies are, byte for byte, every one of them. A record is known only by its
+    /// plaintext, and two patients' copies of a category can be equal (the same sex,
+    /// birth year and codes, ids replaced), so a subject is matched whole, on both sides
+    /// of the comparison; records that are no patient's copies are `None`.
+    fn name(&self, records: &[(Category, [u8; 32])]) -> Vec<Option<(usize, Category)>> {
+        let owner = self.patients.iter().position(|(_, r)| {
+            records.iter().all(|(c, hash)| {
+                r.categories
+                    .get(c)
+                    .is_some_and(|p| blake3::hash(p).as_bytes() == hash)
+            })
+        });
+        records
+            .iter()
+            .map(|(c, _)| owner.map(|i| (i, *c)))
+            .collect()
     }
 
     /// Each patient's policy, signed by the patient, set by the custodian in one call.
@@ -157,28 +185,27 @@ impl World {
 
     /// The researcher requests, verifies and decrypts a release of `study`.
     async fn release(&self, study: &Study) -> Released {
-        let names: HashMap<[u8; 32], (usize, Category)> = self
-            .patients
-            .iter()
-            .enumerate()
-            .flat_map(|(i, (_, r))| {
-                r.categories
-                    .iter()
-                    .map(move |(c, p)| (*blake3::hash(p).as_bytes(), (i, *c)))
-            })
-            .collect();
         let mut got = Released::default();
+        let mut by_subject: BTreeMap<String, Vec<(Category, [u8; 32])>> = BTreeMap::new();
         let researcher = self.cast.researcher.identity().clone();
         agent::fetch_and_decrypt(&self.cast.researcher, &researcher, &study.study_id, |r| {
             got.tally.add(&r.plaintext);
-            match names.get(blake3::hash(&r.plaintext).as_bytes()) {
-                Some(name) => got.records.push(*name),
-                None => got.not_originals += 1,
-            }
+            by_subject
+                .entry(r.subject)
+                .or_default()
+                .push((r.category, *blake3::hash(&r.plaintext).as_bytes()));
             Ok(())
         })
         .await
         .expect("release");
+        for records in by_subject.values() {
+            for name in self.name(records) {
+                match name {
+                    Some(name) => got.records.push(name),
+                    None => got.not_originals += 1,
+                }
+            }
+        }
         got.records.sort();
         got
     }
