@@ -27,10 +27,10 @@ const PUBLIC_KEY_LEN: usize = 33;
 
 /// Binds stored category keys to the patient's seed: keys that do not carry the tag their
 /// seed gives are not the patient's.
-fn keys_tag(patient: &Identity, keys: &[u8]) -> blake3::Hash {
+fn keys_tag(seed: &[u8], keys: &[u8]) -> blake3::Hash {
     let key = Zeroizing::new(blake3::derive_key(
         "brokerctl keystore category keys v1",
-        patient.seed().as_slice(),
+        seed,
     ));
     blake3::keyed_hash(&key, keys)
 }
@@ -194,7 +194,7 @@ impl Keystore {
         };
         let category_keys = stored.and_then(|bytes| {
             let (keys, tag) = bytes.split_at_checked(Category::ALL.len() * PUBLIC_KEY_LEN)?;
-            if tag != keys_tag(patient, keys).as_bytes() {
+            if tag != keys_tag(patient.seed(), keys).as_bytes() {
                 return None;
             }
             keys.chunks(PUBLIC_KEY_LEN)
@@ -207,19 +207,29 @@ impl Keystore {
         })
     }
 
-    /// Records what an ingested batch of `patients` established: every patient enrolled,
-    /// and the category keys derived in it.
-    pub fn record_learned(&self, patients: &[Identity], learned: &[Learned]) -> Result<()> {
+    /// Records what an ingested batch established: every patient enrolled, and the
+    /// category keys derived in it. Patients this keystore does not hold are ignored.
+    pub fn record_learned(&self, learned: &[Learned]) -> Result<()> {
+        let mut seed_of = self
+            .db
+            .prepare_cached("SELECT seed FROM patients WHERE pseudonym = ?1")?;
         let mut stmt = self.db.prepare_cached(
             "INSERT INTO known (pseudonym, category_keys, enrolled) VALUES (?1, ?2, 1)
              ON CONFLICT (pseudonym) DO UPDATE SET enrolled = 1,
                  category_keys = COALESCE(excluded.category_keys, known.category_keys)",
         )?;
-        for (patient, l) in patients.iter().zip(learned) {
-            debug_assert_eq!(patient.pseudonym(), l.pseudonym);
+        for l in learned {
+            let Some(seed) = seed_of
+                .query_row([&l.pseudonym], |r| {
+                    r.get::<_, Vec<u8>>(0).map(Zeroizing::new)
+                })
+                .optional()?
+            else {
+                continue;
+            };
             let keys: Option<Vec<u8>> = l.category_keys.as_ref().map(|keys| {
                 let mut bytes: Vec<u8> = keys.iter().flat_map(public_key_bytes).collect();
-                let tag = keys_tag(patient, &bytes);
+                let tag = keys_tag(&seed, &bytes);
                 bytes.extend_from_slice(tag.as_bytes());
                 bytes
             });
@@ -281,22 +291,17 @@ mod tests {
             pseudonym: p.pseudonym(),
             category_keys: keys,
         };
-        ks.record_learned(
-            &[a.clone(), b.clone()],
-            &[learned(&a, Some(keys(&a))), learned(&b, None)],
-        )
-        .unwrap();
+        ks.record_learned(&[learned(&a, Some(keys(&a))), learned(&b, None)])
+            .unwrap();
         let known = ks.known(&a).unwrap();
         assert!(known.enrolled);
         assert_eq!(known.category_keys, Some(keys(&a)));
         // Enrolled without keys; a later batch that derived them keeps them.
         assert!(ks.known(&b).unwrap().enrolled);
         assert!(ks.known(&b).unwrap().category_keys.is_none());
-        ks.record_learned(std::slice::from_ref(&b), &[learned(&b, Some(keys(&b)))])
-            .unwrap();
+        ks.record_learned(&[learned(&b, Some(keys(&b)))]).unwrap();
         assert_eq!(ks.known(&b).unwrap().category_keys, Some(keys(&b)));
-        ks.record_learned(std::slice::from_ref(&b), &[learned(&b, None)])
-            .unwrap();
+        ks.record_learned(&[learned(&b, None)]).unwrap();
         assert_eq!(ks.known(&b).unwrap().category_keys, Some(keys(&b)));
         // Another patient's keys, or a damaged byte, are not taken for this patient's.
         let swap = |from: &Identity, to: &Identity| {

@@ -106,20 +106,14 @@ fn is_age_over_89(value: Option<f64>, unit: &str) -> bool {
 
 /// The measurement rows of one Observation; none that states an age over 89.
 fn measurements(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
-    let mut rows = Vec::new();
-    measurement_rows(obs, date, &mut rows);
-    out.extend(
-        rows.into_iter()
-            .filter(|r| !is_age_over_89(r.value, &r.unit)),
-    );
-}
-
-fn measurement_rows(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
+    let mut push = |row: Option<CodedEvent>| {
+        out.extend(row.filter(|r| !is_age_over_89(r.value, &r.unit)));
+    };
     if let Some(q) = obs.get("valueQuantity") {
         let (value, unit) = quantity(q);
-        out.extend(event(obs.get("code"), date, value, &unit));
+        push(event(obs.get("code"), date, value, &unit));
     } else if obs.get("valueCodeableConcept").is_some() {
-        out.extend(event(obs.get("code"), date, None, ""));
+        push(event(obs.get("code"), date, None, ""));
     }
     for component in obs
         .get("component")
@@ -129,9 +123,9 @@ fn measurement_rows(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
     {
         if let Some(q) = component.get("valueQuantity") {
             let (value, unit) = quantity(q);
-            out.extend(event(component.get("code"), date, value, &unit));
+            push(event(component.get("code"), date, value, &unit));
         } else if component.get("valueCodeableConcept").is_some() {
-            out.extend(event(component.get("code"), date, None, ""));
+            push(event(component.get("code"), date, None, ""));
         }
     }
 }

@@ -706,7 +706,6 @@ async fn a_reimport_through_the_keystore_redoes_no_key_derivation_and_no_enrollm
                 (id, r.clone(), known)
             })
             .collect();
-        let patients: Vec<Identity> = batch.iter().map(|(id, _, _)| id.clone()).collect();
         // Two batches, as the CLI pipelines them.
         let (first, second) = batch.split_at(batch.len() / 2);
         let mut learned = Vec::new();
@@ -718,7 +717,7 @@ async fn a_reimport_through_the_keystore_redoes_no_key_derivation_and_no_enrollm
         )
         .await
         .expect("import");
-        ks.record_learned(&patients, &learned).unwrap();
+        ks.record_learned(&learned).unwrap();
         report
     }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use brokerctl::{BrokerClient, Keystore, agent};
 use clap::Subcommand;
 use datasets::DeidConfig;
-use pre_kms::{Category, Identity};
+use pre_kms::Category;
 
 use super::conn::{Conn, connect, pinned_network, print, progress};
 use super::patient::{PolicySource, read_policy};
@@ -327,23 +327,16 @@ async fn ingest_records(
     let pb = progress(records.len(), "import");
     let mut created = 0;
     let mut records = records.into_iter().peekable();
-    // The patients of each batch in flight, in order, until what it established is kept:
-    // by the next batch's transaction, and after the last one.
-    let in_flight: std::cell::RefCell<std::collections::VecDeque<Vec<Identity>>> =
-        Default::default();
-    let learned: std::cell::RefCell<Vec<(Vec<Identity>, Vec<agent::Learned>)>> = Default::default();
-    let keep = |ks: &Keystore| -> brokerctl::keystore::Result<()> {
-        for (patients, learned) in learned.borrow_mut().drain(..) {
-            ks.record_learned(&patients, &learned)?;
-        }
-        Ok(())
-    };
+    // What each stored batch established, kept by the next batch's transaction (the
+    // batches hold the keystore meanwhile), and after the last one.
+    let learned: std::cell::RefCell<Vec<agent::Learned>> = Default::default();
+    let keep = |ks: &Keystore| ks.record_learned(&learned.borrow_mut().split_off(0));
     let batches = std::iter::from_fn(|| {
         records.peek()?;
         let chunk: Vec<_> = records.by_ref().take(batch).collect();
         Some(keystore.transaction(|ks| {
             keep(ks)?;
-            let batch = chunk
+            chunk
                 .into_iter()
                 .map(|record| {
                     let (id, new) = ks.get_or_create(&record.source_id)?;
@@ -351,24 +344,14 @@ async fn ingest_records(
                     let known = ks.known(&id)?;
                     Ok((id, record, known))
                 })
-                .collect::<brokerctl::keystore::Result<Vec<_>>>()?;
-            in_flight
-                .borrow_mut()
-                .push_back(batch.iter().map(|(id, _, _)| id.clone()).collect());
-            Ok(batch)
+                .collect::<brokerctl::keystore::Result<Vec<_>>>()
         }))
     });
     let total = agent::ingest_all_known(
         client,
         batches,
         |done| pb.set_position(done as u64),
-        |batch| {
-            let patients = in_flight
-                .borrow_mut()
-                .pop_front()
-                .expect("a batch in flight");
-            learned.borrow_mut().push((patients, batch));
-        },
+        |batch| learned.borrow_mut().extend(batch),
     )
     .await?;
     keystore.transaction(|ks| keep(ks))?;
