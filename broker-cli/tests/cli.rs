@@ -779,7 +779,13 @@ fn eunomia_sql(sql: &str) -> i64 {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let ctx = SessionContext::new();
-        for table in ["condition_occurrence", "concept", "concept_ancestor"] {
+        for table in [
+            "condition_occurrence",
+            "concept",
+            "concept_ancestor",
+            "person",
+            "death",
+        ] {
             let path = eunomia().join(format!("{table}.parquet"));
             ctx.register_parquet(table, path.to_str().unwrap(), ParquetReadOptions::default())
                 .await
@@ -857,11 +863,20 @@ fn omop_import_through_brokerctl_counts_like_plain_sql() {
 
     // The SNOMED condition concept whose descendants (through concept_ancestor) add the
     // most patients beyond the concept itself: descendant expansion must show.
+    // Safe Harbor: a person over 89 (at death, or this year) has no row dated before the
+    // year that makes them 90, nor anyone a row before their birth year.
+    let this_year = datasets::DeidConfig::this_year().reference_year;
     let people = |concepts: &str| {
         format!(
             "SELECT COUNT(DISTINCT CAST(co.person_id AS BIGINT)) FROM condition_occurrence co \
              JOIN concept c ON CAST(c.concept_id AS BIGINT) = CAST(co.condition_concept_id AS BIGINT) \
-             WHERE c.vocabulary_id = 'SNOMED' AND CAST(co.condition_concept_id AS BIGINT) IN ({concepts})"
+             JOIN (SELECT CAST(p.person_id AS BIGINT) AS pid, CAST(p.year_of_birth AS BIGINT) AS born, \
+                          LEAST(COALESCE(MIN(CAST(date_part('year', d.death_date) AS BIGINT)), {this_year}), {this_year}) AS age_year \
+                   FROM person p LEFT JOIN death d ON CAST(d.person_id AS BIGINT) = CAST(p.person_id AS BIGINT) \
+                   GROUP BY 1, 2) a ON a.pid = CAST(co.person_id AS BIGINT) \
+             WHERE c.vocabulary_id = 'SNOMED' AND CAST(co.condition_concept_id AS BIGINT) IN ({concepts}) \
+               AND CAST(date_part('year', co.condition_start_date) AS BIGINT) >= \
+                   CASE WHEN a.age_year - a.born > 89 THEN a.age_year - 90 ELSE a.born END"
         )
     };
     let ancestor = eunomia_sql(
@@ -1131,4 +1146,480 @@ fn researcher_fetch_writes_nothing_where_a_hostile_broker_points() {
         );
         server.abort();
     }
+}
+
+/// One patient of the Safe Harbor fixtures (datasets/tests/fixtures/safe-harbor).
+struct Fixture {
+    /// `""`: the patient has no birth date.
+    birth: &'static str,
+    death: Option<&'static str>,
+    sex: &'static str,
+}
+
+const FIXTURES: [Fixture; 7] = [
+    Fixture {
+        birth: "1925-03-04",
+        death: None,
+        sex: "female",
+    },
+    Fixture {
+        birth: "1900-06-15",
+        death: Some("1995-08-01"),
+        sex: "male",
+    },
+    Fixture {
+        birth: "1930-01-10",
+        death: Some("2018-05-05"),
+        sex: "female",
+    },
+    Fixture {
+        birth: "1926-04-04",
+        death: Some("1981-09-09"),
+        sex: "male",
+    },
+    Fixture {
+        birth: "2026-10-02",
+        death: None,
+        sex: "female",
+    },
+    Fixture {
+        birth: "1990-07-07",
+        death: None,
+        sex: "male",
+    },
+    Fixture {
+        birth: "",
+        death: None,
+        sex: "other",
+    },
+];
+
+impl Fixture {
+    fn year(date: &str) -> i32 {
+        date[..4].parse().unwrap()
+    }
+
+    /// The documented 90+ rule (docs/FORMATS.md), written out again here: the age is
+    /// taken this year or at death; over 89, the bucket year is that year minus 90.
+    fn bucket_year(&self, this_year: i32) -> Option<i32> {
+        if self.birth.is_empty() {
+            return None;
+        }
+        let age_year = self
+            .death
+            .map_or(this_year, |d| Self::year(d).min(this_year));
+        (age_year - Self::year(self.birth) > 89).then_some(age_year - 90)
+    }
+
+    /// The birth year the broker's index must show.
+    fn index_birth_year(&self, this_year: i32) -> Option<i32> {
+        (!self.birth.is_empty()).then(|| {
+            self.bucket_year(this_year)
+                .unwrap_or_else(|| Self::year(self.birth))
+        })
+    }
+
+    fn exact_dates(&self) -> Vec<&'static str> {
+        std::iter::once(self.birth)
+            .filter(|b| !b.is_empty())
+            .chain(self.death)
+            .collect()
+    }
+}
+
+/// A value's years when its unit is a unit of time (as docs/FORMATS.md lists them).
+fn years_in(value: f64, unit: &str) -> Option<f64> {
+    let per_year = match unit
+        .trim_matches(|c| c == '{' || c == '}')
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "a" | "yr" | "yrs" | "year" | "years" => 1.0,
+        "mo" | "month" | "months" => 12.0,
+        "wk" | "week" | "weeks" => 365.25 / 7.0,
+        "d" | "day" | "days" => 365.25,
+        _ => return None,
+    };
+    Some(value / per_year)
+}
+
+/// Every string and every quantity `{value, unit|code}` of a JSON document.
+fn walk<'a>(
+    v: &'a serde_json::Value,
+    strings: &mut Vec<&'a str>,
+    quantities: &mut Vec<&'a serde_json::Map<String, serde_json::Value>>,
+) {
+    match v {
+        serde_json::Value::String(s) => strings.push(s),
+        serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, strings, quantities)),
+        serde_json::Value::Object(o) => {
+            if o.get("value").is_some_and(|v| v.is_number())
+                && (o.contains_key("unit") || o.contains_key("code"))
+            {
+                quantities.push(o);
+            }
+            o.values().for_each(|i| walk(i, strings, quantities));
+        }
+        _ => {}
+    }
+}
+
+/// What the Parquet files under `dir` hold: every Date32 value as text with its column,
+/// and every measurement value with its unit.
+#[derive(Default)]
+struct ParquetScan {
+    dates: Vec<(String, String)>,
+    values: Vec<(f64, String)>,
+}
+
+fn parquet_dates_and_values(dir: &Path) -> ParquetScan {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, Float64Type};
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut found = ParquetScan::default();
+        for file in scan::files_under(dir) {
+            if file.extension().is_none_or(|e| e != "parquet") {
+                continue;
+            }
+            let ctx = SessionContext::new();
+            ctx.register_parquet("t", file.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+            let df = ctx.table("t").await.unwrap();
+            let schema = df.schema().clone();
+            for field in schema.fields() {
+                if field.data_type() == &DataType::Date32 {
+                    let sql = format!("SELECT CAST(\"{}\" AS VARCHAR) FROM t", field.name());
+                    for b in ctx.sql(&sql).await.unwrap().collect().await.unwrap() {
+                        let col =
+                            datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                        for s in col.as_string::<i32>().iter().flatten() {
+                            found.dates.push((field.name().clone(), s.to_string()));
+                        }
+                    }
+                }
+            }
+            if schema.has_column_with_unqualified_name("value")
+                && schema.has_column_with_unqualified_name("unit")
+            {
+                let sql = "SELECT value, CAST(unit AS VARCHAR) FROM t WHERE value IS NOT NULL";
+                for b in ctx.sql(sql).await.unwrap().collect().await.unwrap() {
+                    let v = b.column(0).as_primitive::<Float64Type>();
+                    let u = datafusion::arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+                    let u = u.as_string::<i32>();
+                    for i in 0..b.num_rows() {
+                        found.values.push((
+                            v.value(i),
+                            if u.is_null(i) {
+                                String::new()
+                            } else {
+                                u.value(i).to_string()
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        found
+    })
+}
+
+/// Safe Harbor, end to end: the fixtures (over 89 alive and dead, died younger, a
+/// newborn, conditions on birth and death dates, ages in every element) imported through
+/// `brokerctl`, then the broker's data directory (SQLite and the Parquet index snapshot)
+/// and a researcher's fetched research copy scanned: no exact birth or death date, no age
+/// over 89, no year that implies one, and the 90+ decision as documented.
+#[test]
+fn safe_harbor_fixtures_leave_no_exact_date_and_no_age_over_89_at_the_broker_or_researcher() {
+    let this_year = datasets::DeidConfig::this_year().reference_year;
+    let fixtures_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../datasets/tests/fixtures/safe-harbor");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let [operator, custodian, sponsor, board, researcher] = keys(d);
+    let keystore = d.join("custodian-keystore.db");
+    let keystore = keystore.to_str().unwrap();
+    let mut server = serve(&data, Path::new(&public(&operator)));
+    let ctl = Ctl::new(&server.url, &data);
+    register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
+    ctl.pin_network(&operator, &board, &data);
+
+    let imported = ctl.json(
+        &custodian,
+        &[
+            "import",
+            "fhir",
+            fixtures_dir.to_str().unwrap(),
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(imported["patients"], 7, "{imported}");
+    assert_eq!(imported["errors"], 0, "{imported}");
+    ctl.ok(
+        &custodian,
+        &["custodian", "consent", "--keystore", keystore, "--broad"],
+    );
+    let categories = "demographics,conditions,observations,encounters";
+    let study_id = ctl.propose(&sponsor, "Safe Harbor", categories, &researcher, &[]);
+    ctl.ok(
+        &board,
+        &["board", "study", "approve", &study_id, "--reason", "IRB-90"],
+    );
+    let granted = ctl.json(
+        &custodian,
+        &[
+            "custodian",
+            "grant",
+            "--study",
+            &study_id,
+            "--keystore",
+            keystore,
+        ],
+    );
+    assert_eq!(granted["grants"], 7, "{granted}");
+    let out = d.join("release");
+    let fetched = ctl.fetch(&researcher, &study_id, &out);
+    assert_eq!(fetched["subjects"], 7, "{fetched}");
+    // A count makes the engine load the index; a graceful stop writes its snapshot.
+    ctl.json(&board, &["board", "count", "--study", &study_id]);
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        server.child.wait().unwrap().success(),
+        "the broker stops cleanly"
+    );
+
+    let all_exact: Vec<String> = FIXTURES
+        .iter()
+        .flat_map(|f| f.exact_dates())
+        .map(str::to_string)
+        .collect();
+
+    // 1. The data directory, byte for byte: no exact birth or death date as text.
+    let hits = scan::scan_for(&data, &all_exact);
+    assert!(
+        hits.is_empty(),
+        "exact dates in the data directory: {hits:?}"
+    );
+
+    // 2. The index in SQLite, patient by patient (told apart by birth year and sex).
+    let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+    let mut persons: Vec<(i64, Option<i32>, String)> = db
+        .prepare("SELECT index_id, birth_year, sex FROM index_person")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    persons.sort_by_key(|p| p.1);
+    assert_eq!(persons.len(), 7);
+    let mut dated_rows = 0;
+    for f in &FIXTURES {
+        let want_year = f.index_birth_year(this_year);
+        let (index_id, _, sex) = persons
+            .iter()
+            .find(|p| p.1 == want_year)
+            .unwrap_or_else(|| panic!("no index person born {want_year:?}: {persons:?}"));
+        assert_eq!(sex, f.sex);
+        let over_89 = f.bucket_year(this_year).is_some();
+        let first_day = format!("{:04}-01-01", want_year.unwrap_or(1));
+        let events: Vec<(String, Option<f64>, String)> = db
+            .prepare("SELECT date, value, unit FROM index_event WHERE index_id = ?1")
+            .unwrap()
+            .query_map([index_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let periods: Vec<(String, String)> = db
+            .prepare("SELECT start_date, end_date FROM index_period WHERE index_id = ?1")
+            .unwrap()
+            .query_map([index_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            !events.is_empty() && periods.len() == 1,
+            "{}: {events:?}",
+            f.birth
+        );
+        let dates = events
+            .iter()
+            .map(|e| e.0.clone())
+            .chain(periods.iter().flat_map(|p| [p.0.clone(), p.1.clone()]));
+        for date in dates {
+            dated_rows += 1;
+            assert!(
+                !f.exact_dates().contains(&date.as_str()),
+                "{}: {date}",
+                f.birth
+            );
+            // No year before the birth year (the bucket year, in the 90+ bucket).
+            assert!(date >= first_day, "{}: {date} before {first_day}", f.birth);
+        }
+        for (_, value, unit) in &events {
+            if let Some(years) = value.and_then(|v| years_in(v, unit)) {
+                assert!(years <= 89.0, "{}: an age of {years} years", f.birth);
+                assert!(
+                    !(over_89 && matches!(unit.as_str(), "a" | "mo")),
+                    "{}: an age in the 90+ bucket",
+                    f.birth
+                );
+            }
+        }
+        // Childhood sinusitis: before the bucket year for the two in the 90+ bucket, so
+        // not indexed at all (a pile of rows on the bucket year's first day would say how
+        // much history came before it); indexed for the patient who died at 88.
+        let codes: Vec<String> = db
+            .prepare("SELECT code FROM index_event WHERE index_id = ?1")
+            .unwrap()
+            .query_map([index_id], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let sinusitis = codes.iter().any(|c| c == "40055000");
+        match f.birth {
+            "1925-03-04" | "1900-06-15" => assert!(!sinusitis, "{}: {codes:?}", f.birth),
+            "1930-01-10" => assert!(sinusitis, "{codes:?}"),
+            _ => {}
+        }
+        if f.birth == "2026-10-02" {
+            // The newborn's events, all on the day of birth, are all on one other day.
+            let days: BTreeSet<&str> = events.iter().map(|e| e.0.as_str()).collect();
+            assert_eq!(days.len(), 1, "{days:?}");
+        }
+    }
+    assert!(dated_rows > 25, "{dated_rows} dated index rows checked");
+
+    // 3. The Parquet snapshot: no exact date, no age over 89.
+    let ParquetScan { dates, values } = parquet_dates_and_values(&data);
+    assert!(dates.len() > 25, "{} dates in the snapshot", dates.len());
+    for (column, date) in &dates {
+        assert!(
+            !all_exact.contains(date),
+            "{column}: {date} in the snapshot"
+        );
+    }
+    for (value, unit) in &values {
+        assert!(
+            years_in(*value, unit).is_none_or(|y| y <= 89.0),
+            "{value} {unit} in the snapshot"
+        );
+    }
+
+    // 4. The research copy the researcher decrypted: years only, and for the 90+ bucket
+    // no birth year, no year before the bucket year and no age.
+    let mut subjects = 0;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let subject = entry.unwrap().path();
+        if !subject.is_dir() {
+            continue;
+        }
+        subjects += 1;
+        let docs: Vec<serde_json::Value> = std::fs::read_dir(&subject)
+            .unwrap()
+            .map(|f| serde_json::from_slice(&std::fs::read(f.unwrap().path()).unwrap()).unwrap())
+            .collect();
+        let patient = docs
+            .iter()
+            .flat_map(|b| b["entry"].as_array().unwrap())
+            .map(|e| &e["resource"])
+            .find(|r| r["resourceType"] == "Patient")
+            .expect("demographics");
+        let text = patient.to_string();
+        let is_90_plus = text.contains("urn:safe-harbor:age-90-plus");
+        let fixture = FIXTURES
+            .iter()
+            .find(|f| {
+                let died = patient["deceasedDateTime"].as_str();
+                f.sex == patient["gender"] && died == f.death.map(|d| &d[..4]) && {
+                    match patient["birthDate"].as_str() {
+                        Some(y) => f.birth.starts_with(y),
+                        None if f.birth.is_empty() => !text.contains("age-90-plus"),
+                        None => f.bucket_year(this_year).is_some(),
+                    }
+                }
+            })
+            .unwrap_or_else(|| panic!("which fixture is {text}?"));
+        let bucket = fixture.bucket_year(this_year);
+        assert_eq!(
+            is_90_plus,
+            bucket.is_some(),
+            "the 90+ rule for {}",
+            fixture.birth
+        );
+        assert_eq!(
+            patient.get("birthDate").is_none(),
+            bucket.is_some() || fixture.birth.is_empty(),
+            "{text}"
+        );
+        let (mut strings, mut quantities) = (Vec::new(), Vec::new());
+        for doc in &docs {
+            walk(doc, &mut strings, &mut quantities);
+        }
+        for s in &strings {
+            let b = s.as_bytes();
+            let dated = b.len() >= 7
+                && b[..4].iter().all(u8::is_ascii_digit)
+                && b[4] == b'-'
+                && b[5..7].iter().all(u8::is_ascii_digit);
+            assert!(!dated, "{}: a date with a month: {s}", fixture.birth);
+            if let (Some(bucket), true) = (bucket, b.len() == 4 && b.iter().all(u8::is_ascii_digit))
+            {
+                let year: i32 = s.parse().unwrap();
+                assert!(
+                    year >= bucket,
+                    "{}: year {year} before {bucket}",
+                    fixture.birth
+                );
+            }
+        }
+        for q in &quantities {
+            let value = q["value"].as_f64().unwrap();
+            let unit = q
+                .get("code")
+                .or_else(|| q.get("unit"))
+                .and_then(|u| u.as_str())
+                .unwrap_or("");
+            let Some(years) = years_in(value, unit) else {
+                continue;
+            };
+            assert!(
+                years <= 89.0 || (value == 90.0 && unit == "a"),
+                "{}: {q:?}",
+                fixture.birth
+            );
+            assert!(
+                bucket.is_none() || !matches!(unit, "a" | "mo"),
+                "{}: an age in the 90+ bucket: {q:?}",
+                fixture.birth
+            );
+        }
+        for exact in fixture.exact_dates() {
+            assert!(!strings.iter().any(|s| s.contains(exact)), "{exact}");
+        }
+        if fixture.birth.is_empty() {
+            // No bucket to decide by: the ages over 89 stand as "90 or older".
+            let aggregated = quantities
+                .iter()
+                .filter(|q| q["value"] == 90 && q["code"] == "a")
+                .count();
+            assert_eq!(aggregated, 2, "{quantities:?}");
+            assert!(
+                quantities
+                    .iter()
+                    .any(|q| q.get("comparator").is_some_and(|c| c == ">="))
+            );
+        }
+    }
+    assert_eq!(subjects, 7);
 }

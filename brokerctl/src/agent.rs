@@ -96,10 +96,17 @@ pub fn prepare(
         enrollment: (!known.enrolled)
             .then(|| pre_kms::enrollment::enroll_with_keys(patient, &keys)),
         envelopes,
-        index: (pseudonym, record.index.clone()),
+        index: (pseudonym, searchable_index(patient, record)),
         keys,
         derived: cached.is_none(),
     })
+}
+
+/// The index rows the broker receives for a patient: the record's rows with every date
+/// moved by the patient's secret shift ([`Identity::index_date_shift`]), so that no row is
+/// on the patient's birth or death date as such.
+pub fn searchable_index(patient: &Identity, record: &PatientRecord) -> PatientIndex {
+    record.index.shifted(patient.index_date_shift())
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -49,19 +49,29 @@ use crate::util;
 /// Parameters of the de-identification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeidConfig {
-    /// The year ages are computed at: a patient born in year `y` is `reference_year - y`
-    /// years old for the 90+ rule. Passed in (never read from the clock) so that imports are
-    /// reproducible.
+    /// The year a living patient's age is taken at: a patient born in year `y` is
+    /// `reference_year - y` years old for the 90+ rule (at most a year more than their age
+    /// in whole years, never less: the rule errs on the side of the bucket). The default is
+    /// this year, by the clock; tests pass a fixed year so that imports are reproducible.
     pub reference_year: i32,
 }
 
 impl DeidConfig {
-    /// The default reference year.
-    pub const DEFAULT_REFERENCE_YEAR: i32 = 2026;
-
     /// A configuration with the given reference year.
     pub fn new(reference_year: i32) -> Self {
         DeidConfig { reference_year }
+    }
+
+    /// A configuration whose reference year is this year (UTC), by the system clock.
+    pub fn this_year() -> Self {
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400);
+        let year = i32::try_from(days)
+            .ok()
+            .and_then(model::Date::from_days)
+            .map_or(1970, model::Date::year);
+        DeidConfig::new(year)
     }
 
     /// The year a patient's age is taken at: the reference year, or the year of death
@@ -79,17 +89,46 @@ impl DeidConfig {
     /// The birth year the index reports: the year itself, or for the 90+ bucket the year
     /// that makes the patient 90 at the year their age is taken at.
     pub fn index_birth_year(&self, birth_year: i32, death_year: Option<i32>) -> i32 {
-        if self.is_over_89(birth_year, death_year) {
-            self.age_year(death_year) - 90
-        } else {
-            birth_year
-        }
+        self.bucket_year(birth_year, death_year)
+            .unwrap_or(birth_year)
+    }
+
+    /// For a patient over 89, the 90+ bucket's year (the year that makes them 90 at the
+    /// year their age is taken at): a date of an earlier year would reveal an age over 90,
+    /// so neither the research copy nor the index keeps one. `None` for anyone else.
+    pub fn bucket_year(&self, birth_year: i32, death_year: Option<i32>) -> Option<i32> {
+        self.is_over_89(birth_year, death_year)
+            .then(|| self.age_year(death_year) - 90)
     }
 }
 
+/// A quantity's value in years when its unit is a unit of time of a day or longer (UCUM
+/// `a`, `mo`, `wk`, `d`, or those words as written): how ages and durations are checked
+/// against the 90+ rule. `None` for any other unit.
+pub(crate) fn years_of(value: f64, unit: &str) -> Option<f64> {
+    let unit = unit
+        .trim_matches(|c| c == '{' || c == '}')
+        .to_ascii_lowercase();
+    let per_year = match unit.as_str() {
+        "a" | "yr" | "yrs" | "year" | "years" | "a_j" | "a_g" => 1.0,
+        "mo" | "month" | "months" | "mo_j" | "mo_g" => 12.0,
+        "wk" | "week" | "weeks" => 365.25 / 7.0,
+        "d" | "day" | "days" => 365.25,
+        _ => return None,
+    };
+    Some(value / per_year)
+}
+
+/// Whether a unit is years or months: the units ages are written in (an age and the date
+/// it was taken at give the birth year).
+pub(crate) fn is_age_unit(unit: &str) -> bool {
+    years_of(12.0, unit).is_some_and(|y| y >= 1.0)
+}
+
 impl Default for DeidConfig {
+    /// [`DeidConfig::this_year`].
     fn default() -> Self {
-        DeidConfig::new(Self::DEFAULT_REFERENCE_YEAR)
+        DeidConfig::this_year()
     }
 }
 
@@ -191,7 +230,8 @@ fn is_non_date_element(key: &str) -> bool {
 pub(crate) struct Deidentifier<'a> {
     cfg: DeidConfig,
     salt: [u8; 32],
-    over_89: bool,
+    /// The 90+ bucket year ([`DeidConfig::bucket_year`]) of a patient over 89.
+    bucket_year: Option<i32>,
     resolver: &'a Resolver<'a>,
 }
 
@@ -199,7 +239,7 @@ impl<'a> Deidentifier<'a> {
     pub(crate) fn new(
         cfg: DeidConfig,
         source_id: &str,
-        over_89: bool,
+        bucket_year: Option<i32>,
         resolver: &'a Resolver<'a>,
     ) -> Self {
         let salt = blake3::derive_key(
@@ -209,7 +249,7 @@ impl<'a> Deidentifier<'a> {
         Deidentifier {
             cfg,
             salt,
-            over_89,
+            bucket_year,
             resolver,
         }
     }
@@ -253,6 +293,7 @@ impl<'a> Deidentifier<'a> {
         if let Some(b) = patient.get("deceasedBoolean").and_then(Value::as_bool) {
             out.insert("deceasedBoolean".into(), json!(b));
         }
+        // The year of death is at least the bucket year (the age is taken at death).
         if let Some(y) = patient
             .get("deceasedDateTime")
             .and_then(Value::as_str)
@@ -347,7 +388,7 @@ impl<'a> Deidentifier<'a> {
         if is_dropped_element(key) {
             return None;
         }
-        if self.over_89 && key.ends_with("Age") {
+        if self.bucket_year.is_some() && key.ends_with("Age") {
             return None;
         }
         match value {
@@ -384,8 +425,16 @@ impl<'a> Deidentifier<'a> {
         if is_free_text_element(key) || key.ends_with("String") || key.ends_with("Markdown") {
             return None;
         }
-        if util::looks_like_month_date(s) && !is_non_date_element(key) {
-            return Some(Value::from(&s[..4]));
+        if !is_non_date_element(key)
+            && let Some(year) = util::year_of(s)
+        {
+            if self.bucket_year.is_some_and(|bucket| year < bucket) {
+                // The year would reveal an age over 90.
+                return None;
+            }
+            if util::looks_like_month_date(s) {
+                return Some(Value::from(&s[..4]));
+            }
         }
         Some(Value::from(s))
     }
@@ -402,6 +451,15 @@ impl<'a> Deidentifier<'a> {
         for (k, v) in o {
             if let Some(clean) = self.clean(o, k, v) {
                 out.insert(k.clone(), clean);
+            }
+        }
+        if let Some((years, unit)) = time_quantity(&out) {
+            if self.bucket_year.is_some() && is_age_unit(unit) {
+                // With any date of the patient, an age gives the birth year.
+                return None;
+            }
+            if years > 89.0 {
+                return aggregate_age(key);
             }
         }
         (!out.is_empty()).then_some(Value::Object(out))
@@ -440,6 +498,37 @@ fn is_reference_like(o: &Map<String, Value>) -> bool {
 
 fn is_identifying_component(component: &Value) -> bool {
     util::codings(component.get("code")).any(|c| IDENTIFYING_COMPONENT_CODES.contains(&c.code))
+}
+
+/// A Quantity (or Age, Duration, a Range's `low` or `high`) in a unit of time: its value
+/// in years and its unit.
+fn time_quantity(o: &Map<String, Value>) -> Option<(f64, &str)> {
+    let value = o.get("value")?.as_f64()?;
+    ["code", "unit"].iter().find_map(|k| {
+        let unit = o.get(*k)?.as_str()?;
+        Some((years_of(value, unit)?, unit))
+    })
+}
+
+const UCUM: &str = "http://unitsofmeasure.org";
+
+/// An age over 89 as Safe Harbor's single category "90 or older": a Range's `high` is
+/// dropped (the range becomes open-ended), its `low` becomes 90 years; any other quantity
+/// becomes `>= 90` years.
+fn aggregate_age(key: &str) -> Option<Value> {
+    if key == "high" {
+        return None;
+    }
+    let mut out = Map::new();
+    out.insert("value".into(), json!(90));
+    if key != "low" {
+        // A Range's bounds are SimpleQuantities, which have no comparator.
+        out.insert("comparator".into(), json!(">="));
+    }
+    out.insert("unit".into(), json!("years"));
+    out.insert("system".into(), json!(UCUM));
+    out.insert("code".into(), json!("a"));
+    Some(Value::Object(out))
 }
 
 /// `{key: value}`.
@@ -659,7 +748,7 @@ mod tests {
     fn patient_keeps_only_demographics() {
         let patient = synthea_like_patient("1980-05-17");
         let resolver = Resolver::new(&patient, &[], None);
-        let d = Deidentifier::new(DeidConfig::default(), "p-1", false, &resolver);
+        let d = Deidentifier::new(DeidConfig::default(), "p-1", None, &resolver);
         let out = d.patient(&patient);
         let text = serde_json::to_string(&out).unwrap();
         assert_eq!(out["birthDate"], "1980");
@@ -713,7 +802,7 @@ mod tests {
         assert!(cfg.is_over_89(1930, Some(2030)));
         let patient = synthea_like_patient("1921-02-03");
         let resolver = Resolver::new(&patient, &[], None);
-        let d = Deidentifier::new(cfg, "p-1", true, &resolver);
+        let d = Deidentifier::new(cfg, "p-1", cfg.bucket_year(1921, None), &resolver);
         let out = d.patient(&patient);
         assert!(out.get("birthDate").is_none());
         assert_eq!(out["_birthDate"]["extension"][0]["valueCode"], "masked");
@@ -731,7 +820,7 @@ mod tests {
         let encounter = json!({"resourceType": "Encounter", "id": "e-1"});
         let resources = vec![encounter];
         let resolver = Resolver::new(&patient, &resources, None);
-        let d = Deidentifier::new(DeidConfig::default(), "p-1", false, &resolver);
+        let d = Deidentifier::new(DeidConfig::default(), "p-1", None, &resolver);
         let obs = json!({
             "resourceType": "Observation",
             "id": "o-1",
@@ -768,6 +857,81 @@ mod tests {
         }
         let s = serde_json::to_string(&out).unwrap();
         assert!(!s.contains("Jane") && !s.contains("Dr. Who") && !s.contains("Elm"));
+    }
+
+    #[test]
+    fn ages_over_89_and_the_years_that_imply_them_are_aggregated() {
+        let cfg = DeidConfig::new(2026);
+        let patient = json!({"resourceType": "Patient", "id": "p-1"});
+        let resolver = Resolver::new(&patient, &[], None);
+        let years = |v: f64| json!({"value": v, "unit": "years", "system": UCUM, "code": "a"});
+        let age_obs = json!({"resourceType": "Observation", "id": "o",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "30525-0"}]},
+            "effectiveDateTime": "2024-05-06", "valueQuantity": years(99.0)});
+        let months = json!({"resourceType": "Observation", "id": "m",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "30525-0"}]},
+            "effectiveDateTime": "2024-05-06",
+            "valueQuantity": {"value": 1_100, "unit": "months", "code": "mo"}});
+        let ranged = json!({"resourceType": "Condition", "id": "c",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]},
+            "onsetRange": {"low": years(97.0), "high": years(99.0)}, "recordedDate": "1930-02-20"});
+        let onset_age = json!({"resourceType": "Condition", "id": "d",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "2"}]},
+            "onsetAge": years(50.0), "recordedDate": "1980-02-20"});
+        let born = json!({"resourceType": "Observation", "id": "b",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "21112-8"}]},
+            "valueDateTime": "1925", "effectivePeriod": {"start": "1925-01-01", "end": "1990-01-01"}});
+        let ninety =
+            json!({"value": 90, "comparator": ">=", "unit": "years", "system": UCUM, "code": "a"});
+
+        // Anyone: an age over 89 is "90 or older"; a range over 89 is open-ended from 90.
+        let anyone = Deidentifier::new(cfg, "p-1", None, &resolver);
+        assert_eq!(anyone.resource(&age_obs).unwrap()["valueQuantity"], ninety);
+        assert_eq!(anyone.resource(&months).unwrap()["valueQuantity"], ninety);
+        let r = anyone.resource(&ranged).unwrap();
+        assert_eq!(
+            r["onsetRange"],
+            json!({"low": {"value": 90, "unit": "years", "system": UCUM, "code": "a"}})
+        );
+        assert_eq!(r["recordedDate"], "1930");
+        // Ages up to 89 and years stay for someone not in the bucket.
+        assert_eq!(
+            anyone.resource(&onset_age).unwrap()["onsetAge"],
+            years(50.0)
+        );
+        assert_eq!(anyone.resource(&born).unwrap()["valueDateTime"], "1925");
+
+        // In the 90+ bucket (born 1925, bucket year 1936): no age in years or months at
+        // all, and no date of a year before 1936.
+        let bucketed = Deidentifier::new(cfg, "p-1", cfg.bucket_year(1925, None), &resolver);
+        assert_eq!(cfg.bucket_year(1925, None), Some(1936));
+        assert!(
+            bucketed
+                .resource(&age_obs)
+                .unwrap()
+                .get("valueQuantity")
+                .is_none()
+        );
+        assert!(
+            bucketed
+                .resource(&months)
+                .unwrap()
+                .get("valueQuantity")
+                .is_none()
+        );
+        let r = bucketed.resource(&ranged).unwrap();
+        assert!(
+            r.get("recordedDate").is_none() && r.get("onsetRange").is_none(),
+            "{r}"
+        );
+        let r = bucketed.resource(&onset_age).unwrap();
+        assert!(r.get("onsetAge").is_none());
+        assert_eq!(r["recordedDate"], "1980");
+        let b = bucketed.resource(&born).unwrap();
+        assert!(b.get("valueDateTime").is_none(), "{b}");
+        assert_eq!(b["effectivePeriod"], json!({"end": "1990"}));
+        let text = serde_json::to_string(&b).unwrap();
+        assert!(!text.contains("1925"), "{text}");
     }
 
     #[test]

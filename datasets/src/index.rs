@@ -7,8 +7,7 @@
 //! * measurements: Observations with a `valueQuantity` (value and UCUM unit) or a
 //!   `valueCodeableConcept` (no value), dated by `effectiveDateTime`,
 //!   `effectivePeriod.start` or `issued`; each `component` (blood pressure, survey items)
-//!   gives its own row under the component's code; a value over 89 in years (an age over
-//!   89, e.g. LOINC 30525-0 `Age` of 99 `a`) is not indexed;
+//!   gives its own row under the component's code;
 //! * drugs: MedicationRequest (`authoredOn`) and MedicationStatement (`effective[x]`,
 //!   `dateAsserted`), coded by `medicationCodeableConcept` or the referenced Medication;
 //! * procedures: Procedure, dated by `performedDateTime` or `performedPeriod.start`;
@@ -19,12 +18,18 @@
 //! Codes come from the first coding that has a code; systems are shortened by
 //! [`system_short_name`]. Dates are `YYYY-MM-DD` (partial dates padded with `01`); rows
 //! without a usable date or code are left out. Immunizations are not indexed.
+//!
+//! Safe Harbor, for FHIR and OMOP input alike ([`safe_harbor`]): no measurement states an
+//! age over 89 (a value over 89 years in any unit of time, e.g. LOINC 30525-0 `Age` of 99
+//! `a`); a patient in the 90+ bucket has no measurement in years or months at all and no
+//! row dated before the bucket year. The dates here are the true ones: the custodian moves
+//! them by the patient's secret shift before upload ([`model::PatientIndex::shifted`]).
 
 use model::{CodedEvent, ObservationPeriod, PatientIndex, Person};
 use serde_json::Value;
 
 use crate::categorize::Lookup;
-use crate::deidentify::DeidConfig;
+use crate::deidentify::{DeidConfig, is_age_unit, years_of};
 use crate::resolve::Resolver;
 use crate::util;
 
@@ -44,18 +49,14 @@ pub fn system_short_name(url: &str) -> &str {
     }
 }
 
-/// The person row of a (raw) Patient.
-pub(crate) fn person(patient: &Value, cfg: &DeidConfig) -> Person {
-    let (birth_year, death_year) = crate::deidentify::life_years(patient);
-    Person {
-        birth_year: birth_year.map(|y| cfg.index_birth_year(y, death_year)),
-        sex: patient
-            .get("gender")
-            .and_then(Value::as_str)
-            .filter(|g| matches!(*g, "male" | "female" | "other" | "unknown"))
-            .unwrap_or("unknown")
-            .to_string(),
-    }
+/// The index sex of a (raw) Patient: its administrative gender, `unknown` when absent.
+fn sex(patient: &Value) -> String {
+    patient
+        .get("gender")
+        .and_then(Value::as_str)
+        .filter(|g| matches!(*g, "male" | "female" | "other" | "unknown"))
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 fn first_date(resource: &Value, paths: &[&[&str]]) -> Option<String> {
@@ -94,21 +95,41 @@ fn quantity(q: &Value) -> (Option<f64>, String) {
     (value, unit.to_string())
 }
 
-/// Whether a measurement states an age over 89 (Safe Harbor removes those): a value
-/// above 89 in years (UCUM `a`, or `yr`/`year`/`years` as written), whatever the code.
-fn is_age_over_89(value: Option<f64>, unit: &str) -> bool {
-    value.is_some_and(|v| v > 89.0)
-        && matches!(
-            unit.trim_matches(|c| c == '{' || c == '}'),
-            "a" | "yr" | "year" | "years" | "Years"
-        )
+/// Whether a measurement row may be indexed under Safe Harbor: never an age over 89 (a
+/// value over 89 years in any unit of time: LOINC 30525-0 `Age` of 99 `a`, 1,100 `mo`),
+/// and for a patient in the 90+ bucket no value in years or months at all (with its date,
+/// an age gives the birth year).
+fn is_indexable(row: &CodedEvent, over_89: bool) -> bool {
+    let Some(value) = row.value else {
+        return true;
+    };
+    match years_of(value, &row.unit) {
+        Some(_) if over_89 && is_age_unit(&row.unit) => false,
+        Some(years) => years <= 89.0,
+        None => true,
+    }
 }
 
-/// The measurement rows of one Observation; none that states an age over 89.
+/// What Safe Harbor asks of a patient's index rows, whatever their source: the birth year
+/// bucketed (90+), no measurement that states an age ([`is_indexable`]), and for the 90+
+/// bucket nothing dated before the bucket year
+/// ([`PatientIndex::drop_before_birth_year`]). `birth_year` is the true year of birth.
+pub(crate) fn safe_harbor(
+    mut index: PatientIndex,
+    birth_year: Option<i32>,
+    death_year: Option<i32>,
+    cfg: &DeidConfig,
+) -> PatientIndex {
+    let over_89 = birth_year.is_some_and(|y| cfg.is_over_89(y, death_year));
+    index.person.birth_year = birth_year.map(|y| cfg.index_birth_year(y, death_year));
+    index.measurements.retain(|m| is_indexable(m, over_89));
+    index.drop_before_birth_year();
+    index
+}
+
+/// The measurement rows of one Observation.
 fn measurements(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
-    let mut push = |row: Option<CodedEvent>| {
-        out.extend(row.filter(|r| !is_age_over_89(r.value, &r.unit)));
-    };
+    let mut push = |row: Option<CodedEvent>| out.extend(row);
     if let Some(q) = obs.get("valueQuantity") {
         let (value, unit) = quantity(q);
         push(event(obs.get("code"), date, value, &unit));
@@ -138,9 +159,13 @@ pub(crate) fn extract(
     cfg: &DeidConfig,
 ) -> PatientIndex {
     let mut index = PatientIndex {
-        person: person(patient, cfg),
+        person: Person {
+            birth_year: None,
+            sex: sex(patient),
+        },
         ..PatientIndex::default()
     };
+
     // The span of the encounters (ISO dates compare as text).
     let mut observed: Option<(String, String)> = None;
     for r in resources {
@@ -223,7 +248,8 @@ pub(crate) fn extract(
             .observation_periods
             .push(ObservationPeriod { start, end });
     }
-    index
+    let (birth_year, death_year) = crate::deidentify::life_years(patient);
+    safe_harbor(index, birth_year, death_year, cfg)
 }
 
 #[cfg(test)]
@@ -302,28 +328,56 @@ mod tests {
 
     #[test]
     fn no_age_over_89_is_indexed() {
-        let patient = json!({"resourceType": "Patient", "id": "p", "birthDate": "1925-01-01"});
-        let age = |value: f64, unit: &str| {
-            json!({"resourceType": "Observation", "effectiveDateTime": "2024-01-01",
-                   "code": {"coding": [{"system": "http://loinc.org", "code": "30525-0"}]},
+        let observation = |code: &str, date: &str, value: f64, unit: &str| {
+            json!({"resourceType": "Observation", "effectiveDateTime": date,
+                   "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
                    "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
         };
+        let age = |value: f64, unit: &str| observation("30525-0", "2024-01-01", value, unit);
+        // Not an age: a weight of 99 kg stays.
+        let weight = observation("29463-7", "2024-01-01", 99.0, "kg");
         let resources = vec![
             age(99.0, "a"),
             age(89.0, "a"),
             age(95.0, "{years}"),
-            // Not an age: a weight of 99 kg stays.
-            json!({"resourceType": "Observation", "effectiveDateTime": "2024-01-01",
-                   "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
-                   "valueQuantity": {"value": 99.0, "code": "kg"}}),
+            age(1_100.0, "mo"),
+            age(30.0, "d"),
+            weight.clone(),
+            observation("29463-7", "1930-06-01", 3.0, "kg"),
         ];
-        let resolver = Resolver::new(&patient, &resources, None);
-        let idx = extract(&patient, &resources, &resolver, &DeidConfig::new(2026));
-        let rows: Vec<(&str, Option<f64>)> = idx
-            .measurements
-            .iter()
-            .map(|m| (m.code.as_str(), m.value))
-            .collect();
-        assert_eq!(rows, [("30525-0", Some(89.0)), ("29463-7", Some(99.0))]);
+        let rows = |birth: &str| {
+            let patient = json!({"resourceType": "Patient", "id": "p", "birthDate": birth});
+            let resolver = Resolver::new(&patient, &resources, None);
+            let idx = extract(&patient, &resources, &resolver, &DeidConfig::new(2026));
+            idx.measurements
+                .iter()
+                .map(|m| (m.code.clone(), m.value, m.date.clone()))
+                .collect::<Vec<_>>()
+        };
+        let row =
+            |code: &str, value: f64, date: &str| (code.to_string(), Some(value), date.to_string());
+        // Born 1925: in the 90+ bucket (1936), so no age in years or months at all, and
+        // nothing dated before 1936.
+        assert_eq!(
+            rows("1925-01-01"),
+            [
+                row("30525-0", 30.0, "2024-01-01"),
+                row("29463-7", 99.0, "2024-01-01")
+            ]
+        );
+        // Born 1920 and 1950: ages up to 89 stay, those over go, in any unit.
+        assert_eq!(
+            rows("1920-03-04")[..2],
+            rows("1925-01-01")[..2],
+            "the same rule for everyone in the bucket"
+        );
+        assert_eq!(
+            rows("1950-01-01"),
+            [
+                row("30525-0", 89.0, "2024-01-01"),
+                row("30525-0", 30.0, "2024-01-01"),
+                row("29463-7", 99.0, "2024-01-01")
+            ]
+        );
     }
 }

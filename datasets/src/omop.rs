@@ -3,9 +3,10 @@
 //!
 //! Tables read (file `<table>.parquet` or `<table>.csv`, names matched case-insensitively):
 //! `person`, `condition_occurrence`, `measurement`, `drug_exposure`,
-//! `procedure_occurrence`, `concept`, `concept_ancestor`, and `observation_period` when
-//! present (without it, no patient has an observation period, and observation-period
-//! criteria match nobody; [`OmopImport::rows`] has no `observation_period` entry).
+//! `procedure_occurrence`, `concept`, `concept_ancestor`, and `observation_period` and
+//! `death` when present (without `observation_period`, no patient has an observation
+//! period, and observation-period criteria match nobody; without `death`, every age is
+//! taken at the reference year; a table not read has no entry in [`OmopImport::rows`]).
 //!
 //! ## Types, and the quirks of real exports
 //!
@@ -28,14 +29,16 @@
 //! ## What a patient becomes
 //!
 //! * The index ([`PatientIndex`]): birth year (the 90+ bucket for patients over 89 at the
-//!   reference year), sex from `gender_concept_id` (8507 male, 8532 female, 8521 other,
+//!   reference year, or at death), sex from `gender_concept_id` (8507 male, 8532 female, 8521 other,
 //!   else unknown), and one coded event per condition, measurement (value and UCUM unit
 //!   when present), drug exposure and procedure, with the full date, and the patient's
 //!   observation periods (start and end dates; a period ending before it starts is an
 //!   error, a period of a person without a person row is not indexed and is counted in
 //!   [`OmopImport::not_indexed`], as Eunomia's subset keeps such periods). Codes are the
 //!   concepts' `concept_code` in their vocabulary: SNOMED → `snomed`, LOINC → `loinc`,
-//!   RxNorm → `rxnorm`, ICD10CM → `icd10`.
+//!   RxNorm → `rxnorm`, ICD10CM → `icd10`. Safe Harbor then withholds what would reveal
+//!   an age over 89 (counted in [`OmopImport::withheld`]), as for FHIR input
+//!   ([`crate::index`]).
 //! * The research copy: the rows as minimal FHIR R4 resources (Patient, Condition,
 //!   Observation, MedicationStatement, Procedure) with the standard code and its name only,
 //!   put through the same categorization and Safe Harbor de-identification as FHIR input
@@ -62,6 +65,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::deidentify::DeidConfig;
+use crate::index;
 use crate::record::PatientRecord;
 
 /// One imported patient.
@@ -83,8 +87,12 @@ pub struct OmopImport {
     pub rows: BTreeMap<&'static str, usize>,
     /// Event rows per table left out of the index: concept 0, or a concept outside
     /// SNOMED, LOINC, RxNorm and ICD10CM; for `observation_period`, periods of persons
-    /// without a person row.
+    /// without a person row; for `death`, deaths of persons without a person row.
     pub not_indexed: BTreeMap<&'static str, usize>,
+    /// Rows per table withheld from the index under Safe Harbor: dated before the 90+
+    /// bucket year (or before the birth year), or a measurement that states an age
+    /// ([`crate::index`]). Tables with none are absent.
+    pub withheld: BTreeMap<&'static str, usize>,
 }
 
 /// Why an OMOP directory could not be imported.
@@ -565,6 +573,7 @@ type PersonRow = (i32, Option<u32>, Option<u32>, &'static str, Option<String>);
 #[derive(Default)]
 struct Rows {
     patient: Option<PersonRow>,
+    death: Option<Date>,
     index: PatientIndex,
     resources: Vec<Value>,
 }
@@ -682,9 +691,9 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
                 ));
             }
             entry.patient = Some((year, month, day, sex, source));
+            // The birth year is bucketed once deaths are known (the age is taken at death).
             entry.index.person = Person {
-                // The `death` table is not read: the age is taken at the reference year.
-                birth_year: Some(cfg.index_birth_year(year, None)),
+                birth_year: Some(year),
                 sex: sex.to_string(),
             };
         }
@@ -872,6 +881,38 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
         Err(e) => return Err(e),
     }
 
+    // Deaths: the 90+ rule takes a deceased patient's age at death.
+    match find_table(dir, "death") {
+        Ok(path) => {
+            let cols = [
+                req("person_id", Spec::Integer),
+                req("death_date", Spec::Date),
+            ];
+            let reader = Reader { path, cols: &cols };
+            let (mut n, mut skipped) = (0, 0);
+            reader.for_each(|v, first, len| {
+                n += len;
+                for i in 0..len {
+                    let Some(rows) = people.get_mut(&v[0].int(i).expect("required")) else {
+                        skipped += 1;
+                        continue;
+                    };
+                    let date =
+                        Date::from_days(v[1].date(i).expect("required")).ok_or_else(|| {
+                            reader.err("death_date", first + i, "date outside the years 1 to 9999")
+                        })?;
+                    // Should a person have two rows, the earlier death counts.
+                    rows.death = Some(rows.death.map_or(date, |d: Date| d.min(date)));
+                }
+                Ok(())
+            })?;
+            rows_read.insert("death", n);
+            not_indexed.insert("death", skipped);
+        }
+        Err(OmopError::MissingTable { .. }) => {}
+        Err(e) => return Err(e),
+    }
+
     let people: Vec<(i64, Rows)> = people.into_iter().collect();
     if let Some((id, _)) = people.iter().find(|(_, r)| r.patient.is_none()) {
         // Unreachable: events of unknown persons are refused above.
@@ -880,7 +921,7 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
             message: format!("person_id {id} has events but no person row"),
         });
     }
-    let patients: Vec<OmopPatient> = people
+    let patients: Vec<(OmopPatient, [usize; 5])> = people
         .into_par_iter()
         .map(|(person_id, rows)| {
             let (year, month, day, sex, source) = rows.patient.expect("checked above");
@@ -893,21 +934,55 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
             };
             let mut patient = json!({"resourceType": "Patient", "id": format!("omop-{person_id}"),
                                      "gender": sex, "birthDate": birth});
+            if let Some(death) = rows.death {
+                patient["deceasedDateTime"] = json!(death.to_string());
+            }
             if let Some(source) = source {
                 patient["identifier"] =
                     json!([{"system": "urn:ohdsi:omop:person_source_value", "value": source}]);
             }
             let mut record = PatientRecord::from_fhir(&patient, &rows.resources, cfg);
-            record.index = rows.index;
-            OmopPatient { person_id, record }
+            let death_year = rows.death.map(Date::year);
+            let before = table_sizes(&rows.index);
+            record.index = index::safe_harbor(rows.index, Some(year), death_year, cfg);
+            let after = table_sizes(&record.index);
+            let withheld = std::array::from_fn(|i| before[i] - after[i]);
+            (OmopPatient { person_id, record }, withheld)
         })
         .collect();
+    let mut withheld = BTreeMap::new();
+    let names = [
+        "condition_occurrence",
+        "measurement",
+        "drug_exposure",
+        "procedure_occurrence",
+        "observation_period",
+    ];
+    for (_, counts) in &patients {
+        for (name, n) in names.iter().zip(counts) {
+            if *n > 0 {
+                *withheld.entry(*name).or_default() += n;
+            }
+        }
+    }
     Ok(OmopImport {
-        patients,
+        patients: patients.into_iter().map(|(p, _)| p).collect(),
         hierarchy,
         rows: rows_read,
         not_indexed,
+        withheld,
     })
+}
+
+/// Rows per index table, in the order of [`OmopImport::withheld`]'s table names.
+fn table_sizes(index: &PatientIndex) -> [usize; 5] {
+    [
+        index.conditions.len(),
+        index.measurements.len(),
+        index.drugs.len(),
+        index.procedures.len(),
+        index.observation_periods.len(),
+    ]
 }
 
 #[cfg(test)]

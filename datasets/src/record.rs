@@ -61,8 +61,8 @@ impl PatientRecord {
         let resolver =
             Resolver::new(patient, resources, shared).with_patient_aliases(patient_aliases);
         let (birth_year, death_year) = deidentify::life_years(patient);
-        let over_89 = birth_year.is_some_and(|y| cfg.is_over_89(y, death_year));
-        let deid = Deidentifier::new(*cfg, &source_id, over_89, &resolver);
+        let bucket_year = birth_year.and_then(|y| cfg.bucket_year(y, death_year));
+        let deid = Deidentifier::new(*cfg, &source_id, bucket_year, &resolver);
         let identifiers = deidentify::identifiers_of(patient);
 
         let mut copies: BTreeMap<Category, Vec<Value>> = BTreeMap::new();

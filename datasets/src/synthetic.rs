@@ -49,9 +49,13 @@ pub struct Population {
 }
 
 impl Population {
-    /// A population with the default [`DeidConfig`].
+    /// The reference year of [`Population::new`]: fixed, so that a seed always gives the
+    /// same population.
+    pub const REFERENCE_YEAR: i32 = 2026;
+
+    /// A population de-identified with [`Population::REFERENCE_YEAR`].
     pub fn new(seed: u64, size: usize) -> Self {
-        Self::with_config(seed, size, DeidConfig::default())
+        Self::with_config(seed, size, DeidConfig::new(Self::REFERENCE_YEAR))
     }
 
     /// A population whose records are de-identified with `config`; its reference year is

@@ -93,7 +93,75 @@ impl PatientIndex {
         }
         Ok(())
     }
+
+    /// This index with every date moved by `days` (the custodian's secret per-patient
+    /// offset, see [`DATE_SHIFT_MAX_DAYS`]). A shift never moves a date before the year the
+    /// patient was born (for the 90+ bucket, the bucket year): such a date becomes 1
+    /// January of that year, which tells nothing the birth year does not, and the row
+    /// stays, so a count that asks only for codes is the same as on the true dates. A date
+    /// that is not a calendar date is left as it is ([`PatientIndex::check`] refuses it).
+    pub fn shifted(&self, days: i32) -> PatientIndex {
+        let first = self.person.birth_year.and_then(|y| Date::from_ymd(y, 1, 1));
+        let shift = |s: &mut String| {
+            if let Ok(d) = s.parse::<Date>() {
+                let moved = d.add_days(days);
+                *s = first.map_or(moved, |f| moved.max(f)).to_string();
+            }
+        };
+        let mut out = self.clone();
+        for events in out.event_tables_mut() {
+            for e in events.iter_mut() {
+                shift(&mut e.date);
+            }
+        }
+        for p in &mut out.observation_periods {
+            shift(&mut p.start);
+            shift(&mut p.end);
+        }
+        out
+    }
+
+    /// Drops the event rows dated before 1 January of [`Person::birth_year`] and starts
+    /// every observation period no earlier than that day (dropping a period that ends
+    /// before it): what the custodian does to the true dates before shifting them. For a
+    /// patient in the 90+ bucket, whose birth year is the bucket year, such a row would
+    /// reveal an age over 90; for anyone else it is an error in the data. Nothing happens
+    /// without a birth year.
+    pub fn drop_before_birth_year(&mut self) {
+        let Some(first) = self.person.birth_year.and_then(|y| Date::from_ymd(y, 1, 1)) else {
+            return;
+        };
+        let before = |s: &str| s.parse::<Date>().is_ok_and(|d| d < first);
+        for events in self.event_tables_mut() {
+            events.retain(|e| !before(&e.date));
+        }
+        let first_day = first.to_string();
+        self.observation_periods.retain_mut(|p| {
+            if before(&p.end) {
+                return false;
+            }
+            if before(&p.start) {
+                p.start = first_day.clone();
+            }
+            true
+        });
+    }
+
+    fn event_tables_mut(&mut self) -> [&mut Vec<CodedEvent>; 4] {
+        [
+            &mut self.conditions,
+            &mut self.measurements,
+            &mut self.drugs,
+            &mut self.procedures,
+        ]
+    }
 }
+
+/// The largest date shift, in days, either way: a custodian moves all the index dates of a
+/// patient by a secret offset of 1 to this many days, earlier or later, so that no index
+/// date is the patient's birth or death date as such. Intervals between a patient's own
+/// dates are kept exactly; calendar dates move by at most this much.
+pub const DATE_SHIFT_MAX_DAYS: i32 = 182;
 
 #[cfg(test)]
 mod tests {
@@ -134,6 +202,60 @@ mod tests {
             .observation_periods
             .push(period("2012-01-02", "2012-01-01"));
         assert_eq!(index.check(), Err(IndexRowError::ReversedPeriod { row: 1 }));
+    }
+
+    fn event(date: &str) -> CodedEvent {
+        CodedEvent {
+            system: "snomed".into(),
+            code: "1".into(),
+            date: date.into(),
+            value: None,
+            unit: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_shift_moves_every_date_and_never_before_the_birth_year() {
+        let index = PatientIndex {
+            person: Person {
+                birth_year: Some(2000),
+                sex: "female".into(),
+            },
+            conditions: vec![event("2000-03-01"), event("2010-12-31")],
+            measurements: vec![event("2000-01-10")],
+            drugs: vec![event("not a date")],
+            procedures: vec![event("2020-02-29")],
+            observation_periods: vec![period("2000-03-01", "2020-02-29")],
+        };
+        let later = index.shifted(10);
+        assert_eq!(later.conditions[0].date, "2000-03-11");
+        assert_eq!(later.conditions[1].date, "2011-01-10");
+        assert_eq!(later.measurements[0].date, "2000-01-20");
+        assert_eq!(later.drugs[0].date, "not a date");
+        assert_eq!(later.procedures[0].date, "2020-03-10");
+        assert_eq!(
+            later.observation_periods,
+            [period("2000-03-11", "2020-03-10")]
+        );
+        // Earlier: what would fall before 2000 is on 2000-01-01, and stays.
+        let earlier = index.shifted(-70);
+        assert_eq!(earlier.conditions[0].date, "2000-01-01");
+        assert_eq!(earlier.conditions[1].date, "2010-10-22");
+        assert_eq!(earlier.measurements[0].date, "2000-01-01");
+        assert_eq!(
+            earlier.observation_periods,
+            [period("2000-01-01", "2019-12-21")]
+        );
+        // Without a birth year nothing holds a date back.
+        let mut unborn = index.clone();
+        unborn.person.birth_year = None;
+        assert_eq!(unborn.shifted(-70).measurements[0].date, "1999-11-01");
+        // The intervals between a patient's own dates are kept.
+        let day = |s: &str| s.parse::<Date>().unwrap().days();
+        assert_eq!(
+            day(&later.procedures[0].date) - day(&later.conditions[1].date),
+            day("2020-02-29") - day("2010-12-31")
+        );
     }
 
     #[test]

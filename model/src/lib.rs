@@ -45,7 +45,9 @@ pub use definition::{
 pub use enrollment::{Enrollment, enrollment_digest};
 pub use field::{SearchField, UnknownSearchField};
 pub use hierarchy::ConceptHierarchy;
-pub use index::{CodedEvent, IndexRowError, ObservationPeriod, PatientIndex, Person};
+pub use index::{
+    CodedEvent, DATE_SHIFT_MAX_DAYS, IndexRowError, ObservationPeriod, PatientIndex, Person,
+};
 pub use purpose::{ResearchPurpose, StudyFocus};
 pub use quote::excerpt;
 pub use release::Release;

@@ -144,6 +144,25 @@ impl Identity {
         *hasher.finalize().as_bytes()
     }
 
+    /// The patient's secret index date shift: 1 to [`model::DATE_SHIFT_MAX_DAYS`] days,
+    /// earlier or later, the same for every upload of this identity. The custodian moves
+    /// every date of the patient's searchable index by it ([`model::PatientIndex::shifted`]),
+    /// so that the broker holds no event on the patient's birth or death date as such.
+    /// Derived from the seed, it is destroyed with it.
+    pub fn index_date_shift(&self) -> i32 {
+        let secret = self.factory.make_secret(b"index-date-shift");
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&secret.as_secret()[..8]);
+        let draw = u64::from_le_bytes(word);
+        let max = model::DATE_SHIFT_MAX_DAYS as u64;
+        let days = (draw % max) as i32 + 1;
+        if (draw / max).is_multiple_of(2) {
+            days
+        } else {
+            -days
+        }
+    }
+
     /// The actor id other parties know this identity by.
     pub fn actor_id(&self) -> String {
         actor_id(&self.verifying_key())
@@ -531,6 +550,22 @@ mod tests {
         assert!(!verify_signature(&a.verifying_key(), b"msh", &sig));
         assert!(!verify_signature(&b.verifying_key(), b"msg", &sig));
         assert!(!verify_signature(&a.verifying_key(), b"msg", &sig[..10]));
+    }
+
+    #[test]
+    fn index_date_shifts_are_never_zero_and_go_both_ways() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let shifts: Vec<i32> = (0..2_000)
+            .map(|_| Identity::generate_with_rng(&mut rng).index_date_shift())
+            .collect();
+        let max = model::DATE_SHIFT_MAX_DAYS;
+        assert!(shifts.iter().all(|d| *d != 0 && d.abs() <= max));
+        let earlier = shifts.iter().filter(|d| **d < 0).count();
+        assert!((800..1_200).contains(&earlier), "{earlier} of 2000 earlier");
+        assert!(shifts.iter().any(|d| d.abs() == 1) || shifts.iter().any(|d| d.abs() < 5));
+        assert!(shifts.iter().any(|d| d.abs() > max - 5));
+        let id = Identity::generate();
+        assert_eq!(id.index_date_shift(), id.index_date_shift());
     }
 
     #[test]

@@ -279,6 +279,7 @@ fn compute_vectors() -> serde_json::Value {
             "pseudonym": patient.pseudonym(),
             "category_keys": categories,
             "content_tag_conditions": hex::encode(patient.content_tag(Category::Conditions, plaintext)),
+            "index_date_shift": patient.index_date_shift(),
         },
         "envelope": {
             "plaintext": String::from_utf8_lossy(plaintext),

@@ -27,13 +27,14 @@ fn cohort() -> CohortDefinition {
     .unwrap()
 }
 
-/// The patients the cohort selects, read off the plain index (for patients whose consent
+/// The patients the cohort selects, read off the index as uploaded (for patients whose consent
 /// shows both fields), independently of the engine.
 fn oracle(w: &World, hidden: &BTreeSet<usize>) -> BTreeSet<usize> {
     (0..w.patients.len())
         .filter(|i| !hidden.contains(i))
         .filter(|&i| {
-            let index = &w.patients[i].1.index;
+            let (patient, record) = &w.patients[i];
+            let index = agent::searchable_index(patient, record);
             index
                 .person
                 .birth_year
@@ -400,11 +401,12 @@ async fn an_observation_period_criterion_counts_the_patients_observed_around_the
                     "criteria": [{"observation_period": {"prior_days": 365, "post_days": 30}}]}"#;
     let index = "2024-07-01".parse::<model::Date>().unwrap().days();
     let day = |s: &str| s.parse::<model::Date>().unwrap().days();
+    // What the broker holds: each patient's dates moved by the patient's secret shift.
     let observed = w
         .patients
         .iter()
-        .filter(|(_, r)| {
-            r.index
+        .filter(|(p, r)| {
+            agent::searchable_index(p, r)
                 .observation_periods
                 .iter()
                 .any(|p| index - day(&p.start) >= 365 && day(&p.end) - index >= 30)

@@ -280,7 +280,7 @@ fn reference_selection(
         .patients
         .iter()
         .enumerate()
-        .map(|(i, (_, r))| (i as i64, r.index.clone()))
+        .map(|(i, (p, r))| (i as i64, agent::searchable_index(p, r)))
         .collect();
     reference::Reference {
         hierarchy: &hierarchy,

@@ -43,7 +43,13 @@ fn row_counts_match_the_data_readme() {
         import.rows["observation_period"], import.not_indexed["observation_period"]
     );
     assert_eq!(
-        periods + import.not_indexed["observation_period"],
+        periods
+            + import.not_indexed["observation_period"]
+            + import
+                .withheld
+                .get("observation_period")
+                .copied()
+                .unwrap_or(0),
         import.rows["observation_period"]
     );
     assert!(periods >= 2_694, "{periods} observation periods");
@@ -52,7 +58,16 @@ fn row_counts_match_the_data_readme() {
         .iter()
         .map(|p| p.record.index.conditions.len())
         .sum();
-    assert_eq!(indexed + import.not_indexed["condition_occurrence"], 65_332);
+    let withheld = |t: &str| import.withheld.get(t).copied().unwrap_or(0);
+    eprintln!(
+        "withheld under Safe Harbor: {:?}; deaths read: {:?}",
+        import.withheld,
+        import.rows.get("death")
+    );
+    assert_eq!(
+        indexed + import.not_indexed["condition_occurrence"] + withheld("condition_occurrence"),
+        65_332
+    );
     assert!(!import.hierarchy.is_empty());
     // Ascending ids, each with a research copy.
     assert!(
@@ -120,11 +135,16 @@ async fn sql_text(ctx: &SessionContext, sql: &str) -> String {
     c.as_string::<i32>().value(0).to_string()
 }
 
-/// The raw tables, as they are in the files (no casts here: the queries cast).
+/// The tables as the files hold them (no casts here: the queries cast), except that the
+/// event tables are views without what Safe Harbor withholds from the index: for a person
+/// over 89 in the reference year (2026) or at death, the rows dated before the year that
+/// makes them 90, and for anyone the rows dated before their birth year; an observation
+/// period starts no earlier than that year.
 async fn raw_context() -> SessionContext {
     let ctx = SessionContext::new();
     for table in [
         "person",
+        "death",
         "condition_occurrence",
         "drug_exposure",
         "measurement",
@@ -133,12 +153,55 @@ async fn raw_context() -> SessionContext {
         "observation_period",
     ] {
         let path = eunomia_dir().join(format!("{table}.parquet"));
-        ctx.register_parquet(table, path.to_str().unwrap(), ParquetReadOptions::default())
+        let name = if table == "observation_period" || EVENT_VIEWS.iter().any(|(t, _)| *t == table)
+        {
+            format!("raw_{table}")
+        } else {
+            table.to_string()
+        };
+        ctx.register_parquet(&name, path.to_str().unwrap(), ParquetReadOptions::default())
             .await
             .unwrap();
     }
+    let statements = std::iter::once(
+        "CREATE VIEW first_year AS \
+         SELECT pid, CASE WHEN age_year - born > 89 THEN age_year - 90 ELSE born END AS y \
+         FROM (SELECT CAST(p.person_id AS BIGINT) AS pid, CAST(p.year_of_birth AS BIGINT) AS born, \
+                      LEAST(COALESCE(MIN(CAST(date_part('year', d.death_date) AS BIGINT)), 2026), 2026) AS age_year \
+               FROM person p LEFT JOIN death d ON CAST(d.person_id AS BIGINT) = CAST(p.person_id AS BIGINT) \
+               GROUP BY 1, 2)"
+            .to_string(),
+    )
+    .chain(EVENT_VIEWS.iter().map(|(table, date)| {
+        format!(
+            "CREATE VIEW {table} AS SELECT t.* FROM raw_{table} t \
+             JOIN first_year f ON f.pid = CAST(t.person_id AS BIGINT) \
+             WHERE CAST(date_part('year', t.{date}) AS BIGINT) >= f.y"
+        )
+    }))
+    .chain(std::iter::once(
+        "CREATE VIEW observation_period AS \
+         SELECT t.person_id, \
+                GREATEST(CAST(t.observation_period_start_date AS DATE), make_date(f.y, 1, 1)) \
+                    AS observation_period_start_date, \
+                t.observation_period_end_date \
+         FROM raw_observation_period t JOIN first_year f ON f.pid = CAST(t.person_id AS BIGINT) \
+         WHERE CAST(t.observation_period_end_date AS DATE) >= make_date(f.y, 1, 1)"
+            .to_string(),
+    ));
+    for sql in statements {
+        ctx.sql(&sql).await.unwrap_or_else(|e| panic!("{e}\n{sql}"));
+    }
     ctx
 }
+
+/// The event tables filtered by Safe Harbor's first year, with their date column
+/// (`observation_period`, clamped as well as filtered, has its own view).
+const EVENT_VIEWS: [(&str, &str); 3] = [
+    ("condition_occurrence", "condition_start_date"),
+    ("drug_exposure", "drug_exposure_start_date"),
+    ("measurement", "measurement_date"),
+];
 
 fn definition(json: &str) -> CohortDefinition {
     CohortDefinition::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{json}"))
@@ -372,4 +435,82 @@ async fn engine_counts_equal_plain_sql_over_the_raw_files() {
     }
     // Descendants through concept_ancestor matter for the ancestor.
     assert!(counts[0] > counts[1], "{counts:?}");
+}
+
+/// What the custodian's secret date shift does to counts, measured on Eunomia with a key
+/// per person as a custodian makes them: a definition that asks only for codes, sex or
+/// birth years counts the same; relative windows count the same (a patient's dates move
+/// together); a calendar window counts the patients near its ends differently.
+#[tokio::test]
+async fn the_date_shift_changes_only_calendar_windows() {
+    use rand::SeedableRng;
+    let import = import();
+    let engine = |shifted: bool| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut builder = IndexBuilder::new();
+        for p in &import.patients {
+            let days = pre_kms::Identity::generate_with_rng(&mut rng).index_date_shift();
+            let index = if shifted {
+                p.record.index.shifted(days)
+            } else {
+                p.record.index.clone()
+            };
+            builder.add(p.person_id, &index).unwrap();
+        }
+        CohortEngine::from_index(builder.build(), import.hierarchy.clone())
+    };
+    let (truth, shifted) = (engine(false), engine(true));
+    let consent = ConsentSnapshot::everything(import.patients.iter().map(|p| p.person_id)).unwrap();
+    let gi = r#"{"condition": {"codes": ["snomed:74474003"], "include_descendants": true}}"#;
+    // The most frequent drug.
+    let mut drugs = std::collections::BTreeMap::<&str, usize>::new();
+    for p in &import.patients {
+        for d in &p.record.index.drugs {
+            *drugs.entry(d.code.as_str()).or_default() += 1;
+        }
+    }
+    let drug = drugs.iter().max_by_key(|(_, n)| **n).unwrap().0;
+    let same = [
+        format!(r#"{{"criteria": [{gi}]}}"#),
+        format!(
+            r#"{{"criteria": [{{"demographics": {{"sex": ["female"], "birth_year": {{"min": 1940, "max": 1960}}}}}}, {gi}]}}"#
+        ),
+        format!(
+            r#"{{"index": {{"first_event": {gi}}},
+                "criteria": [{{"observation_period": {{"prior_days": 180}}}},
+                             {{"drug": {{"codes": ["rxnorm:{drug}"], "window": {{"days_from_index": {{"from": -365, "to": 30}}}}}}}}]}}"#
+        ),
+    ];
+    for json in &same {
+        let d = definition(json);
+        let (a, b) = (
+            truth.count(&d, &consent).await.unwrap().exact,
+            shifted.count(&d, &consent).await.unwrap().exact,
+        );
+        eprintln!("{a} true, {b} shifted: {json}");
+        assert_eq!(a, b, "{json}");
+        assert!(a > 0, "{json}");
+    }
+    // Calendar windows: one year, five years, an index date.
+    let calendar = [
+        r#"{"criteria": [{"condition": {"codes": ["snomed:74474003"], "include_descendants": true,
+             "window": {"between": {"from": "2005-01-01", "to": "2005-12-31"}}}}]}"#,
+        r#"{"criteria": [{"condition": {"codes": ["snomed:74474003"], "include_descendants": true,
+             "window": {"between": {"from": "2000-01-01", "to": "2004-12-31"}}}}]}"#,
+        r#"{"index": {"date": "2010-01-01"},
+            "criteria": [{"observation_period": {"prior_days": 365, "post_days": 365}}]}"#,
+    ];
+    for json in calendar {
+        let d = definition(json);
+        let (a, b) = (
+            truth.count(&d, &consent).await.unwrap().exact,
+            shifted.count(&d, &consent).await.unwrap().exact,
+        );
+        let change = (b as f64 - a as f64) / a as f64;
+        eprintln!(
+            "calendar: {a} true, {b} shifted ({:+.1}%): {json}",
+            change * 100.0
+        );
+        assert!(a > 0 && change.abs() < 0.25, "{a} vs {b}: {json}");
+    }
 }

@@ -107,17 +107,19 @@ pub async fn import(cmd: ImportCmd) -> anyhow::Result<()> {
                 .context("uploading the concept hierarchy")?;
             let summary = serde_json::json!({"patients": total.patients, "new_keys": created,
                 "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
-                "rows": import.rows, "not_indexed": import.not_indexed,
+                "rows": import.rows, "not_indexed": import.not_indexed, "withheld": import.withheld,
                 "concept_relations_added": concepts_added, "concept_relations_held": concepts_held});
             print(&conn, &summary, || {
                 format!(
-                    "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}; concept relations: {} new, {} held",
+                    "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}; \
+                     rows withheld under Safe Harbor (would reveal an age over 89) {:?}; concept relations: {} new, {} held",
                     total.patients,
                     dir.display(),
                     total.envelopes_stored,
                     total.envelopes_unchanged,
                     import.rows,
                     import.not_indexed,
+                    import.withheld,
                     concepts_added,
                     concepts_held
                 )
