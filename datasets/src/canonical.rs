@@ -32,6 +32,46 @@ pub fn to_vec(value: &Value) -> Vec<u8> {
     out
 }
 
+/// Appends `value`, serialized canonically, to `out`.
+pub fn append(value: &Value, out: &mut Vec<u8>) {
+    if maps_are_sorted() && serde_json::to_writer(&mut *out, value).is_ok() {
+        return;
+    }
+    write(value, out);
+}
+
+/// A FHIR `collection` Bundle written canonically one resource at a time, so that the
+/// resources need not be held together: the bytes equal those of
+/// `to_vec({"entry": [{"resource": r}, …], "resourceType": "Bundle", "type": "collection"})`.
+#[derive(Debug, Default)]
+pub struct CollectionWriter {
+    out: Vec<u8>,
+}
+
+impl CollectionWriter {
+    /// Appends one resource.
+    pub fn push(&mut self, resource: &Value) {
+        self.out.extend_from_slice(if self.out.is_empty() {
+            &b"{\"entry\":["[..]
+        } else {
+            b","
+        });
+        self.out.extend_from_slice(b"{\"resource\":");
+        append(resource, &mut self.out);
+        self.out.push(b'}');
+    }
+
+    /// The Bundle's bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        if self.out.is_empty() {
+            self.out.extend_from_slice(b"{\"entry\":[");
+        }
+        self.out
+            .extend_from_slice(b"],\"resourceType\":\"Bundle\",\"type\":\"collection\"}");
+        self.out
+    }
+}
+
 /// Parses JSON text into a `Value` (through `FromStr`, serde_json's own instantiation).
 pub fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
     let text = std::str::from_utf8(bytes).map_err(|e| ParseError::Utf8 {
@@ -107,6 +147,26 @@ mod tests {
         let mut slow = Vec::new();
         write(&v, &mut slow);
         assert_eq!(String::from_utf8(slow).unwrap(), want);
+    }
+
+    #[test]
+    fn a_collection_written_one_by_one_is_the_canonical_bundle() {
+        let resources = [
+            json!({"resourceType": "A", "b": [2, 1]}),
+            json!({"z": {"y": 1, "x": "q"}}),
+        ];
+        for n in 0..=resources.len() {
+            let mut w = CollectionWriter::default();
+            for r in &resources[..n] {
+                w.push(r);
+            }
+            let entry: Vec<Value> = resources[..n]
+                .iter()
+                .map(|r| json!({"resource": r}))
+                .collect();
+            let whole = json!({"entry": entry, "resourceType": "Bundle", "type": "collection"});
+            assert_eq!(w.finish(), to_vec(&whole), "{n} resources");
+        }
     }
 
     #[test]

@@ -227,20 +227,20 @@ fn is_non_date_element(key: &str) -> bool {
 }
 
 /// The per-patient state of the de-identification.
-pub(crate) struct Deidentifier<'a> {
+pub(crate) struct Deidentifier<'a, 'r> {
     cfg: DeidConfig,
     salt: [u8; 32],
     /// The 90+ bucket year ([`DeidConfig::bucket_year`]) of a patient over 89.
     bucket_year: Option<i32>,
-    resolver: &'a Resolver<'a>,
+    resolver: &'a Resolver<'r>,
 }
 
-impl<'a> Deidentifier<'a> {
+impl<'a, 'r> Deidentifier<'a, 'r> {
     pub(crate) fn new(
         cfg: DeidConfig,
         source_id: &str,
         bucket_year: Option<i32>,
-        resolver: &'a Resolver<'a>,
+        resolver: &'a Resolver<'r>,
     ) -> Self {
         let salt = blake3::derive_key(
             "datasets research-copy patient salt v1",

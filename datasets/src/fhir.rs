@@ -10,6 +10,14 @@
 //!   files of an import are pooled, so that `Patient.ndjson`, `Condition.ndjson`, … (possibly
 //!   split over several files) are joined by patient reference.
 //!
+//! Memory stays close to the size of the input: a Bundle's entries are parsed one at a time
+//! (its members may come in any order), each resource is kept as compact JSON text until
+//! its patient is assembled, and a patient's resources are then parsed again one at a time
+//! while the research copy is written; only the resources that another one refers to for
+//! its category (reasons, addressed conditions) or code (Medication) are held parsed. A
+//! 50 MiB single-patient Bundle peaks at 3.5 MiB of client memory per MiB of input,
+//! sealing included, where parsing it whole takes 8.4 (`bundle-bench`, benches/RESULTS.md).
+//!
 //! References to the patient may be `urn:uuid:<id>` (Synthea) or `Patient/<id>` (any base
 //! URL, optional `_history`). A directory is walked recursively in sorted order, so an
 //! import is deterministic; hidden entries (`.…`) are ignored.
@@ -29,7 +37,8 @@
 //! [`ImportReport::unknown_types`]; skipped files are named with the reason in
 //! [`ImportReport::skipped_files`] (`brokerctl` prints all three).
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -39,10 +48,10 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::canonical::{self, ParseError};
-use crate::categorize::{is_r4_resource_type, research_category_of_type};
+use crate::categorize::{is_r4_resource_type, known_type_name, research_category_of_type};
 use crate::deidentify::DeidConfig;
 use crate::record::PatientRecord;
-use crate::resolve::ResourceIndex;
+use crate::resolve::{Resolver, ResourceIndex};
 use crate::util::{self, RefTarget};
 use crate::validate;
 
@@ -205,84 +214,93 @@ pub fn import_path(path: &Path, cfg: &DeidConfig) -> ImportReport {
 
 /// Imports one JSON document (a Bundle or a single resource) held in memory; `origin`
 /// names it in errors.
+///
+/// A Bundle's entries are parsed one at a time and each is kept as compact JSON text until
+/// its patient is assembled, so the memory an import needs stays close to the size of the
+/// input rather than to that of its parsed form (several times larger).
 pub fn import_bundle_json(bytes: &[u8], origin: &Path, cfg: &DeidConfig) -> ImportReport {
     let mut report = ImportReport::default();
-    let doc: Value = match canonical::parse(bytes) {
-        Ok(v) => v,
-        Err(ParseError::Json(e)) => {
-            report.errors.push(ImportError {
-                file: origin.to_path_buf(),
-                line: Some(e.line()),
-                entry: None,
-                resource_type: None,
-                resource_id: None,
-                reason: format!(
-                    "invalid JSON at line {}, column {}: {}",
-                    e.line(),
-                    e.column(),
-                    json_message(&e)
-                ),
-            });
-            return report;
-        }
-        Err(ParseError::Utf8 { offset }) => {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
             report.errors.push(file_error(
                 origin,
                 None,
-                format!("not UTF-8 (byte {offset})"),
+                format!("not UTF-8 (byte {})", e.valid_up_to()),
             ));
             return report;
         }
     };
+    let json_error = |e: serde_json::Error| ImportError {
+        file: origin.to_path_buf(),
+        line: Some(e.line()),
+        entry: None,
+        resource_type: None,
+        resource_id: None,
+        reason: format!(
+            "invalid JSON at line {}, column {}: {}",
+            e.line(),
+            e.column(),
+            json_message(&e)
+        ),
+    };
     let mut pool = Pool::default();
     let file = pool.add_file(origin);
-    if util::resource_type(&doc) == Some("Bundle") {
-        match doc.get("entry") {
-            None => {}
-            Some(Value::Array(entries)) => {
-                for (i, entry) in entries.iter().enumerate() {
-                    if entry
-                        .get("request")
-                        .and_then(|r| r.get("method"))
-                        .and_then(Value::as_str)
-                        == Some("DELETE")
-                    {
-                        continue;
-                    }
-                    let at = At {
-                        line: None,
-                        entry: Some(i),
-                    };
-                    match entry.get("resource") {
-                        Some(resource) => {
-                            report.resources += 1;
-                            let full_url = entry.get("fullUrl").and_then(Value::as_str);
-                            pool.add(resource.clone(), full_url, file, at, &mut report);
-                        }
-                        None => report.errors.push(ImportError {
-                            file: origin.to_path_buf(),
-                            line: None,
-                            entry: Some(i),
-                            resource_type: None,
-                            resource_id: None,
-                            reason: if entry.is_object() {
-                                "the entry has no resource".into()
-                            } else {
-                                "the entry is not an object".into()
-                            },
-                        }),
-                    }
-                }
+    // An object is read with its `entry` array streamed into the pool, as a Bundle's
+    // entries; should it turn out not to be a Bundle, it is read again whole.
+    let mut streamed_report = ImportReport::default();
+    let streamed = if text.trim_start().starts_with('{') {
+        let mut on_entry = |i: usize, entry: Value| {
+            add_entry(&mut pool, file, origin, i, entry, &mut streamed_report)
+        };
+        match stream_document(text, &mut on_entry) {
+            Ok(doc) => Some(doc),
+            Err(e) => {
+                report.errors.push(json_error(e));
+                return report;
             }
-            Some(_) => report.errors.push(file_error(
-                origin,
-                None,
-                "Bundle.entry is not an array".into(),
-            )),
         }
     } else {
-        report.resources += 1;
-        pool.add(doc, None, file, At::default(), &mut report);
+        None
+    };
+    match streamed {
+        Some(doc) if doc.members.get("resourceType").and_then(Value::as_str) == Some("Bundle") => {
+            report.absorb(streamed_report);
+            if doc.entry == EntryShape::NotArray {
+                report.errors.push(file_error(
+                    origin,
+                    None,
+                    "Bundle.entry is not an array".into(),
+                ));
+            }
+        }
+        Some(doc) if doc.entry == EntryShape::Absent => {
+            report.resources += 1;
+            pool.add(
+                Value::Object(doc.members),
+                None,
+                file,
+                At::default(),
+                &mut report,
+            );
+        }
+        _ => {
+            // Not an object, or a resource of another type with an `entry` member.
+            let mut pool_whole = Pool::default();
+            let file = pool_whole.add_file(origin);
+            match canonical::parse(bytes) {
+                Ok(doc) => {
+                    report.resources += 1;
+                    pool_whole.add(doc, None, file, At::default(), &mut report);
+                }
+                Err(ParseError::Json(e)) => {
+                    report.errors.push(json_error(e));
+                    return report;
+                }
+                Err(ParseError::Utf8 { .. }) => unreachable!("checked above"),
+            }
+            pool = pool_whole;
+        }
     }
     let resources = report.resources;
     assemble(pool, cfg, &mut report, |report| {
@@ -292,6 +310,168 @@ pub fn import_bundle_json(bytes: &[u8], origin: &Path, cfg: &DeidConfig) -> Impo
         ));
     });
     report
+}
+
+/// Files Bundle entry `i` (its `resource`) in the pool, or reports why it cannot be.
+fn add_entry(
+    pool: &mut Pool,
+    file: usize,
+    origin: &Path,
+    i: usize,
+    mut entry: Value,
+    report: &mut ImportReport,
+) {
+    if entry
+        .get("request")
+        .and_then(|r| r.get("method"))
+        .and_then(Value::as_str)
+        == Some("DELETE")
+    {
+        return;
+    }
+    let at = At {
+        line: None,
+        entry: Some(i),
+    };
+    let full_url = entry
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    match entry.as_object_mut().and_then(|e| e.remove("resource")) {
+        Some(resource) => {
+            report.resources += 1;
+            pool.add(resource, full_url.as_deref(), file, at, report);
+        }
+        None => report.errors.push(ImportError {
+            file: origin.to_path_buf(),
+            line: None,
+            entry: Some(i),
+            resource_type: None,
+            resource_id: None,
+            reason: if entry.is_object() {
+                "the entry has no resource".into()
+            } else {
+                "the entry is not an object".into()
+            },
+        }),
+    }
+}
+
+/// What a JSON object's `entry` member was, when read by [`stream_document`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryShape {
+    Absent,
+    Array,
+    NotArray,
+}
+
+/// A JSON object read with its `entry` array streamed: the other members, and what
+/// `entry` was.
+struct StreamedDocument {
+    members: serde_json::Map<String, Value>,
+    entry: EntryShape,
+}
+
+/// Reads a JSON object, handing each element of its (first) `entry` array to `on_entry`
+/// as soon as it is parsed, so that the array is never held whole.
+fn stream_document(
+    text: &str,
+    on_entry: &mut dyn FnMut(usize, Value),
+) -> Result<StreamedDocument, serde_json::Error> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let doc = (&mut de).deserialize_map(DocumentVisitor { on_entry })?;
+    de.end()?;
+    Ok(doc)
+}
+
+struct DocumentVisitor<'f> {
+    on_entry: &'f mut dyn FnMut(usize, Value),
+}
+
+impl<'de> serde::de::Visitor<'de> for DocumentVisitor<'_> {
+    type Value = StreamedDocument;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = serde_json::Map::new();
+        let mut entry = EntryShape::Absent;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "entry" && entry == EntryShape::Absent {
+                entry = map.next_value_seed(EntrySeed {
+                    on_entry: &mut *self.on_entry,
+                })?;
+            } else {
+                let value: Value = map.next_value()?;
+                members.insert(key, value);
+            }
+        }
+        Ok(StreamedDocument { members, entry })
+    }
+}
+
+/// The `entry` member: an array is streamed element by element; anything else is read
+/// past and reported as [`EntryShape::NotArray`].
+struct EntrySeed<'f> {
+    on_entry: &'f mut dyn FnMut(usize, Value),
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntrySeed<'_> {
+    type Value = EntryShape;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<EntryShape, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntrySeed<'_> {
+    type Value = EntryShape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bundle.entry")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<EntryShape, A::Error> {
+        let mut i = 0;
+        while let Some(entry) = seq.next_element::<Value>()? {
+            (self.on_entry)(i, entry);
+            i += 1;
+        }
+        Ok(EntryShape::Array)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<EntryShape, A::Error> {
+        use serde::de::IgnoredAny;
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
+
+    fn visit_unit<E>(self) -> Result<EntryShape, E> {
+        Ok(EntryShape::NotArray)
+    }
 }
 
 /// Imports NDJSON held in memory (one resource per line); `origin` names it in errors.
@@ -444,18 +624,67 @@ struct At {
     entry: Option<usize>,
 }
 
-/// A resource waiting to be grouped, with where it came from.
-struct Item {
+/// A Patient waiting for its resources, with where it came from.
+struct PatientItem {
     resource: Value,
     file: usize,
     at: At,
+}
+
+/// A resource waiting to be grouped by patient. It is kept as compact JSON text (its
+/// parsed form takes several times the memory) with what grouping and reference
+/// resolution need to know without parsing it again.
+struct Item {
+    json: Box<str>,
+    resource_type: String,
+    id: Option<String>,
+    /// The `subject` or `patient` reference.
+    patient_reference: Option<String>,
+    /// The ids its reasons, addressed conditions and medication refer to: the resources a
+    /// research copy needs whole to categorize or complete this one.
+    needs: Vec<String>,
+    file: usize,
+    at: At,
+}
+
+impl Item {
+    fn new(resource: &Value, file: usize, at: At) -> Item {
+        let mut needs = Vec::new();
+        let references = ["reasonReference", "addresses"]
+            .iter()
+            .filter_map(|k| resource.get(*k)?.as_array())
+            .flatten()
+            .chain(resource.get("medicationReference"))
+            .filter_map(|r| r.get("reference")?.as_str());
+        for r in references {
+            if let RefTarget::Uuid(id) | RefTarget::Typed(_, id) = util::parse_reference(r) {
+                needs.push(id.to_string());
+            }
+        }
+        Item {
+            json: resource.to_string().into_boxed_str(),
+            resource_type: util::resource_type(resource)
+                .unwrap_or_default()
+                .to_string(),
+            id: util::resource_id(resource).map(str::to_string),
+            patient_reference: util::patient_reference(resource).map(str::to_string),
+            needs,
+            file,
+            at,
+        }
+    }
+
+    /// The resource, parsed again (it parsed once already, so only memory can fail).
+    fn parse(&self) -> Option<Value> {
+        self.json.parse().ok()
+    }
 }
 
 /// Resources read so far, waiting to be grouped by patient.
 #[derive(Default)]
 struct Pool {
     files: Vec<PathBuf>,
-    patients: Vec<Item>,
+    patients: Vec<PatientItem>,
     /// Resources of the research-copy types, which must reference a Patient.
     clinical: Vec<Item>,
     /// Shared resources that clinical ones may reference (Medication).
@@ -471,12 +700,29 @@ impl Pool {
     }
 
     fn error(&self, item_file: usize, at: At, resource: &Value, reason: String) -> ImportError {
+        self.error_named(
+            item_file,
+            at,
+            util::resource_type(resource),
+            util::resource_id(resource),
+            reason,
+        )
+    }
+
+    fn error_named(
+        &self,
+        item_file: usize,
+        at: At,
+        resource_type: Option<&str>,
+        resource_id: Option<&str>,
+        reason: String,
+    ) -> ImportError {
         ImportError {
             file: self.files.get(item_file).cloned().unwrap_or_default(),
             line: at.line,
             entry: at.entry,
-            resource_type: util::resource_type(resource).map(|t| util::clip(t, 64)),
-            resource_id: util::resource_id(resource).map(|i| util::clip(i, 64)),
+            resource_type: resource_type.map(|t| util::clip(t, 64)),
+            resource_id: resource_id.map(|i| util::clip(i, 64)),
             reason,
         }
     }
@@ -542,7 +788,7 @@ impl Pool {
             {
                 self.patient_aliases.push((uuid, id.to_string()));
             }
-            self.patients.push(Item { resource, file, at });
+            self.patients.push(PatientItem { resource, file, at });
             return;
         }
         if let Some(reason) = reason {
@@ -552,7 +798,7 @@ impl Pool {
         if ty == "Medication" {
             self.shared.push(resource);
         } else if research_category_of_type(&ty).is_some() {
-            self.clinical.push(Item { resource, file, at });
+            self.clinical.push(Item::new(&resource, file, at));
         } else if is_r4_resource_type(&ty) {
             // Providers, billing, provenance, …: read, and left out.
             *report.not_imported.entry(ty).or_default() += 1;
@@ -567,7 +813,7 @@ impl Pool {
 /// Groups the pooled resources by patient and builds the records. `no_patient` is called
 /// instead when the pool holds no Patient at all.
 fn assemble(
-    pool: Pool,
+    mut pool: Pool,
     cfg: &DeidConfig,
     report: &mut ImportReport,
     no_patient: impl FnOnce(&mut ImportReport),
@@ -576,9 +822,10 @@ fn assemble(
         no_patient(report);
         return;
     }
+    let clinical = std::mem::take(&mut pool.clinical);
     // Patient id → position; duplicates are reported and ignored.
     let mut by_id: HashMap<String, usize> = HashMap::new();
-    let mut patients: Vec<&Item> = Vec::new();
+    let mut patients: Vec<&PatientItem> = Vec::new();
     for item in &pool.patients {
         let id = util::resource_id(&item.resource)
             .unwrap_or_default()
@@ -601,21 +848,23 @@ fn assemble(
         }
     }
 
-    let mut groups: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
-    for item in &pool.clinical {
-        let target = match util::patient_reference(&item.resource) {
+    let mut groups: BTreeMap<usize, Vec<Item>> = BTreeMap::new();
+    for item in clinical {
+        let target = match &item.patient_reference {
             None => Err("has no subject or patient reference"),
             Some(r) => util::patient_id_of_reference(r)
                 .and_then(|id| by_id.get(id).copied())
                 .ok_or("subject or patient reference does not match any Patient in the input"),
         };
         match target {
-            Ok(p) => groups.entry(p).or_default().push(item.resource.clone()),
-            Err(reason) => {
-                report
-                    .errors
-                    .push(pool.error(item.file, item.at, &item.resource, reason.into()))
-            }
+            Ok(p) => groups.entry(p).or_default().push(item),
+            Err(reason) => report.errors.push(pool.error_named(
+                item.file,
+                item.at,
+                Some(&item.resource_type),
+                item.id.as_deref(),
+                reason.into(),
+            )),
         }
     }
 
@@ -626,19 +875,32 @@ fn assemble(
             aliases[p].push(uuid.clone());
         }
     }
-    let jobs: Vec<(usize, Vec<Value>)> = (0..patients.len())
+    let jobs: Vec<(usize, Vec<Item>)> = (0..patients.len())
         .map(|p| (p, groups.remove(&p).unwrap_or_default()))
         .collect();
     let records: Vec<PatientRecord> = jobs
         .into_par_iter()
-        .map(|(p, resources)| {
-            PatientRecord::build(
-                &patients[p].resource,
-                &resources,
-                Some(&shared),
-                &aliases[p],
-                cfg,
-            )
+        .map(|(p, items)| {
+            let patient = &patients[p].resource;
+            // Every resource's type by id, and whole only those another one needs.
+            let mut types: HashMap<String, &'static str> = HashMap::new();
+            let mut needed: HashSet<&str> = HashSet::new();
+            for item in &items {
+                if let (Some(id), Some(ty)) = (&item.id, known_type_name(&item.resource_type)) {
+                    types.insert(id.clone(), ty);
+                }
+                needed.extend(item.needs.iter().map(String::as_str));
+            }
+            let whole: Vec<Value> = items
+                .iter()
+                .filter(|i| i.id.as_deref().is_some_and(|id| needed.contains(id)))
+                .filter_map(Item::parse)
+                .collect();
+            let resolver = Resolver::new(patient, &whole, Some(&shared))
+                .with_patient_aliases(&aliases[p])
+                .with_types(&types);
+            let resources = items.iter().filter_map(Item::parse).map(Cow::Owned);
+            PatientRecord::build(patient, &resolver, resources, cfg)
         })
         .collect();
     report.patients.extend(records);

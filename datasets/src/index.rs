@@ -151,31 +151,51 @@ fn measurements(obs: &Value, date: &str, out: &mut Vec<CodedEvent>) {
     }
 }
 
-/// The index rows of one patient.
+/// The index rows of one patient (see [`Extractor`]).
 pub(crate) fn extract(
     patient: &Value,
     resources: &[Value],
     resolver: &Resolver<'_>,
     cfg: &DeidConfig,
 ) -> PatientIndex {
-    let mut index = PatientIndex {
-        person: Person {
-            birth_year: None,
-            sex: sex(patient),
-        },
-        ..PatientIndex::default()
-    };
-
-    // The span of the encounters (ISO dates compare as text).
-    let mut observed: Option<(String, String)> = None;
+    let mut rows = Extractor::new(patient);
     for r in resources {
+        rows.add(r, resolver);
+    }
+    rows.finish(patient, cfg)
+}
+
+/// The index rows of one patient, gathered one resource at a time.
+pub(crate) struct Extractor {
+    index: PatientIndex,
+    /// The span of the encounters (ISO dates compare as text).
+    observed: Option<(String, String)>,
+}
+
+impl Extractor {
+    pub(crate) fn new(patient: &Value) -> Self {
+        Extractor {
+            index: PatientIndex {
+                person: Person {
+                    birth_year: None,
+                    sex: sex(patient),
+                },
+                ..PatientIndex::default()
+            },
+            observed: None,
+        }
+    }
+
+    /// Adds the rows of one of the patient's resources.
+    pub(crate) fn add(&mut self, r: &Value, resolver: &Resolver<'_>) {
+        let index = &mut self.index;
         match util::resource_type(r) {
             Some("Encounter") => {
                 if let Some(start) = first_date(r, &[&["period", "start"]]) {
                     let end = first_date(r, &[&["period", "end"]])
                         .filter(|end| *end >= start)
                         .unwrap_or_else(|| start.clone());
-                    observed = Some(match observed {
+                    self.observed = Some(match self.observed.take() {
                         Some((from, to)) => (from.min(start), to.max(end)),
                         None => (start, end),
                     });
@@ -243,13 +263,17 @@ pub(crate) fn extract(
             _ => {}
         }
     }
-    if let Some((start, end)) = observed {
-        index
-            .observation_periods
-            .push(ObservationPeriod { start, end });
+
+    /// The rows, with Safe Harbor applied ([`safe_harbor`]).
+    pub(crate) fn finish(mut self, patient: &Value, cfg: &DeidConfig) -> PatientIndex {
+        if let Some((start, end)) = self.observed {
+            self.index
+                .observation_periods
+                .push(ObservationPeriod { start, end });
+        }
+        let (birth_year, death_year) = crate::deidentify::life_years(patient);
+        safe_harbor(self.index, birth_year, death_year, cfg)
     }
-    let (birth_year, death_year) = crate::deidentify::life_years(patient);
-    safe_harbor(index, birth_year, death_year, cfg)
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! One patient as the custodian holds it before encryption, and the pipeline that builds it
 //! from FHIR resources: categorization, de-identification, index extraction.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use model::Category;
 use model::PatientIndex;
 use serde_json::{Map, Value};
 
+use crate::canonical::CollectionWriter;
 use crate::categorize::{self, research_category};
 use crate::deidentify::{self, DeidConfig, Deidentifier};
-use crate::resolve::{Resolver, ResourceIndex};
+use crate::resolve::Resolver;
 use crate::{canonical, index, util};
 
 /// One patient, as a custodian holds it before encryption.
@@ -45,63 +47,65 @@ impl PatientRecord {
     /// importer's checks, but nothing here panics on malformed input: unusable elements are
     /// skipped.
     pub fn from_fhir(patient: &Value, resources: &[Value], cfg: &DeidConfig) -> PatientRecord {
-        Self::build(patient, resources, None, &[], cfg)
+        let resolver = Resolver::new(patient, resources, None);
+        Self::build(patient, &resolver, resources.iter().map(Cow::Borrowed), cfg)
     }
 
-    /// [`PatientRecord::from_fhir`] with shared resources (e.g. every Medication of a bulk
-    /// export) indexed once for all patients, and other `urn:uuid:` ids of the patient.
-    pub(crate) fn build(
+    /// [`PatientRecord::from_fhir`] over the patient's resources one at a time (an importer
+    /// may parse each only when its turn comes), references resolved by `resolver`.
+    pub(crate) fn build<'r>(
         patient: &Value,
-        resources: &[Value],
-        shared: Option<&ResourceIndex<'_>>,
-        patient_aliases: &[String],
+        resolver: &Resolver<'_>,
+        resources: impl Iterator<Item = Cow<'r, Value>>,
         cfg: &DeidConfig,
     ) -> PatientRecord {
         let source_id = util::resource_id(patient).unwrap_or_default().to_string();
-        let resolver =
-            Resolver::new(patient, resources, shared).with_patient_aliases(patient_aliases);
         let (birth_year, death_year) = deidentify::life_years(patient);
         let bucket_year = birth_year.and_then(|y| cfg.bucket_year(y, death_year));
-        let deid = Deidentifier::new(*cfg, &source_id, bucket_year, &resolver);
+        let deid = Deidentifier::new(*cfg, &source_id, bucket_year, resolver);
         let identifiers = deidentify::identifiers_of(patient);
 
-        let mut copies: BTreeMap<Category, Vec<Value>> = BTreeMap::new();
+        let mut copies: BTreeMap<Category, CollectionWriter> = BTreeMap::new();
         copies
             .entry(Category::Demographics)
             .or_default()
-            .push(deid.patient(patient));
-        let mut critical = vec![patient.clone()];
+            .push(&deid.patient(patient));
+        let mut critical = CollectionWriter::default();
+        critical.push(patient);
+        let mut index = index::Extractor::new(patient);
         for r in resources {
-            if util::resource_type(r) == Some("Patient") {
+            if util::resource_type(&r) == Some("Patient") {
                 continue;
             }
-            if let Some(category) = research_category(r, &resolver)
-                && let Some(clean) = deid.resource(r)
+            if let Some(category) = research_category(&r, resolver)
+                && let Some(clean) = deid.resource(&r)
             {
-                copies.entry(category).or_default().push(clean);
+                copies.entry(category).or_default().push(&clean);
             }
-            if categorize::is_critical(r) {
-                critical.push(r.clone());
+            if categorize::is_critical(&r) {
+                critical.push(&r);
             }
+            index.add(&r, resolver);
         }
 
         let needles: Vec<String> = identifiers.iter().map(|s| s.to_lowercase()).collect();
         let mut categories = BTreeMap::new();
-        for (category, resources) in copies {
-            let bundle = collection(resources);
-            let mut bytes = canonical::to_vec(&bundle);
+        for (category, copy) in copies {
+            let mut bytes = copy.finish();
             if contains_any(&bytes, &needles) {
                 // Safety net: drop every string that still carries an identifier.
-                let scrubbed =
-                    deidentify::scrub(&bundle, &needles).unwrap_or_else(|| collection(Vec::new()));
+                let scrubbed = canonical::parse(&bytes)
+                    .ok()
+                    .and_then(|bundle| deidentify::scrub(&bundle, &needles))
+                    .unwrap_or_else(|| collection(Vec::new()));
                 bytes = canonical::to_vec(&scrubbed);
             }
             categories.insert(category, bytes);
         }
-        categories.insert(Category::Critical, canonical::to_vec(&collection(critical)));
+        categories.insert(Category::Critical, critical.finish());
 
         PatientRecord {
-            index: index::extract(patient, resources, &resolver, cfg),
+            index: index.finish(patient, cfg),
             source_id,
             categories,
             identifiers,

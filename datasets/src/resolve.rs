@@ -38,9 +38,15 @@ impl<'a> ResourceIndex<'a> {
 
 /// Resolves reference strings against one patient, the resources that came with them, and
 /// optionally an index of shared resources.
+///
+/// `resources` are the resources a reference may need whole (a reason's code, a
+/// Medication); a reference that only needs its target's type may also be resolved by
+/// [`Resolver::with_types`], so that an importer need not hold every resource at once.
 pub(crate) struct Resolver<'a> {
     patient: &'a Value,
     resources: &'a [Value],
+    /// The type of every resource of the patient, by id, when not all are in `resources`.
+    types: Option<&'a HashMap<String, &'static str>>,
     patient_id: Option<&'a str>,
     /// Other ids the patient is referenced by (`urn:uuid:` fullUrls that differ from the id).
     patient_aliases: &'a [String],
@@ -60,6 +66,7 @@ impl<'a> Resolver<'a> {
             resources,
             patient_id: util::resource_id(patient),
             patient_aliases: &[],
+            types: None,
             own: OnceCell::new(),
             shared,
         }
@@ -68,6 +75,12 @@ impl<'a> Resolver<'a> {
     /// Also treats `urn:uuid:<alias>` references as references to the patient.
     pub(crate) fn with_patient_aliases(mut self, aliases: &'a [String]) -> Self {
         self.patient_aliases = aliases;
+        self
+    }
+
+    /// Also knows the types of these resources (by id), whole or not.
+    pub(crate) fn with_types(mut self, types: &'a HashMap<String, &'static str>) -> Self {
+        self.types = Some(types);
         self
     }
 
@@ -93,10 +106,11 @@ impl<'a> Resolver<'a> {
     pub(crate) fn target_type(&self, reference: &str) -> Option<&'static str> {
         let target = util::parse_reference(reference);
         match target {
-            RefTarget::Uuid(_) => self
-                .find(&target)
-                .and_then(|r| util::resource_type(r))
-                .and_then(known_type_name),
+            RefTarget::Uuid(id) => self.types.and_then(|t| t.get(id).copied()).or_else(|| {
+                self.find(&target)
+                    .and_then(|r| util::resource_type(r))
+                    .and_then(known_type_name)
+            }),
             RefTarget::Typed(ty, _) | RefTarget::TypeOnly(ty) => known_type_name(ty),
             RefTarget::Other => None,
         }

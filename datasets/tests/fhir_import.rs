@@ -574,3 +574,66 @@ fn unknown_types_are_counted_per_file_and_entry_errors_name_their_entry() {
     assert_eq!(report.errors.len(), 3, "{errors:#?}");
     assert!(report.errors.iter().all(|e| e.entry.is_some()));
 }
+
+/// Bundles are read entry by entry: whatever the order of their members, with the same
+/// result as before; a document that is not a Bundle but has an `entry` member, a Bundle
+/// whose `entry` is not an array and broken JSON in the middle of the entries are each
+/// told apart.
+#[test]
+fn bundles_stream_whatever_the_member_order_and_shape() {
+    let population = Population::with_config(3, 2, cfg());
+    let bundle = population.bundle(1);
+    let want = import_bundle_json(
+        &serde_json::to_vec(&bundle).unwrap(),
+        "a.json".as_ref(),
+        &cfg(),
+    );
+    assert!(want.errors.is_empty(), "{:?}", want.errors);
+    assert_eq!(want.patients[0], population.patient(1));
+    // `entry` before `resourceType`, written by hand so that the order holds.
+    let entries = serde_json::to_string(&bundle["entry"]).unwrap();
+    let reordered =
+        format!(r#"{{"entry": {entries}, "type": "transaction", "resourceType": "Bundle"}}"#);
+    let got = import_bundle_json(reordered.as_bytes(), "b.json".as_ref(), &cfg());
+    assert!(got.errors.is_empty(), "{:?}", got.errors);
+    assert_eq!(got.patients, want.patients);
+    assert_eq!(got.resources, want.resources);
+
+    // A List has a top-level `entry` too: it is a resource of another type, counted.
+    let list =
+        br#"{"entry": [{"item": {"reference": "Patient/x"}}], "resourceType": "List", "id": "l"}"#;
+    let report = import_bundle_json(list, "list.json".as_ref(), &cfg());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.resources, 1);
+    assert_eq!(report.not_imported["List"], 1);
+
+    let report = import_bundle_json(
+        br#"{"resourceType": "Bundle", "entry": {"resource": {}}}"#,
+        "c.json".as_ref(),
+        &cfg(),
+    );
+    assert_eq!(report.errors.len(), 1);
+    assert!(
+        report.errors[0]
+            .reason
+            .contains("Bundle.entry is not an array"),
+        "{:?}",
+        report.errors
+    );
+
+    let broken = format!(
+        "{{\"resourceType\": \"Bundle\",\n\"entry\": [{}, \n{{\"resource\": }}]}}",
+        serde_json::to_string(&bundle["entry"][0]).unwrap()
+    );
+    let report = import_bundle_json(broken.as_bytes(), "d.json".as_ref(), &cfg());
+    assert!(report.patients.is_empty());
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].line, Some(3), "{:?}", report.errors);
+    assert!(
+        report.errors[0]
+            .reason
+            .starts_with("invalid JSON at line 3"),
+        "{:?}",
+        report.errors
+    );
+}
