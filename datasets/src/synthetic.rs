@@ -46,6 +46,7 @@ pub struct Population {
     seed: u64,
     size: usize,
     config: DeidConfig,
+    life_events: bool,
 }
 
 impl Population {
@@ -61,7 +62,24 @@ impl Population {
     /// A population whose records are de-identified with `config`; its reference year is
     /// also the year the simulation ends before (events fall in the three years before it).
     pub fn with_config(seed: u64, size: usize, config: DeidConfig) -> Self {
-        Population { seed, size, config }
+        Population {
+            seed,
+            size,
+            config,
+            life_events: false,
+        }
+    }
+
+    /// The same population, with what tests the de-identification of dates and ages: about
+    /// a third of the patients aged 80 or more die, on the day of their last visit, of a
+    /// condition recorded that day (`deceasedDateTime`); every patient's last visit records
+    /// an `Age` observation (LOINC 30525-0, in months under two); patients aged 85 or more
+    /// carry a cataract with `onsetAge`, and those aged 90 or more an osteoarthritis with an
+    /// `onsetRange`. Drawn from a random stream of their own: every other resource stays
+    /// as [`Population::with_config`] makes it.
+    pub fn with_life_events(mut self) -> Self {
+        self.life_events = true;
+        self
     }
 
     /// The seed.
@@ -163,6 +181,13 @@ impl Population {
     fn resources(&self, i: usize) -> (Value, Vec<Value>) {
         let mut g = Gen::new(self.rng(i), i, self.config.reference_year);
         g.run();
+        if self.life_events {
+            let mut h = blake3::Hasher::new_derive_key("datasets synthetic life events v1");
+            h.update(&self.seed.to_le_bytes());
+            h.update(&(i as u64).to_le_bytes());
+            g.rng = ChaCha8Rng::from_seed(*h.finalize().as_bytes());
+            g.life_events();
+        }
         (g.patient, g.out)
     }
 }
@@ -541,6 +566,8 @@ struct Gen {
     smoker: Smoking,
     patient: Value,
     out: Vec<Value>,
+    /// The day and encounter id of the latest visit.
+    last_visit: Option<(Date, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,6 +613,7 @@ impl Gen {
             smoker: Smoking::Never,
             patient: Value::Null,
             out: Vec::new(),
+            last_visit: None,
         }
     }
 
@@ -1153,7 +1181,72 @@ impl Gen {
             e["reasonCode"] = Value::Array(vec![concept(SNOMED, code, display)]);
         }
         self.out.push(e);
+        if self.last_visit.as_ref().is_none_or(|(d, _)| date >= *d) {
+            self.last_visit = Some((date, id.clone()));
+        }
         id
+    }
+
+    /// See [`Population::with_life_events`].
+    fn life_events(&mut self) {
+        let Some((last, enc)) = self.last_visit.clone() else {
+            return;
+        };
+        let age = self.age_at(last);
+        let (value, unit) = if age < 2 {
+            let months = (last.ordinal() - self.birth.ordinal()) / 28;
+            (months as f64, "mo")
+        } else {
+            (f64::from(age), "a")
+        };
+        self.observation(&enc, last, 600, "survey", "30525-0", "Age", value, unit);
+        let condition = |g: &mut Gen, code, display, onset: (&'static str, Value)| {
+            let id = g.new_id();
+            let mut members = condition_codes(
+                ("active", "Active"),
+                ("encounter-diagnosis", "Encounter Diagnosis"),
+                code,
+                display,
+            );
+            members.push(onset);
+            g.out.push(with(
+                json!({
+                    "resourceType": "Condition",
+                    "id": id,
+                    "subject": {"reference": g.patient_ref},
+                    "encounter": {"reference": format!("urn:uuid:{enc}")},
+                    "recordedDate": last.at(610)
+                }),
+                members,
+            ));
+        };
+        let years = |v: u32| json!({"value": v, "unit": "years", "system": UCUM, "code": "a"});
+        if age >= 85 {
+            condition(
+                self,
+                "193570009",
+                "Cataract (disorder)",
+                ("onsetAge", years(age - 3)),
+            );
+        }
+        if age >= 90 {
+            let range = json!({"low": years(age - 6), "high": years(age - 1)});
+            condition(
+                self,
+                "239873007",
+                "Osteoarthritis of knee (disorder)",
+                ("onsetRange", range),
+            );
+        }
+        if age >= 80 && self.chance(0.35) {
+            condition(
+                self,
+                "22298006",
+                "Myocardial infarction (disorder)",
+                ("onsetDateTime", Value::from(last.at(620))),
+            );
+            self.patient["deceasedDateTime"] = Value::from(last.at(630));
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -237,3 +237,130 @@ fn distributions_are_plausible() {
             .any(|p| p.code == "73761001")
     );
 }
+
+/// Safe Harbor at scale: 4,000 generated patients with deaths, `Age` observations,
+/// `onsetAge` and `onsetRange` (`with_life_events`), through the FHIR importer. No research
+/// copy keeps a date finer than the year, an age over 89, or (in the 90+ bucket, decided on
+/// the age this year or at death) a birth year, an age or a year before the bucket year;
+/// no index row states an age over 89 or, in the bucket, is dated before its year.
+#[test]
+fn life_events_keep_no_date_or_age_that_safe_harbor_removes() {
+    use rayon::prelude::*;
+    use serde_json::Value;
+    let cfg = DeidConfig::new(2026);
+    let pop = Population::with_config(90, 4_000, cfg).with_life_events();
+    // The same population without them: every other resource is the same, in order.
+    let plain = Population::with_config(90, 4_000, cfg);
+    for i in 0..20 {
+        let (with, without) = (pop.bundle(i), plain.bundle(i));
+        let (with, without) = (
+            with["entry"].as_array().unwrap(),
+            without["entry"].as_array().unwrap(),
+        );
+        assert!(with.len() > without.len());
+        assert_eq!(with[1..without.len()], without[1..], "patient {i}");
+    }
+    let years_of = |value: f64, unit: &str| match unit {
+        "a" => Some(value),
+        "mo" => Some(value / 12.0),
+        _ => None,
+    };
+    let seen: Vec<[bool; 4]> = (0..pop.len())
+        .into_par_iter()
+        .map(|i| {
+            let bundle = pop.bundle(i);
+            let patient = &bundle["entry"][0]["resource"];
+            let year = |k: &str| patient[k].as_str().map(|s| s[..4].parse::<i32>().unwrap());
+            let (born, died) = (year("birthDate").unwrap(), year("deceasedDateTime"));
+            let bucket = cfg.bucket_year(born, died);
+            let report = import_bundle_json(
+                &serde_json::to_vec(&bundle).unwrap(),
+                Path::new("p.json"),
+                &cfg,
+            );
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let record = &report.patients[0];
+            let mut ages = 0;
+            for (category, bytes) in &record.categories {
+                if *category == Category::Critical {
+                    continue;
+                }
+                let doc: Value = serde_json::from_slice(bytes).unwrap();
+                let mut stack = vec![&doc];
+                while let Some(v) = stack.pop() {
+                    match v {
+                        Value::String(s) => {
+                            let b = s.as_bytes();
+                            let digits = |r: std::ops::Range<usize>| {
+                                b.get(r).is_some_and(|x| x.iter().all(u8::is_ascii_digit))
+                            };
+                            assert!(
+                                !(digits(0..4) && b.get(4) == Some(&b'-') && digits(5..7)),
+                                "patient {i}: {s}"
+                            );
+                            if let (Some(bucket), true) = (bucket, b.len() == 4 && digits(0..4)) {
+                                assert!(s.parse::<i32>().unwrap() >= bucket, "patient {i}: {s}");
+                            }
+                        }
+                        Value::Array(items) => stack.extend(items),
+                        Value::Object(o) => {
+                            if let (Some(value), Some(unit)) = (
+                                o.get("value").and_then(Value::as_f64),
+                                o.get("code").and_then(Value::as_str),
+                            ) && let Some(years) = years_of(value, unit)
+                            {
+                                ages += 1;
+                                assert!(bucket.is_none(), "patient {i}: an age in the bucket");
+                                assert!(years <= 89.0 || value == 90.0, "patient {i}: {years}");
+                            }
+                            stack.extend(o.values());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let demographics = record.bundle(Category::Demographics).unwrap().to_string();
+            assert_eq!(
+                demographics.contains("age-90-plus"),
+                bucket.is_some(),
+                "patient {i}"
+            );
+            let index = &record.index;
+            assert_eq!(index.person.birth_year, Some(bucket.unwrap_or(born)));
+            for m in &index.measurements {
+                if let Some(years) = m.value.and_then(|v| years_of(v, &m.unit)) {
+                    assert!(years <= 89.0 && bucket.is_none(), "patient {i}: {m:?}");
+                }
+            }
+            if let Some(bucket) = bucket {
+                let first = format!("{bucket}-01-01");
+                assert!(
+                    index
+                        .conditions
+                        .iter()
+                        .chain(&index.measurements)
+                        .all(|e| e.date >= first)
+                );
+            }
+            let age_now = 2026 - born;
+            [
+                bucket.is_some() && died.is_none(),
+                bucket.is_some() && died.is_some(),
+                died.is_some() && bucket.is_none() && age_now > 89,
+                age_now <= 1 && ages > 0,
+            ]
+        })
+        .collect();
+    let count = |k: usize| seen.iter().filter(|s| s[k]).count();
+    eprintln!(
+        "90+ alive {}, 90+ at death {}, died before 90 but over 89 now {}, infants with an age in months {}",
+        count(0),
+        count(1),
+        count(2),
+        count(3)
+    );
+    assert!(
+        count(0) > 5 && count(1) > 3 && count(2) > 0 && count(3) > 5,
+        "the cases occur"
+    );
+}
