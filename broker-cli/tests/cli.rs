@@ -1359,6 +1359,11 @@ fn safe_harbor_fixtures_leave_no_exact_date_and_no_age_over_89_at_the_broker_or_
     );
     assert_eq!(imported["patients"], 7, "{imported}");
     assert_eq!(imported["errors"], 0, "{imported}");
+    // Withheld, and counted: the two childhood conditions and the Age of 99 of the patient
+    // born in 1925, the childhood sinusitis and the Age of 93 of the one who died at 95,
+    // and the Age of 95 of the patient without a birth date.
+    assert_eq!(imported["withheld"]["condition"], 3, "{imported}");
+    assert_eq!(imported["withheld"]["measurement"], 3, "{imported}");
     ctl.ok(
         &custodian,
         &["custodian", "consent", "--keystore", keystore, "--broad"],

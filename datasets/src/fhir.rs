@@ -50,6 +50,7 @@ use serde_json::Value;
 use crate::canonical::{self, ParseError};
 use crate::categorize::{is_r4_resource_type, known_type_name, research_category_of_type};
 use crate::deidentify::DeidConfig;
+use crate::index::Withheld;
 use crate::record::PatientRecord;
 use crate::resolve::{Resolver, ResourceIndex};
 use crate::util::{self, RefTarget};
@@ -75,6 +76,8 @@ pub struct ImportReport {
     /// Resources whose `resourceType` is not a FHIR R4 resource type, counted per file and
     /// per type (as written, at most 64 characters): left out.
     pub unknown_types: BTreeMap<PathBuf, BTreeMap<String, usize>>,
+    /// Index rows of the imported patients withheld under Safe Harbor.
+    pub withheld: Withheld,
 }
 
 impl ImportReport {
@@ -84,6 +87,7 @@ impl ImportReport {
         self.files += other.files;
         self.resources += other.resources;
         self.skipped_files.extend(other.skipped_files);
+        self.withheld.add(&other.withheld);
         for (ty, n) in other.not_imported {
             *self.not_imported.entry(ty).or_default() += n;
         }
@@ -903,5 +907,8 @@ fn assemble(
             PatientRecord::build(patient, &resolver, resources, cfg)
         })
         .collect();
+    for r in &records {
+        report.withheld.add(&r.withheld);
+    }
     report.patients.extend(records);
 }

@@ -114,17 +114,64 @@ fn is_indexable(row: &CodedEvent, over_89: bool) -> bool {
 /// bucketed (90+), no measurement that states an age ([`is_indexable`]), and for the 90+
 /// bucket nothing dated before the bucket year
 /// ([`PatientIndex::drop_before_birth_year`]). `birth_year` is the true year of birth.
+/// Also says how many rows of each table it withheld.
 pub(crate) fn safe_harbor(
     mut index: PatientIndex,
     birth_year: Option<i32>,
     death_year: Option<i32>,
     cfg: &DeidConfig,
-) -> PatientIndex {
+) -> (PatientIndex, Withheld) {
+    let before = Withheld::sizes(&index);
     let over_89 = birth_year.is_some_and(|y| cfg.is_over_89(y, death_year));
     index.person.birth_year = birth_year.map(|y| cfg.index_birth_year(y, death_year));
     index.measurements.retain(|m| is_indexable(m, over_89));
     index.drop_before_birth_year();
-    index
+    let after = Withheld::sizes(&index);
+    let withheld = Withheld {
+        condition: before.condition - after.condition,
+        measurement: before.measurement - after.measurement,
+        drug: before.drug - after.drug,
+        procedure: before.procedure - after.procedure,
+        observation_period: before.observation_period - after.observation_period,
+    };
+    (index, withheld)
+}
+
+/// Index rows withheld under Safe Harbor ([`crate::index`]), per index table: dated before
+/// the 90+ bucket year (or before the birth year), or a measurement that states an age.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Withheld {
+    pub condition: usize,
+    pub measurement: usize,
+    pub drug: usize,
+    pub procedure: usize,
+    pub observation_period: usize,
+}
+
+impl Withheld {
+    fn sizes(index: &PatientIndex) -> Withheld {
+        Withheld {
+            condition: index.conditions.len(),
+            measurement: index.measurements.len(),
+            drug: index.drugs.len(),
+            procedure: index.procedures.len(),
+            observation_period: index.observation_periods.len(),
+        }
+    }
+
+    /// All rows withheld.
+    pub fn total(&self) -> usize {
+        self.condition + self.measurement + self.drug + self.procedure + self.observation_period
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Withheld) {
+        self.condition += other.condition;
+        self.measurement += other.measurement;
+        self.drug += other.drug;
+        self.procedure += other.procedure;
+        self.observation_period += other.observation_period;
+    }
 }
 
 /// The measurement rows of one Observation.
@@ -162,7 +209,7 @@ pub(crate) fn extract(
     for r in resources {
         rows.add(r, resolver);
     }
-    rows.finish(patient, cfg)
+    rows.finish(patient, cfg).0
 }
 
 /// The index rows of one patient, gathered one resource at a time.
@@ -264,8 +311,8 @@ impl Extractor {
         }
     }
 
-    /// The rows, with Safe Harbor applied ([`safe_harbor`]).
-    pub(crate) fn finish(mut self, patient: &Value, cfg: &DeidConfig) -> PatientIndex {
+    /// The rows, with Safe Harbor applied ([`safe_harbor`]), and what it withheld.
+    pub(crate) fn finish(mut self, patient: &Value, cfg: &DeidConfig) -> (PatientIndex, Withheld) {
         if let Some((start, end)) = self.observed {
             self.index
                 .observation_periods

@@ -72,6 +72,7 @@ mod validate;
 
 pub use deidentify::DeidConfig;
 pub use fhir::{ImportError, ImportReport, import_bundle_json, import_ndjson_bytes, import_path};
+pub use index::Withheld;
 pub use omop::{OmopError, OmopImport, OmopPatient, import_dir};
 pub use record::PatientRecord;
 pub use synthetic::Population;

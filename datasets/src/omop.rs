@@ -89,10 +89,8 @@ pub struct OmopImport {
     /// SNOMED, LOINC, RxNorm and ICD10CM; for `observation_period`, periods of persons
     /// without a person row; for `death`, deaths of persons without a person row.
     pub not_indexed: BTreeMap<&'static str, usize>,
-    /// Rows per table withheld from the index under Safe Harbor: dated before the 90+
-    /// bucket year (or before the birth year), or a measurement that states an age
-    /// ([`crate::index`]). Tables with none are absent.
-    pub withheld: BTreeMap<&'static str, usize>,
+    /// Index rows withheld under Safe Harbor, per index table.
+    pub withheld: index::Withheld,
 }
 
 /// Why an OMOP directory could not be imported.
@@ -921,7 +919,7 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
             message: format!("person_id {id} has events but no person row"),
         });
     }
-    let patients: Vec<(OmopPatient, [usize; 5])> = people
+    let patients: Vec<OmopPatient> = people
         .into_par_iter()
         .map(|(person_id, rows)| {
             let (year, month, day, sex, source) = rows.patient.expect("checked above");
@@ -943,46 +941,23 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
             }
             let mut record = PatientRecord::from_fhir(&patient, &rows.resources, cfg);
             let death_year = rows.death.map(Date::year);
-            let before = table_sizes(&rows.index);
-            record.index = index::safe_harbor(rows.index, Some(year), death_year, cfg);
-            let after = table_sizes(&record.index);
-            let withheld = std::array::from_fn(|i| before[i] - after[i]);
-            (OmopPatient { person_id, record }, withheld)
+            let (index, withheld) = index::safe_harbor(rows.index, Some(year), death_year, cfg);
+            record.index = index;
+            record.withheld = withheld;
+            OmopPatient { person_id, record }
         })
         .collect();
-    let mut withheld = BTreeMap::new();
-    let names = [
-        "condition_occurrence",
-        "measurement",
-        "drug_exposure",
-        "procedure_occurrence",
-        "observation_period",
-    ];
-    for (_, counts) in &patients {
-        for (name, n) in names.iter().zip(counts) {
-            if *n > 0 {
-                *withheld.entry(*name).or_default() += n;
-            }
-        }
+    let mut withheld = index::Withheld::default();
+    for p in &patients {
+        withheld.add(&p.record.withheld);
     }
     Ok(OmopImport {
-        patients: patients.into_iter().map(|(p, _)| p).collect(),
+        patients,
         hierarchy,
         rows: rows_read,
         not_indexed,
         withheld,
     })
-}
-
-/// Rows per index table, in the order of [`OmopImport::withheld`]'s table names.
-fn table_sizes(index: &PatientIndex) -> [usize; 5] {
-    [
-        index.conditions.len(),
-        index.measurements.len(),
-        index.drugs.len(),
-        index.procedures.len(),
-        index.observation_periods.len(),
-    ]
 }
 
 #[cfg(test)]

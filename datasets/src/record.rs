@@ -29,6 +29,8 @@ pub struct PatientRecord {
     pub categories: BTreeMap<Category, Vec<u8>>,
     /// Searchable index rows extracted from the same data.
     pub index: PatientIndex,
+    /// Index rows the data held that Safe Harbor withheld.
+    pub withheld: index::Withheld,
     /// Strings that identify the patient (names, street address lines, cities, phone,
     /// email, identifier values such as MRN, SSN, driver's licence and passport numbers).
     /// Never stored by the broker; leak tests scan the broker's data for them. Strings
@@ -104,8 +106,10 @@ impl PatientRecord {
         }
         categories.insert(Category::Critical, critical.finish());
 
+        let (index, withheld) = index.finish(patient, cfg);
         PatientRecord {
-            index: index.finish(patient, cfg),
+            index,
+            withheld,
             source_id,
             categories,
             identifiers,

@@ -112,14 +112,14 @@ pub async fn import(cmd: ImportCmd) -> anyhow::Result<()> {
             print(&conn, &summary, || {
                 format!(
                     "{} patients from {}: {} envelopes stored, {} unchanged; rows read {:?}; event rows not indexed (concept 0 or another vocabulary) {:?}; \
-                     rows withheld under Safe Harbor (would reveal an age over 89) {:?}; concept relations: {} new, {} held",
+                     index rows withheld under Safe Harbor (would reveal an age over 89) {}; concept relations: {} new, {} held",
                     total.patients,
                     dir.display(),
                     total.envelopes_stored,
                     total.envelopes_unchanged,
                     import.rows,
                     import.not_indexed,
-                    import.withheld,
+                    import.withheld.total(),
                     concepts_added,
                     concepts_held
                 )
@@ -294,11 +294,13 @@ async fn import_fhir(
         "keys_derived": total.keys_derived, "enrollments_sent": total.enrollments_sent,
         "errors": report.errors.len(), "skipped_files": report.skipped_files.len(),
         "not_imported": report.not_imported,
-        "unknown_types": report.unknown_types.values().flat_map(|t| t.values()).sum::<usize>()});
+        "unknown_types": report.unknown_types.values().flat_map(|t| t.values()).sum::<usize>(),
+        "withheld": report.withheld});
     print(conn, &summary, || {
         format!(
             "{} patients from {} files: {} envelopes stored, {} unchanged; {} resources skipped with errors, \
-             {} files skipped, {} resources of unknown types; {} resources of other FHIR types not imported; keys in {}",
+             {} files skipped, {} resources of unknown types; {} resources of other FHIR types not imported; \
+             {} index rows withheld under Safe Harbor (would reveal an age over 89); keys in {}",
             total.patients,
             report.files,
             total.envelopes_stored,
@@ -311,6 +313,7 @@ async fn import_fhir(
                 .flat_map(|t| t.values())
                 .sum::<usize>(),
             report.not_imported.values().sum::<usize>(),
+            report.withheld.total(),
             keystore.display()
         )
     });
