@@ -4,7 +4,9 @@
 
 use broker_proto::MAX_MESSAGE_BYTES;
 use broker_proto::convert::logged_event_to_pb;
-use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
+use broker_proto::methods::{
+    PROXY_DEPOSIT, PROXY_ERASE, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE,
+};
 use broker_proto::signed::signed;
 use broker_proto::tls::ClientTls;
 use broker_proto::v1 as pb;
@@ -149,6 +151,34 @@ impl ProxyPool {
                 message: s.message().to_owned(),
             })?;
         Ok(reply.into_inner().destroyed)
+    }
+
+    /// Asks proxy `index` to carry out a patient's erasure request; its receipt, checked
+    /// to be signed by that proxy's key and for this request.
+    pub async fn erase(
+        &self,
+        index: usize,
+        request: &pre_kms::erasure::VerifiedErasureRequest,
+    ) -> Result<pre_kms::erasure::ErasureReceipt, ProxyError> {
+        let p = &self.proxies[index];
+        let mut client = p.client.clone();
+        let req = pb::EraseRequest {
+            request: Some(broker_proto::convert::erasure_request_to_pb(
+                request.request(),
+            )),
+        };
+        let refused = |message: String| ProxyError::Refused { index, message };
+        let reply = client
+            .erase(signed(&self.identity, PROXY_ERASE, req))
+            .await
+            .map_err(|s| refused(s.message().to_owned()))?;
+        let receipt = broker_proto::convert::erasure_receipt_from_pb(reply.into_inner())
+            .map_err(|s| refused(s.message().to_owned()))?;
+        let theirs = hex::decode(&receipt.verifying_key).is_ok_and(|k| k == p.info.verifying_key);
+        if !theirs || receipt.verify_for(request).is_err() {
+            return Err(refused("its erasure receipt does not verify".into()));
+        }
+        Ok(receipt)
     }
 
     pub async fn deposit(&self, index: usize, deposits: Vec<KfragDeposit>) -> ServiceResult<u32> {

@@ -53,6 +53,7 @@
 //! ```
 pub mod enrollment;
 pub mod envelope;
+pub mod erasure;
 pub mod error;
 pub mod grant;
 pub mod keys;

@@ -8,8 +8,10 @@ use model::{
     PatientIndex, Person, Release, ResearchPurpose, Role, SearchField, Study, StudyFocus,
     StudyProposal, StudyStatus, Upload, UploadReceipt, UploadedEnvelope,
 };
+use pre_kms::erasure::{ErasureReceipt, ErasureRequest, Role as ErasureRole};
 use pre_kms::grant::{Grant, GrantCategory};
 use pre_kms::logged_release::{LoggedEvent, LoggedRelease};
+use tonic::Status;
 
 use crate::v1 as pb;
 
@@ -345,6 +347,64 @@ pub fn grant_from_pb(g: pb::Grant) -> ServiceResult<Grant> {
 
 pub fn category_from_pb(label: &str) -> ServiceResult<Category> {
     category(label)
+}
+
+/// An erasure request on the wire (its hex fields as bytes).
+pub fn erasure_request_to_pb(r: &ErasureRequest) -> pb::ErasureRequest {
+    pb::ErasureRequest {
+        pseudonym: r.pseudonym.clone(),
+        verifying_key: hex::decode(&r.verifying_key).unwrap_or_default(),
+        issued_at_ms: r.issued_at_ms,
+        nonce: hex::decode(&r.nonce).unwrap_or_default(),
+        signature: hex::decode(&r.signature).unwrap_or_default(),
+    }
+}
+
+pub fn erasure_request_from_pb(r: pb::ErasureRequest) -> ErasureRequest {
+    ErasureRequest {
+        pseudonym: r.pseudonym,
+        verifying_key: hex::encode(r.verifying_key),
+        issued_at_ms: r.issued_at_ms,
+        nonce: hex::encode(r.nonce),
+        signature: hex::encode(r.signature),
+    }
+}
+
+pub fn erasure_receipt_to_pb(r: &ErasureReceipt) -> pb::ErasureReceipt {
+    pb::ErasureReceipt {
+        role: match r.role {
+            ErasureRole::Proxy => "proxy",
+            ErasureRole::Broker => "broker",
+        }
+        .into(),
+        signer: r.signer.clone(),
+        verifying_key: hex::decode(&r.verifying_key).unwrap_or_default(),
+        pseudonym: r.pseudonym.clone(),
+        request: hex::decode(&r.request).unwrap_or_default(),
+        destroyed: r.destroyed.clone().into_iter().collect(),
+        at_ms: r.at_ms,
+        signature: hex::decode(&r.signature).unwrap_or_default(),
+    }
+}
+
+/// A receipt from the wire; a role other than `proxy` or `broker` is refused (the
+/// signature is checked by whoever relies on it).
+pub fn erasure_receipt_from_pb(r: pb::ErasureReceipt) -> Result<ErasureReceipt, Status> {
+    let role = match r.role.as_str() {
+        "proxy" => ErasureRole::Proxy,
+        "broker" => ErasureRole::Broker,
+        _ => return Err(Status::invalid_argument("erasure receipt: unknown role")),
+    };
+    Ok(ErasureReceipt {
+        role,
+        signer: r.signer,
+        verifying_key: hex::encode(r.verifying_key),
+        pseudonym: r.pseudonym,
+        request: hex::encode(r.request),
+        destroyed: r.destroyed.into_iter().collect(),
+        at_ms: r.at_ms,
+        signature: hex::encode(r.signature),
+    })
 }
 
 /// (study id, pseudonym) pairs as grant references.

@@ -28,3 +28,4 @@ pub const PROXY_DEPOSIT: &str = "/broker.v1.Proxy/Deposit";
 pub const PROXY_REENCRYPT: &str = "/broker.v1.Proxy/Reencrypt";
 pub const PROXY_INFO: &str = "/broker.v1.Proxy/Info";
 pub const PROXY_REVOKE: &str = "/broker.v1.Proxy/Revoke";
+pub const PROXY_ERASE: &str = "/broker.v1.Proxy/Erase";

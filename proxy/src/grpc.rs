@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use broker_proto::MAX_MESSAGE_BYTES;
 use broker_proto::convert::logged_release_from_pb;
-use broker_proto::methods::{PROXY_DEPOSIT, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE};
+use broker_proto::convert::{erasure_receipt_to_pb, erasure_request_from_pb};
+use broker_proto::methods::{
+    PROXY_DEPOSIT, PROXY_ERASE, PROXY_INFO, PROXY_REENCRYPT, PROXY_REVOKE,
+};
 use broker_proto::signed;
 use broker_proto::tls::{ServerTls, TlsError};
 use broker_proto::v1 as pb;
@@ -195,6 +198,27 @@ impl pb::proxy_server::Proxy for ProxyService {
         Ok(Response::new(pb::RevokeResponse {
             destroyed: destroyed as u32,
         }))
+    }
+
+    async fn erase(
+        &self,
+        request: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        self.authorize(&request, PROXY_ERASE)?;
+        let wire = request
+            .into_inner()
+            .request
+            .ok_or_else(|| Status::invalid_argument("the erasure request is missing"))?;
+        // The patient's own signature, not the broker's word, is what erases.
+        let verified = erasure_request_from_pb(wire).verify().map_err(|e| {
+            Status::invalid_argument(format!("the erasure request is not the patient's: {e}"))
+        })?;
+        let node = self.node.clone();
+        let receipt = tokio::task::spawn_blocking(move || node.erase(&verified, now_ms()))
+            .await
+            .map_err(|_| Status::internal("erasure task failed"))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(erasure_receipt_to_pb(&receipt)))
     }
 }
 

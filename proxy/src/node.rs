@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use model::Category;
+use pre_kms::erasure::{ErasureReceipt, Role, VerifiedErasureRequest};
 use pre_kms::grant::{self, DepositClaim};
 use pre_kms::keys::Identity;
 use pre_kms::logged_release::VerifiedRelease;
@@ -87,7 +88,15 @@ impl ProxyNode {
              -- Per (study, patient), keyed by a hash of the pair: grants issued at or
              -- before floor_ms (unix ms) are refused.
              CREATE TABLE IF NOT EXISTS grant_floors (
-                 pair BLOB PRIMARY KEY, floor_ms INTEGER NOT NULL);",
+                 pair BLOB PRIMARY KEY, floor_ms INTEGER NOT NULL);
+             -- Per erased patient, keyed by a hash of the pseudonym: grants issued at or
+             -- before floor_ms are refused, for every study.
+             CREATE TABLE IF NOT EXISTS patient_floors (
+                 patient BLOB PRIMARY KEY, floor_ms INTEGER NOT NULL);
+             -- Erasure requests carried out (by digest), with what they destroyed: a
+             -- request sent again is answered again and destroys nothing more.
+             CREATE TABLE IF NOT EXISTS erasures (
+                 request BLOB PRIMARY KEY, destroyed INTEGER NOT NULL, at_ms INTEGER NOT NULL);",
         )?;
         Ok(ProxyNode {
             identity,
@@ -135,6 +144,12 @@ impl ProxyNode {
             let mut destroyed =
                 tx.prepare_cached("SELECT 1 FROM destroyed_grants WHERE grant_id = ?1")?;
             for (i, (d, (_, issued_at))) in deposits.iter().zip(&checked).enumerate() {
+                if *issued_at <= patient_floor(&tx, &d.claim.pseudonym)? {
+                    return Err(NodeError::Rejected(format!(
+                        "deposit {i}: grant {} was issued before its patient was erased; the patient must enroll and grant again",
+                        d.claim.grant_id
+                    )));
+                }
                 if destroyed.exists([&d.claim.grant_id])? {
                     return Err(NodeError::Rejected(format!(
                         "deposit {i}: grant {} was revoked or superseded here; the patient must issue a new grant",
@@ -270,6 +285,57 @@ impl ProxyNode {
         Ok(destroyed)
     }
 
+    /// Carries out a patient's erasure request: destroys every kfrag of the patient, for
+    /// every study, in one transaction (the store overwrites deleted content), remembers
+    /// the grants as destroyed, refuses from now on any grant of the patient issued before
+    /// now (or before the request, should the patient's clock be ahead), and signs a
+    /// receipt. The same request again destroys nothing more (a grant the patient issued
+    /// after it stays) and gets the receipt again, with the count of the first time.
+    pub fn erase(&self, request: &VerifiedErasureRequest, now_ms: i64) -> Result<ErasureReceipt> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let digest = request.digest();
+        let done: Option<(i64, i64)> = tx
+            .prepare_cached("SELECT destroyed, at_ms FROM erasures WHERE request = ?1")?
+            .query_row([digest.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (destroyed, at_ms) = match done {
+            Some(done) => done,
+            None => {
+                let pseudonym = request.pseudonym();
+                let ids: Vec<String> = tx
+                    .prepare_cached("SELECT DISTINCT grant_id FROM kfrags WHERE pseudonym = ?1")?
+                    .query_map([pseudonym], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for id in &ids {
+                    remember_destroyed(&tx, id)?;
+                }
+                let destroyed = tx
+                    .prepare_cached("DELETE FROM kfrags WHERE pseudonym = ?1")?
+                    .execute([pseudonym])? as i64;
+                let floor_ms = now_ms.max(request.request().issued_at_ms);
+                tx.prepare_cached(
+                    "INSERT INTO patient_floors (patient, floor_ms) VALUES (?1, ?2)
+                     ON CONFLICT (patient) DO UPDATE SET floor_ms = MAX(floor_ms, excluded.floor_ms)",
+                )?
+                .execute(params![patient_key(pseudonym).as_slice(), floor_ms])?;
+                tx.prepare_cached(
+                    "INSERT INTO erasures (request, destroyed, at_ms) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![digest.as_slice(), destroyed, now_ms])?;
+                (destroyed, now_ms)
+            }
+        };
+        tx.commit()?;
+        Ok(ErasureReceipt::sign(
+            &self.identity,
+            Role::Proxy,
+            request,
+            [("kfrags", destroyed.max(0) as u64)],
+            at_ms,
+        ))
+    }
+
     /// Number of grants this node remembers as destroyed (for operators and tests).
     pub fn destroyed_grant_count(&self) -> Result<i64> {
         Ok(self
@@ -295,6 +361,20 @@ fn pair_key(study_id: &str, pseudonym: &str) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// The key of an erased patient in `patient_floors`: a hash, so that the table lists no
+/// pseudonym.
+fn patient_key(pseudonym: &str) -> [u8; 32] {
+    blake3::derive_key("pre-kms proxy patient floor v1", pseudonym.as_bytes())
+}
+
+fn patient_floor(db: &Connection, pseudonym: &str) -> Result<i64> {
+    Ok(db
+        .prepare_cached("SELECT floor_ms FROM patient_floors WHERE patient = ?1")?
+        .query_row([patient_key(pseudonym).as_slice()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(i64::MIN))
+}
+
 fn floor(db: &Connection, study_id: &str, pseudonym: &str) -> Result<i64> {
     Ok(db
         .prepare_cached("SELECT floor_ms FROM grant_floors WHERE pair = ?1")?
@@ -318,4 +398,112 @@ fn remember_destroyed(db: &Connection, grant_id: &str) -> Result<()> {
     )?
     .execute(params![grant_id, pre_kms::request_auth::now_secs()])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pre_kms::erasure::ErasureRequest;
+    use pre_kms::grant::{Grant, GrantPlan};
+
+    /// Proxy 0 of a 2-of-3 network, and the deposits of `grant` meant for it.
+    fn deposits(grant: &Grant, patient: &Identity, receiving: &Identity) -> Vec<Deposit> {
+        grant
+            .categories
+            .iter()
+            .map(|c| Deposit {
+                claim: DepositClaim {
+                    grant_id: grant.grant_id.clone(),
+                    study_id: grant.study_id.clone(),
+                    pseudonym: grant.pseudonym.clone(),
+                    category: c.category,
+                    expires_at: grant.expires_at,
+                    proxy_index: 0,
+                    patient_verifying_key: patient.verifying_key(),
+                    delegating_key: patient.category_public_key(c.category),
+                    receiving_key: receiving.encryption_public_key(),
+                },
+                sealed_kfrag: c.sealed_kfrags[0].clone(),
+            })
+            .collect()
+    }
+
+    fn grant(
+        patient: &Identity,
+        study: &str,
+        proxies: &[Identity],
+        receiving: &Identity,
+        issued_at: i64,
+    ) -> Grant {
+        let plan = GrantPlan {
+            study_id: study.into(),
+            receiving_key: receiving.encryption_public_key(),
+            categories: vec![Category::Conditions, Category::Observations],
+            threshold: 2,
+            expires_at: i64::MAX / 2,
+            proxy_keys: proxies.iter().map(|p| p.encryption_public_key()).collect(),
+        };
+        grant::issue_with_rng(&mut rand::rngs::OsRng, patient, &plan, issued_at).unwrap()
+    }
+
+    /// A broker that kept a patient's old deposits replays them after the erasure: for
+    /// the study the proxy held and for one it never saw, the proxy refuses every grant
+    /// issued before the erasure; a new grant after re-enrolment is taken, and the same
+    /// erasure request sent again destroys nothing of it.
+    #[test]
+    fn an_erasure_destroys_every_kfrag_of_the_patient_and_old_grants_never_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxies: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+        let node = ProxyNode::open(dir.path(), Identity::from_seed(*proxies[0].seed()), 0).unwrap();
+        let (patient, other) = (Identity::generate(), Identity::generate());
+        let researcher = Identity::generate();
+        let t0 = 1_000_000;
+        let held_a = grant(&patient, "st-a", &proxies, &researcher, t0);
+        let held_b = grant(&patient, "st-b", &proxies, &researcher, t0);
+        let kept_back = grant(&patient, "st-c", &proxies, &researcher, t0);
+        let theirs = grant(&other, "st-a", &proxies, &researcher, t0);
+        for g in [&held_a, &held_b] {
+            node.deposit(&deposits(g, &patient, &researcher)).unwrap();
+        }
+        node.deposit(&deposits(&theirs, &other, &researcher))
+            .unwrap();
+        assert_eq!(node.kfrag_count().unwrap(), 6);
+
+        let request = ErasureRequest::sign(&patient, t0 + 10).verify().unwrap();
+        let receipt = node.erase(&request, t0 + 20).unwrap();
+        receipt.verify_for(&request).unwrap();
+        assert_eq!(receipt.destroyed["kfrags"], 4);
+        assert_eq!(receipt.role, Role::Proxy);
+        assert_eq!(receipt.signer, proxies[0].actor_id());
+        assert_eq!(node.kfrag_count().unwrap(), 2, "the other patient's stay");
+
+        // Nothing of the patient is left on the proxy's disk once the log is folded in.
+        drop(node);
+        let db = Connection::open(dir.path().join("proxy.db")).unwrap();
+        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        drop(db);
+        let needle = patient.pseudonym().into_bytes();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap();
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_slice()));
+        }
+        let node = ProxyNode::open(dir.path(), Identity::from_seed(*proxies[0].seed()), 0).unwrap();
+
+        for g in [&held_a, &kept_back] {
+            let err = node
+                .deposit(&deposits(g, &patient, &researcher))
+                .unwrap_err();
+            assert!(err.to_string().contains("erased"), "{err}");
+        }
+        // Re-enrolled, the patient grants again: taken.
+        let new = grant(&patient, "st-a", &proxies, &researcher, t0 + 30);
+        node.deposit(&deposits(&new, &patient, &researcher))
+            .unwrap();
+        // The request again: the same count, nothing of the new grant destroyed.
+        let again = node.erase(&request, t0 + 40).unwrap();
+        assert_eq!(again.destroyed["kfrags"], 4);
+        assert_eq!(again.at_ms, t0 + 20);
+        assert_eq!(node.kfrag_count().unwrap(), 4);
+    }
 }

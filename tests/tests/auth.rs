@@ -413,5 +413,45 @@ async fn proxies_refuse_everyone_but_the_broker() {
         code(client.revoke(signed(&broker, REVOKE, revoke())).await),
         Code::Ok
     );
+
+    // Erasure: only the broker may ask, and only with the patient's own signed request.
+    use broker_proto::methods::PROXY_ERASE as ERASE;
+    use pre_kms::erasure::{ErasureReceipt, ErasureRequest};
+    let patient = Identity::generate();
+    let request = ErasureRequest::sign(&patient, pre_kms::request_auth::now_ms());
+    let erase = |r: &ErasureRequest| pb::EraseRequest {
+        request: Some(broker_proto::convert::erasure_request_to_pb(r)),
+    };
+    assert_eq!(
+        code(
+            client
+                .erase(signed(&sandbox_actor, ERASE, erase(&request)))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    // A broker that erases a patient on its own say-so: the request is not the patient's.
+    let mut forged = ErasureRequest::sign(&Identity::generate(), request.issued_at_ms);
+    forged.pseudonym = patient.pseudonym();
+    let refused = client
+        .erase(signed(&broker, ERASE, erase(&forged)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("not the patient's"),
+        "{}",
+        refused.message()
+    );
+    let receipt: ErasureReceipt = broker_proto::convert::erasure_receipt_from_pb(
+        client
+            .erase(signed(&broker, ERASE, erase(&request)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .unwrap();
+    receipt.verify_for(&request.verify().unwrap()).unwrap();
+    assert_eq!(receipt.destroyed["kfrags"], 0);
     proxy.stop().await;
 }

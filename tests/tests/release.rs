@@ -279,6 +279,12 @@ impl pb::proxy_server::Proxy for Liar {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         self.0.revoke(r).await
     }
+    async fn erase(
+        &self,
+        r: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        self.0.erase(r).await
+    }
     async fn reencrypt(
         &self,
         r: Request<pb::ReencryptRequest>,
@@ -446,6 +452,12 @@ impl pb::proxy_server::Proxy for Forger {
         r: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         self.proxy.revoke(r).await
+    }
+    async fn erase(
+        &self,
+        r: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        self.proxy.erase(r).await
     }
     async fn reencrypt(
         &self,
