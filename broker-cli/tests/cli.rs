@@ -1628,3 +1628,100 @@ fn safe_harbor_fixtures_leave_no_exact_date_and_no_age_over_89_at_the_broker_or_
     }
     assert_eq!(subjects, 7);
 }
+
+/// `brokerctl verify-receipt`, offline, on a bundle as an erasure gives it: it holds with
+/// enough pinned proxies, and fails, naming why, when a proxy's receipt is removed, a
+/// signature altered, or a receipt comes from a proxy the patient did not pin.
+#[test]
+fn verify_receipt_checks_an_erasure_bundle_against_the_pinned_network() {
+    use pre_kms::erasure::{ErasureReceipt, ErasureRequest, ReceiptBundle, Role as ErasureRole};
+    use pre_kms::network::{NetworkManifest, NetworkProxy};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (board, broker) = (pre_kms::Identity::generate(), pre_kms::Identity::generate());
+    let proxies: Vec<pre_kms::Identity> = (0..3).map(|_| pre_kms::Identity::generate()).collect();
+    let pinned: Vec<NetworkProxy> = proxies
+        .iter()
+        .map(|p| NetworkProxy {
+            proxy_id: p.actor_id(),
+            verifying_key: p.verifying_key(),
+            encryption_key: p.encryption_public_key(),
+        })
+        .collect();
+    let mut manifest = NetworkManifest::new(
+        &broker.verifying_key(),
+        None,
+        2,
+        &pinned,
+        &[("IRB".into(), board.verifying_key())],
+    );
+    manifest.sign(&board).unwrap();
+    let network = d.join("network.json");
+    manifest.write(&network).unwrap();
+
+    let patient = pre_kms::Identity::generate();
+    let request = ErasureRequest::sign(&patient, 1_000);
+    let verified = request.verify().unwrap();
+    let receipt = |who: &pre_kms::Identity, role| {
+        ErasureReceipt::sign(who, role, &verified, [("kfrags", 4)], 2_000)
+    };
+    let mut receipts: Vec<ErasureReceipt> = proxies
+        .iter()
+        .map(|p| receipt(p, ErasureRole::Proxy))
+        .collect();
+    receipts.push(ErasureReceipt::sign(
+        &broker,
+        ErasureRole::Broker,
+        &verified,
+        [("envelopes", 5), ("index_rows", 40)],
+        2_000,
+    ));
+    let good = ReceiptBundle::new(request, receipts);
+    let run = |bundle: &ReceiptBundle, name: &str| {
+        let file = d.join(name);
+        std::fs::write(&file, serde_json::to_vec(bundle).unwrap()).unwrap();
+        Command::new(brokerctl())
+            .arg("verify-receipt")
+            .arg(&file)
+            .arg("--network")
+            .arg(&network)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&good, "good.json");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        said.contains("3 of the pinned proxies") && said.contains("5 envelopes"),
+        "{said}"
+    );
+
+    let mut two_missing = good.clone();
+    two_missing.receipts.drain(0..2);
+    let mut altered = good.clone();
+    altered.receipts[3].destroyed.insert("envelopes".into(), 0);
+    let mut foreign = good.clone();
+    foreign.receipts[0] = receipt(&pre_kms::Identity::generate(), ErasureRole::Proxy);
+    for (bundle, name, why) in [
+        (two_missing, "missing.json", "1 of 3 proxies confirmed"),
+        (altered, "altered.json", "signature does not verify"),
+        (foreign, "foreign.json", "not pinned"),
+    ] {
+        let out = run(&bundle, name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} passed");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+    let garbage = d.join("garbage.json");
+    std::fs::write(&garbage, b"{\"format\": 1}").unwrap();
+    let out = Command::new(brokerctl())
+        .args(["verify-receipt", garbage.to_str().unwrap(), "--network"])
+        .arg(&network)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an erasure receipt bundle"));
+}

@@ -53,6 +53,18 @@ enum Command {
     /// Researcher: fetch, verify and decrypt a study's release.
     #[command(subcommand)]
     Researcher(researcher::ResearcherCmd),
+    /// Check an erasure receipt bundle against the network you pinned: every signature,
+    /// the broker's receipt, and enough proxies for the erasure to hold. Offline.
+    VerifyReceipt {
+        /// The receipt bundle (JSON) the erasure gave you.
+        file: PathBuf,
+        /// The network manifest your ethics board signed.
+        #[arg(long, env = "BROKER_NETWORK")]
+        network: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -74,5 +86,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sponsor(cmd) => sponsor::run(cmd).await,
         Command::Board(cmd) => board::run(cmd).await,
         Command::Researcher(cmd) => researcher::run(cmd).await,
+        Command::VerifyReceipt {
+            file,
+            network,
+            json,
+        } => patient::verify_receipt(&file, &network, json),
     }
 }

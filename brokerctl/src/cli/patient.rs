@@ -1,7 +1,7 @@
 //! `brokerctl patient`: enroll, upload your records, grant studies, set your consent
 //! policy, review the accesses to your data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use brokerctl::{agent, log_review};
@@ -310,5 +310,38 @@ async fn consent_command(cmd: ConsentCmd) -> anyhow::Result<()> {
             )
         },
     );
+    Ok(())
+}
+
+/// `brokerctl verify-receipt`: checks an erasure receipt bundle against the pinned network.
+pub fn verify_receipt(file: &Path, network: &Path, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the receipt bundle {}", file.display()))?;
+    let bundle: pre_kms::erasure::ReceiptBundle = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an erasure receipt bundle", file.display()))?;
+    let network = pre_kms::network::VerifiedNetwork::load(network)
+        .with_context(|| format!("reading the pinned network {}", network.display()))?;
+    let checked = pre_kms::erasure::check_bundle(&bundle, &network)
+        .with_context(|| format!("the receipts in {} do not hold", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checked)?);
+    } else {
+        let deleted: Vec<String> = checked
+            .broker_destroyed
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        println!(
+            "erasure of {} confirmed: {} of the pinned proxies destroyed their key fragments ({} needed); the broker deleted {}",
+            checked.pseudonym,
+            checked.proxies_confirmed,
+            checked.proxies_needed,
+            if deleted.is_empty() {
+                "nothing".to_string()
+            } else {
+                deleted.join(", ")
+            }
+        );
+    }
     Ok(())
 }
