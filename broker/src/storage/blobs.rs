@@ -7,6 +7,11 @@
 //! crash mid-write leaves only a temporary file (removed at the next start) or an
 //! unreferenced pack, never a torn blob, and an upload costs two fsyncs however many
 //! envelopes it carries. Reads check the bytes still hash to the blob's name.
+//!
+//! Erasure needs the bytes gone from disk, not only unreferenced: a pack holding an erased
+//! patient's blobs is rewritten with the others' ([`BlobStore::rewrite_pack`]), the records
+//! are pointed at the new pack, and only then is the old one overwritten and removed
+//! ([`BlobStore::remove_pack`]).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -109,6 +114,74 @@ impl BlobStore {
         }
         Ok(bytes)
     }
+
+    /// Writes the blobs of pack `pack` that `keep` lists into a new pack and returns
+    /// where each now is, so that the blobs it leaves out can be destroyed with the old
+    /// pack (erasure). The old pack stays until [`BlobStore::remove_pack`]: the caller
+    /// first points its records at the new places, in one transaction, so that a crash
+    /// at any moment leaves every kept blob readable. Every kept blob is read back and
+    /// checked against its name before it is written again.
+    pub fn rewrite_pack(&self, pack: &str, keep: &[BlobLocation]) -> io::Result<Vec<BlobLocation>> {
+        if keep.iter().any(|l| l.pack != pack) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a kept blob is not in the pack being rewritten",
+            ));
+        }
+        let blobs = keep
+            .iter()
+            .map(|l| self.get(l))
+            .collect::<io::Result<Vec<_>>>()?;
+        let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+        self.put_all(&refs)
+    }
+
+    /// Destroys a pack no record points to any more: its bytes are overwritten with
+    /// zeroes and synced before the file is removed, so the blobs it held do not linger
+    /// in the file's blocks (on file systems that overwrite in place; a copy-on-write
+    /// file system or the device may still keep old blocks until they are reused).
+    pub fn remove_pack(&self, pack: &str) -> io::Result<()> {
+        if !is_hex_name(pack, 32) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a pack name",
+            ));
+        }
+        let path = self.pack_path(pack);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        {
+            let mut f = fs::OpenOptions::new().write(true).open(&path)?;
+            let zeroes = vec![0u8; 1 << 16];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(zeroes.len() as u64) as usize;
+                f.write_all(&zeroes[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()?;
+        }
+        fs::remove_file(&path)?;
+        File::open(&self.root)?.sync_all()
+    }
+
+    /// The packs on disk (their names).
+    pub fn packs(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(pack) = name.strip_suffix(".pack")
+                && is_hex_name(pack, 32)
+            {
+                out.push(pack.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -149,5 +222,58 @@ mod tests {
         fs::write(dir.path().join(".tmp-abc-1"), b"partial").unwrap();
         BlobStore::open(dir.path()).unwrap();
         assert!(!dir.path().join(".tmp-abc-1").exists());
+    }
+
+    /// Two patients' blobs share a pack; one is erased: the pack is rewritten with the
+    /// other's, the records would move, and the old pack is destroyed. No byte of the
+    /// erased blobs is left in the store's directory, and the kept ones read back.
+    #[test]
+    fn a_pack_rewritten_without_some_blobs_keeps_the_others_and_destroys_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let erased: Vec<Vec<u8>> = (0..3)
+            .map(|i| {
+                format!("erased patient's envelope {i} ")
+                    .repeat(40)
+                    .into_bytes()
+            })
+            .collect();
+        let kept: Vec<Vec<u8>> = (0..2)
+            .map(|i| {
+                format!("kept patient's envelope {i} ")
+                    .repeat(40)
+                    .into_bytes()
+            })
+            .collect();
+        let all: Vec<&[u8]> = [&erased[0], &kept[0], &erased[1], &erased[2], &kept[1]]
+            .iter()
+            .map(|b| b.as_slice())
+            .collect();
+        let locs = store.put_all(&all).unwrap();
+        let old = locs[0].pack.clone();
+        let keep = vec![locs[1].clone(), locs[4].clone()];
+        let moved = store.rewrite_pack(&old, &keep).unwrap();
+        assert_ne!(moved[0].pack, old);
+        assert_eq!(
+            store.packs().unwrap().len(),
+            2,
+            "the old pack stays until removed"
+        );
+        // A crash here leaves both packs; the records still point at the old one.
+        assert_eq!(store.get(&keep[0]).unwrap(), kept[0]);
+        store.remove_pack(&old).unwrap();
+        store.remove_pack(&old).unwrap();
+        assert_eq!(store.packs().unwrap(), vec![moved[0].pack.clone()]);
+        assert_eq!(store.get(&moved[0]).unwrap(), kept[0]);
+        assert_eq!(store.get(&moved[1]).unwrap(), kept[1]);
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let bytes = fs::read(entry.unwrap().path()).unwrap();
+            for e in &erased {
+                assert!(!bytes.windows(64).any(|w| e.windows(64).next() == Some(w)));
+            }
+        }
+        // A kept blob that is not in the pack is refused; a bad pack name too.
+        assert!(store.rewrite_pack(&old, &moved).is_err());
+        assert!(store.remove_pack("../x").is_err());
     }
 }
