@@ -81,7 +81,8 @@ pub struct ImportReport {
 }
 
 impl ImportReport {
-    fn absorb(&mut self, other: ImportReport) {
+    /// Adds `other` (a later part of the same import) to this report.
+    pub fn absorb(&mut self, other: ImportReport) {
         self.patients.extend(other.patients);
         self.errors.extend(other.errors);
         self.files += other.files;
@@ -143,37 +144,65 @@ impl std::error::Error for ImportError {}
 /// are noted in [`ImportReport::skipped_files`]; a single file of another extension is read
 /// as JSON.
 pub fn import_path(path: &Path, cfg: &DeidConfig) -> ImportReport {
-    let mut report = ImportReport::default();
-    let mut json_files = Vec::new();
-    let mut ndjson_files = Vec::new();
-    match fs::metadata(path) {
-        Err(e) => {
-            report
+    let ImportFiles {
+        json,
+        ndjson,
+        mut report,
+    } = ImportFiles::find(path);
+    report.absorb(import_json_files(&json, cfg));
+    report.absorb(import_ndjson_files(&ndjson, cfg));
+    report
+}
+
+/// The files an import of a path reads, found as [`import_path`] finds them, so that a
+/// caller can import the JSON files a few at a time and hold only those patients at once.
+#[derive(Debug, Default)]
+pub struct ImportFiles {
+    /// `.json` files (each self-contained), in order.
+    pub json: Vec<PathBuf>,
+    /// `.ndjson`/`.jsonl` files, imported together (their resources join by patient).
+    pub ndjson: Vec<PathBuf>,
+    /// What finding them met: unreadable paths, skipped files.
+    pub report: ImportReport,
+}
+
+impl ImportFiles {
+    /// The files under `path` (a file, or a directory walked recursively in sorted order).
+    pub fn find(path: &Path) -> ImportFiles {
+        let mut found = ImportFiles::default();
+        match fs::metadata(path) {
+            Err(e) => found
+                .report
                 .errors
-                .push(file_error(path, None, format!("cannot read: {e}")));
-            return report;
-        }
-        Ok(m) if m.is_dir() => {
-            let mut files = Vec::new();
-            collect_files(path, 0, &mut files, &mut report);
-            for f in files {
-                match kind_of(&f) {
-                    Some(FileKind::Json) => json_files.push(f),
-                    Some(FileKind::Ndjson) => ndjson_files.push(f),
-                    None => report
-                        .skipped_files
-                        .push((f, "not a .json, .ndjson or .jsonl file".to_string())),
+                .push(file_error(path, None, format!("cannot read: {e}"))),
+            Ok(m) if m.is_dir() => {
+                let mut files = Vec::new();
+                collect_files(path, 0, &mut files, &mut found.report);
+                for f in files {
+                    match kind_of(&f) {
+                        Some(FileKind::Json) => found.json.push(f),
+                        Some(FileKind::Ndjson) => found.ndjson.push(f),
+                        None => found
+                            .report
+                            .skipped_files
+                            .push((f, "not a .json, .ndjson or .jsonl file".to_string())),
+                    }
                 }
             }
+            Ok(_) => match kind_of(path) {
+                Some(FileKind::Ndjson) => found.ndjson.push(path.to_path_buf()),
+                _ => found.json.push(path.to_path_buf()),
+            },
         }
-        Ok(_) => match kind_of(path) {
-            Some(FileKind::Ndjson) => ndjson_files.push(path.to_path_buf()),
-            _ => json_files.push(path.to_path_buf()),
-        },
+        found
     }
+}
 
-    // JSON files are independent: import them in parallel, merge in order.
-    let parts: Vec<ImportReport> = json_files
+/// Imports `.json` files: each is independent, so they are read in parallel and merged
+/// in order.
+pub fn import_json_files(files: &[PathBuf], cfg: &DeidConfig) -> ImportReport {
+    let mut report = ImportReport::default();
+    let parts: Vec<ImportReport> = files
         .par_iter()
         .map(|f| {
             let mut part = match fs::read(f) {
@@ -192,27 +221,33 @@ pub fn import_path(path: &Path, cfg: &DeidConfig) -> ImportReport {
     for part in parts {
         report.absorb(part);
     }
+    report
+}
 
-    if !ndjson_files.is_empty() {
-        let mut pool = Pool::default();
-        for f in &ndjson_files {
-            report.files += 1;
-            match fs::File::open(f) {
-                Ok(file) => read_ndjson(BufReader::new(file), f, &mut pool, &mut report),
-                Err(e) => report
-                    .errors
-                    .push(file_error(f, None, format!("cannot read: {e}"))),
-            }
-        }
-        let origin_note = "no Patient resource in the NDJSON input";
-        assemble(pool, cfg, &mut report, |report| {
-            for f in &ndjson_files {
-                report
-                    .skipped_files
-                    .push((f.clone(), origin_note.to_string()));
-            }
-        });
+/// Imports NDJSON files together: their resources are pooled and joined by patient.
+pub fn import_ndjson_files(files: &[PathBuf], cfg: &DeidConfig) -> ImportReport {
+    let mut report = ImportReport::default();
+    if files.is_empty() {
+        return report;
     }
+    let mut pool = Pool::default();
+    for f in files {
+        report.files += 1;
+        match fs::File::open(f) {
+            Ok(file) => read_ndjson(BufReader::new(file), f, &mut pool, &mut report),
+            Err(e) => report
+                .errors
+                .push(file_error(f, None, format!("cannot read: {e}"))),
+        }
+    }
+    let origin_note = "no Patient resource in the NDJSON input";
+    assemble(pool, cfg, &mut report, |report| {
+        for f in files {
+            report
+                .skipped_files
+                .push((f.clone(), origin_note.to_string()));
+        }
+    });
     report
 }
 

@@ -71,7 +71,10 @@ mod util;
 mod validate;
 
 pub use deidentify::DeidConfig;
-pub use fhir::{ImportError, ImportReport, import_bundle_json, import_ndjson_bytes, import_path};
+pub use fhir::{
+    ImportError, ImportFiles, ImportReport, import_bundle_json, import_json_files,
+    import_ndjson_bytes, import_ndjson_files, import_path,
+};
 pub use index::Withheld;
 pub use omop::{OmopError, OmopImport, OmopPatient, import_dir};
 pub use record::PatientRecord;

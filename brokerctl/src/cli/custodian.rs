@@ -92,9 +92,10 @@ pub async fn import(cmd: ImportCmd) -> anyhow::Result<()> {
             let import = datasets::omop::import_dir(&dir, &DeidConfig::default())
                 .with_context(|| format!("importing {}", dir.display()))?;
             spinner.finish_and_clear();
-            let records = import.patients.into_iter().map(|p| p.record).collect();
+            let expected = import.patients.len();
+            let records = import.patients.into_iter().map(|p| p.record);
             let (total, created) =
-                ingest_records(&client, records, &keystore, batch.max(1)).await?;
+                ingest_records(&client, records, expected, &keystore, batch.max(1)).await?;
             // concept_ancestor, for include_descendants in cohort definitions.
             let relations: Vec<(String, String)> = import
                 .hierarchy
@@ -286,9 +287,40 @@ async fn import_fhir(
     if !path.exists() {
         bail!("{} does not exist", path.display());
     }
-    let report = datasets::import_path(path, &DeidConfig::default());
+    let datasets::ImportFiles {
+        json,
+        ndjson,
+        report: found,
+    } = datasets::ImportFiles::find(path);
+    let cfg = DeidConfig::default();
+    // A few JSON files at a time, read one part ahead on a thread of their own: only
+    // those patients are held until they are sealed and uploaded, however large the
+    // directory. NDJSON files join by patient: they are read together, last.
+    let report = std::cell::RefCell::new(found);
+    let expected = json.len() + ndjson.len();
+    let (parts, received) = std::sync::mpsc::sync_channel::<datasets::ImportReport>(1);
+    let reader = std::thread::spawn(move || {
+        let json_parts = json
+            .chunks(FILES_AT_ONCE)
+            .map(|files| datasets::import_json_files(files, &cfg));
+        let ndjson_part =
+            (!ndjson.is_empty()).then(|| datasets::import_ndjson_files(&ndjson, &cfg));
+        for part in json_parts.chain(ndjson_part) {
+            if parts.send(part).is_err() {
+                return; // the upload stopped
+            }
+        }
+    });
+    let records = received.iter().flat_map(|mut part| {
+        let patients = std::mem::take(&mut part.patients);
+        report.borrow_mut().absorb(part);
+        patients
+    });
+    let ingested = ingest_records(&client, records, expected, keystore, batch).await;
+    let _ = reader.join();
+    let report = report.into_inner();
     report_problems(&report);
-    let (total, created) = ingest_records(&client, report.patients, keystore, batch).await?;
+    let (total, created) = ingested?;
     let summary = serde_json::json!({"files": report.files, "patients": total.patients, "new_keys": created,
         "envelopes_stored": total.envelopes_stored, "envelopes_unchanged": total.envelopes_unchanged,
         "keys_derived": total.keys_derived, "enrollments_sent": total.enrollments_sent,
@@ -320,18 +352,22 @@ async fn import_fhir(
     Ok(())
 }
 
+/// JSON files imported at once by `import fhir`: their patients are held until uploaded.
+const FILES_AT_ONCE: usize = 64;
+
 /// Uploads records as a custodian, batch by batch, each patient's keys made (or found) in
 /// the keystore. Returns the ingest totals and how many keys were new.
 async fn ingest_records(
     client: &BrokerClient,
-    records: Vec<datasets::PatientRecord>,
+    records: impl Iterator<Item = datasets::PatientRecord>,
+    expected: usize,
     keystore: &Path,
     batch: usize,
 ) -> anyhow::Result<(agent::IngestReport, usize)> {
     let mut keystore = Keystore::open(keystore)?;
-    let pb = progress(records.len(), "import");
+    let pb = progress(expected, "import");
     let mut created = 0;
-    let mut records = records.into_iter().peekable();
+    let mut records = records.peekable();
     // What each stored batch established, kept by the next batch's transaction (the
     // batches hold the keystore meanwhile), and after the last one.
     let learned: std::cell::RefCell<Vec<agent::Learned>> = Default::default();
