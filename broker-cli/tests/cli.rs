@@ -1640,14 +1640,7 @@ fn verify_receipt_checks_an_erasure_bundle_against_the_pinned_network() {
     let d = dir.path();
     let (board, broker) = (pre_kms::Identity::generate(), pre_kms::Identity::generate());
     let proxies: Vec<pre_kms::Identity> = (0..3).map(|_| pre_kms::Identity::generate()).collect();
-    let pinned: Vec<NetworkProxy> = proxies
-        .iter()
-        .map(|p| NetworkProxy {
-            proxy_id: p.actor_id(),
-            verifying_key: p.verifying_key(),
-            encryption_key: p.encryption_public_key(),
-        })
-        .collect();
+    let pinned: Vec<NetworkProxy> = proxies.iter().map(NetworkProxy::of).collect();
     let mut manifest = NetworkManifest::new(
         &broker.verifying_key(),
         None,

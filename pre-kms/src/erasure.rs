@@ -352,14 +352,7 @@ mod tests {
         let board = Identity::generate();
         let broker = Identity::generate();
         let proxies: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
-        let pinned: Vec<NetworkProxy> = proxies
-            .iter()
-            .map(|p| NetworkProxy {
-                proxy_id: p.actor_id(),
-                verifying_key: p.verifying_key(),
-                encryption_key: p.encryption_public_key(),
-            })
-            .collect();
+        let pinned: Vec<NetworkProxy> = proxies.iter().map(NetworkProxy::of).collect();
         let mut manifest = NetworkManifest::new(
             &broker.verifying_key(),
             None,

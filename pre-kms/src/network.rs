@@ -82,6 +82,17 @@ pub struct NetworkProxy {
     pub encryption_key: PublicKey,
 }
 
+impl NetworkProxy {
+    /// The pinned form of a proxy identity (its actor id and public keys).
+    pub fn of(proxy: &Identity) -> NetworkProxy {
+        NetworkProxy {
+            proxy_id: proxy.actor_id(),
+            verifying_key: proxy.verifying_key(),
+            encryption_key: proxy.encryption_public_key(),
+        }
+    }
+}
+
 /// A manifest whose keys parse and that a board it lists has signed.
 #[derive(Debug, Clone)]
 pub struct VerifiedNetwork {
@@ -311,14 +322,7 @@ mod tests {
     fn network() -> (NetworkManifest, Identity, Vec<Identity>) {
         let board = Identity::generate();
         let proxies: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
-        let pinned: Vec<NetworkProxy> = proxies
-            .iter()
-            .map(|p| NetworkProxy {
-                proxy_id: p.actor_id(),
-                verifying_key: p.verifying_key(),
-                encryption_key: p.encryption_public_key(),
-            })
-            .collect();
+        let pinned: Vec<NetworkProxy> = proxies.iter().map(NetworkProxy::of).collect();
         let m = NetworkManifest::new(
             &Identity::generate().verifying_key(),
             None,
