@@ -19,13 +19,16 @@
 //! 2. **De-identification** ([`deidentify`], HIPAA Safe Harbor) of every category except
 //!    `critical`: no names, addresses, telecom, identifiers, photos, contacts, narratives,
 //!    notes, attachments or other free text; no actors (practitioners, organizations,
-//!    locations); every date reduced to its year; patients over 89 lose their birth year
-//!    (marked `90+`); references reduced to their target type (the patient's own to
+//!    locations); every date reduced to its year; ages over 89 become "90 or older";
+//!    patients over 89 (this year, or at death) lose their birth year (marked `90+`), every
+//!    age and every year before the bucket year; references reduced to their target type (the patient's own to
 //!    `Patient/subject`); resource ids replaced by salted hashes. Codes, values, units and
 //!    statuses are kept. A final scan removes any string that still contains one of the
 //!    patient's identifying strings.
 //! 3. **Index extraction** ([`index`]): birth year (90+ bucketed) and sex, then conditions,
-//!    measurements, drugs and procedures as coded events with full dates.
+//!    measurements, drugs and procedures as coded events with their true dates, less what
+//!    would reveal an age over 89 (counted as withheld). The custodian's agent moves every
+//!    date by the patient's secret shift before upload (`model::PatientIndex::shifted`).
 //!
 //! Research-copy bytes are canonical JSON (sorted keys, compact) FHIR `collection` Bundles,
 //! so the same input always gives the same bytes.
