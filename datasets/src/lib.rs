@@ -21,10 +21,10 @@
 //!    notes, attachments or other free text; no actors (practitioners, organizations,
 //!    locations); every date reduced to its year; ages over 89 become "90 or older";
 //!    patients over 89 (this year, or at death) lose their birth year (marked `90+`), every
-//!    age and every year before the bucket year; references reduced to their target type (the patient's own to
-//!    `Patient/subject`); resource ids replaced by salted hashes. Codes, values, units and
-//!    statuses are kept. A final scan removes any string that still contains one of the
-//!    patient's identifying strings.
+//!    age and every year before the bucket year; references reduced to their target type
+//!    (the patient's own to `Patient/subject`); resource ids replaced by salted hashes.
+//!    Codes, values, units and statuses are kept. A final scan removes any string that
+//!    still contains one of the patient's identifying strings.
 //! 3. **Index extraction** ([`index`]): birth year (90+ bucketed) and sex, then conditions,
 //!    measurements, drugs and procedures as coded events with their true dates, less what
 //!    would reveal an age over 89 (counted as withheld). The custodian's agent moves every
