@@ -66,9 +66,9 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Step::Import { file }) => {
             let started = Instant::now();
-            let report_ = datasets::import_path(&file, &DeidConfig::default());
-            ensure!(report_.errors.is_empty(), "{:?}", report_.errors.first());
-            let [record] = <[_; 1]>::try_from(report_.patients)
+            let imported = datasets::import_path(&file, &DeidConfig::default());
+            ensure!(imported.errors.is_empty(), "{:?}", imported.errors.first());
+            let [record] = <[_; 1]>::try_from(imported.patients)
                 .map_err(|v| anyhow::anyhow!("{} patients in the bundle", v.len()))?;
             let patient = Identity::generate();
             let sealed = agent::prepare(&patient, &record, &Known::default())?;
