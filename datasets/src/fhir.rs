@@ -939,7 +939,7 @@ fn assemble(
                 .with_patient_aliases(&aliases[p])
                 .with_types(&types);
             let resources = items.iter().filter_map(Item::parse).map(Cow::Owned);
-            PatientRecord::build(patient, &resolver, resources, cfg)
+            PatientRecord::build(patient, &resolver, resources, cfg, None)
         })
         .collect();
     for r in &records {

@@ -939,11 +939,9 @@ pub fn import_dir(dir: &Path, cfg: &DeidConfig) -> Result<OmopImport, OmopError>
                 patient["identifier"] =
                     json!([{"system": "urn:ohdsi:omop:person_source_value", "value": source}]);
             }
-            let mut record = PatientRecord::from_fhir(&patient, &rows.resources, cfg);
             let death_year = rows.death.map(Date::year);
-            let (index, withheld) = index::safe_harbor(rows.index, Some(year), death_year, cfg);
-            record.index = index;
-            record.withheld = withheld;
+            let index = index::safe_harbor(rows.index, Some(year), death_year, cfg);
+            let record = PatientRecord::from_fhir_with_index(&patient, &rows.resources, cfg, index);
             OmopPatient { person_id, record }
         })
         .collect();

@@ -50,16 +50,38 @@ impl PatientRecord {
     /// skipped.
     pub fn from_fhir(patient: &Value, resources: &[Value], cfg: &DeidConfig) -> PatientRecord {
         let resolver = Resolver::new(patient, resources, None);
-        Self::build(patient, &resolver, resources.iter().map(Cow::Borrowed), cfg)
+        Self::build(
+            patient,
+            &resolver,
+            resources.iter().map(Cow::Borrowed),
+            cfg,
+            None,
+        )
+    }
+
+    /// [`PatientRecord::from_fhir`] for a source whose index rows were read elsewhere (the
+    /// OMOP importer reads them from its tables): the resources make the research copy
+    /// only, and `index` is the record's index as it is.
+    pub(crate) fn from_fhir_with_index(
+        patient: &Value,
+        resources: &[Value],
+        cfg: &DeidConfig,
+        index: (PatientIndex, index::Withheld),
+    ) -> PatientRecord {
+        let resolver = Resolver::new(patient, resources, None);
+        let resources = resources.iter().map(Cow::Borrowed);
+        Self::build(patient, &resolver, resources, cfg, Some(index))
     }
 
     /// [`PatientRecord::from_fhir`] over the patient's resources one at a time (an importer
-    /// may parse each only when its turn comes), references resolved by `resolver`.
+    /// may parse each only when its turn comes), references resolved by `resolver`; the
+    /// index is extracted from them unless `given`.
     pub(crate) fn build<'r>(
         patient: &Value,
         resolver: &Resolver<'_>,
         resources: impl Iterator<Item = Cow<'r, Value>>,
         cfg: &DeidConfig,
+        given: Option<(PatientIndex, index::Withheld)>,
     ) -> PatientRecord {
         let source_id = util::resource_id(patient).unwrap_or_default().to_string();
         let (birth_year, death_year) = deidentify::life_years(patient);
@@ -74,7 +96,7 @@ impl PatientRecord {
             .push(&deid.patient(patient));
         let mut critical = CollectionWriter::default();
         critical.push(patient);
-        let mut index = index::Extractor::new(patient);
+        let mut extractor = given.is_none().then(|| index::Extractor::new(patient));
         for r in resources {
             if util::resource_type(&r) == Some("Patient") {
                 continue;
@@ -87,7 +109,9 @@ impl PatientRecord {
             if categorize::is_critical(&r) {
                 critical.push(&r);
             }
-            index.add(&r, resolver);
+            if let Some(e) = &mut extractor {
+                e.add(&r, resolver);
+            }
         }
 
         let needles: Vec<String> = identifiers.iter().map(|s| s.to_lowercase()).collect();
@@ -106,7 +130,10 @@ impl PatientRecord {
         }
         categories.insert(Category::Critical, critical.finish());
 
-        let (index, withheld) = index.finish(patient, cfg);
+        let (index, withheld) = match extractor {
+            Some(e) => e.finish(patient, cfg),
+            None => given.unwrap_or_default(),
+        };
         PatientRecord {
             index,
             withheld,
