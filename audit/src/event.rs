@@ -64,6 +64,9 @@ pub enum EventKind {
     BreakGlass,
     /// A patient's data was erased.
     Erasure,
+    /// A study's researcher is told that a subject whose records the study received was
+    /// erased: what the researcher holds stays governed by the study's data-use terms.
+    ErasureNotice,
     /// A key was rotated.
     KeyRotation,
     /// A request was refused by authorization.
@@ -213,6 +216,10 @@ pub struct Details {
     /// The key the event is about (key rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// The study's own pseudonym of the subject the event is about, as the study's
+    /// researcher received it (erasure notices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     /// Data categories involved (e.g. FHIR resource types).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub categories: Vec<String>,

@@ -1718,3 +1718,538 @@ fn verify_receipt_checks_an_erasure_bundle_against_the_pinned_network() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not an erasure receipt bundle"));
 }
+
+// ------------------------------------------------------------------ erasure
+
+/// Ten Synthea patients imported by a custodian with broad consent, a study of their
+/// conditions approved, granted and released once (into `d/release`). Returns the
+/// keystore and the study.
+fn erasure_setup(
+    ctl: &Ctl<'_>,
+    d: &Path,
+    data: &Path,
+    [operator, custodian, sponsor, board, researcher]: &[PathBuf; 5],
+) -> (PathBuf, String) {
+    register(ctl, operator, [custodian, sponsor, board, researcher]);
+    ctl.pin_network(operator, board, data);
+    let keystore = d.join("keystore.db");
+    let ks = keystore.to_str().unwrap();
+    let src = synthea();
+    let imported = ctl.json(
+        custodian,
+        &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
+    );
+    assert_eq!(imported["patients"], 10, "{imported}");
+    let study_id = ctl.propose(sponsor, "Erasure", "conditions", researcher, &[]);
+    ctl.ok(board, &["board", "study", "approve", &study_id]);
+    ctl.json(
+        custodian,
+        &["custodian", "consent", "--keystore", ks, "--broad"],
+    );
+    let granted = ctl.json(
+        custodian,
+        &["custodian", "grant", "--study", &study_id, "--keystore", ks],
+    );
+    assert_eq!(granted["grants"], 10, "{granted}");
+    let fetched = ctl.fetch(researcher, &study_id, &d.join("release"));
+    assert_eq!(fetched["subjects"], 10, "{fetched}");
+    (keystore, study_id)
+}
+
+/// The keystore's patients: (source id, pseudonym, seed), in source-id order.
+fn keystore_patients(keystore: &Path) -> Vec<(String, String, Vec<u8>)> {
+    let db = rusqlite::Connection::open(keystore).unwrap();
+    let mut stmt = db
+        .prepare("SELECT source_id, pseudonym, seed FROM patients ORDER BY source_id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// What a patient left in the broker's data directory, to look for after the erasure:
+/// a window from the middle of each envelope as stored, the signature of each consent
+/// version, the log-tag salt; and the number of their index version.
+struct Traces {
+    needles: Vec<(String, Vec<u8>)>,
+    index_id: i64,
+}
+
+fn traces(data: &Path, pseudonym: &str) -> Traces {
+    let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut needles = Vec::new();
+    let mut stmt = db
+        .prepare("SELECT pack, offset, length FROM envelopes WHERE pseudonym = ?1")
+        .unwrap();
+    let rows: Vec<(String, i64, i64)> = stmt
+        .query_map([pseudonym], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!rows.is_empty());
+    for (i, (pack, offset, length)) in rows.iter().enumerate() {
+        let bytes = std::fs::read(data.join("blobs").join(format!("{pack}.pack"))).unwrap();
+        let mid = (*offset + *length / 2) as usize;
+        needles.push((format!("envelope {i}"), bytes[mid - 24..mid + 24].to_vec()));
+    }
+    let mut stmt = db
+        .prepare("SELECT signature FROM consents WHERE pseudonym = ?1")
+        .unwrap();
+    for (i, sig) in stmt
+        .query_map([pseudonym], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .enumerate()
+    {
+        needles.push((format!("consent version {i}"), sig.unwrap()));
+    }
+    let salt: Vec<u8> = db
+        .query_row(
+            "SELECT salt FROM audit_salts WHERE pseudonym = ?1",
+            [pseudonym],
+            |r| r.get(0),
+        )
+        .unwrap();
+    needles.push(("log-tag salt".into(), salt));
+    let index_id = db
+        .query_row(
+            "SELECT index_id FROM index_person WHERE pseudonym = ?1",
+            [pseudonym],
+            |r| r.get(0),
+        )
+        .unwrap();
+    Traces { needles, index_id }
+}
+
+/// Rows naming `pseudonym` in every table of the SQLite file at `path` that has a
+/// `pseudonym` column, except `erasures` (the receipts kept for the patient to fetch).
+fn rows_naming(path: &Path, pseudonym: &str) -> Vec<(String, i64)> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tables.into_iter().filter(|t| t != "erasures") {
+        let has: i64 = db
+            .query_row(
+                &format!("SELECT COUNT(*) FROM pragma_table_info('{t}') WHERE name = 'pseudonym'"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if has > 0 {
+            let n: i64 = db
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM {t} WHERE pseudonym = ?1"),
+                    [pseudonym],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            out.push((t, n));
+        }
+    }
+    out
+}
+
+/// A patient of a custodian erased through `brokerctl patient erase`, the broker and its
+/// proxies running: every byte of their envelopes, their consent versions, their log-tag
+/// salt and their index rows are gone from the broker's and the proxies' files (the tag
+/// stays only in the log's leaves, where every proof needs it and nothing links it to
+/// them), the other patients' records read back byte for byte from the rewritten packs,
+/// the board's full verify and the offline `broker log-verify` pass, the receipts check,
+/// the researcher has a notice naming the subject it lost, the patient's key reads
+/// nothing any more, and the same source record imported again starts from nothing.
+#[test]
+fn an_erasure_through_brokerctl_leaves_no_byte_of_the_patient_and_every_proof_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let keys = keys(d);
+    let [operator, custodian, _, board, researcher] = &keys;
+    let op_pub = public(operator);
+    let server = serve(&data, Path::new(&op_pub));
+    let ctl = Ctl::new(&server.url, &data);
+    let (keystore, study_id) = erasure_setup(&ctl, d, &data, &keys);
+    let ks = keystore.to_str().unwrap();
+    // A restart: the cohort index is loaded from the database and written as a snapshot,
+    // which then holds the patient's index rows too.
+    drop(ctl);
+    drop(server);
+    let server = serve(&data, Path::new(&op_pub));
+    let ctl = Ctl::new(&server.url, &data);
+    *ctl.network.borrow_mut() = Some(data.with_file_name("network.json"));
+    let snapshot_manifest = data.join("index").join("CURRENT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !snapshot_manifest.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no index snapshot written"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let board_before = ctl.json(board, &["board", "log", "verify", "--cosign"]);
+
+    let patients = keystore_patients(&keystore);
+    let (source_id, pseudonym, seed) = patients[0].clone();
+    let traces = traces(&data, &pseudonym);
+    let as_patient = ["--keystore", ks, "--patient", source_id.as_str()];
+    let mine = ctl.json(
+        custodian,
+        &[&["patient", "accesses"][..], &as_patient].concat(),
+    );
+    let tag = mine[0]["event"]["patient"].as_str().unwrap().to_owned();
+    // The patient's own key, kept aside to see what it can still do afterwards.
+    let own_key = d.join("patient.key");
+    pre_kms::Identity::from_seed(seed.try_into().unwrap())
+        .write_key_file(&own_key, "patient")
+        .unwrap();
+    let mut needles = traces.needles.clone();
+    needles.push(("tag".into(), hex::decode(&tag).unwrap()));
+    needles.push(("tag (hex)".into(), tag.clone().into_bytes()));
+    let before: BTreeSet<String> = scan::scan_bytes(&data, &needles)
+        .into_iter()
+        .map(|(_, label)| label)
+        .collect();
+    let labels: BTreeSet<String> = needles.iter().map(|(l, _)| l.clone()).collect();
+    assert_eq!(before, labels, "every trace is found before the erasure");
+    let proxy_db = |i: usize| data.join(format!("proxies/{i}/proxy.db"));
+    for i in 0..3 {
+        assert!(
+            rows_naming(&proxy_db(i), &pseudonym)
+                .iter()
+                .any(|(_, n)| *n > 0)
+        );
+    }
+
+    // The erasure needs a confirmation.
+    let receipts = d.join("receipts.json");
+    let erase_args = [
+        &["patient", "erase"][..],
+        &as_patient,
+        &["--out", receipts.to_str().unwrap()],
+    ]
+    .concat();
+    let refused = ctl.fails(custodian, &erase_args);
+    assert!(refused.contains("--yes"), "{refused}");
+    assert!(!receipts.exists());
+    let erased = ctl.json(custodian, &[&erase_args[..], &["--yes"]].concat());
+    assert_eq!(erased["proxies_confirmed"], 3, "{erased}");
+    assert_eq!(erased["proxies_needed"], 2, "{erased}");
+    let deleted = &erased["broker_destroyed"];
+    let envelopes = traces
+        .needles
+        .iter()
+        .filter(|(l, _)| l.starts_with("envelope"))
+        .count();
+    assert_eq!(
+        deleted["envelopes"].as_u64().unwrap() as usize,
+        envelopes,
+        "{erased}"
+    );
+    assert!(deleted["index_rows"].as_u64().unwrap() > 1, "{erased}");
+    assert_eq!(deleted["consent_versions"], 1, "{erased}");
+    assert!(deleted["release_items"].as_u64().unwrap() > 0, "{erased}");
+    let network = data.with_file_name("network.json");
+    let checked = ctl.ok(
+        custodian,
+        &[
+            "verify-receipt",
+            receipts.to_str().unwrap(),
+            "--network",
+            network.to_str().unwrap(),
+        ],
+    );
+    assert!(checked.contains("3 of the pinned proxies"), "{checked}");
+
+    // The scan, with the broker and proxies still running: the tag is left only in the
+    // access log's leaves; nothing else of the patient anywhere.
+    let hits = scan::scan_bytes(&data, &needles);
+    let audit_dir = data.join("audit");
+    let stray: Vec<_> = hits
+        .iter()
+        .filter(|(f, l)| !(l.starts_with("tag") && f.starts_with(&audit_dir)))
+        .collect();
+    assert!(stray.is_empty(), "left after the erasure: {stray:?}");
+    assert!(
+        hits.iter().any(|(_, l)| l == "tag (hex)"),
+        "the leaves keep the tag: {hits:?}"
+    );
+    for (table, n) in rows_naming(&data.join("broker.db"), &pseudonym) {
+        assert_eq!(n, 0, "broker table {table} still names the patient");
+    }
+    for i in 0..3 {
+        for (table, n) in rows_naming(&proxy_db(i), &pseudonym) {
+            assert_eq!(n, 0, "proxy {i} table {table} still names the patient");
+        }
+        let hits = scan::scan_for(
+            &data.join(format!("proxies/{i}")),
+            std::slice::from_ref(&pseudonym),
+        );
+        assert!(hits.is_empty(), "proxy {i}: {hits:?}");
+    }
+    let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+    for table in ["index_event", "index_period"] {
+        let n: i64 = db
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE index_id = ?1"),
+                [traces.index_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "{table}");
+    }
+    drop(db);
+    // The index snapshot was written again without the patient, the older one destroyed.
+    let snaps: Vec<PathBuf> = std::fs::read_dir(data.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    let people = eunomia_like_count(&snaps[0].join("person.parquet"), traces.index_id);
+    assert_eq!(people.0, 9, "nine patients in the snapshot");
+    assert_eq!(people.1, 0, "the erased patient is not");
+    // The custodian's keystore no longer holds the patient's seed.
+    assert!(
+        keystore_patients(&keystore)
+            .iter()
+            .all(|(s, _, _)| *s != source_id)
+    );
+    let seed_hits = scan::scan_bytes(d, &[("seed".into(), seed.clone())]);
+    let seed_hits: Vec<_> = seed_hits.iter().filter(|(f, _)| *f != own_key).collect();
+    assert!(
+        seed_hits.is_empty(),
+        "the seed is still on disk: {seed_hits:?}"
+    );
+
+    // The others' records come back byte for byte from the rewritten packs; the
+    // researcher is told which subject went.
+    let first = fetched_hashes(&d.join("release"));
+    let after = ctl.fetch(researcher, &study_id, &d.join("release-after"));
+    assert_eq!(after["subjects"], 9, "{after}");
+    let second = fetched_hashes(&d.join("release-after"));
+    assert!(second.is_subset(&first) && second.len() < first.len());
+    let subjects = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let gone: Vec<String> = subjects(&d.join("release"))
+        .difference(&subjects(&d.join("release-after")))
+        .cloned()
+        .collect();
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    let notices = ctl.json(researcher, &["researcher", "notices", "--study", &study_id]);
+    assert_eq!(notices.as_array().unwrap().len(), 1, "{notices}");
+    assert_eq!(
+        notices[0]["event"]["details"]["subject"],
+        gone[0].as_str(),
+        "{notices}"
+    );
+
+    // Every proof still verifies: the board's full verify extends what it saw before.
+    let verified = ctl.json(board, &["board", "log", "verify"]);
+    assert_eq!(
+        verified["previous_size"], board_before["size"],
+        "{verified}"
+    );
+    assert_eq!(
+        verified["leaves_recomputed"], verified["size"],
+        "{verified}"
+    );
+    // The patient's key reads nothing about them any more.
+    let nothing = ctl.fails(&own_key, &["patient", "accesses"]);
+    assert!(nothing.contains("not authenticated"), "{nothing}");
+
+    // The same source record imported again is a new patient, starting from nothing.
+    let src = synthea();
+    let again = ctl.json(
+        custodian,
+        &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
+    );
+    assert_eq!(again["patients"], 10, "{again}");
+    let (_, new_pseudonym, _) = keystore_patients(&keystore)
+        .into_iter()
+        .find(|(s, _, _)| *s == source_id)
+        .unwrap();
+    assert_ne!(new_pseudonym, pseudonym);
+    let fresh = ctl.json(
+        custodian,
+        &[&["patient", "accesses"][..], &as_patient].concat(),
+    );
+    let kinds: BTreeSet<&str> = fresh
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["enroll", "upload"]), "{fresh}");
+
+    drop(ctl);
+    drop(server);
+    let checked = Command::new(BROKER)
+        .args(["log-verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// (rows, rows of `person_id`) in an index snapshot's person table.
+fn eunomia_like_count(parquet: &Path, person_id: i64) -> (i64, i64) {
+    use datafusion::arrow::array::AsArray;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ctx = datafusion::prelude::SessionContext::new();
+        ctx.register_parquet("person", parquet.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql(&format!(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE person_id = {person_id}) FROM person"
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let b = &batches[0];
+        (
+            b.column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0),
+            b.column(1)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0),
+        )
+    })
+}
+
+/// The broker dies (as if killed) at each step of an erasure; at the next start the
+/// erasure finishes by itself, and the same command then hands the patient the receipts.
+#[test]
+fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let keys = keys(d);
+    let [operator, custodian, _, _, researcher] = &keys;
+    let op_pub = public(operator);
+    let server = serve(&data, Path::new(&op_pub));
+    let ctl = Ctl::new(&server.url, &data);
+    let (keystore, study_id) = erasure_setup(&ctl, d, &data, &keys);
+    let ks = keystore.to_str().unwrap().to_owned();
+    drop(ctl);
+    drop(server);
+    let patients = keystore_patients(&keystore);
+    let network = data.with_file_name("network.json");
+    let step_of = |pseudonym: &str| -> Option<i64> {
+        let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        db.query_row(
+            "SELECT step FROM erasures WHERE pseudonym = ?1",
+            [pseudonym],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    for (n, (point, (source_id, pseudonym, _))) in broker::crash::ERASURE_POINTS
+        .iter()
+        .zip(&patients)
+        .enumerate()
+    {
+        let traces = traces(&data, pseudonym);
+        let mut server = serve_armed(&data, Path::new(&op_pub), Some(point));
+        let ctl = Ctl::new(&server.url, &data);
+        *ctl.network.borrow_mut() = Some(network.clone());
+        let receipts = d.join(format!("receipts-{point}.json"));
+        let args = [
+            "patient",
+            "erase",
+            "--keystore",
+            &ks,
+            "--patient",
+            source_id,
+            "--yes",
+            "--out",
+            receipts.to_str().unwrap(),
+        ];
+        let out = ctl.run(custodian, &args);
+        assert!(
+            !out.status.success(),
+            "{point}: the erasure saw the broker die"
+        );
+        assert!(
+            !server.child.wait().unwrap().success(),
+            "{point}: the broker aborted"
+        );
+        assert!(
+            step_of(pseudonym).is_some_and(|s| s < 5),
+            "{point}: under way"
+        );
+        drop(ctl);
+
+        let server = serve(&data, Path::new(&op_pub));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while step_of(pseudonym) != Some(5) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{point}: not finished at start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ctl = Ctl::new(&server.url, &data);
+        *ctl.network.borrow_mut() = Some(network.clone());
+        let erased = ctl.json(custodian, &args);
+        assert_eq!(erased["proxies_confirmed"], 3, "{point}: {erased}");
+        assert!(
+            erased["broker_destroyed"]["envelopes"].as_u64().unwrap() > 0,
+            "{point}: {erased}"
+        );
+        let hits = scan::scan_bytes(&data, &traces.needles);
+        assert!(hits.is_empty(), "{point}: left after the erasure: {hits:?}");
+        for (table, n) in rows_naming(&data.join("broker.db"), pseudonym) {
+            assert_eq!(n, 0, "{point}: table {table} still names the patient");
+        }
+        let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
+        let pending: i64 = db
+            .query_row("SELECT COUNT(*) FROM erasure_packs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pending, 0, "{point}: packs left to destroy");
+        drop(db);
+        let fetched = ctl.fetch(researcher, &study_id, &d.join(format!("release-{point}")));
+        assert_eq!(
+            fetched["subjects"].as_u64().unwrap() as usize,
+            9 - n,
+            "{point}"
+        );
+        drop(ctl);
+        drop(server);
+    }
+    let checked = Command::new(BROKER)
+        .args(["log-verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+}

@@ -354,8 +354,8 @@ pub async fn start(
         let broker = broker.clone();
         move || broker.warm_cohort_engine()
     });
-    // Withdrawals a crash interrupted are redone, and revocations a proxy could not
-    // confirm before are retried, now.
+    // Withdrawals a crash interrupted are redone, revocations a proxy could not confirm
+    // before are retried, and erasures under way are finished, now.
     tokio::spawn({
         let broker = broker.clone();
         async move {
@@ -369,6 +369,11 @@ pub async fn start(
             }
             if let Err(e) = broker.retry_revocations().await {
                 tracing::warn!(error = %e, "retrying pending revocations");
+            }
+            match broker.resume_erasures().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(erasures = n, "finished erasures a restart interrupted"),
+                Err(e) => tracing::warn!(error = %e, "resuming erasures"),
             }
         }
     });

@@ -656,3 +656,25 @@ pub async fn consented_grants(
     out.issued = grant_scoped(client, plan, scoped).await?;
     Ok(out)
 }
+
+/// Sends the patient's signed erasure request and checks the receipts the broker answers
+/// with against the pinned network ([`pre_kms::erasure::check_bundle`]): the patient
+/// trusts the signatures of the proxies it pinned, not the broker's word. Returns the
+/// bundle to keep and what it proves.
+pub async fn erase(
+    client: &BrokerClient,
+    network: &VerifiedNetwork,
+    request: pre_kms::erasure::ErasureRequest,
+) -> ClientResult<(
+    pre_kms::erasure::ReceiptBundle,
+    pre_kms::erasure::BundleCheck,
+)> {
+    let receipts = client.erase(&request).await?;
+    let bundle = pre_kms::erasure::ReceiptBundle::new(request, receipts);
+    let checked = pre_kms::erasure::check_bundle(&bundle, network).map_err(|e| {
+        ClientError::Invalid(format!(
+            "the broker's answer does not prove the erasure: {e}"
+        ))
+    })?;
+    Ok((bundle, checked))
+}

@@ -28,6 +28,8 @@ pub trait HeadStore {
     fn head(&self, pseudonym: &str) -> Result<Option<ConsentHead>>;
     /// Records the receipts of versions this agent just set.
     fn record(&self, receipts: &[ConsentReceipt]) -> Result<()>;
+    /// Forgets an erased patient: a patient enrolled again starts from nothing.
+    fn forget(&self, pseudonym: &str) -> Result<()>;
 }
 
 impl HeadStore for Keystore {
@@ -37,6 +39,10 @@ impl HeadStore for Keystore {
 
     fn record(&self, receipts: &[ConsentReceipt]) -> Result<()> {
         self.record_consent_heads(receipts)
+    }
+
+    fn forget(&self, pseudonym: &str) -> Result<()> {
+        self.forget_patient(pseudonym).map(|_| ())
     }
 }
 
@@ -78,7 +84,21 @@ impl HeadStore for HeadFile {
                 },
             );
         }
-        let json = serde_json::to_vec_pretty(&heads).expect("heads serialize");
+        self.write(&heads)
+    }
+
+    fn forget(&self, pseudonym: &str) -> Result<()> {
+        let mut heads = self.read()?;
+        if heads.remove(pseudonym).is_some() {
+            self.write(&heads)?;
+        }
+        Ok(())
+    }
+}
+
+impl HeadFile {
+    fn write(&self, heads: &BTreeMap<String, ConsentHead>) -> Result<()> {
+        let json = serde_json::to_vec_pretty(heads).expect("heads serialize");
         // Through a temporary file, so that a crash leaves the old record or the new.
         let tmp = self.0.with_extension("json.tmp");
         pre_kms::private_fs::write_private(&tmp, &json)?;

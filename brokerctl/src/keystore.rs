@@ -74,7 +74,7 @@ impl Keystore {
         let db = Connection::open(path)
             .map_err(|e| Error::KeyFile(format!("cannot open keystore {}: {e}", path.display())))?;
         db.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS patients (
                  source_id TEXT PRIMARY KEY, seed BLOB NOT NULL, pseudonym TEXT NOT NULL UNIQUE,
                  created_at INTEGER NOT NULL);
@@ -127,6 +127,52 @@ impl Keystore {
             Ok(Identity::from_seed(seed))
         })
         .transpose()
+    }
+
+    /// Destroys an erased patient's entry: the seed (the crypto-shredding: nothing can
+    /// decrypt the patient's records any more), the keys and consent heads remembered
+    /// for them. Deleted content is overwritten, and the write-ahead log is emptied into
+    /// the file, so that no copy of the seed is left in either. Returns whether the
+    /// patient was in the keystore.
+    pub fn destroy(&self, source_id: &str) -> Result<bool> {
+        let pseudonym: Option<String> = self
+            .db
+            .query_row(
+                "SELECT pseudonym FROM patients WHERE source_id = ?1",
+                [source_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(pseudonym) = pseudonym else {
+            return Ok(false);
+        };
+        self.db.execute_batch("BEGIN IMMEDIATE")?;
+        let deleted = (|| {
+            self.db
+                .execute("DELETE FROM patients WHERE source_id = ?1", [source_id])?;
+            self.forget_patient(&pseudonym)
+        })();
+        match deleted {
+            Ok(()) => self.db.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        self.db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(true)
+    }
+
+    /// Forgets what was remembered of a patient (keys, consent head), keeping the seed.
+    pub fn forget_patient(&self, pseudonym: &str) -> Result<()> {
+        self.db.execute(
+            "DELETE FROM consent_heads WHERE pseudonym = ?1",
+            [pseudonym],
+        )?;
+        self.db
+            .execute("DELETE FROM known WHERE pseudonym = ?1", [pseudonym])?;
+        Ok(())
     }
 
     /// Every patient as (source id, identity), in source-id order.

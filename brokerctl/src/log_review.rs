@@ -340,8 +340,9 @@ fn check_included(
         .collect()
 }
 
-/// The patient's view: a signed checkpoint and events, each proven to be in it.
-async fn patient_view(
+/// A reader's view (a patient's, or a researcher's notices): a signed checkpoint and
+/// events, each proven to be in it.
+async fn proven_view(
     client: &BrokerClient,
     pinned_key: Option<&PublicKey>,
     excerpt: LogExcerpt,
@@ -359,7 +360,7 @@ pub async fn patient_accesses(
     pinned_key: Option<&PublicKey>,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
     let excerpt = client.log_accesses().await?;
-    patient_view(client, pinned_key, excerpt).await
+    proven_view(client, pinned_key, excerpt).await
 }
 
 /// The calling patient's unread alerts (releases and break-glass access), proven; with
@@ -370,11 +371,21 @@ pub async fn patient_alerts(
     acknowledge: bool,
 ) -> Result<Vec<ShownEvent>, ReviewError> {
     let excerpt = client.log_alerts(None).await?;
-    let shown = patient_view(client, pinned_key, excerpt).await?;
+    let shown = proven_view(client, pinned_key, excerpt).await?;
     if acknowledge && let Some(last) = shown.iter().map(|e| e.index).max() {
         client.log_alerts(Some(last)).await?;
     }
     Ok(shown)
+}
+
+/// Erasure notices to the calling researcher's studies (or to one), each proven to be in
+/// the broker-signed log.
+pub async fn researcher_notices(
+    client: &BrokerClient,
+    study_id: Option<&str>,
+) -> Result<Vec<ShownEvent>, ReviewError> {
+    let excerpt = client.log_notices(study_id).await?;
+    proven_view(client, None, excerpt).await
 }
 
 /// Board filters for `show` and `export`.

@@ -263,6 +263,35 @@ impl BrokerClient {
             .created)
     }
 
+    /// Sends a patient's signed erasure request; the receipts the broker answers with,
+    /// not yet checked (see [`pre_kms::erasure::check_bundle`]).
+    pub async fn erase(
+        &self,
+        request: &pre_kms::erasure::ErasureRequest,
+    ) -> ClientResult<Vec<pre_kms::erasure::ErasureReceipt>> {
+        let req = pb::EraseRequest {
+            request: Some(broker_proto::convert::erasure_request_to_pb(request)),
+        };
+        let reply = self
+            .records
+            .clone()
+            .erase(self.sign(m::ERASE, req))
+            .await?
+            .into_inner();
+        reply
+            .receipts
+            .into_iter()
+            .map(|r| {
+                broker_proto::convert::erasure_receipt_from_pb(r).map_err(|s| {
+                    ClientError::Invalid(format!(
+                        "the broker sent a malformed receipt: {}",
+                        s.message()
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// Uploads envelopes and index rows; answers with a receipt per envelope.
     pub async fn upload(&self, upload: Upload) -> ClientResult<UploadReceipt> {
         Ok(upload_receipt_from_pb(
@@ -474,6 +503,18 @@ impl BrokerClient {
     pub async fn log_accesses(&self) -> ClientResult<LogExcerpt> {
         let req = self.sign(m::AUDIT_ACCESSES, pb::AccessesRequest {});
         let r = self.audit.clone().accesses(req).await?.into_inner();
+        LogExcerpt::from_pb(r.checkpoint, r.events)
+    }
+
+    /// Erasure notices to the caller's studies (or to one).
+    pub async fn log_notices(&self, study_id: Option<&str>) -> ClientResult<LogExcerpt> {
+        let req = self.sign(
+            m::AUDIT_NOTICES,
+            pb::NoticesRequest {
+                study_id: study_id.unwrap_or_default().to_owned(),
+            },
+        );
+        let r = self.audit.clone().notices(req).await?.into_inner();
         LogExcerpt::from_pb(r.checkpoint, r.events)
     }
 

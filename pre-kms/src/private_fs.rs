@@ -58,6 +58,52 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
+/// Destroys the file at `path`: its bytes are overwritten with zeroes and synced before
+/// it is removed and its directory synced, so that what it held does not linger in the
+/// file's blocks (on file systems that overwrite in place; a copy-on-write file system or
+/// the device may keep old blocks until they are reused). A missing file is no error.
+pub fn destroy_file(path: &Path) -> io::Result<()> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    {
+        let mut f = OpenOptions::new().write(true).open(path)?;
+        let zeroes = vec![0u8; 1 << 16];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeroes.len() as u64) as usize;
+            f.write_all(&zeroes[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+    }
+    fs::remove_file(path)?;
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Destroys every file under `dir` ([`destroy_file`]), then removes the directory.
+pub fn destroy_dir(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            destroy_dir(&entry.path())?;
+        } else {
+            destroy_file(&entry.path())?;
+        }
+    }
+    fs::remove_dir(dir)
+}
+
 /// Why a data directory could not be held.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {

@@ -327,6 +327,9 @@ impl ProxyNode {
             }
         };
         tx.commit()?;
+        // The deleted kfrags' pages are overwritten in the write-ahead log; copying it
+        // into the store and emptying it leaves no older copy of them in either file.
+        db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(ErasureReceipt::sign(
             &self.identity,
             Role::Proxy,
@@ -477,17 +480,14 @@ mod tests {
         assert_eq!(receipt.signer, proxies[0].actor_id());
         assert_eq!(node.kfrag_count().unwrap(), 2, "the other patient's stay");
 
-        // Nothing of the patient is left on the proxy's disk once the log is folded in.
-        drop(node);
-        let db = Connection::open(dir.path().join("proxy.db")).unwrap();
-        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
-        drop(db);
+        // Nothing of the patient is left in the proxy's files while it still runs (the
+        // kfrag rows carried the pseudonym).
         let needle = patient.pseudonym().into_bytes();
         for f in std::fs::read_dir(dir.path()).unwrap() {
             let bytes = std::fs::read(f.unwrap().path()).unwrap();
             assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_slice()));
         }
+        drop(node);
         let node = ProxyNode::open(dir.path(), Identity::from_seed(*proxies[0].seed()), 0).unwrap();
 
         for g in [&held_a, &kept_back] {

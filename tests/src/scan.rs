@@ -41,3 +41,17 @@ pub fn scan_for(dir: &Path, needles: &[String]) -> Vec<(PathBuf, String)> {
     }
     hits
 }
+
+/// The (file, label) pairs where a needle occurs byte for byte in a file under `dir`.
+pub fn scan_bytes(dir: &Path, needles: &[(String, Vec<u8>)]) -> Vec<(PathBuf, String)> {
+    let mut hits = Vec::new();
+    for file in files_under(dir) {
+        let bytes = std::fs::read(&file).expect("readable file");
+        for (label, needle) in needles {
+            if !needle.is_empty() && bytes.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                hits.push((file.clone(), label.clone()));
+            }
+        }
+    }
+    hits
+}

@@ -40,6 +40,16 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Sponsor,
     },
     Call {
+        name: "Records.Erase",
+        method: m::ERASE,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Audit.Notices",
+        method: m::AUDIT_NOTICES,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
         name: "Studies.Propose",
         method: m::PROPOSE,
         wrong_role: Role::Researcher,
@@ -168,6 +178,16 @@ async fn call(
             pb::records_client::RecordsClient<Channel>,
             upload,
             pb::UploadRequest::default()
+        ),
+        m::ERASE => go!(
+            pb::records_client::RecordsClient<Channel>,
+            erase,
+            pb::EraseRequest::default()
+        ),
+        m::AUDIT_NOTICES => go!(
+            pb::audit_client::AuditClient<Channel>,
+            notices,
+            pb::NoticesRequest::default()
         ),
         m::PROPOSE => go!(
             pb::studies_client::StudiesClient<Channel>,

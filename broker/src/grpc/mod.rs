@@ -161,6 +161,25 @@ impl pb::records_server::Records for Grpc {
             index_patients,
         })))
     }
+
+    async fn erase(
+        &self,
+        req: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::EraseResponse>, Status> {
+        let caller = self.authorize(&req, m::ERASE)?;
+        let request = req
+            .into_inner()
+            .request
+            .ok_or_else(|| Status::invalid_argument("the erasure request is missing"))?;
+        let request = broker_proto::convert::erasure_request_from_pb(request);
+        let receipts = self.0.erase(caller, request).await?;
+        Ok(Response::new(pb::EraseResponse {
+            receipts: receipts
+                .iter()
+                .map(broker_proto::convert::erasure_receipt_to_pb)
+                .collect(),
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -432,6 +451,20 @@ impl pb::audit_server::Audit for Grpc {
         let b = self.0.clone();
         let (c, events) = blocking(move || b.alerts(&caller, ack)).await?;
         Ok(Response::new(pb::AlertsResponse {
+            checkpoint: note(&c)?,
+            events: events.into_iter().map(logged_to_pb).collect(),
+        }))
+    }
+
+    async fn notices(
+        &self,
+        req: Request<pb::NoticesRequest>,
+    ) -> Result<Response<pb::AccessesResponse>, Status> {
+        let caller = self.authorize(&req, m::AUDIT_NOTICES)?;
+        let study = Some(req.into_inner().study_id).filter(|s| !s.is_empty());
+        let b = self.0.clone();
+        let (c, events) = blocking(move || b.notices(&caller, study.as_deref())).await?;
+        Ok(Response::new(pb::AccessesResponse {
             checkpoint: note(&c)?,
             events: events.into_iter().map(logged_to_pb).collect(),
         }))

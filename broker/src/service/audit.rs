@@ -79,6 +79,11 @@ impl AccessLog {
     pub fn size(&self) -> u64 {
         self.lock().size()
     }
+
+    /// The broker's key, which signs checkpoints and the broker's erasure receipts.
+    pub(super) fn signer(&self) -> &Identity {
+        &self.signer
+    }
 }
 
 fn index_row(leaf: u64, e: &AuditEvent) -> AuditIndexRow {
@@ -444,6 +449,46 @@ impl Broker {
     pub fn accesses(&self, caller: &Caller) -> ServiceResult<(SignedCheckpoint, Vec<LoggedEvent>)> {
         let tag = self.caller_tag(caller)?;
         let leaves = self.db().audit_leaves_about(&tag.0, &[], None)?;
+        let checkpoint = self.checkpoint()?;
+        let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
+        Ok((checkpoint, events))
+    }
+
+    /// The erasure notices to the calling researcher's studies (or to one of them), with
+    /// inclusion proofs against a fresh checkpoint.
+    pub fn notices(
+        &self,
+        caller: &Caller,
+        study: Option<&str>,
+    ) -> ServiceResult<(SignedCheckpoint, Vec<LoggedEvent>)> {
+        let studies: Vec<String> = match study {
+            Some(id) => {
+                let s = self.study(id)?;
+                if s.proposal.researcher_id != caller.actor_id {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "only the researcher named in study {id} reads its notices"
+                    )));
+                }
+                vec![s.study_id]
+            }
+            None => self
+                .db()
+                .studies()?
+                .into_iter()
+                .filter(|s| s.proposal.researcher_id == caller.actor_id)
+                .map(|s| s.study_id)
+                .collect(),
+        };
+        let mut leaves = Vec::new();
+        for study in studies {
+            let filter = EventFilter {
+                study: Some(study),
+                kinds: vec![EventKind::ErasureNotice.name()],
+                ..Default::default()
+            };
+            leaves.extend(self.db().audit_leaves(&filter, EVENTS_PAGE)?);
+        }
+        leaves.sort_unstable();
         let checkpoint = self.checkpoint()?;
         let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
         Ok((checkpoint, events))

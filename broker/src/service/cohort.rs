@@ -310,6 +310,49 @@ impl Broker {
         self.redecide(&mut studies, &changed)
     }
 
+    /// An erased patient's index version `id` leaves the cohort engine: every kept study
+    /// consent forgets it, the live engine drops its rows (compacted away, not only
+    /// retired), and the snapshot on disk is written again without them, the older ones
+    /// destroyed. With no live engine but a snapshot on disk, the engine is built first
+    /// (without the patient, whose rows are gone from the database) so that a snapshot
+    /// without them replaces it.
+    pub(crate) fn index_erased(&self, id: i64) -> ServiceResult<()> {
+        {
+            let mut studies = self
+                .cohorts
+                .studies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for kept in studies.values_mut() {
+                Arc::make_mut(&mut kept.decisions).set(id, None)?;
+                kept.snapshot = None;
+            }
+        }
+        let on_disk = self.cohorts.snapshots.as_ref().is_some_and(|s| s.exists());
+        if on_disk {
+            self.live_engine()?;
+        }
+        self.cohorts.settle();
+        let mut live = self.cohorts.live();
+        let Some(current) = live.as_mut() else {
+            return Ok(());
+        };
+        let tables = current.engine.tables().retire([id]).compact();
+        if let Ok(i) = usize::try_from(id)
+            && let Some(name) = self.cohorts.pseudonyms_mut().get_mut(i)
+        {
+            name.clear();
+        }
+        current.engine = Arc::new(current.engine.with_tables(tables));
+        if let Some(snapshots) = self.cohorts.snapshots.as_ref().filter(|_| on_disk) {
+            snapshots
+                .write_destroying_older(current.engine.tables())
+                .map_err(|e| ServiceError::internal(format!("index snapshot: {e}")))?;
+            current.since_snapshot = 0;
+        }
+        Ok(())
+    }
+
     /// Adds one upload's index versions to the live engine, in commit order.
     fn grow(&self, live: &mut LiveEngine, changes: &[IndexChange]) -> ServiceResult<()> {
         let mut builder = IndexBuilder::new();

@@ -4,6 +4,7 @@
 mod audit;
 mod cohort;
 mod consents;
+mod erasure;
 mod feasibility;
 mod grants;
 mod records;
@@ -39,6 +40,8 @@ pub struct Broker {
     audit: AccessLog,
     feasibility: Feasibility,
     cohorts: cohort::Cohorts,
+    /// Held while an erasure job runs: jobs run one at a time.
+    erasing: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -70,6 +73,7 @@ impl Broker {
             audit,
             feasibility,
             cohorts: cohort::Cohorts::new(index_snapshots),
+            erasing: tokio::sync::Mutex::new(()),
         });
         broker.reindex_log()?;
         broker.recover_intents()?;
@@ -123,7 +127,11 @@ impl Broker {
     pub fn precheck(&self, credentials: &Result<Credentials, AuthError>) -> ServiceResult<()> {
         let result = credentials.as_ref().map_err(Clone::clone).and_then(|c| {
             self.guard.precheck(c, |id| {
-                self.actor(id).is_some() || self.db().patient_by_actor(id).ok().flatten().is_some()
+                self.actor(id).is_some() || {
+                    let db = self.db();
+                    db.patient_by_actor(id).ok().flatten().is_some()
+                        || db.erased_actor(id).ok().flatten().is_some()
+                }
             })
         });
         result.map_err(|e| {
@@ -145,6 +153,14 @@ impl Broker {
                 let row = self.db().patient_by_actor(id).ok().flatten();
                 patient = row.is_some();
                 row.map(|(_, vk)| vk)
+            });
+            // A patient erased since still fetches their receipts with their key.
+            let key = key.or_else(|| {
+                let erased = (method == broker_proto::methods::ERASE)
+                    .then(|| self.db().erased_actor(id).ok().flatten())
+                    .flatten();
+                patient = erased.is_some();
+                erased
             })?;
             pre_kms::keys::public_key_from_bytes(&key).ok()
         })?;

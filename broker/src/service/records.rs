@@ -136,6 +136,11 @@ impl Broker {
                     "patient {p} is not enrolled; enroll first"
                 ))
             })?;
+            if db.erasure_under_way(p)?.is_some() {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "patient {p} is being erased"
+                )));
+            }
             let themself = caller.role == Role::Patient && row.actor_id == caller.actor_id;
             if row.enrolled_by != caller.actor_id && !themself {
                 return Err(ServiceError::PermissionDenied(format!(

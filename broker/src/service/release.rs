@@ -68,7 +68,7 @@ impl Broker {
     }
 
     /// The per-study pseudonym a researcher sees for a patient.
-    fn subject(&self, study_id: &str, pseudonym: &str) -> String {
+    pub(super) fn subject(&self, study_id: &str, pseudonym: &str) -> String {
         let mut h = blake3::Hasher::new_keyed(&self.subject_secret);
         h.update(study_id.as_bytes());
         h.update(&[0]);

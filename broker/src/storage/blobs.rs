@@ -136,10 +136,8 @@ impl BlobStore {
         self.put_all(&refs)
     }
 
-    /// Destroys a pack no record points to any more: its bytes are overwritten with
-    /// zeroes and synced before the file is removed, so the blobs it held do not linger
-    /// in the file's blocks (on file systems that overwrite in place; a copy-on-write
-    /// file system or the device may still keep old blocks until they are reused).
+    /// Destroys a pack no record points to any more: its bytes are overwritten and
+    /// synced before the file is removed ([`pre_kms::private_fs::destroy_file`]).
     pub fn remove_pack(&self, pack: &str) -> io::Result<()> {
         if !is_hex_name(pack, 32) {
             return Err(io::Error::new(
@@ -147,25 +145,7 @@ impl BlobStore {
                 "not a pack name",
             ));
         }
-        let path = self.pack_path(pack);
-        let len = match fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        {
-            let mut f = fs::OpenOptions::new().write(true).open(&path)?;
-            let zeroes = vec![0u8; 1 << 16];
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(zeroes.len() as u64) as usize;
-                f.write_all(&zeroes[..n])?;
-                left -= n as u64;
-            }
-            f.sync_all()?;
-        }
-        fs::remove_file(&path)?;
-        File::open(&self.root)?.sync_all()
+        pre_kms::private_fs::destroy_file(&self.pack_path(pack))
     }
 
     /// The packs on disk (their names).

@@ -72,6 +72,16 @@ impl IndexSnapshots {
         IndexSnapshots { dir: dir.into() }
     }
 
+    /// Whether a snapshot (current, or left by a write a crash interrupted) is on disk.
+    pub fn exists(&self) -> bool {
+        std::fs::read_dir(&self.dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name == MANIFEST || is_snapshot_name(&name)
+            })
+        })
+    }
+
     /// The current snapshot, or `None` if none was ever written.
     pub fn load(&self) -> Result<Option<IndexTables>, SnapshotError> {
         let path = self.dir.join(MANIFEST);
@@ -110,6 +120,17 @@ impl IndexSnapshots {
 
     /// Writes `tables` (compacted) as the current snapshot, and removes older ones.
     pub fn write(&self, tables: &IndexTables) -> Result<(), SnapshotError> {
+        self.write_replacing(tables, false)
+    }
+
+    /// Writes `tables` as the current snapshot and destroys the older ones (their files
+    /// overwritten before removal): after an erasure, so that the erased patient's rows
+    /// are gone from disk, not only unnamed.
+    pub fn write_destroying_older(&self, tables: &IndexTables) -> Result<(), SnapshotError> {
+        self.write_replacing(tables, true)
+    }
+
+    fn write_replacing(&self, tables: &IndexTables, destroy: bool) -> Result<(), SnapshotError> {
         private_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         let name = format!("snap-{}", hex::encode(rand::random::<[u8; 8]>()));
         let dir = self.dir.join(&name);
@@ -151,7 +172,12 @@ impl IndexSnapshots {
             for entry in entries.flatten() {
                 let other = entry.file_name().to_string_lossy().into_owned();
                 if is_snapshot_name(&other) && other != name {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    if destroy {
+                        pre_kms::private_fs::destroy_dir(&entry.path())
+                            .map_err(|e| io(&entry.path(), e))?;
+                    } else {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
                 }
             }
         }

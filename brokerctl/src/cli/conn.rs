@@ -57,6 +57,13 @@ pub struct AsPatient {
     patient: Option<String>,
 }
 
+impl AsPatient {
+    /// The keystore and the patient's id in it, when the patient is a custodian's.
+    pub fn keystore_entry(&self) -> Option<(&std::path::Path, &str)> {
+        Some((self.keystore.as_deref()?, self.patient.as_deref()?))
+    }
+}
+
 pub fn load_key(conn: &Conn) -> anyhow::Result<Identity> {
     let path = conn
         .key

@@ -50,6 +50,25 @@ pub enum PatientCmd {
         #[arg(long)]
         ack: bool,
     },
+    /// Erase yourself, for good: every grant withdrawn (key fragments destroyed at every
+    /// proxy), every record, index row and consent deleted at the broker, your log
+    /// entries no longer linkable to you. Writes the receipts, checked against the pinned
+    /// network (`brokerctl verify-receipt` checks them again); a patient in a custodian's
+    /// keystore has their keys destroyed there too.
+    Erase {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+        /// Where to write the receipts (default: erasure-PSEUDONYM.json). Your signed
+        /// request is kept there until they come: run the command again to finish an
+        /// erasure that did not.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,6 +197,12 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
                 out
             });
         }
+        PatientCmd::Erase {
+            conn,
+            who,
+            out,
+            yes,
+        } => erase(&conn, &who, out, yes).await?,
         PatientCmd::Alerts { conn, who, ack } => {
             let client = connect_as(&conn, &who).await?;
             let shown = log_review::patient_alerts(&client, None, ack).await?;
@@ -310,6 +335,139 @@ async fn consent_command(cmd: ConsentCmd) -> anyhow::Result<()> {
             )
         },
     );
+    Ok(())
+}
+
+/// `brokerctl patient erase`.
+async fn erase(
+    conn: &Conn,
+    who: &AsPatient,
+    out: Option<PathBuf>,
+    yes: bool,
+) -> anyhow::Result<()> {
+    use pre_kms::erasure::{ErasureRequest, ReceiptBundle};
+    let network = conn.network.as_ref().context(
+        "erasing needs the network manifest your ethics board signed, to check the receipts: --network FILE (or BROKER_NETWORK)",
+    )?;
+    let network = pre_kms::network::VerifiedNetwork::load(network)?;
+    let client = connect_as(conn, who).await?;
+    let me = client.identity().clone();
+    let pseudonym = me.pseudonym();
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("erasure-{pseudonym}.json")));
+    let saved: Option<ReceiptBundle> = match std::fs::read(&out) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} exists and is not an erasure receipt bundle; choose another --out",
+                out.display()
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let request = match saved {
+        Some(b) if b.request.pseudonym != pseudonym => {
+            bail!("{} holds another patient's erasure", out.display())
+        }
+        Some(b) => {
+            eprintln!(
+                "sending again the erasure request saved in {}",
+                out.display()
+            );
+            b.request
+        }
+        None => {
+            confirm_erasure(&pseudonym, yes)?;
+            let now_ms = pre_kms::request_auth::now_secs() * 1000;
+            let request = ErasureRequest::sign(&me, now_ms);
+            write_bundle(&out, &ReceiptBundle::new(request.clone(), Vec::new()))?;
+            request
+        }
+    };
+    let (bundle, checked) = match agent::erase(&client, &network, request).await {
+        Ok(done) => done,
+        Err(e @ brokerctl::ClientError::Status(_)) if refused(&e) => {
+            // Refused, so nothing was done: the saved request goes, and the next run
+            // signs a new one.
+            let _ = std::fs::remove_file(&out);
+            return Err(e.into());
+        }
+        Err(e) => bail!(
+            "{e}\nyour signed request is saved in {}: run the same command again to finish the erasure and get its receipts",
+            out.display()
+        ),
+    };
+    write_bundle(&out, &bundle)?;
+    // The crypto-shredding: the custodian's copy of the patient's keys goes too.
+    let shredded = match who.keystore_entry() {
+        Some((keystore, patient)) => brokerctl::Keystore::open(keystore)?.destroy(patient)?,
+        None => {
+            head_store(conn, who)?.forget(&pseudonym)?;
+            false
+        }
+    };
+    print(conn, &checked, || {
+        let deleted: Vec<String> = checked
+            .broker_destroyed
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        format!(
+            "erased {}: {} of {} proxies destroyed their key fragments ({} needed); the broker deleted {}{}\nreceipts written to {}",
+            checked.pseudonym,
+            checked.proxies_confirmed,
+            network.proxies.len(),
+            checked.proxies_needed,
+            deleted.join(", "),
+            if shredded {
+                "; the patient's keys were destroyed in the keystore"
+            } else {
+                ""
+            },
+            out.display()
+        )
+    });
+    Ok(())
+}
+
+/// Whether the broker refused the request outright (nothing was done), as opposed to an
+/// erasure under way or an answer that did not arrive or did not prove it.
+fn refused(e: &brokerctl::ClientError) -> bool {
+    use tonic::Code;
+    matches!(e, brokerctl::ClientError::Status(s) if matches!(
+        s.code(),
+        Code::InvalidArgument | Code::PermissionDenied | Code::FailedPrecondition | Code::Unauthenticated
+    ))
+}
+
+/// Asks the user to type `erase`, unless `--yes`.
+fn confirm_erasure(pseudonym: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("an erasure cannot be undone: confirm it with --yes");
+    }
+    eprint!(
+        "This erases patient {pseudonym} for good: every record, consent and grant, at the broker and every proxy.\nType `erase` to confirm: "
+    );
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != "erase" {
+        bail!("not confirmed; nothing was done");
+    }
+    Ok(())
+}
+
+/// Writes a receipt bundle owner-only, through a temporary file.
+fn write_bundle(out: &Path, bundle: &pre_kms::erasure::ReceiptBundle) -> anyhow::Result<()> {
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    pre_kms::private_fs::write_private(&tmp, &serde_json::to_vec_pretty(bundle)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 

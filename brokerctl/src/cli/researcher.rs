@@ -1,9 +1,10 @@
-//! `brokerctl researcher`: fetch, verify and decrypt a study's release.
+//! `brokerctl researcher`: fetch, verify and decrypt a study's release; read the erasure
+//! notices to your studies.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use brokerctl::agent;
+use brokerctl::{agent, log_review};
 use clap::Subcommand;
 use pre_kms::private_fs::{private_dir, write_private};
 
@@ -19,6 +20,16 @@ pub enum ResearcherCmd {
         study: String,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Notices that subjects of your studies were erased, each checked against the
+    /// broker-signed log: what you already received of them stays governed by the study's
+    /// data-use terms, and later releases leave them out.
+    Notices {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only this study's notices.
+        #[arg(long)]
+        study: Option<String>,
     },
 }
 
@@ -65,6 +76,32 @@ pub async fn run(cmd: ResearcherCmd) -> anyhow::Result<()> {
                     report.records,
                     out.display()
                 )
+            });
+        }
+        ResearcherCmd::Notices { conn, study } => {
+            let client = connect(&conn).await?;
+            let shown = log_review::researcher_notices(&client, study.as_deref()).await?;
+            print(&conn, &shown, || {
+                let mut out = format!(
+                    "{} erasure notices, each proven to be in the broker-signed log",
+                    shown.len()
+                );
+                for e in &shown {
+                    let d = &e.event.details;
+                    out.push_str(&format!(
+                        "\n{}  study {}  subject {}  {} records received before the erasure",
+                        log_review::iso_time(e.event.time),
+                        d.study_id.as_deref().unwrap_or("-"),
+                        d.subject.as_deref().unwrap_or("-"),
+                        d.record_count.unwrap_or(0)
+                    ));
+                }
+                if let Some(e) = shown.first()
+                    && let Some(why) = &e.event.why.purpose
+                {
+                    out.push_str(&format!("\n{why}"));
+                }
+                out
             });
         }
     }

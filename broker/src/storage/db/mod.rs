@@ -22,12 +22,14 @@ use model::{Study, StudyProposal, StudyStatus};
 mod actors;
 mod audit;
 mod consents;
+mod erasure;
 mod feasibility;
 mod grants;
 mod records;
 mod releases;
 mod studies;
 
+pub use erasure::{Deleted, ErasureJob, ErasureStep, Moved};
 pub use records::{IndexChange, Stored, StoredContent};
 
 pub type DbResult<T> = Result<T, rusqlite::Error>;
@@ -42,6 +44,9 @@ const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
 PRAGMA synchronous=FULL;
+-- Deleted content is overwritten, not only unlinked: an erased patient's rows must not
+-- linger in free pages.
+PRAGMA secure_delete=ON;
 -- 128 MiB of page cache: uploads insert into B-trees keyed by random pseudonyms.
 PRAGMA cache_size=-131072;
 PRAGMA foreign_keys=ON;
@@ -135,6 +140,17 @@ CREATE TABLE IF NOT EXISTS query_budgets (sponsor TEXT PRIMARY KEY, state TEXT N
 CREATE TABLE IF NOT EXISTS concept_relations (
     ancestor TEXT NOT NULL, descendant TEXT NOT NULL,
     PRIMARY KEY (ancestor, descendant)) WITHOUT ROWID;
+-- Patients' erasures, by the digest of the patient's signed request: under way (step < 5,
+-- resumed at start) or done (the receipts, for the patient to fetch again).
+CREATE TABLE IF NOT EXISTS erasures (
+    request_digest BLOB PRIMARY KEY, pseudonym TEXT NOT NULL, actor_id TEXT NOT NULL,
+    verifying_key BLOB NOT NULL, request TEXT NOT NULL, step INTEGER NOT NULL,
+    receipts TEXT NOT NULL DEFAULT '[]', deleted TEXT NOT NULL DEFAULT '{}', index_id INTEGER,
+    started_at INTEGER NOT NULL, finished_at INTEGER);
+CREATE INDEX IF NOT EXISTS erasures_patient ON erasures (pseudonym);
+CREATE INDEX IF NOT EXISTS erasures_actor ON erasures (actor_id);
+-- Packs that held an erased patient's blobs, to destroy once nothing points at them.
+CREATE TABLE IF NOT EXISTS erasure_packs (pack TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS checkpoint_cosignatures (
     size INTEGER NOT NULL, time INTEGER NOT NULL, key_id TEXT NOT NULL, signature BLOB NOT NULL,
     PRIMARY KEY (size, time, key_id));
