@@ -1721,39 +1721,68 @@ fn verify_receipt_checks_an_erasure_bundle_against_the_pinned_network() {
 
 // ------------------------------------------------------------------ erasure
 
-/// Ten Synthea patients imported by a custodian with broad consent, a study of their
-/// conditions approved, granted and released once (into `d/release`). Returns the
-/// keystore and the study.
-fn erasure_setup(
-    ctl: &Ctl<'_>,
-    d: &Path,
-    data: &Path,
-    [operator, custodian, sponsor, board, researcher]: &[PathBuf; 5],
-) -> (PathBuf, String) {
-    register(ctl, operator, [custodian, sponsor, board, researcher]);
-    ctl.pin_network(operator, board, data);
-    let keystore = d.join("keystore.db");
-    let ks = keystore.to_str().unwrap();
-    let src = synthea();
-    let imported = ctl.json(
-        custodian,
-        &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
-    );
-    assert_eq!(imported["patients"], 10, "{imported}");
-    let study_id = ctl.propose(sponsor, "Erasure", "conditions", researcher, &[]);
-    ctl.ok(board, &["board", "study", "approve", &study_id]);
-    ctl.json(
-        custodian,
-        &["custodian", "consent", "--keystore", ks, "--broad"],
-    );
-    let granted = ctl.json(
-        custodian,
-        &["custodian", "grant", "--study", &study_id, "--keystore", ks],
-    );
-    assert_eq!(granted["grants"], 10, "{granted}");
-    let fetched = ctl.fetch(researcher, &study_id, &d.join("release"));
-    assert_eq!(fetched["subjects"], 10, "{fetched}");
-    (keystore, study_id)
+/// A broker data directory where ten Synthea patients were imported by a custodian
+/// (keystore `d/keystore.db`) with broad consent, and a study of their conditions was
+/// approved, granted and released once (into `d/release`); the broker is stopped.
+struct ErasureSetup {
+    data: PathBuf,
+    /// operator, custodian, sponsor, board, researcher.
+    keys: [PathBuf; 5],
+    operator_pub: PathBuf,
+    keystore: PathBuf,
+    study_id: String,
+}
+
+impl ErasureSetup {
+    fn new(d: &Path) -> ErasureSetup {
+        let data = d.join("data");
+        let keys = keys(d);
+        let [operator, custodian, sponsor, board, researcher] = &keys;
+        let operator_pub = PathBuf::from(public(operator));
+        let server = serve(&data, &operator_pub);
+        let ctl = Ctl::new(&server.url, &data);
+        register(&ctl, operator, [custodian, sponsor, board, researcher]);
+        ctl.pin_network(operator, board, &data);
+        let keystore = d.join("keystore.db");
+        let ks = keystore.to_str().unwrap();
+        let src = synthea();
+        let imported = ctl.json(
+            custodian,
+            &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
+        );
+        assert_eq!(imported["patients"], 10, "{imported}");
+        let study_id = ctl.propose(sponsor, "Erasure", "conditions", researcher, &[]);
+        ctl.ok(board, &["board", "study", "approve", &study_id]);
+        ctl.json(
+            custodian,
+            &["custodian", "consent", "--keystore", ks, "--broad"],
+        );
+        let granted = ctl.json(
+            custodian,
+            &["custodian", "grant", "--study", &study_id, "--keystore", ks],
+        );
+        assert_eq!(granted["grants"], 10, "{granted}");
+        let fetched = ctl.fetch(researcher, &study_id, &d.join("release"));
+        assert_eq!(fetched["subjects"], 10, "{fetched}");
+        ErasureSetup {
+            data,
+            keys: keys.clone(),
+            operator_pub,
+            keystore,
+            study_id,
+        }
+    }
+
+    /// Starts the broker again, armed with a crash point or not; its `brokerctl`.
+    fn serve(&self, crash_at: Option<&str>) -> Server {
+        serve_armed(&self.data, &self.operator_pub, crash_at)
+    }
+
+    fn ctl<'a>(&self, url: &'a str) -> Ctl<'a> {
+        let ctl = Ctl::new(url, &self.data);
+        *ctl.network.borrow_mut() = Some(self.data.with_file_name("network.json"));
+        ctl
+    }
 }
 
 /// The keystore's patients: (source id, pseudonym, seed), in source-id order.
@@ -1869,21 +1898,15 @@ fn rows_naming(path: &Path, pseudonym: &str) -> Vec<(String, i64)> {
 fn an_erasure_through_brokerctl_leaves_no_byte_of_the_patient_and_every_proof_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("data");
-    let keys = keys(d);
-    let [operator, custodian, _, board, researcher] = &keys;
-    let op_pub = public(operator);
-    let server = serve(&data, Path::new(&op_pub));
-    let ctl = Ctl::new(&server.url, &data);
-    let (keystore, study_id) = erasure_setup(&ctl, d, &data, &keys);
-    let ks = keystore.to_str().unwrap();
-    // A restart: the cohort index is loaded from the database and written as a snapshot,
-    // which then holds the patient's index rows too.
-    drop(ctl);
-    drop(server);
-    let server = serve(&data, Path::new(&op_pub));
-    let ctl = Ctl::new(&server.url, &data);
-    *ctl.network.borrow_mut() = Some(data.with_file_name("network.json"));
+    let setup = ErasureSetup::new(d);
+    let (data, study_id) = (setup.data.clone(), setup.study_id.clone());
+    let [_, custodian, _, board, researcher] = &setup.keys;
+    let ks = setup.keystore.to_str().unwrap();
+    let keystore = setup.keystore.clone();
+    // Started again, the broker loads the cohort index from the database and writes it as
+    // a snapshot, which then holds the patient's index rows too.
+    let server = setup.serve(None);
+    let ctl = setup.ctl(&server.url);
     let snapshot_manifest = data.join("index").join("CURRENT");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !snapshot_manifest.exists() {
@@ -2155,18 +2178,12 @@ fn eunomia_like_count(parquet: &Path, person_id: i64) -> (i64, i64) {
 fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("data");
-    let keys = keys(d);
-    let [operator, custodian, _, _, researcher] = &keys;
-    let op_pub = public(operator);
-    let server = serve(&data, Path::new(&op_pub));
-    let ctl = Ctl::new(&server.url, &data);
-    let (keystore, study_id) = erasure_setup(&ctl, d, &data, &keys);
-    let ks = keystore.to_str().unwrap().to_owned();
-    drop(ctl);
-    drop(server);
+    let setup = ErasureSetup::new(d);
+    let (data, study_id) = (setup.data.clone(), setup.study_id.clone());
+    let [_, custodian, _, _, researcher] = &setup.keys;
+    let ks = setup.keystore.to_str().unwrap().to_owned();
+    let keystore = setup.keystore.clone();
     let patients = keystore_patients(&keystore);
-    let network = data.with_file_name("network.json");
     let step_of = |pseudonym: &str| -> Option<i64> {
         let db = rusqlite::Connection::open(data.join("broker.db")).unwrap();
         db.busy_timeout(Duration::from_secs(10)).unwrap();
@@ -2183,9 +2200,8 @@ fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
         .enumerate()
     {
         let traces = traces(&data, pseudonym);
-        let mut server = serve_armed(&data, Path::new(&op_pub), Some(point));
-        let ctl = Ctl::new(&server.url, &data);
-        *ctl.network.borrow_mut() = Some(network.clone());
+        let mut server = setup.serve(Some(point));
+        let ctl = setup.ctl(&server.url);
         let receipts = d.join(format!("receipts-{point}.json"));
         let args = [
             "patient",
@@ -2213,7 +2229,7 @@ fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
         );
         drop(ctl);
 
-        let server = serve(&data, Path::new(&op_pub));
+        let server = setup.serve(None);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while step_of(pseudonym) != Some(5) {
             assert!(
@@ -2222,8 +2238,7 @@ fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let ctl = Ctl::new(&server.url, &data);
-        *ctl.network.borrow_mut() = Some(network.clone());
+        let ctl = setup.ctl(&server.url);
         let erased = ctl.json(custodian, &args);
         assert_eq!(erased["proxies_confirmed"], 3, "{point}: {erased}");
         assert!(

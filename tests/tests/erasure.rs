@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use broker::server::{load_or_create_identity, start_proxy};
 use broker_proto::v1 as pb;
 use brokerctl::{BrokerClient, ClientError, agent};
-use integration_tests::Sandbox;
-use model::CohortDefinition;
+use integration_tests::{Sandbox, World};
+use model::{CohortDefinition, Study};
 use pre_kms::Category;
 use pre_kms::Identity;
 use pre_kms::erasure::{ErasureReceipt, ErasureRequest, Role as ReceiptRole};
@@ -38,10 +38,9 @@ async fn next_second() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_replayed_stale_or_foreign_erasure_request_is_refused() {
-    let sandbox = Sandbox::start().await;
-    let w = sandbox.world(3, 71).await;
+/// `n` patients with broad consent, a study of `CATS` approved, every patient granting it.
+async fn granted_world(sandbox: &Sandbox, n: usize, seed: u64) -> (World, Study) {
+    let w = sandbox.world(n, seed).await;
     let study = w
         .cast
         .approved_study("erasure", &CATS, CohortDefinition::everyone())
@@ -53,6 +52,13 @@ async fn a_forged_replayed_stale_or_foreign_erasure_request_is_refused() {
         .map(|(id, _)| (id.clone(), CATS.to_vec()))
         .collect();
     w.cast.grant_all(&study, &list, 100, |_| {}).await.unwrap();
+    (w, study)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_replayed_stale_or_foreign_erasure_request_is_refused() {
+    let sandbox = Sandbox::start().await;
+    let (w, study) = granted_world(&sandbox, 3, 71).await;
     let (first, _) = w.cast.fetch(&study).await.unwrap();
     assert_eq!(first.release.subjects, 3);
     next_second().await;
@@ -250,18 +256,7 @@ async fn an_erasure_waits_for_every_proxy_and_a_receipt_not_signed_by_the_proxy_
             c.insecure_loopback = true;
         })
         .await;
-    let w = sandbox.world(2, 5).await;
-    let study = w
-        .cast
-        .approved_study("erasure", &CATS, CohortDefinition::everyone())
-        .await
-        .unwrap();
-    let list: Vec<_> = w
-        .patients
-        .iter()
-        .map(|(id, _)| (id.clone(), CATS.to_vec()))
-        .collect();
-    w.cast.grant_all(&study, &list, 100, |_| {}).await.unwrap();
+    let (w, study) = granted_world(&sandbox, 2, 5).await;
     assert_eq!(node.kfrag_count().unwrap(), 4);
     next_second().await;
     let a = w.patients[0].0.clone();

@@ -188,7 +188,6 @@ impl Db {
 
     /// Where the patient's blobs are (envelopes, and the same blobs as releases hold
     /// them), and, per pack holding one, the other patients' blobs in it.
-    #[allow(clippy::type_complexity)]
     pub fn erased_blobs(&self, pseudonym: &str) -> DbResult<BTreeMap<String, Vec<BlobLocation>>> {
         let packs: Vec<String> = self
             .conn
