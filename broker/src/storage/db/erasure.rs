@@ -187,34 +187,43 @@ impl Db {
     }
 
     /// Where the patient's blobs are (envelopes, and the same blobs as releases hold
-    /// them), and, per pack holding one, the other patients' blobs in it.
+    /// them), and, per pack holding one, the other patients' blobs in it. Neither table
+    /// is indexed by pack (that would cost every upload and release): the packs go into a
+    /// temporary table and each table is scanned once.
     pub fn erased_blobs(&self, pseudonym: &str) -> DbResult<BTreeMap<String, Vec<BlobLocation>>> {
-        let packs: Vec<String> = self
+        self.conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS erased_packs (pack TEXT PRIMARY KEY);
+             DELETE FROM erased_packs;",
+        )?;
+        self.conn.execute(
+            "INSERT OR IGNORE INTO erased_packs
+             SELECT pack FROM envelopes WHERE pseudonym = ?1
+             UNION SELECT pack FROM release_items WHERE pseudonym = ?1",
+            [pseudonym],
+        )?;
+        let mut out: BTreeMap<String, Vec<BlobLocation>> = self
             .conn
-            .prepare(
-                "SELECT pack FROM envelopes WHERE pseudonym = ?1
-                 UNION SELECT pack FROM release_items WHERE pseudonym = ?1",
-            )?
-            .query_map([pseudonym], |r| r.get(0))?
+            .prepare("SELECT pack FROM erased_packs")?
+            .query_map([], |r| Ok((r.get(0)?, Vec::new())))?
             .collect::<DbResult<_>>()?;
         let mut residents = self.conn.prepare(
-            "SELECT blob, offset, length FROM envelopes WHERE pack = ?1 AND pseudonym <> ?2
-             UNION SELECT blob, offset, length FROM release_items WHERE pack = ?1 AND pseudonym <> ?2
-             ORDER BY offset",
+            "SELECT pack, blob, offset, length FROM envelopes
+             WHERE pseudonym <> ?1 AND pack IN (SELECT pack FROM erased_packs)
+             UNION SELECT pack, blob, offset, length FROM release_items
+             WHERE pseudonym <> ?1 AND pack IN (SELECT pack FROM erased_packs)
+             ORDER BY 1, 3",
         )?;
-        let mut out = BTreeMap::new();
-        for pack in packs {
-            let keep = residents
-                .query_map(params![pack, pseudonym], |r| {
-                    Ok(BlobLocation {
-                        name: r.get(0)?,
-                        pack: pack.clone(),
-                        offset: r.get::<_, i64>(1)? as u64,
-                        length: r.get::<_, i64>(2)? as u64,
-                    })
-                })?
-                .collect::<DbResult<Vec<_>>>()?;
-            out.insert(pack, keep);
+        let rows = residents.query_map([pseudonym], |r| {
+            Ok(BlobLocation {
+                pack: r.get(0)?,
+                name: r.get(1)?,
+                offset: r.get::<_, i64>(2)? as u64,
+                length: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        for row in rows {
+            let at = row?;
+            out.entry(at.pack.clone()).or_default().push(at);
         }
         Ok(out)
     }
@@ -239,18 +248,30 @@ impl Db {
     ) -> DbResult<(Deleted, Vec<audit_log::AuditEvent>, Vec<i64>)> {
         let p = job.pseudonym.as_str();
         let tx = self.conn.transaction()?;
+        // The moved blobs in a temporary table: each table is scanned once and probes it.
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS moved_blobs (
+                 pack TEXT NOT NULL, offset INTEGER NOT NULL, new_pack TEXT NOT NULL,
+                 new_offset INTEGER NOT NULL, PRIMARY KEY (pack, offset));
+             DELETE FROM moved_blobs;",
+        )?;
         {
-            let mut env = tx.prepare_cached(
-                "UPDATE envelopes SET pack = ?3, offset = ?4 WHERE pack = ?1 AND offset = ?2",
-            )?;
-            let mut items = tx.prepare_cached(
-                "UPDATE release_items SET pack = ?3, offset = ?4 WHERE pack = ?1 AND offset = ?2",
+            let mut put = tx.prepare_cached(
+                "INSERT INTO moved_blobs (pack, offset, new_pack, new_offset) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for ((pack, offset), to) in moved {
-                let args = params![pack, *offset as i64, to.pack, to.offset as i64];
-                env.execute(args)?;
-                items.execute(args)?;
+                put.execute(params![pack, *offset as i64, to.pack, to.offset as i64])?;
             }
+        }
+        for table in ["envelopes", "release_items"] {
+            tx.execute(
+                &format!(
+                    "UPDATE {table} SET (pack, offset) = (SELECT new_pack, new_offset FROM moved_blobs m
+                         WHERE m.pack = {table}.pack AND m.offset = {table}.offset)
+                     WHERE (pack, offset) IN (SELECT pack, offset FROM moved_blobs)"
+                ),
+                [],
+            )?;
         }
         let released: Vec<(String, u64)> = tx
             .prepare(
