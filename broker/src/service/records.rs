@@ -136,7 +136,7 @@ impl Broker {
                     "patient {p} is not enrolled; enroll first"
                 ))
             })?;
-            if db.erasure_under_way(p)?.is_some() {
+            if db.is_being_erased(p)? {
                 return Err(ServiceError::FailedPrecondition(format!(
                     "patient {p} is being erased"
                 )));

@@ -107,7 +107,7 @@ impl Db {
     }
 
     fn erasure_rows(&self, filter: &str, param: &dyn rusqlite::ToSql) -> DbResult<Vec<ErasureJob>> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT request_digest, pseudonym, actor_id, verifying_key, request, step, receipts,
                     deleted, index_id FROM erasures WHERE {filter} ORDER BY started_at"
         ))?;
@@ -151,6 +151,17 @@ impl Db {
         Ok(self
             .erasure_rows("pseudonym = ?1 AND step < 5", &pseudonym)?
             .pop())
+    }
+
+    /// Whether an erasure of this patient is under way (checked on every call that acts
+    /// for a patient).
+    pub fn is_being_erased(&self, pseudonym: &str) -> DbResult<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM erasures WHERE pseudonym = ?1 AND step < 5 LIMIT 1")?
+            .query_row([pseudonym], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     /// Every erasure not yet done, oldest first.
