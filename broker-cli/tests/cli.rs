@@ -1929,8 +1929,10 @@ fn an_erasure_through_brokerctl_leaves_no_byte_of_the_patient_and_every_proof_ve
     let tag = mine[0]["event"]["patient"].as_str().unwrap().to_owned();
     // The patient's own key, kept aside to see what it can still do afterwards.
     let own_key = d.join("patient.key");
-    pre_kms::Identity::from_seed(seed.clone().try_into().unwrap())
-        .write_key_file(&own_key, "patient")
+    let own = pre_kms::Identity::from_seed(seed.clone().try_into().unwrap());
+    own.write_key_file(&own_key, "patient").unwrap();
+    own.public("patient")
+        .write_file(Path::new(&public(&own_key)))
         .unwrap();
     let mut needles = traces.needles.clone();
     needles.push(("tag".into(), hex::decode(&tag).unwrap()));
@@ -2124,6 +2126,68 @@ fn an_erasure_through_brokerctl_leaves_no_byte_of_the_patient_and_every_proof_ve
         .map(|e| e["event"]["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, BTreeSet::from(["enroll", "upload"]), "{fresh}");
+
+    // The erased key itself may enrol again, from nothing, and erase itself with its own
+    // key file: the consent record kept beside the key goes with it.
+    let operator = &setup.keys[0];
+    ctl.ok(
+        operator,
+        &[
+            "operator",
+            "register",
+            "--public-key",
+            &public(&own_key),
+            "--role",
+            "patient",
+            "--name",
+            "patient",
+        ],
+    );
+    let enrolled = ctl.ok(&own_key, &["patient", "enroll"]);
+    assert!(enrolled.starts_with("enrolled as pseudonym"), "{enrolled}");
+    ctl.ok(&own_key, &["patient", "consent", "set", "--broad"]);
+    let heads = PathBuf::from(format!("{}.consents.json", own_key.display()));
+    assert!(
+        std::fs::read_to_string(&heads)
+            .unwrap()
+            .contains(&pseudonym)
+    );
+    std::thread::sleep(Duration::from_millis(1100)); // a request of the enrolment's second is refused
+    let own_receipts = d.join("own-receipts.json");
+    let erased = ctl.json(
+        &own_key,
+        &[
+            "patient",
+            "erase",
+            "--yes",
+            "--out",
+            own_receipts.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(erased["pseudonym"], pseudonym.as_str(), "{erased}");
+    assert_eq!(
+        erased["broker_destroyed"]["consent_versions"], 1,
+        "{erased}"
+    );
+    assert_eq!(erased["broker_destroyed"]["envelopes"], 0, "{erased}");
+    assert!(
+        !std::fs::read_to_string(&heads)
+            .unwrap()
+            .contains(&pseudonym)
+    );
+    // Sent again, the saved request fetches the same receipts, with the key no longer
+    // enrolled.
+    let again = ctl.json(
+        &own_key,
+        &[
+            "patient",
+            "erase",
+            "--yes",
+            "--out",
+            own_receipts.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(again, erased);
 
     drop(ctl);
     drop(server);
