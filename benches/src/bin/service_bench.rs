@@ -18,6 +18,12 @@
 //! 6. Restart: the broker is stopped (SIGINT) and started again on the same data
 //!    directory; the time from the new process's start to its first answered count, and
 //!    the counts compared with those before the restart.
+//! 7. Erasure: `--erasures` patients, one after the other, each erased on their own
+//!    signed request (every proxy, the packs rewritten, every row deleted, the index
+//!    snapshot written again), the receipts checked against the pinned network; against
+//!    a baseline measured in the same run: one patient's new consent version (a write of
+//!    one patient through the same service, with its reconciliation). The study's count
+//!    afterwards must be the count before less the erased patients it counted.
 //!
 //! `cargo build --release && target/release/service-bench --patients 1000000`
 
@@ -75,6 +81,9 @@ struct Args {
     /// established (as `brokerctl custodian import` with its keystore).
     #[arg(long)]
     reimport: bool,
+    /// Patients erased after the restart (step 7).
+    #[arg(long, default_value_t = 3)]
+    erasures: usize,
 }
 
 /// A `broker serve` child process and what it said.
@@ -441,6 +450,41 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
     );
     let (p50_after, p99_after) = summary(&after);
     let rss_after = peak_rss_mib(&server.pid());
+
+    // 7. Erasure, against one patient's consent change.
+    let mut erase_ms = Vec::new();
+    let mut consent_ms = Vec::new();
+    let mut erased_counted = 0u64;
+    let custodian = connect(&server.url, data, cast.custodian.identity().clone()).await?;
+    for k in 0..args.erasures.min(n) {
+        let i = n - 1 - k;
+        let patient = identity(seed, i);
+        let t = Instant::now();
+        let policy = consent_policy::broad_research_policy(2, now_secs());
+        agent::set_consents(&custodian, &[(patient.clone(), policy)]).await?;
+        consent_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let counted_before = exact_count(&board.count(&study.study_id, &json).await?)?;
+        let as_patient = connect(&server.url, data, patient.clone()).await?;
+        let request =
+            pre_kms::erasure::ErasureRequest::sign(&patient, now_secs().saturating_mul(1000));
+        let t = Instant::now();
+        let (_, checked) = agent::erase(&as_patient, &cast.network, request).await?;
+        erase_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            checked.proxies_confirmed == 3,
+            "{} proxies confirmed",
+            checked.proxies_confirmed
+        );
+        let counted_after = exact_count(&board.count(&study.study_id, &json).await?)?;
+        erased_counted += counted_before - counted_after;
+        ensure!(
+            counted_before - counted_after <= 1,
+            "one erasure removed {} patients from the count",
+            counted_before - counted_after
+        );
+    }
+    erase_ms.sort_by(f64::total_cmp);
+    consent_ms.sort_by(f64::total_cmp);
     server.stop()?;
 
     // The report.
@@ -523,6 +567,16 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         listening.as_secs_f64(),
         restart.as_secs_f64()
     );
+    if !erase_ms.is_empty() {
+        let (erase, consent) = (percentile(&erase_ms, 0.5), percentile(&consent_ms, 0.5));
+        println!(
+            "erasure        median {erase:.0} ms (min {:.0}, max {:.0}) over {}; one consent version: median {consent:.1} ms; erasure / consent: {:.0}x; {erased_counted} of them were in the study's count",
+            erase_ms[0],
+            erase_ms[erase_ms.len() - 1],
+            erase_ms.len(),
+            erase / consent
+        );
+    }
     println!("index log (the broker's own lines on loading and snapshotting its index)");
     for line in index_log {
         println!("  {line}");
@@ -539,6 +593,8 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
             "release_select_ms": release_ms,
             "broker_peak_rss_mib": rss,
             "restart_to_first_count_seconds": restart.as_secs_f64(),
+            "erasure_ms": erase_ms,
+            "erasure_baseline_consent_ms": consent_ms,
             "reimport_seconds": reimport.as_ref().map(|t| t.iter().map(|(e, _)| e.as_secs_f64()).collect::<Vec<_>>()),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
