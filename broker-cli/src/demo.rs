@@ -451,6 +451,10 @@ pub struct DemoSummary {
     pub revoked: usize,
     pub grants_withdrawn: usize,
     pub subjects_after_revocation: u32,
+    /// One released patient (who did not revoke) erased on their own request: what the
+    /// broker's receipt says it deleted, how many pinned proxies confirmed, how long it
+    /// took, and the next release's subjects. `None` if no patient was left to erase.
+    pub erasure: Option<ErasureSummary>,
     pub envelopes: usize,
     pub envelope_bytes: usize,
     pub ingest: Duration,
@@ -462,6 +466,16 @@ pub struct DemoSummary {
     pub expected: usize,
     /// `None` when every decrypted record equals an original and none is missing.
     pub mismatch: Option<String>,
+}
+
+/// The demo's erasure of one patient.
+#[derive(Debug, Clone)]
+pub struct ErasureSummary {
+    pub proxies_confirmed: usize,
+    pub deleted: std::collections::BTreeMap<String, u64>,
+    pub time: Duration,
+    pub subjects_after: u32,
+    pub count_exact_after: String,
 }
 
 impl DemoSummary {
@@ -531,10 +545,22 @@ impl std::fmt::Display for DemoSummary {
             self.subjects_after_revocation,
             self.count_exact_after_revocation
         )?;
+        if let Some(e) = &self.erasure {
+            let deleted: Vec<String> = e.deleted.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            writeln!(
+                f,
+                "erasure              {:>8.2} s  one patient erased on their own request; receipts of {} proxies and the broker checked against the pinned network (deleted: {}); next release: {} subjects (exact count now {})",
+                e.time.as_secs_f64(),
+                e.proxies_confirmed,
+                deleted.join(", "),
+                e.subjects_after,
+                e.count_exact_after
+            )?;
+        }
         match &self.mismatch {
             None => write!(
                 f,
-                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; each release is exactly the board's exact count of the study's cohort; none of the revoked patients' records after revocation",
+                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; each release is exactly the board's exact count of the study's cohort; none of the revoked or erased patients' records after revocation and erasure",
                 self.expected
             ),
             Some(m) => write!(f, "check                FAILED: {m}"),
@@ -714,6 +740,37 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
             .check(&got, &summary.count_exact_after_revocation, &excluded)
             .err()
             .map(|m| format!("after revocation: {m}"));
+    }
+
+    // A released patient who did not revoke erases themself: the receipts are checked
+    // against the pinned network, and the next release leaves them out too.
+    let erasing = released.iter().copied().find(|i| !revoking.contains(i));
+    if let Some(i) = erasing {
+        let patient = patients[i].0.clone();
+        let started = Instant::now();
+        let now_ms = pre_kms::request_auth::now_secs().saturating_mul(1000);
+        let request = pre_kms::erasure::ErasureRequest::sign(&patient, now_ms);
+        let as_patient = cast.custodian.with_identity(patient);
+        let (_, checked) = agent::erase(&as_patient, &cast.network, request).await?;
+        let time = started.elapsed();
+        let count_exact_after = cast.board.count(&study.study_id, &[]).await?.count;
+        let (after, got) = cast.fetch_records(&study).await?;
+        if summary.mismatch.is_none() {
+            let check = ReleaseCheck::new(&records().collect::<Vec<_>>(), &histories, &study, now);
+            let excluded: BTreeSet<usize> =
+                revoking.iter().copied().chain(std::iter::once(i)).collect();
+            summary.mismatch = check
+                .check(&got, &count_exact_after, &excluded)
+                .err()
+                .map(|m| format!("after erasure: {m}"));
+        }
+        summary.erasure = Some(ErasureSummary {
+            proxies_confirmed: checked.proxies_confirmed,
+            deleted: checked.broker_destroyed,
+            time,
+            subjects_after: after.release.subjects,
+            count_exact_after,
+        });
     }
     scenario.running.stop().await;
     Ok(summary)
