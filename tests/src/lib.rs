@@ -46,6 +46,16 @@ impl Sandbox {
         sandbox
     }
 
+    /// Empties the data directory and makes the broker's identity in it, for a test that
+    /// starts proxies of its own (trusting that key) before it restarts the broker on
+    /// them; the identity.
+    pub fn fresh_broker_identity(&self) -> Identity {
+        std::fs::remove_dir_all(self.data_dir()).ok();
+        std::fs::create_dir_all(self.data_dir()).expect("data dir");
+        server::load_or_create_identity(&self.data_dir().join("broker.key"), "broker")
+            .expect("broker identity")
+    }
+
     /// Starts (again) on the same data directory, after `configure` adjusts the config.
     pub async fn restart_with(&mut self, configure: impl FnOnce(&mut ServeConfig)) {
         if let Some(r) = self.running.take() {
@@ -167,4 +177,5 @@ impl Sandbox {
 
 pub mod hostile;
 pub mod scan;
+pub mod tampered;
 pub use scan::{files_under, scan_for};

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use broker::server::{load_or_create_identity, start_proxy};
 use broker_proto::v1 as pb;
 use brokerctl::{BrokerClient, ClientError, agent};
+use integration_tests::tampered::{Tamper, Tampered, serve_on_loopback};
 use integration_tests::{Sandbox, World};
 use model::{CohortDefinition, Study};
 use pre_kms::Category;
@@ -172,37 +173,19 @@ async fn a_forged_replayed_stale_or_foreign_erasure_request_is_refused() {
 /// A proxy that destroys nothing and answers with a receipt of its own making, until it
 /// is told to behave.
 struct Forger {
-    honest: ProxyService,
     liar: Identity,
     behaves: Arc<AtomicBool>,
 }
 
 #[tonic::async_trait]
-impl pb::proxy_server::Proxy for Forger {
-    async fn info(
-        &self,
-        r: Request<pb::ProxyInfoRequest>,
-    ) -> Result<Response<pb::ProxyInfo>, Status> {
-        self.honest.info(r).await
-    }
-    async fn deposit(
-        &self,
-        r: Request<pb::DepositRequest>,
-    ) -> Result<Response<pb::DepositResponse>, Status> {
-        self.honest.deposit(r).await
-    }
-    async fn revoke(
-        &self,
-        r: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::RevokeResponse>, Status> {
-        self.honest.revoke(r).await
-    }
+impl Tamper for Forger {
     async fn erase(
         &self,
+        honest: &ProxyService,
         r: Request<pb::EraseRequest>,
     ) -> Result<Response<pb::ErasureReceipt>, Status> {
         if self.behaves.load(Ordering::SeqCst) {
-            return self.honest.erase(r).await;
+            return pb::proxy_server::Proxy::erase(honest, r).await;
         }
         let wire = r.into_inner().request.unwrap();
         let request = broker_proto::convert::erasure_request_from_pb(wire)
@@ -214,12 +197,6 @@ impl pb::proxy_server::Proxy for Forger {
             &receipt,
         )))
     }
-    async fn reencrypt(
-        &self,
-        r: Request<pb::ReencryptRequest>,
-    ) -> Result<Response<pb::ReencryptResponse>, Status> {
-        self.honest.reencrypt(r).await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,27 +204,18 @@ async fn an_erasure_waits_for_every_proxy_and_a_receipt_not_signed_by_the_proxy_
 {
     let mut sandbox = Sandbox::start().await;
     let dir = sandbox.dir.path().join("ext");
-    std::fs::remove_dir_all(sandbox.data_dir()).ok();
-    std::fs::create_dir_all(sandbox.data_dir()).unwrap();
-    let broker_id =
-        load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
-    let public = broker_id.public("broker");
+    let public = sandbox.fresh_broker_identity().public("broker");
     let honest0 = start_proxy(&dir.join("0"), 0, &public, true).await.unwrap();
     let node = Arc::new(ProxyNode::open(&dir.join("1"), Identity::generate(), 1).unwrap());
     let behaves = Arc::new(AtomicBool::new(false));
-    let svc = Forger {
+    let forger_url = serve_on_loopback(Tampered {
         honest: ProxyService::new(node.clone(), public.verifying_key),
-        liar: Identity::generate(),
-        behaves: behaves.clone(),
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let forger_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(pb::proxy_server::ProxyServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-    });
+        tamper: Forger {
+            liar: Identity::generate(),
+            behaves: behaves.clone(),
+        },
+    })
+    .await;
     let honest2 = start_proxy(&dir.join("2"), 2, &public, true).await.unwrap();
     let urls = vec![honest0.url.clone(), forger_url, honest2.url.clone()];
     sandbox

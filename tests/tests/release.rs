@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use broker::server::{load_or_create_identity, start_proxy};
+use broker::server::start_proxy;
 use broker_cli::demo::{Cast, Tally};
 use broker_proto::methods::PROXY_REENCRYPT as REENCRYPT;
 use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use brokerctl::ClientError;
 use brokerctl::agent;
+use integration_tests::tampered::{Tamper, Tampered, serve_on_loopback};
 use integration_tests::{Sandbox, World, scan_for};
 use model::CohortDefinition;
 use model::Role;
@@ -257,39 +258,16 @@ async fn the_data_directory_holds_no_identifier_and_no_plaintext() {
 // ------------------------------------------------------------------ lying proxies
 
 /// A proxy that verifies and stores kfrags honestly but returns corrupted cfrags.
-struct Liar(ProxyService);
+struct Liar;
 
 #[tonic::async_trait]
-impl pb::proxy_server::Proxy for Liar {
-    async fn info(
-        &self,
-        r: Request<pb::ProxyInfoRequest>,
-    ) -> Result<Response<pb::ProxyInfo>, Status> {
-        self.0.info(r).await
-    }
-    async fn deposit(
-        &self,
-        r: Request<pb::DepositRequest>,
-    ) -> Result<Response<pb::DepositResponse>, Status> {
-        self.0.deposit(r).await
-    }
-    async fn revoke(
-        &self,
-        r: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::RevokeResponse>, Status> {
-        self.0.revoke(r).await
-    }
-    async fn erase(
-        &self,
-        r: Request<pb::EraseRequest>,
-    ) -> Result<Response<pb::ErasureReceipt>, Status> {
-        self.0.erase(r).await
-    }
+impl Tamper for Liar {
     async fn reencrypt(
         &self,
+        honest: &ProxyService,
         r: Request<pb::ReencryptRequest>,
     ) -> Result<Response<pb::ReencryptResponse>, Status> {
-        let mut reply = self.0.reencrypt(r).await?;
+        let mut reply = pb::proxy_server::Proxy::reencrypt(honest, r).await?;
         for c in &mut reply.get_mut().cfrags {
             if let Some(b) = c.get_mut(40) {
                 *b ^= 0x5a;
@@ -304,23 +282,15 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
     let mut sandbox = Sandbox::start().await;
     // Replace the embedded proxies with two honest nodes and one liar, all on loopback.
     let dir = sandbox.dir.path().join("ext");
-    std::fs::remove_dir_all(sandbox.data_dir()).ok();
-    std::fs::create_dir_all(sandbox.data_dir()).unwrap();
-    let broker_id =
-        load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
-    let public = broker_id.public("broker");
+    let public = sandbox.fresh_broker_identity().public("broker");
     // The liar serves plain http on loopback; so do the others and the broker here.
     let honest0 = start_proxy(&dir.join("0"), 0, &public, true).await.unwrap();
     let liar_node = Arc::new(ProxyNode::open(&dir.join("1"), Identity::generate(), 1).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let liar_url = format!("http://{}", listener.local_addr().unwrap());
-    let svc = Liar(ProxyService::new(liar_node.clone(), public.verifying_key));
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(pb::proxy_server::ProxyServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-    });
+    let liar_url = serve_on_loopback(Tampered {
+        honest: ProxyService::new(liar_node.clone(), public.verifying_key),
+        tamper: Liar,
+    })
+    .await;
     let honest2 = start_proxy(&dir.join("2"), 2, &public, true).await.unwrap();
     let urls = vec![honest0.url.clone(), liar_url.clone(), honest2.url.clone()];
     sandbox
@@ -427,40 +397,16 @@ const FOREIGN_SIGNATURE: u8 = 4;
 /// re-signs the request with the broker's key, as a broker skipping the log would. It
 /// notes each answer's status code.
 struct Forger {
-    proxy: ProxyService,
     mode: Arc<AtomicU8>,
     broker: Identity,
     codes: Arc<std::sync::Mutex<Vec<Code>>>,
 }
 
 #[tonic::async_trait]
-impl pb::proxy_server::Proxy for Forger {
-    async fn info(
-        &self,
-        r: Request<pb::ProxyInfoRequest>,
-    ) -> Result<Response<pb::ProxyInfo>, Status> {
-        self.proxy.info(r).await
-    }
-    async fn deposit(
-        &self,
-        r: Request<pb::DepositRequest>,
-    ) -> Result<Response<pb::DepositResponse>, Status> {
-        self.proxy.deposit(r).await
-    }
-    async fn revoke(
-        &self,
-        r: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::RevokeResponse>, Status> {
-        self.proxy.revoke(r).await
-    }
-    async fn erase(
-        &self,
-        r: Request<pb::EraseRequest>,
-    ) -> Result<Response<pb::ErasureReceipt>, Status> {
-        self.proxy.erase(r).await
-    }
+impl Tamper for Forger {
     async fn reencrypt(
         &self,
+        honest: &ProxyService,
         r: Request<pb::ReencryptRequest>,
     ) -> Result<Response<pb::ReencryptResponse>, Status> {
         let mode = self.mode.load(Ordering::SeqCst);
@@ -481,7 +427,7 @@ impl pb::proxy_server::Proxy for Forger {
             }
             signed(&self.broker, REENCRYPT, body)
         };
-        let answer = self.proxy.reencrypt(r).await;
+        let answer = pb::proxy_server::Proxy::reencrypt(honest, r).await;
         let code = answer.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         self.codes.lock().unwrap().push(code);
         answer
@@ -492,10 +438,7 @@ impl pb::proxy_server::Proxy for Forger {
 async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
     let mut sandbox = Sandbox::start().await;
     let dir = sandbox.dir.path().join("ext");
-    std::fs::remove_dir_all(sandbox.data_dir()).ok();
-    std::fs::create_dir_all(sandbox.data_dir()).unwrap();
-    let broker_id =
-        load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker").unwrap();
+    let broker_id = sandbox.fresh_broker_identity();
     let public = broker_id.public("broker");
     let mode = Arc::new(AtomicU8::new(PASS));
     let codes = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -503,20 +446,18 @@ async fn proxies_refuse_a_release_that_is_not_in_the_access_log() {
     for i in 0..3u32 {
         let node =
             Arc::new(ProxyNode::open(&dir.join(i.to_string()), Identity::generate(), i).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        urls.push(format!("http://{}", listener.local_addr().unwrap()));
-        let svc = Forger {
-            proxy: ProxyService::new(node, public.verifying_key),
+        let forger = Forger {
             mode: mode.clone(),
             broker: broker_id.clone(),
             codes: codes.clone(),
         };
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(pb::proxy_server::ProxyServer::new(svc))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-        });
+        urls.push(
+            serve_on_loopback(Tampered {
+                honest: ProxyService::new(node, public.verifying_key),
+                tamper: forger,
+            })
+            .await,
+        );
     }
     // The man in the middle serves plain http on loopback; so does the broker here.
     sandbox
