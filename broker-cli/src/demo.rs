@@ -748,8 +748,8 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
     if let Some(i) = erasing {
         let patient = patients[i].0.clone();
         let started = Instant::now();
-        let now_ms = pre_kms::request_auth::now_secs().saturating_mul(1000);
-        let request = pre_kms::erasure::ErasureRequest::sign(&patient, now_ms);
+        let request =
+            pre_kms::erasure::ErasureRequest::sign(&patient, pre_kms::request_auth::now_ms());
         let as_patient = cast.custodian.with_identity(patient);
         let (_, checked) = agent::erase(&as_patient, &cast.network, request).await?;
         let time = started.elapsed();

@@ -274,6 +274,11 @@ impl<'a> Ctl<'a> {
         *self.network.borrow_mut() = Some(path);
     }
 
+    /// `import fhir SRC --keystore KEYSTORE` as the custodian; its JSON report.
+    fn import_fhir(&self, custodian: &Path, src: &str, keystore: &str) -> serde_json::Value {
+        self.json(custodian, &["import", "fhir", src, "--keystore", keystore])
+    }
+
     fn fails(&self, key: &Path, args: &[&str]) -> String {
         let out = self.run(key, args);
         assert!(!out.status.success(), "brokerctl {args:?} should fail");
@@ -361,11 +366,11 @@ fn every_role_through_brokerctl_on_synthea_data() {
     // Import as the custodian; a second import stores nothing new.
     let src = synthea();
     let src = src.to_str().unwrap();
-    let first = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    let first = ctl.import_fhir(&custodian, src, keystore);
     assert_eq!(first["patients"], 10, "{first}");
     assert_eq!(first["errors"], 0, "{first}");
     assert!(first["envelopes_stored"].as_u64().unwrap() >= 40, "{first}");
-    let second = ctl.json(&custodian, &["import", "fhir", src, "--keystore", keystore]);
+    let second = ctl.import_fhir(&custodian, src, keystore);
     assert_eq!(
         second["envelopes_stored"], 0,
         "re-import is idempotent: {second}"
@@ -726,16 +731,7 @@ fn a_release_through_three_proxy_processes() {
     let keystore = d.join("keystore.db");
     let keystore = keystore.to_str().unwrap();
     let src = synthea();
-    let imported = ctl.json(
-        &custodian,
-        &[
-            "import",
-            "fhir",
-            src.to_str().unwrap(),
-            "--keystore",
-            keystore,
-        ],
-    );
+    let imported = ctl.import_fhir(&custodian, src.to_str().unwrap(), keystore);
     assert_eq!(imported["patients"], 10);
     let study_id = ctl.propose(&sponsor, "External proxies", "conditions", &researcher, &[]);
     ctl.ok(&board, &["board", "study", "approve", &study_id]);
@@ -1003,16 +999,7 @@ fn a_crash_leaves_no_stored_record_unlogged_and_no_withdrawal_undone() {
     assert_eq!(uploads.as_array().unwrap().len(), 10, "{uploads}");
     assert_eq!(count("SELECT COUNT(*) FROM log_intents"), 0);
     // The re-import finds everything stored: nothing new, nothing logged twice.
-    let again = ctl.json(
-        &custodian,
-        &[
-            "import",
-            "fhir",
-            src.to_str().unwrap(),
-            "--keystore",
-            keystore,
-        ],
-    );
+    let again = ctl.import_fhir(&custodian, src.to_str().unwrap(), keystore);
     assert_eq!(again["envelopes_stored"], 0, "{again}");
     let uploads = ctl.json(&board, &["board", "log", "show", "--kind", "upload"]);
     assert_eq!(uploads.as_array().unwrap().len(), 10, "{uploads}");
@@ -1347,16 +1334,7 @@ fn safe_harbor_fixtures_leave_no_exact_date_and_no_age_over_89_at_the_broker_or_
     register(&ctl, &operator, [&custodian, &sponsor, &board, &researcher]);
     ctl.pin_network(&operator, &board, &data);
 
-    let imported = ctl.json(
-        &custodian,
-        &[
-            "import",
-            "fhir",
-            fixtures_dir.to_str().unwrap(),
-            "--keystore",
-            keystore,
-        ],
-    );
+    let imported = ctl.import_fhir(&custodian, fixtures_dir.to_str().unwrap(), keystore);
     assert_eq!(imported["patients"], 7, "{imported}");
     assert_eq!(imported["errors"], 0, "{imported}");
     // Withheld, and counted: the two childhood conditions and the Age of 99 of the patient
@@ -1746,10 +1724,7 @@ impl ErasureSetup {
         let keystore = d.join("keystore.db");
         let ks = keystore.to_str().unwrap();
         let src = synthea();
-        let imported = ctl.json(
-            custodian,
-            &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
-        );
+        let imported = ctl.import_fhir(custodian, src.to_str().unwrap(), ks);
         assert_eq!(imported["patients"], 10, "{imported}");
         let study_id = ctl.propose(sponsor, "Erasure", "conditions", researcher, &[]);
         ctl.ok(board, &["board", "study", "approve", &study_id]);
@@ -2105,10 +2080,7 @@ fn an_erasure_through_brokerctl_leaves_no_byte_of_the_patient_and_every_proof_ve
 
     // The same source record imported again is a new patient, starting from nothing.
     let src = synthea();
-    let again = ctl.json(
-        custodian,
-        &["import", "fhir", src.to_str().unwrap(), "--keystore", ks],
-    );
+    let again = ctl.import_fhir(custodian, src.to_str().unwrap(), ks);
     assert_eq!(again["patients"], 10, "{again}");
     let (_, new_pseudonym, _) = keystore_patients(&keystore)
         .into_iter()

@@ -16,15 +16,12 @@ use model::{CohortDefinition, Study};
 use pre_kms::Category;
 use pre_kms::Identity;
 use pre_kms::erasure::{ErasureReceipt, ErasureRequest, Role as ReceiptRole};
+use pre_kms::request_auth::now_ms;
 use proxy::{ProxyNode, ProxyService};
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
 
 const CATS: [Category; 2] = [Category::Demographics, Category::Conditions];
-
-fn now_ms() -> i64 {
-    broker::service::now_secs() * 1000
-}
 
 fn code(e: ClientError) -> (Code, String) {
     match e {

@@ -466,7 +466,7 @@ async fn run(args: &Args, broker: &Path, root: &Path, data: &Path) -> anyhow::Re
         let counted_before = exact_count(&board.count(&study.study_id, &json).await?)?;
         let as_patient = connect(&server.url, data, patient.clone()).await?;
         let request =
-            pre_kms::erasure::ErasureRequest::sign(&patient, now_secs().saturating_mul(1000));
+            pre_kms::erasure::ErasureRequest::sign(&patient, pre_kms::request_auth::now_ms());
         let t = Instant::now();
         let (_, checked) = agent::erase(&as_patient, &cast.network, request).await?;
         erase_ms.push(t.elapsed().as_secs_f64() * 1e3);

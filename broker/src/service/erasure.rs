@@ -34,6 +34,7 @@ use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::storage::db::{Deleted, ErasureJob, ErasureStep};
 use model::Caller;
+use pre_kms::request_auth::now_ms;
 
 /// How old a request may be when the broker first sees it.
 const REQUEST_MAX_AGE_MS: i64 = 24 * 3600 * 1000;
@@ -44,12 +45,6 @@ const REQUEST_SKEW_MS: i64 = 300 * 1000;
 const NOTICE: &str = "a subject of this study was erased at their request: records of theirs \
      the study already received stay governed by its data-use terms (the study as the ethics \
      board approved it); later releases do not include them";
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 impl Broker {
     /// Carries out (or resumes) a patient's erasure and returns the receipts: one per
@@ -140,7 +135,7 @@ impl Broker {
                 "the erasure request says it was signed in the future; check the clock".into(),
             ));
         }
-        if db.erasure_under_way(&pseudonym)?.is_some() {
+        if db.is_being_erased(&pseudonym)? {
             return Err(ServiceError::FailedPrecondition(
                 "an erasure of this patient is already under way under another request: send \
                  that request again to finish it"

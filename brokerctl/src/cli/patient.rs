@@ -377,8 +377,7 @@ async fn erase(
         }
         None => {
             confirm_erasure(&pseudonym, yes)?;
-            let now_ms = pre_kms::request_auth::now_secs() * 1000;
-            let request = ErasureRequest::sign(&me, now_ms);
+            let request = ErasureRequest::sign(&me, pre_kms::request_auth::now_ms());
             write_bundle(&out, &ReceiptBundle::new(request.clone(), Vec::new()))?;
             request
         }

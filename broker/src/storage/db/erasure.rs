@@ -146,13 +146,6 @@ impl Db {
             .pop())
     }
 
-    /// The erasure under way for this patient, if any.
-    pub fn erasure_under_way(&self, pseudonym: &str) -> DbResult<Option<ErasureJob>> {
-        Ok(self
-            .erasure_rows("pseudonym = ?1 AND step < 5", &pseudonym)?
-            .pop())
-    }
-
     /// Whether an erasure of this patient is under way (checked on every call that acts
     /// for a patient).
     pub fn is_being_erased(&self, pseudonym: &str) -> DbResult<bool> {
