@@ -60,8 +60,11 @@ pub enum EventKind {
     Release,
     /// A researcher fetched a release.
     Fetch,
-    /// Emergency access outside the normal authorization.
+    /// Emergency access outside the normal authorization: a registered clinician read a
+    /// patient's `critical` records under the patient's standing emergency grant.
     BreakGlass,
+    /// An ethics board reviewed a break-glass access (its finding and note).
+    BreakGlassReview,
     /// A patient's data was erased.
     Erasure,
     /// A study's researcher is told that a subject whose records the study received was
@@ -232,6 +235,10 @@ pub struct Details {
     /// The normalized hash of the cohort definition counted, or that selected a release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition_hash: Option<Digest32>,
+    /// Until when (unix seconds) the access the event records may be used: the
+    /// break-glass window, which proxies enforce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
     /// What a protected feasibility count cost its sponsor's privacy budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetCharge>,

@@ -104,6 +104,7 @@ fn every_kind_round_trips() {
         Release,
         Fetch,
         BreakGlass,
+        BreakGlassReview,
         Erasure,
         KeyRotation,
         AuthorizationFailed,

@@ -11,6 +11,7 @@ const SPONSOR: &[Role] = &[Role::Sponsor];
 const BOARD: &[Role] = &[Role::Board];
 const RESEARCHER: &[Role] = &[Role::Researcher];
 const PATIENT: &[Role] = &[Role::Patient];
+const CLINICIAN: &[Role] = &[Role::Clinician];
 /// The board lists actors to check a study's researcher and receiving key before it
 /// signs an approval, and to draft the network manifest with the operator.
 const OPERATOR_OR_BOARD: &[Role] = &[Role::Operator, Role::Board];
@@ -44,6 +45,12 @@ pub const ACCESS: &[(&str, &[Role])] = &[
     (m::CONSENT_HISTORY, PATIENT_SIDE),
     (m::COUNT, &[Role::Sponsor, Role::Board]),
     (m::PUT_CONCEPTS, &[Role::Custodian, Role::Operator]),
+    (m::REGISTER_EMERGENCY_ORG, OPERATOR),
+    (m::LIST_EMERGENCY_ORGS, ANY),
+    (m::BREAK_GLASS, CLINICIAN),
+    (m::REOPEN_BREAK_GLASS, CLINICIAN),
+    (m::LIST_BREAK_GLASS, BOARD),
+    (m::REVIEW_BREAK_GLASS, BOARD),
 ];
 
 /// The roles that may call `method`; none for a method not in the table.

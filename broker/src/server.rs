@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub tls_names: Vec<String>,
     /// Plain http instead of TLS, for tests: only on loopback addresses.
     pub insecure_loopback: bool,
+    /// Break-glass window, rate limit and flag threshold.
+    pub break_glass: crate::service::BreakGlassPolicy,
 }
 
 impl ServeConfig {
@@ -72,6 +74,7 @@ impl ServeConfig {
             proxy_certs: Vec::new(),
             tls_names: Vec::new(),
             insecure_loopback: false,
+            break_glass: Default::default(),
         }
     }
 }
@@ -313,6 +316,7 @@ pub async fn start(
             urls.len()
         )));
     }
+    config.break_glass.check().map_err(StartError::Config)?;
     let log_signer = identity.clone();
     let pool = crate::proxy_pool::ProxyPool::connect(identity, &proxies).await?;
     // Grants seal kfrags to particular proxy keys in a particular order: the set must
@@ -347,6 +351,7 @@ pub async fn start(
         audit,
         config.count_budget,
         Some(IndexSnapshots::new(dir.join("index"))),
+        config.break_glass,
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
     // The cohort engine loads while the server starts answering.
@@ -432,6 +437,7 @@ pub async fn start(
             precheck(broker.clone()),
         ))
         .add_service(pb::studies_server::StudiesServer::new(grpc.clone()))
+        .add_service(pb::emergency_server::EmergencyServer::new(grpc.clone()))
         .add_service(pb::consents_server::ConsentsServer::new(grpc.clone()))
         .add_service(pb::feasibility_server::FeasibilityServer::new(grpc.clone()))
         .add_service(InterceptedService::new(

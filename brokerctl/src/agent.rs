@@ -319,13 +319,15 @@ pub async fn draft_network(
         .filter(|a| a.role == model::Role::Board)
         .map(|a| Ok((a.name, public_key_from_bytes(&a.verifying_key)?)))
         .collect::<ClientResult<Vec<_>>>()?;
+    let emergency = client.emergency_orgs().await?;
     Ok(NetworkManifest::new(
         broker_key,
         broker_tls_cert,
         listed.threshold as usize,
         &proxies,
         &boards,
-    ))
+    )
+    .with_emergency_organisations(&emergency))
 }
 
 /// The plan for a patient's grant to a study, from the pinned `network`, never from the
@@ -338,6 +340,20 @@ pub async fn grant_plan(
     study: &Study,
 ) -> ClientResult<GrantPlan> {
     network.check_approval(study)?;
+    check_proxies(client, network).await?;
+    let proposal = &study.proposal;
+    Ok(GrantPlan {
+        study_id: study.study_id.clone(),
+        receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
+        categories: proposal.categories.clone(),
+        threshold: network.threshold,
+        expires_at: proposal.not_after,
+        proxy_keys: network.proxies.iter().map(|p| p.encryption_key).collect(),
+    })
+}
+
+/// Refuses a broker that lists other proxies or another threshold than the pinned network.
+async fn check_proxies(client: &BrokerClient, network: &VerifiedNetwork) -> ClientResult<()> {
     let listed = client.list_proxies().await?;
     let same = listed.threshold as usize == network.threshold
         && listed.proxies.len() == network.proxies.len()
@@ -356,15 +372,7 @@ pub async fn grant_plan(
         ))
         .into());
     }
-    let proposal = &study.proposal;
-    Ok(GrantPlan {
-        study_id: study.study_id.clone(),
-        receiving_key: public_key_from_bytes(&proposal.receiving_key)?,
-        categories: proposal.categories.clone(),
-        threshold: network.threshold,
-        expires_at: proposal.not_after,
-        proxy_keys: network.proxies.iter().map(|p| p.encryption_key).collect(),
-    })
+    Ok(())
 }
 
 /// Issues grants for a batch of patients: each grants the plan's categories it has data in.
@@ -655,6 +663,136 @@ pub async fn consented_grants(
     }
     out.issued = grant_scoped(client, plan, scoped).await?;
     Ok(out)
+}
+
+/// What standing break-glass granting did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmergencyGrants {
+    /// The emergency organisations of the pinned network.
+    pub organisations: usize,
+    /// Grants issued (one per patient and organisation).
+    pub issued: usize,
+    /// Patients whose consent does not allow break-glass (they get none).
+    pub not_allowed: usize,
+}
+
+/// A standing emergency grant lasts at most a year: the agent renews it.
+pub const STANDING_GRANT_SECONDS: i64 = 365 * 24 * 3600;
+
+/// Deposits standing break-glass grants: `critical` only, to each emergency organisation
+/// the pinned `network` lists (to the key it pins, whatever the broker says), for each
+/// patient whose current consent allows break-glass, expiring at the policy's end or
+/// within a year. `patients` pairs each identity with its consent history (checked, see
+/// [`consent_history_checked`]). Withdrawing the choice is a consent change: the broker
+/// then withdraws these grants at every proxy.
+pub async fn emergency_grants(
+    client: &BrokerClient,
+    network: &VerifiedNetwork,
+    patients: Vec<(Identity, PolicyHistory)>,
+) -> ClientResult<EmergencyGrants> {
+    let mut out = EmergencyGrants {
+        organisations: network.emergency_organisations.len(),
+        ..Default::default()
+    };
+    if network.emergency_organisations.is_empty() {
+        return Ok(out);
+    }
+    check_proxies(client, network).await?;
+    let now = pre_kms::request_auth::now_secs();
+    for (org, (_, key)) in &network.emergency_organisations {
+        let plan = GrantPlan {
+            study_id: model::emergency_grantee(org),
+            receiving_key: *key,
+            categories: vec![Category::Critical],
+            threshold: network.threshold,
+            expires_at: now + STANDING_GRANT_SECONDS,
+            proxy_keys: network.proxies.iter().map(|p| p.encryption_key).collect(),
+        };
+        let mut scoped = Vec::new();
+        for (id, history) in &patients {
+            match consent_policy::standing_emergency(history, org, now) {
+                Ok(end) => {
+                    let expiry = end.map_or(plan.expires_at, |e| e.min(plan.expires_at));
+                    scoped.push((id.clone(), vec![Category::Critical], expiry));
+                }
+                Err(_) => out.not_allowed += 1,
+            }
+        }
+        out.issued += grant_scoped(client, &plan, scoped).await?;
+    }
+    out.not_allowed /= network.emergency_organisations.len();
+    Ok(out)
+}
+
+/// What a clinician's break-glass gave: the access as logged and the patient's
+/// `critical` records, verified and decrypted.
+#[derive(Debug, Clone)]
+pub struct BreakGlassRecords {
+    pub access: model::BreakGlassAccess,
+    pub records: Vec<DecryptedRecord>,
+}
+
+/// Checks a break-glass answer and decrypts it with the emergency organisation's key:
+/// every item must be the `critical` category of the patient asked for (its verifying
+/// key hashes to the pseudonym, so a broker cannot pass off another patient's record),
+/// with `threshold` fragments that verify. A lying broker or proxy is reported.
+pub async fn open_break_glass(
+    answer: crate::wire::BreakGlassAnswer,
+    organisation: &Identity,
+    pseudonym: Option<&str>,
+) -> ClientResult<BreakGlassRecords> {
+    let threshold = answer.threshold as usize;
+    let wanted = pseudonym.unwrap_or(&answer.access.pseudonym).to_owned();
+    if answer.access.pseudonym != wanted {
+        return Err(ClientError::Invalid(
+            "the broker answered with an access to another patient; refusing it".into(),
+        ));
+    }
+    if answer.items.is_empty() {
+        return Err(ClientError::Invalid(
+            "the broker's break-glass answer holds no record".into(),
+        ));
+    }
+    let organisation = organisation.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        answer
+            .items
+            .into_iter()
+            .map(|item| {
+                if item.category != Category::Critical.label() {
+                    return Err(ClientError::Invalid(format!(
+                        "the broker sent a {} record under break-glass, which covers critical only; refusing it",
+                        model::quote::excerpt(&item.category)
+                    )));
+                }
+                let verifying_key = public_key_from_bytes(&item.verifying_key)?;
+                if pre_kms::keys::pseudonym(&verifying_key) != wanted || item.subject != wanted {
+                    return Err(ClientError::Invalid(
+                        "the broker sent a record of another patient; refusing it".into(),
+                    ));
+                }
+                let released = ReleasedEnvelope {
+                    sealed: item.sealed,
+                    delegating_key: public_key_from_bytes(&item.delegating_key)?,
+                    verifying_key,
+                    cfrags: item.cfrags,
+                };
+                let plaintext = decrypt_released(&organisation, &released, threshold)?;
+                Ok(DecryptedRecord {
+                    subject: item.subject,
+                    category: Category::Critical,
+                    version: item.version,
+                    plaintext,
+                })
+            })
+            .collect::<ClientResult<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| ClientError::Invalid(e.to_string()))??;
+    Ok(BreakGlassRecords {
+        access: answer.access,
+        records,
+    })
 }
 
 /// Sends the patient's signed erasure request and checks the receipts the broker answers

@@ -483,6 +483,20 @@ pub fn human_line(e: &ShownEvent) -> String {
     if let Some(p) = &ev.patient {
         let _ = write!(line, " patient={}", &p.to_string()[..12]);
     }
+    if matches!(
+        ev.kind,
+        audit_log::EventKind::BreakGlass | audit_log::EventKind::BreakGlassReview
+    ) {
+        if let Some(o) = &ev.actor.organisation {
+            let _ = write!(line, " organisation={o}");
+        }
+        if let Some(r) = &ev.why.purpose {
+            let _ = write!(line, " reason={r:?}");
+        }
+        if let Some(t) = ev.details.expires_at {
+            let _ = write!(line, " until={}", iso_time(t));
+        }
+    }
     if let (_, reason) = outcome(ev)
         && !reason.is_empty()
     {

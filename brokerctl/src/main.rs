@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use model::Role;
 
 use cli::conn::Conn;
-use cli::{board, custodian, keys, operator, patient, researcher, sponsor};
+use cli::{board, clinician, custodian, keys, operator, patient, researcher, sponsor};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,9 @@ enum Command {
     /// Researcher: fetch, verify and decrypt a study's release.
     #[command(subcommand)]
     Researcher(researcher::ResearcherCmd),
+    /// Emergency clinician: break the glass for a patient who allows it.
+    #[command(subcommand)]
+    Clinician(clinician::ClinicianCmd),
     /// Check an erasure receipt bundle against the network you pinned: every signature,
     /// the broker's receipt, and enough proxies for the erasure to hold. Offline.
     VerifyReceipt {
@@ -86,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sponsor(cmd) => sponsor::run(cmd).await,
         Command::Board(cmd) => board::run(cmd).await,
         Command::Researcher(cmd) => researcher::run(cmd).await,
+        Command::Clinician(cmd) => clinician::run(cmd).await,
         Command::VerifyReceipt {
             file,
             network,

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use audit_log::EventFilter;
 use broker_proto::convert::{
+    break_glass_from_pb, emergency_org_from_pb, emergency_org_to_pb,
     actor_from_pb, consent_receipt_from_pb, consent_submission_to_pb, event_filter_to_pb,
     grant_to_pb, logged_event_from_pb, proposal_to_pb, release_from_pb, role_to_pb, study_from_pb,
     upload_receipt_from_pb, upload_to_pb,
@@ -19,6 +20,7 @@ use broker_proto::convert::{
 use broker_proto::methods as m;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::Enrollment;
+use model::{BreakGlassAccess, EmergencyOrganisation};
 use model::Role;
 use model::{Actor, Release, Study, StudyProposal, Upload, UploadReceipt, decision_digest};
 use pre_kms::logged_release::LoggedEvent;
@@ -47,6 +49,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::NotFound => "not found",
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::Unavailable => "unavailable",
+        tonic::Code::ResourceExhausted => "resource exhausted",
         tonic::Code::Internal => "internal error",
         _ => "error",
     }
@@ -86,6 +89,27 @@ impl LogExcerpt {
     }
 }
 
+/// A break-glass answer as the broker sent it: the access and the release items.
+#[derive(Debug, Clone)]
+pub struct BreakGlassAnswer {
+    pub access: BreakGlassAccess,
+    pub items: Vec<pb::ReleaseItem>,
+    pub threshold: u32,
+}
+
+impl BreakGlassAnswer {
+    fn from_pb(a: pb::BreakGlassResponse) -> ClientResult<BreakGlassAnswer> {
+        let access = a
+            .access
+            .ok_or_else(|| ClientError::Invalid("the broker's break-glass answer names no access".into()))?;
+        Ok(BreakGlassAnswer {
+            access: break_glass_from_pb(access)?,
+            items: a.items,
+            threshold: a.threshold,
+        })
+    }
+}
+
 fn actor(a: pb::Actor) -> ClientResult<Actor> {
     Ok(actor_from_pb(a)?)
 }
@@ -107,6 +131,7 @@ pub struct BrokerClient {
     audit: pb::audit_client::AuditClient<Channel>,
     consents: pb::consents_client::ConsentsClient<Channel>,
     feasibility: pb::feasibility_client::FeasibilityClient<Channel>,
+    emergency: pb::emergency_client::EmergencyClient<Channel>,
 }
 
 impl BrokerClient {
@@ -147,6 +172,7 @@ impl BrokerClient {
                 .max_encoding_message_size(LIMIT),
             consents: pb::consents_client::ConsentsClient::new(channel.clone()),
             feasibility: pb::feasibility_client::FeasibilityClient::new(channel.clone()),
+            emergency: pb::emergency_client::EmergencyClient::new(channel.clone()),
             audit: pb::audit_client::AuditClient::new(channel)
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
@@ -446,6 +472,99 @@ impl BrokerClient {
             .fetch(self.sign(m::FETCH_RELEASE, req))
             .await?
             .into_inner())
+    }
+
+    // ------------------------------------------------------------ break-glass
+
+    pub async fn register_emergency_org(
+        &self,
+        org: EmergencyOrganisation,
+    ) -> ClientResult<EmergencyOrganisation> {
+        let req = self.sign(m::REGISTER_EMERGENCY_ORG, emergency_org_to_pb(org));
+        let org = self.emergency.clone().register_organisation(req).await?;
+        Ok(emergency_org_from_pb(org.into_inner()))
+    }
+
+    /// The emergency organisations as the broker lists them (not trusted: a patient's
+    /// agent grants only to those its pinned network lists).
+    pub async fn emergency_orgs(&self) -> ClientResult<Vec<EmergencyOrganisation>> {
+        let req = self.sign(m::LIST_EMERGENCY_ORGS, pb::ListEmergencyOrganisationsRequest {});
+        let list = self.emergency.clone().list_organisations(req).await?;
+        Ok(list
+            .into_inner()
+            .organisations
+            .into_iter()
+            .map(emergency_org_from_pb)
+            .collect())
+    }
+
+    /// Breaks the glass for the patient a card or a pseudonym names; the answer is not
+    /// yet checked (`agent::break_glass` verifies and decrypts it).
+    pub async fn break_glass(
+        &self,
+        pseudonym: &str,
+        card: &str,
+        reason: &str,
+    ) -> ClientResult<BreakGlassAnswer> {
+        let req = pb::BreakGlassRequest {
+            pseudonym: pseudonym.to_owned(),
+            card: card.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let answer = self
+            .emergency
+            .clone()
+            .break_glass(self.sign(m::BREAK_GLASS, req))
+            .await?;
+        BreakGlassAnswer::from_pb(answer.into_inner())
+    }
+
+    pub async fn reopen_break_glass(&self, access_id: &str) -> ClientResult<BreakGlassAnswer> {
+        let req = pb::ReopenBreakGlassRequest {
+            access_id: access_id.to_owned(),
+        };
+        let answer = self
+            .emergency
+            .clone()
+            .reopen(self.sign(m::REOPEN_BREAK_GLASS, req))
+            .await?;
+        BreakGlassAnswer::from_pb(answer.into_inner())
+    }
+
+    pub async fn break_glass_accesses(
+        &self,
+        unreviewed_only: bool,
+    ) -> ClientResult<Vec<BreakGlassAccess>> {
+        let req = self.sign(
+            m::LIST_BREAK_GLASS,
+            pb::ListBreakGlassRequest { unreviewed_only },
+        );
+        let list = self.emergency.clone().list_accesses(req).await?;
+        Ok(list
+            .into_inner()
+            .accesses
+            .into_iter()
+            .map(break_glass_from_pb)
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub async fn review_break_glass(
+        &self,
+        access_id: &str,
+        finding: &str,
+        note: &str,
+    ) -> ClientResult<BreakGlassAccess> {
+        let req = pb::ReviewBreakGlassRequest {
+            access_id: access_id.to_owned(),
+            finding: finding.to_owned(),
+            note: note.to_owned(),
+        };
+        let reviewed = self
+            .emergency
+            .clone()
+            .review(self.sign(m::REVIEW_BREAK_GLASS, req))
+            .await?;
+        Ok(break_glass_from_pb(reviewed.into_inner())?)
     }
 
     // ------------------------------------------------------------ access log

@@ -640,6 +640,31 @@ fn research(
     d
 }
 
+/// Whether the patient's current policy lets their agent hold a standing break-glass
+/// grant (of `critical`) to `organisation` now: `Ok` with the latest expiry such a grant
+/// may have (the policy's end, if it names one), or `Err` with the reason in words. Both
+/// the patient's agent (before granting) and the broker (on every grant and consent
+/// change) decide with it.
+pub fn standing_emergency(
+    history: &PolicyHistory,
+    organisation: &str,
+    now: i64,
+) -> Result<Option<i64>, String> {
+    let requester = Requester {
+        organisation: organisation.to_owned(),
+        for_profit: false,
+    };
+    let request = AccessRequest::emergency(requester, Period::new(Some(now), None));
+    let decision = history.evaluate(&request, now);
+    if !decision.is_permit() {
+        return Err(decision.reason().to_owned());
+    }
+    Ok(history
+        .current(now)
+        .and_then(|p| p.period())
+        .and_then(|p| p.end))
+}
+
 impl PolicyHistory {
     /// Decides under the patient's current policy; no policy issued by `now` is no
     /// consent.

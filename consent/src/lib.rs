@@ -91,6 +91,7 @@ pub use duo::{
 pub use error::{PolicyError, ProvisionPath, Refusal};
 pub use evaluate::{
     AccessKind, AccessRequest, DecidedBy, Decision, PermittedAccess, Requester, evaluate,
+    standing_emergency,
 };
 pub use fhir::{ImportedConsent, from_fhir_consent};
 pub use policy::{

@@ -11,6 +11,7 @@
 //!   ([`ConceptHierarchy`]);
 //! - [`ResearchPurpose`], [`StudyProposal`], [`Study`]; an [`Upload`] and a fixed
 //!   [`Release`];
+//! - break-glass: [`EmergencyOrganisation`], [`BreakGlassAccess`] and its [`Review`];
 //! - the digests parties sign: [`enrollment_digest`], [`decision_digest`].
 //!
 //! ```
@@ -23,6 +24,7 @@
 pub mod category;
 pub mod date;
 pub mod definition;
+pub mod emergency;
 pub mod enrollment;
 pub mod field;
 pub mod hierarchy;
@@ -41,6 +43,10 @@ pub use definition::{
     AtLeast, Code, CodeError, CodeSystem, CohortDefinition, Criterion, DefinitionError,
     DefinitionHash, Demographics, Domain, EventCriterion, Index, IntRange, NormalizedDefinition,
     ObservationWindow, Occurrence, Problem, Sex, ValueRange, Window,
+};
+pub use emergency::{
+    BreakGlassAccess, EmergencyOrganisation, Finding, Review, emergency_grantee,
+    emergency_organisation_of,
 };
 pub use enrollment::{Enrollment, enrollment_digest};
 pub use field::{SearchField, UnknownSearchField};

@@ -28,6 +28,9 @@ pub enum Error {
     /// The pinned network manifest is unusable, or the broker's word disagrees with it.
     #[error("network: {0}")]
     Network(String),
+    /// An emergency card that does not read as one.
+    #[error("{0}")]
+    Card(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

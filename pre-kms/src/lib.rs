@@ -51,6 +51,7 @@
 //! };
 //! assert_eq!(reencrypt::decrypt_released(&researcher, &item, 2).unwrap(), b"{}");
 //! ```
+pub mod emergency;
 pub mod enrollment;
 pub mod envelope;
 pub mod erasure;

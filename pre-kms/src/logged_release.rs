@@ -10,6 +10,12 @@
 //! verified event names this release, the item's study, the grant the proxy holds the
 //! kfrag under and the item's category ([`VerifiedRelease::covers`]).
 //!
+//! A break-glass access is proven the same way, by its `break_glass` event, with two
+//! more rules that keep the two paths apart: a `break_glass` event covers only the
+//! `critical` category of an emergency organisation's standing grant, and only until the
+//! expiry it names (at most [`BREAK_GLASS_MAX_SECONDS`] after the event); a `release`
+//! event never covers `critical` nor an emergency organisation's grant.
+//!
 //! The same keys sign and check checkpoints for the board and patients: an [`Identity`]
 //! is a [`CheckpointSigner`] under its actor id, and [`CheckpointKeys`] checks signatures
 //! by public keys known by actor id.
@@ -21,7 +27,14 @@ use audit_log::{Hash, SignedCheckpoint};
 use umbral_pre::PublicKey;
 
 use crate::keys::{Identity, actor_id, verify_signature};
-use model::Category;
+use model::{Category, emergency_organisation_of};
+
+/// A break-glass event allows re-encryption for at most this long (24 hours), whatever
+/// window the broker is set to.
+pub const BREAK_GLASS_MAX_SECONDS: i64 = 24 * 60 * 60;
+
+/// How far ahead of the proxy's clock a break-glass event's time may be.
+const CLOCK_SKEW_SECONDS: i64 = 300;
 
 impl CheckpointSigner for Identity {
     fn key_id(&self) -> String {
@@ -107,8 +120,10 @@ pub struct VerifiedRelease {
 
 impl LoggedRelease {
     /// Checks the checkpoint's signature by `broker_key` and every event's inclusion proof,
-    /// and that every event is a successful `release` event of this release.
-    pub fn verify(self, broker_key: &PublicKey) -> Result<VerifiedRelease, NotLogged> {
+    /// and that every event is a successful `release` event of this release, or a
+    /// successful `break_glass` event of this access still inside its window at `now`
+    /// (unix seconds).
+    pub fn verify(self, broker_key: &PublicKey, now: i64) -> Result<VerifiedRelease, NotLogged> {
         if self.checkpoint.is_empty() {
             return Err(NotLogged::NoCheckpoint);
         }
@@ -135,18 +150,56 @@ impl LoggedRelease {
                 .map_err(|err| bad(format!("not in the signed checkpoint: {err}")))?;
             let event = AuditEvent::from_leaf_bytes(&e.leaf)
                 .map_err(|err| bad(format!("does not parse: {err}")))?;
-            if event.kind != EventKind::Release
+            if !matches!(event.kind, EventKind::Release | EventKind::BreakGlass)
                 || event.outcome != audit_log::event::Outcome::Success
             {
-                return Err(bad("is not a successful release event".into()));
+                return Err(bad(
+                    "is not a successful release or break-glass event".into(),
+                ));
             }
             if event.details.release_id.as_deref() != Some(self.release_id.as_str()) {
                 return Err(bad("belongs to another release".into()));
             }
-            let (Some(study_id), Some(grant_id)) = (event.details.study_id, event.details.grant_id)
-            else {
+            let (Some(study_id), Some(grant_id)) = (
+                event.details.study_id.clone(),
+                event.details.grant_id.clone(),
+            ) else {
                 return Err(bad("names no study or grant".into()));
             };
+            let emergency = emergency_organisation_of(&study_id).is_some();
+            let critical = event
+                .details
+                .categories
+                .iter()
+                .any(|c| c == Category::Critical.label());
+            if event.kind == EventKind::Release && (emergency || critical) {
+                return Err(bad(
+                    "a release event cannot cover the critical category or an emergency grant"
+                        .into(),
+                ));
+            }
+            if event.kind == EventKind::BreakGlass {
+                if !emergency || event.details.categories != [Category::Critical.label()] {
+                    return Err(bad(
+                        "a break-glass event covers only the critical category of an emergency grant"
+                            .into(),
+                    ));
+                }
+                let Some(expires_at) = event.details.expires_at else {
+                    return Err(bad("the break-glass event names no expiry".into()));
+                };
+                if expires_at - event.time > BREAK_GLASS_MAX_SECONDS
+                    || event.time > now + CLOCK_SKEW_SECONDS
+                {
+                    return Err(bad(
+                        "the break-glass event's window is longer than 24 hours or starts in the future"
+                            .into(),
+                    ));
+                }
+                if now >= expires_at {
+                    return Err(bad("the break-glass window is over".into()));
+                }
+            }
             allowances.push(Allowance {
                 study_id,
                 grant_id,
@@ -187,6 +240,8 @@ mod tests {
     use super::*;
     use audit_log::AuditLog;
     use audit_log::event::{Actor, ActorRole, Outcome};
+
+    const NOW: i64 = 1_700_000_100;
 
     fn release_event(release: &str, grant: &str, category: &str) -> AuditEvent {
         let actor = Actor {
@@ -231,7 +286,7 @@ mod tests {
         };
 
         let ok = request(vec![logged(&log, 0, 3)], &note)
-            .verify(&broker.verifying_key())
+            .verify(&broker.verifying_key(), NOW)
             .unwrap();
         assert!(ok.covers("st-1", "gr-1", Category::Conditions));
         assert!(!ok.covers("st-1", "gr-1", Category::MentalHealth));
@@ -240,11 +295,11 @@ mod tests {
 
         let other_key = Identity::generate().verifying_key();
         let refusals = [
-            request(vec![logged(&log, 0, 3)], "").verify(&broker.verifying_key()),
-            request(vec![logged(&log, 0, 3)], &note).verify(&other_key),
+            request(vec![logged(&log, 0, 3)], "").verify(&broker.verifying_key(), NOW),
+            request(vec![logged(&log, 0, 3)], &note).verify(&other_key, NOW),
             // another release's event, and a refused one
-            request(vec![logged(&log, 1, 3)], &note).verify(&broker.verifying_key()),
-            request(vec![logged(&log, 2, 3)], &note).verify(&broker.verifying_key()),
+            request(vec![logged(&log, 1, 3)], &note).verify(&broker.verifying_key(), NOW),
+            request(vec![logged(&log, 2, 3)], &note).verify(&broker.verifying_key(), NOW),
         ];
         for r in refusals {
             assert!(r.is_err(), "{r:?}");
@@ -255,7 +310,7 @@ mod tests {
         let mut fake = logged(&log, 0, 3);
         fake.leaf = forged.to_leaf_bytes().unwrap();
         let err = request(vec![fake], &note)
-            .verify(&broker.verifying_key())
+            .verify(&broker.verifying_key(), NOW)
             .unwrap_err();
         assert!(matches!(err, NotLogged::BadEvent { index: 0, .. }), "{err}");
 
@@ -263,8 +318,61 @@ mod tests {
         let mut signed = SignedCheckpoint::from_note(&note).unwrap();
         signed.checkpoint.root[0] ^= 1;
         let err = request(vec![logged(&log, 0, 3)], &signed.to_note().unwrap())
-            .verify(&broker.verifying_key())
+            .verify(&broker.verifying_key(), NOW)
             .unwrap_err();
         assert!(matches!(err, NotLogged::BadSignature(_)), "{err}");
+    }
+
+    fn break_glass_event(access: &str, grantee: &str, category: &str, window: i64) -> AuditEvent {
+        let mut e = release_event(access, "gr-e", category);
+        e.kind = EventKind::BreakGlass;
+        e.actor.role = ActorRole::Registered(model::Role::Clinician);
+        e.details.study_id = Some(grantee.into());
+        e.details.expires_at = Some(e.time + window);
+        e
+    }
+
+    #[test]
+    fn break_glass_covers_critical_of_an_emergency_grant_inside_its_window_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Identity::generate();
+        let mut log = AuditLog::create(dir.path(), "test").unwrap();
+        let grantee = model::emergency_grantee("er-north");
+        let mut no_expiry = break_glass_event("bg-1", &grantee, "critical", 600);
+        no_expiry.details.expires_at = None;
+        let events = [
+            break_glass_event("bg-1", &grantee, "critical", 600),
+            break_glass_event("bg-1", "st-1", "critical", 600),
+            break_glass_event("bg-1", &grantee, "conditions", 600),
+            break_glass_event("bg-1", &grantee, "critical", BREAK_GLASS_MAX_SECONDS + 1),
+            no_expiry,
+            // a research release event naming critical, or an emergency grant
+            release_event("bg-1", "gr-e", "critical"),
+            {
+                let mut e = release_event("bg-1", "gr-e", "conditions");
+                e.details.study_id = Some(grantee.clone());
+                e
+            },
+        ];
+        log.append_events(&events).unwrap();
+        let size = events.len() as u64;
+        let note = log.checkpoint(&broker, 1).unwrap().to_note().unwrap();
+        let request = |index: u64| LoggedRelease {
+            release_id: "bg-1".into(),
+            checkpoint: note.clone(),
+            events: vec![logged(&log, index, size)],
+        };
+        let key = broker.verifying_key();
+        let ok = request(0).verify(&key, NOW).unwrap();
+        assert!(ok.covers(&grantee, "gr-e", Category::Critical));
+        assert!(!ok.covers(&grantee, "gr-e", Category::Conditions));
+        assert!(!ok.covers("st-1", "gr-e", Category::Critical));
+        // The window: 600 s after the event's time, by the proxy's clock.
+        let over = request(0).verify(&key, 1_700_000_000 + 600).unwrap_err();
+        assert!(over.to_string().contains("window is over"), "{over}");
+        for index in 1..size {
+            let err = request(index).verify(&key, NOW).unwrap_err();
+            assert!(matches!(err, NotLogged::BadEvent { .. }), "{index}: {err}");
+        }
     }
 }

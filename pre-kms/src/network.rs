@@ -11,12 +11,15 @@
 //!   broker lists, and refuses to go on if the broker lists anything else;
 //! - grants only to studies whose approval a pinned board signed over the study's
 //!   decision digest ([`VerifiedNetwork::check_approval`]), which binds the study id,
-//!   purpose, categories, fields, cohort, period, the researcher and the receiving key.
+//!   purpose, categories, fields, cohort, period, the researcher and the receiving key;
+//! - deposits standing break-glass grants of `critical` only to the emergency
+//!   organisations the manifest lists, to the receiving key it pins for each.
 //!
 //! ```text
 //! {"format": "pre-broker network v1", "broker_key": HEX, "broker_tls_cert": PEM, "threshold": 2,
 //!  "proxies": [{"proxy_id", "verifying_key", "encryption_key"}, ...],
 //!  "boards": [{"board_id", "name", "verifying_key"}, ...],
+//!  "emergency_organisations": [{"organisation_id", "name", "receiving_key"}, ...],
 //!  "signatures": [{"board_id", "signature"}, ...]}
 //! ```
 //! Signatures cover [`NetworkManifest::digest`]: BLAKE3 (derived key
@@ -30,7 +33,7 @@ use umbral_pre::PublicKey;
 
 use crate::error::{Error, Result};
 use crate::keys::{Identity, actor_id, public_key_bytes, public_key_from_bytes, verify_signature};
-use model::{Study, StudyStatus, decision_digest};
+use model::{EmergencyOrganisation, Study, StudyStatus, decision_digest};
 
 pub const FORMAT: &str = "pre-broker network v1";
 
@@ -47,6 +50,16 @@ pub struct PinnedBoard {
     pub board_id: String,
     pub name: String,
     pub verifying_key: String,
+}
+
+/// An emergency organisation whose clinicians may break the glass: patients who allow
+/// it deposit standing `critical` grants to its receiving key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedEmergencyOrganisation {
+    pub organisation_id: String,
+    pub name: String,
+    /// Compressed public key, hex.
+    pub receiving_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +83,9 @@ pub struct NetworkManifest {
     pub threshold: u32,
     pub proxies: Vec<PinnedProxy>,
     pub boards: Vec<PinnedBoard>,
+    /// Left out when empty, so manifests without any sign the same bytes as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emergency_organisations: Vec<PinnedEmergencyOrganisation>,
     #[serde(default)]
     pub signatures: Vec<ManifestSignature>,
 }
@@ -102,6 +118,8 @@ pub struct VerifiedNetwork {
     pub threshold: usize,
     pub proxies: Vec<NetworkProxy>,
     boards: BTreeMap<String, PublicKey>,
+    /// The emergency organisations, by id: (name, receiving key).
+    pub emergency_organisations: BTreeMap<String, (String, PublicKey)>,
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -149,8 +167,22 @@ impl NetworkManifest {
                     verifying_key: hex_key(key),
                 })
                 .collect(),
+            emergency_organisations: Vec::new(),
             signatures: Vec::new(),
         }
+    }
+
+    /// The manifest listing these emergency organisations.
+    pub fn with_emergency_organisations(mut self, orgs: &[EmergencyOrganisation]) -> Self {
+        self.emergency_organisations = orgs
+            .iter()
+            .map(|o| PinnedEmergencyOrganisation {
+                organisation_id: o.organisation_id.clone(),
+                name: o.name.clone(),
+                receiving_key: hex::encode(&o.receiving_key),
+            })
+            .collect();
+        self
     }
 
     /// What board signatures cover: everything but the signatures.
@@ -225,6 +257,27 @@ impl NetworkManifest {
             }
             boards.insert(b.board_id.clone(), k);
         }
+        let mut emergency_organisations = BTreeMap::new();
+        for (i, o) in self.emergency_organisations.iter().enumerate() {
+            if !model::emergency::is_organisation_id(&o.organisation_id) {
+                return Err(bad(format!(
+                    "emergency organisation {i}'s id is not 1-64 lowercase letters, digits and -"
+                )));
+            }
+            let k = key(
+                &o.receiving_key,
+                &format!("emergency organisation {i}'s receiving_key"),
+            )?;
+            if emergency_organisations
+                .insert(o.organisation_id.clone(), (o.name.clone(), k))
+                .is_some()
+            {
+                return Err(bad(format!(
+                    "emergency organisation {} is listed twice",
+                    o.organisation_id
+                )));
+            }
+        }
         if self.signatures.is_empty() {
             return Err(bad(
                 "the manifest is not signed: a board member signs it with `brokerctl board sign-network`",
@@ -256,6 +309,7 @@ impl NetworkManifest {
             threshold,
             proxies,
             boards,
+            emergency_organisations,
         })
     }
 
@@ -351,7 +405,37 @@ mod tests {
         swapped.proxies[1].encryption_key = hex_key(&Identity::generate().encryption_public_key());
         assert!(swapped.verify().is_err());
         let json = serde_json::to_vec(&m).unwrap();
+        assert!(!String::from_utf8_lossy(&json).contains("emergency"));
         let back: NetworkManifest = serde_json::from_slice(&json).unwrap();
         assert_eq!(back.verify().unwrap().threshold, 2);
+    }
+
+    #[test]
+    fn emergency_organisations_are_pinned_under_the_boards_signature() {
+        let (m, board, _) = network();
+        let er = Identity::generate();
+        let org = EmergencyOrganisation {
+            organisation_id: "er-north".into(),
+            name: "North ER".into(),
+            receiving_key: public_key_bytes(&er.encryption_public_key()),
+        };
+        let mut m = m.with_emergency_organisations(std::slice::from_ref(&org));
+        m.sign(&board).unwrap();
+        let verified = m.verify().unwrap();
+        assert_eq!(
+            verified.emergency_organisations["er-north"].1,
+            er.encryption_public_key()
+        );
+        // Swapping the key, or adding an organisation, after the board signed is refused.
+        let mut swapped = m.clone();
+        swapped.emergency_organisations[0].receiving_key =
+            hex_key(&Identity::generate().encryption_public_key());
+        assert!(swapped.verify().unwrap_err().to_string().contains("changed"));
+        let mut added = m.clone();
+        added.emergency_organisations.push(PinnedEmergencyOrganisation {
+            organisation_id: "er-south".into(),
+            ..added.emergency_organisations[0].clone()
+        });
+        assert!(added.verify().is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use audit_log::EventFilter;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
+use model::{BreakGlassAccess, EmergencyOrganisation, Review};
 use model::{
     Actor, Category, CodedEvent, CohortDefinition, EnvelopeReceipt, ObservationPeriod,
     PatientIndex, Person, Release, ResearchPurpose, Role, SearchField, Study, StudyFocus,
@@ -616,5 +617,72 @@ pub fn logged_release_from_pb(
             .into_iter()
             .map(logged_event_from_pb)
             .collect::<Result<_, _>>()?,
+    })
+}
+
+pub fn emergency_org_to_pb(o: EmergencyOrganisation) -> pb::EmergencyOrganisation {
+    pb::EmergencyOrganisation {
+        organisation_id: o.organisation_id,
+        name: o.name,
+        receiving_key: o.receiving_key,
+    }
+}
+
+pub fn emergency_org_from_pb(o: pb::EmergencyOrganisation) -> EmergencyOrganisation {
+    EmergencyOrganisation {
+        organisation_id: o.organisation_id,
+        name: o.name,
+        receiving_key: o.receiving_key,
+    }
+}
+
+pub fn break_glass_to_pb(a: BreakGlassAccess) -> pb::BreakGlassAccess {
+    pb::BreakGlassAccess {
+        access_id: a.access_id,
+        clinician_id: a.clinician_id,
+        organisation_id: a.organisation_id,
+        pseudonym: a.pseudonym,
+        reason: a.reason,
+        card_presented: a.card_presented,
+        created_at: a.created_at,
+        expires_at: a.expires_at,
+        leaf_index: a.leaf_index,
+        recent_uses: a.recent_uses,
+        flagged: a.flagged,
+        review: a.review.map(|r| pb::BreakGlassReview {
+            board_id: r.board_id,
+            finding: r.finding.as_str().to_owned(),
+            note: r.note,
+            reviewed_at: r.reviewed_at,
+        }),
+    }
+}
+
+pub fn break_glass_from_pb(a: pb::BreakGlassAccess) -> ServiceResult<BreakGlassAccess> {
+    let review = match a.review {
+        None => None,
+        Some(r) => Some(Review {
+            board_id: r.board_id,
+            finding: r
+                .finding
+                .parse()
+                .map_err(|e: model::emergency::UnknownFinding| Malformed(e.to_string()))?,
+            note: r.note,
+            reviewed_at: r.reviewed_at,
+        }),
+    };
+    Ok(BreakGlassAccess {
+        access_id: a.access_id,
+        clinician_id: a.clinician_id,
+        organisation_id: a.organisation_id,
+        pseudonym: a.pseudonym,
+        reason: a.reason,
+        card_presented: a.card_presented,
+        created_at: a.created_at,
+        expires_at: a.expires_at,
+        leaf_index: a.leaf_index,
+        recent_uses: a.recent_uses,
+        flagged: a.flagged,
+        review,
     })
 }

@@ -163,7 +163,7 @@ impl pb::proxy_server::Proxy for ProxyService {
         let broker_key = self.broker_key;
         let now = now_ms() / 1000;
         let cfrags = tokio::task::spawn_blocking(move || {
-            let release = logged.verify(&broker_key).map_err(|e| {
+            let release = logged.verify(&broker_key, now).map_err(|e| {
                 tracing::warn!(error = %e, "re-encryption refused: release not provably logged");
                 Status::failed_precondition(format!(
                     "refusing to re-encrypt: the release is not provably in the audit log ({e})"

@@ -311,18 +311,108 @@ impl pb::releases_server::Releases for Grpc {
             .fetch_release(&caller, &req.into_inner().release_id)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let stream = tokio_stream::StreamExt::map(stream, |item| {
-            item.map(|i| pb::ReleaseItem {
-                subject: i.subject,
-                category: i.category.label().to_owned(),
-                version: i.version,
-                sealed: i.sealed,
-                delegating_key: i.delegating_key,
-                verifying_key: i.verifying_key,
-                cfrags: i.cfrags,
-            })
-            .map_err(Status::from)
+            item.map(released_to_pb).map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn released_to_pb(i: crate::service::ReleasedItem) -> pb::ReleaseItem {
+    pb::ReleaseItem {
+        subject: i.subject,
+        category: i.category.label().to_owned(),
+        version: i.version,
+        sealed: i.sealed,
+        delegating_key: i.delegating_key,
+        verifying_key: i.verifying_key,
+        cfrags: i.cfrags,
+    }
+}
+
+impl Grpc {
+    fn break_glass_to_pb(&self, a: crate::service::BreakGlassAnswer) -> pb::BreakGlassResponse {
+        pb::BreakGlassResponse {
+            access: Some(break_glass_to_pb(a.access)),
+            items: a.items.into_iter().map(released_to_pb).collect(),
+            threshold: self.0.threshold() as u32,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::emergency_server::Emergency for Grpc {
+    async fn register_organisation(
+        &self,
+        req: Request<pb::EmergencyOrganisation>,
+    ) -> Result<Response<pb::EmergencyOrganisation>, Status> {
+        self.authorize(&req, m::REGISTER_EMERGENCY_ORG)?;
+        let org = emergency_org_from_pb(req.into_inner());
+        let b = self.0.clone();
+        let stored = blocking(move || b.register_emergency_org(org)).await?;
+        Ok(Response::new(emergency_org_to_pb(stored)))
+    }
+
+    async fn list_organisations(
+        &self,
+        req: Request<pb::ListEmergencyOrganisationsRequest>,
+    ) -> Result<Response<pb::ListEmergencyOrganisationsResponse>, Status> {
+        self.authorize(&req, m::LIST_EMERGENCY_ORGS)?;
+        let b = self.0.clone();
+        let orgs = blocking(move || b.emergency_orgs()).await?;
+        Ok(Response::new(pb::ListEmergencyOrganisationsResponse {
+            organisations: orgs.into_iter().map(emergency_org_to_pb).collect(),
+        }))
+    }
+
+    async fn break_glass(
+        &self,
+        req: Request<pb::BreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassResponse>, Status> {
+        let caller = self.authorize(&req, m::BREAK_GLASS)?;
+        let r = req.into_inner();
+        let answer = self
+            .0
+            .break_glass(caller, r.pseudonym, r.card, r.reason)
+            .await?;
+        Ok(Response::new(self.break_glass_to_pb(answer)))
+    }
+
+    async fn reopen(
+        &self,
+        req: Request<pb::ReopenBreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassResponse>, Status> {
+        let caller = self.authorize(&req, m::REOPEN_BREAK_GLASS)?;
+        let answer = self
+            .0
+            .reopen_break_glass(caller, req.into_inner().access_id)
+            .await?;
+        Ok(Response::new(self.break_glass_to_pb(answer)))
+    }
+
+    async fn list_accesses(
+        &self,
+        req: Request<pb::ListBreakGlassRequest>,
+    ) -> Result<Response<pb::ListBreakGlassResponse>, Status> {
+        self.authorize(&req, m::LIST_BREAK_GLASS)?;
+        let unreviewed = req.into_inner().unreviewed_only;
+        let b = self.0.clone();
+        let list = blocking(move || b.break_glass_accesses(unreviewed)).await?;
+        Ok(Response::new(pb::ListBreakGlassResponse {
+            accesses: list.into_iter().map(break_glass_to_pb).collect(),
+        }))
+    }
+
+    async fn review(
+        &self,
+        req: Request<pb::ReviewBreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassAccess>, Status> {
+        let caller = self.authorize(&req, m::REVIEW_BREAK_GLASS)?;
+        let r = req.into_inner();
+        let b = self.0.clone();
+        let reviewed =
+            blocking(move || b.review_break_glass(&caller, &r.access_id, &r.finding, &r.note))
+                .await?;
+        Ok(Response::new(break_glass_to_pb(reviewed)))
     }
 }
 

@@ -221,6 +221,15 @@ impl Broker {
         let grants = self.db().patient_grants(pseudonym)?;
         let mut out = Vec::new();
         for (study_id, categories, expires_at) in grants {
+            if let Some(org) = model::emergency_organisation_of(&study_id) {
+                // A standing break-glass grant lives while the consent allows break-glass.
+                let fits = consent_policy::standing_emergency(history, org, now)
+                    .is_ok_and(|end| expires_at <= end.unwrap_or(i64::MAX));
+                if !fits {
+                    out.push((study_id, pseudonym.to_owned()));
+                }
+                continue;
+            }
             let study = self.study(&study_id)?;
             let fits = match grant_scope(&decide(history, &study, now), &study) {
                 Ok((allowed, expiry)) => {

@@ -14,7 +14,7 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::proxy_pool::KfragDeposit;
 use crate::storage::db::GrantRow;
 use consent_policy::{decide, grant_scope};
-use model::Caller;
+use model::{Caller, Category, EmergencyOrganisation, emergency_organisation_of};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrantOutcome {
@@ -184,7 +184,16 @@ impl Broker {
         let mut consents = std::collections::HashMap::new();
         for g in grants {
             if !studies.contains_key(&g.study_id) {
-                studies.insert(g.study_id.clone(), self.study(&g.study_id)?);
+                let target = match emergency_organisation_of(&g.study_id) {
+                    Some(org) => Grantee::Emergency(self.emergency_org(org).map_err(|_| {
+                        ServiceError::NotFound(format!(
+                            "{} is not a registered emergency organisation",
+                            model::quote::excerpt(org)
+                        ))
+                    })?),
+                    None => Grantee::Study(Box::new(self.study(&g.study_id)?)),
+                };
+                studies.insert(g.study_id.clone(), target);
             }
             if !patients.contains_key(&g.pseudonym) {
                 let p = self
@@ -199,8 +208,20 @@ impl Broker {
             .par_iter()
             .enumerate()
             .map(|(i, g)| {
-                let study = &studies[&g.study_id];
                 let patient = &patients[&g.pseudonym];
+                let study = match &studies[&g.study_id] {
+                    Grantee::Study(study) => study,
+                    Grantee::Emergency(org) => {
+                        let receiving_key = self.check_emergency_grant(
+                            i,
+                            g,
+                            org,
+                            &consents[&g.pseudonym],
+                            now,
+                        )?;
+                        return self.checked_grant(i, g, patient, receiving_key);
+                    }
+                };
                 if let Some(reason) = study.closed_because(now) {
                     return Err(ServiceError::FailedPrecondition(format!(
                         "{reason}: grants can be issued only for an approved study in its period"
@@ -222,25 +243,71 @@ impl Broker {
                         g.expires_at
                     )));
                 }
+                if g.expires_at > study.proposal.not_after || g.expires_at <= now {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "grant {i}: expiry must be in the future and no later than the study's end"
+                    )));
+                }
+                if let Some(c) = g
+                    .categories
+                    .iter()
+                    .find(|c| !study.proposal.categories.contains(&c.category))
+                {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "grant {i}: category {} was not requested by the study",
+                        c.category
+                    )));
+                }
+                self.checked_grant(i, g, patient, study.proposal.receiving_key.clone())
+            })
+            .collect()
+    }
+
+    /// A standing break-glass grant: `critical` only, to a registered emergency
+    /// organisation, while the patient's current consent allows break-glass, expiring no
+    /// later than that consent and within [`STANDING_GRANT_MAX_SECONDS`]. Returns the
+    /// organisation's receiving key.
+    fn check_emergency_grant(
+        &self,
+        i: usize,
+        g: &Grant,
+        org: &EmergencyOrganisation,
+        history: &consent_policy::PolicyHistory,
+        now: i64,
+    ) -> ServiceResult<Vec<u8>> {
+        if g.categories.len() != 1 || g.categories[0].category != Category::Critical {
+            return Err(ServiceError::InvalidArgument(format!(
+                "grant {i}: a grant to an emergency organisation holds the critical category only"
+            )));
+        }
+        let end = consent_policy::standing_emergency(history, &org.organisation_id, now)
+            .map_err(|reason| ServiceError::PermissionDenied(format!("grant {i}: {reason}")))?
+            .unwrap_or(i64::MAX);
+        if g.expires_at <= now || g.expires_at > end.min(now + STANDING_GRANT_MAX_SECONDS) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "grant {i}: a standing emergency grant must expire in the future, within a year and no later than the patient's consent"
+            )));
+        }
+        Ok(org.receiving_key.clone())
+    }
+
+    /// The checks every grant passes whatever its grantee (threshold, one kfrag per
+    /// proxy per category, the patient's signature), and what to deposit at each proxy.
+    fn checked_grant(
+        &self,
+        i: usize,
+        g: &Grant,
+        patient: &crate::storage::db::PatientRow,
+        receiving_key: Vec<u8>,
+    ) -> ServiceResult<(GrantRow, Vec<Vec<KfragDeposit>>)> {
                 if g.threshold as usize != self.threshold {
                     return Err(ServiceError::InvalidArgument(format!(
                         "grant {i}: threshold must be {} (this broker's)",
                         self.threshold
                     )));
                 }
-                if g.expires_at > study.proposal.not_after || g.expires_at <= now {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "grant {i}: expiry must be in the future and no later than the study's end"
-                    )));
-                }
                 let mut seen = std::collections::HashSet::new();
                 for c in &g.categories {
-                    if !study.proposal.categories.contains(&c.category) {
-                        return Err(ServiceError::InvalidArgument(format!(
-                            "grant {i}: category {} was not requested by the study",
-                            c.category
-                        )));
-                    }
                     if !seen.insert(c.category) {
                         return Err(ServiceError::InvalidArgument(format!(
                             "grant {i}: category {} twice",
@@ -277,7 +344,7 @@ impl Broker {
                             expires_at: g.expires_at,
                             patient_verifying_key: patient.verifying_key.clone(),
                             delegating_key: delegating.clone(),
-                            receiving_key: study.proposal.receiving_key.clone(),
+                            receiving_key: receiving_key.clone(),
                             sealed_kfrag: sealed.clone(),
                         });
                     }
@@ -292,7 +359,14 @@ impl Broker {
                     categories: g.categories.iter().map(|c| c.category).collect(),
                 };
                 Ok((row, deposits))
-            })
-            .collect()
     }
 }
+
+/// What a grant delegates to.
+enum Grantee {
+    Study(Box<model::Study>),
+    Emergency(EmergencyOrganisation),
+}
+
+/// A standing emergency grant lasts at most a year (the agent renews it).
+pub const STANDING_GRANT_MAX_SECONDS: i64 = 366 * 24 * 3600;

@@ -4,6 +4,7 @@
 mod audit;
 mod cohort;
 mod consents;
+mod emergency;
 mod erasure;
 mod feasibility;
 mod grants;
@@ -20,6 +21,7 @@ use pre_kms::request_auth::{AuthError, Credentials, ReplayGuard, SignedCall};
 
 pub use audit::{AccessLog, EVENTS_PAGE, content_hash};
 pub use cohort::IndexLoad;
+pub use emergency::{BreakGlassAnswer, BreakGlassPolicy};
 pub use feasibility::{CountAnswer, Feasibility};
 pub use grants::GrantOutcome;
 pub use release::{ReleaseStream, ReleasedItem};
@@ -40,6 +42,7 @@ pub struct Broker {
     audit: AccessLog,
     feasibility: Feasibility,
     cohorts: cohort::Cohorts,
+    break_glass: BreakGlassPolicy,
     /// Held while an erasure job runs: jobs run one at a time.
     erasing: tokio::sync::Mutex<()>,
 }
@@ -53,6 +56,7 @@ impl Broker {
         audit: AccessLog,
         count_budget: cohort_query::BudgetPolicy,
         index_snapshots: Option<IndexSnapshots>,
+        break_glass: BreakGlassPolicy,
     ) -> ServiceResult<Arc<Broker>> {
         let actors = db
             .actors()?
@@ -73,6 +77,7 @@ impl Broker {
             audit,
             feasibility,
             cohorts: cohort::Cohorts::new(index_snapshots),
+            break_glass,
             erasing: tokio::sync::Mutex::new(()),
         });
         broker.reindex_log()?;

@@ -51,6 +51,17 @@ struct Loaded {
 
 pub type ReleaseStream = mpsc::Receiver<ServiceResult<ReleasedItem>>;
 
+/// Whom a batch is re-encrypted for: the grantee the kfrags were granted to (a study, or
+/// an emergency organisation) and its receiving key.
+#[derive(Debug, Clone)]
+pub(super) struct Recipient {
+    pub grantee: String,
+    pub receiving_key: Vec<u8>,
+    /// Items name the subject by the study's own pseudonym (research), or by the
+    /// patient's broker pseudonym (break-glass: the clinician named the patient).
+    pub study_pseudonyms: bool,
+}
+
 impl Broker {
     fn open_study_for(&self, caller: &Caller, study_id: &str) -> ServiceResult<Study> {
         let study = self.study(study_id)?;
@@ -182,7 +193,12 @@ impl Broker {
                 "only the researcher who requested a release may fetch it".into(),
             ));
         }
-        let study = Arc::new(self.open_study_for(caller, &release.study_id)?);
+        let study = self.open_study_for(caller, &release.study_id)?;
+        let to = Arc::new(Recipient {
+            grantee: study.study_id.clone(),
+            receiving_key: study.proposal.receiving_key.clone(),
+            study_pseudonyms: true,
+        });
         let mut fetch = self.event(EventKind::Fetch, caller);
         fetch.why.study_id = Some(release.study_id.clone());
         fetch.details.study_id = Some(release.study_id.clone());
@@ -210,8 +226,16 @@ impl Broker {
                 };
                 let next = page.last().map(|last| last.seq).map(|last| {
                     after = last;
-                    let (this, study, id) = (this.clone(), study.clone(), release_id.clone());
-                    tokio::spawn(async move { this.reencrypt_page(&study, &id, page, round).await })
+                    let (this, to, id) = (this.clone(), to.clone(), release_id.clone());
+                    tokio::spawn(async move {
+                        let evidence = {
+                            let (this, id, page) = (this.clone(), id.clone(), page.clone());
+                            tokio::task::spawn_blocking(move || this.release_evidence(&id, &page))
+                                .await
+                                .map_err(ServiceError::internal)??
+                        };
+                        this.reencrypt_page(&to, &id, evidence, page, round).await
+                    })
                 });
                 if let Some(previous) = in_flight.take() {
                     match previous
@@ -242,20 +266,18 @@ impl Broker {
     /// load), verifies every fragment, and asks the other proxies for items that still
     /// lack `t` verified fragments (a proxy down, or lying). Items that cannot get `t`
     /// are withheld.
-    async fn reencrypt_page(
+    pub(super) async fn reencrypt_page(
         self: &Arc<Self>,
-        study: &Study,
+        to: &Recipient,
         release_id: &str,
+        evidence: LoggedRelease,
         page: Vec<ReleaseItemRow>,
         round: usize,
     ) -> ServiceResult<Vec<ReleasedItem>> {
         let this = self.clone();
-        let receiving_key = study.proposal.receiving_key.clone();
-        let id = release_id.to_owned();
-        let (loaded, keys, receiving, evidence) = tokio::task::spawn_blocking(move || {
-            let evidence = this.release_evidence(&id, &page)?;
-            let (loaded, keys, receiving) = this.load_page(page, &receiving_key)?;
-            Ok::<_, ServiceError>((loaded, keys, receiving, evidence))
+        let receiving_key = to.receiving_key.clone();
+        let (loaded, keys, receiving) = tokio::task::spawn_blocking(move || {
+            this.load_page(page, &receiving_key)
         })
         .await
         .map_err(ServiceError::internal)??;
@@ -277,7 +299,7 @@ impl Broker {
             let items: Vec<ReencryptRequest> = wanted
                 .iter()
                 .map(|&i| ReencryptRequest {
-                    study_id: study.study_id.clone(),
+                    study_id: to.grantee.clone(),
                     pseudonym: loaded[i].row.pseudonym.clone(),
                     category: loaded[i].row.category,
                     capsule: loaded[i].capsule.clone(),
@@ -362,7 +384,11 @@ impl Broker {
                 continue;
             }
             out.push(ReleasedItem {
-                subject: self.subject(&study.study_id, &row.pseudonym),
+                subject: if to.study_pseudonyms {
+                    self.subject(&to.grantee, &row.pseudonym)
+                } else {
+                    row.pseudonym.clone()
+                },
                 category: row.category,
                 version: row.version,
                 sealed,
@@ -397,8 +423,13 @@ impl Broker {
             .into_values()
             .collect();
         leaves.sort_unstable();
+        self.evidence(release_id, &leaves)
+    }
+
+    /// The latest signed checkpoint and these leaves with their inclusion proofs in it.
+    pub(super) fn evidence(&self, release_id: &str, leaves: &[u64]) -> ServiceResult<LoggedRelease> {
         let checkpoint = self.checkpoint()?;
-        let events = self.logged_events(&leaves, checkpoint.checkpoint.size)?;
+        let events = self.logged_events(leaves, checkpoint.checkpoint.size)?;
         Ok(LoggedRelease {
             release_id: release_id.to_owned(),
             checkpoint: checkpoint.to_note().map_err(ServiceError::internal)?,

@@ -21,12 +21,39 @@ pub enum BoardCmd {
     Log(BoardLogCmd),
     /// The exact count of a cohort definition for a study, with its attrition.
     Count(CountArgs),
+    /// The break-glass review queue: every emergency access, and your findings.
+    #[command(subcommand)]
+    BreakGlass(BoardBreakGlassCmd),
     /// Check a network manifest (from `brokerctl operator network`) and sign it with your
     /// key, in place. Compare the proxy ids it shows with their operators first.
     SignNetwork {
         #[command(flatten)]
         conn: Conn,
         manifest: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BoardBreakGlassCmd {
+    /// Every break-glass access, newest first: who, which organisation, which patient,
+    /// why, until when, flagged for repeated use, and its review.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only the accesses no board member has reviewed yet.
+        #[arg(long)]
+        unreviewed: bool,
+    },
+    /// Record your finding on one access (logged).
+    Review {
+        #[command(flatten)]
+        conn: Conn,
+        /// The access id.
+        access: String,
+        #[arg(long, value_parser = ["ok", "misuse"])]
+        finding: String,
+        #[arg(long)]
+        note: String,
     },
 }
 
@@ -156,6 +183,50 @@ pub enum BoardStudyCmd {
 
 pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
     match cmd {
+        BoardCmd::BreakGlass(BoardBreakGlassCmd::List { conn, unreviewed }) => {
+            let list = connect(&conn).await?.break_glass_accesses(unreviewed).await?;
+            let json: Vec<serde_json::Value> = list.iter().map(break_glass_json).collect();
+            print(&conn, &json, || {
+                let mut out = format!("{} break-glass accesses", list.len());
+                for a in &list {
+                    out.push_str(&format!(
+                        "\n{} {} clinician {} of {} patient {}{} reason {:?} until {}{} - {}",
+                        a.access_id,
+                        log_review::iso_time(a.created_at),
+                        a.clinician_id,
+                        a.organisation_id,
+                        a.pseudonym,
+                        if a.card_presented { " (card)" } else { "" },
+                        a.reason,
+                        log_review::iso_time(a.expires_at),
+                        if a.flagged {
+                            format!(" FLAGGED ({} uses in 24 h)", a.recent_uses)
+                        } else {
+                            String::new()
+                        },
+                        match &a.review {
+                            Some(r) => format!("reviewed {} by {}: {}", r.finding, r.board_id, r.note),
+                            None => "not reviewed".into(),
+                        }
+                    ));
+                }
+                out
+            });
+        }
+        BoardCmd::BreakGlass(BoardBreakGlassCmd::Review {
+            conn,
+            access,
+            finding,
+            note,
+        }) => {
+            let a = connect(&conn)
+                .await?
+                .review_break_glass(&access, &finding, &note)
+                .await?;
+            print(&conn, &break_glass_json(&a), || {
+                format!("break-glass access {} reviewed: {finding}", a.access_id)
+            });
+        }
         BoardCmd::SignNetwork { conn, manifest } => {
             let me = load_key(&conn)?;
             let mut m = pre_kms::network::NetworkManifest::read(&manifest)?;
@@ -374,4 +445,14 @@ fn study_json(s: &model::Study) -> serde_json::Value {
         "receiving_key": hex::encode(&s.proposal.receiving_key),
         "not_before": s.proposal.not_before, "not_after": s.proposal.not_after,
         "cohort_hash": normalized.hash.to_string(), "cohort": s.proposal.cohort})
+}
+
+fn break_glass_json(a: &model::BreakGlassAccess) -> serde_json::Value {
+    serde_json::json!({"access_id": a.access_id, "clinician": a.clinician_id,
+        "organisation": a.organisation_id, "pseudonym": a.pseudonym, "reason": a.reason,
+        "card_presented": a.card_presented, "created_at": a.created_at,
+        "expires_at": a.expires_at, "leaf_index": a.leaf_index, "recent_uses": a.recent_uses,
+        "flagged": a.flagged,
+        "review": a.review.as_ref().map(|r| serde_json::json!({"board": r.board_id,
+            "finding": r.finding.as_str(), "note": r.note, "reviewed_at": r.reviewed_at}))})
 }

@@ -54,6 +54,15 @@ pub enum CustodianCmd {
         #[arg(long, default_value_t = 200)]
         batch: usize,
     },
+    /// Standing break-glass grants of the critical records of every patient in the
+    /// keystore whose consent allows break-glass, to each emergency organisation the
+    /// pinned network lists.
+    EmergencyGrant {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "keystore.db")]
+        keystore: PathBuf,
+    },
     /// Grant, for every patient in the keystore, what each patient's consent permits: to
     /// one approved study, or (without --study) to every approved study in its period.
     Grant {
@@ -177,6 +186,33 @@ pub async fn run(cmd: CustodianCmd) -> anyhow::Result<()> {
             print(&conn, &serde_json::json!({"consents": set}), || {
                 format!("{set} consent versions set")
             });
+        }
+        CustodianCmd::EmergencyGrant { conn, keystore } => {
+            let network = pinned_network(&conn)?;
+            let client = connect(&conn).await?;
+            let ks = Keystore::open(&keystore)?;
+            let patients = ks.all()?;
+            let pb = progress(patients.len(), "consents");
+            let mut list = Vec::with_capacity(patients.len());
+            for (_, id) in patients {
+                let head = ks.consent_head(&id.pseudonym())?;
+                let history = agent::consent_history_checked(&client, &id, head.as_ref()).await?;
+                list.push((id, history));
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let r = agent::emergency_grants(&client, &network, list).await?;
+            print(
+                &conn,
+                &serde_json::json!({"organisations": r.organisations, "grants": r.issued,
+                    "not_allowed": r.not_allowed}),
+                || {
+                    format!(
+                        "{} standing emergency grants to {} emergency organisation(s); {} patients' consent does not allow break-glass",
+                        r.issued, r.organisations, r.not_allowed
+                    )
+                },
+            );
         }
         CustodianCmd::Grant {
             conn,

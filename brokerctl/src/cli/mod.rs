@@ -2,6 +2,7 @@
 //! share.
 
 pub mod board;
+pub mod clinician;
 pub mod conn;
 pub mod custodian;
 pub mod keys;

@@ -26,6 +26,23 @@ pub enum OperatorCmd {
     },
     /// List registered actors.
     Actors(#[command(flatten)] Conn),
+    /// Register an emergency organisation: its clinicians (registered as `clinician`
+    /// with `--organisation ID`) may break the glass, and patients who allow it hold
+    /// standing grants of their critical records to its key. List it in the network
+    /// manifest (`operator network`) for a board member to sign.
+    EmergencyOrg {
+        #[command(flatten)]
+        conn: Conn,
+        /// 1-64 lowercase letters, digits and -.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// The organisation's public key file (`brokerctl keygen --role clinician`): its
+        /// encryption key is what the standing grants re-encrypt to.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
     /// Write a draft network manifest (the broker's key, its proxies and threshold, its
     /// boards) for a board member to check and sign (`brokerctl board sign-network`).
     Network {
@@ -57,6 +74,32 @@ pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
                 format!("registered {name} as {role}: actor {}", a.actor_id)
             });
         }
+        OperatorCmd::EmergencyOrg {
+            conn,
+            id,
+            name,
+            public_key,
+        } => {
+            let public = PublicIdentity::read_file(&public_key)?;
+            let org = connect(&conn)
+                .await?
+                .register_emergency_org(model::EmergencyOrganisation {
+                    organisation_id: id,
+                    name,
+                    receiving_key: pre_kms::keys::public_key_bytes(&public.encryption_key),
+                })
+                .await?;
+            print(
+                &conn,
+                &serde_json::json!({"organisation_id": org.organisation_id, "name": org.name}),
+                || {
+                    format!(
+                        "registered emergency organisation {} ({}); list it in the network manifest for a board member to sign",
+                        org.organisation_id, org.name
+                    )
+                },
+            );
+        }
         OperatorCmd::Network {
             conn,
             broker_key,
@@ -75,7 +118,8 @@ pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
             print(
                 &conn,
                 &serde_json::json!({"manifest": out, "proxies": manifest.proxies.len(),
-                    "threshold": manifest.threshold, "boards": manifest.boards.len()}),
+                    "threshold": manifest.threshold, "boards": manifest.boards.len(),
+                    "emergency_organisations": manifest.emergency_organisations.len()}),
                 || {
                     format!(
                         "wrote {}: {} proxies, threshold {}, {} boards; unsigned until a board member signs it",

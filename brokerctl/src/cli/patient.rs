@@ -30,6 +30,22 @@ pub enum PatientCmd {
         #[arg(long)]
         study: String,
     },
+    /// If your consent allows break-glass: deposit standing grants of your critical
+    /// records (only those) to each emergency organisation your pinned network lists, so
+    /// that its clinicians can read them in an emergency, each use logged and shown to
+    /// you. Withdrawing break-glass in your consent withdraws them.
+    EmergencyGrant(#[command(flatten)] Conn),
+    /// Print your emergency card: one line (for a printed card or a QR code) with your
+    /// pseudonym, signed by you, and nothing that identifies you.
+    EmergencyCard {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        who: AsPatient,
+        /// Also write the card's line to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Your consent policy: set a new version, show it, list its history, revoke it.
     #[command(subcommand)]
     Consent(ConsentCmd),
@@ -180,6 +196,44 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
                 bail!("your consent does not permit study {study}; nothing was granted");
             }
             println!("grant issued to {study}, as your consent permits");
+        }
+        PatientCmd::EmergencyGrant(conn) => {
+            let client = connect(&conn).await?;
+            let me = client.identity().clone();
+            let network = pinned_network(&conn)?;
+            let head = head_store(&conn, &AsPatient::default())?.head(&me.pseudonym())?;
+            let history = agent::consent_history_checked(&client, &me, head.as_ref()).await?;
+            let r = agent::emergency_grants(&client, &network, vec![(me, history)]).await?;
+            print(
+                &conn,
+                &serde_json::json!({"organisations": r.organisations, "grants": r.issued,
+                    "not_allowed": r.not_allowed > 0}),
+                || match (r.organisations, r.issued) {
+                    (0, _) => "your pinned network lists no emergency organisation; nothing granted".into(),
+                    (_, 0) => "your consent does not allow break-glass; nothing granted".into(),
+                    (n, _) => format!("standing emergency grants of your critical records deposited for {n} emergency organisation(s)"),
+                },
+            );
+        }
+        PatientCmd::EmergencyCard { conn, who, out } => {
+            // Made offline, with the patient's own key: no broker is asked.
+            let me = match who.keystore_entry() {
+                Some((keystore, patient)) => brokerctl::keystore::Keystore::open(keystore)?
+                    .get(patient)?
+                    .with_context(|| format!("no patient {patient:?} in keystore {}", keystore.display()))?,
+                None => super::conn::load_key(&conn)?,
+            };
+            let card = pre_kms::emergency::EmergencyCard::sign(&me, pre_kms::request_auth::now_secs());
+            let line = card.to_token();
+            if let Some(path) = &out {
+                pre_kms::private_fs::write_private(path, format!("{line}\n").as_bytes())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            print(
+                &conn,
+                &serde_json::json!({"card": line, "pseudonym": card.pseudonym}),
+                || format!("{line}\n(your emergency card: it names your pseudonym only; an emergency clinician gives it to `brokerctl clinician break-glass --token`)"),
+            );
         }
         PatientCmd::Consent(cmd) => consent_command(cmd).await?,
         PatientCmd::Accesses { conn, who } => {

@@ -327,6 +327,7 @@ impl Db {
             tx.execute("DELETE FROM grants WHERE pseudonym = ?1", [p])?,
         );
         for table in [
+            "break_glass",
             "pending_revocations",
             "consent_reconcile",
             "patient_keys",

@@ -22,6 +22,7 @@ use model::{Study, StudyProposal, StudyStatus};
 mod actors;
 mod audit;
 mod consents;
+mod emergency;
 mod erasure;
 mod feasibility;
 mod grants;
@@ -30,6 +31,7 @@ mod releases;
 mod studies;
 
 pub use erasure::{Deleted, ErasureJob, ErasureStep, Moved};
+pub use emergency::BreakGlassRow;
 pub use records::{IndexChange, Stored, StoredContent};
 
 pub type DbResult<T> = Result<T, rusqlite::Error>;
@@ -39,7 +41,7 @@ pub struct Db {
 }
 
 /// The metadata schema this broker reads and writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
@@ -100,8 +102,10 @@ CREATE TABLE IF NOT EXISTS consents (
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), version INTEGER NOT NULL,
     policy BLOB NOT NULL, signature BLOB NOT NULL, policy_hash TEXT NOT NULL,
     issued_at INTEGER NOT NULL, set_at INTEGER NOT NULL, PRIMARY KEY (pseudonym, version));
+-- study_id names the grantee: a study, or an emergency organisation (`emergency:ORG`) for
+-- a standing break-glass grant of `critical`.
 CREATE TABLE IF NOT EXISTS grants (
-    grant_id TEXT PRIMARY KEY, study_id TEXT NOT NULL REFERENCES studies(study_id),
+    grant_id TEXT PRIMARY KEY, study_id TEXT NOT NULL,
     pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), threshold INTEGER NOT NULL,
     expires_at INTEGER NOT NULL, signature BLOB NOT NULL, created_at INTEGER NOT NULL,
     UNIQUE (study_id, pseudonym));
@@ -136,6 +140,19 @@ CREATE TABLE IF NOT EXISTS audit_alert_reads (tag BLOB PRIMARY KEY, through INTE
 CREATE TABLE IF NOT EXISTS pending_revocations (
     proxy INTEGER NOT NULL, study_id TEXT NOT NULL, pseudonym TEXT NOT NULL,
     PRIMARY KEY (proxy, study_id, pseudonym));
+CREATE TABLE IF NOT EXISTS emergency_orgs (
+    organisation_id TEXT PRIMARY KEY, name TEXT NOT NULL, receiving_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL);
+-- Each break-glass access, its event's leaf, and the board's review of it.
+CREATE TABLE IF NOT EXISTS break_glass (
+    access_id TEXT PRIMARY KEY, clinician_id TEXT NOT NULL, organisation_id TEXT NOT NULL,
+    pseudonym TEXT NOT NULL REFERENCES patients(pseudonym), grant_id TEXT NOT NULL,
+    reason TEXT NOT NULL, card INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, leaf INTEGER NOT NULL, recent_uses INTEGER NOT NULL,
+    flagged INTEGER NOT NULL, review_board TEXT, review_finding TEXT, review_note TEXT,
+    reviewed_at INTEGER);
+CREATE INDEX IF NOT EXISTS break_glass_clinician ON break_glass (clinician_id, created_at);
+CREATE INDEX IF NOT EXISTS break_glass_patient ON break_glass (pseudonym);
 CREATE TABLE IF NOT EXISTS query_budgets (sponsor TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS concept_relations (
     ancestor TEXT NOT NULL, descendant TEXT NOT NULL,
@@ -258,7 +275,7 @@ impl Db {
             if version != Some(SCHEMA_VERSION) {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
                     "this data directory has metadata schema {} but this broker uses schema {SCHEMA_VERSION} \
-                     (studies now carry a cohort definition, index versions a number in the cohort engine); \
+                     (studies now carry a cohort definition, index versions a number in the cohort engine, grants may name an emergency organisation); \
                      nothing was changed: start a new data directory",
                     version.map_or("1".to_string(), |v| v.to_string())
                 )));
