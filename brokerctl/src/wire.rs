@@ -12,17 +12,17 @@ use tonic::transport::Channel;
 
 use audit_log::EventFilter;
 use broker_proto::convert::{
-    break_glass_from_pb, emergency_org_from_pb, emergency_org_to_pb,
-    actor_from_pb, consent_receipt_from_pb, consent_submission_to_pb, event_filter_to_pb,
-    grant_to_pb, logged_event_from_pb, proposal_to_pb, release_from_pb, role_to_pb, study_from_pb,
+    actor_from_pb, break_glass_from_pb, consent_receipt_from_pb, consent_submission_to_pb,
+    emergency_org_from_pb, emergency_org_to_pb, event_filter_to_pb, grant_to_pb,
+    logged_event_from_pb, proposal_to_pb, release_from_pb, role_to_pb, study_from_pb,
     upload_receipt_from_pb, upload_to_pb,
 };
 use broker_proto::methods as m;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
 use model::Enrollment;
-use model::{BreakGlassAccess, EmergencyOrganisation};
 use model::Role;
 use model::{Actor, Release, Study, StudyProposal, Upload, UploadReceipt, decision_digest};
+use model::{BreakGlassAccess, EmergencyOrganisation};
 use pre_kms::logged_release::LoggedEvent;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +99,9 @@ pub struct BreakGlassAnswer {
 
 impl BreakGlassAnswer {
     fn from_pb(a: pb::BreakGlassResponse) -> ClientResult<BreakGlassAnswer> {
-        let access = a
-            .access
-            .ok_or_else(|| ClientError::Invalid("the broker's break-glass answer names no access".into()))?;
+        let access = a.access.ok_or_else(|| {
+            ClientError::Invalid("the broker's break-glass answer names no access".into())
+        })?;
         Ok(BreakGlassAnswer {
             access: break_glass_from_pb(access)?,
             items: a.items,
@@ -488,7 +488,10 @@ impl BrokerClient {
     /// The emergency organisations as the broker lists them (not trusted: a patient's
     /// agent grants only to those its pinned network lists).
     pub async fn emergency_orgs(&self) -> ClientResult<Vec<EmergencyOrganisation>> {
-        let req = self.sign(m::LIST_EMERGENCY_ORGS, pb::ListEmergencyOrganisationsRequest {});
+        let req = self.sign(
+            m::LIST_EMERGENCY_ORGS,
+            pb::ListEmergencyOrganisationsRequest {},
+        );
         let list = self.emergency.clone().list_organisations(req).await?;
         Ok(list
             .into_inner()

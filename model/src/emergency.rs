@@ -124,7 +124,10 @@ mod tests {
     #[test]
     fn grantee_ids_name_organisations_and_never_studies() {
         assert_eq!(emergency_grantee("er-north"), "emergency:er-north");
-        assert_eq!(emergency_organisation_of("emergency:er-north"), Some("er-north"));
+        assert_eq!(
+            emergency_organisation_of("emergency:er-north"),
+            Some("er-north")
+        );
         assert_eq!(emergency_organisation_of("st-0123456789abcdef"), None);
         assert!(is_organisation_id("er-north-1"));
         for bad in ["", "-x", "ER", "a b", "a:b", &"a".repeat(65)] {

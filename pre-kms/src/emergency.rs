@@ -77,7 +77,10 @@ impl EmergencyCard {
         ) else {
             return Err(bad("not an emergency card"));
         };
-        let plain_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let plain_hex = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
         if pseudonym.len() != 32 || !plain_hex(pseudonym) {
             return Err(bad("the card's pseudonym is not 32 hex digits"));
         }
@@ -128,7 +131,13 @@ mod tests {
         let mut later = read.clone();
         later.issued_at += 1;
         assert!(later.verify(&patient.verifying_key()).is_err());
-        for bad in ["", "PBEC1", "PBEC1.x.1.00", &token.replace("PBEC1", "PBEC2"), &format!("{token}.1")] {
+        for bad in [
+            "",
+            "PBEC1",
+            "PBEC1.x.1.00",
+            &token.replace("PBEC1", "PBEC2"),
+            &format!("{token}.1"),
+        ] {
             let err = EmergencyCard::parse(bad).unwrap_err().to_string();
             assert!(err.contains("emergency card"), "{err}");
         }

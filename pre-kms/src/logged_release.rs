@@ -154,7 +154,7 @@ impl LoggedRelease {
                 || event.outcome != audit_log::event::Outcome::Success
             {
                 return Err(bad(
-                    "is not a successful release or break-glass event".into(),
+                    "is not a successful release or break-glass event".into()
                 ));
             }
             if event.details.release_id.as_deref() != Some(self.release_id.as_str()) {

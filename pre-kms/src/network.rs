@@ -430,12 +430,20 @@ mod tests {
         let mut swapped = m.clone();
         swapped.emergency_organisations[0].receiving_key =
             hex_key(&Identity::generate().encryption_public_key());
-        assert!(swapped.verify().unwrap_err().to_string().contains("changed"));
+        assert!(
+            swapped
+                .verify()
+                .unwrap_err()
+                .to_string()
+                .contains("changed")
+        );
         let mut added = m.clone();
-        added.emergency_organisations.push(PinnedEmergencyOrganisation {
-            organisation_id: "er-south".into(),
-            ..added.emergency_organisations[0].clone()
-        });
+        added
+            .emergency_organisations
+            .push(PinnedEmergencyOrganisation {
+                organisation_id: "er-south".into(),
+                ..added.emergency_organisations[0].clone()
+            });
         assert!(added.verify().is_err());
     }
 }

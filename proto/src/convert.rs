@@ -3,12 +3,12 @@
 
 use audit_log::EventFilter;
 use consent_policy::{ConsentReceipt, ConsentSubmission};
-use model::{BreakGlassAccess, EmergencyOrganisation, Review};
 use model::{
     Actor, Category, CodedEvent, CohortDefinition, EnvelopeReceipt, ObservationPeriod,
     PatientIndex, Person, Release, ResearchPurpose, Role, SearchField, Study, StudyFocus,
     StudyProposal, StudyStatus, Upload, UploadReceipt, UploadedEnvelope,
 };
+use model::{BreakGlassAccess, EmergencyOrganisation, Review};
 use pre_kms::erasure::{ErasureReceipt, ErasureRequest, Role as ErasureRole};
 use pre_kms::grant::{Grant, GrantCategory};
 use pre_kms::logged_release::{LoggedEvent, LoggedRelease};

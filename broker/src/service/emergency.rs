@@ -72,8 +72,7 @@ pub struct BreakGlassAnswer {
 
 fn plain_pseudonym(p: &str) -> bool {
     p.len() == 32
-        && p
-            .bytes()
+        && p.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
@@ -183,10 +182,11 @@ impl Broker {
         reason: String,
     ) -> ServiceResult<BreakGlassAnswer> {
         let this = self.clone();
-        let (row, item) =
-            tokio::task::spawn_blocking(move || this.open_break_glass(&caller, pseudonym, card, reason))
-                .await
-                .map_err(ServiceError::internal)??;
+        let (row, item) = tokio::task::spawn_blocking(move || {
+            this.open_break_glass(&caller, pseudonym, card, reason)
+        })
+        .await
+        .map_err(ServiceError::internal)??;
         self.deliver_break_glass(row, item).await
     }
 
@@ -248,7 +248,9 @@ impl Broker {
                 ));
             }
         };
-        let hour = self.db().break_glass_uses_since(&caller.actor_id, now - 3600)?;
+        let hour = self
+            .db()
+            .break_glass_uses_since(&caller.actor_id, now - 3600)?;
         if hour >= self.break_glass.per_hour {
             return Err(self.refuse_break_glass(
                 caller,
@@ -261,12 +263,13 @@ impl Broker {
             ));
         }
         let Some(patient) = self.db().patient(&pseudonym)? else {
-            return Err(ServiceError::NotFound(format!(
-                "no patient {pseudonym} is enrolled"
-            )));
+            return Err(ServiceError::NotFound(
+                "no patient with this pseudonym is enrolled".into(),
+            ));
         };
         if let Some(card) = &card {
-            let key = public_key_from_bytes(&patient.verifying_key).map_err(ServiceError::internal)?;
+            let key =
+                public_key_from_bytes(&patient.verifying_key).map_err(ServiceError::internal)?;
             if card.verify(&key).is_err() {
                 return Err(self.refuse_break_glass(
                     caller,
@@ -279,7 +282,12 @@ impl Broker {
             }
         }
         let history = self.patient_history(&pseudonym)?;
-        let decision = emergency_decision(&history, &org.organisation_id, now, self.break_glass.window_secs);
+        let decision = emergency_decision(
+            &history,
+            &org.organisation_id,
+            now,
+            self.break_glass.window_secs,
+        );
         let Some(permit) = decision.permit() else {
             return Err(self.refuse_break_glass(
                 caller,
@@ -292,9 +300,9 @@ impl Broker {
             ));
         };
         let grantee = emergency_grantee(&org.organisation_id);
-        let Some(grant_id) = self
-            .db()
-            .active_grant(&grantee, &pseudonym, Category::Critical, now)?
+        let Some(grant_id) =
+            self.db()
+                .active_grant(&grantee, &pseudonym, Category::Critical, now)?
         else {
             return Err(self.refuse_break_glass(
                 caller,
@@ -306,13 +314,20 @@ impl Broker {
             ));
         };
         let item = self.latest_critical(&pseudonym)?;
-        let recent_uses = self.db().break_glass_uses_since(&caller.actor_id, now - 24 * 3600)? + 1;
-        let expires_at = (now + self.break_glass.window_secs).min(permit.expiry().unwrap_or(i64::MAX));
+        let recent_uses = self
+            .db()
+            .break_glass_uses_since(&caller.actor_id, now - 24 * 3600)?
+            + 1;
+        let expires_at =
+            (now + self.break_glass.window_secs).min(permit.expiry().unwrap_or(i64::MAX));
         let mut id = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let access_id = format!("bg-{}", hex::encode(id));
         let mut e = self.event(EventKind::BreakGlass, caller);
-        e.patient = self.patient_tags(&self.db(), &[pseudonym.as_str()])?.get(&pseudonym).copied();
+        e.patient = self
+            .patient_tags(&self.db(), &[pseudonym.as_str()])?
+            .get(&pseudonym)
+            .copied();
         e.why.purpose = Some(reason.clone());
         e.why.consent_version = Some(Digest32(permit.policy_hash().0));
         e.details.study_id = Some(grantee);
@@ -470,7 +485,10 @@ impl Broker {
     }
 
     /// Every break-glass access, newest first (the board's review queue).
-    pub fn break_glass_accesses(&self, unreviewed_only: bool) -> ServiceResult<Vec<BreakGlassAccess>> {
+    pub fn break_glass_accesses(
+        &self,
+        unreviewed_only: bool,
+    ) -> ServiceResult<Vec<BreakGlassAccess>> {
         Ok(self.db().break_glass_list(unreviewed_only)?)
     }
 
@@ -484,7 +502,9 @@ impl Broker {
     ) -> ServiceResult<BreakGlassAccess> {
         let finding: Finding = finding
             .parse()
-            .map_err(|e: model::emergency::UnknownFinding| ServiceError::InvalidArgument(e.to_string()))?;
+            .map_err(|e: model::emergency::UnknownFinding| {
+                ServiceError::InvalidArgument(e.to_string())
+            })?;
         let note = note.trim();
         if note.is_empty() || note.chars().count() > MAX_REASON_CHARS {
             return Err(ServiceError::InvalidArgument(format!(

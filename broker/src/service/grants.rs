@@ -300,65 +300,65 @@ impl Broker {
         patient: &crate::storage::db::PatientRow,
         receiving_key: Vec<u8>,
     ) -> ServiceResult<(GrantRow, Vec<Vec<KfragDeposit>>)> {
-                if g.threshold as usize != self.threshold {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "grant {i}: threshold must be {} (this broker's)",
-                        self.threshold
-                    )));
-                }
-                let mut seen = std::collections::HashSet::new();
-                for c in &g.categories {
-                    if !seen.insert(c.category) {
-                        return Err(ServiceError::InvalidArgument(format!(
-                            "grant {i}: category {} twice",
-                            c.category
-                        )));
-                    }
-                    if c.sealed_kfrags.len() != self.proxies.len() {
-                        return Err(ServiceError::InvalidArgument(format!(
-                            "grant {i}: {} kfrags for {} proxies",
-                            c.sealed_kfrags.len(),
-                            self.proxies.len()
-                        )));
-                    }
-                }
-                let vk = public_key_from_bytes(&patient.verifying_key)
-                    .map_err(ServiceError::internal)?;
-                g.verify_signature(&vk).map_err(|_| {
-                    ServiceError::InvalidArgument(format!(
-                        "grant {i}: the patient's signature does not verify"
-                    ))
-                })?;
-                let grant_id = g.grant_id.clone();
-                let mut deposits = vec![Vec::new(); self.proxies.len()];
-                for c in &g.categories {
-                    let delegating = patient.category_keys.get(&c.category).ok_or_else(|| {
-                        ServiceError::internal("enrolled patient lacks a category key")
-                    })?;
-                    for (p, sealed) in c.sealed_kfrags.iter().enumerate() {
-                        deposits[p].push(KfragDeposit {
-                            grant_id: grant_id.clone(),
-                            study_id: g.study_id.clone(),
-                            pseudonym: g.pseudonym.clone(),
-                            category: c.category,
-                            expires_at: g.expires_at,
-                            patient_verifying_key: patient.verifying_key.clone(),
-                            delegating_key: delegating.clone(),
-                            receiving_key: receiving_key.clone(),
-                            sealed_kfrag: sealed.clone(),
-                        });
-                    }
-                }
-                let row = GrantRow {
-                    grant_id,
+        if g.threshold as usize != self.threshold {
+            return Err(ServiceError::InvalidArgument(format!(
+                "grant {i}: threshold must be {} (this broker's)",
+                self.threshold
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &g.categories {
+            if !seen.insert(c.category) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "grant {i}: category {} twice",
+                    c.category
+                )));
+            }
+            if c.sealed_kfrags.len() != self.proxies.len() {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "grant {i}: {} kfrags for {} proxies",
+                    c.sealed_kfrags.len(),
+                    self.proxies.len()
+                )));
+            }
+        }
+        let vk = public_key_from_bytes(&patient.verifying_key).map_err(ServiceError::internal)?;
+        g.verify_signature(&vk).map_err(|_| {
+            ServiceError::InvalidArgument(format!(
+                "grant {i}: the patient's signature does not verify"
+            ))
+        })?;
+        let grant_id = g.grant_id.clone();
+        let mut deposits = vec![Vec::new(); self.proxies.len()];
+        for c in &g.categories {
+            let delegating = patient
+                .category_keys
+                .get(&c.category)
+                .ok_or_else(|| ServiceError::internal("enrolled patient lacks a category key"))?;
+            for (p, sealed) in c.sealed_kfrags.iter().enumerate() {
+                deposits[p].push(KfragDeposit {
+                    grant_id: grant_id.clone(),
                     study_id: g.study_id.clone(),
                     pseudonym: g.pseudonym.clone(),
-                    threshold: g.threshold,
+                    category: c.category,
                     expires_at: g.expires_at,
-                    signature: g.signature.clone(),
-                    categories: g.categories.iter().map(|c| c.category).collect(),
-                };
-                Ok((row, deposits))
+                    patient_verifying_key: patient.verifying_key.clone(),
+                    delegating_key: delegating.clone(),
+                    receiving_key: receiving_key.clone(),
+                    sealed_kfrag: sealed.clone(),
+                });
+            }
+        }
+        let row = GrantRow {
+            grant_id,
+            study_id: g.study_id.clone(),
+            pseudonym: g.pseudonym.clone(),
+            threshold: g.threshold,
+            expires_at: g.expires_at,
+            signature: g.signature.clone(),
+            categories: g.categories.iter().map(|c| c.category).collect(),
+        };
+        Ok((row, deposits))
     }
 }
 

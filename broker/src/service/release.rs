@@ -276,11 +276,10 @@ impl Broker {
     ) -> ServiceResult<Vec<ReleasedItem>> {
         let this = self.clone();
         let receiving_key = to.receiving_key.clone();
-        let (loaded, keys, receiving) = tokio::task::spawn_blocking(move || {
-            this.load_page(page, &receiving_key)
-        })
-        .await
-        .map_err(ServiceError::internal)??;
+        let (loaded, keys, receiving) =
+            tokio::task::spawn_blocking(move || this.load_page(page, &receiving_key))
+                .await
+                .map_err(ServiceError::internal)??;
         let t = self.threshold;
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
@@ -427,7 +426,11 @@ impl Broker {
     }
 
     /// The latest signed checkpoint and these leaves with their inclusion proofs in it.
-    pub(super) fn evidence(&self, release_id: &str, leaves: &[u64]) -> ServiceResult<LoggedRelease> {
+    pub(super) fn evidence(
+        &self,
+        release_id: &str,
+        leaves: &[u64],
+    ) -> ServiceResult<LoggedRelease> {
         let checkpoint = self.checkpoint()?;
         let events = self.logged_events(leaves, checkpoint.checkpoint.size)?;
         Ok(LoggedRelease {

@@ -184,7 +184,10 @@ pub enum BoardStudyCmd {
 pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
     match cmd {
         BoardCmd::BreakGlass(BoardBreakGlassCmd::List { conn, unreviewed }) => {
-            let list = connect(&conn).await?.break_glass_accesses(unreviewed).await?;
+            let list = connect(&conn)
+                .await?
+                .break_glass_accesses(unreviewed)
+                .await?;
             let json: Vec<serde_json::Value> = list.iter().map(break_glass_json).collect();
             print(&conn, &json, || {
                 let mut out = format!("{} break-glass accesses", list.len());
@@ -205,7 +208,8 @@ pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
                             String::new()
                         },
                         match &a.review {
-                            Some(r) => format!("reviewed {} by {}: {}", r.finding, r.board_id, r.note),
+                            Some(r) =>
+                                format!("reviewed {} by {}: {}", r.finding, r.board_id, r.note),
                             None => "not reviewed".into(),
                         }
                     ));

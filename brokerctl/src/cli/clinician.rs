@@ -139,7 +139,10 @@ fn report(conn: &Conn, out: &Path, opened: &BreakGlassRecords) -> anyhow::Result
                 iso_time(a.expires_at),
                 a.access_id,
                 if a.flagged {
-                    format!("\nflagged for the ethics board: your {} uses in 24 hours", a.recent_uses)
+                    format!(
+                        "\nflagged for the ethics board: your {} uses in 24 hours",
+                        a.recent_uses
+                    )
                 } else {
                     String::new()
                 }

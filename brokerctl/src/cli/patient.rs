@@ -209,9 +209,14 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
                 &serde_json::json!({"organisations": r.organisations, "grants": r.issued,
                     "not_allowed": r.not_allowed > 0}),
                 || match (r.organisations, r.issued) {
-                    (0, _) => "your pinned network lists no emergency organisation; nothing granted".into(),
+                    (0, _) => {
+                        "your pinned network lists no emergency organisation; nothing granted"
+                            .into()
+                    }
                     (_, 0) => "your consent does not allow break-glass; nothing granted".into(),
-                    (n, _) => format!("standing emergency grants of your critical records deposited for {n} emergency organisation(s)"),
+                    (n, _) => format!(
+                        "standing emergency grants of your critical records deposited for {n} emergency organisation(s)"
+                    ),
                 },
             );
         }
@@ -220,10 +225,13 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
             let me = match who.keystore_entry() {
                 Some((keystore, patient)) => brokerctl::keystore::Keystore::open(keystore)?
                     .get(patient)?
-                    .with_context(|| format!("no patient {patient:?} in keystore {}", keystore.display()))?,
+                    .with_context(|| {
+                        format!("no patient {patient:?} in keystore {}", keystore.display())
+                    })?,
                 None => super::conn::load_key(&conn)?,
             };
-            let card = pre_kms::emergency::EmergencyCard::sign(&me, pre_kms::request_auth::now_secs());
+            let card =
+                pre_kms::emergency::EmergencyCard::sign(&me, pre_kms::request_auth::now_secs());
             let line = card.to_token();
             if let Some(path) = &out {
                 pre_kms::private_fs::write_private(path, format!("{line}\n").as_bytes())
@@ -232,7 +240,11 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
             print(
                 &conn,
                 &serde_json::json!({"card": line, "pseudonym": card.pseudonym}),
-                || format!("{line}\n(your emergency card: it names your pseudonym only; an emergency clinician gives it to `brokerctl clinician break-glass --token`)"),
+                || {
+                    format!(
+                        "{line}\n(your emergency card: it names your pseudonym only; an emergency clinician gives it to `brokerctl clinician break-glass --token`)"
+                    )
+                },
             );
         }
         PatientCmd::Consent(cmd) => consent_command(cmd).await?,

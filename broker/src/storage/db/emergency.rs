@@ -20,13 +20,15 @@ fn access_row(r: &rusqlite::Row<'_>) -> DbResult<BreakGlassRow> {
             let finding: String = r.get(12)?;
             Some(Review {
                 board_id,
-                finding: finding.parse().map_err(|e: model::emergency::UnknownFinding| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        12,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    )
-                })?,
+                finding: finding
+                    .parse()
+                    .map_err(|e: model::emergency::UnknownFinding| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            12,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
                 note: r.get(13)?,
                 reviewed_at: r.get(14)?,
             })
@@ -195,4 +197,3 @@ impl Db {
         .map(|(_, intents)| intents)
     }
 }
-

@@ -30,8 +30,8 @@ mod records;
 mod releases;
 mod studies;
 
-pub use erasure::{Deleted, ErasureJob, ErasureStep, Moved};
 pub use emergency::BreakGlassRow;
+pub use erasure::{Deleted, ErasureJob, ErasureStep, Moved};
 pub use records::{IndexChange, Stored, StoredContent};
 
 pub type DbResult<T> = Result<T, rusqlite::Error>;
