@@ -464,8 +464,21 @@ pub struct DemoSummary {
     pub released: usize,
     pub release_time: Duration,
     pub expected: usize,
+    /// The break-glass step: `None` if fewer than two released patients were left.
+    pub break_glass: Option<BreakGlassSummary>,
     /// `None` when every decrypted record equals an original and none is missing.
     pub mismatch: Option<String>,
+}
+
+/// The demo's break-glass: how long it took end to end (consent, organisation,
+/// standing grants, the access, the refusal, the review), the access's window, the
+/// records read, and the refusal for the patient who said no.
+#[derive(Debug, Clone)]
+pub struct BreakGlassSummary {
+    pub time: Duration,
+    pub window: i64,
+    pub records: usize,
+    pub refusal: String,
 }
 
 /// The demo's erasure of one patient.
@@ -557,10 +570,20 @@ impl std::fmt::Display for DemoSummary {
                 e.count_exact_after
             )?;
         }
+        if let Some(b) = &self.break_glass {
+            writeln!(
+                f,
+                "break-glass          {:>8.2} s  an emergency clinician read {} critical record(s) of a patient who allows it, by their card, for {} h, logged before the proxies re-encrypted, the patient alerted, the board's review logged; refused for a patient who said no ({})",
+                b.time.as_secs_f64(),
+                b.records,
+                b.window / 3600,
+                b.refusal
+            )?;
+        }
         match &self.mismatch {
             None => write!(
                 f,
-                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; each release is exactly the board's exact count of the study's cohort; none of the revoked or erased patients' records after revocation and erasure",
+                "check                OK: all {} decrypted records equal the originals, none missing, none extra, none beyond consent; each release is exactly the board's exact count of the study's cohort; none of the revoked or erased patients' records after revocation and erasure; break-glass gave exactly the allowing patient's critical record and refused the other",
                 self.expected
             ),
             Some(m) => write!(f, "check                FAILED: {m}"),
@@ -772,8 +795,124 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<DemoSummary> {
             count_exact_after,
         });
     }
+    // Break the glass: an emergency organisation, listed in a network manifest the board
+    // signs again; one patient allows break-glass in a new consent version and gets
+    // standing grants of their critical records, another keeps the default (no); an
+    // emergency clinician reads the first one's critical records by their emergency card,
+    // is refused for the second, and the board reviews the use.
+    let mut candidates = released
+        .iter()
+        .copied()
+        .filter(|i| !revoking.contains(i) && Some(*i) != erasing);
+    if let (Some(allowing), Some(refusing)) = (candidates.next(), candidates.next()) {
+        let started = Instant::now();
+        let (a, r) = (&patients[allowing].0, &patients[refusing].0);
+        let mut draft = histories[allowing]
+            .versions()
+            .last()
+            .expect("a released patient has a policy")
+            .clone()
+            .into_draft();
+        draft.version = agent::next_version(&histories[allowing]);
+        draft.issued_at = now_secs();
+        draft.break_glass = consent_policy::BreakGlass::Allow;
+        agent::set_consents(&cast.custodian, &[(a.clone(), draft.check()?)]).await?;
+        let (org_key, clinician) = register_emergency(&scenario.operator, "er-demo").await?;
+        let mut manifest = agent::draft_network(
+            &scenario.operator,
+            &scenario.running.public.verifying_key,
+            scenario.running.client_tls.pinned_pem(),
+        )
+        .await?;
+        manifest.sign(cast.board.identity())?;
+        let network = manifest.verify()?;
+        let mut standing = Vec::new();
+        for id in [a, r] {
+            standing.push((
+                id.clone(),
+                agent::consent_history(&cast.custodian, id).await?,
+            ));
+        }
+        let granted = agent::emergency_grants(&cast.custodian, &network, standing).await?;
+        let card = pre_kms::emergency::EmergencyCard::sign(a, now_secs()).to_token();
+        let answer = clinician
+            .break_glass("", &card, "unconscious on arrival, allergies unknown")
+            .await?;
+        let opened = agent::open_break_glass(answer, &org_key, Some(&a.pseudonym())).await?;
+        let original = &population.patient(allowing).categories[&Category::Critical];
+        let matches = opened.records.len() == 1 && &opened.records[0].plaintext == original;
+        let refusal = match clinician
+            .break_glass(&r.pseudonym(), "", "unconscious on arrival")
+            .await
+        {
+            Err(e) if e.to_string().starts_with("permission denied") => e.to_string(),
+            other => format!("NOT REFUSED: {:?}", other.map(|a| a.access.access_id)),
+        };
+        let queue = cast.board.break_glass_accesses(true).await?;
+        if let Some(first) = queue.first() {
+            cast.board
+                .review_break_glass(&first.access_id, "ok", "demo: justified emergency")
+                .await?;
+        }
+        let alerted = brokerctl::log_review::patient_alerts(
+            &cast.custodian.with_identity(a.clone()),
+            None,
+            false,
+        )
+        .await?
+        .iter()
+        .any(|e| e.event.kind.name() == "break_glass");
+        if summary.mismatch.is_none() {
+            summary.mismatch = if !matches {
+                Some("break-glass: the decrypted critical record differs from the original".into())
+            } else if refusal.starts_with("NOT REFUSED") {
+                Some(format!(
+                    "break-glass: the patient who said no was {refusal}"
+                ))
+            } else if granted.issued != 1 || queue.len() != 1 || !alerted {
+                Some(format!(
+                    "break-glass: {} standing grants (want 1), {} accesses in the board's queue (want 1), patient alerted: {alerted}",
+                    granted.issued,
+                    queue.len()
+                ))
+            } else {
+                None
+            };
+        }
+        summary.break_glass = Some(BreakGlassSummary {
+            time: started.elapsed(),
+            window: opened.access.expires_at - opened.access.created_at,
+            records: opened.records.len(),
+            refusal,
+        });
+    }
     scenario.running.stop().await;
     Ok(summary)
+}
+
+/// Registers an emergency organisation (a fresh key) and one of its clinicians.
+async fn register_emergency(
+    operator: &BrokerClient,
+    organisation: &str,
+) -> ClientResult<(Identity, BrokerClient)> {
+    let org_key = Identity::generate();
+    operator
+        .register_emergency_org(model::EmergencyOrganisation {
+            organisation_id: organisation.into(),
+            name: "Demo emergency department".into(),
+            receiving_key: pre_kms::keys::public_key_bytes(&org_key.encryption_public_key()),
+        })
+        .await?;
+    let clinician = Identity::generate();
+    operator
+        .register_actor(
+            Role::Clinician,
+            "Demo emergency clinician",
+            organisation,
+            &clinician.public("clinician"),
+        )
+        .await?;
+    Ok((org_key, operator.with_identity(clinician)))
 }
 
 #[cfg(test)]

@@ -46,6 +46,17 @@ enum Command {
         /// Proxies needed to re-encrypt (t of n).
         #[arg(long, default_value_t = 2)]
         threshold: usize,
+        /// How long a break-glass access lasts, in seconds (at most 24 hours, which the
+        /// proxies enforce whatever this says).
+        #[arg(long, default_value_t = 24 * 3600)]
+        break_glass_window: i64,
+        /// Break-glass accesses one clinician may make per hour; more are refused.
+        #[arg(long, default_value_t = 5)]
+        break_glass_per_hour: u32,
+        /// A clinician's break-glass accesses in 24 hours above which each further one is
+        /// flagged for the ethics board.
+        #[arg(long, default_value_t = 3)]
+        break_glass_flag_after: u32,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -155,9 +166,17 @@ async fn run() -> anyhow::Result<()> {
             proxy_urls,
             proxy_certs,
             threshold,
+            break_glass_window,
+            break_glass_per_hour,
+            break_glass_flag_after,
             tls,
         } => {
             let mut config = ServeConfig::new(&data_dir);
+            config.break_glass = broker::service::BreakGlassPolicy {
+                window_secs: break_glass_window,
+                per_hour: break_glass_per_hour,
+                flag_after: break_glass_flag_after,
+            };
             config.embedded_proxies = proxies;
             config.proxy_urls = proxy_urls;
             config.proxy_certs = proxy_certs;

@@ -2308,3 +2308,257 @@ fn an_erasure_killed_at_each_step_finishes_at_the_next_start() {
     }
     assert_log_verifies(&data);
 }
+
+// ------------------------------------------------------------------ break-glass
+
+#[test]
+fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    let data = d.join("data");
+    let keys = keys(d);
+    let [operator, custodian, _sponsor, board, _researcher] = &keys;
+    let clinician = keygen(d, "clinician");
+    // The emergency organisation's key: what its clinicians decrypt with.
+    let org_key = d.join("er-north.key");
+    let out = Command::new(brokerctl())
+        .args(["keygen", "--role", "clinician", "--out"])
+        .arg(&org_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let server = serve(&data, Path::new(&public(operator)));
+    let ctl = Ctl::new(&server.url, &data);
+    register(&ctl, operator, [custodian, &keys[2], board, &keys[4]]);
+    ctl.ok(
+        operator,
+        &[
+            "operator",
+            "register",
+            "--public-key",
+            &public(&clinician),
+            "--role",
+            "clinician",
+            "--name",
+            "Dr North",
+            "--organisation",
+            "er-north",
+        ],
+    );
+    let org = ctl.json(
+        operator,
+        &[
+            "operator",
+            "emergency-org",
+            "--id",
+            "er-north",
+            "--name",
+            "North emergency department",
+            "--public-key",
+            &public(&org_key),
+        ],
+    );
+    assert_eq!(org["organisation_id"], "er-north");
+    ctl.pin_network(operator, board, &data);
+    let manifest = std::fs::read_to_string(data.with_file_name("network.json")).unwrap();
+    assert!(
+        manifest.contains("er-north"),
+        "the board signed the organisation in"
+    );
+
+    let keystore = d.join("keystore.db");
+    let ks = keystore.to_str().unwrap();
+    let imported = ctl.import_fhir(custodian, synthea().to_str().unwrap(), ks);
+    assert_eq!(imported["patients"], 10, "{imported}");
+    let patients = keystore_patients(&keystore);
+    let (allowing, allowing_pseudonym, _) = &patients[0];
+    let (_, refusing_pseudonym, _) = &patients[1];
+    ctl.json(
+        custodian,
+        &["custodian", "consent", "--keystore", ks, "--broad"],
+    );
+    let policy = d.join("break-glass.json");
+    std::fs::write(&policy, r#"{"base": "deny", "break_glass": "allow"}"#).unwrap();
+    ctl.json(
+        custodian,
+        &[
+            "custodian",
+            "consent",
+            "--keystore",
+            ks,
+            "--patient",
+            allowing,
+            policy.to_str().unwrap(),
+        ],
+    );
+    let granted = ctl.json(
+        custodian,
+        &["custodian", "emergency-grant", "--keystore", ks],
+    );
+    assert_eq!(granted["grants"], 1, "{granted}");
+    assert_eq!(granted["not_allowed"], 9, "{granted}");
+
+    // The patient's card: one line, their pseudonym and signature only.
+    let card_file = d.join("card.txt");
+    let card = ctl.json(
+        custodian,
+        &[
+            "patient",
+            "emergency-card",
+            "--keystore",
+            ks,
+            "--patient",
+            allowing,
+            "--out",
+            card_file.to_str().unwrap(),
+        ],
+    );
+    let token = card["card"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("PBEC1.") && token.contains(allowing_pseudonym.as_str()));
+    assert_eq!(mode(&card_file), 0o600);
+
+    let er = d.join("er");
+    let opened = ctl.json(
+        &clinician,
+        &[
+            "clinician",
+            "break-glass",
+            "--token",
+            &token,
+            "--reason",
+            "unconscious after a fall",
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+    let files = opened["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{opened}");
+    let file = er.join(files[0].as_str().unwrap());
+    assert!(file.starts_with(er.join(allowing_pseudonym)));
+    let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        bundle["entry"][0]["resource"]["resourceType"], "Patient",
+        "the full critical copy"
+    );
+    assert_eq!(mode(&file), 0o600);
+    let access_id = opened["access_id"].as_str().unwrap().to_owned();
+    // Within the window, the same clinician reopens it.
+    ctl.json(
+        &clinician,
+        &[
+            "clinician",
+            "reopen",
+            "--access",
+            &access_id,
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+
+    // The patient who kept the default is refused, with a clear reason and no data.
+    let refused = ctl.fails(
+        &clinician,
+        &[
+            "clinician",
+            "break-glass",
+            "--patient",
+            refusing_pseudonym,
+            "--reason",
+            "unconscious",
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+    assert!(refused.contains("does not allow break-glass"), "{refused}");
+    assert!(!refused.contains(refusing_pseudonym.as_str()), "{refused}");
+    // No reason, no access: clap refuses before anything is sent.
+    let no_reason = ctl.fails(
+        &clinician,
+        &[
+            "clinician",
+            "break-glass",
+            "--token",
+            &token,
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+    assert!(no_reason.contains("--reason"), "{no_reason}");
+
+    // The patient is alerted at once: who, which organisation, why.
+    let alerts = ctl.ok(
+        custodian,
+        &["patient", "alerts", "--keystore", ks, "--patient", allowing],
+    );
+    assert!(
+        alerts.contains("break_glass")
+            && alerts.contains("organisation=er-north")
+            && alerts.contains("unconscious after a fall"),
+        "{alerts}"
+    );
+
+    // The board's queue, and a logged review.
+    let queue = ctl.json(board, &["board", "break-glass", "list", "--unreviewed"]);
+    assert_eq!(queue.as_array().unwrap().len(), 1, "{queue}");
+    assert_eq!(queue[0]["access_id"], access_id.as_str());
+    ctl.ok(
+        board,
+        &[
+            "board",
+            "break-glass",
+            "review",
+            &access_id,
+            "--finding",
+            "ok",
+            "--note",
+            "justified",
+        ],
+    );
+    let queue = ctl.json(board, &["board", "break-glass", "list", "--unreviewed"]);
+    assert_eq!(queue.as_array().unwrap().len(), 0, "{queue}");
+    let reviews = ctl.ok(
+        board,
+        &["board", "log", "show", "--kind", "break_glass_review"],
+    );
+    assert!(reviews.contains("break_glass_review"), "{reviews}");
+
+    // Withdrawing the choice: the next break-glass is refused.
+    ctl.json(
+        custodian,
+        &[
+            "custodian",
+            "consent",
+            "--keystore",
+            ks,
+            "--patient",
+            allowing,
+            "--broad",
+        ],
+    );
+    let refused = ctl.fails(
+        &clinician,
+        &[
+            "clinician",
+            "break-glass",
+            "--token",
+            &token,
+            "--reason",
+            "unconscious again",
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+    assert!(refused.contains("does not allow break-glass"), "{refused}");
+    drop(server);
+    assert_log_verifies(&data);
+}
