@@ -347,11 +347,13 @@ pub async fn start(
         db,
         blobs,
         pool,
-        config.threshold,
         audit,
-        config.count_budget,
+        crate::service::Settings {
+            threshold: config.threshold,
+            count_budget: config.count_budget,
+            break_glass: config.break_glass,
+        },
         Some(IndexSnapshots::new(dir.join("index"))),
-        config.break_glass,
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
     // The cohort engine loads while the server starts answering.

@@ -30,6 +30,15 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::proxy_pool::ProxyPool;
 use crate::storage::{BlobStore, Db, IndexSnapshots};
 
+/// What the operator sets: the proxies' threshold, the sponsors' counting allowance and
+/// the break-glass window and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub threshold: usize,
+    pub count_budget: cohort_query::BudgetPolicy,
+    pub break_glass: BreakGlassPolicy,
+}
+
 pub struct Broker {
     db: Mutex<Db>,
     blobs: BlobStore,
@@ -52,12 +61,15 @@ impl Broker {
         db: Db,
         blobs: BlobStore,
         proxies: ProxyPool,
-        threshold: usize,
         audit: AccessLog,
-        count_budget: cohort_query::BudgetPolicy,
+        settings: Settings,
         index_snapshots: Option<IndexSnapshots>,
-        break_glass: BreakGlassPolicy,
     ) -> ServiceResult<Arc<Broker>> {
+        let Settings {
+            threshold,
+            count_budget,
+            break_glass,
+        } = settings;
         let actors = db
             .actors()?
             .into_iter()
