@@ -79,6 +79,17 @@ impl Sandbox {
         self.running.as_ref().expect("running").broker.clone()
     }
 
+    /// The kfrags each embedded proxy holds, in proxy order.
+    pub fn kfrag_counts(&self) -> Vec<i64> {
+        self.running
+            .as_ref()
+            .expect("running")
+            .proxies
+            .iter()
+            .map(|p| p.node.kfrag_count().expect("the proxy's store"))
+            .collect()
+    }
+
     pub async fn client(&self, identity: Identity) -> BrokerClient {
         BrokerClient::connect(&self.url, &self.client_tls(), identity)
             .await

@@ -30,17 +30,6 @@ fn count(db: &rusqlite::Connection, table: &str) -> i64 {
         .unwrap()
 }
 
-fn kfrags(sandbox: &Sandbox) -> Vec<i64> {
-    sandbox
-        .running
-        .as_ref()
-        .unwrap()
-        .proxies
-        .iter()
-        .map(|p| p.node.kfrag_count().unwrap())
-        .collect()
-}
-
 /// The custodian's agent, pinned to the honest network, tries to grant every patient to
 /// `study` as the broker lists it; the error it gives.
 async fn agent_grants(w: &World, study: &Study) -> Result<usize, ClientError> {
@@ -119,7 +108,7 @@ async fn a_lying_broker_gets_no_grant_for_an_approval_the_board_did_not_sign() {
 
     // Nothing was issued for any of them; the honest approval still grants.
     assert_eq!(count(&db(&sandbox), "grants"), 0);
-    assert_eq!(kfrags(&sandbox), vec![0, 0, 0]);
+    assert_eq!(sandbox.kfrag_counts(), vec![0, 0, 0]);
     let honest = w.cast.approve(&proposal, false).await.unwrap();
     assert_eq!(agent_grants(&w, &honest).await.unwrap(), 4);
     sandbox.stop().await;
@@ -297,13 +286,13 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
         .issue_grants(vec![captured.clone()])
         .await
         .unwrap();
-    assert_eq!(kfrags(&sandbox), vec![2, 2, 2]);
+    assert_eq!(sandbox.kfrag_counts(), vec![2, 2, 2]);
     w.cast
         .custodian
         .withdraw_grants(&[(study.study_id.clone(), patient.pseudonym())], "revoked")
         .await
         .unwrap();
-    assert_eq!(kfrags(&sandbox), vec![0, 0, 0]);
+    assert_eq!(sandbox.kfrag_counts(), vec![0, 0, 0]);
 
     let broker =
         broker::server::load_or_create_identity(&sandbox.data_dir().join("broker.key"), "broker")
@@ -331,7 +320,7 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
             .await
             .is_err()
     );
-    assert_eq!(kfrags(&sandbox), vec![0, 0, 0]);
+    assert_eq!(sandbox.kfrag_counts(), vec![0, 0, 0]);
 
     // After a restart of broker and proxies: the byte-for-byte replay is refused before
     // it is read, a fresh re-signing is refused by the durable tombstones.
@@ -349,7 +338,7 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "proxy {i}: {err:?}");
     }
-    assert_eq!(kfrags(&sandbox), vec![0, 0, 0]);
+    assert_eq!(sandbox.kfrag_counts(), vec![0, 0, 0]);
     for p in &sandbox.running.as_ref().unwrap().proxies {
         assert!(p.node.destroyed_grant_count().unwrap() >= 1);
     }
@@ -357,7 +346,7 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
     let custodian = sandbox.client(w.cast.custodian.identity().clone()).await;
     let fresh = grant::issue(&patient, &plan).unwrap();
     custodian.issue_grants(vec![fresh]).await.unwrap();
-    assert_eq!(kfrags(&sandbox), vec![2, 2, 2]);
+    assert_eq!(sandbox.kfrag_counts(), vec![2, 2, 2]);
     // And an older grant, issued before it but never delivered, cannot replace it.
     let older = grant::issue_with_rng(
         &mut rand::rngs::OsRng,
@@ -367,7 +356,7 @@ async fn a_captured_deposit_resent_after_revocation_restores_nothing() {
     )
     .unwrap();
     assert!(custodian.issue_grants(vec![older]).await.is_err());
-    assert_eq!(kfrags(&sandbox), vec![2, 2, 2]);
+    assert_eq!(sandbox.kfrag_counts(), vec![2, 2, 2]);
     sandbox.stop().await;
 }
 

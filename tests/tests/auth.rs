@@ -120,6 +120,31 @@ const CALLS: &[Call] = &[
         wrong_role: Role::Researcher,
     },
     Call {
+        name: "Emergency.RegisterOrganisation",
+        method: m::REGISTER_EMERGENCY_ORG,
+        wrong_role: Role::Board,
+    },
+    Call {
+        name: "Emergency.BreakGlass",
+        method: m::BREAK_GLASS,
+        wrong_role: Role::Researcher,
+    },
+    Call {
+        name: "Emergency.Reopen",
+        method: m::REOPEN_BREAK_GLASS,
+        wrong_role: Role::Sponsor,
+    },
+    Call {
+        name: "Emergency.ListAccesses",
+        method: m::LIST_BREAK_GLASS,
+        wrong_role: Role::Clinician,
+    },
+    Call {
+        name: "Emergency.Review",
+        method: m::REVIEW_BREAK_GLASS,
+        wrong_role: Role::Clinician,
+    },
+    Call {
         name: "Releases.Request",
         method: m::REQUEST_RELEASE,
         wrong_role: Role::Sponsor,
@@ -269,7 +294,49 @@ async fn call(
             alerts,
             pb::AlertsRequest::default()
         ),
+        m::REGISTER_EMERGENCY_ORG => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            register_organisation,
+            pb::EmergencyOrganisation::default()
+        ),
+        m::LIST_EMERGENCY_ORGS => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            list_organisations,
+            pb::ListEmergencyOrganisationsRequest::default()
+        ),
+        m::BREAK_GLASS => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            break_glass,
+            pb::BreakGlassRequest::default()
+        ),
+        m::REOPEN_BREAK_GLASS => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            reopen,
+            pb::ReopenBreakGlassRequest::default()
+        ),
+        m::LIST_BREAK_GLASS => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            list_accesses,
+            pb::ListBreakGlassRequest::default()
+        ),
+        m::REVIEW_BREAK_GLASS => go!(
+            pb::emergency_client::EmergencyClient<Channel>,
+            review,
+            pb::ReviewBreakGlassRequest::default()
+        ),
         other => panic!("no call for {other}"),
+    }
+}
+
+#[test]
+fn every_method_closed_to_some_role_is_checked_here() {
+    for (method, roles) in broker::access::ACCESS {
+        if roles.len() < Role::ALL.len() {
+            assert!(
+                CALLS.iter().any(|c| c.method == *method),
+                "{method} is not in CALLS"
+            );
+        }
     }
 }
 

@@ -167,24 +167,13 @@ fn assert_no_patient_data(e: &ClientError, w: &World) {
     }
 }
 
-fn kfrags(sandbox: &Sandbox) -> Vec<i64> {
-    sandbox
-        .running
-        .as_ref()
-        .unwrap()
-        .proxies
-        .iter()
-        .map(|p| p.node.kfrag_count().unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_releases_critical_only_to_registered_clinicians_of_patients_who_allow_it() {
     let mut sandbox = Sandbox::start().await;
     let e = emergency(&sandbox, 6, 41).await;
     let w = &e.w;
     // Standing grants: critical only, 3 allowing patients × 2 organisations at each proxy.
-    assert_eq!(kfrags(&sandbox), vec![6, 6, 6]);
+    assert_eq!(sandbox.kfrag_counts(), vec![6, 6, 6]);
 
     // By pseudonym, with a reason: the latest critical record, verified and decrypted.
     let answer = e
@@ -283,7 +272,7 @@ async fn break_glass_releases_critical_only_to_registered_clinicians_of_patients
     .await
     .unwrap_err();
     assert_eq!(code(&err), Code::InvalidArgument, "{err}");
-    assert_eq!(kfrags(&sandbox), vec![6, 6, 6]);
+    assert_eq!(sandbox.kfrag_counts(), vec![6, 6, 6]);
 
     // A forged card (another key's signature under the patient's pseudonym).
     let mut forged = EmergencyCard::sign(&Identity::generate(), now_secs());
@@ -455,11 +444,11 @@ async fn break_glass_releases_critical_only_to_registered_clinicians_of_patients
 
     // Withdrawing the choice withdraws the standing grants at every proxy, and the next
     // break-glass is refused.
-    let before = kfrags(&sandbox);
+    let before = sandbox.kfrag_counts();
     set_choice(w, &[0], false).await;
     let after: Vec<i64> = before.iter().map(|k| k - 2).collect();
     assert_eq!(
-        kfrags(&sandbox),
+        sandbox.kfrag_counts(),
         after,
         "both organisations' grants of patient 0 destroyed"
     );

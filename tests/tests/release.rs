@@ -329,17 +329,6 @@ async fn a_lying_proxy_is_detected_and_fewer_than_t_honest_proxies_release_nothi
 
 // ------------------------------------------------------------------ withdrawal
 
-fn kfrags_held(sandbox: &Sandbox) -> Vec<i64> {
-    sandbox
-        .running
-        .as_ref()
-        .unwrap()
-        .proxies
-        .iter()
-        .map(|p| p.node.kfrag_count().unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() {
     let sandbox = Sandbox::start().await;
@@ -348,14 +337,14 @@ async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() 
     let who: Vec<usize> = (0..5).collect();
     grant(&w, &study, &who, &CATS).await;
     assert_eq!(
-        kfrags_held(&sandbox),
+        sandbox.kfrag_counts(),
         vec![15; 3],
         "5 patients x 3 categories"
     );
 
     // Patient 0 re-grants without observations: that kfrag dies at every proxy.
     grant(&w, &study, &[0], &CATS[..2]).await;
-    assert_eq!(kfrags_held(&sandbox), vec![14; 3]);
+    assert_eq!(sandbox.kfrag_counts(), vec![14; 3]);
 
     // Patients 1 and 2 withdraw: their kfrags are destroyed everywhere, the next release
     // leaves them out.
@@ -370,7 +359,7 @@ async fn withdrawn_grants_and_dropped_categories_are_destroyed_at_every_proxy() 
         .await
         .unwrap();
     assert_eq!((withdrawn, confirmed), (2, 3));
-    assert_eq!(kfrags_held(&sandbox), vec![8; 3]);
+    assert_eq!(sandbox.kfrag_counts(), vec![8; 3]);
     let got = fetch(&w, &study).await.unwrap();
     let mut want = expected(&w, &[3, 4], &CATS);
     want.add_record(&w.patients[0].1, &CATS[..2]);

@@ -223,6 +223,9 @@ pub async fn run(cmd: PatientCmd) -> anyhow::Result<()> {
         PatientCmd::EmergencyCard { conn, who, out } => {
             // Made offline, with the patient's own key: no broker is asked.
             let me = match who.keystore_entry() {
+                Some((keystore, _)) if !keystore.exists() => {
+                    bail!("keystore {} does not exist", keystore.display())
+                }
                 Some((keystore, patient)) => brokerctl::keystore::Keystore::open(keystore)?
                     .get(patient)?
                     .with_context(|| {
