@@ -50,7 +50,8 @@ enum Command {
         /// proxies enforce whatever this says).
         #[arg(long, default_value_t = 24 * 3600)]
         break_glass_window: i64,
-        /// Break-glass accesses one clinician may make per hour; more are refused.
+        /// Break-glass attempts one clinician may make per hour (refused ones included);
+        /// more are refused.
         #[arg(long, default_value_t = 5)]
         break_glass_per_hour: u32,
         /// A clinician's break-glass accesses in 24 hours above which each further one is

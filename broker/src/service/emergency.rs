@@ -26,7 +26,8 @@ use crate::storage::db::{BreakGlassRow, ReleaseItemRow};
 pub struct BreakGlassPolicy {
     /// How long an access lasts (seconds; at most 24 hours, which the proxies enforce).
     pub window_secs: i64,
-    /// Accesses one clinician may make per hour; more are refused (`RESOURCE_EXHAUSTED`).
+    /// Attempts one clinician may make per hour (refused ones included); more are refused
+    /// (`RESOURCE_EXHAUSTED`).
     pub per_hour: u32,
     /// Accesses by one clinician in 24 hours above which each further one is flagged
     /// for the board.
@@ -248,23 +249,27 @@ impl Broker {
                 ));
             }
         };
+        // Every attempt counts, refused ones too: probing for patients is rate-limited.
         let hour = self
             .db()
-            .break_glass_uses_since(&caller.actor_id, now - 3600)?;
+            .break_glass_attempts_since(&caller.actor_id, now - 3600)?;
         if hour >= self.break_glass.per_hour {
             return Err(self.refuse_break_glass(
                 caller,
                 None,
                 &reason,
                 ServiceError::Exhausted(format!(
-                    "{hour} break-glass accesses in the last hour reach this broker's limit of {} per clinician; the ethics board reviews every use",
+                    "{hour} break-glass attempts in the last hour reach this broker's limit of {} per clinician; the ethics board reviews every use",
                     self.break_glass.per_hour
                 )),
             ));
         }
         let Some(patient) = self.db().patient(&pseudonym)? else {
-            return Err(ServiceError::NotFound(
-                "no patient with this pseudonym is enrolled".into(),
+            return Err(self.refuse_break_glass(
+                caller,
+                None,
+                &reason,
+                ServiceError::NotFound("no patient with this pseudonym is enrolled".into()),
             ));
         };
         if let Some(card) = &card {

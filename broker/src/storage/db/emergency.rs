@@ -119,6 +119,16 @@ impl Db {
             .optional()
     }
 
+    /// How many break-glass attempts `clinician` made since `since` (unix seconds), refused
+    /// ones included: every attempt by a clinician is a logged `break_glass` event.
+    pub fn break_glass_attempts_since(&self, clinician: &str, since: i64) -> DbResult<u32> {
+        self.conn.query_row(
+            "SELECT COUNT(*) FROM audit_index WHERE kind = 'break_glass' AND actor = ?1 AND time > ?2",
+            params![clinician, since],
+            |r| r.get(0),
+        )
+    }
+
     /// How many break-glass accesses `clinician` made since `since` (unix seconds).
     pub fn break_glass_uses_since(&self, clinician: &str, since: i64) -> DbResult<u32> {
         self.conn.query_row(
