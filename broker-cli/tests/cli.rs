@@ -2418,20 +2418,20 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     assert_eq!(mode(&card_file), 0o600);
 
     let er = d.join("er");
+    let (org, out) = (org_key.to_str().unwrap(), er.to_str().unwrap());
     let opened = ctl.json(
         &clinician,
-        &[
-            "clinician",
-            "break-glass",
-            "--token",
-            &token,
-            "--reason",
-            "unconscious after a fall",
-            "--org-key",
-            org_key.to_str().unwrap(),
-            "--out",
-            er.to_str().unwrap(),
-        ],
+        &clinician_cmd(
+            &[
+                "break-glass",
+                "--token",
+                &token,
+                "--reason",
+                "unconscious after a fall",
+            ],
+            org,
+            out,
+        ),
     );
     let files = opened["files"].as_array().unwrap();
     assert_eq!(files.len(), 1, "{opened}");
@@ -2447,49 +2447,30 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     // Within the window, the same clinician reopens it.
     ctl.json(
         &clinician,
-        &[
-            "clinician",
-            "reopen",
-            "--access",
-            &access_id,
-            "--org-key",
-            org_key.to_str().unwrap(),
-            "--out",
-            er.to_str().unwrap(),
-        ],
+        &clinician_cmd(&["reopen", "--access", &access_id], org, out),
     );
 
     // The patient who kept the default is refused, with a clear reason and no data.
     let refused = ctl.fails(
         &clinician,
-        &[
-            "clinician",
-            "break-glass",
-            "--patient",
-            refusing_pseudonym,
-            "--reason",
-            "unconscious",
-            "--org-key",
-            org_key.to_str().unwrap(),
-            "--out",
-            er.to_str().unwrap(),
-        ],
+        &clinician_cmd(
+            &[
+                "break-glass",
+                "--patient",
+                refusing_pseudonym,
+                "--reason",
+                "unconscious",
+            ],
+            org,
+            out,
+        ),
     );
     assert!(refused.contains("does not allow break-glass"), "{refused}");
     assert!(!refused.contains(refusing_pseudonym.as_str()), "{refused}");
     // No reason, no access: clap refuses before anything is sent.
     let no_reason = ctl.fails(
         &clinician,
-        &[
-            "clinician",
-            "break-glass",
-            "--token",
-            &token,
-            "--org-key",
-            org_key.to_str().unwrap(),
-            "--out",
-            er.to_str().unwrap(),
-        ],
+        &clinician_cmd(&["break-glass", "--token", &token], org, out),
     );
     assert!(no_reason.contains("--reason"), "{no_reason}");
 
@@ -2545,20 +2526,27 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     );
     let refused = ctl.fails(
         &clinician,
-        &[
-            "clinician",
-            "break-glass",
-            "--token",
-            &token,
-            "--reason",
-            "unconscious again",
-            "--org-key",
-            org_key.to_str().unwrap(),
-            "--out",
-            er.to_str().unwrap(),
-        ],
+        &clinician_cmd(
+            &[
+                "break-glass",
+                "--token",
+                &token,
+                "--reason",
+                "unconscious again",
+            ],
+            org,
+            out,
+        ),
     );
     assert!(refused.contains("does not allow break-glass"), "{refused}");
     drop(server);
     assert_log_verifies(&data);
+}
+
+/// `brokerctl clinician ARGS --org-key ORG --out OUT`.
+fn clinician_cmd<'a>(args: &[&'a str], org: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut v = vec!["clinician"];
+    v.extend(args);
+    v.extend(["--org-key", org, "--out", out]);
+    v
 }

@@ -136,6 +136,9 @@ CREATE TABLE IF NOT EXISTS audit_index (
     leaf INTEGER PRIMARY KEY, kind TEXT NOT NULL, time INTEGER NOT NULL, actor TEXT NOT NULL,
     study TEXT, tag BLOB);
 CREATE INDEX IF NOT EXISTS audit_index_tag ON audit_index (tag) WHERE tag IS NOT NULL;
+-- A clinician's break-glass attempts in the last hour (the rate limit), without a scan.
+CREATE INDEX IF NOT EXISTS audit_index_break_glass ON audit_index (actor, time)
+    WHERE kind = 'break_glass';
 CREATE TABLE IF NOT EXISTS audit_alert_reads (tag BLOB PRIMARY KEY, through INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_revocations (
     proxy INTEGER NOT NULL, study_id TEXT NOT NULL, pseudonym TEXT NOT NULL,
