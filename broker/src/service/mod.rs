@@ -2,6 +2,7 @@
 //! The gRPC adapter in [`crate::grpc`] converts messages and calls these.
 
 mod audit;
+mod cfrag_check;
 mod cohort;
 mod consents;
 mod emergency;
@@ -52,6 +53,8 @@ pub struct Broker {
     feasibility: Feasibility,
     cohorts: cohort::Cohorts,
     break_glass: BreakGlassPolicy,
+    /// Proxies caught answering a fragment that does not verify ([`cfrag_check`]).
+    suspects: cfrag_check::Suspects,
     /// Held while an erasure job runs: jobs run one at a time.
     erasing: tokio::sync::Mutex<()>,
 }
@@ -90,6 +93,7 @@ impl Broker {
             feasibility,
             cohorts: cohort::Cohorts::new(index_snapshots),
             break_glass,
+            suspects: Default::default(),
             erasing: tokio::sync::Mutex::new(()),
         });
         broker.reindex_log()?;

@@ -11,11 +11,12 @@ use pre_kms::{Category, envelope};
 use rand::RngCore;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
-use umbral_pre::{Capsule, PublicKey};
+use umbral_pre::PublicKey;
 
 use audit_log::EventKind;
 use audit_log::event::Digest32;
 
+use super::cfrag_check::{Answer, screen};
 use super::{Broker, content_hash, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use crate::storage::db::{ReleaseItemRow, ReleaseRow};
@@ -41,12 +42,28 @@ pub struct ReleasedItem {
 }
 
 /// A release item with its blob and the patient's keys, loaded for re-encryption.
+#[derive(Clone)]
 struct Loaded {
     row: ReleaseItemRow,
     sealed: Vec<u8>,
     capsule: Vec<u8>,
     delegating: Vec<u8>,
     vk: Vec<u8>,
+}
+
+/// Whether `cfrag` verifies for `item` (`None`: the broker's own copy of the capsule or
+/// keys does not parse, so it cannot say).
+fn check_cfrag(item: &Loaded, receiving: &PublicKey, cfrag: &[u8]) -> Option<bool> {
+    let capsule = pre_kms::sealed::parse_capsule(&item.capsule).ok()?;
+    let delegating = public_key_from_bytes(&item.delegating).ok()?;
+    let verifying = public_key_from_bytes(&item.vk).ok()?;
+    let ctx = CfragContext {
+        capsule: &capsule,
+        patient_verifying_key: &verifying,
+        delegating_key: &delegating,
+        receiving_key: receiving,
+    };
+    Some(verify_cfrag(&ctx, cfrag).is_ok())
 }
 
 pub type ReleaseStream = mpsc::Receiver<ServiceResult<ReleasedItem>>;
@@ -276,16 +293,17 @@ impl Broker {
     ) -> ServiceResult<Vec<ReleasedItem>> {
         let this = self.clone();
         let receiving_key = to.receiving_key.clone();
-        let (loaded, keys, receiving) =
+        let (loaded, receiving) =
             tokio::task::spawn_blocking(move || this.load_page(page, &receiving_key))
                 .await
                 .map_err(ServiceError::internal)??;
+        let loaded = Arc::new(loaded);
         let t = self.threshold;
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
         for attempt in 0..n {
             let wanted: Vec<usize> = (0..loaded.len())
-                .filter(|&i| keys[i].is_some() && cfrags[i].len() < t)
+                .filter(|&i| cfrags[i].len() < t)
                 .collect();
             if wanted.is_empty() || (attempt > 0 && attempt + t > n) {
                 break;
@@ -312,13 +330,21 @@ impl Broker {
                     tokio::spawn(async move { (p, pool.reencrypt(p, evidence, items).await) })
                 })
                 .collect();
-            let mut batch: Vec<(usize, Vec<u8>)> = Vec::new();
+            let mut answers: Vec<Answer> = Vec::new();
             for call in calls {
                 let (p, answer) = call.await.map_err(ServiceError::internal)?;
                 match answer {
-                    Ok(c) if c.len() == wanted.len() => {
-                        batch.extend(wanted.iter().copied().zip(c).filter(|(_, c)| !c.is_empty()))
-                    }
+                    Ok(c) if c.len() == wanted.len() => answers.extend(
+                        wanted
+                            .iter()
+                            .zip(c)
+                            .filter(|(_, c)| !c.is_empty())
+                            .map(|(&item, cfrag)| Answer {
+                                proxy: p,
+                                item,
+                                cfrag,
+                            }),
+                    ),
                     Ok(_) => tracing::warn!(
                         proxy = p,
                         "proxy answered with the wrong number of fragments"
@@ -328,43 +354,38 @@ impl Broker {
                     }
                 }
             }
-            let keys = keys.clone();
-            let checks: Vec<(usize, Vec<u8>, bool)> = tokio::task::spawn_blocking(move || {
-                batch
-                    .into_par_iter()
-                    .map(|(i, c)| {
-                        let Some((capsule, dk, vk)) = &keys[i] else {
-                            return (i, c, false);
-                        };
-                        let ctx = CfragContext {
-                            capsule,
-                            patient_verifying_key: vk,
-                            delegating_key: dk,
-                            receiving_key: &receiving,
-                        };
-                        let ok = verify_cfrag(&ctx, &c).is_ok();
-                        (i, c, ok)
-                    })
-                    .collect()
+            let (this, items, receiving) = (self.clone(), loaded.clone(), receiving);
+            let screened = tokio::task::spawn_blocking(move || {
+                screen(
+                    answers,
+                    &this.suspects,
+                    &mut rand::thread_rng(),
+                    |i, c| check_cfrag(&items[i], &receiving, c),
+                )
             })
             .await
             .map_err(ServiceError::internal)?;
-            let mut rejected = 0usize;
-            for (i, c, ok) in checks {
-                if !ok {
-                    rejected += 1;
-                } else if cfrags[i].len() < t {
+            for (i, c) in screened.accepted {
+                if cfrags[i].len() < t {
                     cfrags[i].push(c);
                 }
             }
-            if rejected > 0 {
+            for p in &screened.caught {
                 tracing::warn!(
                     release = release_id,
-                    rejected,
+                    proxy = p,
+                    "a proxy's capsule fragment failed verification: every fragment of it is verified from now on"
+                );
+            }
+            if screened.rejected > 0 {
+                tracing::warn!(
+                    release = release_id,
+                    rejected = screened.rejected,
                     "capsule fragments failed verification and were discarded"
                 );
             }
         }
+        let loaded = Arc::try_unwrap(loaded).unwrap_or_else(|shared| (*shared).clone());
         let mut out = Vec::with_capacity(loaded.len());
         let mut withheld = 0usize;
         for (
@@ -440,19 +461,14 @@ impl Broker {
         })
     }
 
-    /// Loads a batch's envelopes and patient keys and parses them (umbral re-verifies a
-    /// capsule as it deserializes it) in parallel. An envelope whose capsule or keys do
-    /// not parse gets `None` and is withheld.
-    #[allow(clippy::type_complexity)]
+    /// Loads a batch's envelopes and patient keys, and parses the receiving key. Capsules
+    /// are not parsed here (umbral re-verifies a capsule as it deserializes it): the
+    /// proxies parse each one, and the broker only those whose fragments it verifies.
     fn load_page(
         &self,
         page: Vec<ReleaseItemRow>,
         receiving_key: &[u8],
-    ) -> ServiceResult<(
-        Vec<Loaded>,
-        Arc<Vec<Option<(Capsule, PublicKey, PublicKey)>>>,
-        PublicKey,
-    )> {
+    ) -> ServiceResult<(Vec<Loaded>, PublicKey)> {
         let rows: Vec<(ReleaseItemRow, Vec<u8>, Vec<u8>)> = {
             let db = self.db();
             let mut patients: HashMap<String, crate::storage::db::PatientRow> = HashMap::new();
@@ -490,17 +506,7 @@ impl Broker {
                 })
             })
             .collect::<ServiceResult<Vec<_>>>()?;
-        let keys = loaded
-            .par_iter()
-            .map(|l| {
-                Some((
-                    pre_kms::sealed::parse_capsule(&l.capsule).ok()?,
-                    public_key_from_bytes(&l.delegating).ok()?,
-                    public_key_from_bytes(&l.vk).ok()?,
-                ))
-            })
-            .collect();
         let receiving = public_key_from_bytes(receiving_key).map_err(ServiceError::internal)?;
-        Ok((loaded, Arc::new(keys), receiving))
+        Ok((loaded, receiving))
     }
 }
