@@ -689,3 +689,135 @@ async fn a_client_refuses_a_server_it_did_not_pin_and_plain_http() {
     assert!(sandbox.operator().await.whoami().await.is_ok());
     sandbox.stop().await;
 }
+
+/// A broker that answers a release with one item of its making.
+struct OneItem(pb::ReleaseItem);
+
+#[tonic::async_trait]
+impl pb::releases_server::Releases for OneItem {
+    async fn request(
+        &self,
+        _: tonic::Request<pb::RequestReleaseRequest>,
+    ) -> Result<tonic::Response<pb::Release>, tonic::Status> {
+        Ok(tonic::Response::new(pb::Release {
+            release_id: "rel-x".into(),
+            study_id: "st-x".into(),
+            subjects: 1,
+            envelopes: 1,
+            created_at: 0,
+            threshold: 2,
+        }))
+    }
+
+    type FetchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ReleaseItem, tonic::Status>> + Send>,
+    >;
+
+    async fn fetch(
+        &self,
+        _: tonic::Request<pb::FetchReleaseRequest>,
+    ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(vec![
+            Ok(self.0.clone()),
+        ]))))
+    }
+}
+
+/// Promise: the researcher never decrypts with a capsule fragment that does not verify,
+/// whatever the broker forwards (it verifies only a sample of each proxy's fragments).
+/// Adversary: a proxy whose wrong fragment escaped the broker's sample; played by a
+/// broker that forwards it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_researcher_refuses_a_fragment_the_brokers_sample_let_through() {
+    use pre_kms::{envelope, reencrypt};
+    let patient = Identity::generate();
+    let researcher = Identity::generate();
+    let proxies: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    let key = patient.category_public_key(Category::Conditions);
+    let sealed = envelope::seal(&key, b"{\"resourceType\":\"Bundle\"}").unwrap();
+    let other = envelope::seal(&key, b"{\"resourceType\":\"Other\"}").unwrap();
+    let plan = grant::GrantPlan {
+        study_id: "st-x".into(),
+        receiving_key: researcher.encryption_public_key(),
+        categories: vec![Category::Conditions],
+        threshold: 2,
+        expires_at: i64::MAX,
+        proxy_keys: proxies.iter().map(|p| p.encryption_public_key()).collect(),
+    };
+    let g = grant::issue(&patient, &plan).unwrap();
+    let capsule = envelope::parse(&sealed).unwrap().capsule;
+    let other_capsule = envelope::parse(&other).unwrap().capsule;
+    let mut honest = Vec::new();
+    let mut wrong = Vec::new();
+    for (i, proxy) in proxies.iter().enumerate().take(2) {
+        let claim = grant::DepositClaim {
+            grant_id: g.grant_id.clone(),
+            study_id: "st-x".into(),
+            pseudonym: patient.pseudonym(),
+            category: Category::Conditions,
+            expires_at: i64::MAX,
+            proxy_index: i as u32,
+            patient_verifying_key: patient.verifying_key(),
+            delegating_key: key,
+            receiving_key: researcher.encryption_public_key(),
+        };
+        let k = grant::open_deposit(proxy, &claim, &g.categories[0].sealed_kfrags[i]).unwrap();
+        honest.extend(reencrypt::reencrypt_batch(&[(
+            capsule.clone(),
+            k.kfrag.clone(),
+        )]));
+        // A well-formed fragment, made with the real kfrag, of another envelope's capsule.
+        wrong.extend(reencrypt::reencrypt_batch(&[(
+            other_capsule.clone(),
+            k.kfrag,
+        )]));
+    }
+    let item = |cfrags: Vec<Vec<u8>>| pb::ReleaseItem {
+        subject: "sub-0123456789abcdef01234567".into(),
+        category: "conditions".into(),
+        version: 1,
+        sealed: sealed.clone(),
+        delegating_key: pre_kms::keys::public_key_bytes(&key),
+        verifying_key: pre_kms::keys::public_key_bytes(&patient.verifying_key()),
+        cfrags,
+    };
+    for (cfrags, ok) in [
+        (honest.clone(), true),
+        (vec![honest[0].clone(), wrong[1].clone()], false),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::releases_server::ReleasesServer::new(OneItem(item(
+                    cfrags,
+                ))))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = broker_proto::tls::ClientTls::InsecureLoopback
+            .endpoint(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = brokerctl::BrokerClient::from_channel(channel, Identity::generate());
+        let mut written = Vec::new();
+        let got = agent::fetch_and_decrypt(&client, &researcher, "st-x", |r| {
+            written.push(r.plaintext);
+            Ok(())
+        })
+        .await;
+        if ok {
+            got.expect("honest fragments decrypt");
+            assert_eq!(written, vec![b"{\"resourceType\":\"Bundle\"}".to_vec()]);
+        } else {
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains("fragment"), "{err}");
+            assert!(
+                written.is_empty(),
+                "nothing decrypted with a wrong fragment"
+            );
+        }
+        server.abort();
+    }
+}

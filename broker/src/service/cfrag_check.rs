@@ -37,7 +37,10 @@ impl Suspects {
     }
 
     fn add(&self, proxy: usize) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(proxy)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(proxy)
     }
 
     /// Whether a fragment of `proxy` failed verification since the broker started.
@@ -114,8 +117,7 @@ pub fn screen(
     let mut results = run(&check, &vec![None; answers.len()]);
     let mut caught = Vec::new();
     for (a, r) in answers.iter().zip(&results) {
-        if *r == Some(Some(false)) && !suspect.contains(&a.proxy) && !caught.contains(&a.proxy)
-        {
+        if *r == Some(Some(false)) && !suspect.contains(&a.proxy) && !caught.contains(&a.proxy) {
             caught.push(a.proxy);
         }
     }

@@ -1,6 +1,7 @@
 //! Releases: the cohort engine's selection of an open study's own definition ∩ its active
 //! grants, fixed when the researcher requests it; then streamed in batches, each batch re-encrypted by the
-//! proxies, every capsule fragment verified before it is passed on.
+//! proxies, a sample of each proxy's capsule fragments (all of a proxy's once one failed)
+//! verified before they are passed on ([`super::cfrag_check`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -302,9 +303,7 @@ impl Broker {
         let n = self.proxies.len();
         let mut cfrags: Vec<Vec<Vec<u8>>> = vec![Vec::new(); loaded.len()];
         for attempt in 0..n {
-            let wanted: Vec<usize> = (0..loaded.len())
-                .filter(|&i| cfrags[i].len() < t)
-                .collect();
+            let wanted: Vec<usize> = (0..loaded.len()).filter(|&i| cfrags[i].len() < t).collect();
             if wanted.is_empty() || (attempt > 0 && attempt + t > n) {
                 break;
             }
@@ -334,17 +333,15 @@ impl Broker {
             for call in calls {
                 let (p, answer) = call.await.map_err(ServiceError::internal)?;
                 match answer {
-                    Ok(c) if c.len() == wanted.len() => answers.extend(
-                        wanted
-                            .iter()
-                            .zip(c)
-                            .filter(|(_, c)| !c.is_empty())
-                            .map(|(&item, cfrag)| Answer {
+                    Ok(c) if c.len() == wanted.len() => {
+                        answers.extend(wanted.iter().zip(c).filter(|(_, c)| !c.is_empty()).map(
+                            |(&item, cfrag)| Answer {
                                 proxy: p,
                                 item,
                                 cfrag,
-                            }),
-                    ),
+                            },
+                        ))
+                    }
                     Ok(_) => tracing::warn!(
                         proxy = p,
                         "proxy answered with the wrong number of fragments"
@@ -356,12 +353,9 @@ impl Broker {
             }
             let (this, items, receiving) = (self.clone(), loaded.clone(), receiving);
             let screened = tokio::task::spawn_blocking(move || {
-                screen(
-                    answers,
-                    &this.suspects,
-                    &mut rand::thread_rng(),
-                    |i, c| check_cfrag(&items[i], &receiving, c),
-                )
+                screen(answers, &this.suspects, &mut rand::thread_rng(), |i, c| {
+                    check_cfrag(&items[i], &receiving, c)
+                })
             })
             .await
             .map_err(ServiceError::internal)?;
