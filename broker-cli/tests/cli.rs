@@ -1102,9 +1102,7 @@ fn researcher_fetch_writes_nothing_where_a_hostile_broker_points() {
         let server = rt.spawn(
             tonic::transport::Server::builder()
                 .add_service(broker_proto::v1::releases_server::ReleasesServer::new(
-                    hostile::HostileReleases {
-                        subjects: vec![subject.to_owned()],
-                    },
+                    hostile::HostileReleases::with_subjects(&[subject]),
                 ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
@@ -2379,18 +2377,22 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     );
     let policy = d.join("break-glass.json");
     std::fs::write(&policy, r#"{"base": "deny", "break_glass": "allow"}"#).unwrap();
-    ctl.json(
-        custodian,
-        &[
-            "custodian",
-            "consent",
-            "--keystore",
-            ks,
-            "--patient",
-            allowing,
-            policy.to_str().unwrap(),
-        ],
-    );
+    // A new consent version for the allowing patient alone, from `source`.
+    let consent_of_allowing = |source: &str| {
+        ctl.json(
+            custodian,
+            &[
+                "custodian",
+                "consent",
+                "--keystore",
+                ks,
+                "--patient",
+                allowing,
+                source,
+            ],
+        )
+    };
+    consent_of_allowing(policy.to_str().unwrap());
     let granted = ctl.json(
         custodian,
         &["custodian", "emergency-grant", "--keystore", ks],
@@ -2512,18 +2514,7 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     assert!(reviews.contains("break_glass_review"), "{reviews}");
 
     // Withdrawing the choice: the next break-glass is refused.
-    ctl.json(
-        custodian,
-        &[
-            "custodian",
-            "consent",
-            "--keystore",
-            ks,
-            "--patient",
-            allowing,
-            "--broad",
-        ],
-    );
+    consent_of_allowing("--broad");
     let refused = ctl.fails(
         &clinician,
         &clinician_cmd(

@@ -470,6 +470,32 @@ pub fn check_subject(subject: &str) -> ClientResult<()> {
     }
 }
 
+/// Verifies a release item's `threshold` fragments and decrypts it with `me`'s key (the
+/// study's receiving key, or an emergency organisation's).
+fn open_item(
+    item: broker_proto::v1::ReleaseItem,
+    me: &Identity,
+    threshold: usize,
+) -> ClientResult<DecryptedRecord> {
+    let category: Category = item
+        .category
+        .parse()
+        .map_err(|e: model::UnknownCategory| ClientError::Invalid(e.to_string()))?;
+    let released = ReleasedEnvelope {
+        sealed: item.sealed,
+        delegating_key: public_key_from_bytes(&item.delegating_key)?,
+        verifying_key: public_key_from_bytes(&item.verifying_key)?,
+        cfrags: item.cfrags,
+    };
+    let plaintext = decrypt_released(me, &released, threshold)?;
+    Ok(DecryptedRecord {
+        subject: item.subject,
+        category,
+        version: item.version,
+        plaintext,
+    })
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct FetchReport {
     pub release: Release,
@@ -508,23 +534,7 @@ pub async fn fetch_and_decrypt(
                     .into_par_iter()
                     .map(|item| {
                         check_subject(&item.subject)?;
-                        let category: Category =
-                            item.category.parse().map_err(|e: model::UnknownCategory| {
-                                ClientError::Invalid(e.to_string())
-                            })?;
-                        let released = ReleasedEnvelope {
-                            sealed: item.sealed,
-                            delegating_key: public_key_from_bytes(&item.delegating_key)?,
-                            verifying_key: public_key_from_bytes(&item.verifying_key)?,
-                            cfrags: item.cfrags,
-                        };
-                        let plaintext = decrypt_released(&researcher, &released, threshold)?;
-                        Ok(DecryptedRecord {
-                            subject: item.subject,
-                            category,
-                            version: item.version,
-                            plaintext,
-                        })
+                        open_item(item, &researcher, threshold)
                     })
                     .collect::<ClientResult<Vec<_>>>()
             })
@@ -771,19 +781,7 @@ pub async fn open_break_glass(
                         "the broker sent a record of another patient; refusing it".into(),
                     ));
                 }
-                let released = ReleasedEnvelope {
-                    sealed: item.sealed,
-                    delegating_key: public_key_from_bytes(&item.delegating_key)?,
-                    verifying_key,
-                    cfrags: item.cfrags,
-                };
-                let plaintext = decrypt_released(&organisation, &released, threshold)?;
-                Ok(DecryptedRecord {
-                    subject: item.subject,
-                    category: Category::Critical,
-                    version: item.version,
-                    plaintext,
-                })
+                open_item(item, &organisation, threshold)
             })
             .collect::<ClientResult<Vec<_>>>()
     })

@@ -640,6 +640,24 @@ fn research(
     d
 }
 
+/// The patient's current consent on a break-glass access by `organisation` at `now`,
+/// for a window ending at `until` (none: open-ended, for a standing grant).
+pub fn emergency_decision(
+    history: &PolicyHistory,
+    organisation: &str,
+    now: i64,
+    until: Option<i64>,
+) -> Decision {
+    let requester = Requester {
+        organisation: organisation.to_owned(),
+        for_profit: false,
+    };
+    history.evaluate(
+        &AccessRequest::emergency(requester, Period::new(Some(now), until)),
+        now,
+    )
+}
+
 /// Whether the patient's current policy lets their agent hold a standing break-glass
 /// grant (of `critical`) to `organisation` now: `Ok` with the latest expiry such a grant
 /// may have (the policy's end, if it names one), or `Err` with the reason in words. Both
@@ -650,12 +668,7 @@ pub fn standing_emergency(
     organisation: &str,
     now: i64,
 ) -> Result<Option<i64>, String> {
-    let requester = Requester {
-        organisation: organisation.to_owned(),
-        for_profit: false,
-    };
-    let request = AccessRequest::emergency(requester, Period::new(Some(now), None));
-    let decision = history.evaluate(&request, now);
+    let decision = emergency_decision(history, organisation, now, None);
     if !decision.is_permit() {
         return Err(decision.reason().to_owned());
     }

@@ -90,8 +90,8 @@ pub use duo::{
 };
 pub use error::{PolicyError, ProvisionPath, Refusal};
 pub use evaluate::{
-    AccessKind, AccessRequest, DecidedBy, Decision, PermittedAccess, Requester, evaluate,
-    standing_emergency,
+    AccessKind, AccessRequest, DecidedBy, Decision, PermittedAccess, Requester, emergency_decision,
+    evaluate, standing_emergency,
 };
 pub use fhir::{ImportedConsent, from_fhir_consent};
 pub use policy::{

@@ -2,9 +2,26 @@
 
 use broker_proto::v1 as pb;
 
-/// A broker that answers releases with subjects of its choosing.
+/// A broker that answers releases with items of its choosing.
 pub struct HostileReleases {
-    pub subjects: Vec<String>,
+    pub items: Vec<pb::ReleaseItem>,
+}
+
+impl HostileReleases {
+    /// Items that name these subjects and carry nothing else.
+    pub fn with_subjects(subjects: &[&str]) -> HostileReleases {
+        HostileReleases {
+            items: subjects
+                .iter()
+                .map(|s| pb::ReleaseItem {
+                    subject: (*s).to_owned(),
+                    category: "conditions".into(),
+                    version: 1,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -16,8 +33,8 @@ impl pb::releases_server::Releases for HostileReleases {
         Ok(tonic::Response::new(pb::Release {
             release_id: "rel-x".into(),
             study_id: "st-x".into(),
-            subjects: self.subjects.len() as u32,
-            envelopes: self.subjects.len() as u32,
+            subjects: self.items.len() as u32,
+            envelopes: self.items.len() as u32,
             created_at: 0,
             threshold: 2,
         }))
@@ -31,18 +48,8 @@ impl pb::releases_server::Releases for HostileReleases {
         &self,
         _: tonic::Request<pb::FetchReleaseRequest>,
     ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
-        let items: Vec<Result<pb::ReleaseItem, tonic::Status>> = self
-            .subjects
-            .iter()
-            .map(|s| {
-                Ok(pb::ReleaseItem {
-                    subject: s.clone(),
-                    category: "conditions".into(),
-                    version: 1,
-                    ..Default::default()
-                })
-            })
-            .collect();
+        let items: Vec<Result<pb::ReleaseItem, tonic::Status>> =
+            self.items.iter().cloned().map(Ok).collect();
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
     }
 }

@@ -186,6 +186,33 @@ impl Sandbox {
     }
 }
 
+/// Serves a lying broker's `Releases` over plain http on loopback, in the background: a
+/// client of it signing as `identity`, and the server's task (abort it when done).
+pub async fn hostile_broker(
+    releases: impl broker_proto::v1::releases_server::Releases,
+    identity: Identity,
+) -> (BrokerClient, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(broker_proto::v1::releases_server::ReleasesServer::new(
+                releases,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let channel = ClientTls::InsecureLoopback
+        .endpoint(&url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    (BrokerClient::from_channel(channel, identity), server)
+}
+
 pub mod hostile;
 pub mod scan;
 pub mod tampered;

@@ -11,6 +11,7 @@ use broker_proto::signed::signed;
 use broker_proto::v1 as pb;
 use brokerctl::{ClientError, agent};
 use datasets::Population;
+use integration_tests::hostile::HostileReleases;
 use integration_tests::{Sandbox, World};
 use model::{CohortDefinition, Role, Study, Upload, UploadedEnvelope};
 use pre_kms::grant::{self, Grant};
@@ -624,24 +625,11 @@ async fn hostile_subjects_never_reach_the_researchers_disk() {
         "-rf",
         "sub\u{0}x",
     ] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::releases_server::ReleasesServer::new(
-                    integration_tests::hostile::HostileReleases {
-                        subjects: vec![subject.to_owned()],
-                    },
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = broker_proto::tls::ClientTls::InsecureLoopback
-            .endpoint(&url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let client = brokerctl::BrokerClient::from_channel(channel, Identity::generate());
+        let (client, server) = integration_tests::hostile_broker(
+            HostileReleases::with_subjects(&[subject]),
+            Identity::generate(),
+        )
+        .await;
         let researcher = Identity::generate();
         let mut written = 0;
         let err = agent::fetch_and_decrypt(&client, &researcher, "st-x", |_| {
@@ -688,39 +676,6 @@ async fn a_client_refuses_a_server_it_did_not_pin_and_plain_http() {
     // With the right pin, it works.
     assert!(sandbox.operator().await.whoami().await.is_ok());
     sandbox.stop().await;
-}
-
-/// A broker that answers a release with one item of its making.
-struct OneItem(pb::ReleaseItem);
-
-#[tonic::async_trait]
-impl pb::releases_server::Releases for OneItem {
-    async fn request(
-        &self,
-        _: tonic::Request<pb::RequestReleaseRequest>,
-    ) -> Result<tonic::Response<pb::Release>, tonic::Status> {
-        Ok(tonic::Response::new(pb::Release {
-            release_id: "rel-x".into(),
-            study_id: "st-x".into(),
-            subjects: 1,
-            envelopes: 1,
-            created_at: 0,
-            threshold: 2,
-        }))
-    }
-
-    type FetchStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::ReleaseItem, tonic::Status>> + Send>,
-    >;
-
-    async fn fetch(
-        &self,
-        _: tonic::Request<pb::FetchReleaseRequest>,
-    ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
-        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(vec![
-            Ok(self.0.clone()),
-        ]))))
-    }
 }
 
 /// Promise: the researcher never decrypts with a capsule fragment that does not verify,
@@ -785,22 +740,13 @@ async fn the_researcher_refuses_a_fragment_the_brokers_sample_let_through() {
         (honest.clone(), true),
         (vec![honest[0].clone(), wrong[1].clone()], false),
     ] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::releases_server::ReleasesServer::new(OneItem(item(
-                    cfrags,
-                ))))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = broker_proto::tls::ClientTls::InsecureLoopback
-            .endpoint(&url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let client = brokerctl::BrokerClient::from_channel(channel, Identity::generate());
+        let (client, server) = integration_tests::hostile_broker(
+            HostileReleases {
+                items: vec![item(cfrags)],
+            },
+            Identity::generate(),
+        )
+        .await;
         let mut written = Vec::new();
         let got = agent::fetch_and_decrypt(&client, &researcher, "st-x", |r| {
             written.push(r.plaintext);

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use audit_log::event::{Digest32, Outcome};
 use audit_log::{AuditEvent, EventKind};
-use consent_policy::{AccessRequest, Period, PolicyHistory, Requester};
+use consent_policy::emergency_decision;
 use model::{
     BreakGlassAccess, Caller, Category, EmergencyOrganisation, Finding, Review, emergency_grantee,
 };
 use pre_kms::emergency::EmergencyCard;
 use pre_kms::keys::public_key_from_bytes;
-use pre_kms::logged_release::BREAK_GLASS_MAX_SECONDS;
+use pre_kms::logged_release::{BREAK_GLASS_MAX_SECONDS, LoggedRelease};
 use rand::RngCore;
 
 use super::release::Recipient;
@@ -60,6 +60,14 @@ impl BreakGlassPolicy {
     }
 }
 
+/// An access ready to be re-encrypted ([`Broker::delivery`]).
+struct Delivery {
+    row: BreakGlassRow,
+    item: ReleaseItemRow,
+    to: Recipient,
+    evidence: LoggedRelease,
+}
+
 /// A reason longer than this is refused: it is logged and shown to the patient.
 const MAX_REASON_CHARS: usize = 500;
 
@@ -75,23 +83,6 @@ fn plain_pseudonym(p: &str) -> bool {
     p.len() == 32
         && p.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// The patient's current consent on break-glass for `organisation`, decided now.
-pub(super) fn emergency_decision(
-    history: &PolicyHistory,
-    organisation: &str,
-    now: i64,
-    window: i64,
-) -> consent_policy::Decision {
-    let requester = Requester {
-        organisation: organisation.to_owned(),
-        for_profit: false,
-    };
-    history.evaluate(
-        &AccessRequest::emergency(requester, Period::new(Some(now), Some(now + window))),
-        now,
-    )
 }
 
 impl Broker {
@@ -138,7 +129,7 @@ impl Broker {
     /// A registered emergency organisation, or why not.
     pub(super) fn emergency_org(&self, id: &str) -> ServiceResult<EmergencyOrganisation> {
         self.db().emergency_org(id)?.ok_or_else(|| {
-            ServiceError::PermissionDenied(format!(
+            ServiceError::NotFound(format!(
                 "{} is not a registered emergency organisation",
                 model::quote::excerpt(id)
             ))
@@ -183,12 +174,12 @@ impl Broker {
         reason: String,
     ) -> ServiceResult<BreakGlassAnswer> {
         let this = self.clone();
-        let (row, item) = tokio::task::spawn_blocking(move || {
+        let delivery = tokio::task::spawn_blocking(move || {
             this.open_break_glass(&caller, pseudonym, card, reason)
         })
         .await
         .map_err(ServiceError::internal)??;
-        self.deliver_break_glass(row, item).await
+        self.deliver_break_glass(delivery).await
     }
 
     fn open_break_glass(
@@ -197,7 +188,7 @@ impl Broker {
         pseudonym: String,
         card: String,
         reason: String,
-    ) -> ServiceResult<(BreakGlassRow, ReleaseItemRow)> {
+    ) -> ServiceResult<Delivery> {
         let reason = reason.trim().to_owned();
         if reason.is_empty() {
             return Err(ServiceError::InvalidArgument(
@@ -236,18 +227,15 @@ impl Broker {
             .actor(&caller.actor_id)
             .map(|a| a.organisation)
             .unwrap_or_default();
-        let org = match self.emergency_org(&organisation) {
-            Ok(org) => org,
-            Err(_) => {
-                return Err(self.refuse_break_glass(
-                    caller,
-                    None,
-                    &reason,
-                    ServiceError::PermissionDenied(
-                        "your organisation is not a registered emergency organisation".into(),
-                    ),
-                ));
-            }
+        let Some(org) = self.db().emergency_org(&organisation)? else {
+            return Err(self.refuse_break_glass(
+                caller,
+                None,
+                &reason,
+                ServiceError::PermissionDenied(
+                    "your organisation is not a registered emergency organisation".into(),
+                ),
+            ));
         };
         // Every attempt counts, refused ones too: probing for patients is rate-limited.
         let hour = self
@@ -291,7 +279,7 @@ impl Broker {
             &history,
             &org.organisation_id,
             now,
-            self.break_glass.window_secs,
+            Some(now + self.break_glass.window_secs),
         );
         let Some(permit) = decision.permit() else {
             return Err(self.refuse_break_glass(
@@ -348,7 +336,7 @@ impl Broker {
             access: BreakGlassAccess {
                 access_id,
                 clinician_id: caller.actor_id.clone(),
-                organisation_id: org.organisation_id,
+                organisation_id: org.organisation_id.clone(),
                 pseudonym,
                 reason,
                 card_presented: card.is_some(),
@@ -369,7 +357,7 @@ impl Broker {
             flagged = row.access.flagged,
             "break-glass access logged"
         );
-        Ok((row, item))
+        self.delivery(row, item, org)
     }
 
     fn latest_critical(&self, pseudonym: &str) -> ServiceResult<ReleaseItemRow> {
@@ -398,7 +386,7 @@ impl Broker {
         access_id: String,
     ) -> ServiceResult<BreakGlassAnswer> {
         let this = self.clone();
-        let (row, item) = tokio::task::spawn_blocking(move || {
+        let delivery = tokio::task::spawn_blocking(move || {
             let row = this.db().break_glass(&access_id)?.ok_or_else(|| {
                 ServiceError::NotFound(format!(
                     "no break-glass access {}",
@@ -422,7 +410,7 @@ impl Broker {
                 &history,
                 &row.access.organisation_id,
                 now,
-                this.break_glass.window_secs,
+                Some(now + this.break_glass.window_secs),
             );
             if !decision.is_permit() {
                 return Err(ServiceError::PermissionDenied(format!(
@@ -441,40 +429,47 @@ impl Broker {
             fetch.details.categories = vec![Category::Critical.label().to_owned()];
             fetch.details.record_count = Some(1);
             this.record(&[fetch])?;
-            Ok((row, item))
+            let org = this.emergency_org(&row.access.organisation_id)?;
+            this.delivery(row, item, org)
         })
         .await
         .map_err(ServiceError::internal)??;
-        self.deliver_break_glass(row, item).await
+        self.deliver_break_glass(delivery).await
+    }
+
+    /// What re-encrypting an access's envelope needs: the recipient (the organisation's
+    /// key) and the access's logged event with its inclusion proof in a fresh checkpoint.
+    fn delivery(
+        &self,
+        row: BreakGlassRow,
+        item: ReleaseItemRow,
+        org: EmergencyOrganisation,
+    ) -> ServiceResult<Delivery> {
+        let evidence = self.evidence(&row.access.access_id, &[row.access.leaf_index])?;
+        Ok(Delivery {
+            to: Recipient {
+                grantee: emergency_grantee(&org.organisation_id),
+                receiving_key: org.receiving_key,
+                study_pseudonyms: false,
+            },
+            evidence,
+            row,
+            item,
+        })
     }
 
     /// Re-encrypts the access's envelope under its logged event; fails if fewer than `t`
-    /// proxies give verified fragments (the grant withdrawn, the window over at the
-    /// proxies, proxies down).
+    /// proxies give fragments (the grant withdrawn, the window over at the proxies,
+    /// proxies down).
     async fn deliver_break_glass(
         self: &Arc<Self>,
-        row: BreakGlassRow,
-        item: ReleaseItemRow,
+        Delivery {
+            row,
+            item,
+            to,
+            evidence,
+        }: Delivery,
     ) -> ServiceResult<BreakGlassAnswer> {
-        let org = {
-            let this = self.clone();
-            let id = row.access.organisation_id.clone();
-            tokio::task::spawn_blocking(move || this.emergency_org(&id))
-                .await
-                .map_err(ServiceError::internal)??
-        };
-        let to = Recipient {
-            grantee: emergency_grantee(&org.organisation_id),
-            receiving_key: org.receiving_key,
-            study_pseudonyms: false,
-        };
-        let evidence = {
-            let this = self.clone();
-            let (id, leaf) = (row.access.access_id.clone(), row.access.leaf_index);
-            tokio::task::spawn_blocking(move || this.evidence(&id, &[leaf]))
-                .await
-                .map_err(ServiceError::internal)??
-        };
         let items = self
             .reencrypt_page(&to, &row.access.access_id, evidence, vec![item], 0)
             .await?;

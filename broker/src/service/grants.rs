@@ -185,12 +185,7 @@ impl Broker {
         for g in grants {
             if !studies.contains_key(&g.study_id) {
                 let target = match emergency_organisation_of(&g.study_id) {
-                    Some(org) => Grantee::Emergency(self.emergency_org(org).map_err(|_| {
-                        ServiceError::NotFound(format!(
-                            "{} is not a registered emergency organisation",
-                            model::quote::excerpt(org)
-                        ))
-                    })?),
+                    Some(org) => Grantee::Emergency(self.emergency_org(org)?),
                     None => Grantee::Study(Box::new(self.study(&g.study_id)?)),
                 };
                 studies.insert(g.study_id.clone(), target);

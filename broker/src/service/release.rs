@@ -43,7 +43,6 @@ pub struct ReleasedItem {
 }
 
 /// A release item with its blob and the patient's keys, loaded for re-encryption.
-#[derive(Clone)]
 struct Loaded {
     row: ReleaseItemRow,
     sealed: Vec<u8>,
@@ -281,9 +280,9 @@ impl Broker {
     }
 
     /// Re-encrypts one batch: loads the envelopes, asks `t` proxies (rotating, to spread
-    /// load), verifies every fragment, and asks the other proxies for items that still
-    /// lack `t` verified fragments (a proxy down, or lying). Items that cannot get `t`
-    /// are withheld.
+    /// load), screens their fragments ([`super::cfrag_check`]: a sample, or all of a
+    /// proxy caught lying), and asks the other proxies for items that still lack `t`
+    /// fragments (a proxy down, or lying). Items that cannot get `t` are withheld.
     pub(super) async fn reencrypt_page(
         self: &Arc<Self>,
         to: &Recipient,
@@ -379,7 +378,9 @@ impl Broker {
                 );
             }
         }
-        let loaded = Arc::try_unwrap(loaded).unwrap_or_else(|shared| (*shared).clone());
+        // The screening tasks that shared the batch have finished.
+        let loaded = Arc::into_inner(loaded)
+            .ok_or_else(|| ServiceError::internal("a screening task still holds the batch"))?;
         let mut out = Vec::with_capacity(loaded.len());
         let mut withheld = 0usize;
         for (
