@@ -814,3 +814,88 @@ pub async fn erase(
     })?;
     Ok((bundle, checked))
 }
+
+/// A patient's erasure whose signed request and receipts are kept in the file `out`
+/// (owner-only). The request is written before it is sent, so a run that does not get the
+/// receipts can send the same request again (call again with the same `out`); the
+/// checked receipts then replace it. A refusal, after which nothing was done, removes the
+/// saved request. `confirm` is asked before a new request is signed.
+pub async fn erase_kept(
+    client: &BrokerClient,
+    network: &VerifiedNetwork,
+    out: &std::path::Path,
+    confirm: impl FnOnce(&str) -> ClientResult<()>,
+) -> ClientResult<pre_kms::erasure::BundleCheck> {
+    use pre_kms::erasure::{ErasureRequest, ReceiptBundle};
+    let me = client.identity();
+    let pseudonym = me.pseudonym();
+    let saved: Option<ReceiptBundle> = match std::fs::read(out) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|_| {
+            ClientError::Invalid(format!(
+                "{} exists and is not an erasure receipt bundle; choose another file",
+                out.display()
+            ))
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(ClientError::Invalid(format!(
+                "reading {}: {e}",
+                out.display()
+            )));
+        }
+    };
+    let request = match saved {
+        Some(b) if b.request.pseudonym != pseudonym => {
+            return Err(ClientError::Invalid(format!(
+                "{} holds another patient's erasure",
+                out.display()
+            )));
+        }
+        Some(b) => b.request,
+        None => {
+            confirm(&pseudonym)?;
+            let request = ErasureRequest::sign(me, pre_kms::request_auth::now_ms());
+            write_bundle(out, &ReceiptBundle::new(request.clone(), Vec::new()))?;
+            request
+        }
+    };
+    let (bundle, checked) = match erase(client, network, request).await {
+        Ok(done) => done,
+        Err(ClientError::Status(s))
+            if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::Unauthenticated
+            ) =>
+        {
+            // Refused, so nothing was done: the saved request goes, and the next run
+            // signs a new one.
+            let _ = std::fs::remove_file(out);
+            return Err(ClientError::Status(s));
+        }
+        Err(e) => {
+            return Err(ClientError::Invalid(format!(
+                "{e}\nyour signed request is saved in {}: erase again to finish the erasure and get its receipts",
+                out.display()
+            )));
+        }
+    };
+    write_bundle(out, &bundle)?;
+    Ok(checked)
+}
+
+/// Writes a receipt bundle owner-only, through a temporary file.
+fn write_bundle(
+    out: &std::path::Path,
+    bundle: &pre_kms::erasure::ReceiptBundle,
+) -> ClientResult<()> {
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let bytes = serde_json::to_vec_pretty(bundle).expect("a bundle serializes");
+    pre_kms::private_fs::write_private(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| ClientError::Invalid(format!("writing {}: {e}", out.display())))
+}

@@ -421,6 +421,35 @@ pub async fn board_events(
 
 // ------------------------------------------------------------------ formats
 
+/// A time a reader gives: `YYYY-MM-DD` (midnight UTC) or unix seconds.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds"));
+    };
+    let (y, m, d): (i64, i64, i64) = match (y.parse(), m.parse(), d.parse()) {
+        (Ok(y), Ok(m), Ok(d)) if (1..=12).contains(&m) && (1..=31).contains(&d) => (y, m, d),
+        _ => return Err(format!("{s:?} is not YYYY-MM-DD or unix seconds")),
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146_097 + doe - 719_468) * 86_400)
+}
+
+/// The end of a time range: `YYYY-MM-DD` (the whole day) or unix seconds.
+pub fn parse_until(s: &str) -> Result<i64, String> {
+    let t = parse_time(s)?;
+    Ok(if s.contains('-') { t + 86_399 } else { t })
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds (proleptic Gregorian, UTC).
 pub fn iso_time(secs: i64) -> String {
     let days = secs.div_euclid(86_400);

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use model::Role;
 
 use cli::conn::Conn;
-use cli::{board, clinician, custodian, keys, operator, patient, researcher, sponsor};
+use cli::{board, clinician, custodian, keys, operator, patient, researcher, sponsor, ui};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,9 @@ enum Command {
     /// Emergency clinician: break the glass for a patient who allows it.
     #[command(subcommand)]
     Clinician(clinician::ClinicianCmd),
+    /// A web page on this machine for ethics board members and patients: it prints the
+    /// address to open, which carries this run's secret. Your key stays in this process.
+    Ui(ui::UiArgs),
     /// Check an erasure receipt bundle against the network you pinned: every signature,
     /// the broker's receipt, and enough proxies for the erasure to hold. Offline.
     VerifyReceipt {
@@ -90,6 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Board(cmd) => board::run(cmd).await,
         Command::Researcher(cmd) => researcher::run(cmd).await,
         Command::Clinician(cmd) => clinician::run(cmd).await,
+        Command::Ui(args) => ui::run(args).await,
         Command::VerifyReceipt {
             file,
             network,

@@ -99,6 +99,7 @@ pub use policy::{
     PolicyHistory, Provision, SearchField, Sector,
 };
 pub use study::{
-    ConsentReceipt, ConsentSubmission, NoGrant, SignedPolicy, StudyAccess, broad_research_policy,
-    consent_digest, decide, grant_scope, history, study_access, study_request,
+    ConsentReceipt, ConsentSubmission, Grantee, NoGrant, SignedPolicy, StudyAccess,
+    broad_research_policy, consent_digest, decide, grant_permitted, grant_scope, history,
+    study_access, study_request,
 };

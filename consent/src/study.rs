@@ -149,6 +149,37 @@ pub fn grant_scope(decision: &Decision, study: &Study) -> Result<(Vec<Category>,
     Ok((categories, expiry))
 }
 
+/// Whom a grant re-encrypts for: an approved study, or an emergency organisation's
+/// standing break-glass key.
+#[derive(Debug, Clone, Copy)]
+pub enum Grantee<'a> {
+    Study(&'a Study),
+    Emergency(&'a str),
+}
+
+/// Whether a grant as it stands (its categories and expiry) is still what `history`
+/// permits at `now`. A consent change withdraws every grant for which it is not; the
+/// broker applies it, and the patient's agent previews a change with it.
+pub fn grant_permitted(
+    history: &PolicyHistory,
+    grantee: Grantee<'_>,
+    categories: &[Category],
+    expires_at: i64,
+    now: i64,
+) -> bool {
+    match grantee {
+        // A standing break-glass grant lives while the consent allows break-glass.
+        Grantee::Emergency(org) => crate::standing_emergency(history, org, now)
+            .is_ok_and(|end| expires_at <= end.unwrap_or(i64::MAX)),
+        Grantee::Study(study) => match grant_scope(&decide(history, study, now), study) {
+            Ok((allowed, expiry)) => {
+                categories.iter().all(|c| allowed.contains(c)) && expires_at <= expiry
+            }
+            Err(_) => false,
+        },
+    }
+}
+
 /// A broad research consent, as a starting point: research of any purpose (DUO GRU) by
 /// any organisation, every non-sensitive category, every searchable field; sensitive
 /// categories are not shared and break-glass is denied. The custodian's default for

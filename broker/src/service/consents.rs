@@ -12,7 +12,7 @@ use pre_kms::keys::{public_key_from_bytes, verify_signature};
 use super::{Broker, now_secs};
 use crate::error::{ServiceError, ServiceResult};
 use consent_policy::{ConsentReceipt, ConsentSubmission};
-use consent_policy::{SignedPolicy, consent_digest, decide, grant_scope, history};
+use consent_policy::{Grantee, SignedPolicy, consent_digest, grant_permitted, history};
 use model::Caller;
 
 /// How far ahead of the broker's clock a policy may say it was issued.
@@ -221,23 +221,15 @@ impl Broker {
         let grants = self.db().patient_grants(pseudonym)?;
         let mut out = Vec::new();
         for (study_id, categories, expires_at) in grants {
-            if let Some(org) = model::emergency_organisation_of(&study_id) {
-                // A standing break-glass grant lives while the consent allows break-glass.
-                let fits = consent_policy::standing_emergency(history, org, now)
-                    .is_ok_and(|end| expires_at <= end.unwrap_or(i64::MAX));
-                if !fits {
-                    out.push((study_id, pseudonym.to_owned()));
+            let study;
+            let grantee = match model::emergency_organisation_of(&study_id) {
+                Some(org) => Grantee::Emergency(org),
+                None => {
+                    study = self.study(&study_id)?;
+                    Grantee::Study(&study)
                 }
-                continue;
-            }
-            let study = self.study(&study_id)?;
-            let fits = match grant_scope(&decide(history, &study, now), &study) {
-                Ok((allowed, expiry)) => {
-                    categories.iter().all(|c| allowed.contains(c)) && expires_at <= expiry
-                }
-                Err(_) => false,
             };
-            if !fits {
+            if !grant_permitted(history, grantee, &categories, expires_at, now) {
                 out.push((study_id, pseudonym.to_owned()));
             }
         }

@@ -117,7 +117,7 @@ pub async fn connect_as(conn: &Conn, who: &AsPatient) -> anyhow::Result<BrokerCl
 pub fn head_store(
     conn: &Conn,
     who: &AsPatient,
-) -> anyhow::Result<Box<dyn brokerctl::consent_heads::HeadStore>> {
+) -> anyhow::Result<Box<dyn brokerctl::consent_heads::HeadStore + Send>> {
     if let Some(keystore) = &who.keystore {
         return Ok(Box::new(Keystore::open(keystore)?));
     }

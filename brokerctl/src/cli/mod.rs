@@ -10,3 +10,4 @@ pub mod operator;
 pub mod patient;
 pub mod researcher;
 pub mod sponsor;
+pub mod ui;

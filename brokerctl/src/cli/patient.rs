@@ -414,57 +414,23 @@ async fn erase(
     out: Option<PathBuf>,
     yes: bool,
 ) -> anyhow::Result<()> {
-    use pre_kms::erasure::{ErasureRequest, ReceiptBundle};
     let network = conn.network.as_ref().context(
         "erasing needs the network manifest your ethics board signed, to check the receipts: --network FILE (or BROKER_NETWORK)",
     )?;
     let network = pre_kms::network::VerifiedNetwork::load(network)?;
     let client = connect_as(conn, who).await?;
-    let me = client.identity().clone();
-    let pseudonym = me.pseudonym();
+    let pseudonym = client.identity().pseudonym();
     let out = out.unwrap_or_else(|| PathBuf::from(format!("erasure-{pseudonym}.json")));
-    let saved: Option<ReceiptBundle> = match std::fs::read(&out) {
-        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} exists and is not an erasure receipt bundle; choose another --out",
-                out.display()
-            )
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
-    };
-    let request = match saved {
-        Some(b) if b.request.pseudonym != pseudonym => {
-            bail!("{} holds another patient's erasure", out.display())
-        }
-        Some(b) => {
-            eprintln!(
-                "sending again the erasure request saved in {}",
-                out.display()
-            );
-            b.request
-        }
-        None => {
-            confirm_erasure(&pseudonym, yes)?;
-            let request = ErasureRequest::sign(&me, pre_kms::request_auth::now_ms());
-            write_bundle(&out, &ReceiptBundle::new(request.clone(), Vec::new()))?;
-            request
-        }
-    };
-    let (bundle, checked) = match agent::erase(&client, &network, request).await {
-        Ok(done) => done,
-        Err(e @ brokerctl::ClientError::Status(_)) if refused(&e) => {
-            // Refused, so nothing was done: the saved request goes, and the next run
-            // signs a new one.
-            let _ = std::fs::remove_file(&out);
-            return Err(e.into());
-        }
-        Err(e) => bail!(
-            "{e}\nyour signed request is saved in {}: run the same command again to finish the erasure and get its receipts",
+    if out.exists() {
+        eprintln!(
+            "sending again the erasure request saved in {}",
             out.display()
-        ),
-    };
-    write_bundle(&out, &bundle)?;
+        );
+    }
+    let checked = agent::erase_kept(&client, &network, &out, |pseudonym| {
+        confirm_erasure(pseudonym, yes).map_err(|e| brokerctl::ClientError::Invalid(e.to_string()))
+    })
+    .await?;
     // The crypto-shredding: the custodian's copy of the patient's keys goes too.
     let shredded = match who.keystore_entry() {
         Some((keystore, patient)) => brokerctl::Keystore::open(keystore)?.destroy(patient)?,
@@ -497,16 +463,6 @@ async fn erase(
     Ok(())
 }
 
-/// Whether the broker refused the request outright (nothing was done), as opposed to an
-/// erasure under way or an answer that did not arrive or did not prove it.
-fn refused(e: &brokerctl::ClientError) -> bool {
-    use tonic::Code;
-    matches!(e, brokerctl::ClientError::Status(s) if matches!(
-        s.code(),
-        Code::InvalidArgument | Code::PermissionDenied | Code::FailedPrecondition | Code::Unauthenticated
-    ))
-}
-
 /// Asks the user to type `erase`, unless `--yes`.
 fn confirm_erasure(pseudonym: &str, yes: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
@@ -525,17 +481,6 @@ fn confirm_erasure(pseudonym: &str, yes: bool) -> anyhow::Result<()> {
     if line.trim() != "erase" {
         bail!("not confirmed; nothing was done");
     }
-    Ok(())
-}
-
-/// Writes a receipt bundle owner-only, through a temporary file.
-fn write_bundle(out: &Path, bundle: &pre_kms::erasure::ReceiptBundle) -> anyhow::Result<()> {
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    pre_kms::private_fs::write_private(&tmp, &serde_json::to_vec_pretty(bundle)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
