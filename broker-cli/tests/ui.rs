@@ -192,7 +192,29 @@ async fn navigate(c: &Client, css: &str) {
         .unwrap();
 }
 
+/// Every form control on the page has a label that names it (`label for=` its id), and
+/// the page has its one `main` and `h1`.
+async fn assert_labelled(c: &Client) {
+    let controls = c
+        .find_all(Locator::Css("input:not([type=hidden]), select, textarea"))
+        .await
+        .unwrap();
+    for control in controls {
+        let id = control.attr("id").await.unwrap();
+        let id = id.unwrap_or_else(|| panic!("a form control without an id"));
+        let label = c
+            .find(Locator::Css(&format!("label[for='{id}']")))
+            .await
+            .unwrap_or_else(|_| panic!("no label for #{id}"));
+        assert!(!label.text().await.unwrap().trim().is_empty(), "#{id}");
+    }
+    assert_eq!(c.find_all(Locator::Css("main")).await.unwrap().len(), 1);
+    assert_eq!(c.find_all(Locator::Css("h1")).await.unwrap().len(), 1);
+}
+
 async fn screenshot(c: &Client, name: &str) {
+    assert_labelled(c).await;
+
     if let Some(dir) = std::env::var_os("BROKER_UI_SCREENSHOTS") {
         let png = c.screenshot().await.unwrap();
         std::fs::create_dir_all(&dir).unwrap();
@@ -268,6 +290,43 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
 
     let server = serve(&data, &op_pub);
     let ctl = Ctl::new(&server.url, &data);
+    // An emergency organisation and one of its clinicians, signed into the network.
+    let clinician = keygen(d, "clinician");
+    let org_key = d.join("er-north.key");
+    let made = std::process::Command::new(brokerctl())
+        .args(["keygen", "--role", "clinician", "--out"])
+        .arg(&org_key)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    ctl.ok(
+        &operator,
+        &[
+            "operator",
+            "register",
+            "--public-key",
+            &public(&clinician),
+            "--role",
+            "clinician",
+            "--name",
+            "Dr North",
+            "--organisation",
+            "er-north",
+        ],
+    );
+    ctl.ok(
+        &operator,
+        &[
+            "operator",
+            "emergency-org",
+            "--id",
+            "er-north",
+            "--name",
+            "North emergency department",
+            "--public-key",
+            &public(&org_key),
+        ],
+    );
     ctl.pin_network(&operator, &board, &data);
     ctl.json(
         &custodian,
@@ -430,6 +489,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         assert!(current.contains("Lab results"), "{current}");
         screenshot(&c, "patient-consent").await;
         click(&c, "#category-observations").await;
+        click(&c, "#break_glass").await;
         navigate(&c, "#preview").await;
         let after = text(&c, "#after").await;
         assert!(!after.contains("Lab results"), "{after}");
@@ -442,7 +502,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         navigate(&c, "#sign").await;
         let done = text(&c, "main").await;
         assert!(
-            done.contains("Consent version 2 signed and set; 1 grant(s) withdrawn."),
+            done.contains("Consent version 2 signed and set; 1 grant(s) withdrawn. Emergency access is ready at 1 emergency organisation(s)."),
             "{done}"
         );
         c.close().await.unwrap();
@@ -457,7 +517,8 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     assert!(!shown.to_string().contains("observations"), "{shown}");
     assert!(shown.to_string().contains("conditions"), "{shown}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while kfrags(&data) != vec![27, 27, 27] {
+    // (27 of the study's grants, and the patient's standing emergency grant.)
+    while kfrags(&data) != vec![28, 28, 28] {
         assert!(
             Instant::now() < deadline,
             "kfrags at the proxies: {:?}",
@@ -465,6 +526,29 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // An emergency clinician breaks the glass with the patient's card.
+    let card = ctl.json(
+        &custodian,
+        &[&["patient", "emergency-card"][..], &as_patient].concat(),
+    );
+    let er = d.join("er");
+    let opened = ctl.json(
+        &clinician,
+        &[
+            "clinician",
+            "break-glass",
+            "--token",
+            card["card"].as_str().unwrap(),
+            "--reason",
+            "unconscious after a fall",
+            "--org-key",
+            org_key.to_str().unwrap(),
+            "--out",
+            er.to_str().unwrap(),
+        ],
+    );
+    assert!(opened["access_id"].is_string(), "{opened}");
 
     // The patient's timeline is exactly the log's events about them, from the board's
     // export of the whole log.
@@ -508,20 +592,61 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
             words.contains("re-encrypted for a study's researcher"),
             "{words}"
         );
+        assert!(
+            words.contains("EMERGENCY ACCESS by") && words.contains("unconscious after a fall"),
+            "{words}"
+        );
         screenshot(&c, "patient-accesses").await;
         c.goto(&format!("{}/alerts", patient_ui.base()))
             .await
             .unwrap();
         assert_eq!(
             text(&c, "#unread").await,
-            "1 unread alerts: releases of your records and emergency access."
+            "2 unread alerts: releases of your records and emergency access."
         );
         screenshot(&c, "patient-alerts").await;
         navigate(&c, "#mark-read").await;
         assert!(text(&c, "#unread").await.starts_with("0 unread"));
+        c.close().await.unwrap();
+    });
 
-        // Last, the patient asks to be erased: a wrong confirmation does nothing, the
-        // right one erases, with receipts checked against the pinned network.
+    // The board reviews the emergency access.
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&board_ui.url).await.unwrap();
+        c.goto(&format!("{}/break-glass", board_ui.base()))
+            .await
+            .unwrap();
+        let queue = text(&c, "main").await;
+        assert!(queue.contains("1 of 1 emergency accesses wait"), "{queue}");
+        assert!(queue.contains("unconscious after a fall"), "{queue}");
+        click(&c, "input[name=finding][value=ok]").await;
+        c.find(Locator::Css("textarea[name=note]"))
+            .await
+            .unwrap()
+            .send_keys("fall, card presented: justified")
+            .await
+            .unwrap();
+        screenshot(&c, "board-break-glass").await;
+        navigate(&c, "section.access button").await;
+        let reviewed = text(&c, "main").await;
+        assert!(
+            reviewed.contains("0 of 1 emergency accesses wait"),
+            "{reviewed}"
+        );
+        c.close().await.unwrap();
+    });
+    let queue = ctl.json(&board, &["board", "break-glass", "list"]);
+    assert_eq!(
+        queue[0]["review"]["finding"], "ok",
+        "at the broker: {queue}"
+    );
+
+    // Last, the patient asks to be erased: a wrong confirmation does nothing, the right
+    // one erases, with receipts checked against the pinned network.
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&patient_ui.url).await.unwrap();
         c.goto(&format!("{}/erase", patient_ui.base()))
             .await
             .unwrap();

@@ -247,12 +247,15 @@ async fn preview(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Page {
 }
 
 /// Signs and sets `policy`, records it as this agent's newest, and says what happened.
+/// A policy that allows break-glass also gets its standing emergency grants, to the
+/// organisations the pinned network lists: allowing it is what makes it work.
 async fn set_policy(app: &App, policy: ConsentPolicy) -> Result<String, PageError> {
-    let Role::Patient { heads, .. } = &app.ui.role else {
+    let Role::Patient { heads, network, .. } = &app.ui.role else {
         unreachable!("the patient's routes serve a patient")
     };
     let me = app.ui.client.identity().clone();
-    let receipt = agent::set_consents(&app.ui.client, &[(me, policy)])
+    let allows_break_glass = policy.break_glass() == consent_policy::BreakGlass::Allow;
+    let receipt = agent::set_consents(&app.ui.client, &[(me.clone(), policy)])
         .await?
         .pop()
         .ok_or_else(|| PageError::bad_input("the broker returned no receipt"))?;
@@ -260,10 +263,27 @@ async fn set_policy(app: &App, policy: ConsentPolicy) -> Result<String, PageErro
         .lock()
         .map_err(|_| PageError::bad_input("the consent record is unavailable"))?
         .record(std::slice::from_ref(&receipt))?;
-    Ok(format!(
+    let mut done = format!(
         "Consent version {} signed and set; {} grant(s) withdrawn.",
         receipt.version, receipt.grants_withdrawn
-    ))
+    );
+    if allows_break_glass {
+        match network {
+            Some(network) => {
+                let history = history(app).await?;
+                let r = agent::emergency_grants(&app.ui.client, network, vec![(me, history)])
+                    .await?;
+                done.push_str(&format!(
+                    " Emergency access is ready at {} emergency organisation(s).",
+                    if r.issued > 0 { r.organisations } else { 0 }
+                ));
+            }
+            None => done.push_str(
+                " Emergency access needs the network manifest your board signed: start the page with --network to make it ready.",
+            ),
+        }
+    }
+    Ok(done)
 }
 
 async fn set(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Result<Response, PageError> {
