@@ -642,6 +642,42 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         "at the broker: {queue}"
     );
 
+    // The patient revokes: the standing emergency grant goes too.
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&patient_ui.url).await.unwrap();
+        navigate(&c, "#revoke").await;
+        screenshot(&c, "patient-revoke").await;
+        navigate(&c, "#confirm-revoke").await;
+        let done = text(&c, "main").await;
+        assert!(
+            done.contains("Consent version 3 signed and set; 1 grant(s) withdrawn."),
+            "{done}"
+        );
+        assert!(
+            text(&c, "#current")
+                .await
+                .contains("Nothing is shared for research."),
+            "{done}"
+        );
+        c.close().await.unwrap();
+    });
+    let shown = ctl.json(
+        &custodian,
+        &[&["patient", "consent", "show"][..], &as_patient].concat(),
+    );
+    assert_eq!(shown["version"], 3, "{shown}");
+    assert!(shown.get("provisions").is_none(), "{shown}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kfrags(&data) != vec![27, 27, 27] {
+        assert!(
+            Instant::now() < deadline,
+            "kfrags at the proxies: {:?}",
+            kfrags(&data)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Last, the patient asks to be erased: a wrong confirmation does nothing, the right
     // one erases, with receipts checked against the pinned network.
     rt.block_on(async {
