@@ -2003,47 +2003,11 @@ fn break_glass_through_brokerctl_for_the_patient_who_allows_it_only() {
     let data = d.join("data");
     let keys = keys(d);
     let [operator, custodian, _sponsor, board, _researcher] = &keys;
-    let clinician = keygen(d, "clinician");
-    // The emergency organisation's key: what its clinicians decrypt with.
-    let org_key = d.join("er-north.key");
-    let out = Command::new(brokerctl())
-        .args(["keygen", "--role", "clinician", "--out"])
-        .arg(&org_key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     let server = serve(&data, Path::new(&public(operator)));
     let ctl = Ctl::new(&server.url, &data);
     register(&ctl, operator, [custodian, &keys[2], board, &keys[4]]);
-    ctl.ok(
-        operator,
-        &[
-            "operator",
-            "register",
-            "--public-key",
-            &public(&clinician),
-            "--role",
-            "clinician",
-            "--name",
-            "Dr North",
-            "--organisation",
-            "er-north",
-        ],
-    );
-    let org = ctl.json(
-        operator,
-        &[
-            "operator",
-            "emergency-org",
-            "--id",
-            "er-north",
-            "--name",
-            "North emergency department",
-            "--public-key",
-            &public(&org_key),
-        ],
-    );
-    assert_eq!(org["organisation_id"], "er-north");
+    // The emergency organisation's key: what its clinicians decrypt with.
+    let (clinician, org_key) = emergency_organisation(&ctl, operator, d);
     ctl.pin_network(operator, board, &data);
     let manifest = std::fs::read_to_string(data.with_file_name("network.json")).unwrap();
     assert!(

@@ -291,42 +291,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     let server = serve(&data, &op_pub);
     let ctl = Ctl::new(&server.url, &data);
     // An emergency organisation and one of its clinicians, signed into the network.
-    let clinician = keygen(d, "clinician");
-    let org_key = d.join("er-north.key");
-    let made = std::process::Command::new(brokerctl())
-        .args(["keygen", "--role", "clinician", "--out"])
-        .arg(&org_key)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    ctl.ok(
-        &operator,
-        &[
-            "operator",
-            "register",
-            "--public-key",
-            &public(&clinician),
-            "--role",
-            "clinician",
-            "--name",
-            "Dr North",
-            "--organisation",
-            "er-north",
-        ],
-    );
-    ctl.ok(
-        &operator,
-        &[
-            "operator",
-            "emergency-org",
-            "--id",
-            "er-north",
-            "--name",
-            "North emergency department",
-            "--public-key",
-            &public(&org_key),
-        ],
-    );
+    let (clinician, org_key) = emergency_organisation(&ctl, &operator, d);
     ctl.pin_network(&operator, &board, &data);
     ctl.json(
         &custodian,

@@ -55,6 +55,13 @@ pub struct BoardState {
 }
 
 impl BoardState {
+    /// Where a board member keeps it by default: beside their key file.
+    pub fn beside(key_file: &Path) -> std::path::PathBuf {
+        let mut p = key_file.as_os_str().to_owned();
+        p.push(".log-state.json");
+        std::path::PathBuf::from(p)
+    }
+
     pub fn load(path: &Path) -> Result<Option<BoardState>, ReviewError> {
         let bad = |reason: String| ReviewError::State {
             path: path.display().to_string(),

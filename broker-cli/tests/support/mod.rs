@@ -321,3 +321,47 @@ pub fn register(ctl: &Ctl<'_>, operator: &Path, keys: [&PathBuf; 4]) {
 pub fn public(key: &Path) -> String {
     format!("{}.pub", key.display())
 }
+
+/// The operator registers emergency organisation `er-north` (its key made in `dir`) and
+/// one of its clinicians; returns the clinician's key file and the organisation's. Pin
+/// the network afterwards, for the board to sign the organisation in.
+pub fn emergency_organisation(ctl: &Ctl<'_>, operator: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let clinician = keygen(dir, "clinician");
+    let org_key = dir.join("er-north.key");
+    let made = Command::new(brokerctl())
+        .args(["keygen", "--role", "clinician", "--out"])
+        .arg(&org_key)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    ctl.ok(
+        operator,
+        &[
+            "operator",
+            "register",
+            "--public-key",
+            &public(&clinician),
+            "--role",
+            "clinician",
+            "--name",
+            "Dr North",
+            "--organisation",
+            "er-north",
+        ],
+    );
+    let org = ctl.json(
+        operator,
+        &[
+            "operator",
+            "emergency-org",
+            "--id",
+            "er-north",
+            "--name",
+            "North emergency department",
+            "--public-key",
+            &public(&org_key),
+        ],
+    );
+    assert_eq!(org["organisation_id"], "er-north");
+    (clinician, org_key)
+}

@@ -314,15 +314,11 @@ pub async fn run(cmd: BoardCmd) -> anyhow::Result<()> {
             let client = connect(&conn).await?;
             let state = match state {
                 Some(s) => s,
-                None => {
-                    let key = conn
-                        .key
+                None => log_review::BoardState::beside(
+                    conn.key
                         .as_ref()
-                        .context("give --state FILE or --key FILE")?;
-                    let mut p = key.as_os_str().to_owned();
-                    p.push(".log-state.json");
-                    PathBuf::from(p)
-                }
+                        .context("give --state FILE or --key FILE")?,
+                ),
             };
             let report = log_review::verify_log(&client, &state, !quick, cosign)
                 .await

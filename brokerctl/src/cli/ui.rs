@@ -69,16 +69,12 @@ pub async fn run(args: UiArgs) -> anyhow::Result<()> {
     } else {
         let state = match args.state {
             Some(s) => s,
-            None => {
-                let key = args
-                    .conn
+            None => brokerctl::log_review::BoardState::beside(
+                args.conn
                     .key
                     .as_ref()
-                    .context("give --state FILE or --key FILE")?;
-                let mut p = key.as_os_str().to_owned();
-                p.push(".log-state.json");
-                PathBuf::from(p)
-            }
+                    .context("give --state FILE or --key FILE")?,
+            ),
         };
         Role::Board { state }
     };

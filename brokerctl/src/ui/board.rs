@@ -15,7 +15,7 @@ use consent_policy::{DataUse, Modifier, Primary, Verdict, match_data_use};
 use maud::{Markup, html};
 use model::{Study, StudyFocus, StudyStatus, purpose_label};
 
-use super::page::{PageError, notice, page, see_other, when};
+use super::page::{PageError, notice, page, see_other, url_escape, when};
 use super::{App, Fields, Role, field};
 use crate::log_review::{self, BoardState, ShownEvent};
 
@@ -430,18 +430,6 @@ fn event_table<'a>(events: impl Iterator<Item = &'a ShownEvent>) -> Markup {
             }
         }
     }
-}
-
-/// Percent-encodes a query value.
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 async fn export(

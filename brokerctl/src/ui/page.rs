@@ -171,3 +171,15 @@ pub fn when(secs: i64) -> String {
     let iso = crate::log_review::iso_time(secs);
     format!("{} {} UTC", &iso[..10], &iso[11..16])
 }
+
+/// Percent-encodes a query value.
+pub fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -15,7 +15,7 @@ use maud::{Markup, html};
 use model::{Category, SearchField};
 
 use super::consent_form::{self, ConsentForm, Research, category_name, field_name};
-use super::page::{PageError, notice, page, see_other, when};
+use super::page::{PageError, notice, page, see_other, url_escape, when};
 use super::{App, Fields, Role, field};
 use crate::agent;
 use crate::log_review::{self, ShownEvent};
@@ -291,7 +291,7 @@ async fn set(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Result<Respo
     let history = history(&app).await?;
     let policy = next_policy(&history, &form)?;
     let done = set_policy(&app, policy).await?;
-    Ok(see_other(&format!("/consent?done={}", query_escape(&done))))
+    Ok(see_other(&format!("/consent?done={}", url_escape(&done))))
 }
 
 async fn revoke_confirm(State(app): State<Arc<App>>) -> Page {
@@ -316,18 +316,7 @@ async fn revoke(State(app): State<Arc<App>>) -> Result<Response, PageError> {
         .check()
         .map_err(|e| PageError::bad_input(e.to_string()))?;
     let done = set_policy(&app, policy).await?;
-    Ok(see_other(&format!("/consent?done={}", query_escape(&done))))
-}
-
-fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    Ok(see_other(&format!("/consent?done={}", url_escape(&done))))
 }
 
 /// An event in words, for the patient.
