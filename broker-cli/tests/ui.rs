@@ -492,6 +492,36 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // The patient grants the study again from the page: what the narrowed consent
+    // allows, checked against the board-signed network.
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&patient_ui.url).await.unwrap();
+        c.goto(&format!("{}/studies", patient_ui.base()))
+            .await
+            .unwrap();
+        let open = text(&c, "main").await;
+        assert!(
+            open.contains("Your consent lets it have: Demographics (birth year, sex, region); Conditions and diagnoses."),
+            "{open}"
+        );
+        screenshot(&c, "patient-studies").await;
+        navigate(&c, "section.study button").await;
+        let done = text(&c, "main").await;
+        assert!(done.contains("You granted Diabetes outcomes."), "{done}");
+        assert!(done.contains("You have granted it."), "{done}");
+        c.close().await.unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kfrags(&data) != vec![30, 30, 30] {
+        assert!(
+            Instant::now() < deadline,
+            "kfrags at the proxies: {:?}",
+            kfrags(&data)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // An emergency clinician breaks the glass with the patient's card.
     let card = ctl.json(
         &custodian,
@@ -607,7 +637,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         "at the broker: {queue}"
     );
 
-    // The patient revokes: the standing emergency grant goes too.
+    // The patient revokes: the study's grant and the standing emergency grant go.
     rt.block_on(async {
         let c = browser(&driver).await;
         c.goto(&patient_ui.url).await.unwrap();
@@ -616,7 +646,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         navigate(&c, "#confirm-revoke").await;
         let done = text(&c, "main").await;
         assert!(
-            done.contains("Consent version 3 signed and set; 1 grant(s) withdrawn."),
+            done.contains("Consent version 3 signed and set; 2 grant(s) withdrawn."),
             "{done}"
         );
         assert!(

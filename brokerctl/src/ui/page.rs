@@ -61,6 +61,7 @@ pub fn page(role: &Role, current: &str, title: &str, body: Markup) -> Html<Strin
         ],
         Role::Patient { .. } => &[
             ("/consent", "My consent"),
+            ("/studies", "Studies"),
             ("/accesses", "Who accessed my data"),
             ("/alerts", "Alerts"),
             ("/erase", "Erase me"),

@@ -28,6 +28,8 @@ pub(super) fn routes() -> Router<Arc<App>> {
         .route("/consent/preview", axum::routing::post(preview))
         .route("/consent/set", axum::routing::post(set))
         .route("/consent/revoke", get(revoke_confirm).post(revoke))
+        .route("/studies", get(studies))
+        .route("/studies/{id}/grant", axum::routing::post(grant))
         .route("/accesses", get(accesses))
         .route("/alerts", get(alerts))
         .route("/alerts/read", axum::routing::post(alerts_read))
@@ -244,6 +246,94 @@ async fn preview(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Page {
             }
         },
     ))
+}
+
+/// The approved studies open now: what the patient's consent lets each have, whether the
+/// patient's log shows a grant, and a button to grant (through the pinned network).
+async fn studies(State(app): State<Arc<App>>, Query(q): Query<Fields>) -> Page {
+    let Role::Patient { network, .. } = &app.ui.role else {
+        unreachable!("the patient's routes serve a patient")
+    };
+    let history = history(&app).await?;
+    let now = pre_kms::request_auth::now_secs();
+    let events = log_review::patient_accesses(&app.ui.client, None).await?;
+    let granted: Vec<String> = active_grants(&events)
+        .into_iter()
+        .map(|g| g.study_id)
+        .collect();
+    let open: Vec<model::Study> = app
+        .ui
+        .client
+        .list_studies()
+        .await?
+        .into_iter()
+        .filter(|s| s.closed_because(now).is_none())
+        .collect();
+    Ok(page(
+        &app.ui.role,
+        "/studies",
+        "Studies",
+        html! {
+            @if let Some(msg) = field(&q, "done") { (notice(true, msg)) }
+            @if network.is_none() {
+                (notice(false, "This page was started without the network manifest your ethics board signed (--network), so it cannot grant: restart it with --network."))
+            }
+            p { (open.len()) " studies approved by the ethics board are open. A study receives only what your consent allows, de-identified, re-encrypted for its researcher." }
+            @for s in &open {
+                section.study aria-labelledby={"h-" (s.study_id)} {
+                    h2 #{"h-" (s.study_id)} { (s.proposal.title) }
+                    p.muted { "Purpose: " (model::purpose_label(&s.proposal.purpose)) "; study " span.mono { (s.study_id) } "; open until " (when(s.proposal.not_after)) }
+                    @match consent_policy::grant_scope(&consent_policy::decide(&history, s, now), s) {
+                        Ok((categories, _)) => {
+                            p { "Your consent lets it have: " (categories.iter().map(|c| category_name(*c)).collect::<Vec<_>>().join("; ")) "." }
+                            @if granted.contains(&s.study_id) {
+                                p.grant-state { strong { "You have granted it." } }
+                            } @else if network.is_some() {
+                                form method="post" action={"/studies/" (s.study_id) "/grant"} {
+                                    button type="submit" { "Grant it" }
+                                }
+                            }
+                        }
+                        Err(e) => { p.grant-state { "Your consent does not let it have your records: " (e) } }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+async fn grant(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, PageError> {
+    let Role::Patient { network, .. } = &app.ui.role else {
+        unreachable!("the patient's routes serve a patient")
+    };
+    let network = network
+        .as_ref()
+        .ok_or_else(|| PageError::bad_input("start the page with --network to grant"))?;
+    let client = &app.ui.client;
+    let study = client.get_study(&id).await?;
+    // The pinned network decides: the board's signature on the approval, the proxies.
+    let plan = agent::grant_plan(client, network, &study).await?;
+    let history = history(&app).await?;
+    let me = client.identity().clone();
+    let r = agent::consented_grants(
+        client,
+        &plan,
+        &study,
+        vec![(me, Category::ALL.to_vec(), history)],
+    )
+    .await?;
+    if r.issued == 0 {
+        return Err(PageError::bad_input(
+            "Your consent does not let this study have your records: nothing was granted.",
+        ));
+    }
+    Ok(see_other(&format!(
+        "/studies?done={}",
+        url_escape(&format!("You granted {}.", study.proposal.title))
+    )))
 }
 
 /// Signs and sets `policy`, records it as this agent's newest, and says what happened.
