@@ -250,6 +250,19 @@ fn kfrags(data: &Path) -> Vec<i64> {
         .collect()
 }
 
+/// Waits until every proxy holds `n` kfrags (revocations reach them after the answer).
+fn await_kfrags(data: &Path, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kfrags(data) != vec![n; 3] {
+        assert!(
+            Instant::now() < deadline,
+            "kfrags at the proxies: {:?}, not {n} each",
+            kfrags(data)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     let Some((driver_path, chromium)) = browser_paths() else {
@@ -481,16 +494,8 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     assert_eq!(shown["version"], 2, "{shown}");
     assert!(!shown.to_string().contains("observations"), "{shown}");
     assert!(shown.to_string().contains("conditions"), "{shown}");
-    let deadline = Instant::now() + Duration::from_secs(30);
     // (27 of the study's grants, and the patient's standing emergency grant.)
-    while kfrags(&data) != vec![28, 28, 28] {
-        assert!(
-            Instant::now() < deadline,
-            "kfrags at the proxies: {:?}",
-            kfrags(&data)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    await_kfrags(&data, 28);
 
     // The patient grants the study again from the page: what the narrowed consent
     // allows, checked against the board-signed network.
@@ -512,15 +517,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
         assert!(done.contains("You have granted it."), "{done}");
         c.close().await.unwrap();
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kfrags(&data) != vec![30, 30, 30] {
-        assert!(
-            Instant::now() < deadline,
-            "kfrags at the proxies: {:?}",
-            kfrags(&data)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    await_kfrags(&data, 30);
 
     // An emergency clinician breaks the glass with the patient's card.
     let card = ctl.json(
@@ -663,15 +660,7 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     );
     assert_eq!(shown["version"], 3, "{shown}");
     assert!(shown.get("provisions").is_none(), "{shown}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kfrags(&data) != vec![27, 27, 27] {
-        assert!(
-            Instant::now() < deadline,
-            "kfrags at the proxies: {:?}",
-            kfrags(&data)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    await_kfrags(&data, 27);
 
     // Last, the patient asks to be erased: a wrong confirmation does nothing, the right
     // one erases, with receipts checked against the pinned network.
