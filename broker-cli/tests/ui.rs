@@ -774,3 +774,18 @@ fn a_board_member_and_a_patient_do_their_job_from_the_page() {
     });
     assert_eq!(std::fs::read(&state).unwrap(), trusted, "nothing saved");
 }
+
+/// The page acts with the user's key: it refuses to listen anywhere but on loopback,
+/// before it reads a key or calls a broker.
+#[test]
+fn the_page_refuses_an_address_other_than_loopback() {
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let out = std::process::Command::new(brokerctl())
+            .args(["ui", "--listen", listen, "--key", "/nonexistent.key"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{listen}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("loopback address only"), "{listen}: {said}");
+    }
+}
