@@ -256,7 +256,7 @@ async fn log_status(State(app): State<Arc<App>>) -> Page {
                 (Some(c), Some(at)) => {
                     table #status {
                         tr { th { "Last verified checkpoint" } td { (c.checkpoint.size) " events" } }
-                        tr { th { "Its root" } td.mono { (hex_root(&c.checkpoint.root)) } }
+                        tr { th { "Its root" } td.mono { (hex::encode(c.checkpoint.root)) } }
                         tr { th { "Signed by the broker at" } td { (when(c.checkpoint.time)) } }
                         tr { th { "Verified here at" } td { (when(at)) } }
                         tr { th { "Co-signed" } td {
@@ -277,10 +277,6 @@ async fn log_status(State(app): State<Arc<App>>) -> Page {
             }
         },
     ))
-}
-
-fn hex_root(root: &[u8; 32]) -> String {
-    root.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn verify(State(app): State<Arc<App>>, Form(f): Form<Fields>) -> Page {
